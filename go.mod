@@ -1,0 +1,3 @@
+module github.com/caisson-containers/caisson
+
+go 1.26.6
