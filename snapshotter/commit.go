@@ -1,0 +1,117 @@
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+)
+
+// Commit turns the active snapshot key into the committed snapshot name: the
+// /upper directory of its writable image becomes the layer image (docs/mounts.md,
+// "Commit"), then the writable image is removed. The caller must have
+// unmounted (deactivated) the snapshot's mounts.
+//
+// The layer is built outside any metadata transaction. A failure (a bad tree, a
+// full disk) leaves the snapshot active and unchanged; a crash leaves at most a
+// stale image that a retried Commit overwrites or Cleanup removes.
+func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+	var (
+		id   string
+		info snapshots.Info
+	)
+	if err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
+		id, info, _, err = storage.GetInfo(ctx, key)
+		return err
+	}); err != nil {
+		return err
+	}
+	if info.Kind != snapshots.KindActive {
+		return fmt.Errorf("snapshot %q is not active: %w", key, errdefs.ErrFailedPrecondition)
+	}
+	ctx = log.WithLogger(ctx, log.G(ctx).WithField("key", key).WithField("id", id))
+
+	release := s.hold(id)
+	defer release()
+
+	dst := s.layerPath(id)
+	if err := s.buildLayer(ctx, id, dst); err != nil {
+		return fmt.Errorf("commit %q: %w", key, err)
+	}
+	usage, err := fileUsage(dst)
+	if err != nil {
+		return err
+	}
+	if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		_, err := storage.CommitActive(ctx, key, name, usage, opts...)
+		return err
+	}); err != nil {
+		// Still active (or gone): the layer image is not referenced by a
+		// committed snapshot; keep the writable image, drop the layer.
+		if rerr := os.Remove(dst); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+			log.G(ctx).WithError(rerr).Warn("failed to remove uncommitted layer image")
+		}
+		return fmt.Errorf("commit %q: %w", key, err)
+	}
+	// The staging space is freed now; a crash before this leaves a writable
+	// image beside a committed layer, which Cleanup removes.
+	if err := os.Remove(s.writablePath(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		log.G(ctx).WithError(err).Warn("failed to remove the committed snapshot's writable image")
+	}
+	log.G(ctx).WithField("name", name).WithField("bytes", usage.Size).Debug("committed layer")
+	return nil
+}
+
+// buildLayer builds dst from the /upper directory of id's writable image, or an
+// empty layer if the image was never created.
+func (s *Snapshotter) buildLayer(ctx context.Context, id, dst string) (retErr error) {
+	rw := s.writablePath(id)
+	mnt := filepath.Join(s.root, "mnt", id)
+	release := s.hold(filepath.Join("mnt", id))
+	defer release()
+
+	if err := os.Mkdir(mnt, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	defer func() {
+		if err := os.Remove(mnt); err != nil && retErr == nil {
+			retErr = fmt.Errorf("remove commit mount point: %w", err)
+		}
+	}()
+
+	if _, err := os.Stat(rw); errors.Is(err, os.ErrNotExist) {
+		// Never activated: nothing was written; the layer is empty.
+		return s.builder.Build(ctx, filepath.Join(s.root, "empty"), dst)
+	} else if err != nil {
+		return err
+	}
+	// noload: read the image as it is even if its journal was not replayed.
+	m := mount.Mount{Type: "ext4", Source: rw, Options: []string{"ro", "loop", "noload"}}
+	if err := m.Mount(mnt); err != nil {
+		return fmt.Errorf("mount writable image: %w", err)
+	}
+	defer func() {
+		if err := mount.UnmountAll(mnt, 0); err != nil && retErr == nil {
+			retErr = fmt.Errorf("unmount writable image: %w", err)
+		}
+	}()
+	src := filepath.Join(mnt, "upper")
+	fi, err := os.Lstat(src)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		// Formatted but no upper directory was ever made: an empty layer.
+		return s.builder.Build(ctx, filepath.Join(s.root, "empty"), dst)
+	case err != nil:
+		return err
+	case !fi.IsDir():
+		return fmt.Errorf("writable image's upper is not a directory: %w", errdefs.ErrFailedPrecondition)
+	}
+	return s.builder.Build(ctx, src, dst)
+}

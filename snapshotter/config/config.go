@@ -1,0 +1,190 @@
+// Package config holds the block snapshotter's configuration: the TOML file read by
+// caisson-snapshotter and the plugin config of the built-in registration. Decoding is
+// strict: an unknown key is an error that names it.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/containerd/errdefs"
+	"github.com/docker/go-units"
+	"github.com/pelletier/go-toml/v2"
+)
+
+// Layer filesystems a committed layer can be built as.
+const (
+	// LayerEROFS builds each layer with mkfs.erofs: 4 KiB blocks, no inline data,
+	// uncompressed, so that the guest can mount it with dax=always.
+	LayerEROFS = "erofs"
+	// LayerExt4 is the fallback for hosts without EROFS: mkfs.ext4 -d, read-only
+	// mounted. It cannot represent overlay whiteouts as compactly and wastes
+	// space on ext4's metadata; use it only where the erofs module is missing.
+	LayerExt4 = "ext4"
+)
+
+// Defaults, as documented on the fields of Config.
+const (
+	DefaultRoot          = "/var/lib/caisson/snapshotter"
+	DefaultWritableSize  = "10GiB"
+	DefaultDAXAlignment  = "2MiB"
+	DefaultLayerFS       = LayerEROFS
+	minimumWritableBytes = 16 << 20
+)
+
+// Config is the snapshotter's configuration. The zero value of every field means
+// its documented default (see Resolve).
+type Config struct {
+	// Root is the directory holding metadata.db and the snapshots. Default
+	// /var/lib/caisson/snapshotter. The daemon's --root flag overrides it.
+	Root string `toml:"root"`
+	// DefaultWritableSize is the apparent size of an active snapshot's sparse ext4
+	// image when the snapshot has no "containerd.io/snapshot/caisson.writable-size"
+	// label. Units as in "10GiB", "512MiB" or plain bytes. Default "10GiB"; at least 16MiB.
+	DefaultWritableSize string `toml:"default_writable_size"`
+	// LayerFilesystem is "erofs" (default) or "ext4" (fallback, see LayerExt4).
+	LayerFilesystem string `toml:"layer_filesystem"`
+	// DAXAlignment pads every committed layer with zeros to a multiple of this size
+	// so it can back a virtio-pmem device. Default "2MiB"; "0" disables padding
+	// (the shim then attaches layers as virtio-blk only). Must be a multiple of 4KiB.
+	DAXAlignment string `toml:"dax_alignment"`
+	// MkfsOptions are extra arguments appended to the layer mkfs command
+	// (mkfs.erofs or mkfs.ext4), e.g. ["-T0"]. Default none.
+	MkfsOptions []string `toml:"mkfs_options"`
+	// OverlayOptions are appended to every overlay mount the snapshotter returns,
+	// e.g. ["redirect_dir=on"] on kernels built without CONFIG_OVERLAY_FS_REDIRECT_DIR
+	// (needed to rename a directory of a lower layer), or ["index=off"]. Each must be
+	// one the shim allows: index=, redirect_dir=, metacopy=, volatile, userxattr.
+	// Default none.
+	OverlayOptions []string `toml:"overlay_options"`
+}
+
+// Resolved is a validated Config with sizes in bytes.
+type Resolved struct {
+	Root                string
+	DefaultWritableSize int64
+	LayerFilesystem     string
+	DAXAlignment        int64
+	MkfsOptions         []string
+	OverlayOptions      []string
+}
+
+// Default returns the configuration with every default filled in.
+func Default() Config {
+	return Config{
+		Root:                DefaultRoot,
+		DefaultWritableSize: DefaultWritableSize,
+		LayerFilesystem:     DefaultLayerFS,
+		DAXAlignment:        DefaultDAXAlignment,
+	}
+}
+
+// Load reads the TOML file at path strictly over the defaults.
+func Load(path string) (Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("read snapshotter config: %w", err)
+	}
+	c, err := Decode(data)
+	if err != nil {
+		return Config{}, fmt.Errorf("%s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Decode parses TOML over the defaults. Unknown keys are an error naming them.
+func Decode(data []byte) (Config, error) {
+	c := Default()
+	dec := toml.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		var sme *toml.StrictMissingError
+		if errors.As(err, &sme) {
+			var keys []string
+			for _, e := range sme.Errors {
+				keys = append(keys, strings.Join(e.Key(), "."))
+			}
+			return Config{}, fmt.Errorf("unknown config keys %s: %w", strings.Join(keys, ", "), errdefs.ErrInvalidArgument)
+		}
+		return Config{}, fmt.Errorf("decode snapshotter config: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	return c, nil
+}
+
+// allowedOverlayOptions mirrors the shim's allow-list (docs/mounts.md): an option
+// the shim would reject is refused here, at start, rather than at the first pod.
+var allowedOverlayOptions = []string{"index=", "redirect_dir=", "metacopy=", "volatile", "userxattr"}
+
+// Resolve validates c, fills in defaults for empty fields and converts sizes.
+func (c Config) Resolve() (Resolved, error) {
+	d := Default()
+	if c.Root == "" {
+		c.Root = d.Root
+	}
+	if c.DefaultWritableSize == "" {
+		c.DefaultWritableSize = d.DefaultWritableSize
+	}
+	if c.LayerFilesystem == "" {
+		c.LayerFilesystem = d.LayerFilesystem
+	}
+	if c.DAXAlignment == "" {
+		c.DAXAlignment = d.DAXAlignment
+	}
+	r := Resolved{
+		LayerFilesystem: c.LayerFilesystem,
+		MkfsOptions:     c.MkfsOptions,
+		OverlayOptions:  c.OverlayOptions,
+	}
+	if !filepath.IsAbs(c.Root) {
+		return Resolved{}, fmt.Errorf("root %q must be an absolute path: %w", c.Root, errdefs.ErrInvalidArgument)
+	}
+	r.Root = filepath.Clean(c.Root)
+
+	size, err := units.RAMInBytes(c.DefaultWritableSize)
+	if err != nil {
+		return Resolved{}, fmt.Errorf("default_writable_size %q: %v: %w", c.DefaultWritableSize, err, errdefs.ErrInvalidArgument)
+	}
+	if size < minimumWritableBytes {
+		return Resolved{}, fmt.Errorf("default_writable_size %q is below the 16MiB minimum: %w", c.DefaultWritableSize, errdefs.ErrInvalidArgument)
+	}
+	r.DefaultWritableSize = size
+
+	switch c.LayerFilesystem {
+	case LayerEROFS, LayerExt4:
+	default:
+		return Resolved{}, fmt.Errorf("layer_filesystem %q: must be %q or %q: %w", c.LayerFilesystem, LayerEROFS, LayerExt4, errdefs.ErrInvalidArgument)
+	}
+
+	align, err := units.RAMInBytes(c.DAXAlignment)
+	if err != nil {
+		return Resolved{}, fmt.Errorf("dax_alignment %q: %v: %w", c.DAXAlignment, err, errdefs.ErrInvalidArgument)
+	}
+	if align < 0 || align%4096 != 0 {
+		return Resolved{}, fmt.Errorf("dax_alignment %q must be 0 or a multiple of 4KiB: %w", c.DAXAlignment, errdefs.ErrInvalidArgument)
+	}
+	r.DAXAlignment = align
+
+	for _, o := range c.OverlayOptions {
+		if !overlayOptionAllowed(o) {
+			return Resolved{}, fmt.Errorf("overlay_options: %q is not one of %s: %w", o, strings.Join(allowedOverlayOptions, ", "), errdefs.ErrInvalidArgument)
+		}
+	}
+	return r, nil
+}
+
+func overlayOptionAllowed(o string) bool {
+	for _, a := range allowedOverlayOptions {
+		if strings.HasSuffix(a, "=") {
+			if strings.HasPrefix(o, a) && len(o) > len(a) {
+				return true
+			}
+		} else if o == a {
+			return true
+		}
+	}
+	return false
+}

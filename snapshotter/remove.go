@@ -1,0 +1,117 @@
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/log"
+
+	"github.com/caisson-containers/caisson/snapshotter/layer"
+)
+
+// Remove deletes the snapshot key and its files. A committed snapshot with
+// children is ErrFailedPrecondition (from the metadata store).
+func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+	var id string
+	if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
+		id, _, err = storage.Remove(ctx, key)
+		return err
+	}); err != nil {
+		return fmt.Errorf("remove snapshot %q: %w", key, err)
+	}
+	// The metadata is gone, so the snapshot is; a failure to delete its files
+	// only leaves an orphan for Cleanup.
+	if err := os.RemoveAll(s.snapshotDir(id)); err != nil {
+		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to remove snapshot directory; Cleanup will retry")
+	}
+	return nil
+}
+
+// Cleanup removes what no snapshot owns: snapshot directories without metadata
+// (a crash during Prepare or Remove), writable images of committed snapshots and
+// half-built layer images (a crash during Commit), and commit mounts a killed
+// process left mounted. Anything an operation of this process is using is left alone.
+func (s *Snapshotter) Cleanup(ctx context.Context) error {
+	var (
+		ids       map[string]string
+		committed = map[string]bool{}
+	)
+	if err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
+		if ids, err = storage.IDMap(ctx); err != nil {
+			return err
+		}
+		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+			if info.Kind == snapshots.KindCommitted {
+				committed[info.Name] = true
+			}
+			return nil
+		})
+	}); err != nil {
+		return err
+	}
+
+	var errs []error
+	// Stale commit mounts first: their images are in snapshot directories.
+	mnts, err := os.ReadDir(filepath.Join(s.root, "mnt"))
+	if err != nil {
+		return err
+	}
+	for _, e := range mnts {
+		if s.held(filepath.Join("mnt", e.Name())) {
+			continue
+		}
+		p := filepath.Join(s.root, "mnt", e.Name())
+		if err := mount.UnmountAll(p, 0); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if err := os.Remove(p); err != nil {
+			errs = append(errs, err)
+		}
+	}
+
+	dirs, err := os.ReadDir(filepath.Join(s.root, "snapshots"))
+	if err != nil {
+		return err
+	}
+	for _, e := range dirs {
+		name := e.Name()
+		dir := filepath.Join(s.root, "snapshots", name)
+		key, known := ids[name]
+		switch {
+		case s.held(name):
+			continue
+		case !known:
+			log.G(ctx).WithField("path", dir).Info("removing orphaned snapshot directory")
+			if err := os.RemoveAll(dir); err != nil {
+				errs = append(errs, err)
+			}
+			continue
+		}
+		files, err := os.ReadDir(dir)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		for _, f := range files {
+			p := filepath.Join(dir, f.Name())
+			orphan := strings.HasSuffix(f.Name(), layer.TempSuffix) ||
+				(committed[key] && f.Name() == writableName)
+			if !orphan {
+				continue
+			}
+			log.G(ctx).WithField("path", p).Info("removing leftover of an interrupted commit")
+			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
