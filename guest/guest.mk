@@ -1,0 +1,63 @@
+# The guest image: kernel, initramfs, and the static caisson-agent that is its /init.
+# Outputs: $(GUEST_DIR)/vmlinuz, $(GUEST_DIR)/initramfs.cpio.gz (and debug/ for guest-debug).
+# Everything is rebuilt only when an input changes, and the same inputs give the same bytes.
+
+GUEST_KERNEL_DIR := $(GUEST_DIR)/kernel
+GUEST_BUILD_DIR  := $(GUEST_DIR)/build
+GUEST_MODULES_DIR := $(GUEST_KERNEL_DIR)/root/lib/modules/$(GUEST_KERNEL_RELEASE)
+GUEST_MODULES_DEP := $(GUEST_BUILD_DIR)/depmod/lib/modules/$(GUEST_KERNEL_RELEASE)/modules.dep
+
+# Modules the agent loads at boot (their modules.dep closure comes along): PCI and hot-plug
+# for every virtio device, disks and DAX pmem, the filesystems of the layers, the shim's
+# channels (virtio-serial or vsock) and the pod's network.
+GUEST_MODULES ?= virtio_pci virtio_blk virtio_pmem nd_pmem erofs overlay virtio_console \
+	virtio_net vmw_vsock_virtio_transport virtio_rng
+GUEST_BUSYBOX ?= /bin/busybox
+
+# The agent is a static cgo binary: runc's libcontainer needs its nsenter constructor (C),
+# and seccomp filters need libseccomp. netgo/osusergo keep glibc's NSS out of the static link.
+AGENT_TAGS    := seccomp netgo osusergo
+AGENT_LDFLAGS := -s -w -buildid= -linkmode external -extldflags '-static'
+
+.PHONY: guest
+guest: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initramfs.cpio.gz ## Build the guest kernel and initramfs (agent as /init, no shell)
+
+.PHONY: guest-debug
+guest-debug: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/debug/initramfs.cpio.gz ## Build the debug initramfs (adds busybox) into _output/guest/debug
+
+# Go decides whether the agent is out of date; the file is replaced only if its bytes
+# change, so that the initramfs is not rebuilt for nothing.
+$(BIN_DIR)/caisson-agent: FORCE
+	@mkdir -p $(BIN_DIR)
+	CGO_ENABLED=1 $(GO) build -trimpath -buildvcs=false -tags '$(AGENT_TAGS)' \
+		-ldflags "$(AGENT_LDFLAGS)" -o $@.tmp ./cmd/caisson-agent
+	@if cmp -s $@.tmp $@; then rm $@.tmp; else mv $@.tmp $@; fi
+
+$(GUEST_KERNEL_DIR)/.stamp: guest/kernel/versions.mk guest/kernel/fetch.sh
+	bash guest/kernel/fetch.sh $(GUEST_KERNEL_PACKAGE) $(GUEST_KERNEL_VERSION) $(GUEST_KERNEL_RELEASE) $(GUEST_KERNEL_DIR)
+	@touch $@
+
+$(GUEST_DIR)/vmlinuz: $(GUEST_KERNEL_DIR)/.stamp
+	cp $(GUEST_KERNEL_DIR)/vmlinuz $@.tmp && mv $@.tmp $@
+
+# The package ships no modules.dep (its postinst runs depmod); compute it beside the tree.
+$(GUEST_MODULES_DEP): $(GUEST_KERNEL_DIR)/.stamp
+	rm -rf $(GUEST_BUILD_DIR)/depmod
+	mkdir -p $(GUEST_BUILD_DIR)/depmod/lib/modules
+	cp -al $(GUEST_MODULES_DIR) $(GUEST_BUILD_DIR)/depmod/lib/modules/
+	depmod -b $(GUEST_BUILD_DIR)/depmod $(GUEST_KERNEL_RELEASE)
+
+GUEST_INITRAMFS_SRCS := $(wildcard guest/initramfs/*.go guest/mkinitramfs/*.go)
+GUEST_MKINITRAMFS = $(GO) run ./guest/mkinitramfs -agent $(BIN_DIR)/caisson-agent \
+	-release $(GUEST_KERNEL_RELEASE) -modules-dir $(GUEST_MODULES_DIR) -modules-dep $(GUEST_MODULES_DEP) \
+	-modules $(subst $(eval) ,$(comma),$(strip $(GUEST_MODULES)))
+comma := ,
+
+$(GUEST_DIR)/initramfs.cpio.gz: $(BIN_DIR)/caisson-agent $(GUEST_MODULES_DEP) $(GUEST_INITRAMFS_SRCS) guest/guest.mk
+	$(GUEST_MKINITRAMFS) -o $@
+	@echo "initramfs: $$(stat -c %s $@) bytes"
+
+$(GUEST_DIR)/debug/initramfs.cpio.gz: $(BIN_DIR)/caisson-agent $(GUEST_MODULES_DEP) $(GUEST_INITRAMFS_SRCS) guest/guest.mk
+	@mkdir -p $(dir $@)
+	$(GUEST_MKINITRAMFS) -busybox $(GUEST_BUSYBOX) -o $@
+	@echo "debug initramfs: $$(stat -c %s $@) bytes"
