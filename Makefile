@@ -17,7 +17,7 @@ REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 PKG      := github.com/caisson-containers/caisson
 LDFLAGS  := -X $(PKG)/version.Version=$(VERSION) -X $(PKG)/version.Revision=$(REVISION)
 
-# Host binaries; caisson-agent is built separately because it must be static.
+# Host binaries; the guest's caisson-agent is built by guest/guest.mk.
 HOST_COMMANDS := containerd-shim-caisson-v2 caisson-snapshotter caisson containerd-caisson
 
 export PATH := $(TOOLS_DIR)/bin:$(PATH)
@@ -44,9 +44,7 @@ $(BIN_DIR)/%: FORCE
 	@mkdir -p $(BIN_DIR)
 	$(GO) build -ldflags '$(LDFLAGS)' -o $@ ./cmd/$*
 
-$(BIN_DIR)/caisson-agent: FORCE
-	@mkdir -p $(BIN_DIR)
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS) -s -w' -o $@ ./cmd/caisson-agent
+# $(BIN_DIR)/caisson-agent has its own rule in guest/guest.mk: it is a static cgo binary.
 
 .PHONY: deps
 deps: ## Install what a fresh Debian 12 machine lacks (apt packages; containerd, CNI plugins into _output/tools)
