@@ -1,0 +1,350 @@
+package qmp
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+)
+
+const greeting = `{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian"}, "capabilities": ["oob"]}}`
+
+// socketpair returns two connected unix stream sockets, closed at the end of the test.
+func socketpair(t *testing.T) (net.Conn, net.Conn) {
+	t.Helper()
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := func(fd int) net.Conn {
+		f := os.NewFile(uintptr(fd), "socketpair")
+		defer f.Close()
+		c, err := net.FileConn(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	return conn(fds[0]), conn(fds[1])
+}
+
+// fakeQEMU speaks the server side of QMP on conn: it sends the greeting, then hands every
+// request to handle, which writes whatever lines it wants (replies, events) with send.
+type fakeQEMU struct {
+	conn net.Conn
+	reqs chan map[string]any
+}
+
+func startFake(t *testing.T, conn net.Conn, greet string) *fakeQEMU {
+	t.Helper()
+	f := &fakeQEMU{conn: conn, reqs: make(chan map[string]any, 16)}
+	if greet != "" {
+		f.send(t, greet)
+	}
+	go func() {
+		defer close(f.reqs)
+		sc := bufio.NewScanner(conn)
+		for sc.Scan() {
+			var m map[string]any
+			if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
+				return
+			}
+			f.reqs <- m
+		}
+	}()
+	return f
+}
+
+func (f *fakeQEMU) send(t *testing.T, line string) {
+	t.Helper()
+	if _, err := f.conn.Write([]byte(line + "\r\n")); err != nil {
+		t.Errorf("fake qemu write: %v", err)
+	}
+}
+
+// next returns the next request, failing the test if none comes.
+func (f *fakeQEMU) next(t *testing.T) map[string]any {
+	t.Helper()
+	select {
+	case m, ok := <-f.reqs:
+		if !ok {
+			t.Fatal("client closed the connection")
+		}
+		return m
+	case <-time.After(5 * time.Second):
+		t.Fatal("no request from the client")
+	}
+	return nil
+}
+
+func (f *fakeQEMU) reply(t *testing.T, req map[string]any, body string) {
+	t.Helper()
+	id, _ := json.Marshal(req["id"])
+	f.send(t, fmt.Sprintf(`{%s, "id": %s}`, body, id))
+}
+
+// connect runs New against a fake that accepts qmp_capabilities.
+func connect(t *testing.T) (*Client, *fakeQEMU) {
+	t.Helper()
+	cc, sc := socketpair(t)
+	f := startFake(t, sc, greeting)
+	type result struct {
+		c   *Client
+		err error
+	}
+	res := make(chan result, 1)
+	go func() {
+		c, err := New(context.Background(), cc)
+		res <- result{c, err}
+	}()
+	req := f.next(t)
+	if req["execute"] != "qmp_capabilities" {
+		t.Fatalf("first command %v, want qmp_capabilities", req)
+	}
+	f.reply(t, req, `"return": {}`)
+	r := <-res
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	t.Cleanup(func() { r.c.Close() })
+	return r.c, f
+}
+
+func TestHandshake(t *testing.T) {
+	c, _ := connect(t)
+	if v := c.Version(); v.Major != 7 || v.Minor != 2 || v.Micro != 22 || v.Package != "Debian" {
+		t.Fatalf("version %+v", v)
+	}
+}
+
+func TestBadGreeting(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		greet string
+		close bool
+	}{
+		{name: "not json", greet: "hello"},
+		{name: "not a greeting", greet: `{"return": {}}`},
+		{name: "eof", close: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cc, sc := socketpair(t)
+			if tc.greet != "" {
+				startFake(t, sc, tc.greet)
+			}
+			if tc.close {
+				sc.Close()
+			}
+			if _, err := New(context.Background(), cc); err == nil {
+				t.Fatal("New succeeded")
+			}
+		})
+	}
+}
+
+func TestGreetingTimeout(t *testing.T) {
+	cc, _ := socketpair(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	_, err := New(ctx, cc)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("got %v, want deadline exceeded", err)
+	}
+}
+
+func TestExecute(t *testing.T) {
+	c, f := connect(t)
+	type status struct {
+		Running bool   `json:"running"`
+		Status  string `json:"status"`
+	}
+	done := make(chan error, 1)
+	var st status
+	go func() {
+		done <- c.Execute(context.Background(), "query-status", nil, &st)
+	}()
+	req := f.next(t)
+	if req["execute"] != "query-status" {
+		t.Fatalf("request %v", req)
+	}
+	if _, ok := req["arguments"]; ok {
+		t.Fatalf("request %v has arguments", req)
+	}
+	f.reply(t, req, `"return": {"running": true, "status": "running"}`)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if !st.Running || st.Status != "running" {
+		t.Fatalf("status %+v", st)
+	}
+
+	go func() {
+		done <- c.Execute(context.Background(), "device_del", map[string]string{"id": "blk0"}, nil)
+	}()
+	req = f.next(t)
+	if args, _ := req["arguments"].(map[string]any); args["id"] != "blk0" {
+		t.Fatalf("request %v", req)
+	}
+	f.reply(t, req, `"error": {"class": "DeviceNotFound", "desc": "Device 'blk0' not found"}`)
+	err := <-done
+	var qerr *Error
+	if !errors.As(err, &qerr) || qerr.Class != "DeviceNotFound" || qerr.Desc != "Device 'blk0' not found" {
+		t.Fatalf("got %v, want a DeviceNotFound *Error", err)
+	}
+	if !errdefs.IsNotFound(err) {
+		t.Fatalf("%v is not ErrNotFound", err)
+	}
+}
+
+// Replies are matched by id, not by order.
+func TestConcurrentRepliesOutOfOrder(t *testing.T) {
+	c, f := connect(t)
+	const n = 5
+	errs := make(chan error, n)
+	for i := range n {
+		go func() {
+			var got string
+			if err := c.Execute(context.Background(), "echo", map[string]int{"n": i}, &got); err != nil {
+				errs <- err
+				return
+			}
+			if want := fmt.Sprint(i); got != want {
+				errs <- fmt.Errorf("command %d got reply %q", i, got)
+				return
+			}
+			errs <- nil
+		}()
+	}
+	var reqs []map[string]any
+	for range n {
+		reqs = append(reqs, f.next(t))
+	}
+	for i := n - 1; i >= 0; i-- {
+		nn := reqs[i]["arguments"].(map[string]any)["n"]
+		f.reply(t, reqs[i], fmt.Sprintf(`"return": "%v"`, nn))
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// Events arrive in order on Events, even when nobody reads them while commands run.
+func TestEvents(t *testing.T) {
+	c, f := connect(t)
+	const n = 300 // more than any reasonable channel buffer
+	for i := range n {
+		f.send(t, fmt.Sprintf(`{"timestamp": {"seconds": 1700000000, "microseconds": %d}, "event": "DEVICE_DELETED", "data": {"device": "d%d"}}`, i, i))
+	}
+	done := make(chan error, 1)
+	go func() { done <- c.Execute(context.Background(), "query-status", nil, nil) }()
+	f.reply(t, f.next(t), `"return": {}`)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("unread events blocked a reply")
+	}
+	for i := range n {
+		select {
+		case ev := <-c.Events():
+			var data struct{ Device string }
+			if err := json.Unmarshal(ev.Data, &data); err != nil {
+				t.Fatal(err)
+			}
+			if ev.Name != "DEVICE_DELETED" || data.Device != fmt.Sprintf("d%d", i) {
+				t.Fatalf("event %d: %s %s", i, ev.Name, ev.Data)
+			}
+			if want := time.Unix(1700000000, int64(i)*1000); !ev.Timestamp.Equal(want) {
+				t.Fatalf("event %d at %v, want %v", i, ev.Timestamp, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("event %d not delivered", i)
+		}
+	}
+}
+
+// When QEMU goes away, waiting commands fail with ErrClosed, later ones too, and Events
+// is closed after the events that came before.
+func TestConnectionLost(t *testing.T) {
+	c, f := connect(t)
+	done := make(chan error, 1)
+	go func() { done <- c.Execute(context.Background(), "quit", nil, nil) }()
+	f.next(t)
+	f.send(t, `{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}}`)
+	f.conn.Close()
+	if err := <-done; !errors.Is(err, ErrClosed) || !errdefs.IsUnavailable(err) {
+		t.Fatalf("pending command: %v, want ErrClosed", err)
+	}
+	if err := c.Execute(context.Background(), "query-status", nil, nil); !errors.Is(err, ErrClosed) {
+		t.Fatalf("later command: %v, want ErrClosed", err)
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("Done not closed")
+	}
+	ev, ok := <-c.Events()
+	if !ok || ev.Name != "SHUTDOWN" {
+		t.Fatalf("got %v %v, want the SHUTDOWN event", ev, ok)
+	}
+	if _, ok := <-c.Events(); ok {
+		t.Fatal("Events not closed")
+	}
+}
+
+func TestExecuteContextCanceled(t *testing.T) {
+	c, f := connect(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Execute(ctx, "slow", nil, nil) }()
+	req := f.next(t)
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("got %v, want context.Canceled", err)
+	}
+	// The late reply is dropped and the connection still works.
+	f.reply(t, req, `"return": {}`)
+	go func() { done <- c.Execute(context.Background(), "fast", nil, nil) }()
+	f.reply(t, f.next(t), `"return": {}`)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCloseDropsUnreadEvents(t *testing.T) {
+	c, f := connect(t)
+	f.send(t, `{"event": "RESUME"}`)
+	f.send(t, `{"event": "STOP"}`)
+	// Make sure the client has read them before closing.
+	done := make(chan error, 1)
+	go func() { done <- c.Execute(context.Background(), "x", nil, nil) }()
+	f.reply(t, f.next(t), `"return": {}`)
+	<-done
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.After(5 * time.Second)
+	for {
+		select {
+		case _, ok := <-c.Events():
+			if !ok {
+				return
+			}
+		case <-deadline:
+			t.Fatal("Events not closed after Close")
+		}
+	}
+}

@@ -1,0 +1,205 @@
+// Package vmm is the shim's view of the virtual machine that runs a pod: a small interface
+// that a VMM implementation (QEMU today, in package shim/vmm/qemu) satisfies, and the plain
+// types that describe a VM and the devices attached to it.
+//
+// The interface is deliberately small. A VM is configured once (Config), started once
+// (Start), has disks attached and detached while it runs (AttachDisk, DetachDisk), and ends
+// either because the shim stops it (Stop) or because it dies on its own (Done, Wait).
+// Everything the shim needs to reach the guest agent is in Endpoint.
+//
+// # Lifecycle
+//
+//	vm, _ := qemu.New(cfg, qemu.Config{})
+//	if err := vm.Start(ctx); err != nil { ... }   // nothing is left behind on error
+//	defer vm.Stop(ctx)                             // idempotent, also after the VM died
+//	go func() { <-vm.Done(); err := vm.Wait() ... }() // err says why the VM ended
+//
+// Wait returns nil after Stop and a *ExitError when the VM ended on its own (the VMM
+// process crashed or was killed, or the guest shut down or panicked). Done is closed as soon
+// as the VMM process has exited, so the shim can fail every container of the pod promptly.
+//
+// # Disks and their guest addresses
+//
+// AttachDisk returns a DiskAddress that the guest agent uses to find the device without
+// guessing device names: PCIPath names the device by the PCI slot.function of each hop
+// from the guest's root bus (see PCIPath), and Serial is the virtio-blk serial the guest
+// shows in /sys/block/vdX/serial. Bus numbers are not part of the address: the guest's
+// firmware assigns them.
+//
+// Disk files are opaque to the VMM: a Block disk is exposed as a raw virtio-blk device, a
+// PMEM disk is mapped into the guest as a virtio-pmem device (DAX), whose size must be a
+// multiple of PMEMAlignment.
+package vmm
+
+import (
+	"context"
+	"fmt"
+	"strings"
+)
+
+// PMEMAlignment is the size a PMEM disk's file must be a multiple of.
+const PMEMAlignment = 2 << 20
+
+// AgentPortName is the name of the virtio-serial port that carries the agent's channel.
+// The guest finds it as the port whose /sys/class/virtio-ports/vportNpM/name is this name
+// (or, with udev, as /dev/virtio-ports/org.caisson.agent.0).
+const AgentPortName = "org.caisson.agent.0"
+
+// VM is one virtual machine running one pod.
+type VM interface {
+	// Start launches the VMM and returns once it accepts commands. The guest may still
+	// be booting: the agent channel is usable when the agent answers on it. If Start
+	// fails, every process, socket and file it created is gone.
+	Start(ctx context.Context) error
+	// Endpoint says how to reach the guest agent.
+	Endpoint() Endpoint
+	// AttachDisk hot-plugs d into the running VM.
+	AttachDisk(ctx context.Context, d Disk) (DiskAddress, error)
+	// DetachDisk hot-unplugs the disk attached with id and releases its backend. It
+	// returns once the guest has let go of the device, or with an error if ctx ends
+	// first (a later call with the same id waits again). An unknown id is ErrNotFound.
+	DetachDisk(ctx context.Context, id string) error
+	// Stop ends the VM: gracefully while ctx allows (and at most a few seconds), then by
+	// killing the VMM's whole process group. It removes the sockets and files the VMM
+	// created except the console log. Stop may be called more than once, and after the
+	// VM died on its own.
+	Stop(ctx context.Context) error
+	// Done is closed when the VMM process has exited.
+	Done() <-chan struct{}
+	// Wait blocks until Done is closed and says why the VM ended: nil if Stop ended it,
+	// a *ExitError otherwise.
+	Wait() error
+	// Pid is the VMM process id (0 before Start).
+	Pid() int
+}
+
+// Transport is how the host reaches the guest agent.
+type Transport string
+
+const (
+	// TransportSerial is a virtio-serial port (named AgentPortName in the guest) whose
+	// host end is a unix socket the VMM listens on.
+	TransportSerial Transport = "serial"
+	// TransportVsock is AF_VSOCK to the guest's context id (needs /dev/vhost-vsock).
+	TransportVsock Transport = "vsock"
+)
+
+// AgentChannel chooses the transport of the agent channel.
+type AgentChannel struct {
+	Transport Transport
+	// CID is the guest's vsock context id (TransportVsock only; must be ≥ 3 and unique
+	// on the host).
+	CID uint32
+}
+
+// Endpoint is what a transport needs to dial the guest agent.
+type Endpoint struct {
+	Transport Transport
+	// Path is the host unix socket of the virtio-serial port (TransportSerial).
+	Path string
+	// CID is the guest's vsock context id (TransportVsock). The port is the agent's
+	// choice, not the VMM's.
+	CID uint32
+}
+
+// DiskKind is how a disk file is presented to the guest.
+type DiskKind int
+
+const (
+	// Block is a virtio-blk device.
+	Block DiskKind = iota
+	// PMEM is a virtio-pmem device: the file is mapped into guest memory and can be
+	// mounted with DAX, so the guest reads it from the host's page cache without a copy.
+	PMEM
+)
+
+func (k DiskKind) String() string {
+	switch k {
+	case Block:
+		return "block"
+	case PMEM:
+		return "pmem"
+	}
+	return fmt.Sprintf("DiskKind(%d)", int(k))
+}
+
+// Disk is a host file exposed to the guest as a device.
+type Disk struct {
+	// ID names the disk for DetachDisk; unique within a VM. Any string.
+	ID string
+	// Path is the host file.
+	Path string
+	// ReadOnly makes the device read-only for the guest (layers always are).
+	ReadOnly bool
+	Kind     DiskKind
+}
+
+// PCIPath locates a PCI device from the guest's root bus: the slot.function of each hop,
+// separated by "/", all in hex as Linux prints them. "08.1/00.0" is the device at 00.0 on
+// the secondary bus of the bridge (a PCIe root port) at 08.1 on the root bus; the guest
+// finds it at /sys/devices/pci0000:00/0000:00:08.1/0000:BB:00.0 whatever bus number BB
+// firmware gave the port.
+type PCIPath string
+
+// Hops returns the slot.function of each hop, root bus first.
+func (p PCIPath) Hops() []string {
+	if p == "" {
+		return nil
+	}
+	return strings.Split(string(p), "/")
+}
+
+// DiskAddress is how the guest finds an attached disk.
+type DiskAddress struct {
+	PCIPath PCIPath
+	// Serial is the virtio-blk serial (Block disks only), at most 20 bytes.
+	Serial string
+}
+
+// ExitError says why a VM ended without Stop.
+type ExitError struct {
+	// Reason is a short human sentence: "qemu was killed by signal killed",
+	// "the guest shut down", ...
+	Reason string
+	// Log is the tail of the VMM's own error output, if any.
+	Log string
+}
+
+func (e *ExitError) Error() string {
+	if e.Log == "" {
+		return "vm exited: " + e.Reason
+	}
+	return fmt.Sprintf("vm exited: %s: %s", e.Reason, e.Log)
+}
+
+// Config describes a VM.
+type Config struct {
+	// Kernel is the guest kernel image (bzImage).
+	Kernel string
+	// Initramfs is the guest initramfs (optional).
+	Initramfs string
+	// KernelParams are added to the kernel command line after the VMM's own.
+	KernelParams []string
+	// VCPUs is the number of virtual CPUs (default 1).
+	VCPUs int
+	// MemoryMiB is the guest's boot memory (default 512).
+	MemoryMiB int
+	// MaxMemoryMiB bounds boot memory plus everything hot-plugged into the guest's memory
+	// space later: PMEM disks take their file size from it. Default MemoryMiB + 64 GiB
+	// (address space only; it costs nothing until used).
+	MaxMemoryMiB int
+	// Accelerator is "kvm" or "tcg" (the caller decides, see shim/vmm/qemu/accel).
+	Accelerator string
+	// StateDir holds the VMM's sockets and logs; created if missing. Keep its path
+	// short: unix socket paths are limited to 107 bytes.
+	StateDir string
+	// ConsoleLog receives the guest console (default StateDir/console.log). It is the
+	// caller's: Stop leaves it for post-mortems.
+	ConsoleLog string
+	// Agent chooses the agent channel (default TransportSerial).
+	Agent AgentChannel
+	// Disks are attached before the guest boots. Each can be detached like a hot-plugged one.
+	Disks []Disk
+	// HotplugSlots is how many more disks can be attached at once while the VM runs.
+	HotplugSlots int
+}
