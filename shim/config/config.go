@@ -1,0 +1,187 @@
+// Package config is the configuration of Caisson's runtime (the shim and the
+// VMs it runs), read from TOML.
+//
+// Where it comes from, first found wins: the ConfigPath runtime option that
+// containerd passes to the shim, the CAISSON_CONFIG environment variable, then
+// DefaultPath. Only a missing DefaultPath means "use the defaults"; a path named
+// explicitly must exist. `caisson config default` prints the defaults as a
+// commented file (see template.go).
+package config
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/caisson-containers/caisson/internal/tomlconfig"
+)
+
+// DefaultPath is where the runtime's configuration lives by default.
+const DefaultPath = "/etc/caisson/config.toml"
+
+// EnvPath names the environment variable that points at a configuration file.
+const EnvPath = "CAISSON_CONFIG"
+
+// Config is the runtime's configuration. Each field's default is in Default.
+type Config struct {
+	// StateDir holds per-VM state: sockets, console logs, QEMU logs. Default /run/caisson.
+	StateDir string `toml:"state_dir"`
+	// LogLevel is the shim's log level: trace, debug, info, warn or error. Default info.
+	LogLevel string `toml:"log_level"`
+
+	Hypervisor Hypervisor `toml:"hypervisor"`
+	Guest      Guest      `toml:"guest"`
+	Storage    Storage    `toml:"storage"`
+
+	// PodAnnotations lists the keys a pod may override through annotations
+	// "io.caisson.config.<key>" (e.g. "hypervisor.vcpus"). Default: vcpus and memory.
+	PodAnnotations []string `toml:"pod_annotations"`
+}
+
+// Hypervisor configures QEMU.
+type Hypervisor struct {
+	// Path is the qemu-system-x86_64 binary. Default: found on PATH.
+	Path string `toml:"path"`
+	// Accelerator is auto (KVM if a probe guest boots under it, else TCG), kvm or tcg. Default auto.
+	Accelerator string `toml:"accelerator"`
+	// VCPUs is the number of virtual CPUs of a VM. Default 1.
+	VCPUs int `toml:"vcpus"`
+	// MemoryMiB is a VM's memory in MiB. Default 512; at least MinMemoryMiB.
+	MemoryMiB int `toml:"memory_mib"`
+	// HotplugSlots is how many devices (layers, disks) can be hot-plugged into a running VM. Default 16.
+	HotplugSlots int `toml:"hotplug_slots"`
+	// TCGTranslationCacheMiB bounds TCG's translation cache, most of a TCG VM's host memory. Default 64.
+	TCGTranslationCacheMiB int `toml:"tcg_translation_cache_mib"`
+}
+
+// Guest configures what runs inside the VM.
+type Guest struct {
+	// Kernel is the guest kernel image. Default: the one `make guest` built next to the binaries.
+	Kernel string `toml:"kernel"`
+	// Initramfs is the guest initramfs, whose /init is caisson-agent. Default: as Kernel.
+	Initramfs string `toml:"initramfs"`
+	// KernelParams are appended to the kernel command line. Default empty.
+	KernelParams string `toml:"kernel_params"`
+	// Transport is how the shim reaches the agent: auto (vsock if the host has vhost-vsock, else
+	// serial), vsock or serial. Default auto.
+	Transport string `toml:"transport"`
+	// DebugConsole logs the guest's kernel messages at debug level to the console log. Default false.
+	DebugConsole bool `toml:"debug_console"`
+}
+
+// Storage configures how image layers reach the VM.
+type Storage struct {
+	// DAX attaches EROFS layers as virtio-pmem, so the guest reads them from the host's page cache,
+	// shared by every VM using the layer; otherwise as read-only virtio-blk. Default true.
+	DAX bool `toml:"dax"`
+	// BlockDriver is the QEMU device for disks: virtio-blk. Default virtio-blk.
+	BlockDriver string `toml:"block_driver"`
+}
+
+// MinMemoryMiB is the least memory a VM can be given: the guest kernel and agent need it.
+const MinMemoryMiB = 128
+
+// Default returns the defaults, with guest artifacts in artifactsDir.
+func Default(artifactsDir string) Config {
+	return Config{
+		StateDir: "/run/caisson",
+		LogLevel: "info",
+		Hypervisor: Hypervisor{
+			Accelerator:            "auto",
+			VCPUs:                  1,
+			MemoryMiB:              512,
+			HotplugSlots:           16,
+			TCGTranslationCacheMiB: 64,
+		},
+		Guest: Guest{
+			Kernel:    filepath.Join(artifactsDir, "vmlinuz"),
+			Initramfs: filepath.Join(artifactsDir, "initramfs.cpio.gz"),
+			Transport: "auto",
+		},
+		Storage:        Storage{DAX: true, BlockDriver: "virtio-blk"},
+		PodAnnotations: []string{"hypervisor.vcpus", "hypervisor.memory_mib"},
+	}
+}
+
+// DefaultArtifactsDir is where the guest kernel and initramfs are when no
+// configuration says: in a checkout, _output/guest beside bin/ (what `make
+// guest` builds); otherwise /usr/share/caisson.
+func DefaultArtifactsDir() string {
+	if exe, err := os.Executable(); err == nil {
+		dir := filepath.Join(filepath.Dir(filepath.Dir(exe)), "_output", "guest")
+		if st, err := os.Stat(dir); err == nil && st.IsDir() {
+			return dir
+		}
+	}
+	return "/usr/share/caisson"
+}
+
+// Load reads the configuration from path, or, when path is empty, from
+// $CAISSON_CONFIG or DefaultPath. It returns the validated configuration and
+// the file it came from ("" for the defaults).
+func Load(path string) (Config, string, error) {
+	c := Default(DefaultArtifactsDir())
+	explicit := true
+	if path == "" {
+		path = os.Getenv(EnvPath)
+	}
+	if path == "" {
+		path, explicit = DefaultPath, false
+	}
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) && !explicit {
+		return c, "", c.Validate()
+	}
+	if err != nil {
+		return Config{}, path, fmt.Errorf("read config: %w", err)
+	}
+	if err := tomlconfig.DecodeStrict(data, &c); err != nil {
+		return Config{}, path, fmt.Errorf("config %s: %w", path, err)
+	}
+	if err := c.Validate(); err != nil {
+		return Config{}, path, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, path, nil
+}
+
+// Validate reports the first value that cannot work, naming its key.
+func (c Config) Validate() error {
+	bad := func(key string, v any, why string) error {
+		return fmt.Errorf("%s = %v: %s: %w", key, v, why, errdefs.ErrInvalidArgument)
+	}
+	switch {
+	case !filepath.IsAbs(c.StateDir):
+		return bad("state_dir", c.StateDir, "must be an absolute path")
+	case !slices.Contains([]string{"trace", "debug", "info", "warn", "error"}, c.LogLevel):
+		return bad("log_level", c.LogLevel, "want trace, debug, info, warn or error")
+	case !slices.Contains([]string{"auto", "kvm", "tcg"}, c.Hypervisor.Accelerator):
+		return bad("hypervisor.accelerator", c.Hypervisor.Accelerator, "want auto, kvm or tcg")
+	case c.Hypervisor.VCPUs < 1 || c.Hypervisor.VCPUs > 255:
+		return bad("hypervisor.vcpus", c.Hypervisor.VCPUs, "want 1 to 255")
+	case c.Hypervisor.MemoryMiB < MinMemoryMiB:
+		return bad("hypervisor.memory_mib", c.Hypervisor.MemoryMiB, fmt.Sprintf("a VM needs at least %d MiB", MinMemoryMiB))
+	case c.Hypervisor.HotplugSlots < 0 || c.Hypervisor.HotplugSlots > 32:
+		return bad("hypervisor.hotplug_slots", c.Hypervisor.HotplugSlots, "want 0 to 32 (one PCIe root port each)")
+	case c.Hypervisor.TCGTranslationCacheMiB < 1:
+		return bad("hypervisor.tcg_translation_cache_mib", c.Hypervisor.TCGTranslationCacheMiB, "want at least 1")
+	case !filepath.IsAbs(c.Guest.Kernel):
+		return bad("guest.kernel", c.Guest.Kernel, "must be an absolute path")
+	case !filepath.IsAbs(c.Guest.Initramfs):
+		return bad("guest.initramfs", c.Guest.Initramfs, "must be an absolute path")
+	case !slices.Contains([]string{"auto", "serial", "vsock"}, c.Guest.Transport):
+		return bad("guest.transport", c.Guest.Transport, "want auto, serial or vsock")
+	case c.Storage.BlockDriver != "virtio-blk":
+		return bad("storage.block_driver", c.Storage.BlockDriver, "want virtio-blk")
+	}
+	for _, k := range c.PodAnnotations {
+		if _, ok := overrides[k]; !ok {
+			return bad("pod_annotations", k, "not a key pods can override; known: "+strings.Join(overrideKeys(), ", "))
+		}
+	}
+	return nil
+}

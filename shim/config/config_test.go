@@ -1,0 +1,116 @@
+package config
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/caisson-containers/caisson/internal/tomlconfig"
+)
+
+// The printed default file must decode, strictly, to exactly the defaults: it
+// cannot drift from the code.
+func TestWrittenDefaultsDecodeToDefaults(t *testing.T) {
+	want := Default("/opt/caisson/guest")
+	var buf bytes.Buffer
+	if err := want.Write(&buf); err != nil {
+		t.Fatal(err)
+	}
+	var got Config
+	if err := tomlconfig.DecodeStrict(buf.Bytes(), &got); err != nil {
+		t.Fatalf("printed defaults do not decode: %v\n%s", err, buf.String())
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("printed defaults decode to\n%+v\nwant\n%+v", got, want)
+	}
+	if err := got.Validate(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestLoad(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		os.WriteFile(p, []byte(body), 0o644)
+		return p
+	}
+	for _, tc := range []struct {
+		name    string
+		path    string
+		env     string
+		check   func(t *testing.T, c Config)
+		wantErr string
+	}{
+		{name: "explicit file", path: write("a.toml", "[hypervisor]\nvcpus = 2\n"),
+			check: func(t *testing.T, c Config) {
+				if c.Hypervisor.VCPUs != 2 || c.Hypervisor.MemoryMiB != 512 {
+					t.Fatalf("got %+v", c.Hypervisor)
+				}
+			}},
+		{name: "env file", env: write("b.toml", "log_level = \"debug\"\n"),
+			check: func(t *testing.T, c Config) {
+				if c.LogLevel != "debug" {
+					t.Fatalf("log_level %q", c.LogLevel)
+				}
+			}},
+		{name: "explicit missing file", path: filepath.Join(dir, "nope.toml"), wantErr: "nope.toml"},
+		{name: "unknown key", path: write("c.toml", "[hypervisor]\nvcpu = 2\n"), wantErr: `"hypervisor.vcpu"`},
+		{name: "too little memory", path: write("d.toml", "[hypervisor]\nmemory_mib = 64\n"), wantErr: "hypervisor.memory_mib = 64"},
+		{name: "bad accelerator", path: write("e.toml", "[hypervisor]\naccelerator = \"xen\"\n"), wantErr: "hypervisor.accelerator"},
+		{name: "relative kernel", path: write("f.toml", "[guest]\nkernel = \"vmlinuz\"\n"), wantErr: "guest.kernel"},
+		{name: "bad transport", path: write("g.toml", "[guest]\ntransport = \"tcp\"\n"), wantErr: "guest.transport"},
+		{name: "unknown pod annotation key", path: write("h.toml", "pod_annotations = [\"guest.kernel\"]\n"), wantErr: "not a key pods can override"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv(EnvPath, tc.env)
+			c, _, err := Load(tc.path)
+			if tc.wantErr != "" {
+				if !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("error %v, want it to mention %s", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			tc.check(t, c)
+		})
+	}
+}
+
+func TestWithAnnotations(t *testing.T) {
+	base := Default("/g")
+	for _, tc := range []struct {
+		name        string
+		annotations map[string]string
+		want        func(c Config) bool
+		wantErr     bool
+	}{
+		{name: "none", annotations: map[string]string{"other": "x"}, want: func(c Config) bool { return reflect.DeepEqual(c, base) }},
+		{name: "allowed", annotations: map[string]string{AnnotationPrefix + "hypervisor.vcpus": "2", AnnotationPrefix + "hypervisor.memory_mib": "1024"},
+			want: func(c Config) bool { return c.Hypervisor.VCPUs == 2 && c.Hypervisor.MemoryMiB == 1024 }},
+		{name: "not allowed here", annotations: map[string]string{AnnotationPrefix + "storage.dax": "false"}, wantErr: true},
+		{name: "never overridable", annotations: map[string]string{AnnotationPrefix + "guest.kernel": "/evil"}, wantErr: true},
+		{name: "bad value", annotations: map[string]string{AnnotationPrefix + "hypervisor.vcpus": "many"}, wantErr: true},
+		{name: "below minimum", annotations: map[string]string{AnnotationPrefix + "hypervisor.memory_mib": "16"}, wantErr: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := base.WithAnnotations(tc.annotations)
+			if tc.wantErr {
+				if !errdefs.IsInvalidArgument(err) {
+					t.Fatalf("error %v, want InvalidArgument", err)
+				}
+				return
+			}
+			if err != nil || !tc.want(got) {
+				t.Fatalf("got %+v, %v", got, err)
+			}
+		})
+	}
+}

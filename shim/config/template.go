@@ -1,0 +1,68 @@
+package config
+
+import (
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"text/template"
+)
+
+// Write prints c as a complete, commented TOML file: what `caisson config
+// default` prints. Every key is present, so the file documents itself.
+func (c Config) Write(w io.Writer) error {
+	return fileTemplate.Execute(w, c)
+}
+
+var fileTemplate = template.Must(template.New("config").Funcs(template.FuncMap{
+	"q":    strconv.Quote,
+	"list": func(s []string) string { return tomlList(s) },
+}).Parse(`# Caisson runtime configuration (containerd-shim-caisson-v2).
+# Read from the runtime option ConfigPath, else $CAISSON_CONFIG, else /etc/caisson/config.toml.
+# Unknown keys are an error.
+
+# Per-VM state: sockets, console and QEMU logs.
+state_dir = {{q .StateDir}}
+# trace, debug, info, warn or error.
+log_level = {{q .LogLevel}}
+# Keys a pod may override with annotations "io.caisson.config.<key>".
+# Allowed: hypervisor.vcpus, hypervisor.memory_mib, storage.dax, guest.debug_console.
+pod_annotations = {{list .PodAnnotations}}
+
+[hypervisor]
+# qemu-system-x86_64; empty means the one on PATH.
+path = {{q .Hypervisor.Path}}
+# auto: KVM if a probe guest boots under it, else TCG (software emulation, with a warning).
+accelerator = {{q .Hypervisor.Accelerator}}
+vcpus = {{.Hypervisor.VCPUs}}
+# At least 128.
+memory_mib = {{.Hypervisor.MemoryMiB}}
+# Devices that can be hot-plugged into a running VM (one PCIe root port each, at most 32).
+hotplug_slots = {{.Hypervisor.HotplugSlots}}
+# Bounds TCG's translation cache, most of a TCG VM's host memory. Unused under KVM.
+tcg_translation_cache_mib = {{.Hypervisor.TCGTranslationCacheMiB}}
+
+[guest]
+kernel = {{q .Guest.Kernel}}
+# Its /init is caisson-agent.
+initramfs = {{q .Guest.Initramfs}}
+# Appended to the kernel command line.
+kernel_params = {{q .Guest.KernelParams}}
+# auto (vsock if the host has vhost-vsock, else serial), vsock or serial.
+transport = {{q .Guest.Transport}}
+# Kernel messages at debug level on the console log.
+debug_console = {{.Guest.DebugConsole}}
+
+[storage]
+# EROFS layers as virtio-pmem (DAX: the guest reads the host's page cache) instead of virtio-blk.
+dax = {{.Storage.DAX}}
+block_driver = {{q .Storage.BlockDriver}}
+`))
+
+func tomlList(s []string) string {
+	q := make([]string, len(s))
+	for i, v := range s {
+		q[i] = strconv.Quote(v)
+	}
+	return fmt.Sprintf("[%s]", strings.Join(q, ", "))
+}
