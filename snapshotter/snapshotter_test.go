@@ -48,3 +48,7 @@ func TestSnapshotterSuite(t *testing.T) {
 	requireHost(t)
 	testsuite.SnapshotterSuite(t, "caisson", newForSuite)
 }
+
+func testutilBinary(t testing.TB, name string) string {
+	return testutil.RequireBinary(t, name)
+}

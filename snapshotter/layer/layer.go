@@ -20,10 +20,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
-	"golang.org/x/sys/unix"
 )
 
 // Filesystems a Builder can produce (see snapshotter/config).
@@ -102,7 +102,33 @@ func (b Builder) mkfsEROFS(ctx context.Context, src, dst string) error {
 	args := []string{"--quiet", "-Enoinline_data", "--preserve-mtime"}
 	args = append(args, b.ExtraOptions...)
 	args = append(args, dst, src)
-	return run(ctx, "mkfs.erofs", args...)
+	err := run(ctx, "mkfs.erofs", args...)
+	if err != nil {
+		// erofs-utils 1.5 truncates a 255-byte file name to 254 bytes and then
+		// fails to find the file; say so instead of its "No such file".
+		if p, ok := findLongName(src); ok {
+			return fmt.Errorf("%s: a file name of %d bytes; mkfs.erofs 1.5 stores at most %d (use layer_filesystem = \"ext4\" or erofs-utils >= 1.6): %w",
+				p, MaxNameLen+1, MaxNameLen, errdefs.ErrNotImplemented)
+		}
+	}
+	return err
+}
+
+// MaxNameLen is the longest file name mkfs.erofs 1.5 stores correctly.
+const MaxNameLen = 254
+
+// findLongName returns the first path under root whose last element is longer
+// than MaxNameLen.
+func findLongName(root string) (string, bool) {
+	var found string
+	filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+		if err == nil && len(d.Name()) > MaxNameLen {
+			found, _ = filepath.Rel(root, p)
+			return filepath.SkipAll
+		}
+		return nil
+	})
+	return found, found != ""
 }
 
 func (b Builder) mkfsExt4(ctx context.Context, src, dst string) error {
@@ -125,7 +151,15 @@ func (b Builder) mkfsExt4(ctx context.Context, src, dst string) error {
 	args := []string{"-q", "-F", "-O", "^has_journal", "-N", strconv.FormatInt(inodes+1024, 10), "-d", src}
 	args = append(args, b.ExtraOptions...)
 	args = append(args, dst)
-	return run(ctx, "mkfs.ext4", args...)
+	if err := run(ctx, "mkfs.ext4", args...); err != nil {
+		return err
+	}
+	// mkfs.ext4 always makes /lost+found; a layer that has none must not
+	// show one.
+	if _, err := os.Lstat(filepath.Join(src, "lost+found")); errors.Is(err, os.ErrNotExist) {
+		return run(ctx, "debugfs", "-w", "-R", "rmdir /lost+found", dst)
+	}
+	return nil
 }
 
 func run(ctx context.Context, name string, args ...string) error {
@@ -182,7 +216,7 @@ func treeUsage(root string) (bytes, inodes int64, err error) {
 		if err != nil {
 			return err
 		}
-		st := fi.Sys().(*unix.Stat_t)
+		st := fi.Sys().(*syscall.Stat_t)
 		if seen[st.Ino] {
 			return nil
 		}
