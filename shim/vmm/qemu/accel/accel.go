@@ -197,6 +197,9 @@ func run(ctx context.Context, o Options, args []string) ([]byte, int, error) {
 	}
 	var exit *exec.ExitError
 	if errors.As(err, &exit) {
+		if ws, ok := exit.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return out.Bytes(), -1, fmt.Errorf("qemu was killed by %v: %s", ws.Signal(), lastLine(out.Bytes()))
+		}
 		return out.Bytes(), exit.ExitCode(), nil
 	}
 	if err != nil {

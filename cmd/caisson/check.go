@@ -1,0 +1,40 @@
+package main
+
+import (
+	"os"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/caisson-containers/caisson/internal/hostcheck"
+	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/vmm/qemu/accel"
+)
+
+var checkCommand = &cli.Command{
+	Name:  "check",
+	Usage: "probe what this host offers Caisson and say which accelerator and transport it will use",
+	Description: `Every item is decided by a real probe: guests are booted under each accelerator with a
+timeout, a loop device attached, EROFS and overlay mounted, a tap device created.
+Exits non-zero when Caisson cannot run here.`,
+	Flags: []cli.Flag{
+		&cli.StringFlag{Name: "config", Usage: "runtime config file (default: $CAISSON_CONFIG, then " + config.DefaultPath + ")"},
+		&cli.StringFlag{Name: "state-root", Value: "/var/lib/caisson", Usage: "where Caisson keeps its data; its free space is reported"},
+		&cli.DurationFlag{Name: "probe-timeout", Value: accel.DefaultTimeout, Usage: "how long a probe guest may take before its accelerator counts as hung"},
+	},
+	Action: func(c *cli.Context) error {
+		cfg, _, err := config.Load(c.String("config"))
+		if err != nil {
+			return err
+		}
+		results, verdict := hostcheck.Run(c.Context, hostcheck.Options{
+			Config:       cfg,
+			StateRoot:    c.String("state-root"),
+			ProbeTimeout: c.Duration("probe-timeout"),
+		})
+		hostcheck.Print(os.Stdout, results, verdict)
+		if !verdict.CanRun {
+			return cli.Exit("", 1)
+		}
+		return nil
+	},
+}
