@@ -1,0 +1,157 @@
+package storage
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/containerd/errdefs"
+)
+
+// Device names a disk the shim attached, by where it sits on the PCI bus or by its
+// virtio-blk serial.
+type Device struct {
+	// PCIPath is the device's PCI address, "DDDD:BB:SS.F", optionally followed by
+	// "/SS.F" for each bridge crossed: "0000:00:02.0/00.0" is function 0 of slot 0
+	// behind the root port at 0000:00:02.0, where the shim hot-plugs a device.
+	PCIPath string
+	// Serial is a virtio-blk disk's serial number (QEMU's serial= property).
+	Serial string
+}
+
+func (d Device) String() string {
+	if d.PCIPath != "" {
+		return "pci " + d.PCIPath
+	}
+	return "serial " + d.Serial
+}
+
+// Finder locates the block devices of attached disks in sysfs.
+type Finder struct {
+	// Sys is where sysfs is mounted; Dev where devtmpfs is.
+	Sys, Dev string
+	// Poll is how often to look again for a device that is not there yet.
+	Poll time.Duration
+}
+
+// DefaultFinder looks in /sys and /dev.
+var DefaultFinder = Finder{Sys: "/sys", Dev: "/dev", Poll: 20 * time.Millisecond}
+
+// Find waits, until ctx is done, for the block device of d to appear (hot-plugged disks
+// take a moment) and returns its node, such as /dev/vda or /dev/pmem0.
+func (f Finder) Find(ctx context.Context, d Device) (string, error) {
+	if (d.PCIPath == "") == (d.Serial == "") {
+		return "", fmt.Errorf("a device needs exactly one of a PCI path and a serial: %w", errdefs.ErrInvalidArgument)
+	}
+	if d.PCIPath != "" {
+		if _, err := parsePCIPath(d.PCIPath); err != nil {
+			return "", err
+		}
+	}
+	for {
+		name, err := f.lookup(d)
+		if err == nil {
+			node := filepath.Join(f.Dev, name)
+			if _, err := os.Stat(node); err == nil {
+				return node, nil
+			}
+		} else if !errors.Is(err, errdefs.ErrNotFound) {
+			return "", err
+		}
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("device %s did not appear: %w", d, errdefs.ErrNotFound)
+		case <-time.After(f.Poll):
+		}
+	}
+}
+
+func (f Finder) lookup(d Device) (string, error) {
+	if d.Serial != "" {
+		return f.bySerial(d.Serial)
+	}
+	return f.byPCIPath(d.PCIPath)
+}
+
+func (f Finder) bySerial(serial string) (string, error) {
+	entries, err := os.ReadDir(filepath.Join(f.Sys, "block"))
+	if err != nil {
+		return "", err
+	}
+	for _, e := range entries {
+		b, err := os.ReadFile(filepath.Join(f.Sys, "block", e.Name(), "serial"))
+		if err == nil && strings.TrimSpace(string(b)) == serial {
+			return e.Name(), nil
+		}
+	}
+	return "", errdefs.ErrNotFound
+}
+
+var (
+	pciAddr = regexp.MustCompile(`^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$`)
+	pciSlot = regexp.MustCompile(`^[0-9a-f]{2}\.[0-7]$`)
+)
+
+func parsePCIPath(p string) ([]string, error) {
+	parts := strings.Split(strings.ToLower(p), "/")
+	if !pciAddr.MatchString(parts[0]) {
+		return nil, fmt.Errorf("PCI path %q: want DDDD:BB:SS.F[/SS.F...]: %w", p, errdefs.ErrInvalidArgument)
+	}
+	for _, s := range parts[1:] {
+		if !pciSlot.MatchString(s) {
+			return nil, fmt.Errorf("PCI path %q: bad slot %q: %w", p, s, errdefs.ErrInvalidArgument)
+		}
+	}
+	return parts, nil
+}
+
+// byPCIPath walks from the first device of the path through each bridge to the last one,
+// then finds the block device under it (vdX for virtio-blk; pmemN, two buses deeper,
+// for virtio-pmem).
+func (f Finder) byPCIPath(p string) (string, error) {
+	parts, _ := parsePCIPath(p)
+	dir, err := filepath.EvalSymlinks(filepath.Join(f.Sys, "bus", "pci", "devices", parts[0]))
+	if err != nil {
+		return "", errdefs.ErrNotFound
+	}
+	for _, slot := range parts[1:] {
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			return "", errdefs.ErrNotFound
+		}
+		next := ""
+		for _, e := range entries {
+			if e.IsDir() && pciAddr.MatchString(e.Name()) && strings.HasSuffix(e.Name(), ":"+slot) {
+				next = filepath.Join(dir, e.Name())
+				break
+			}
+		}
+		if next == "" {
+			return "", errdefs.ErrNotFound
+		}
+		dir = next
+	}
+	var found string
+	_ = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || found != "" {
+			return fs.SkipDir
+		}
+		if d.IsDir() && d.Name() == "block" && path != dir {
+			if entries, err := os.ReadDir(path); err == nil && len(entries) > 0 {
+				found = entries[0].Name()
+			}
+			return fs.SkipDir
+		}
+		return nil
+	})
+	if found == "" {
+		return "", errdefs.ErrNotFound
+	}
+	return found, nil
+}

@@ -1,0 +1,199 @@
+package storage
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
+
+	"github.com/caisson-containers/caisson/internal/testutil"
+)
+
+// loopDevice attaches file to a loop device for the test's lifetime.
+func loopDevice(t *testing.T, file string, readOnly bool) string {
+	t.Helper()
+	args := []string{"--find", "--show"}
+	if readOnly {
+		args = append(args, "--read-only")
+	}
+	out, err := exec.Command("losetup", append(args, file)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup: %v: %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() {
+		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+			t.Errorf("losetup -d %s: %v: %s", dev, err, out)
+		}
+	})
+	return dev
+}
+
+func mkfs(t *testing.T, dir string) (erofs, ext4 string) {
+	t.Helper()
+	testutil.RequireBinary(t, "mkfs.erofs")
+	testutil.RequireBinary(t, "mkfs.ext4")
+	src := filepath.Join(dir, "src")
+	if err := os.MkdirAll(filepath.Join(src, "etc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(src, "etc", "layer"), []byte("lower\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	erofs = filepath.Join(dir, "layer.erofs")
+	if out, err := exec.Command("mkfs.erofs", erofs, src).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.erofs: %v: %s", err, out)
+	}
+	ext4 = filepath.Join(dir, "rw.ext4")
+	if err := os.WriteFile(ext4, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(ext4, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", ext4).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v: %s", err, out)
+	}
+	return erofs, ext4
+}
+
+// fakeSys lays out a sysfs tree as the guest kernel does for a virtio-blk disk behind
+// a PCIe root port, naming the host's loop device, and a disk with a serial.
+func fakeSys(t *testing.T, pciDev, serialDev, serial string) string {
+	t.Helper()
+	sys := t.TempDir()
+	must := func(err error) {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	port := filepath.Join(sys, "devices/pci0000:00/0000:00:02.0")
+	must(os.MkdirAll(filepath.Join(port, "0000:01:00.0/virtio3/block", filepath.Base(pciDev)), 0o755))
+	must(os.MkdirAll(filepath.Join(sys, "bus/pci/devices"), 0o755))
+	must(os.Symlink("../../../devices/pci0000:00/0000:00:02.0", filepath.Join(sys, "bus/pci/devices/0000:00:02.0")))
+	must(os.MkdirAll(filepath.Join(sys, "block", filepath.Base(serialDev)), 0o755))
+	must(os.WriteFile(filepath.Join(sys, "block", filepath.Base(serialDev), "serial"), []byte(serial+"\n"), 0o444))
+	return sys
+}
+
+func TestMountAndRootfs(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.RequireBinary(t, "losetup")
+	dir := t.TempDir()
+	erofsImg, ext4Img := mkfs(t, dir)
+	lowerDev := loopDevice(t, erofsImg, true)
+	rwDev := loopDevice(t, ext4Img, false)
+	finder := Finder{Sys: fakeSys(t, lowerDev, rwDev, "caisson-rw"), Dev: "/dev", Poll: 10 * time.Millisecond}
+	m, err := NewManager(filepath.Join(dir, "storage"), finder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	lowerReq := Request{ID: "layer1", Device: Device{PCIPath: "0000:00:02.0/00.0"}, Fstype: EROFS, ReadOnly: true}
+	lower, err := m.Mount(ctx, lowerReq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(lower, unix.MNT_DETACH) })
+	if again, err := m.Mount(ctx, lowerReq); err != nil || again != lower {
+		t.Fatalf("second mount of the same storage: %q, %v", again, err)
+	}
+	rw, err := m.Mount(ctx, Request{ID: "rw", Device: Device{Serial: "caisson-rw"}, Fstype: Ext4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(rw, unix.MNT_DETACH) })
+
+	target := filepath.Join(dir, "rootfs")
+	r := Rootfs{
+		Lower: []Dir{{Storage: "layer1"}},
+		Upper: &Dir{Storage: "rw", Path: "upper"},
+		Work:  &Dir{Storage: "rw", Path: "work"},
+		Mkdir: []Dir{{Storage: "rw", Path: "upper"}, {Storage: "rw", Path: "work"}},
+	}
+	if err := m.MountRootfs(ctx, target, r); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(target, unix.MNT_DETACH) })
+	if b, err := os.ReadFile(filepath.Join(target, "etc/layer")); err != nil || string(b) != "lower\n" {
+		t.Fatalf("lower file through the overlay: %q, %v", b, err)
+	}
+	if err := os.WriteFile(filepath.Join(target, "etc/new"), []byte("upper\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(filepath.Join(rw, "upper/etc/new")); err != nil || string(b) != "upper\n" {
+		t.Fatalf("write did not land in the writable layer: %q, %v", b, err)
+	}
+	if err := UnmountRootfs(target); err != nil {
+		t.Fatal(err)
+	}
+	// Two references to layer1: the first unmount keeps it.
+	if err := m.Unmount(ctx, "layer1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(lower, "etc/layer")); err != nil {
+		t.Fatalf("layer unmounted while still referenced: %v", err)
+	}
+	for _, id := range []string{"layer1", "rw"} {
+		if err := m.Unmount(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := m.Unmount(ctx, "rw"); !errdefs.IsNotFound(err) {
+		t.Errorf("unmount of an unmounted storage: %v, want NotFound", err)
+	}
+	mounts, _ := os.ReadFile("/proc/self/mounts")
+	if strings.Contains(string(mounts), dir) {
+		t.Errorf("mounts left under %s", dir)
+	}
+}
+
+func TestMountErrors(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.RequireBinary(t, "losetup")
+	dir := t.TempDir()
+	corrupt := filepath.Join(dir, "corrupt.erofs")
+	if err := os.WriteFile(corrupt, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dev := loopDevice(t, corrupt, true)
+	finder := Finder{Sys: fakeSys(t, dev, dev, "corrupt"), Dev: "/dev", Poll: 10 * time.Millisecond}
+	m, err := NewManager(filepath.Join(dir, "storage"), finder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		req  Request
+		want func(error) bool
+	}{
+		{"missing device", Request{ID: "a", Device: Device{PCIPath: "0000:00:09.0/00.0"}, Fstype: EROFS, ReadOnly: true}, errdefs.IsNotFound},
+		{"missing serial", Request{ID: "a", Device: Device{Serial: "nope"}, Fstype: EROFS, ReadOnly: true}, errdefs.IsNotFound},
+		{"corrupt image", Request{ID: "a", Device: Device{Serial: "corrupt"}, Fstype: EROFS, ReadOnly: true}, errdefs.IsFailedPrecondition},
+		{"bad pci path", Request{ID: "a", Device: Device{PCIPath: "02.0"}, Fstype: EROFS, ReadOnly: true}, errdefs.IsInvalidArgument},
+		{"writable erofs", Request{ID: "a", Device: Device{Serial: "corrupt"}, Fstype: EROFS}, errdefs.IsInvalidArgument},
+		{"unknown fstype", Request{ID: "a", Device: Device{Serial: "corrupt"}, Fstype: "xfs"}, errdefs.IsInvalidArgument},
+		{"bad id", Request{ID: "../a", Device: Device{Serial: "corrupt"}, Fstype: EROFS, ReadOnly: true}, errdefs.IsInvalidArgument},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+			defer cancel()
+			_, err := m.Mount(ctx, tc.req)
+			if !tc.want(err) {
+				t.Fatalf("err = %v", err)
+			}
+			t.Log(err)
+		})
+	}
+	if _, err := m.Path("a"); !errdefs.IsNotFound(err) {
+		t.Errorf("a failed mount left storage a: %v", err)
+	}
+}
