@@ -17,9 +17,10 @@ import (
 // Device names a disk the shim attached, by where it sits on the PCI bus or by its
 // virtio-blk serial.
 type Device struct {
-	// PCIPath is the device's PCI address, "DDDD:BB:SS.F", optionally followed by
-	// "/SS.F" for each bridge crossed: "0000:00:02.0/00.0" is function 0 of slot 0
-	// behind the root port at 0000:00:02.0, where the shim hot-plugs a device.
+	// PCIPath is the device's path from the root bus: one "SS.F" (slot.function, hex)
+	// per hop, separated by "/". "05.0/00.0" is the device in slot 0 behind the root
+	// port in slot 5 of bus 0 (where the shim hot-plugs a device). Bus numbers are not
+	// part of it: the guest assigns them.
 	PCIPath string
 	// Serial is a virtio-blk disk's serial number (QEMU's serial= property).
 	Serial string
@@ -100,12 +101,9 @@ var (
 
 func parsePCIPath(p string) ([]string, error) {
 	parts := strings.Split(strings.ToLower(p), "/")
-	if !pciAddr.MatchString(parts[0]) {
-		return nil, fmt.Errorf("PCI path %q: want DDDD:BB:SS.F[/SS.F...]: %w", p, errdefs.ErrInvalidArgument)
-	}
-	for _, s := range parts[1:] {
+	for _, s := range parts {
 		if !pciSlot.MatchString(s) {
-			return nil, fmt.Errorf("PCI path %q: bad slot %q: %w", p, s, errdefs.ErrInvalidArgument)
+			return nil, fmt.Errorf("PCI path %q: want SS.F[/SS.F...], bad hop %q: %w", p, s, errdefs.ErrInvalidArgument)
 		}
 	}
 	return parts, nil
@@ -116,7 +114,7 @@ func parsePCIPath(p string) ([]string, error) {
 // for virtio-pmem).
 func (f Finder) byPCIPath(p string) (string, error) {
 	parts, _ := parsePCIPath(p)
-	dir, err := filepath.EvalSymlinks(filepath.Join(f.Sys, "bus", "pci", "devices", parts[0]))
+	dir, err := filepath.EvalSymlinks(filepath.Join(f.Sys, "bus", "pci", "devices", "0000:00:"+parts[0]))
 	if err != nil {
 		return "", errdefs.ErrNotFound
 	}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/containerd/errdefs"
@@ -18,26 +17,26 @@ type Dir struct {
 	Path    string // relative to the storage's root; "" for the root
 }
 
-// Rootfs says how to assemble a container's root filesystem from storages: an overlay of
-// Lower (top-most first, as overlayfs's lowerdir) with Upper and Work when it is
-// writable, or, with no Lower, a bind mount of Upper (a rootfs with no image layers).
+// Rootfs says how to assemble a container's root filesystem from storages:
+//   - Lower only: read-only (an overlay of the layers, or a bind of the single one);
+//   - Lower with Upper and Work: a writable overlay (Upper and Work are created, 0755);
+//   - Upper alone: a read-write bind of Upper (a snapshot with no parent).
 type Rootfs struct {
-	Lower []Dir
-	Upper *Dir
-	Work  *Dir
-	// Mkdir are directories to create (with 0755) before mounting, such as the upper and
-	// work directories of a fresh writable layer.
-	Mkdir []Dir
-	// Options are further overlay options (index=off, ...).
-	Options  []string
-	ReadOnly bool
+	Lower       []Dir // top-most first, in overlayfs lowerdir order
+	Upper, Work *Dir
+	Options     []string // further overlay options (index=off, ...)
 }
 
-// Storages lists the storage ids r uses.
-func (r Rootfs) Storages() []string {
+func (r Rootfs) storages() []string {
 	seen := map[string]bool{}
 	var out []string
-	for _, d := range append(append(append([]Dir{}, r.Lower...), ptrDirs(r.Upper, r.Work)...), r.Mkdir...) {
+	dirs := append([]Dir{}, r.Lower...)
+	for _, d := range []*Dir{r.Upper, r.Work} {
+		if d != nil {
+			dirs = append(dirs, *d)
+		}
+	}
+	for _, d := range dirs {
 		if !seen[d.Storage] {
 			seen[d.Storage] = true
 			out = append(out, d.Storage)
@@ -46,53 +45,67 @@ func (r Rootfs) Storages() []string {
 	return out
 }
 
-func ptrDirs(ds ...*Dir) []Dir {
-	var out []Dir
-	for _, d := range ds {
-		if d != nil {
-			out = append(out, *d)
-		}
-	}
-	return out
+// MountedRootfs is an assembled rootfs; its storages cannot be unmounted until it is.
+type MountedRootfs struct {
+	Target   string
+	storages []string
 }
 
-func (m *Manager) resolve(d Dir) (string, error) {
-	root, err := m.Path(d.Storage)
+// MountRootfs assembles r at target, which it creates.
+func (m *Manager) MountRootfs(ctx context.Context, target string, r Rootfs) (_ *MountedRootfs, retErr error) {
+	if len(r.Lower) == 0 && r.Upper == nil {
+		return nil, fmt.Errorf("rootfs has no layers: %w", errdefs.ErrInvalidArgument)
+	}
+	if (r.Upper == nil) != (r.Work == nil) && len(r.Lower) > 0 {
+		return nil, fmt.Errorf("rootfs needs both upper and work, or neither: %w", errdefs.ErrInvalidArgument)
+	}
+	ids := r.storages()
+	roots, err := m.acquire(ids)
 	if err != nil {
-		return "", err
+		return nil, err
 	}
-	if d.Path == "" {
-		return root, nil
-	}
-	return securejoin.SecureJoin(root, d.Path)
-}
-
-// MountRootfs assembles r at target (which it creates).
-func (m *Manager) MountRootfs(ctx context.Context, target string, r Rootfs) error {
-	for _, d := range r.Mkdir {
-		p, err := m.resolve(d)
-		if err != nil {
-			return err
+	defer func() {
+		if retErr != nil {
+			m.release(ids)
 		}
-		if err := os.MkdirAll(p, 0o755); err != nil {
-			return err
+	}()
+	resolve := func(d Dir) (string, error) {
+		if d.Path == "" {
+			return roots[d.Storage], nil
 		}
+		return securejoin.SecureJoin(roots[d.Storage], d.Path)
 	}
 	if err := os.MkdirAll(target, 0o755); err != nil {
-		return err
+		return nil, err
 	}
-	if len(r.Lower) == 0 {
-		if r.Upper == nil {
-			return fmt.Errorf("rootfs has neither lower nor upper directories: %w", errdefs.ErrInvalidArgument)
+	defer func() {
+		if retErr != nil {
+			os.Remove(target)
 		}
-		src, err := m.resolve(*r.Upper)
-		if err != nil {
-			return err
+	}()
+	mounted := &MountedRootfs{Target: target, storages: ids}
+
+	var upper, work string
+	for _, d := range []struct {
+		dir *Dir
+		p   *string
+	}{{r.Upper, &upper}, {r.Work, &work}} {
+		if d.dir == nil {
+			continue
 		}
-		if err := unix.Mount(src, target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		if *d.p, err = resolve(*d.dir); err != nil {
+			return nil, err
+		}
+		if err := os.MkdirAll(*d.p, 0o755); err != nil {
+			return nil, err
+		}
+	}
+
+	bind := func(src string, ro bool) error {
+		if err := unix.Mount(src, target, "", unix.MS_BIND, ""); err != nil {
 			return fmt.Errorf("bind %s as rootfs: %w", src, err)
 		}
-		if r.ReadOnly {
+		if ro {
 			if err := unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
 				_ = unix.Unmount(target, unix.MNT_DETACH)
 				return err
@@ -100,53 +113,53 @@ func (m *Manager) MountRootfs(ctx context.Context, target string, r Rootfs) erro
 		}
 		return nil
 	}
+	switch {
+	case len(r.Lower) == 0:
+		return mounted, bind(upper, false)
+	case len(r.Lower) == 1 && r.Upper == nil:
+		src, err := resolve(r.Lower[0])
+		if err != nil {
+			return nil, err
+		}
+		return mounted, bind(src, true)
+	}
 	var lowers []string
 	for _, d := range r.Lower {
-		p, err := m.resolve(d)
+		p, err := resolve(d)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		lowers = append(lowers, p)
 	}
 	opts := []string{"lowerdir=" + strings.Join(lowers, ":")}
-	if (r.Upper == nil) != (r.Work == nil) {
-		return fmt.Errorf("rootfs needs both upper and work directories, or neither: %w", errdefs.ErrInvalidArgument)
-	}
-	if r.Upper != nil && !r.ReadOnly {
-		upper, err := m.resolve(*r.Upper)
-		if err != nil {
-			return err
-		}
-		work, err := m.resolve(*r.Work)
-		if err != nil {
-			return err
-		}
-		opts = append(opts, "upperdir="+upper, "workdir="+work)
-	}
-	opts = append(opts, r.Options...)
 	var flags uintptr
-	if r.ReadOnly {
+	if r.Upper != nil {
+		opts = append(opts, "upperdir="+upper, "workdir="+work)
+	} else {
 		flags |= unix.MS_RDONLY
 	}
+	opts = append(opts, r.Options...)
 	data := strings.Join(opts, ",")
 	if len(data) >= unix.Getpagesize() {
-		return fmt.Errorf("overlay options are %d bytes, more than a page (%d layers): %w", len(data), len(lowers), errdefs.ErrNotImplemented)
+		return nil, fmt.Errorf("overlay options are %d bytes, more than a page (%d layers): %w", len(data), len(lowers), errdefs.ErrNotImplemented)
 	}
 	if err := unix.Mount("overlay", target, "overlay", flags, data); err != nil {
-		return fmt.Errorf("mount overlay at %s (%s): %w", target, data, err)
+		return nil, fmt.Errorf("mount overlay at %s (%s): %v: %w", target, data, err, errdefs.ErrInvalidArgument)
 	}
-	return nil
+	return mounted, nil
 }
 
-// UnmountRootfs unmounts a rootfs MountRootfs assembled, and everything under it.
-func UnmountRootfs(target string) error {
-	if err := unix.Unmount(target, 0); err != nil {
-		if err == unix.EINVAL { // not mounted
-			return nil
-		}
-		if err := unix.Unmount(target, unix.MNT_DETACH); err != nil {
-			return fmt.Errorf("unmount rootfs %s: %w", target, err)
+// UnmountRootfs unmounts a rootfs (and anything mounted under it) and releases its storages.
+func (m *Manager) UnmountRootfs(ctx context.Context, r *MountedRootfs) error {
+	if err := unix.Unmount(r.Target, 0); err != nil && err != unix.EINVAL {
+		if err := unix.Unmount(r.Target, unix.MNT_DETACH); err != nil {
+			return fmt.Errorf("unmount rootfs %s: %w", r.Target, err)
 		}
 	}
-	return os.Remove(filepath.Clean(target))
+	m.release(r.storages)
+	r.storages = nil
+	if err := os.Remove(r.Target); err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	return nil
 }

@@ -1,6 +1,6 @@
 // Package storage mounts the disks the shim attached to the VM (image layers as EROFS on
 // virtio-blk or virtio-pmem, writable layers as ext4 on virtio-blk) under storage ids,
-// reference-counted, and assembles containers' root filesystems from them.
+// and assembles containers' root filesystems from them.
 package storage
 
 import (
@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 
@@ -29,20 +28,20 @@ type Request struct {
 	ID     string
 	Device Device
 	// Fstype is EROFS or Ext4.
-	Fstype   string
-	ReadOnly bool
+	Fstype string
+	// Options are mount(8) options: flags such as "ro" or "noatime", and filesystem
+	// options passed on as they are.
+	Options []string
 	// DAX mounts the filesystem with dax=always (EROFS on virtio-pmem), so that reads go
 	// straight to the host's page cache.
 	DAX bool
-	// Options are further mount options (data, as mount(8) -o takes them).
-	Options []string
 }
 
 type storage struct {
 	req    Request
 	device string // the block device node
 	target string
-	refs   int
+	users  int // rootfs that use it
 }
 
 // Manager keeps the mounted storages.
@@ -62,77 +61,105 @@ func NewManager(root string, f Finder) (*Manager, error) {
 	return &Manager{root: root, finder: f, storages: map[string]*storage{}}, nil
 }
 
-// Mount waits for req's device and mounts it, or, if req.ID is mounted already with the
-// same request, takes another reference to it. It returns the mount point.
-func (m *Manager) Mount(ctx context.Context, req Request) (string, error) {
-	if req.ID == "" || filepath.Base(req.ID) != req.ID || req.ID == "." || req.ID == ".." {
-		return "", fmt.Errorf("storage id %q: %w", req.ID, errdefs.ErrInvalidArgument)
-	}
+var mountFlags = map[string]struct {
+	clear bool
+	flag  uintptr
+}{
+	"ro": {false, unix.MS_RDONLY}, "rw": {true, unix.MS_RDONLY},
+	"nosuid": {false, unix.MS_NOSUID}, "suid": {true, unix.MS_NOSUID},
+	"nodev": {false, unix.MS_NODEV}, "dev": {true, unix.MS_NODEV},
+	"noexec": {false, unix.MS_NOEXEC}, "exec": {true, unix.MS_NOEXEC},
+	"noatime": {false, unix.MS_NOATIME}, "atime": {true, unix.MS_NOATIME},
+	"relatime": {false, unix.MS_RELATIME}, "sync": {false, unix.MS_SYNCHRONOUS},
+	"nodiratime": {false, unix.MS_NODIRATIME},
+	"loop":       {}, "defaults": {}, // "loop" is the host's business: here the device is a disk
+}
+
+// parseOptions splits mount(8) options into flags and filesystem data.
+func parseOptions(opts []string) (uintptr, []string) {
 	flags := uintptr(unix.MS_NODEV | unix.MS_NOSUID)
-	opts := slices.Clone(req.Options)
+	var data []string
+	for _, o := range opts {
+		if f, ok := mountFlags[o]; ok {
+			if f.clear {
+				flags &^= f.flag
+			} else {
+				flags |= f.flag
+			}
+			continue
+		}
+		data = append(data, o)
+	}
+	return flags, data
+}
+
+// Mount waits for req's device to appear and mounts it. It returns the mount point and
+// the device node.
+func (m *Manager) Mount(ctx context.Context, req Request) (string, string, error) {
+	if req.ID == "" || filepath.Base(req.ID) != req.ID || req.ID == "." || req.ID == ".." {
+		return "", "", fmt.Errorf("storage id %q: %w", req.ID, errdefs.ErrInvalidArgument)
+	}
+	flags, data := parseOptions(req.Options)
 	switch req.Fstype {
 	case EROFS:
-		if !req.ReadOnly {
-			return "", fmt.Errorf("storage %s: erofs is read-only: %w", req.ID, errdefs.ErrInvalidArgument)
-		}
+		flags |= unix.MS_RDONLY
 	case Ext4:
 		if req.DAX {
-			return "", fmt.Errorf("storage %s: dax is for erofs on pmem: %w", req.ID, errdefs.ErrInvalidArgument)
+			return "", "", fmt.Errorf("storage %s: dax is for erofs on pmem: %w", req.ID, errdefs.ErrInvalidArgument)
 		}
 	default:
-		return "", fmt.Errorf("storage %s: filesystem %q: %w", req.ID, req.Fstype, errdefs.ErrInvalidArgument)
-	}
-	if req.ReadOnly {
-		flags |= unix.MS_RDONLY
+		return "", "", fmt.Errorf("storage %s: filesystem %q, want %q or %q: %w", req.ID, req.Fstype, EROFS, Ext4, errdefs.ErrInvalidArgument)
 	}
 	if req.DAX {
-		opts = append(opts, "dax=always")
+		data = append(data, "dax=always")
 	}
 
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	if s, ok := m.storages[req.ID]; ok {
-		if !sameRequest(s.req, req) {
-			return "", fmt.Errorf("storage %s is mounted from %s as %s: %w", req.ID, s.req.Device, s.req.Fstype, errdefs.ErrAlreadyExists)
-		}
-		s.refs++
-		return s.target, nil
+	if _, ok := m.storages[req.ID]; ok {
+		m.mu.Unlock()
+		return "", "", fmt.Errorf("storage %s: %w", req.ID, errdefs.ErrAlreadyExists)
 	}
-	// Devices appear within a second of a hot-plug; the caller's context bounds the wait.
+	m.storages[req.ID] = nil // reserved while the device is awaited
+	m.mu.Unlock()
+	s, err := m.mount(ctx, req, flags, strings.Join(data, ","))
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err != nil {
+		delete(m.storages, req.ID)
+		return "", "", err
+	}
+	m.storages[req.ID] = s
+	return s.target, s.device, nil
+}
+
+func (m *Manager) mount(ctx context.Context, req Request, flags uintptr, data string) (*storage, error) {
 	dev, err := m.finder.Find(ctx, req.Device)
 	if err != nil {
-		return "", fmt.Errorf("storage %s: %w", req.ID, err)
+		return nil, fmt.Errorf("storage %s: %w", req.ID, err)
 	}
 	target := filepath.Join(m.root, req.ID)
 	if err := os.MkdirAll(target, 0o755); err != nil {
-		return "", err
+		return nil, err
 	}
-	if err := unix.Mount(dev, target, req.Fstype, flags, strings.Join(opts, ",")); err != nil {
+	if err := unix.Mount(dev, target, req.Fstype, flags, data); err != nil {
 		os.Remove(target)
-		return "", fmt.Errorf("storage %s: mount %s (%s) as %s -o %s: %v (is it a valid %s image?): %w",
-			req.ID, dev, req.Device, req.Fstype, strings.Join(opts, ","), err, req.Fstype, errdefs.ErrFailedPrecondition)
+		return nil, fmt.Errorf("storage %s: mount %s (%s) as %s -o %q: %v (not a valid %s filesystem?): %w",
+			req.ID, dev, req.Device, req.Fstype, data, err, req.Fstype, errdefs.ErrInvalidArgument)
 	}
 	log.G(ctx).WithFields(log.Fields{"storage": req.ID, "device": dev, "fstype": req.Fstype, "dax": req.DAX}).Debug("storage mounted")
-	m.storages[req.ID] = &storage{req: req, device: dev, target: target, refs: 1}
-	return target, nil
+	return &storage{req: req, device: dev, target: target}, nil
 }
 
-func sameRequest(a, b Request) bool {
-	return a.Device == b.Device && a.Fstype == b.Fstype && a.ReadOnly == b.ReadOnly && a.DAX == b.DAX &&
-		slices.Equal(a.Options, b.Options)
-}
-
-// Unmount drops a reference to storage id and unmounts it with the last one.
+// Unmount unmounts storage id. It fails while a rootfs uses it.
 func (m *Manager) Unmount(ctx context.Context, id string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	s, ok := m.storages[id]
-	if !ok {
+	if !ok || s == nil {
 		return fmt.Errorf("storage %s: %w", id, errdefs.ErrNotFound)
 	}
-	if s.refs > 1 {
-		s.refs--
-		return nil
+	if s.users > 0 {
+		return fmt.Errorf("storage %s is used by %d container rootfs: %w", id, s.users, errdefs.ErrFailedPrecondition)
 	}
 	if err := unix.Unmount(s.target, 0); err != nil {
 		return fmt.Errorf("storage %s: unmount %s: %w", id, s.target, err)
@@ -143,12 +170,58 @@ func (m *Manager) Unmount(ctx context.Context, id string) error {
 	return nil
 }
 
+// UnmountAll unmounts every storage no rootfs uses, for shutdown.
+func (m *Manager) UnmountAll(ctx context.Context) {
+	m.mu.Lock()
+	var ids []string
+	for id, s := range m.storages {
+		if s != nil {
+			ids = append(ids, id)
+		}
+	}
+	m.mu.Unlock()
+	for _, id := range ids {
+		if err := m.Unmount(ctx, id); err != nil {
+			log.G(ctx).WithError(err).Warn("unmount storage")
+		}
+	}
+}
+
+// acquire marks the storages ids as used by a rootfs, and returns where they are mounted.
+func (m *Manager) acquire(ids []string) (map[string]string, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	paths := map[string]string{}
+	for _, id := range ids {
+		s, ok := m.storages[id]
+		if !ok || s == nil {
+			return nil, fmt.Errorf("storage %s is not mounted: %w", id, errdefs.ErrNotFound)
+		}
+		paths[id] = s.target
+	}
+	for _, id := range ids {
+		m.storages[id].users++
+	}
+	return paths, nil
+}
+
+// release undoes acquire.
+func (m *Manager) release(ids []string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, id := range ids {
+		if s, ok := m.storages[id]; ok && s != nil && s.users > 0 {
+			s.users--
+		}
+	}
+}
+
 // Path returns where storage id is mounted.
 func (m *Manager) Path(id string) (string, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	s, ok := m.storages[id]
-	if !ok {
+	if !ok || s == nil {
 		return "", fmt.Errorf("storage %s: %w", id, errdefs.ErrNotFound)
 	}
 	return s.target, nil
@@ -159,7 +232,7 @@ func (m *Manager) Device(id string) (string, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	s, ok := m.storages[id]
-	if !ok {
+	if !ok || s == nil {
 		return "", fmt.Errorf("storage %s: %w", id, errdefs.ErrNotFound)
 	}
 	return s.device, nil

@@ -97,16 +97,19 @@ func TestMountAndRootfs(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 
-	lowerReq := Request{ID: "layer1", Device: Device{PCIPath: "0000:00:02.0/00.0"}, Fstype: EROFS, ReadOnly: true}
-	lower, err := m.Mount(ctx, lowerReq)
+	lowerReq := Request{ID: "layer1", Device: Device{PCIPath: "02.0/00.0"}, Fstype: EROFS, Options: []string{"ro"}}
+	lower, dev, err := m.Mount(ctx, lowerReq)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = unix.Unmount(lower, unix.MNT_DETACH) })
-	if again, err := m.Mount(ctx, lowerReq); err != nil || again != lower {
-		t.Fatalf("second mount of the same storage: %q, %v", again, err)
+	if dev != lowerDev {
+		t.Errorf("device %s, want %s", dev, lowerDev)
 	}
-	rw, err := m.Mount(ctx, Request{ID: "rw", Device: Device{Serial: "caisson-rw"}, Fstype: Ext4})
+	if _, _, err := m.Mount(ctx, lowerReq); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("second mount of the same storage: %v, want AlreadyExists", err)
+	}
+	rw, _, err := m.Mount(ctx, Request{ID: "rw", Device: Device{Serial: "caisson-rw"}, Fstype: Ext4, Options: []string{"rw", "loop"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -117,9 +120,9 @@ func TestMountAndRootfs(t *testing.T) {
 		Lower: []Dir{{Storage: "layer1"}},
 		Upper: &Dir{Storage: "rw", Path: "upper"},
 		Work:  &Dir{Storage: "rw", Path: "work"},
-		Mkdir: []Dir{{Storage: "rw", Path: "upper"}, {Storage: "rw", Path: "work"}},
 	}
-	if err := m.MountRootfs(ctx, target, r); err != nil {
+	mr, err := m.MountRootfs(ctx, target, r)
+	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = unix.Unmount(target, unix.MNT_DETACH) })
@@ -132,15 +135,11 @@ func TestMountAndRootfs(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join(rw, "upper/etc/new")); err != nil || string(b) != "upper\n" {
 		t.Fatalf("write did not land in the writable layer: %q, %v", b, err)
 	}
-	if err := UnmountRootfs(target); err != nil {
-		t.Fatal(err)
+	if err := m.Unmount(ctx, "layer1"); !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("unmount of a storage a rootfs uses: %v, want FailedPrecondition", err)
 	}
-	// Two references to layer1: the first unmount keeps it.
-	if err := m.Unmount(ctx, "layer1"); err != nil {
+	if err := m.UnmountRootfs(ctx, mr); err != nil {
 		t.Fatal(err)
-	}
-	if _, err := os.Stat(filepath.Join(lower, "etc/layer")); err != nil {
-		t.Fatalf("layer unmounted while still referenced: %v", err)
 	}
 	for _, id := range []string{"layer1", "rw"} {
 		if err := m.Unmount(ctx, id); err != nil {
@@ -175,18 +174,17 @@ func TestMountErrors(t *testing.T) {
 		req  Request
 		want func(error) bool
 	}{
-		{"missing device", Request{ID: "a", Device: Device{PCIPath: "0000:00:09.0/00.0"}, Fstype: EROFS, ReadOnly: true}, errdefs.IsNotFound},
-		{"missing serial", Request{ID: "a", Device: Device{Serial: "nope"}, Fstype: EROFS, ReadOnly: true}, errdefs.IsNotFound},
-		{"corrupt image", Request{ID: "a", Device: Device{Serial: "corrupt"}, Fstype: EROFS, ReadOnly: true}, errdefs.IsFailedPrecondition},
-		{"bad pci path", Request{ID: "a", Device: Device{PCIPath: "02.0"}, Fstype: EROFS, ReadOnly: true}, errdefs.IsInvalidArgument},
-		{"writable erofs", Request{ID: "a", Device: Device{Serial: "corrupt"}, Fstype: EROFS}, errdefs.IsInvalidArgument},
+		{"missing device", Request{ID: "a", Device: Device{PCIPath: "09.0/00.0"}, Fstype: EROFS, Options: []string{"ro"}}, errdefs.IsNotFound},
+		{"missing serial", Request{ID: "a", Device: Device{Serial: "nope"}, Fstype: EROFS, Options: []string{"ro"}}, errdefs.IsNotFound},
+		{"corrupt image", Request{ID: "a", Device: Device{Serial: "corrupt"}, Fstype: EROFS}, errdefs.IsInvalidArgument},
+		{"bad pci path", Request{ID: "a", Device: Device{PCIPath: "0000:00:02.0"}, Fstype: EROFS, Options: []string{"ro"}}, errdefs.IsInvalidArgument},
 		{"unknown fstype", Request{ID: "a", Device: Device{Serial: "corrupt"}, Fstype: "xfs"}, errdefs.IsInvalidArgument},
-		{"bad id", Request{ID: "../a", Device: Device{Serial: "corrupt"}, Fstype: EROFS, ReadOnly: true}, errdefs.IsInvalidArgument},
+		{"bad id", Request{ID: "../a", Device: Device{Serial: "corrupt"}, Fstype: EROFS, Options: []string{"ro"}}, errdefs.IsInvalidArgument},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 			defer cancel()
-			_, err := m.Mount(ctx, tc.req)
+			_, _, err := m.Mount(ctx, tc.req)
 			if !tc.want(err) {
 				t.Fatalf("err = %v", err)
 			}
