@@ -164,6 +164,8 @@ func (b Builder) mkfsExt4(ctx context.Context, src, dst string) error {
 
 func run(ctx context.Context, name string, args ...string) error {
 	cmd := exec.CommandContext(ctx, name, args...)
+	// A killed snapshotter must not leave mkfs writing into its root.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		msg := strings.TrimSpace(string(out))

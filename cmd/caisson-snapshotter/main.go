@@ -1,0 +1,76 @@
+// caisson-snapshotter serves Caisson's block snapshotter to containerd as a proxy
+// plugin:
+//
+//	[proxy_plugins.caisson]
+//	  type = "snapshot"
+//	  address = "/run/caisson/snapshotter.sock"
+//
+// It stops gracefully on SIGTERM or SIGINT.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/containerd/log"
+
+	"github.com/caisson-containers/caisson/snapshotter"
+	"github.com/caisson-containers/caisson/snapshotter/config"
+	"github.com/caisson-containers/caisson/snapshotter/service"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "caisson-snapshotter:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	var (
+		root       = flag.String("root", "", "snapshotter root directory (overrides the config's root; default "+config.DefaultRoot+")")
+		address    = flag.String("address", "/run/caisson/snapshotter.sock", "unix socket to serve the snapshots API on")
+		configPath = flag.String("config", "", "TOML config file (see contrib/snapshotter/config.toml)")
+		logLevel   = flag.String("log-level", "info", "log level: trace, debug, info, warn, error")
+	)
+	flag.Parse()
+	if flag.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", flag.Args())
+	}
+	if err := log.SetLevel(*logLevel); err != nil {
+		return err
+	}
+
+	cfg := config.Default()
+	if *configPath != "" {
+		var err error
+		if cfg, err = config.Load(*configPath); err != nil {
+			return err
+		}
+	}
+	if *root != "" {
+		cfg.Root = *root
+	}
+	resolved, err := cfg.Resolve()
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	sn, err := snapshotter.New(ctx, resolved)
+	if err != nil {
+		return err
+	}
+	defer sn.Close()
+	// Whatever a crash left behind goes before the first request.
+	if err := sn.Cleanup(ctx); err != nil {
+		log.G(ctx).WithError(err).Warn("cleanup at start")
+	}
+	return service.Serve(ctx, sn, *address)
+}
