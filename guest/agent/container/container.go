@@ -21,8 +21,9 @@ type Container struct {
 	spec    *specs.Spec
 	init    *Process
 
-	mu    sync.Mutex
-	execs map[string]*Process // nil value: being started
+	mu      sync.Mutex
+	started bool
+	execs   map[string]*Process
 }
 
 // ID is the container's id.
@@ -45,51 +46,80 @@ func (c *Container) Status() (string, error) {
 
 // Start runs the init process's program.
 func (c *Container) Start(ctx context.Context) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.started {
+		return fmt.Errorf("container %s already started: %w", c.id, errdefs.ErrFailedPrecondition)
+	}
 	if err := c.runtime.reaper.Guard(c.lc.Exec); err != nil {
 		return fmt.Errorf("start container %s: %v: %w", c.id, err, errdefs.ErrFailedPrecondition)
 	}
+	c.started = true
 	return nil
 }
 
-// Exec starts another process in the running container.
-func (c *Container) Exec(ctx context.Context, execID string, spec *specs.Process, stdio Stdio) (_ *Process, retErr error) {
+// CreateExec prepares another process in the container; StartExec runs it.
+func (c *Container) CreateExec(ctx context.Context, execID string, spec *specs.Process, stdio Stdio) (_ *Process, retErr error) {
 	if execID == "" {
 		return nil, fmt.Errorf("exec id is empty: %w", errdefs.ErrInvalidArgument)
 	}
 	if spec == nil {
 		return nil, fmt.Errorf("exec %s has no process spec: %w", execID, errdefs.ErrInvalidArgument)
 	}
-	select {
-	case <-c.init.exited:
+	if !c.running() {
 		return nil, fmt.Errorf("container %s is not running: %w", c.id, errdefs.ErrFailedPrecondition)
-	default:
 	}
-	c.mu.Lock()
-	if _, ok := c.execs[execID]; ok {
-		c.mu.Unlock()
-		return nil, fmt.Errorf("exec %s in container %s: %w", execID, c.id, errdefs.ErrAlreadyExists)
-	}
-	c.execs[execID] = nil
-	c.mu.Unlock()
-	defer func() {
-		if retErr != nil {
-			c.mu.Lock()
-			delete(c.execs, execID)
-			c.mu.Unlock()
-		}
-	}()
-	lp, err := newProcess(spec, false)
+	lp, err := libcontainerProcess(spec, false)
 	if err != nil {
 		return nil, err
 	}
-	p, err := c.runtime.startProcess(lp, execID, stdio, func() error { return c.lc.Run(lp) })
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.execs[execID]; ok {
+		return nil, fmt.Errorf("exec %s in container %s: %w", execID, c.id, errdefs.ErrAlreadyExists)
+	}
+	p, err := newProcess(execID, lp, stdio, func() error { return c.lc.Run(lp) })
 	if err != nil {
+		return nil, err
+	}
+	c.execs[execID] = p
+	return p, nil
+}
+
+// StartExec starts an exec CreateExec prepared.
+func (c *Container) StartExec(ctx context.Context, execID string) (*Process, error) {
+	p, err := c.Process(execID)
+	if err != nil {
+		return nil, err
+	}
+	if execID == "" {
+		return nil, fmt.Errorf("exec id is empty: %w", errdefs.ErrInvalidArgument)
+	}
+	if !c.running() {
+		return nil, fmt.Errorf("container %s is not running: %w", c.id, errdefs.ErrFailedPrecondition)
+	}
+	if err := p.run(c.runtime.reaper); err != nil {
 		return nil, fmt.Errorf("exec %s in container %s: %w", execID, c.id, err)
 	}
-	c.mu.Lock()
-	c.execs[execID] = p
-	c.mu.Unlock()
 	return p, nil
+}
+
+// Exec creates and starts another process in the container.
+func (c *Container) Exec(ctx context.Context, execID string, spec *specs.Process, stdio Stdio) (*Process, error) {
+	if _, err := c.CreateExec(ctx, execID, spec, stdio); err != nil {
+		return nil, err
+	}
+	return c.StartExec(ctx, execID)
+}
+
+// running reports whether the init process was started and has not exited.
+func (c *Container) running() bool {
+	select {
+	case <-c.init.exited:
+		return false
+	default:
+		return c.started
+	}
 }
 
 // Process returns the exec execID, or the init process for "".
@@ -100,31 +130,33 @@ func (c *Container) Process(execID string) (*Process, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	p, ok := c.execs[execID]
-	if !ok || p == nil {
+	if !ok {
 		return nil, fmt.Errorf("exec %s in container %s: %w", execID, c.id, errdefs.ErrNotFound)
 	}
 	return p, nil
 }
 
-// DeleteExec forgets an exec that has exited and releases its streams.
-func (c *Container) DeleteExec(execID string) error {
+// DeleteExec forgets an exec that has exited (or never started) and releases its streams.
+func (c *Container) DeleteExec(execID string) (Exit, error) {
+	if execID == "" {
+		return Exit{}, fmt.Errorf("the init process is deleted with its container: %w", errdefs.ErrInvalidArgument)
+	}
 	p, err := c.Process(execID)
 	if err != nil {
-		return err
+		return Exit{}, err
 	}
-	if execID == "" {
-		return fmt.Errorf("the init process is deleted with its container: %w", errdefs.ErrInvalidArgument)
-	}
-	select {
-	case <-p.exited:
-	default:
-		return fmt.Errorf("exec %s is still running: %w", execID, errdefs.ErrFailedPrecondition)
+	if p.Started() {
+		select {
+		case <-p.exited:
+		default:
+			return Exit{}, fmt.Errorf("exec %s is still running: %w", execID, errdefs.ErrFailedPrecondition)
+		}
 	}
 	c.mu.Lock()
 	delete(c.execs, execID)
 	c.mu.Unlock()
 	p.closeIO()
-	return nil
+	return p.exit, nil
 }
 
 // Kill sends sig to the init process, or with all to every process of the container.
@@ -152,9 +184,31 @@ func (c *Container) Kill(ctx context.Context, sig unix.Signal, all bool) error {
 	return nil
 }
 
-// Pids lists the pids of the container's processes (the agent's PID namespace).
-func (c *Container) Pids() ([]int, error) {
-	return c.lc.Processes()
+// Pids lists the pids of the container's processes (the agent's PID namespace), each
+// with the exec id it belongs to if it is an exec's top process.
+func (c *Container) Pids() (map[int]string, error) {
+	pids, err := c.lc.Processes()
+	if err != nil {
+		return nil, fmt.Errorf("processes of container %s: %w", c.id, err)
+	}
+	c.mu.Lock()
+	execOf := map[int]string{}
+	for id, p := range c.execs {
+		if pid := p.Pid(); pid != 0 {
+			execOf[pid] = id
+		}
+	}
+	c.mu.Unlock()
+	out := map[int]string{}
+	for _, pid := range pids {
+		out[pid] = execOf[pid]
+	}
+	return out, nil
+}
+
+// CgroupPath is the container's cgroup, relative to the cgroup root.
+func (c *Container) CgroupPath() string {
+	return c.lc.Config().Cgroups.Path
 }
 
 // Stats reads the container's cgroup: CPU, memory, pids and I/O.
@@ -204,28 +258,32 @@ func (c *Container) OOM() (<-chan struct{}, error) {
 	return c.lc.NotifyOOM()
 }
 
-func (c *Container) destroy(ctx context.Context) error {
+func (c *Container) destroy(ctx context.Context, force bool) (Exit, error) {
 	select {
 	case <-c.init.exited:
 	default:
+		c.mu.Lock()
+		started := c.started
+		c.mu.Unlock()
+		if started && !force {
+			return Exit{}, fmt.Errorf("container %s is running: %w", c.id, errdefs.ErrFailedPrecondition)
+		}
 		if err := c.Kill(ctx, unix.SIGKILL, true); err != nil {
-			return err
+			return Exit{}, err
 		}
 		if _, err := c.init.Wait(ctx); err != nil {
-			return err
+			return Exit{}, err
 		}
 	}
 	if err := c.runtime.reaper.Guard(c.lc.Destroy); err != nil {
-		return fmt.Errorf("destroy container %s: %w", c.id, err)
+		return Exit{}, fmt.Errorf("destroy container %s: %w", c.id, err)
 	}
 	c.mu.Lock()
 	for _, p := range c.execs {
-		if p != nil {
-			p.closeIO()
-		}
+		p.closeIO()
 	}
 	c.execs = map[string]*Process{}
 	c.mu.Unlock()
 	c.init.closeIO()
-	return nil
+	return c.init.exit, nil
 }

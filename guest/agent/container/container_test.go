@@ -94,7 +94,7 @@ func newTestRuntime(t *testing.T) *Runtime {
 	t.Cleanup(func() {
 		ctx := context.Background()
 		for _, c := range rt.List() {
-			if err := rt.Delete(ctx, c.ID()); err != nil {
+			if _, err := rt.Delete(ctx, c.ID(), true); err != nil {
 				t.Errorf("cleanup: delete %s: %v", c.ID(), err)
 			}
 		}
@@ -126,8 +126,11 @@ type output struct {
 // collect reads the process's streams until EOF.
 func collect(p *Process) *output {
 	o := &output{done: make(chan struct{})}
-	n := 1
-	go func() { io.Copy(&o.stdout, p.Stdout()); o.done <- struct{}{} }()
+	n := 0
+	if p.Stdout() != nil {
+		n++
+		go func() { io.Copy(&o.stdout, p.Stdout()); o.done <- struct{}{} }()
+	}
 	if p.Stderr() != nil {
 		n++
 		go func() { io.Copy(&o.stderr, p.Stderr()); o.done <- struct{}{} }()
@@ -221,7 +224,7 @@ func TestRun(t *testing.T) {
 				tc.spec(t, spec)
 			}
 			id := strings.ReplaceAll(tc.name, " ", "-")
-			c, o := run(t, rt, id, spec, Stdio{})
+			c, o := run(t, rt, id, spec, Stdio{Stdout: true, Stderr: true})
 			e := wait(t, c.Init())
 			<-o.done
 			if e.Status != tc.wantStatus {
@@ -233,7 +236,7 @@ func TestRun(t *testing.T) {
 			if got := o.stderr.String(); got != tc.wantErr {
 				t.Errorf("stderr %q, want %q", got, tc.wantErr)
 			}
-			if err := rt.Delete(context.Background(), id); err != nil {
+			if _, err := rt.Delete(context.Background(), id, false); err != nil {
 				t.Fatal(err)
 			}
 		})
@@ -255,7 +258,7 @@ func TestKillExecStdin(t *testing.T) {
 	c, _ := run(t, rt, "sleeper", testSpec(rootfs, "sleep", "1000"), Stdio{})
 
 	// exec with stdin: cat echoes until stdin is closed.
-	p, err := c.Exec(ctx, "cat", &specs.Process{Args: []string{"cat"}, Cwd: "/", Env: []string{"PATH=/bin"}}, Stdio{Stdin: true})
+	p, err := c.Exec(ctx, "cat", &specs.Process{Args: []string{"cat"}, Cwd: "/", Env: []string{"PATH=/bin"}}, Stdio{Stdin: true, Stdout: true, Stderr: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -276,13 +279,13 @@ func TestKillExecStdin(t *testing.T) {
 	if _, err := c.Exec(ctx, "cat", &specs.Process{Args: []string{"true"}, Cwd: "/"}, Stdio{}); !errdefs.IsAlreadyExists(err) {
 		t.Errorf("duplicate exec id: %v, want AlreadyExists", err)
 	}
-	if err := c.DeleteExec("cat"); err != nil {
+	if _, err := c.DeleteExec("cat"); err != nil {
 		t.Fatal(err)
 	}
 
 	pids, err := c.Pids()
-	if err != nil || len(pids) != 1 || pids[0] != c.Init().Pid() {
-		t.Errorf("pids %v (%v), want [%d]", pids, err, c.Init().Pid())
+	if id, ok := pids[c.Init().Pid()]; err != nil || len(pids) != 1 || !ok || id != "" {
+		t.Errorf("pids %v (%v), want only %d", pids, err, c.Init().Pid())
 	}
 	st, err := c.Stats()
 	if err != nil {
@@ -325,7 +328,7 @@ func TestTerminal(t *testing.T) {
 	spec := testSpec(rootfs, "sh", "-c", "read line; stty size; echo got $line")
 	spec.Process.Terminal = true
 	spec.Process.ConsoleSize = &specs.Box{Width: 80, Height: 25}
-	c, o := run(t, rt, "tty", spec, Stdio{Terminal: true, Stdin: true})
+	c, o := run(t, rt, "tty", spec, Stdio{Terminal: true, Stdin: true, Stdout: true})
 	p := c.Init()
 	if p.Stderr() != nil {
 		t.Error("a terminal process has a separate stderr")
@@ -351,7 +354,7 @@ func TestTerminalStdinEOF(t *testing.T) {
 	rootfs := busyboxRootfs(t)
 	spec := testSpec(rootfs, "sh", "-c", "cat; echo eof")
 	spec.Process.Terminal = true
-	c, o := run(t, rt, "tty-eof", spec, Stdio{Terminal: true, Stdin: true})
+	c, o := run(t, rt, "tty-eof", spec, Stdio{Terminal: true, Stdin: true, Stdout: true})
 	if err := c.Init().CloseStdin(); err != nil {
 		t.Fatal(err)
 	}
@@ -399,14 +402,14 @@ func TestBadInput(t *testing.T) {
 	if _, err := rt.Get("nope"); !errdefs.IsNotFound(err) {
 		t.Errorf("unknown container: %v, want NotFound", err)
 	}
-	if err := rt.Delete(ctx, "nope"); !errdefs.IsNotFound(err) {
+	if _, err := rt.Delete(ctx, "nope", false); !errdefs.IsNotFound(err) {
 		t.Errorf("delete unknown container: %v, want NotFound", err)
 	}
 	// The runtime still works after the failures.
 	if s, err := c.Status(); err != nil || s != "running" {
 		t.Errorf("good container %q (%v)", s, err)
 	}
-	c2, o := run(t, rt, "after", testSpec(rootfs, "echo", "still serving"), Stdio{})
+	c2, o := run(t, rt, "after", testSpec(rootfs, "echo", "still serving"), Stdio{Stdout: true})
 	wait(t, c2.Init())
 	<-o.done
 	if o.stdout.String() != "still serving\n" {

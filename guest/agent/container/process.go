@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"reflect"
 	"sync"
 
 	"github.com/containerd/console"
@@ -17,12 +18,12 @@ import (
 	"github.com/caisson-containers/caisson/guest/agent/reaper"
 )
 
-// Stdio says how a process's standard streams are set up.
+// Stdio says which standard streams of a process are attached; the others are
+// /dev/null.
 type Stdio struct {
-	// Stdin gives the process a stdin pipe (else it reads /dev/null).
-	Stdin bool
-	// Terminal gives the process a pseudo-terminal as stdin, stdout and stderr; stdout
-	// then carries everything and Stderr is nil.
+	Stdin, Stdout, Stderr bool
+	// Terminal gives the process a pseudo-terminal: Stdin and Stdout carry it, there is
+	// no separate stderr.
 	Terminal bool
 }
 
@@ -35,20 +36,29 @@ type Process struct {
 	lp   *libcontainer.Process
 	pid  int
 	init bool
+	// start starts the process (libcontainer's Start or Run); nil once started.
+	start func() error
 
-	stdin          io.WriteCloser // nil without stdin
-	stdout, stderr io.ReadCloser  // stderr nil with a terminal
+	stdin          io.WriteCloser // nil if not attached
+	stdout, stderr io.ReadCloser  // nil if not attached
 	console        console.Console
+	consoleSocket  *os.File
 
 	// child's ends of the pipes, closed once the process has started.
 	childFiles []*os.File
 
+	mu        sync.Mutex
 	stdinOnce sync.Once
+	ready     chan struct{} // closed when the streams can be used
+	closed    chan struct{} // closed when the streams are released
+	closeOnce sync.Once
 	exited    chan struct{}
 	exit      Exit
 }
 
-func newStdio(p *Process, lp *libcontainer.Process, stdio Stdio) (retErr error) {
+func newProcess(id string, lp *libcontainer.Process, stdio Stdio, start func() error) (_ *Process, retErr error) {
+	p := &Process{id: id, lp: lp, init: lp.Init, start: start,
+		ready: make(chan struct{}), closed: make(chan struct{}), exited: make(chan struct{})}
 	defer func() {
 		if retErr != nil {
 			p.closeChildFiles()
@@ -58,41 +68,100 @@ func newStdio(p *Process, lp *libcontainer.Process, stdio Stdio) (retErr error) 
 	if stdio.Terminal {
 		parent, child, err := utils.NewSockPair("console")
 		if err != nil {
-			return err
+			return nil, err
 		}
 		lp.ConsoleSocket = child
 		p.childFiles = append(p.childFiles, child)
-		// The master arrives once the process exists; receiveConsole takes it from parent.
-		p.stdout = parent
-		return nil
+		p.consoleSocket = parent
+		return p, nil
+	}
+	devNull := func() (*os.File, error) {
+		f, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
+		if err == nil {
+			p.childFiles = append(p.childFiles, f)
+		}
+		return f, err
 	}
 	if stdio.Stdin {
 		r, w, err := os.Pipe()
 		if err != nil {
-			return err
+			return nil, err
 		}
 		lp.Stdin, p.stdin = r, w
 		p.childFiles = append(p.childFiles, r)
+	} else {
+		f, err := devNull()
+		if err != nil {
+			return nil, err
+		}
+		lp.Stdin = f
 	}
-	for _, out := range []*io.ReadCloser{&p.stdout, &p.stderr} {
+	for _, s := range []struct {
+		attached bool
+		parent   *io.ReadCloser
+		child    *io.Writer
+	}{{stdio.Stdout, &p.stdout, &lp.Stdout}, {stdio.Stderr, &p.stderr, &lp.Stderr}} {
+		if !s.attached {
+			f, err := devNull()
+			if err != nil {
+				return nil, err
+			}
+			*s.child = f
+			continue
+		}
 		r, w, err := os.Pipe()
 		if err != nil {
-			return err
+			return nil, err
 		}
-		*out = r
+		*s.parent, *s.child = r, w
 		p.childFiles = append(p.childFiles, w)
 	}
-	lp.Stdout, lp.Stderr = p.childFiles[len(p.childFiles)-2], p.childFiles[len(p.childFiles)-1]
+	close(p.ready)
+	return p, nil
+}
+
+// run starts the process while the reaper waits, registering its pid before any exit
+// can be collected.
+func (p *Process) run(r *reaper.Reaper) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.start == nil {
+		return fmt.Errorf("process already started: %w", errdefs.ErrFailedPrecondition)
+	}
+	pid, ch, err := r.Start(func() (int, error) {
+		if err := p.start(); err != nil {
+			return 0, err
+		}
+		return p.lp.Pid()
+	})
+	p.start = nil
+	p.closeChildFiles()
+	if err != nil {
+		p.closeIO()
+		// A process that failed to start counts as exited with 255, as in containerd.
+		p.exit = Exit{Status: 255}
+		close(p.exited)
+		return err
+	}
+	p.pid = pid
+	go p.watch(ch)
+	if err := p.receiveConsole(); err != nil {
+		_ = unix.Kill(pid, unix.SIGKILL)
+		<-p.exited
+		p.closeIO()
+		return err
+	}
 	return nil
 }
 
 // receiveConsole takes the pseudo-terminal's master from the console socket (held in
 // p.stdout until then) once the process has started.
 func (p *Process) receiveConsole() error {
-	sock, ok := p.stdout.(*os.File)
-	if !ok || p.lp.ConsoleSocket == nil {
+	sock := p.consoleSocket
+	if sock == nil {
 		return nil
 	}
+	p.consoleSocket = nil
 	defer sock.Close()
 	f, err := utils.RecvFile(sock)
 	if err != nil {
@@ -106,6 +175,7 @@ func (p *Process) receiveConsole() error {
 	p.console = c
 	p.stdin = c
 	p.stdout = &ttyReader{c}
+	close(p.ready)
 	return nil
 }
 
@@ -130,29 +200,61 @@ func (p *Process) closeChildFiles() {
 }
 
 func (p *Process) closeIO() {
-	if p.stdin != nil && p.console == nil {
-		p.stdin.Close()
-	}
-	for _, c := range []io.Closer{p.stdout, p.stderr, p.console} {
-		if c != nil && c != io.Closer(nil) {
-			c.Close()
+	p.closeOnce.Do(func() {
+		for _, c := range []io.Closer{p.stdin, p.stdout, p.stderr, p.console, p.consoleSocket} {
+			if c != nil && !reflect.ValueOf(c).IsNil() {
+				c.Close()
+			}
 		}
+		close(p.closed)
+	})
+}
+
+// Streams waits until the process's streams can be used (a terminal exists only once
+// the process has started) and returns them; ok is false if they were released first.
+func (p *Process) Streams(ctx context.Context) (stdin io.Writer, stdout, stderr io.Reader, ok bool) {
+	select {
+	case <-p.ready:
+	case <-p.closed:
+		return nil, nil, nil, false
+	case <-ctx.Done():
+		return nil, nil, nil, false
 	}
+	return p.Stdin(), p.Stdout(), p.Stderr(), true
 }
 
 // ID is the exec id ("" for a container's init).
 func (p *Process) ID() string { return p.id }
 
-// Pid is the process's pid in the agent's PID namespace.
-func (p *Process) Pid() int { return p.pid }
+// Pid is the process's pid in the agent's PID namespace, 0 before it started.
+func (p *Process) Pid() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.pid
+}
+
+// Started reports whether the process was started.
+func (p *Process) Started() bool {
+	return p.Pid() != 0
+}
 
 // Stdin is the process's standard input, nil if it has none.
-func (p *Process) Stdin() io.Writer { return p.stdin }
+func (p *Process) Stdin() io.Writer {
+	if p.stdin == nil {
+		return nil
+	}
+	return p.stdin
+}
 
-// Stdout is the process's standard output (with a terminal: everything it writes). Read
-// it until EOF, which comes after the process and every process that inherited it exited:
-// no byte is lost at exit.
-func (p *Process) Stdout() io.Reader { return p.stdout }
+// Stdout is the process's standard output (with a terminal: everything it writes), nil
+// if not attached. Read it until EOF, which comes after the process and every process
+// that inherited it exited: no byte is lost at exit.
+func (p *Process) Stdout() io.Reader {
+	if p.stdout == nil {
+		return nil
+	}
+	return p.stdout
+}
 
 // Stderr is the process's standard error, nil with a terminal.
 func (p *Process) Stderr() io.Reader {
@@ -189,6 +291,9 @@ func (p *Process) Resize(width, height uint16) error {
 
 // Signal sends sig to the process.
 func (p *Process) Signal(sig unix.Signal) error {
+	if p.Pid() == 0 {
+		return fmt.Errorf("process not started: %w", errdefs.ErrFailedPrecondition)
+	}
 	select {
 	case <-p.exited:
 		return fmt.Errorf("process %d has exited: %w", p.pid, errdefs.ErrNotFound)
@@ -197,7 +302,7 @@ func (p *Process) Signal(sig unix.Signal) error {
 	return unix.Kill(p.pid, sig)
 }
 
-// Wait returns the process's exit, once it has exited.
+// Wait returns the process's exit, once it has exited (255 if it failed to start).
 func (p *Process) Wait(ctx context.Context) (Exit, error) {
 	select {
 	case <-p.exited:

@@ -17,7 +17,6 @@ import (
 	_ "github.com/opencontainers/cgroups/devices" // device rules: cgroup v1 files, v2 eBPF
 	"github.com/opencontainers/runc/libcontainer"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
-	"golang.org/x/sys/unix"
 
 	"github.com/caisson-containers/caisson/guest/agent/reaper"
 )
@@ -52,34 +51,59 @@ type CreateOpts struct {
 	Stdio  Stdio
 }
 
-// Create creates a container and its init process, which waits for Start.
-func (r *Runtime) Create(ctx context.Context, opts CreateOpts) (_ *Container, retErr error) {
-	if opts.ID == "" || path.Base(opts.ID) != opts.ID || opts.ID == "." || opts.ID == ".." {
-		return nil, fmt.Errorf("container id %q: %w", opts.ID, errdefs.ErrInvalidArgument)
+// Reserve claims a container id before the container's rootfs is assembled, so that a
+// duplicate fails first; release it with Unreserve if Create is not called or fails.
+func (r *Runtime) Reserve(id string) error {
+	if id == "" || path.Base(id) != id || id == "." || id == ".." {
+		return fmt.Errorf("container id %q: %w", id, errdefs.ErrInvalidArgument)
 	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.containers[id]; ok {
+		return fmt.Errorf("container %s: %w", id, errdefs.ErrAlreadyExists)
+	}
+	r.containers[id] = nil
+	return nil
+}
+
+// Unreserve releases an id Reserve claimed and no container took.
+func (r *Runtime) Unreserve(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if c, ok := r.containers[id]; ok && c == nil {
+		delete(r.containers, id)
+	}
+}
+
+// Create creates a container and its init process, which waits for Start. The id may
+// have been claimed with Reserve; it is released if Create fails.
+func (r *Runtime) Create(ctx context.Context, opts CreateOpts) (_ *Container, retErr error) {
+	r.mu.Lock()
+	c, ok := r.containers[opts.ID]
+	r.mu.Unlock()
+	if !ok {
+		if err := r.Reserve(opts.ID); err != nil {
+			return nil, err
+		}
+	} else if c != nil {
+		return nil, fmt.Errorf("container %s: %w", opts.ID, errdefs.ErrAlreadyExists)
+	}
+	defer func() {
+		if retErr != nil {
+			r.Unreserve(opts.ID)
+		}
+	}()
 	if opts.Spec == nil {
 		return nil, fmt.Errorf("container %s has no spec: %w", opts.ID, errdefs.ErrInvalidArgument)
 	}
-	r.mu.Lock()
-	if _, ok := r.containers[opts.ID]; ok {
-		r.mu.Unlock()
-		return nil, fmt.Errorf("container %s: %w", opts.ID, errdefs.ErrAlreadyExists)
+	if opts.Spec.Process == nil {
+		return nil, fmt.Errorf("container %s: spec has no process: %w", opts.ID, errdefs.ErrInvalidArgument)
 	}
-	r.containers[opts.ID] = nil
-	r.mu.Unlock()
-	defer func() {
-		if retErr != nil {
-			r.mu.Lock()
-			delete(r.containers, opts.ID)
-			r.mu.Unlock()
-		}
-	}()
-
 	cfg, err := libcontainerConfig(opts.ID, opts.Spec, opts.Rootfs, path.Join(r.cgroupParent, opts.ID))
 	if err != nil {
 		return nil, err
 	}
-	lp, err := newProcess(opts.Spec.Process, true)
+	lp, err := libcontainerProcess(opts.Spec.Process, true)
 	if err != nil {
 		return nil, err
 	}
@@ -89,49 +113,23 @@ func (r *Runtime) Create(ctx context.Context, opts CreateOpts) (_ *Container, re
 	}
 	defer func() {
 		if retErr != nil {
-			if err := lc.Destroy(); err != nil {
+			if err := r.reaper.Guard(lc.Destroy); err != nil {
 				log.G(ctx).WithError(err).WithField("id", opts.ID).Warn("destroy a container that failed to start")
 			}
 		}
 	}()
-	p, err := r.startProcess(lp, "", opts.Stdio, func() error { return lc.Start(lp) })
+	p, err := newProcess("", lp, opts.Stdio, func() error { return lc.Start(lp) })
 	if err != nil {
+		return nil, err
+	}
+	if err := p.run(r.reaper); err != nil {
 		return nil, fmt.Errorf("create container %s: %w", opts.ID, err)
 	}
-	c := &Container{id: opts.ID, runtime: r, lc: lc, spec: opts.Spec, init: p, execs: map[string]*Process{}}
+	c = &Container{id: opts.ID, runtime: r, lc: lc, spec: opts.Spec, init: p, execs: map[string]*Process{}}
 	r.mu.Lock()
 	r.containers[opts.ID] = c
 	r.mu.Unlock()
 	return c, nil
-}
-
-// startProcess starts lp with start (libcontainer's Start or Run), registering its pid
-// with the reaper before any exit can be collected.
-func (r *Runtime) startProcess(lp *libcontainer.Process, execID string, stdio Stdio, start func() error) (*Process, error) {
-	p := &Process{id: execID, lp: lp, init: lp.Init, exited: make(chan struct{})}
-	if err := newStdio(p, lp, stdio); err != nil {
-		return nil, err
-	}
-	pid, ch, err := r.reaper.Start(func() (int, error) {
-		if err := start(); err != nil {
-			return 0, err
-		}
-		return lp.Pid()
-	})
-	p.closeChildFiles()
-	if err != nil {
-		p.closeIO()
-		return nil, err
-	}
-	p.pid = pid
-	go p.watch(ch)
-	if err := p.receiveConsole(); err != nil {
-		_ = unix.Kill(pid, unix.SIGKILL)
-		<-p.exited
-		p.closeIO()
-		return nil, err
-	}
-	return p, nil
 }
 
 // Get returns the container id.
@@ -159,18 +157,20 @@ func (r *Runtime) List() []*Container {
 	return out
 }
 
-// Delete kills what is left of container id, waits for its init to exit, and removes
-// it with its cgroup and state.
-func (r *Runtime) Delete(ctx context.Context, id string) error {
+// Delete removes container id with its cgroup and state. A container whose init runs
+// is FailedPrecondition unless it was never started, or force is set: then it is killed
+// first.
+func (r *Runtime) Delete(ctx context.Context, id string, force bool) (Exit, error) {
 	c, err := r.Get(id)
 	if err != nil {
-		return err
+		return Exit{}, err
 	}
-	if err := c.destroy(ctx); err != nil {
-		return err
+	exit, err := c.destroy(ctx, force)
+	if err != nil {
+		return Exit{}, err
 	}
 	r.mu.Lock()
 	delete(r.containers, id)
 	r.mu.Unlock()
-	return nil
+	return exit, nil
 }

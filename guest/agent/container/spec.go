@@ -56,8 +56,8 @@ func checkProcess(p *specs.Process) error {
 	return nil
 }
 
-// newProcess is libcontainer's process for an OCI process (as runc's own newProcess).
-func newProcess(p *specs.Process, init bool) (*libcontainer.Process, error) {
+// libcontainerProcess is libcontainer's process for an OCI process (as runc's own newProcess).
+func libcontainerProcess(p *specs.Process, init bool) (*libcontainer.Process, error) {
 	if err := checkProcess(p); err != nil {
 		return nil, err
 	}
