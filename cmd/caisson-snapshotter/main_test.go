@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -172,4 +173,27 @@ func TestProxySuite(t *testing.T) {
 		d := startDaemon(t, root, filepath.Join(dir, "snapshotter.sock"), writeConfig(t, dir))
 		return d.snapshotter(), d.stop, nil
 	})
+}
+
+// TestBadConfig: a config error stops the daemon at start with a message naming
+// the problem, and it serves nothing.
+func TestBadConfig(t *testing.T) {
+	bin := buildDaemon(t)
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "bad.toml")
+	if err := os.WriteFile(cfg, []byte("default_writable_size = \"1GiB\"\nlayer_fs = \"erofs\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "s.sock")
+	out, err := exec.Command(bin, "--root", filepath.Join(dir, "root"), "--address", sock, "--config", cfg).CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
+		t.Fatalf("exit: %v, want status 1", err)
+	}
+	if !strings.Contains(string(out), "unknown config keys layer_fs") {
+		t.Fatalf("output %q does not name the unknown key", out)
+	}
+	if _, err := os.Stat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Fatal("a socket was created despite the bad config")
+	}
 }

@@ -29,7 +29,7 @@ const (
 
 // Defaults, as documented on the fields of Config.
 const (
-	DefaultRoot          = "/var/lib/caisson/snapshotter"
+	DefaultRoot          = "/var/lib/containerd/io.containerd.snapshotter.v1.caisson"
 	DefaultWritableSize  = "10GiB"
 	DefaultDAXAlignment  = "2MiB"
 	DefaultLayerFS       = LayerEROFS
@@ -40,7 +40,10 @@ const (
 // its documented default (see Resolve).
 type Config struct {
 	// Root is the directory holding metadata.db and the snapshots. Default
-	// /var/lib/caisson/snapshotter. The daemon's --root flag overrides it.
+	// /var/lib/containerd/io.containerd.snapshotter.v1.caisson. It must lie under
+	// containerd's root directory: containerd's mount manager (2.2 to 2.4) lets its
+	// mkfs transform create files only there, and has no setting for more places.
+	// The daemon's --root flag overrides it.
 	Root string `toml:"root"`
 	// DefaultWritableSize is the apparent size of an active snapshot's sparse ext4
 	// image when the snapshot has no "containerd.io/snapshot/caisson.writable-size"
