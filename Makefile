@@ -17,8 +17,9 @@ REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 PKG      := github.com/caisson-containers/caisson
 LDFLAGS  := -X $(PKG)/version.Version=$(VERSION) -X $(PKG)/version.Revision=$(REVISION)
 
-# Host binaries; the guest's caisson-agent is built by guest/guest.mk.
-HOST_COMMANDS := containerd-shim-caisson-v2 caisson-snapshotter caisson containerd-caisson
+# Host binaries: every command under cmd/ but the guest's caisson-agent, which
+# guest/guest.mk builds (it is a static cgo binary).
+HOST_COMMANDS := $(filter-out caisson-agent,$(notdir $(wildcard cmd/*)))
 
 export PATH := $(TOOLS_DIR)/bin:$(PATH)
 
@@ -60,7 +61,7 @@ check-protos: ## Fail if the generated API code is not what the .proto files pro
 
 .PHONY: check
 check: check-protos ## gofmt, go vet and the proto check
-	@out=$$(gofmt -l $$(git ls-files '*.go')); if [[ -n $$out ]]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	@out=$$(gofmt -l $$(git ls-files --cached --others --exclude-standard '*.go')); if [[ -n $$out ]]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
 .PHONY: test
@@ -71,13 +72,20 @@ test: ## Unit tests; then, as root with QEMU present, the root and integration t
 test-unit: ## Unit tests only (no root, no QEMU)
 	$(GO) test -count=1 ./...
 
+# Every component's fragment defines bench-<component> targets; `make bench` runs them all.
+BENCH_TARGETS = $(shell $(MAKE) -pRrq -f $(firstword $(MAKEFILE_LIST)) : 2>/dev/null | \
+	awk -F: '/^bench-[a-zA-Z0-9_-]+:/ {print $$1}' | sort -u)
+
 .PHONY: bench
 bench: binaries guest ## Benchmarks, each reported as a ratio against a baseline measured in the same run
-	hack/bench.sh
+	@for t in $(BENCH_TARGETS); do printf '\033[1m>> %s\033[0m\n' "$$t"; $(MAKE) --no-print-directory $$t; done
 
 .PHONY: demo
 demo: binaries guest ## The main job: a pod in a VM on a private containerd (touches nothing of the host's)
 	hack/demo.sh
+
+.PHONY: quickstart
+quickstart: deps demo ## On a fresh Debian 12 machine: install what is missing, build, run the demo
 
 .PHONY: clean
 clean: ## Remove build outputs (bin/, _output/ except the tools and download cache)

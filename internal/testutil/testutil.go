@@ -11,9 +11,13 @@ import (
 	"testing"
 )
 
-// RequireRoot skips t unless the test runs as root.
+// RequireRoot skips t unless the test runs as root and not in -short mode
+// (`make test` runs the unit tests with -short first).
 func RequireRoot(t testing.TB) {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("root test: skipped in -short mode")
+	}
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (mounts, loop devices, tap devices, QEMU)")
 	}
@@ -54,6 +58,9 @@ type GuestImage struct {
 // has not run. CAISSON_GUEST_DIR overrides the directory.
 func RequireGuest(t testing.TB) GuestImage {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("guest test: skipped in -short mode")
+	}
 	dir := os.Getenv("CAISSON_GUEST_DIR")
 	if dir == "" {
 		dir = filepath.Join(RepoRoot(t), "_output", "guest")

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every test: static checks, unit tests, then — as root with QEMU — the root and
+# integration tests (real QEMU guests under KVM or TCG, real mounts, a real containerd).
+# Installs what is missing first (make deps), so it works on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step() { printf '\033[1m>> %s\033[0m\n' "$*"; }
+
+if [[ $(id -u) == 0 ]]; then
+	make --no-print-directory deps
+fi
+step "static checks (gofmt, go vet, protos)"
+make --no-print-directory check
+
+step "unit tests"
+go test -short -count=1 ./...
+
+if [[ $(id -u) != 0 ]] || ! command -v qemu-system-x86_64 >/dev/null; then
+	step "not root or no QEMU: root and integration tests skipped"
+	exit 0
+fi
+step "building binaries and the guest image"
+make --no-print-directory binaries guest
+step "root and integration tests (QEMU under $(bin/caisson check 2>/dev/null | awk '/^verdict/ {for (i=1;i<=NF;i++) if ($i=="accelerator") print $(i+1)}' | tr -d ,))"
+# -p 1: the packages' QEMU guests would otherwise compete for 2 cores and time out.
+go test -count=1 -p 1 -timeout 45m ./...
