@@ -55,6 +55,9 @@ type VM interface {
 	Endpoint() Endpoint
 	// AttachDisk hot-plugs d into the running VM.
 	AttachDisk(ctx context.Context, d Disk) (DiskAddress, error)
+	// Address returns the guest address of an attached disk, cold-plugged (Config.Disks)
+	// or hot-plugged. An unknown id is ErrNotFound.
+	Address(id string) (DiskAddress, error)
 	// DetachDisk hot-unplugs the disk attached with id and releases its backend. It
 	// returns once the guest has let go of the device, or with an error if ctx ends
 	// first (a later call with the same id waits again). An unknown id is ErrNotFound.
@@ -188,7 +191,8 @@ type Config struct {
 	// space later: PMEM disks take their file size from it. Default MemoryMiB + 64 GiB
 	// (address space only; it costs nothing until used).
 	MaxMemoryMiB int
-	// Accelerator is "kvm" or "tcg" (the caller decides, see shim/vmm/qemu/accel).
+	// Accelerator is "auto" (the default: KVM if a probe guest runs under it, else TCG
+	// with a warning), "kvm" or "tcg".
 	Accelerator string
 	// StateDir holds the VMM's sockets and logs; created if missing. Keep its path
 	// short: unix socket paths are limited to 107 bytes.

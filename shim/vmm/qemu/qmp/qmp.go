@@ -154,7 +154,7 @@ func New(ctx context.Context, conn net.Conn) (*Client, error) {
 	go c.pump()
 	if err := c.Execute(ctx, "qmp_capabilities", nil, nil); err != nil {
 		c.Close()
-		return nil, fmt.Errorf("qmp_capabilities: %w", err)
+		return nil, err
 	}
 	return c, nil
 }

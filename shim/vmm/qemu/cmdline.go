@@ -1,0 +1,224 @@
+package qemu
+
+import (
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/caisson-containers/caisson/shim/vmm"
+)
+
+// Guest PCI layout on the q35 root bus (pcie.0). 00.0 is the host bridge and 1f.x the
+// ICH9 functions QEMU always adds; everything else is ours and fixed, so guest addresses
+// do not depend on the order of options.
+const (
+	agentSlot = 0x02 // virtio-serial-pci or vhost-vsock-pci
+	// Root ports, one per disk, eight functions per slot from firstPortSlot.
+	firstPortSlot = 0x08
+	lastPortSlot  = 0x1e
+	// MaxDisks is how many disks (cold-plugged plus hot-plug slots) one VM can have.
+	MaxDisks = (lastPortSlot - firstPortSlot + 1) * 8
+	// memorySlots are DIMM slots for later memory hot-plug (virtio-pmem does not use them).
+	memorySlots = 4
+	// baseKernelParams come before the caller's: the console is the first serial port,
+	// and a panic reboots at once, which -no-reboot turns into QEMU exiting.
+	baseKernelParams = "console=ttyS0 panic=-1"
+)
+
+// Names of the files Start creates in the state dir.
+const (
+	qmpSocketName   = "qmp.sock"
+	agentSocketName = "agent.sock"
+	stderrLogName   = "qemu.log"
+	consoleLogName  = "console.log"
+)
+
+// port is the idx-th PCIe root port: its QEMU id and its address on pcie.0.
+type port int
+
+func (p port) id() string { return "rp" + strconv.Itoa(int(p)) }
+func (p port) slot() int  { return firstPortSlot + int(p)/8 }
+func (p port) fn() int    { return int(p) % 8 }
+
+// pciPath is the guest address of the device plugged into the port.
+func (p port) pciPath() vmm.PCIPath {
+	return vmm.PCIPath(fmt.Sprintf("%02x.%x/00.0", p.slot(), p.fn()))
+}
+
+func (p port) device() map[string]any {
+	d := map[string]any{
+		"driver":  "pcie-root-port",
+		"id":      p.id(),
+		"bus":     "pcie.0",
+		"chassis": int(p) + 1,
+		"addr":    fmt.Sprintf("%02x.%x", p.slot(), p.fn()),
+	}
+	if p.fn() == 0 {
+		d["multifunction"] = true
+	}
+	return d
+}
+
+// backend is what a disk needs besides its device: a block node or a memory object.
+type backend struct {
+	command string // blockdev-add or object-add
+	option  string // -blockdev or -object
+	args    map[string]any
+	del     string // blockdev-del or object-del
+	delArgs map[string]any
+}
+
+// diskDevices returns the backend and the device of disk n plugged into port p.
+func diskDevices(d vmm.Disk, n int, p port, size int64) (backend, map[string]any, vmm.DiskAddress) {
+	addr := vmm.DiskAddress{PCIPath: p.pciPath()}
+	switch d.Kind {
+	case vmm.PMEM:
+		id := fmt.Sprintf("pmem%d", n)
+		mem := id + "-mem"
+		return backend{
+				command: "object-add",
+				option:  "-object",
+				args: map[string]any{
+					"qom-type": "memory-backend-file",
+					"id":       mem,
+					"mem-path": d.Path,
+					"size":     size,
+					"share":    true,
+					"readonly": d.ReadOnly,
+				},
+				del:     "object-del",
+				delArgs: map[string]any{"id": mem},
+			}, map[string]any{
+				"driver": "virtio-pmem-pci",
+				"id":     id,
+				"memdev": mem,
+				"bus":    p.id(),
+			}, addr
+	default:
+		id := fmt.Sprintf("blk%d", n)
+		node := id + "-node"
+		raw := map[string]any{
+			"driver":    "raw",
+			"node-name": node,
+			"read-only": d.ReadOnly,
+			"file": map[string]any{
+				"driver":    "file",
+				"filename":  d.Path,
+				"read-only": d.ReadOnly,
+			},
+		}
+		if !d.ReadOnly {
+			raw["discard"] = "unmap" // keeps sparse writable images sparse
+		}
+		addr.Serial = id
+		return backend{
+				command: "blockdev-add",
+				option:  "-blockdev",
+				args:    raw,
+				del:     "blockdev-del",
+				delArgs: map[string]any{"node-name": node},
+			}, map[string]any{
+				"driver": "virtio-blk-pci",
+				"id":     id,
+				"drive":  node,
+				"bus":    p.id(),
+				"serial": id,
+			}, addr
+	}
+}
+
+// optValue escapes a value for QEMU's key=value,... option syntax.
+func optValue(s string) string { return strings.ReplaceAll(s, ",", ",,") }
+
+func jsonArg(v map[string]any) string {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err) // maps of strings, numbers and bools always marshal
+	}
+	return string(b)
+}
+
+// coldDisk is a disk on the command line.
+type coldDisk struct {
+	disk vmm.Disk
+	n    int
+	port port
+	size int64
+}
+
+// cmdline is everything args needs beyond the configs.
+type cmdline struct {
+	vm        vmm.Config // with defaults applied
+	qemu      Config
+	accel     string // kvm or tcg
+	qmpSocket string
+	agentSock string
+	ports     int
+	disks     []coldDisk
+}
+
+// args builds QEMU's command line.
+func (c cmdline) args() ([]string, error) {
+	cfg := c.vm
+	a := []string{
+		"-name", "caisson,debug-threads=on",
+		"-M", "q35",
+		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+		"-msg", "timestamp=on",
+		"-smp", strconv.Itoa(cfg.VCPUs),
+		"-m", fmt.Sprintf("size=%dM,slots=%d,maxmem=%dM", cfg.MemoryMiB, memorySlots, cfg.MaxMemoryMiB),
+	}
+	switch c.accel {
+	case "kvm":
+		a = append(a, "-accel", "kvm", "-cpu", "host")
+	case "tcg":
+		tcg := "tcg"
+		if c.qemu.TCGTranslationCacheMiB > 0 {
+			tcg += ",tb-size=" + strconv.Itoa(c.qemu.TCGTranslationCacheMiB)
+		}
+		a = append(a, "-accel", tcg)
+	default:
+		return nil, fmt.Errorf("accelerator %q: want kvm or tcg: %w", c.accel, errdefs.ErrInvalidArgument)
+	}
+
+	params := baseKernelParams
+	if len(cfg.KernelParams) > 0 {
+		params += " " + strings.Join(cfg.KernelParams, " ")
+	}
+	a = append(a, "-kernel", cfg.Kernel, "-append", params)
+	if cfg.Initramfs != "" {
+		a = append(a, "-initrd", cfg.Initramfs)
+	}
+
+	a = append(a,
+		"-chardev", "file,id=console,path="+optValue(cfg.ConsoleLog),
+		"-serial", "chardev:console",
+		"-chardev", "socket,id=qmp,server=on,wait=off,path="+optValue(c.qmpSocket),
+		"-mon", "chardev=qmp,mode=control",
+	)
+
+	agentAddr := fmt.Sprintf("%02x.0", agentSlot)
+	switch cfg.Agent.Transport {
+	case vmm.TransportSerial:
+		a = append(a,
+			"-device", "virtio-serial-pci,id=agent-serial,bus=pcie.0,addr="+agentAddr,
+			"-chardev", "socket,id=agent,server=on,wait=off,path="+optValue(c.agentSock),
+			"-device", "virtserialport,bus=agent-serial.0,chardev=agent,name="+vmm.AgentPortName,
+		)
+	case vmm.TransportVsock:
+		a = append(a, "-device", fmt.Sprintf("vhost-vsock-pci,id=agent-vsock,bus=pcie.0,addr=%s,guest-cid=%d", agentAddr, cfg.Agent.CID))
+	}
+
+	for i := range c.ports {
+		a = append(a, "-device", jsonArg(port(i).device()))
+	}
+	for _, d := range c.disks {
+		be, dev, _ := diskDevices(d.disk, d.n, d.port, d.size)
+		a = append(a, be.option, jsonArg(be.args), "-device", jsonArg(dev))
+	}
+	return a, nil
+}

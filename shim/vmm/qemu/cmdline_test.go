@@ -1,0 +1,205 @@
+package qemu
+
+import (
+	"encoding/json"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/caisson-containers/caisson/shim/vmm"
+)
+
+// option returns the values of every occurrence of flag in args.
+func option(args []string, flag string) []string {
+	var vals []string
+	for i := 0; i+1 < len(args); i++ {
+		if args[i] == flag {
+			vals = append(vals, args[i+1])
+		}
+	}
+	return vals
+}
+
+func TestCmdline(t *testing.T) {
+	base := vmm.Config{
+		Kernel: "/k", StateDir: "/s", ConsoleLog: "/s/con,sole.log",
+		VCPUs: 2, MemoryMiB: 512, MaxMemoryMiB: 4096,
+		Agent: vmm.AgentChannel{Transport: vmm.TransportSerial},
+	}
+	for _, tc := range []struct {
+		name   string
+		change func(*cmdline)
+		want   map[string][]string // flag -> values that must all be present
+		absent []string            // flags that must not appear
+		err    func(error) bool
+	}{
+		{
+			name: "serial agent, tcg",
+			want: map[string][]string{
+				"-M":       {"q35"},
+				"-accel":   {"tcg"},
+				"-smp":     {"2"},
+				"-m":       {"size=512M,slots=4,maxmem=4096M"},
+				"-kernel":  {"/k"},
+				"-append":  {"console=ttyS0 panic=-1 quiet"},
+				"-sandbox": {"on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"},
+				"-chardev": {
+					"file,id=console,path=/s/con,,sole.log",
+					"socket,id=qmp,server=on,wait=off,path=/s/qmp.sock",
+					"socket,id=agent,server=on,wait=off,path=/s/agent.sock",
+				},
+				"-device": {
+					"virtio-serial-pci,id=agent-serial,bus=pcie.0,addr=02.0",
+					"virtserialport,bus=agent-serial.0,chardev=agent,name=org.caisson.agent.0",
+				},
+			},
+			absent: []string{"-initrd", "-cpu"},
+		},
+		{
+			name: "vsock agent, kvm, initramfs",
+			change: func(c *cmdline) {
+				c.accel = "kvm"
+				c.vm.Initramfs = "/i"
+				c.vm.Agent = vmm.AgentChannel{Transport: vmm.TransportVsock, CID: 42}
+			},
+			want: map[string][]string{
+				"-accel":  {"kvm"},
+				"-cpu":    {"host"},
+				"-initrd": {"/i"},
+				"-device": {"vhost-vsock-pci,id=agent-vsock,bus=pcie.0,addr=02.0,guest-cid=42"},
+			},
+		},
+		{
+			name:   "tcg translation cache",
+			change: func(c *cmdline) { c.qemu.TCGTranslationCacheMiB = 64 },
+			want:   map[string][]string{"-accel": {"tcg,tb-size=64"}},
+		},
+		{
+			name:   "unknown accelerator",
+			change: func(c *cmdline) { c.accel = "hvf" },
+			err:    errdefs.IsInvalidArgument,
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := cmdline{vm: base, accel: "tcg", qmpSocket: "/s/qmp.sock", agentSock: "/s/agent.sock"}
+			c.vm.KernelParams = []string{"quiet"}
+			if tc.change != nil {
+				tc.change(&c)
+			}
+			args, err := c.args()
+			if tc.err != nil {
+				if !tc.err(err) {
+					t.Fatalf("got %v", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			for flag, vals := range tc.want {
+				got := option(args, flag)
+				for _, v := range vals {
+					if !slices.Contains(got, v) {
+						t.Errorf("%s %q missing; have %q", flag, v, got)
+					}
+				}
+			}
+			for _, flag := range tc.absent {
+				if slices.Contains(args, flag) {
+					t.Errorf("unexpected %s in %q", flag, args)
+				}
+			}
+			for _, flag := range []string{"-nodefaults", "-no-user-config", "-nographic", "-no-reboot"} {
+				if !slices.Contains(args, flag) {
+					t.Errorf("%s missing", flag)
+				}
+			}
+		})
+	}
+}
+
+// Disks get a root port each; their backends and devices are JSON with read-only set.
+func TestCmdlineDisks(t *testing.T) {
+	c := cmdline{
+		vm:        vmm.Config{Kernel: "/k", VCPUs: 1, MemoryMiB: 512, MaxMemoryMiB: 1024, ConsoleLog: "/c", Agent: vmm.AgentChannel{Transport: vmm.TransportSerial}},
+		accel:     "tcg",
+		qmpSocket: "/q", agentSock: "/a",
+		ports: 10,
+		disks: []coldDisk{
+			{disk: vmm.Disk{ID: "a", Path: "/l,1.erofs", ReadOnly: true, Kind: vmm.Block}, n: 0, port: 0},
+			{disk: vmm.Disk{ID: "b", Path: "/l2.erofs", ReadOnly: true, Kind: vmm.PMEM}, n: 1, port: 9, size: 4 << 20},
+			{disk: vmm.Disk{ID: "c", Path: "/rw.ext4", Kind: vmm.Block}, n: 2, port: 2},
+		},
+	}
+	args, err := c.args()
+	if err != nil {
+		t.Fatal(err)
+	}
+	decode := func(s string) map[string]any {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(s), &m); err != nil {
+			t.Fatalf("%s: %v", s, err)
+		}
+		return m
+	}
+	var ports, devices []map[string]any
+	for _, d := range option(args, "-device") {
+		if !strings.HasPrefix(d, "{") {
+			continue
+		}
+		m := decode(d)
+		if m["driver"] == "pcie-root-port" {
+			ports = append(ports, m)
+		} else {
+			devices = append(devices, m)
+		}
+	}
+	if len(ports) != 10 {
+		t.Fatalf("%d root ports, want 10", len(ports))
+	}
+	if p := ports[9]; p["addr"] != "09.1" || p["id"] != "rp9" || p["multifunction"] != nil {
+		t.Errorf("port 9: %v", p)
+	}
+	if p := ports[8]; p["addr"] != "09.0" || p["multifunction"] != true {
+		t.Errorf("port 8: %v", p)
+	}
+
+	blockdevs := option(args, "-blockdev")
+	if len(blockdevs) != 2 {
+		t.Fatalf("blockdevs %q", blockdevs)
+	}
+	a := decode(blockdevs[0])
+	if a["read-only"] != true || a["file"].(map[string]any)["filename"] != "/l,1.erofs" || a["file"].(map[string]any)["read-only"] != true {
+		t.Errorf("blockdev a: %v", a)
+	}
+	if c := decode(blockdevs[1]); c["read-only"] != false || c["discard"] != "unmap" {
+		t.Errorf("blockdev c: %v", c)
+	}
+	objs := option(args, "-object")
+	if len(objs) != 1 {
+		t.Fatalf("objects %q", objs)
+	}
+	if b := decode(objs[0]); b["qom-type"] != "memory-backend-file" || b["readonly"] != true || b["share"] != true || b["size"] != float64(4<<20) {
+		t.Errorf("object b: %v", b)
+	}
+	want := []map[string]any{
+		{"driver": "virtio-blk-pci", "id": "blk0", "drive": "blk0-node", "bus": "rp0", "serial": "blk0"},
+		{"driver": "virtio-pmem-pci", "id": "pmem1", "memdev": "pmem1-mem", "bus": "rp9"},
+		{"driver": "virtio-blk-pci", "id": "blk2", "drive": "blk2-node", "bus": "rp2", "serial": "blk2"},
+	}
+	if len(devices) != len(want) {
+		t.Fatalf("devices %v", devices)
+	}
+	for i, w := range want {
+		for k, v := range w {
+			if devices[i][k] != v {
+				t.Errorf("device %d: %s=%v, want %v", i, k, devices[i][k], v)
+			}
+		}
+	}
+	if got := port(9).pciPath(); got != "09.1/00.0" {
+		t.Errorf("pci path of port 9: %s", got)
+	}
+}

@@ -1,0 +1,16 @@
+package qemu
+
+// Config holds the QEMU-specific settings of the shim's VMM; vmm.Config describes the VM.
+type Config struct {
+	// Path is the qemu-system-x86_64 binary. Default: qemu-system-x86_64 on PATH.
+	Path string `toml:"path"`
+	// TCGTranslationCacheMiB bounds TCG's translation cache (QEMU's -accel tcg,tb-size),
+	// which is most of QEMU's memory when KVM is not available. 0 keeps QEMU's default
+	// (1 GiB of address space in QEMU 7.2, touched as the guest runs code). Ignored with KVM.
+	TCGTranslationCacheMiB int `toml:"tcg_translation_cache_mib"`
+	// AccelCacheDir keeps the results of the accelerator probe (see package accel) for
+	// the current host boot, so that only the first VM pays for it. Empty: no cache.
+	AccelCacheDir string `toml:"accel_cache_dir"`
+}
+
+const defaultBinary = "qemu-system-x86_64"

@@ -1,0 +1,169 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/caisson-containers/caisson/shim/vmm"
+	"github.com/caisson-containers/caisson/shim/vmm/qemu/qmp"
+)
+
+// checkDisk validates d and returns its file's size.
+func (v *VM) checkDisk(d vmm.Disk) (int64, error) {
+	if d.ID == "" {
+		return 0, fmt.Errorf("disk %s: empty id: %w", d.Path, errdefs.ErrInvalidArgument)
+	}
+	v.mu.Lock()
+	_, dup := v.disks[d.ID]
+	v.mu.Unlock()
+	if dup {
+		return 0, fmt.Errorf("disk %q: %w", d.ID, errdefs.ErrAlreadyExists)
+	}
+	if d.Kind != vmm.Block && d.Kind != vmm.PMEM {
+		return 0, fmt.Errorf("disk %q: kind %v: %w", d.ID, d.Kind, errdefs.ErrInvalidArgument)
+	}
+	st, err := os.Stat(d.Path)
+	if err != nil {
+		return 0, fmt.Errorf("disk %q: %w: %w", d.ID, errdefs.ErrNotFound, err)
+	}
+	if !st.Mode().IsRegular() && st.Mode()&os.ModeDevice == 0 {
+		return 0, fmt.Errorf("disk %q: %s is not a file or a block device: %w", d.ID, d.Path, errdefs.ErrInvalidArgument)
+	}
+	size := st.Size()
+	if d.Kind == vmm.PMEM && (size == 0 || size%vmm.PMEMAlignment != 0) {
+		return 0, fmt.Errorf("pmem disk %q: %s is %d bytes, not a non-zero multiple of 2 MiB (pad it with zeros): %w",
+			d.ID, d.Path, size, errdefs.ErrInvalidArgument)
+	}
+	return size, nil
+}
+
+// running returns the QMP client, or an error if the VM is not running.
+func (v *VM) running() (*qmp.Client, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	select {
+	case <-v.done:
+		return nil, fmt.Errorf("vm has exited: %w", errdefs.ErrFailedPrecondition)
+	default:
+	}
+	if v.qmp == nil || v.stopping {
+		return nil, fmt.Errorf("vm is not running: %w", errdefs.ErrFailedPrecondition)
+	}
+	return v.qmp, nil
+}
+
+// AttachDisk hot-plugs d behind a free root port.
+func (v *VM) AttachDisk(ctx context.Context, d vmm.Disk) (vmm.DiskAddress, error) {
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	c, err := v.running()
+	if err != nil {
+		return vmm.DiskAddress{}, err
+	}
+	size, err := v.checkDisk(d)
+	if err != nil {
+		return vmm.DiskAddress{}, err
+	}
+	p := -1
+	for i, used := range v.ports {
+		if !used {
+			p = i
+			break
+		}
+	}
+	if p < 0 {
+		return vmm.DiskAddress{}, fmt.Errorf("disk %q: all %d disk slots in use: %w", d.ID, len(v.ports), errdefs.ErrResourceExhausted)
+	}
+	n := v.nextDev
+	v.nextDev++
+	be, dev, addr := diskDevices(d, n, port(p), size)
+
+	if err := c.Execute(ctx, be.command, be.args, nil); err != nil {
+		return vmm.DiskAddress{}, fmt.Errorf("disk %q: %w", d.ID, err)
+	}
+	if err := c.Execute(ctx, "device_add", dev, nil); err != nil {
+		if derr := c.Execute(context.WithoutCancel(ctx), be.del, be.delArgs, nil); derr != nil {
+			log.G(ctx).WithError(derr).WithField("disk", d.ID).Warn("removing the backend of a failed disk")
+		}
+		return vmm.DiskAddress{}, fmt.Errorf("disk %q: %w", d.ID, err)
+	}
+	v.mu.Lock()
+	v.ports[p] = true
+	v.disks[d.ID] = &disk{Disk: d, devID: dev["id"].(string), port: port(p), addr: addr, backend: be}
+	v.mu.Unlock()
+	log.G(ctx).WithField("disk", d.ID).WithField("pci", addr.PCIPath).Debug("disk attached")
+	return addr, nil
+}
+
+// Address returns the guest address of an attached disk.
+func (v *VM) Address(id string) (vmm.DiskAddress, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	d, ok := v.disks[id]
+	if !ok {
+		return vmm.DiskAddress{}, fmt.Errorf("disk %q: %w", id, errdefs.ErrNotFound)
+	}
+	return d.addr, nil
+}
+
+// DetachDisk unplugs the disk: device_del, wait for the guest to release it
+// (DEVICE_DELETED), then remove its backend.
+func (v *VM) DetachDisk(ctx context.Context, id string) error {
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	v.mu.Lock()
+	d, ok := v.disks[id]
+	v.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("disk %q: %w", id, errdefs.ErrNotFound)
+	}
+	c, err := v.running()
+	if err != nil {
+		return err
+	}
+
+	if !d.deleting {
+		gone := make(chan struct{})
+		v.mu.Lock()
+		v.unplug[d.devID] = gone
+		v.mu.Unlock()
+		if err := c.Execute(ctx, "device_del", map[string]any{"id": d.devID}, nil); err != nil {
+			v.mu.Lock()
+			delete(v.unplug, d.devID)
+			v.mu.Unlock()
+			var qerr *qmp.Error
+			if d.Kind == vmm.PMEM && errors.As(err, &qerr) && qerr.Class == "GenericError" {
+				return fmt.Errorf("disk %q: this qemu cannot unplug virtio-pmem devices: %w: %w", id, errdefs.ErrNotImplemented, err)
+			}
+			return fmt.Errorf("disk %q: %w", id, err)
+		}
+		d.deleting = true
+	}
+
+	v.mu.Lock()
+	gone, waiting := v.unplug[d.devID]
+	v.mu.Unlock()
+	if waiting {
+		select {
+		case <-gone:
+		case <-v.done:
+			return fmt.Errorf("disk %q: vm exited while unplugging: %w", id, errdefs.ErrFailedPrecondition)
+		case <-ctx.Done():
+			return fmt.Errorf("disk %q: waiting for the guest to release the device: %w", id, ctx.Err())
+		}
+	}
+	if err := c.Execute(ctx, d.backend.del, d.backend.delArgs, nil); err != nil {
+		return fmt.Errorf("disk %q: removing its backend: %w", id, err)
+	}
+	v.mu.Lock()
+	delete(v.disks, id)
+	v.ports[d.port] = false
+	v.mu.Unlock()
+	log.G(ctx).WithField("disk", id).Debug("disk detached")
+	return nil
+}

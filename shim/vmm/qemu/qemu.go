@@ -1,0 +1,517 @@
+// Package qemu runs a pod's VM with QEMU (q35): it implements vmm.VM.
+//
+// QEMU runs in its own process group with an empty environment, -sandbox on with every
+// restriction QEMU offers (obsolete, elevateprivileges, spawn, resourcecontrol: deny), and
+// dies with the shim (Pdeathsig). Its own output goes to qemu.log in the state dir and is
+// quoted when it fails; the guest console goes to the console log. The shim controls it
+// over QMP (qmp.sock); the agent channel is a virtio-serial port whose host end is
+// agent.sock, or vhost-vsock.
+//
+// Every disk, cold-plugged or not, sits alone behind its own PCIe root port, so any disk
+// can be hot-unplugged and its guest address is the port's: root ports sit at 08.0-1e.7
+// of the root bus (eight functions per slot), the agent device at 02.0.
+//
+// QEMU 7.2 cannot hot-unplug virtio-pmem devices ("virtio based memory devices cannot be
+// unplugged"): DetachDisk of a PMEM disk then fails with ErrNotImplemented and the device
+// stays until the VM stops.
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/caisson-containers/caisson/shim/vmm"
+	"github.com/caisson-containers/caisson/shim/vmm/qemu/accel"
+	"github.com/caisson-containers/caisson/shim/vmm/qemu/qmp"
+)
+
+const (
+	// gracefulStop bounds how long Stop waits for QEMU to quit on its own.
+	gracefulStop = 3 * time.Second
+	// eventDrain bounds how long the exit path waits for QMP's last events (SHUTDOWN)
+	// to learn why QEMU exited.
+	eventDrain = 500 * time.Millisecond
+	// exitGrace is how long a failed Start waits for QEMU to exit on its own before
+	// killing it.
+	exitGrace = time.Second
+	// stderrTail is how much of qemu.log errors quote.
+	stderrTail = 2048
+	// maxSocketPath is the longest unix socket path Linux accepts.
+	maxSocketPath = 107
+)
+
+// VM is a QEMU virtual machine.
+type VM struct {
+	cfg  vmm.Config
+	qcfg Config
+
+	qmpSocket, agentSocket, stderrLog string
+
+	// opMu serialises Start, Stop and device changes; mu guards the fields below and is
+	// never held while waiting for QEMU.
+	opMu sync.Mutex
+
+	mu       sync.Mutex
+	cmd      *exec.Cmd
+	qmp      *qmp.Client
+	stopping bool
+	stopped  bool
+	exitErr  error
+	shutdown string // reason of QEMU's SHUTDOWN event
+	panicked bool   // a GUEST_PANICKED event came
+	disks    map[string]*disk
+	ports    []bool // in use
+	nextDev  int
+	unplug   map[string]chan struct{} // device id -> closed on DEVICE_DELETED
+
+	done       chan struct{}
+	eventsDone chan struct{}
+}
+
+var _ vmm.VM = (*VM)(nil)
+
+// disk is an attached disk.
+type disk struct {
+	vmm.Disk
+	devID   string
+	port    port
+	addr    vmm.DiskAddress
+	backend backend
+	// deleting is set once device_del was accepted.
+	deleting bool
+}
+
+// New checks cfg, applies its defaults and returns a VM that is not started yet.
+func New(cfg vmm.Config, qcfg Config) (*VM, error) {
+	if cfg.StateDir == "" {
+		return nil, fmt.Errorf("state dir not set: %w", errdefs.ErrInvalidArgument)
+	}
+	if cfg.Kernel == "" {
+		return nil, fmt.Errorf("kernel not set: %w", errdefs.ErrInvalidArgument)
+	}
+	if cfg.VCPUs == 0 {
+		cfg.VCPUs = 1
+	}
+	if cfg.MemoryMiB == 0 {
+		cfg.MemoryMiB = 512
+	}
+	if cfg.MaxMemoryMiB == 0 {
+		cfg.MaxMemoryMiB = cfg.MemoryMiB + 64<<10
+	}
+	if cfg.MaxMemoryMiB < cfg.MemoryMiB {
+		return nil, fmt.Errorf("max memory %d MiB below memory %d MiB: %w", cfg.MaxMemoryMiB, cfg.MemoryMiB, errdefs.ErrInvalidArgument)
+	}
+	if cfg.VCPUs < 0 || cfg.MemoryMiB < 0 || cfg.HotplugSlots < 0 {
+		return nil, fmt.Errorf("negative vcpus, memory or hot-plug slots: %w", errdefs.ErrInvalidArgument)
+	}
+	switch cfg.Accelerator {
+	case "":
+		cfg.Accelerator = string(accel.Auto)
+	case string(accel.Auto), string(accel.ModeKVM), string(accel.ModeTCG):
+	default:
+		return nil, fmt.Errorf("accelerator %q: want auto, kvm or tcg: %w", cfg.Accelerator, errdefs.ErrInvalidArgument)
+	}
+	if cfg.ConsoleLog == "" {
+		cfg.ConsoleLog = filepath.Join(cfg.StateDir, consoleLogName)
+	}
+	switch cfg.Agent.Transport {
+	case "":
+		cfg.Agent.Transport = vmm.TransportSerial
+	case vmm.TransportSerial:
+	case vmm.TransportVsock:
+		if cfg.Agent.CID < 3 {
+			return nil, fmt.Errorf("vsock cid %d: must be 3 or more: %w", cfg.Agent.CID, errdefs.ErrInvalidArgument)
+		}
+	default:
+		return nil, fmt.Errorf("agent transport %q: %w", cfg.Agent.Transport, errdefs.ErrInvalidArgument)
+	}
+	if n := len(cfg.Disks) + cfg.HotplugSlots; n > MaxDisks {
+		return nil, fmt.Errorf("%d disks and hot-plug slots, at most %d: %w", n, MaxDisks, errdefs.ErrInvalidArgument)
+	}
+	if qcfg.Path == "" {
+		qcfg.Path = defaultBinary
+	}
+	if qcfg.TCGTranslationCacheMiB < 0 {
+		return nil, fmt.Errorf("tcg translation cache %d MiB: %w", qcfg.TCGTranslationCacheMiB, errdefs.ErrInvalidArgument)
+	}
+	v := &VM{
+		cfg:         cfg,
+		qcfg:        qcfg,
+		qmpSocket:   filepath.Join(cfg.StateDir, qmpSocketName),
+		agentSocket: filepath.Join(cfg.StateDir, agentSocketName),
+		stderrLog:   filepath.Join(cfg.StateDir, stderrLogName),
+		disks:       map[string]*disk{},
+		ports:       make([]bool, len(cfg.Disks)+cfg.HotplugSlots),
+		unplug:      map[string]chan struct{}{},
+		done:        make(chan struct{}),
+		eventsDone:  make(chan struct{}),
+	}
+	if len(v.qmpSocket) > maxSocketPath {
+		return nil, fmt.Errorf("state dir %q too long for a unix socket path: %w", cfg.StateDir, errdefs.ErrInvalidArgument)
+	}
+	return v, nil
+}
+
+// Endpoint says how to reach the agent.
+func (v *VM) Endpoint() vmm.Endpoint {
+	if v.cfg.Agent.Transport == vmm.TransportVsock {
+		return vmm.Endpoint{Transport: vmm.TransportVsock, CID: v.cfg.Agent.CID}
+	}
+	return vmm.Endpoint{Transport: vmm.TransportSerial, Path: v.agentSocket}
+}
+
+// Pid is QEMU's process id, 0 before Start.
+func (v *VM) Pid() int {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.cmd == nil || v.cmd.Process == nil {
+		return 0
+	}
+	return v.cmd.Process.Pid
+}
+
+// Done is closed when QEMU has exited.
+func (v *VM) Done() <-chan struct{} { return v.done }
+
+// Wait waits for QEMU to exit: nil if Stop ended it, a *vmm.ExitError otherwise.
+func (v *VM) Wait() error {
+	<-v.done
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.exitErr
+}
+
+// Start launches QEMU with the cold-plugged disks and connects to its QMP socket.
+func (v *VM) Start(ctx context.Context) (retErr error) {
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	v.mu.Lock()
+	started := v.cmd != nil
+	v.mu.Unlock()
+	if started {
+		return fmt.Errorf("vm already started: %w", errdefs.ErrFailedPrecondition)
+	}
+
+	for _, f := range []struct{ what, path string }{{"kernel", v.cfg.Kernel}, {"initramfs", v.cfg.Initramfs}} {
+		if f.path == "" {
+			continue
+		}
+		if _, err := os.Stat(f.path); err != nil {
+			return fmt.Errorf("%s: %w: %w", f.what, errdefs.ErrNotFound, err)
+		}
+	}
+	bin, err := exec.LookPath(v.qcfg.Path)
+	if err != nil {
+		return fmt.Errorf("qemu: %w: %w", errdefs.ErrNotFound, err)
+	}
+
+	opts := accel.Options{QEMU: bin, Kernel: v.cfg.Kernel}
+	if v.qcfg.AccelCacheDir != "" {
+		opts.Cache = &accel.Cache{Dir: v.qcfg.AccelCacheDir}
+	}
+	acc, err := accel.Choose(ctx, accel.Mode(v.cfg.Accelerator), opts)
+	if err != nil {
+		return err
+	}
+	cl := cmdline{vm: v.cfg, accel: string(acc), qemu: v.qcfg, qmpSocket: v.qmpSocket, agentSock: v.agentSocket, ports: len(v.ports)}
+	// Cold-plugged disk i gets port i and device number i.
+	defer func() {
+		if retErr != nil {
+			v.mu.Lock()
+			clear(v.disks)
+			clear(v.ports)
+			v.mu.Unlock()
+			v.nextDev = 0
+		}
+	}()
+	for i, d := range v.cfg.Disks {
+		size, err := v.checkDisk(d)
+		if err != nil {
+			return err
+		}
+		p := port(i)
+		cl.disks = append(cl.disks, coldDisk{disk: d, n: i, port: p, size: size})
+		be, dev, addr := diskDevices(d, i, p, size)
+		v.mu.Lock()
+		v.disks[d.ID] = &disk{Disk: d, devID: dev["id"].(string), port: p, addr: addr, backend: be}
+		v.ports[p] = true
+		v.mu.Unlock()
+		v.nextDev = i + 1
+	}
+	args, err := cl.args()
+	if err != nil {
+		return err
+	}
+
+	if err := os.MkdirAll(v.cfg.StateDir, 0o700); err != nil {
+		return err
+	}
+	v.removeFiles() // leftovers of a crashed shim
+	defer func() {
+		if retErr != nil {
+			v.removeFiles()
+		}
+	}()
+	stderr, err := os.OpenFile(v.stderrLog, os.O_CREATE|os.O_WRONLY|os.O_TRUNC|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	defer stderr.Close()
+
+	cmd := exec.Command(bin, args...)
+	cmd.Env = []string{} // not nil: nothing of the shim's environment
+	cmd.Dir = v.cfg.StateDir
+	cmd.Stdout = stderr
+	cmd.Stderr = stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Setpgid: true,
+		// Kill QEMU if the shim dies. The signal follows the thread that started
+		// QEMU; Go only ends threads that a goroutine left locked, which we do not.
+		Pdeathsig: syscall.SIGKILL,
+	}
+	log.G(ctx).WithField("args", args).Debug("starting qemu")
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("starting qemu: %w", err)
+	}
+	v.mu.Lock()
+	v.cmd = cmd
+	v.mu.Unlock()
+	go v.wait()
+
+	defer func() {
+		if retErr == nil {
+			return
+		}
+		// If QEMU is exiting on its own (the monitor noticed first), its own words
+		// are the error; how the monitor noticed is noise.
+		select {
+		case <-v.done:
+		case <-time.After(exitGrace):
+			v.kill()
+			<-v.done
+			return
+		}
+		if e := v.Wait(); e != nil {
+			retErr = fmt.Errorf("starting qemu: %w", e)
+		}
+	}()
+
+	conn, err := v.dialQMP(ctx)
+	if err != nil {
+		return err
+	}
+	c, err := qmp.New(ctx, conn)
+	if err != nil {
+		return fmt.Errorf("qemu monitor: %w", err)
+	}
+	v.mu.Lock()
+	v.qmp = c
+	v.mu.Unlock()
+	go v.events(c)
+	log.G(ctx).WithField("pid", cmd.Process.Pid).Debug("qemu started")
+	return nil
+}
+
+// dialQMP connects to QEMU's monitor socket as soon as QEMU has created it.
+func (v *VM) dialQMP(ctx context.Context) (net.Conn, error) {
+	for delay := time.Millisecond; ; delay = min(2*delay, 20*time.Millisecond) {
+		var d net.Dialer
+		conn, err := d.DialContext(ctx, "unix", v.qmpSocket)
+		if err == nil {
+			return conn, nil
+		}
+		select {
+		case <-v.done:
+			return nil, fmt.Errorf("qemu exited before its monitor socket was ready")
+		case <-ctx.Done():
+			return nil, fmt.Errorf("waiting for qemu's monitor socket: %w", ctx.Err())
+		case <-time.After(delay):
+		}
+	}
+}
+
+// wait reaps QEMU, kills whatever is left in its process group, and records why it ended.
+func (v *VM) wait() {
+	err := v.cmd.Wait()
+	syscall.Kill(-v.cmd.Process.Pid, syscall.SIGKILL)
+
+	v.mu.Lock()
+	hadQMP := v.qmp != nil
+	v.mu.Unlock()
+	if hadQMP {
+		// QEMU sends SHUTDOWN before it exits; let the event loop see it.
+		select {
+		case <-v.eventsDone:
+		case <-time.After(eventDrain):
+		}
+	}
+
+	v.mu.Lock()
+	if !v.stopping {
+		v.exitErr = &vmm.ExitError{Reason: v.exitReason(err), Log: tail(v.stderrLog)}
+	}
+	v.mu.Unlock()
+	close(v.done)
+}
+
+// exitReason words QEMU's wait status and the last SHUTDOWN event; v.mu is held.
+func (v *VM) exitReason(err error) string {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return fmt.Sprintf("qemu was killed by signal %d (%s)", int(ws.Signal()), ws.Signal())
+		}
+		return fmt.Sprintf("qemu exited with status %d", ee.ExitCode())
+	}
+	if err != nil {
+		return "waiting for qemu: " + err.Error()
+	}
+	if v.panicked {
+		return "the guest kernel panicked"
+	}
+	switch v.shutdown {
+	case "guest-shutdown":
+		return "the guest powered off"
+	case "guest-reset":
+		return "the guest rebooted, or its kernel panicked (qemu runs with -no-reboot)"
+	case "guest-panic":
+		return "the guest kernel panicked"
+	case "host-qmp-quit":
+		return "qemu was told to quit over QMP"
+	case "host-signal":
+		return "qemu received a termination signal"
+	case "":
+		return "qemu exited"
+	}
+	return fmt.Sprintf("qemu exited (shutdown reason %s)", v.shutdown)
+}
+
+// events follows QMP events until the connection ends.
+func (v *VM) events(c *qmp.Client) {
+	defer close(v.eventsDone)
+	for ev := range c.Events() {
+		switch ev.Name {
+		case "DEVICE_DELETED":
+			var d struct {
+				Device string `json:"device"`
+			}
+			if json.Unmarshal(ev.Data, &d) != nil || d.Device == "" {
+				continue
+			}
+			v.mu.Lock()
+			if ch, ok := v.unplug[d.Device]; ok {
+				close(ch)
+				delete(v.unplug, d.Device)
+			}
+			v.mu.Unlock()
+		case "SHUTDOWN":
+			var d struct {
+				Reason string `json:"reason"`
+			}
+			json.Unmarshal(ev.Data, &d)
+			v.mu.Lock()
+			v.shutdown = d.Reason
+			v.mu.Unlock()
+		case "GUEST_PANICKED":
+			v.mu.Lock()
+			v.panicked = true
+			v.mu.Unlock()
+		}
+	}
+}
+
+// Stop quits QEMU (over QMP, then SIGKILL to its process group) and removes its files.
+func (v *VM) Stop(ctx context.Context) error {
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	v.mu.Lock()
+	cmd, c := v.cmd, v.qmp
+	if v.stopped {
+		v.mu.Unlock()
+		return nil
+	}
+	v.stopping = true
+	v.mu.Unlock()
+
+	var err error
+	if cmd != nil {
+		select {
+		case <-v.done:
+		default:
+			graceful, cancel := context.WithTimeout(ctx, gracefulStop)
+			if c != nil {
+				// QEMU may exit before it answers; the connection error is expected.
+				c.Execute(graceful, "quit", nil, nil)
+			}
+			select {
+			case <-v.done:
+			case <-graceful.Done():
+				log.G(ctx).WithField("pid", cmd.Process.Pid).Warn("qemu did not quit, killing it")
+			}
+			cancel()
+			v.kill()
+			select {
+			case <-v.done:
+			case <-ctx.Done():
+				err = fmt.Errorf("qemu (pid %d) did not die after SIGKILL: %w", cmd.Process.Pid, ctx.Err())
+			}
+		}
+		if c != nil {
+			c.Close()
+		}
+	}
+	v.removeFiles()
+	v.mu.Lock()
+	v.stopped = err == nil
+	v.mu.Unlock()
+	return err
+}
+
+// kill sends SIGKILL to QEMU's process group, unless QEMU was already reaped (then
+// wait has done it).
+func (v *VM) kill() {
+	select {
+	case <-v.done:
+		return
+	default:
+	}
+	syscall.Kill(-v.cmd.Process.Pid, syscall.SIGKILL)
+}
+
+// removeFiles removes the sockets and logs the VM created in the state dir (not the
+// console log, which is the caller's).
+func (v *VM) removeFiles() {
+	for _, p := range []string{v.qmpSocket, v.agentSocket, v.stderrLog} {
+		os.Remove(p)
+	}
+}
+
+// tail returns the end of file path, trimmed, or "".
+func tail(path string) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return ""
+	}
+	off := max(st.Size()-stderrTail, 0)
+	b := make([]byte, st.Size()-off)
+	n, _ := f.ReadAt(b, off)
+	return string(bytes.TrimSpace(b[:n]))
+}

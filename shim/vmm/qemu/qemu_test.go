@@ -1,0 +1,453 @@
+package qemu
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/caisson-containers/caisson/shim/vmm"
+)
+
+// bootTimeout bounds a TCG boot on a busy 2-core machine; it is a hang guard, not a
+// measurement.
+const bootTimeout = 2 * time.Minute
+
+// shortDir is a temp dir with a path short enough for unix sockets, removed after t.
+func shortDir(t testing.TB) string {
+	t.Helper()
+	d, err := os.MkdirTemp("", "vmm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+// startVM starts a TCG VM on the test guest and registers its Stop.
+func startVM(t testing.TB, g testGuest, cfg vmm.Config) *VM {
+	t.Helper()
+	cfg.Kernel = g.kernel
+	cfg.Initramfs = g.initramfs
+	cfg.Accelerator = "tcg"
+	if cfg.StateDir == "" {
+		cfg.StateDir = shortDir(t)
+	}
+	vm, err := New(cfg, Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
+	defer cancel()
+	if err := vm.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := vm.Stop(context.Background()); err != nil {
+			t.Errorf("stop: %v", err)
+		}
+	})
+	return vm
+}
+
+// processGone reports whether pid no longer exists (or is a zombie nobody will reap).
+func processGone(pid int) bool {
+	return syscall.Kill(pid, 0) == syscall.ESRCH
+}
+
+// stateFiles lists the state dir.
+func stateFiles(t testing.TB, dir string) []string {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+// TestVM boots one VM and drives, from inside the guest, its console, its agent channel,
+// and a cold-plugged, a hot-plugged block and a hot-plugged pmem disk, then stops it.
+func TestVM(t *testing.T) {
+	g := newTestGuest(t)
+	cold := erofsImage(t, map[string]string{"id": "cold layer\n"}, vmm.PMEMAlignment)
+	hot := erofsImage(t, map[string]string{"dir/id": "hot layer\n"}, 0)
+	pmem := erofsImage(t, map[string]string{"id": "pmem layer\n"}, vmm.PMEMAlignment)
+	unaligned := filepath.Join(t.TempDir(), "unaligned")
+	if err := os.WriteFile(unaligned, make([]byte, vmm.PMEMAlignment+4096), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	stateDir := shortDir(t)
+	vm := startVM(t, g, vmm.Config{
+		StateDir:     stateDir,
+		Disks: []vmm.Disk{
+			{ID: "cold", Path: cold, ReadOnly: true, Kind: vmm.Block},
+			{ID: "cold-pmem", Path: cold, ReadOnly: true, Kind: vmm.PMEM},
+		},
+		HotplugSlots: 2,
+	})
+	pid := vm.Pid()
+	if pid == 0 {
+		t.Fatal("no pid")
+	}
+	sh := dialGuest(t, vm.Endpoint(), bootTimeout)
+	ctx := context.Background()
+
+	t.Run("console", func(t *testing.T) {
+		b, err := os.ReadFile(filepath.Join(stateDir, "console.log"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(b), initReady) {
+			t.Fatalf("console log lacks %q:\n%s", initReady, b)
+		}
+		if strings.Contains(string(b), "insmod") {
+			t.Fatalf("a module failed to load:\n%s", b)
+		}
+	})
+
+	t.Run("agent channel", func(t *testing.T) {
+		// Host to guest: a long random line, hashed in the guest.
+		buf := make([]byte, 2000)
+		rand.Read(buf)
+		token := hex.EncodeToString(buf)
+		got := sh.must(t, "printf %s "+token+" | wc -c")
+		if strings.TrimSpace(got) != fmt.Sprint(len(token)) {
+			t.Fatalf("guest received %s bytes, want %d", got, len(token))
+		}
+		got = sh.must(t, "echo "+token)
+		if got != token+"\n" {
+			t.Fatalf("echo of %d bytes came back as %d bytes", len(token)+1, len(got))
+		}
+		// Guest to host: 1 MiB.
+		got = sh.must(t, "yes caisson | head -c 1048576")
+		if want := strings.Repeat("caisson\n", 1<<20/8); got != want {
+			t.Fatalf("got %d bytes from the guest, want %d", len(got), len(want))
+		}
+	})
+
+	t.Run("cold block", func(t *testing.T) {
+		addr, err := vm.Address("cold")
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkBlock(t, sh, addr, "cold layer\n", "id")
+	})
+
+	t.Run("hot block", func(t *testing.T) {
+		addr, err := vm.AttachDisk(ctx, vmm.Disk{ID: "hot", Path: hot, ReadOnly: true, Kind: vmm.Block})
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkBlock(t, sh, addr, "hot layer\n", "dir/id")
+		dev := strings.TrimPrefix(strings.TrimSpace(sh.must(t, "devat "+string(addr.PCIPath))), "/dev/")
+		if ro := sh.must(t, "cat /sys/block/"+dev+"/ro"); ro != "1\n" {
+			t.Fatalf("read-only disk %s has ro=%q", dev, ro)
+		}
+		sh.must(t, "umount /mnt")
+		if err := vm.DetachDisk(ctx, "hot"); err != nil {
+			t.Fatal(err)
+		}
+		sh.must(t, "gone "+string(addr.PCIPath))
+		if _, err := vm.Address("hot"); !errdefs.IsNotFound(err) {
+			t.Fatalf("address of a detached disk: %v", err)
+		}
+		// The slot is free again.
+		addr2, err := vm.AttachDisk(ctx, vmm.Disk{ID: "hot-again", Path: hot, ReadOnly: true, Kind: vmm.Block})
+		if err != nil {
+			t.Fatal(err)
+		}
+		dev2 := strings.TrimSpace(sh.must(t, "devat "+string(addr2.PCIPath)))
+		if err := vm.DetachDisk(ctx, "hot-again"); err != nil {
+			t.Fatal(err)
+		}
+		sh.must(t, "gone "+string(addr2.PCIPath)+" && ! test -e "+dev2)
+	})
+
+	t.Run("detach cold", func(t *testing.T) {
+		addr, _ := vm.Address("cold")
+		sh.must(t, "umount /mnt")
+		if err := vm.DetachDisk(ctx, "cold"); err != nil {
+			t.Fatal(err)
+		}
+		sh.must(t, "gone "+string(addr.PCIPath))
+	})
+
+	t.Run("cold pmem", func(t *testing.T) {
+		addr, err := vm.Address("cold-pmem")
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkPMEM(t, sh, addr, "cold layer\n")
+	})
+
+	t.Run("hot pmem", func(t *testing.T) {
+		addr, err := vm.AttachDisk(ctx, vmm.Disk{ID: "pmem", Path: pmem, ReadOnly: true, Kind: vmm.PMEM})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if addr.Serial != "" {
+			t.Fatalf("pmem disk has a serial %q", addr.Serial)
+		}
+		checkPMEM(t, sh, addr, "pmem layer\n")
+		// QEMU 7.2 cannot unplug virtio-pmem.
+		err = vm.DetachDisk(ctx, "pmem")
+		if err == nil {
+			sh.must(t, "gone "+string(addr.PCIPath))
+		} else if !errdefs.IsNotImplemented(err) {
+			t.Fatalf("detach pmem: %v", err)
+		} else {
+			t.Logf("detach pmem: %v", err)
+		}
+	})
+
+	t.Run("errors", func(t *testing.T) {
+		if _, err := vm.AttachDisk(ctx, vmm.Disk{ID: "dup", Path: hot, ReadOnly: true, Kind: vmm.Block}); err != nil {
+			t.Fatal(err)
+		}
+		for _, tc := range []struct {
+			name string
+			disk vmm.Disk
+			is   func(error) bool
+		}{
+			{"pmem of a wrong size", vmm.Disk{ID: "bad", Path: unaligned, ReadOnly: true, Kind: vmm.PMEM}, errdefs.IsInvalidArgument},
+			{"missing file", vmm.Disk{ID: "bad", Path: unaligned + ".missing", Kind: vmm.Block}, errdefs.IsNotFound},
+			{"no id", vmm.Disk{Path: hot, Kind: vmm.Block}, errdefs.IsInvalidArgument},
+			{"duplicate id", vmm.Disk{ID: "dup", Path: hot, Kind: vmm.Block}, errdefs.IsAlreadyExists},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				_, err := vm.AttachDisk(ctx, tc.disk)
+				if !tc.is(err) {
+					t.Fatalf("got %v", err)
+				}
+				t.Log(err)
+			})
+		}
+		if err := vm.DetachDisk(ctx, "dup"); err != nil {
+			t.Fatal(err)
+		}
+		if err := vm.DetachDisk(ctx, "unknown"); !errdefs.IsNotFound(err) {
+			t.Fatalf("detach of an unknown id: %v", err)
+		}
+		// Fill every slot, then one more.
+		var ids []string
+		for i := 0; ; i++ {
+			id := fmt.Sprint("fill", i)
+			_, err := vm.AttachDisk(ctx, vmm.Disk{ID: id, Path: hot, ReadOnly: true, Kind: vmm.Block})
+			if errdefs.IsResourceExhausted(err) {
+				t.Log(err)
+				break
+			}
+			if err != nil || i > MaxDisks {
+				t.Fatalf("attach %s: %v", id, err)
+			}
+			ids = append(ids, id)
+		}
+		for _, id := range ids {
+			if err := vm.DetachDisk(ctx, id); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+
+	if err := vm.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := vm.Wait(); err != nil {
+		t.Fatalf("Wait after Stop: %v", err)
+	}
+	if !processGone(pid) {
+		t.Fatalf("qemu (pid %d) still exists after Stop", pid)
+	}
+	if files := stateFiles(t, stateDir); len(files) != 1 || files[0] != "console.log" {
+		t.Fatalf("state dir after Stop holds %v, want only console.log", files)
+	}
+	if err := vm.Stop(ctx); err != nil {
+		t.Fatalf("second Stop: %v", err)
+	}
+}
+
+// checkBlock finds the virtio-blk disk at addr in the guest, checks its serial, and
+// mounts it on /mnt to read file.
+func checkBlock(t *testing.T, sh *guestShell, addr vmm.DiskAddress, want, file string) {
+	t.Helper()
+	dev := strings.TrimSpace(sh.must(t, "devat "+string(addr.PCIPath)))
+	if !strings.HasPrefix(dev, "/dev/vd") {
+		t.Fatalf("device at %s is %q, want /dev/vdX", addr.PCIPath, dev)
+	}
+	if serial := sh.must(t, "cat /sys/block/"+strings.TrimPrefix(dev, "/dev/")+"/serial"); serial != addr.Serial {
+		t.Fatalf("serial of %s is %q, want %q", dev, serial, addr.Serial)
+	}
+	sh.must(t, "mount -t erofs -o ro "+dev+" /mnt")
+	if got := sh.must(t, "cat /mnt/"+file); got != want {
+		t.Fatalf("read %q from %s, want %q", got, dev, want)
+	}
+}
+
+// checkPMEM finds the pmem device at addr in the guest and mounts it with DAX to read /id.
+func checkPMEM(t *testing.T, sh *guestShell, addr vmm.DiskAddress, want string) {
+	t.Helper()
+	dev := strings.TrimSpace(sh.must(t, "devat "+string(addr.PCIPath)))
+	if !strings.HasPrefix(dev, "/dev/pmem") {
+		t.Fatalf("device at %s is %s, want /dev/pmemN", addr.PCIPath, dev)
+	}
+	sh.must(t, "mount -t erofs -o ro,dax=always "+dev+" /mnt")
+	if got := sh.must(t, "cat /mnt/id"); got != want {
+		t.Fatalf("read %q from %s, want %q", got, dev, want)
+	}
+	sh.must(t, "grep -E '^"+dev+" /mnt erofs .*dax=always' /proc/mounts")
+	sh.must(t, "umount /mnt")
+}
+
+// TestKilled kills QEMU with SIGKILL: Done closes and Wait says so.
+func TestKilled(t *testing.T) {
+	g := newTestGuest(t)
+	stateDir := shortDir(t)
+	vm := startVM(t, g, vmm.Config{StateDir: stateDir})
+	pid := vm.Pid()
+	start := time.Now()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-vm.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatal("Done not closed 30 s after QEMU was killed")
+	}
+	t.Logf("Done closed %v after SIGKILL", time.Since(start))
+	err := vm.Wait()
+	var ee *vmm.ExitError
+	if !errors.As(err, &ee) || !strings.Contains(ee.Reason, "killed by signal 9") {
+		t.Fatalf("Wait: %v, want an ExitError saying qemu was killed", err)
+	}
+	t.Log(err)
+	if _, err := vm.AttachDisk(context.Background(), vmm.Disk{ID: "x", Path: g.kernel}); !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("attach after death: %v", err)
+	}
+	if err := vm.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := vm.Wait(); !errors.As(err, &ee) {
+		t.Fatalf("Stop after death changed Wait to %v", err)
+	}
+	if files := stateFiles(t, stateDir); len(files) != 1 || files[0] != "console.log" {
+		t.Fatalf("state dir after Stop holds %v, want only console.log", files)
+	}
+}
+
+// TestGuestPanic: a guest kernel panic ends the VM with a reason saying so.
+func TestGuestPanic(t *testing.T) {
+	g := newTestGuest(t)
+	vm := startVM(t, g, vmm.Config{})
+	sh := dialGuest(t, vm.Endpoint(), bootTimeout)
+	sh.conn.Write([]byte("echo c > /proc/sysrq-trigger\n"))
+	select {
+	case <-vm.Done():
+	case <-time.After(bootTimeout):
+		t.Fatal("VM still running after the guest panicked")
+	}
+	err := vm.Wait()
+	var ee *vmm.ExitError
+	if !errors.As(err, &ee) || !strings.Contains(ee.Reason, "panicked") {
+		t.Fatalf("Wait: %v, want an ExitError saying the guest panicked", err)
+	}
+	t.Log(err)
+}
+
+func TestStartErrors(t *testing.T) {
+	g := newTestGuest(t)
+	garbage := filepath.Join(t.TempDir(), "garbage")
+	if err := os.WriteFile(garbage, []byte("not a kernel"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	unaligned := filepath.Join(t.TempDir(), "unaligned")
+	if err := os.WriteFile(unaligned, make([]byte, 4096), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name    string
+		cfg     vmm.Config
+		is      func(error) bool
+		mention string
+	}{
+		{
+			name: "missing kernel",
+			cfg:  vmm.Config{Kernel: garbage + ".missing"},
+			is:   errdefs.IsNotFound, mention: "kernel",
+		},
+		{
+			name:    "not a kernel",
+			cfg:     vmm.Config{Kernel: garbage},
+			is:      func(err error) bool { return err != nil },
+			mention: "qemu exited with status 1",
+		},
+		{
+			name: "cold pmem of a wrong size",
+			cfg:  vmm.Config{Kernel: g.kernel, Disks: []vmm.Disk{{ID: "l", Path: unaligned, ReadOnly: true, Kind: vmm.PMEM}}},
+			is:   errdefs.IsInvalidArgument, mention: "2 MiB",
+		},
+		{
+			name: "missing initramfs",
+			cfg:  vmm.Config{Kernel: g.kernel, Initramfs: garbage + ".missing"},
+			is:   errdefs.IsNotFound, mention: "initramfs",
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := tc.cfg
+			cfg.StateDir = shortDir(t)
+			cfg.Accelerator = "tcg"
+			vm, err := New(cfg, Config{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = vm.Start(context.Background())
+			if !tc.is(err) || !strings.Contains(err.Error(), tc.mention) {
+				t.Fatalf("Start: %v, want an error mentioning %q", err, tc.mention)
+			}
+			t.Log(err)
+			if pid := vm.Pid(); pid != 0 && !processGone(pid) {
+				t.Fatalf("qemu (pid %d) left running", pid)
+			}
+			for _, f := range stateFiles(t, cfg.StateDir) {
+				if f != "console.log" {
+					t.Fatalf("Start left %s in the state dir", f)
+				}
+			}
+		})
+	}
+}
+
+func TestNewErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cfg  vmm.Config
+	}{
+		{"no state dir", vmm.Config{Kernel: "k"}},
+		{"no kernel", vmm.Config{StateDir: "/tmp/x"}},
+		{"bad accelerator", vmm.Config{Kernel: "k", StateDir: "/tmp/x", Accelerator: "hvf"}},
+		{"bad transport", vmm.Config{Kernel: "k", StateDir: "/tmp/x", Agent: vmm.AgentChannel{Transport: "tcp"}}},
+		{"vsock cid 2", vmm.Config{Kernel: "k", StateDir: "/tmp/x", Agent: vmm.AgentChannel{Transport: vmm.TransportVsock, CID: 2}}},
+		{"max memory below memory", vmm.Config{Kernel: "k", StateDir: "/tmp/x", MemoryMiB: 1024, MaxMemoryMiB: 512}},
+		{"too many disks", vmm.Config{Kernel: "k", StateDir: "/tmp/x", HotplugSlots: MaxDisks + 1}},
+		{"state dir too long", vmm.Config{Kernel: "k", StateDir: "/" + strings.Repeat("x", 120)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := New(tc.cfg, Config{}); !errdefs.IsInvalidArgument(err) {
+				t.Fatalf("got %v, want ErrInvalidArgument", err)
+			}
+		})
+	}
+}
