@@ -1,0 +1,96 @@
+package sandbox
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+
+	"golang.org/x/sys/unix"
+)
+
+// podNamespaces are the namespaces every container of the pod shares, created and pinned
+// by the agent (bind mounts of their /proc files) so that they outlive any container.
+var podNamespaces = []struct {
+	name string // in /proc/PID/ns and in OCI specs
+	oci  string
+	flag int
+}{
+	{"net", "network", unix.CLONE_NEWNET},
+	{"ipc", "ipc", unix.CLONE_NEWIPC},
+	{"uts", "uts", unix.CLONE_NEWUTS},
+}
+
+// pinNamespaces creates new network, IPC and UTS namespaces, sets the UTS one's hostname,
+// and bind-mounts each onto dir/NAME.
+func pinNamespaces(dir, hostname string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	errc := make(chan error, 1)
+	go func() {
+		// The thread enters the new namespaces and is never unlocked: the Go runtime
+		// ends it with the goroutine instead of reusing it.
+		runtime.LockOSThread()
+		errc <- func() error {
+			flags := 0
+			for _, ns := range podNamespaces {
+				flags |= ns.flag
+			}
+			if err := unix.Unshare(flags); err != nil {
+				return fmt.Errorf("unshare pod namespaces: %w", err)
+			}
+			if hostname != "" {
+				if err := unix.Sethostname([]byte(hostname)); err != nil {
+					return fmt.Errorf("set hostname: %w", err)
+				}
+			}
+			tid := unix.Gettid()
+			for _, ns := range podNamespaces {
+				target := filepath.Join(dir, ns.name)
+				if err := os.WriteFile(target, nil, 0o600); err != nil {
+					return err
+				}
+				src := fmt.Sprintf("/proc/%d/task/%d/ns/%s", os.Getpid(), tid, ns.name)
+				if err := unix.Mount(src, target, "", unix.MS_BIND, ""); err != nil {
+					return fmt.Errorf("pin %s namespace: %w", ns.name, err)
+				}
+			}
+			return nil
+		}()
+	}()
+	if err := <-errc; err != nil {
+		unpinNamespaces(dir)
+		return err
+	}
+	return nil
+}
+
+func unpinNamespaces(dir string) {
+	for _, ns := range podNamespaces {
+		target := filepath.Join(dir, ns.name)
+		_ = unix.Unmount(target, unix.MNT_DETACH)
+		_ = os.Remove(target)
+	}
+}
+
+// inNetns runs fn on a thread that is in the network namespace at path. The thread is
+// discarded afterwards.
+func inNetns(path string, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		f, err := os.Open(path)
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer f.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("enter network namespace: %w", err)
+			return
+		}
+		errc <- fn()
+	}()
+	return <-errc
+}
