@@ -105,12 +105,22 @@ func (h *harness) addBlob(tarData []byte) ocispec.Descriptor {
 // name, like containerd's unpacker. On an apply error the active snapshot is
 // removed and the error returned.
 func (h *harness) unpack(sn snapshots.Snapshotter, name, parent string, desc ocispec.Descriptor) error {
+	return h.unpackDiffID(sn, name, parent, desc, desc.Digest)
+}
+
+// unpackDiffID is unpack with the layer's expected uncompressed digest (its diff
+// id), which the unpacker checks against what the differ read.
+func (h *harness) unpackDiffID(sn snapshots.Snapshotter, name, parent string, desc ocispec.Descriptor, diffID digest.Digest) error {
 	key := "extract-" + name
 	mounts, err := sn.Prepare(h.ctx, key, parent)
 	if err != nil {
 		return fmt.Errorf("prepare: %w", err)
 	}
-	if _, err := h.applier.Apply(h.ctx, desc, mounts); err != nil {
+	applied, err := h.applier.Apply(h.ctx, desc, mounts)
+	if err == nil && applied.Digest != diffID {
+		err = fmt.Errorf("wrong diff id %s, want %s", applied.Digest, diffID)
+	}
+	if err != nil {
 		if rerr := sn.Remove(h.ctx, key); rerr != nil {
 			h.t.Errorf("remove %s: %v", key, rerr)
 		}

@@ -84,6 +84,9 @@ func (b Builder) Build(ctx context.Context, src, dst string) (retErr error) {
 		err = fmt.Errorf("layer filesystem %q: %w", b.FS, errdefs.ErrInvalidArgument)
 	}
 	if err != nil {
+		if filesystemFull(filepath.Dir(dst)) {
+			return fmt.Errorf("no space left for the layer image in %s: %w (%w): %v", filepath.Dir(dst), syscall.ENOSPC, errdefs.ErrResourceExhausted, err)
+		}
 		return err
 	}
 	if err := pad(tmp, b.Alignment); err != nil {
@@ -196,6 +199,16 @@ func pad(path string, align int64) error {
 		return fmt.Errorf("sync layer image: %w", err)
 	}
 	return f.Close()
+}
+
+// filesystemFull reports whether the filesystem of dir has (almost) no room left
+// for an unprivileged writer.
+func filesystemFull(dir string) bool {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		return false
+	}
+	return st.Bavail*uint64(st.Bsize) < 1<<20
 }
 
 func syncDir(dir string) error {

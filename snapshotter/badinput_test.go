@@ -1,0 +1,271 @@
+package snapshotter
+
+import (
+	"archive/tar"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
+
+	"github.com/caisson-containers/caisson/snapshotter/snapshottest"
+)
+
+// checkConsistent asserts that the snapshotter's metadata lists exactly want
+// (keys), that every snapshot directory belongs to one of them, and that nothing
+// is left mounted under its root.
+func checkConsistent(t *testing.T, h *harness, sn *Snapshotter, want ...string) {
+	t.Helper()
+	if err := sn.Cleanup(h.ctx); err != nil {
+		t.Errorf("cleanup: %v", err)
+	}
+	var got []string
+	if err := sn.Walk(h.ctx, func(ctx context.Context, info snapshots.Info) error {
+		got = append(got, info.Name)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Errorf("snapshots %v, want %v", got, want)
+	}
+	ids := map[string]bool{}
+	for _, k := range want {
+		ids[h.idOf(sn, k)] = true
+	}
+	dirs, err := os.ReadDir(filepath.Join(sn.root, "snapshots"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range dirs {
+		if !ids[d.Name()] {
+			t.Errorf("orphan snapshot directory %s after Cleanup", d.Name())
+		}
+		files, _ := os.ReadDir(filepath.Join(sn.root, "snapshots", d.Name()))
+		for _, f := range files {
+			if strings.HasSuffix(f.Name(), ".tmp") {
+				t.Errorf("half-built image %s/%s after Cleanup", d.Name(), f.Name())
+			}
+		}
+	}
+	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	if strings.Contains(string(mounts), sn.root+"/") {
+		t.Errorf("something is still mounted under %s", sn.root)
+	}
+}
+
+// TestEscapingTar: entries that climb out with ../ or write through a symlink
+// pointing outside. containerd's differ resolves every path as if the layer's
+// root were / (fs.RootPath), so they land inside the layer; nothing is written
+// outside it.
+func TestEscapingTar(t *testing.T) {
+	requireHost(t)
+	outside := t.TempDir() // an absolute host path an entry tries to reach
+	rel := strings.Repeat("../", 20) + strings.TrimPrefix(outside, "/")
+	for _, tc := range []struct {
+		name    string
+		entries []layerEntry
+		inside  []snapshottest.Entry
+	}{
+		{
+			name:    "dotdot",
+			entries: []layerEntry{fileE(rel+"/pwned", "x", 0o644, 0, 0)},
+		},
+		{
+			name: "absolute symlink",
+			entries: []layerEntry{
+				symlinkE("evil", outside),
+				fileE("evil/pwned", "x", 0o644, 0, 0),
+			},
+		},
+		{
+			name: "relative symlink",
+			entries: []layerEntry{
+				dirE("d", 0o755, 0, 0),
+				symlinkE("d/evil", rel),
+				fileE("d/evil/pwned", "x", 0o644, 0, 0),
+			},
+		},
+		{
+			name: "hardlink out",
+			entries: []layerEntry{
+				linkE("pwned", rel+"/../../etc/passwd", 0o644, 0, 0),
+			},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, t.TempDir())
+			sn := h.newSnapshotter(nil)
+			err := h.unpack(sn, "l", "", h.addBlob(buildTar(t, tc.entries)))
+			t.Logf("unpack: %v", err)
+			if _, serr := os.Lstat(filepath.Join(outside, "pwned")); !errors.Is(serr, os.ErrNotExist) {
+				t.Fatalf("the tar wrote outside the layer: %v", serr)
+			}
+			if entries, _ := os.ReadDir(outside); len(entries) != 0 {
+				t.Fatalf("the tar wrote outside the layer: %v", entries)
+			}
+			if err == nil {
+				// Confined: what it wrote is inside the layer, at the path it
+				// names when / is the layer's root.
+				h.withLayerImage(sn, "l", func(root string) {
+					found := false
+					filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+						if err == nil && d.Name() == "pwned" {
+							found = true
+						}
+						return nil
+					})
+					if !found && tc.name != "hardlink out" {
+						t.Error("the confined entry is not in the layer")
+					}
+				})
+				checkConsistent(t, h, sn, "l")
+			} else {
+				checkConsistent(t, h, sn)
+			}
+		})
+	}
+}
+
+// TestTruncatedTar: a layer cut in the middle of a file fails to apply; one cut
+// at a header boundary reads as a shorter, valid tar and is caught by the diff id
+// check, as containerd's unpacker does. Either way no snapshot is left.
+func TestTruncatedTar(t *testing.T) {
+	requireHost(t)
+	entries := []layerEntry{
+		dirE("d", 0o755, 0, 0),
+		fileE("d/a", strings.Repeat("a", 10000), 0o644, 0, 0),
+		fileE("d/b", strings.Repeat("b", 10000), 0o644, 0, 0),
+	}
+	full := buildTar(t, entries)
+	// Where d/b's header starts: the first two entries without the
+	// end-of-archive blocks.
+	boundary := len(buildTar(t, entries[:2])) - 1024
+	for _, tc := range []struct {
+		name string
+		cut  int
+		want string
+	}{
+		{"mid file", boundary - 4000, "unexpected EOF"},
+		{"at a header", boundary, "wrong diff id"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, t.TempDir())
+			sn := h.newSnapshotter(nil)
+			err := h.unpackDiffID(sn, "l", "", h.addBlob(full[:tc.cut]), digest.FromBytes(full))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want an error with %q", err, tc.want)
+			}
+			checkConsistent(t, h, sn)
+		})
+	}
+}
+
+// TestDiskFullDuringCommit puts the root on a small tmpfs: the staged layer fits,
+// the EROFS image beside it does not. Commit fails with ENOSPC, the snapshot
+// stays active and intact, nothing half-built remains, and once space is freed
+// the same Commit succeeds.
+func TestDiskFullDuringCommit(t *testing.T) {
+	requireHost(t)
+	dir := t.TempDir()
+	h := newHarness(t, dir)
+	root := filepath.Join(dir, "root")
+	if err := os.Mkdir(root, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := mount.All([]mount.Mount{{Type: "tmpfs", Source: "tmpfs", Options: []string{"size=80m"}}}, root); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := mount.UnmountAll(root, 0); err != nil {
+			t.Errorf("unmount tmpfs: %v", err)
+		}
+	})
+	sn := h.newSnapshotter(nil)
+
+	blob := make([]byte, 45<<20)
+	rand.Read(blob)
+	entries := []layerEntry{dirE("d", 0o755, 0, 0), {hdr: tar.Header{Typeflag: tar.TypeReg, Name: "d/big", Mode: 0o644, Size: int64(len(blob))}, data: blob}}
+	desc := h.addBlob(buildTar(t, entries))
+
+	mounts, err := sn.Prepare(h.ctx, "active", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.applier.Apply(h.ctx, desc, mounts); err != nil {
+		t.Fatal(err)
+	}
+	err = sn.Commit(h.ctx, "committed", "active")
+	if !errors.Is(err, unix.ENOSPC) || !errdefs.IsResourceExhausted(err) {
+		t.Fatalf("commit on a full disk: got %v, want a no-space error", err)
+	}
+	t.Log(err)
+	if info, err := sn.Stat(h.ctx, "active"); err != nil || info.Kind != snapshots.KindActive {
+		t.Fatalf("after the failed commit: %v %v, want the snapshot still active", info.Kind, err)
+	}
+	checkConsistent(t, h, sn, "active")
+
+	// Grow the filesystem and retry the same Commit.
+	if err := unix.Mount("tmpfs", root, "tmpfs", unix.MS_REMOUNT, "size=200m"); err != nil {
+		t.Fatal(err)
+	}
+	if err := sn.Commit(h.ctx, "committed", "active"); err != nil {
+		t.Fatal(err)
+	}
+	h.withLayerImage(sn, "committed", func(root string) {
+		if err := snapshottest.Check(root, expectAll(entries)); err != nil {
+			t.Error(err)
+		}
+	})
+	checkConsistent(t, h, sn, "committed")
+}
+
+// TestConcurrentPrepareRemove races Prepare and Remove of one key. Each call
+// either succeeds or fails with AlreadyExists/NotFound; at the end metadata and
+// directories agree.
+func TestConcurrentPrepareRemove(t *testing.T) {
+	requireHost(t)
+	h := newHarness(t, t.TempDir())
+	sn := h.newSnapshotter(nil)
+	if err := h.unpack(sn, "base", "", h.addBlob(buildTar(t, []layerEntry{fileE("f", "f", 0o644, 0, 0)}))); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errc := make(chan error, 1000)
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 50 {
+				if (w+i)%2 == 0 {
+					if _, err := sn.Prepare(h.ctx, "k", "base"); err != nil && !errdefs.IsAlreadyExists(err) {
+						errc <- fmt.Errorf("prepare: %w", err)
+					}
+				} else {
+					if err := sn.Remove(h.ctx, "k"); err != nil && !errdefs.IsNotFound(err) {
+						errc <- fmt.Errorf("remove: %w", err)
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errc)
+	for err := range errc {
+		t.Error(err)
+	}
+	if err := sn.Remove(h.ctx, "k"); err != nil && !errdefs.IsNotFound(err) {
+		t.Fatal(err)
+	}
+	checkConsistent(t, h, sn, "base")
+}
