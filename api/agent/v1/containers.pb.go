@@ -158,6 +158,17 @@ type CreateContainerRequest struct {
 	ContainerId string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
 	// spec is the OCI runtime spec (config.json) as JSON. root.path is ignored:
 	// the root filesystem is rootfs.
+	//
+	// Namespaces: every container of the pod runs in the pod's network, IPC and
+	// UTS namespaces, which are the guest's own, whatever the spec says about
+	// those three; each container gets its own mount namespace; and its own PID
+	// namespace unless the sandbox shares PID (CreateSandboxRequest.share_pid),
+	// in which case it joins the first container's. Namespace paths in a spec
+	// are host paths and mean nothing in the guest: the agent ignores them.
+	//
+	// Mount sources are guest paths. The shim rewrites the CRI's host files to
+	// the sandbox's guest files (see Sandbox.Create) and refuses other host
+	// bind mounts, which cannot reach the VM.
 	Spec          []byte  `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
 	Rootfs        *Rootfs `protobuf:"bytes,3,opt,name=rootfs,proto3" json:"rootfs,omitempty"`
 	Stdio         *Stdio  `protobuf:"bytes,4,opt,name=stdio,proto3" json:"stdio,omitempty"`
