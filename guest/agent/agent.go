@@ -1,61 +1,130 @@
 // Package agent is caisson-agent, the guest's PID 1: it sets the VM up (package boot),
-// reaps every process (package reaper), and serves the shim's API.
+// reaps every process (package reaper), and serves the shim's API (package service) on
+// the transport the shim chose on the kernel command line.
 package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net"
 	"os"
+	"os/signal"
+	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/caisson-containers/caisson/guest/agent/boot"
 	"github.com/caisson-containers/caisson/guest/agent/reaper"
+	"github.com/caisson-containers/caisson/guest/agent/service"
+	"github.com/caisson-containers/caisson/internal/transport"
 )
 
-// Main runs the agent. As PID 1 it never returns: whatever ends it, it powers the VM off.
-func Main(ctx context.Context) (retErr error) {
-	pid1 := os.Getpid() == 1
-	if pid1 {
-		defer func() {
-			if retErr != nil {
-				log.G(ctx).WithError(retErr).Error("agent failed; powering off")
-			}
-			if err := boot.PowerOff(ctx); err != nil {
-				log.G(ctx).WithError(err).Error("power off")
-			}
-			select {} // PID 1 must not exit: that panics the kernel
-		}()
-		if err := boot.MountBase(ctx); err != nil {
-			return fmt.Errorf("base mounts: %w", err)
-		}
-		if err := boot.AttachConsole(); err != nil {
-			return fmt.Errorf("console: %w", err)
-		}
+// portTimeout bounds the wait for the agent's virtio-serial port to appear after its
+// driver was loaded.
+const portTimeout = 10 * time.Second
+
+// Main runs the agent as the guest's PID 1. It does not return: whatever ends it (the
+// shim's Sandbox.Destroy, ctrl-alt-del, a fatal error), it powers the VM off.
+func Main(ctx context.Context) error {
+	if os.Getpid() != 1 {
+		return fmt.Errorf("caisson-agent is the init of a Caisson VM; it is not meant to run as pid %d: %w", os.Getpid(), errdefs.ErrFailedPrecondition)
 	}
-	params := map[string]string{}
-	if pid1 {
-		var err error
-		if params, err = boot.Cmdline(); err != nil {
-			return err
-		}
+	err := run(ctx)
+	if err != nil {
+		log.G(ctx).WithError(err).Error("agent failed; powering off")
 	}
+	if err := boot.PowerOff(ctx); err != nil {
+		log.G(ctx).WithError(err).Error("power off")
+	}
+	select {} // PID 1 must not exit: that panics the kernel
+}
+
+func run(ctx context.Context) error {
+	if err := boot.MountBase(ctx); err != nil {
+		return fmt.Errorf("base mounts: %w", err)
+	}
+	if err := boot.AttachConsole(); err != nil {
+		return fmt.Errorf("console: %w", err)
+	}
+	logrus.SetFormatter(&logrus.TextFormatter{DisableColors: true, FullTimestamp: true, TimestampFormat: time.RFC3339Nano})
+	cmdline, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		return err
+	}
+	params := boot.ParseCmdline(string(cmdline))
 	if _, debug := params["debug"]; debug {
 		_ = log.SetLevel("debug")
 	}
-	if pid1 {
-		dir, err := boot.ModulesDir()
-		if err != nil {
-			return err
-		}
-		if _, err := boot.LoadModules(ctx, dir); err != nil {
-			return err
-		}
+	dir, err := boot.ModulesDir()
+	if err != nil {
+		return err
 	}
+	if _, err := boot.LoadModules(ctx, dir); err != nil {
+		return err
+	}
+	// ctrl-alt-del (QEMU's system_reset aside) becomes SIGINT for a clean power-off.
+	_ = unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF)
+	sigc := make(chan os.Signal, 1)
+	signal.Notify(sigc, unix.SIGINT, unix.SIGTERM, unix.SIGPWR)
+
 	r := reaper.New()
 	go r.Run()
 	defer r.Stop()
 
-	log.G(ctx).Info("caisson-agent ready")
-	select {}
+	endpoint, err := transport.EndpointFromCmdline(string(cmdline))
+	if err != nil {
+		return err
+	}
+	l, err := listen(ctx, endpoint)
+	if err != nil {
+		return err
+	}
+	powerOff := make(chan struct{})
+	a, err := service.New(service.Config{PowerOff: func() { close(powerOff) }}, r)
+	if err != nil {
+		return err
+	}
+	srv, err := a.NewServer()
+	if err != nil {
+		return err
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ctx, transport.Demux(ctx, l, a.HandleStdio)) }()
+	log.G(ctx).WithField("transport", endpoint.String()).Info("caisson-agent ready")
+
+	select {
+	case <-powerOff:
+		return nil
+	case s := <-sigc:
+		log.G(ctx).WithField("signal", s).Info("shutting down")
+		a.Shutdown(ctx)
+		return nil
+	case err := <-serveErr:
+		a.Shutdown(ctx)
+		if errors.Is(err, net.ErrClosed) {
+			return nil
+		}
+		return fmt.Errorf("serve: %w", err)
+	}
+}
+
+func listen(ctx context.Context, e transport.Endpoint) (net.Listener, error) {
+	if e.Kind == transport.Vsock {
+		return transport.ListenVsock(e.Port)
+	}
+	deadline := time.Now().Add(portTimeout)
+	for {
+		port, err := transport.OpenSerialPort(transport.SerialPortName)
+		if err == nil {
+			return transport.ListenSerial(port)
+		}
+		if !errdefs.IsNotFound(err) || time.Now().After(deadline) {
+			return nil, err
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

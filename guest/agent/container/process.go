@@ -8,6 +8,7 @@ import (
 	"os"
 	"reflect"
 	"sync"
+	"time"
 
 	"github.com/containerd/console"
 	"github.com/containerd/errdefs"
@@ -139,7 +140,7 @@ func (p *Process) run(r *reaper.Reaper) error {
 	if err != nil {
 		p.closeIO()
 		// A process that failed to start counts as exited with 255, as in containerd.
-		p.exit = Exit{Status: 255}
+		p.exit = Exit{Status: 255, At: time.Now()}
 		close(p.exited)
 		return err
 	}

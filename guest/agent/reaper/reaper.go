@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -20,6 +21,7 @@ type Exit struct {
 	Pid    int
 	Status int // the exit code, or 128+signal if a signal killed it
 	Signal unix.Signal
+	At     time.Time // when it was reaped
 }
 
 // Reaper collects child exits. The zero value is not usable; use New.
@@ -70,7 +72,7 @@ func (r *Reaper) reapAll() {
 		if err != nil || pid <= 0 {
 			return
 		}
-		e := Exit{Pid: pid}
+		e := Exit{Pid: pid, At: time.Now()}
 		switch {
 		case ws.Exited():
 			e.Status = ws.ExitStatus()

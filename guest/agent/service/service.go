@@ -1,0 +1,138 @@
+// Package service serves the shim↔agent API (api/agent/v1) over ttrpc, on top of the
+// agent's container runtime, storage manager and sandbox. Errors are errdefs errors,
+// converted with errgrpc at the server edge (one interceptor, not in every method).
+package service
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
+	"github.com/containerd/ttrpc"
+
+	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/guest/agent/container"
+	"github.com/caisson-containers/caisson/guest/agent/reaper"
+	"github.com/caisson-containers/caisson/guest/agent/sandbox"
+	"github.com/caisson-containers/caisson/guest/agent/storage"
+)
+
+// Version is the agent's version, reported by Sandbox.Version.
+var Version = "dev"
+
+// Config places the agent's state.
+type Config struct {
+	// Root holds everything the agent creates at run time: storage mount points,
+	// container rootfs and state, the pod's files. Default /run/caisson.
+	Root string
+	// CgroupParent is where container cgroups go (default /caisson).
+	CgroupParent string
+	// Finder locates attached disks (default storage.DefaultFinder).
+	Finder *storage.Finder
+	// PowerOff is called, after Sandbox.Destroy has answered, to end the VM.
+	PowerOff func()
+}
+
+// Agent implements every service of the API.
+type Agent struct {
+	cfg      Config
+	runtime  *container.Runtime
+	storages *storage.Manager
+	sandbox  *sandbox.Sandbox
+	events   *broker
+
+	mu     sync.Mutex
+	rootfs map[string]*storage.MountedRootfs // by container id
+	stdio  map[stdioKey]bool                 // attached streams
+}
+
+// New returns the agent's services; every process it starts is reaped by r.
+func New(cfg Config, r *reaper.Reaper) (*Agent, error) {
+	if cfg.Root == "" {
+		cfg.Root = "/run/caisson"
+	}
+	if cfg.CgroupParent == "" {
+		cfg.CgroupParent = "/caisson"
+	}
+	finder := storage.DefaultFinder
+	if cfg.Finder != nil {
+		finder = *cfg.Finder
+	}
+	rt, err := container.NewRuntime(filepath.Join(cfg.Root, "libcontainer"), cfg.CgroupParent, r)
+	if err != nil {
+		return nil, err
+	}
+	st, err := storage.NewManager(filepath.Join(cfg.Root, "storage"), finder)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.Root, "containers"), 0o700); err != nil {
+		return nil, err
+	}
+	return &Agent{
+		cfg:      cfg,
+		runtime:  rt,
+		storages: st,
+		sandbox:  sandbox.New(filepath.Join(cfg.Root, "sandbox")),
+		events:   newBroker(),
+		rootfs:   map[string]*storage.MountedRootfs{},
+		stdio:    map[stdioKey]bool{},
+	}, nil
+}
+
+// NewServer returns a ttrpc server with every service registered.
+func (a *Agent) NewServer() (*ttrpc.Server, error) {
+	srv, err := ttrpc.NewServer(
+		ttrpc.WithUnaryServerInterceptor(func(ctx context.Context, u ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, m ttrpc.Method) (any, error) {
+			resp, err := m(ctx, u)
+			if err != nil {
+				log.G(ctx).WithError(err).WithField("method", info.FullMethod).Debug("request failed")
+			}
+			return resp, errgrpc.ToGRPC(err)
+		}),
+	)
+	if err != nil {
+		return nil, err
+	}
+	agent.RegisterSandboxService(srv, sandboxService{a})
+	agent.RegisterStorageService(srv, storageService{a})
+	agent.RegisterContainersService(srv, containersService{a})
+	agent.RegisterExecService(srv, execService{a})
+	agent.RegisterIOService(srv, ioService{a})
+	return srv, nil
+}
+
+// Shutdown kills every container and releases every rootfs and storage.
+func (a *Agent) Shutdown(ctx context.Context) {
+	for _, c := range a.runtime.List() {
+		if err := a.deleteContainer(ctx, c.ID(), true); err != nil {
+			log.G(ctx).WithError(err).WithField("id", c.ID()).Warn("delete container at shutdown")
+		}
+	}
+	a.storages.UnmountAll(ctx)
+	a.sandbox.Destroy(ctx)
+}
+
+func (a *Agent) process(containerID, execID string) (*container.Container, *container.Process, error) {
+	c, err := a.runtime.Get(containerID)
+	if err != nil {
+		return nil, nil, err
+	}
+	p, err := c.Process(execID)
+	if err != nil {
+		return nil, nil, err
+	}
+	return c, p, nil
+}
+
+func stdioOf(s *agent.Stdio) container.Stdio {
+	return container.Stdio{Stdin: s.GetStdin(), Stdout: s.GetStdout(), Stderr: s.GetStderr(), Terminal: s.GetTerminal()}
+}
+
+func (a *Agent) rootfsDir(id string) string {
+	return filepath.Join(a.cfg.Root, "containers", id, "rootfs")
+}
+
