@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -94,7 +95,9 @@ func startDaemon(t testing.TB, root, address, cfg string) *daemon {
 	go func() { d.exited <- cmd.Wait() }()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		if _, err := os.Stat(address); err == nil {
+		// Dial, not stat: a killed daemon leaves its socket file behind.
+		if c, err := net.Dial("unix", address); err == nil {
+			c.Close()
 			break
 		}
 		select {
@@ -154,10 +157,10 @@ func (d *daemon) kill() {
 
 // writeConfig writes the config the suite needs on this host (see the in-process
 // suite in package snapshotter for why redirect_dir=on).
-func writeConfig(t testing.TB, dir string) string {
+func writeConfig(t testing.TB, dir, writableSize string) string {
 	t.Helper()
 	p := filepath.Join(dir, "config.toml")
-	cfg := "default_writable_size = \"64MiB\"\noverlay_options = [\"redirect_dir=on\"]\n"
+	cfg := fmt.Sprintf("default_writable_size = %q\noverlay_options = [\"redirect_dir=on\"]\n", writableSize)
 	if err := os.WriteFile(p, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -170,7 +173,7 @@ func TestProxySuite(t *testing.T) {
 	buildDaemon(t)
 	testsuite.SnapshotterSuite(t, "caisson", func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
 		dir := filepath.Dir(root)
-		d := startDaemon(t, root, filepath.Join(dir, "snapshotter.sock"), writeConfig(t, dir))
+		d := startDaemon(t, root, filepath.Join(dir, "snapshotter.sock"), writeConfig(t, dir, "64MiB"))
 		return d.snapshotter(), d.stop, nil
 	})
 }
