@@ -162,9 +162,11 @@ type CreateContainerRequest struct {
 	// Namespaces: every container of the pod runs in the pod's network, IPC and
 	// UTS namespaces, which are the guest's own, whatever the spec says about
 	// those three; each container gets its own mount namespace; and its own PID
-	// namespace unless the sandbox shares PID (CreateSandboxRequest.share_pid),
-	// in which case it joins the first container's. Namespace paths in a spec
-	// are host paths and mean nothing in the guest: the agent ignores them.
+	// namespace, unless the sandbox shares PID (CreateSandboxRequest.share_pid)
+	// or the spec's PID namespace has the path "pod": then it joins the PID
+	// namespace of the pod's first container. Host namespace paths mean nothing
+	// in the guest: the shim clears them, and sends a joined PID namespace (the
+	// CRI's shared-PID pods) as "pod".
 	//
 	// Mount sources are guest paths. The shim rewrites the CRI's host files to
 	// the sandbox's guest files (see Sandbox.Create) and refuses other host
