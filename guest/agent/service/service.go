@@ -135,4 +135,3 @@ func stdioOf(s *agent.Stdio) container.Stdio {
 func (a *Agent) rootfsDir(id string) string {
 	return filepath.Join(a.cfg.Root, "containers", id, "rootfs")
 }
-
