@@ -23,9 +23,12 @@ const (
 	MaxDisks = (lastPortSlot - firstPortSlot + 1) * 8
 	// memorySlots are DIMM slots for later memory hot-plug (virtio-pmem does not use them).
 	memorySlots = 4
-	// baseKernelParams come before the caller's: the console is the first serial port,
-	// and a panic reboots at once, which -no-reboot turns into QEMU exiting.
-	baseKernelParams = "console=ttyS0 panic=-1"
+	// baseKernelParams come before the caller's: the console is the first serial port;
+	// a panic reboots at once, which -no-reboot turns into QEMU exiting; and no swiotlb
+	// bounce buffer, which the kernel would otherwise allocate and zero (64 MiB of host
+	// memory) because maxmem puts guest addresses above 4 GiB, although no device here
+	// needs it (virtio DMA is 64-bit, there is no IOMMU).
+	baseKernelParams = "console=ttyS0 panic=-1 swiotlb=noforce"
 )
 
 // Names of the files Start creates in the state dir.
