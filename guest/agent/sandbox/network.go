@@ -38,7 +38,7 @@ func setNetwork(podNetns string, ifaces []Interface, routes []Route) error {
 		return fmt.Errorf("pod network namespace: %w", err)
 	}
 	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		return err
 	}
@@ -82,7 +82,7 @@ func setInterface(h *netlink.Handle, ns netns.NsHandle, iface Interface) error {
 	}
 	if link == nil {
 		// Still in the agent's (the VM's root) namespace: move it into the pod's.
-		root, err := netlink.NewHandle()
+		root, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 		if err != nil {
 			return err
 		}
