@@ -1,0 +1,242 @@
+// Package manager is the shim's entry point for containerd: it starts the
+// long-running shim for a pod (one shim, and one VM, per pod), cleans up after
+// a shim that died, and tells containerd what the runtime handles itself.
+package manager
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/containerd/v2/defaults"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/shim"
+	"github.com/containerd/log"
+
+	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/version"
+)
+
+// MountCapabilities are the mount types and transforms the shim performs itself
+// (docs/mounts.md), so containerd's mount manager leaves them to it.
+var MountCapabilities = &types.MountCapabilities{
+	Types:      []string{"erofs", "ext4"},
+	Transforms: []string{"mkfs", "mkdir", "format"},
+}
+
+// allowMountsAnnotation is the same, for containerd 2.2–2.3 (which read the
+// deprecated runtime-allow-mounts annotation of -info).
+const allowMountsAnnotation = "containerd.io/runtime-allow-mounts"
+
+func allowMountsValue() string {
+	v := append([]string{}, MountCapabilities.Types...)
+	for _, t := range MountCapabilities.Transforms {
+		v = append(v, t+"/*")
+	}
+	return strings.Join(v, ",")
+}
+
+// groupAnnotations put containers in the same shim: a CRI pod's containers share
+// their sandbox's shim, and so its VM.
+var groupAnnotations = []string{"io.caisson.group", "io.kubernetes.cri.sandbox-id"}
+
+// New returns the shim manager for the runtime called name.
+func New(name string) shim.Shim {
+	return &manager{name: name}
+}
+
+type manager struct {
+	name string
+}
+
+func (m *manager) Name() string { return m.name }
+
+type bundleSpec struct {
+	Annotations map[string]string `json:"annotations,omitempty"`
+}
+
+func readBundleSpec(dir string) (*bundleSpec, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "config.json"))
+	if err != nil {
+		return nil, err
+	}
+	var s bundleSpec
+	if err := json.Unmarshal(b, &s); err != nil {
+		return nil, fmt.Errorf("decode OCI spec: %w", err)
+	}
+	return &s, nil
+}
+
+// Start starts the shim that serves the container's pod, or returns the address
+// of the one already serving it.
+func (m *manager) Start(ctx context.Context, opts *bootapi.BootstrapParams) (_ *bootapi.BootstrapResult, retErr error) {
+	result := &bootapi.BootstrapResult{Version: 3, Protocol: "ttrpc"}
+	if err := result.AddExtension(MountCapabilities); err != nil {
+		return nil, err
+	}
+	id := opts.GetInstanceID()
+	spec, err := readBundleSpec(".")
+	if err != nil {
+		return nil, err
+	}
+	group := id
+	for _, a := range groupAnnotations {
+		if g := spec.Annotations[a]; g != "" {
+			group = g
+			break
+		}
+	}
+	socketDir := opts.GetSocketDir()
+	if socketDir == "" {
+		socketDir = filepath.Join(defaults.DefaultStateDir, "s")
+	}
+	address, err := shim.CreateSocketAddress(ctx, socketDir, opts.GetContainerdGrpcAddress(), group, false)
+	if err != nil {
+		return nil, err
+	}
+	socket, err := shim.NewSocket(address)
+	if err != nil {
+		if !shim.SocketEaddrinuse(err) {
+			return nil, fmt.Errorf("create shim socket: %w", err)
+		}
+		if shim.CanConnect(address) {
+			// The pod's shim is running: the container joins it.
+			result.Address = address
+			return result, nil
+		}
+		if err := shim.RemoveSocket(address); err != nil {
+			return nil, fmt.Errorf("remove stale shim socket: %w", err)
+		}
+		if socket, err = shim.NewSocket(address); err != nil {
+			return nil, fmt.Errorf("create shim socket: %w", err)
+		}
+	}
+	defer func() {
+		if retErr != nil {
+			socket.Close()
+			shim.RemoveSocket(address)
+		}
+	}()
+	f, err := socket.File()
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+
+	ns, err := namespaces.NamespaceRequired(ctx)
+	if err != nil {
+		return nil, err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cwd, err := os.Getwd()
+	if err != nil {
+		return nil, err
+	}
+	args := []string{"-namespace", ns, "-id", id, "-address", opts.GetContainerdGrpcAddress()}
+	if opts.GetLogLevel() <= bootapi.LogLevel_LOG_LEVEL_DEBUG {
+		args = append(args, "-debug")
+	}
+	cmd := exec.Command(self, args...)
+	cmd.Dir = cwd
+	cmd.Env = append(os.Environ(), "GOMAXPROCS=2")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.ExtraFiles = []*os.File{f}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			cmd.Process.Kill()
+		}
+	}()
+	go cmd.Wait()
+	if err := shim.AdjustOOMScore(cmd.Process.Pid); err != nil {
+		log.G(ctx).WithError(err).Warn("cannot adjust the shim's OOM score")
+	}
+	result.Address = address
+	return result, nil
+}
+
+// Stop is `shim delete`: containerd's cleanup for a container whose shim is
+// gone (crashed or killed) or whose create failed. A VM left without its shim
+// is killed and its state removed; a live shim's VM is left alone.
+func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
+	status := shim.StopStatus{ExitedAt: time.Now(), ExitStatus: 128 + int(syscall.SIGKILL)}
+	cwd, err := os.Getwd()
+	if err != nil {
+		return status, err
+	}
+	ns, err := namespaces.NamespaceRequired(ctx)
+	if err != nil {
+		return status, err
+	}
+	if address, err := shim.ReadAddress(filepath.Join(cwd, "address")); err == nil && shim.CanConnect(address) {
+		return status, nil
+	}
+	cfg, _, err := config.Load("")
+	if err != nil {
+		// Cleanup must not fail on a config that became invalid; use the default state dir.
+		cfg = config.Default(config.DefaultArtifactsDir())
+	}
+	group := id
+	if spec, err := readBundleSpec(cwd); err == nil {
+		for _, a := range groupAnnotations {
+			if g := spec.Annotations[a]; g != "" {
+				group = g
+				break
+			}
+		}
+	}
+	stateDir := filepath.Join(cfg.StateDir, ns+"-"+group)
+	if _, err := os.Stat(stateDir); err != nil {
+		return status, nil
+	}
+	killVMs(ctx, stateDir)
+	if err := os.RemoveAll(stateDir); err != nil {
+		return status, fmt.Errorf("remove pod state %s: %w", stateDir, err)
+	}
+	log.G(ctx).WithField("state", stateDir).Info("cleaned up after a dead shim")
+	return status, nil
+}
+
+// killVMs kills QEMU processes whose command line names stateDir: a VM whose
+// shim died (QEMU normally dies with it, by its parent-death signal).
+func killVMs(ctx context.Context, stateDir string) {
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid := e.Name()
+		if pid[0] < '0' || pid[0] > '9' {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", pid, "cmdline"))
+		if err != nil || !strings.Contains(string(b), stateDir+"/") || !strings.Contains(string(b), "qemu") {
+			continue
+		}
+		var n int
+		fmt.Sscan(pid, &n)
+		log.G(ctx).WithField("pid", n).Warn("killing the VM of a dead shim")
+		syscall.Kill(-n, syscall.SIGKILL)
+		syscall.Kill(n, syscall.SIGKILL)
+	}
+}
+
+// Info describes the runtime to containerd (`-info`).
+func (m *manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeInfo, error) {
+	return &types.RuntimeInfo{
+		Name:        m.name,
+		Version:     &types.RuntimeVersion{Version: version.Version, Revision: version.Revision},
+		Annotations: map[string]string{allowMountsAnnotation: allowMountsValue()},
+	}, nil
+}

@@ -1,0 +1,153 @@
+package pod
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
+
+	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/shim/rootfs"
+	"github.com/caisson-containers/caisson/shim/vmm"
+)
+
+// attached is a host file attached to the VM and mounted by the agent.
+type attached struct {
+	id   string
+	refs int
+	kind vmm.DiskKind
+}
+
+// AttachRootfs attaches the plan's devices (sharing those already attached),
+// has the agent mount them, and returns the rootfs for Containers.Create and a
+// release function that undoes it. On error, nothing stays attached.
+func (p *Pod) AttachRootfs(ctx context.Context, plan *rootfs.Plan) (_ *agent.Rootfs, release func(context.Context) error, retErr error) {
+	var acquired []string
+	releaseAll := func(ctx context.Context) error {
+		var errs []error
+		for i := len(acquired) - 1; i >= 0; i-- {
+			errs = append(errs, p.release(ctx, acquired[i]))
+		}
+		return errors.Join(errs...)
+	}
+	defer func() {
+		if retErr != nil {
+			if err := releaseAll(context.WithoutCancel(ctx)); err != nil {
+				log.G(ctx).WithError(err).Warn("releasing rootfs devices after a failed attach")
+			}
+		}
+	}()
+	ids := make([]string, len(plan.Devices))
+	for i, d := range plan.Devices {
+		id, err := p.acquire(ctx, d)
+		if err != nil {
+			return nil, nil, fmt.Errorf("rootfs device %s: %w", d.Source, err)
+		}
+		acquired = append(acquired, d.Source)
+		ids[i] = id
+	}
+	ref := func(r *rootfs.Ref) *agent.StoragePath {
+		if r == nil {
+			return nil
+		}
+		return &agent.StoragePath{StorageId: ids[r.Device], Path: r.Path}
+	}
+	rfs := &agent.Rootfs{Upper: ref(plan.Upper), Work: ref(plan.Work), Options: plan.Options}
+	for i := range plan.Lower {
+		rfs.Lower = append(rfs.Lower, ref(&plan.Lower[i]))
+	}
+	return rfs, releaseAll, nil
+}
+
+// acquire attaches and mounts d, or takes another reference on it.
+func (p *Pod) acquire(ctx context.Context, d rootfs.Device) (string, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if a, ok := p.storages[d.Source]; ok {
+		a.refs++
+		return a.id, nil
+	}
+	if err := rootfs.Format(ctx, d); err != nil {
+		return "", err
+	}
+	kind, err := p.diskKind(d)
+	if err != nil {
+		return "", err
+	}
+	id := storageID(d.Source)
+	addr, err := p.vm.AttachDisk(ctx, vmm.Disk{ID: id, Path: d.Source, ReadOnly: d.ReadOnly, Kind: kind})
+	if err != nil {
+		return "", err
+	}
+	dev := &agent.Device{Kind: agent.DeviceKind_DEVICE_KIND_BLOCK, PciPath: string(addr.PCIPath), Serial: addr.Serial}
+	if kind == vmm.PMEM {
+		dev.Kind = agent.DeviceKind_DEVICE_KIND_PMEM
+	}
+	var opts []string
+	if d.ReadOnly {
+		opts = append(opts, "ro")
+	}
+	_, err = p.storage.Mount(ctx, &agent.MountStorageRequest{
+		StorageId: id, Device: dev, Fstype: d.FSType, Options: opts, Dax: kind == vmm.PMEM,
+	})
+	if err != nil {
+		if derr := p.vm.DetachDisk(context.WithoutCancel(ctx), id); derr != nil {
+			log.G(ctx).WithError(derr).Warn("detaching a disk the agent could not mount")
+		}
+		return "", fmt.Errorf("mount in the guest: %w", errgrpc.ToNative(err))
+	}
+	p.storages[d.Source] = &attached{id: id, refs: 1, kind: kind}
+	log.G(ctx).WithField("storage", id).WithField("source", d.Source).WithField("kind", kind).Debug("attached")
+	return id, nil
+}
+
+// release drops a reference; the last one unmounts and detaches.
+func (p *Pod) release(ctx context.Context, source string) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	a, ok := p.storages[source]
+	if !ok {
+		return nil
+	}
+	if a.refs--; a.refs > 0 {
+		return nil
+	}
+	delete(p.storages, source)
+	var errs []error
+	if _, err := p.storage.Unmount(ctx, &agent.UnmountStorageRequest{StorageId: a.id}); err != nil {
+		errs = append(errs, fmt.Errorf("unmount %s in the guest: %w", a.id, errgrpc.ToNative(err)))
+	}
+	if err := p.vm.DetachDisk(ctx, a.id); err != nil {
+		errs = append(errs, fmt.Errorf("detach %s: %w", source, err))
+	}
+	return errors.Join(errs...)
+}
+
+// diskKind puts read-only EROFS layers on virtio-pmem (DAX) when the config
+// allows it and the file's size is pmem-aligned (the snapshotter pads layers).
+func (p *Pod) diskKind(d rootfs.Device) (vmm.DiskKind, error) {
+	if !p.cfg.Storage.DAX || !d.ReadOnly || d.FSType != "erofs" {
+		return vmm.Block, nil
+	}
+	st, err := os.Stat(d.Source)
+	if err != nil {
+		return 0, err
+	}
+	if st.Size() == 0 || st.Size()%vmm.PMEMAlignment != 0 {
+		return vmm.Block, nil
+	}
+	return vmm.PMEM, nil
+}
+
+// storageID names a host file's storage in the guest: stable for the file, so
+// a layer shared by containers is one storage, and short enough for a
+// virtio-blk serial (20 bytes).
+func storageID(source string) string {
+	h := sha256.Sum256([]byte(source))
+	return "s" + hex.EncodeToString(h[:])[:19]
+}

@@ -1,0 +1,261 @@
+package task
+
+import (
+	"context"
+	"os"
+
+	eventstypes "github.com/containerd/containerd/api/events"
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	runcoptions "github.com/containerd/containerd/api/types/runc/options"
+	"github.com/containerd/containerd/api/types/task"
+	"github.com/containerd/containerd/v2/pkg/protobuf"
+	ptypes "github.com/containerd/containerd/v2/pkg/protobuf/types"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/typeurl/v2"
+
+	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/shim/pod"
+	"github.com/caisson-containers/caisson/shim/stdio"
+)
+
+func (s *service) runningPod() (*pod.Pod, error) {
+	pd := s.currentPod()
+	if pd == nil {
+		return nil, errgrpc.ToGRPCf(errdefs.ErrUnavailable, "the pod's VM is not running")
+	}
+	return pd, nil
+}
+
+// Exec adds a process to a running container.
+func (s *service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (_ *ptypes.Empty, retErr error) {
+	c, err := s.container(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	if st, _, _, _ := c.init.state(); st != task.Status_RUNNING {
+		return nil, errgrpc.ToGRPCf(errdefs.ErrFailedPrecondition, "container %s is %s", r.ID, st)
+	}
+	c.mu.Lock()
+	_, dup := c.execs[r.ExecID]
+	c.mu.Unlock()
+	if dup {
+		return nil, errgrpc.ToGRPCf(errdefs.ErrAlreadyExists, "exec %s in container %s", r.ExecID, r.ID)
+	}
+	pd, err := s.runningPod()
+	if err != nil {
+		return nil, err
+	}
+	sio := stdio.Config{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal}
+	_, err = pd.Exec.Create(ctx, &agent.CreateExecRequest{
+		ContainerId: r.ID, ExecId: r.ExecID, Process: r.Spec.GetValue(), Stdio: sio.Agent(),
+	})
+	if err != nil {
+		return nil, agentErr("create exec", err)
+	}
+	p := newProcess(r.ID, r.ExecID, sio)
+	p.spec = r.Spec.GetValue()
+	p.io, err = stdio.Attach(ctx, pd.Session(), r.ID, r.ExecID, sio)
+	if err != nil {
+		pd.Exec.Delete(context.WithoutCancel(ctx), &agent.DeleteExecRequest{ContainerId: r.ID, ExecId: r.ExecID})
+		return nil, errgrpc.ToGRPC(err)
+	}
+	c.mu.Lock()
+	c.execs[r.ExecID] = p
+	c.mu.Unlock()
+	s.send(&eventstypes.TaskExecAdded{ContainerID: r.ID, ExecID: r.ExecID})
+	return empty, nil
+}
+
+func (s *service) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) (*ptypes.Empty, error) {
+	if _, _, err := s.process(r.ID, r.ExecID); err != nil {
+		return nil, err
+	}
+	pd, err := s.runningPod()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := pd.IO.ResizePty(ctx, &agent.ResizePtyRequest{ContainerId: r.ID, ExecId: r.ExecID, Width: r.Width, Height: r.Height}); err != nil {
+		return nil, agentErr("resize pty", err)
+	}
+	return empty, nil
+}
+
+func (s *service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*ptypes.Empty, error) {
+	_, p, err := s.process(r.ID, r.ExecID)
+	if err != nil {
+		return nil, err
+	}
+	if !r.Stdin {
+		return empty, nil
+	}
+	p.mu.Lock()
+	io := p.io
+	p.mu.Unlock()
+	if io != nil {
+		io.CloseStdin()
+	}
+	if pd := s.currentPod(); pd != nil {
+		if _, err := pd.IO.CloseStdin(ctx, &agent.CloseStdinRequest{ContainerId: r.ID, ExecId: r.ExecID}); err != nil {
+			return nil, agentErr("close stdin", err)
+		}
+	}
+	return empty, nil
+}
+
+func (s *service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.StateResponse, error) {
+	c, p, err := s.process(r.ID, r.ExecID)
+	if err != nil {
+		return nil, err
+	}
+	st, pid, code, at := p.state()
+	return &taskAPI.StateResponse{
+		ID: idOr(r.ExecID, r.ID), ExecID: r.ExecID, Bundle: c.bundle, Pid: pid, Status: st,
+		Stdin: p.stdio.Stdin, Stdout: p.stdio.Stdout, Stderr: p.stdio.Stderr, Terminal: p.stdio.Terminal,
+		ExitStatus: code, ExitedAt: protobuf.ToTimestamp(at),
+	}, nil
+}
+
+func (s *service) Pause(ctx context.Context, r *taskAPI.PauseRequest) (*ptypes.Empty, error) {
+	c, err := s.container(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	pd, err := s.runningPod()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := pd.Containers.Pause(ctx, &agent.PauseRequest{ContainerId: r.ID}); err != nil {
+		return nil, agentErr("pause", err)
+	}
+	c.init.setStatus(task.Status_PAUSED)
+	s.send(&eventstypes.TaskPaused{ContainerID: r.ID})
+	return empty, nil
+}
+
+func (s *service) Resume(ctx context.Context, r *taskAPI.ResumeRequest) (*ptypes.Empty, error) {
+	c, err := s.container(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	pd, err := s.runningPod()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := pd.Containers.Resume(ctx, &agent.ResumeRequest{ContainerId: r.ID}); err != nil {
+		return nil, agentErr("resume", err)
+	}
+	c.init.setStatus(task.Status_RUNNING)
+	s.send(&eventstypes.TaskResumed{ContainerID: r.ID})
+	return empty, nil
+}
+
+func (s *service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*ptypes.Empty, error) {
+	_, p, err := s.process(r.ID, r.ExecID)
+	if err != nil {
+		return nil, err
+	}
+	if st, _, _, _ := p.state(); st == task.Status_STOPPED {
+		return nil, errgrpc.ToGRPCf(errdefs.ErrNotFound, "process %s of %s has already exited", idOr(r.ExecID, r.ID), r.ID)
+	}
+	pd, err := s.runningPod()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := pd.Containers.Signal(ctx, &agent.SignalRequest{ContainerId: r.ID, ExecId: r.ExecID, Signal: r.Signal, All: r.All}); err != nil {
+		return nil, agentErr("signal", err)
+	}
+	return empty, nil
+}
+
+func (s *service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.PidsResponse, error) {
+	if _, err := s.container(r.ID); err != nil {
+		return nil, err
+	}
+	pd, err := s.runningPod()
+	if err != nil {
+		return nil, err
+	}
+	resp, err := pd.Containers.Pids(ctx, &agent.PidsRequest{ContainerId: r.ID})
+	if err != nil {
+		return nil, agentErr("pids", err)
+	}
+	var out []*task.ProcessInfo
+	for _, p := range resp.GetProcesses() {
+		pi := &task.ProcessInfo{Pid: p.GetPid()}
+		if p.GetExecId() != "" {
+			a, err := typeurl.MarshalAnyToProto(&runcoptions.ProcessDetails{ExecID: p.GetExecId()})
+			if err != nil {
+				return nil, err
+			}
+			pi.Info = a
+		}
+		out = append(out, pi)
+	}
+	return &taskAPI.PidsResponse{Processes: out}, nil
+}
+
+func (s *service) Checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskRequest) (*ptypes.Empty, error) {
+	return nil, errgrpc.ToGRPCf(errdefs.ErrNotImplemented, "caisson cannot checkpoint a container in a VM")
+}
+
+func (s *service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*ptypes.Empty, error) {
+	if _, err := s.container(r.ID); err != nil {
+		return nil, err
+	}
+	pd, err := s.runningPod()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := pd.Containers.Update(ctx, &agent.UpdateContainerRequest{ContainerId: r.ID, Resources: r.Resources.GetValue()}); err != nil {
+		return nil, agentErr("update", err)
+	}
+	return empty, nil
+}
+
+func (s *service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.WaitResponse, error) {
+	_, p, err := s.process(r.ID, r.ExecID)
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case <-p.exited:
+	case <-ctx.Done():
+		return nil, errgrpc.ToGRPC(ctx.Err())
+	}
+	_, _, code, at := p.state()
+	return &taskAPI.WaitResponse{ExitStatus: code, ExitedAt: protobuf.ToTimestamp(at)}, nil
+}
+
+func (s *service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.StatsResponse, error) {
+	if _, err := s.container(r.ID); err != nil {
+		return nil, err
+	}
+	pd, err := s.runningPod()
+	if err != nil {
+		return nil, err
+	}
+	resp, err := pd.Containers.Stats(ctx, &agent.StatsRequest{ContainerId: r.ID})
+	if err != nil {
+		return nil, agentErr("stats", err)
+	}
+	return &taskAPI.StatsResponse{Stats: resp.GetMetrics()}, nil
+}
+
+func (s *service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*taskAPI.ConnectResponse, error) {
+	var pid uint32
+	if c, err := s.container(r.ID); err == nil {
+		_, pid, _, _ = c.init.state()
+	}
+	return &taskAPI.ConnectResponse{ShimPid: uint32(os.Getpid()), TaskPid: pid}, nil
+}
+
+// Shutdown stops the VM and the shim once no container is left.
+func (s *service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*ptypes.Empty, error) {
+	if s.containerCount() > 0 {
+		return empty, nil
+	}
+	s.shutdown.Shutdown()
+	return empty, nil
+}
+

@@ -1,0 +1,248 @@
+package task
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+
+	eventstypes "github.com/containerd/containerd/api/events"
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	"github.com/containerd/containerd/api/types/task"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/pkg/protobuf"
+	ptypes "github.com/containerd/containerd/v2/pkg/protobuf/types"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
+	"github.com/opencontainers/runtime-spec/specs-go"
+
+	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/pod"
+	"github.com/caisson-containers/caisson/shim/rootfs"
+	"github.com/caisson-containers/caisson/shim/stdio"
+)
+
+var empty = &ptypes.Empty{}
+
+// Create creates a container in the pod's VM, starting the VM for the pod's
+// first container. On error nothing it created remains (and a VM started for
+// it is stopped).
+func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *taskAPI.CreateTaskResponse, retErr error) {
+	ctx = log.WithLogger(ctx, log.G(ctx).WithField("container", r.ID))
+	if r.Checkpoint != "" {
+		return nil, errgrpc.ToGRPCf(errdefs.ErrNotImplemented, "caisson cannot restore checkpoints")
+	}
+	s.mu.Lock()
+	if _, ok := s.containers[r.ID]; ok {
+		s.mu.Unlock()
+		return nil, errgrpc.ToGRPCf(errdefs.ErrAlreadyExists, "container %s", r.ID)
+	}
+	s.mu.Unlock()
+
+	spec, _, err := readSpec(r.Bundle)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	guest, err := guestSpec(spec)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	mounts := make([]mount.Mount, len(r.Rootfs))
+	for i, m := range r.Rootfs {
+		mounts[i] = mount.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options}
+	}
+	plan, err := rootfs.Parse(mounts)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("rootfs of container %s: %w", r.ID, err))
+	}
+
+	cfg, err := s.podConfig(ctx, r, spec)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	pd, err := s.ensurePod(ctx, r.ID, pod.Options{ID: podID(r.ID, spec), Hostname: hostname(r.ID, spec)}, cfg)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	defer func() {
+		if retErr != nil && s.containerCount() == 0 {
+			s.stopPod(context.WithoutCancel(ctx))
+		}
+	}()
+
+	rfs, release, err := pd.AttachRootfs(ctx, plan)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	defer func() {
+		if retErr != nil {
+			release(context.WithoutCancel(ctx))
+		}
+	}()
+
+	sio := stdio.Config{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal}
+	resp, err := pd.Containers.Create(ctx, &agent.CreateContainerRequest{
+		ContainerId: r.ID, Spec: guest, Rootfs: rfs, Stdio: sio.Agent(),
+	})
+	if err != nil {
+		return nil, agentErr("create container in the guest", err)
+	}
+	defer func() {
+		if retErr != nil {
+			pd.Containers.Signal(context.WithoutCancel(ctx), &agent.SignalRequest{ContainerId: r.ID, Signal: 9, All: true})
+			pd.Containers.Delete(context.WithoutCancel(ctx), &agent.DeleteContainerRequest{ContainerId: r.ID})
+		}
+	}()
+	p := newProcess(r.ID, "", sio)
+	p.pid = resp.GetPid()
+	p.io, err = stdio.Attach(ctx, pd.Session(), r.ID, "", sio)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("attach stdio: %w", err))
+	}
+
+	c := &container{id: r.ID, bundle: r.Bundle, init: p, releaseRootfs: release, execs: map[string]*process{}}
+	s.mu.Lock()
+	s.containers[r.ID] = c
+	s.mu.Unlock()
+
+	s.send(&eventstypes.TaskCreate{
+		ContainerID: r.ID, Bundle: r.Bundle, Rootfs: r.Rootfs, Checkpoint: r.Checkpoint, Pid: p.pid,
+		IO: &eventstypes.TaskIO{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal},
+	})
+	return &taskAPI.CreateTaskResponse{Pid: p.pid}, nil
+}
+
+// podConfig is the runtime configuration for the pod the container starts:
+// the file's, with the allowed annotation overrides, and the VM sized for the
+// pod's resources when the CRI states them.
+func (s *service) podConfig(ctx context.Context, r *taskAPI.CreateTaskRequest, spec *specs.Spec) (config.Config, error) {
+	if p := s.currentPod(); p != nil {
+		return s.cfg, nil
+	}
+	var path string
+	if r.Options != nil {
+		if o, err := runtimeOptions(r.Options); err != nil {
+			return config.Config{}, err
+		} else {
+			path = o
+		}
+	}
+	cfg, file, err := config.Load(path)
+	if err != nil {
+		return config.Config{}, err
+	}
+	log.G(ctx).WithField("config", file).Debug("runtime configuration")
+	cfg, err = cfg.WithAnnotations(spec.Annotations)
+	if err != nil {
+		return config.Config{}, err
+	}
+	// The CRI's pod resources grow the VM beyond what the guest itself needs.
+	if v, err := strconv.ParseInt(spec.Annotations[annotationSandboxMemory], 10, 64); err == nil && v > 0 {
+		cfg.Hypervisor.MemoryMiB += int((v + (1<<20 - 1)) >> 20)
+	}
+	quota, qerr := strconv.ParseInt(spec.Annotations[annotationSandboxQuota], 10, 64)
+	period, perr := strconv.ParseInt(spec.Annotations[annotationSandboxPeriod], 10, 64)
+	if qerr == nil && perr == nil && quota > 0 && period > 0 {
+		cfg.Hypervisor.VCPUs += int((quota + period - 1) / period)
+	}
+	return cfg, cfg.Validate()
+}
+
+func (s *service) containerCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.containers)
+}
+
+// Start starts a created container's init process or an exec.
+func (s *service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.StartResponse, error) {
+	_, p, err := s.process(r.ID, r.ExecID)
+	if err != nil {
+		return nil, err
+	}
+	if st, _, _, _ := p.state(); st != task.Status_CREATED {
+		return nil, errgrpc.ToGRPCf(errdefs.ErrFailedPrecondition, "process %s of %s is %s, not created", idOr(r.ExecID, r.ID), r.ID, st)
+	}
+	pd := s.currentPod()
+	if pd == nil {
+		return nil, errgrpc.ToGRPCf(errdefs.ErrUnavailable, "the pod's VM is not running")
+	}
+	var pid uint32
+	if r.ExecID == "" {
+		resp, err := pd.Containers.Start(ctx, &agent.StartContainerRequest{ContainerId: r.ID})
+		if err != nil {
+			return nil, agentErr("start container", err)
+		}
+		pid = resp.GetPid()
+	} else {
+		resp, err := pd.Exec.Start(ctx, &agent.StartExecRequest{ContainerId: r.ID, ExecId: r.ExecID})
+		if err != nil {
+			return nil, agentErr("start exec", err)
+		}
+		pid = resp.GetPid()
+	}
+	p.mu.Lock()
+	p.pid = pid
+	p.mu.Unlock()
+	p.setStatus(task.Status_RUNNING)
+	if r.ExecID == "" {
+		s.send(&eventstypes.TaskStart{ContainerID: r.ID, Pid: pid})
+	} else {
+		s.send(&eventstypes.TaskExecStarted{ContainerID: r.ID, ExecID: r.ExecID, Pid: pid})
+	}
+	go s.watchExit(pd, p)
+	return &taskAPI.StartResponse{Pid: pid}, nil
+}
+
+// Delete deletes an exited exec, or a stopped (or never started) container and its rootfs.
+func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAPI.DeleteResponse, error) {
+	c, p, err := s.process(r.ID, r.ExecID)
+	if err != nil {
+		return nil, err
+	}
+	st, pid, code, at := p.state()
+	if st == task.Status_RUNNING || st == task.Status_PAUSED {
+		return nil, errgrpc.ToGRPCf(errdefs.ErrFailedPrecondition, "process %s of %s is %s", idOr(r.ExecID, r.ID), r.ID, st)
+	}
+	pd := s.currentPod()
+	var errs []error
+	if r.ExecID != "" {
+		if pd != nil {
+			if _, err := pd.Exec.Delete(ctx, &agent.DeleteExecRequest{ContainerId: r.ID, ExecId: r.ExecID}); err != nil && !errdefs.IsNotFound(errgrpc.ToNative(err)) {
+				errs = append(errs, agentErr("delete exec", err))
+			}
+		}
+		p.closeIO()
+		c.mu.Lock()
+		delete(c.execs, r.ExecID)
+		c.mu.Unlock()
+	} else {
+		if pd != nil {
+			if st == task.Status_CREATED {
+				// Never started: make sure nothing of it runs before deleting it.
+				pd.Containers.Signal(ctx, &agent.SignalRequest{ContainerId: r.ID, Signal: 9, All: true})
+			}
+			if _, err := pd.Containers.Delete(ctx, &agent.DeleteContainerRequest{ContainerId: r.ID}); err != nil && !errdefs.IsNotFound(errgrpc.ToNative(err)) {
+				errs = append(errs, agentErr("delete container in the guest", err))
+			}
+		}
+		for _, e := range c.all() {
+			e.closeIO()
+		}
+		if pd != nil {
+			if err := c.releaseRootfs(ctx); err != nil {
+				errs = append(errs, fmt.Errorf("release rootfs: %w", err))
+			}
+		}
+		s.mu.Lock()
+		delete(s.containers, r.ID)
+		s.mu.Unlock()
+		s.send(&eventstypes.TaskDelete{ContainerID: r.ID, Pid: pid, ExitStatus: code, ExitedAt: protobuf.ToTimestamp(at)})
+	}
+	if err := errors.Join(errs...); err != nil {
+		log.G(ctx).WithError(err).Warn("delete left something behind in the guest")
+	}
+	return &taskAPI.DeleteResponse{Pid: pid, ExitStatus: code, ExitedAt: protobuf.ToTimestamp(at)}, nil
+}

@@ -1,0 +1,253 @@
+// Package task is the shim's containerd task service (task API v3): it runs
+// the containers of one pod in one VM through the agent inside it.
+//
+// The first container created starts the VM (for a CRI pod, the pause
+// container); the pod's other containers, grouped into this shim by their
+// sandbox id, join it. When the last container is deleted and containerd asks
+// the shim to shut down, the VM is stopped.
+package task
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"sync"
+	"time"
+
+	eventstypes "github.com/containerd/containerd/api/events"
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	"github.com/containerd/containerd/v2/core/runtime"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/protobuf"
+	"github.com/containerd/containerd/v2/pkg/shim"
+	"github.com/containerd/containerd/v2/pkg/shutdown"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
+	"github.com/containerd/ttrpc"
+
+	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/pod"
+)
+
+// vmExitCode is the exit status of processes whose VM ended under them.
+const vmExitCode = 255
+
+var _ = shim.TTRPCService(&service{})
+
+// NewTaskService returns the task service; containerd's shim package serves it.
+func NewTaskService(ctx context.Context, publisher shim.Publisher, sd shutdown.Service) (taskAPI.TTRPCTaskService, error) {
+	s := &service{
+		context:    ctx,
+		publisher:  publisher,
+		shutdown:   sd,
+		events:     make(chan any, 128),
+		containers: map[string]*container{},
+	}
+	go s.forward(ctx)
+	if address, err := shim.ReadAddress("address"); err == nil {
+		sd.RegisterCallback(func(context.Context) error { return shim.RemoveSocket(address) })
+	}
+	sd.RegisterCallback(func(ctx context.Context) error {
+		s.stopPod(ctx)
+		return nil
+	})
+	return s, nil
+}
+
+type service struct {
+	context   context.Context
+	publisher shim.Publisher
+	shutdown  shutdown.Service
+	events    chan any
+
+	mu         sync.Mutex
+	containers map[string]*container
+
+	podMu sync.Mutex
+	pod   *pod.Pod
+	cfg   config.Config
+}
+
+func (s *service) RegisterTTRPC(server *ttrpc.Server) error {
+	taskAPI.RegisterTTRPCTaskService(server, s)
+	return nil
+}
+
+func (s *service) container(id string) (*container, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c, ok := s.containers[id]
+	if !ok {
+		return nil, errgrpc.ToGRPCf(errdefs.ErrNotFound, "container %s", id)
+	}
+	return c, nil
+}
+
+func (s *service) process(id, execID string) (*container, *process, error) {
+	c, err := s.container(id)
+	if err != nil {
+		return nil, nil, err
+	}
+	p, err := c.process(execID)
+	if err != nil {
+		return nil, nil, errgrpc.ToGRPC(err)
+	}
+	return c, p, nil
+}
+
+// ensurePod returns the running pod, starting it for the first container.
+func (s *service) ensurePod(ctx context.Context, id string, o pod.Options, cfg config.Config) (*pod.Pod, error) {
+	s.podMu.Lock()
+	defer s.podMu.Unlock()
+	if s.pod != nil {
+		return s.pod, nil
+	}
+	ns, _ := namespaces.Namespace(ctx)
+	o.StateDir = filepath.Join(cfg.StateDir, ns+"-"+o.ID)
+	log.G(ctx).WithField("pod", o.ID).Info("starting pod VM")
+	start := time.Now()
+	p, err := pod.Start(ctx, cfg, o)
+	if err != nil {
+		return nil, err
+	}
+	log.G(ctx).WithField("pod", o.ID).WithField("qemu_pid", p.Pid()).WithField("took", time.Since(start)).Info("pod VM ready")
+	s.pod, s.cfg = p, cfg
+	go s.watchPod(p)
+	go s.forwardOOM(p)
+	return p, nil
+}
+
+// currentPod returns the running pod, if any.
+func (s *service) currentPod() *pod.Pod {
+	s.podMu.Lock()
+	defer s.podMu.Unlock()
+	return s.pod
+}
+
+// stopPod stops the VM if there is one.
+func (s *service) stopPod(ctx context.Context) {
+	s.podMu.Lock()
+	p := s.pod
+	s.pod = nil
+	s.podMu.Unlock()
+	if p != nil {
+		if err := p.Stop(ctx); err != nil {
+			log.G(ctx).WithError(err).Warn("stopping pod VM")
+		}
+	}
+}
+
+// watchPod ends every process of the pod when its VM ends under it.
+func (s *service) watchPod(p *pod.Pod) {
+	<-p.Done()
+	if s.currentPod() != p {
+		return // stopped on purpose
+	}
+	reason := p.Err()
+	log.G(s.context).WithError(reason).Error("the pod's VM ended; every container in it exits")
+	s.mu.Lock()
+	var procs []*process
+	for _, c := range s.containers {
+		procs = append(procs, c.all()...)
+	}
+	s.mu.Unlock()
+	for _, pr := range procs {
+		s.exited(pr, vmExitCode, time.Now())
+	}
+}
+
+// exited records a process's exit and publishes it, once.
+func (s *service) exited(p *process, code uint32, at time.Time) {
+	if !p.exit(s.context, code, at) {
+		return
+	}
+	_, pid, _, _ := p.state()
+	s.send(&eventstypes.TaskExit{
+		ContainerID: p.containerID,
+		ID:          idOr(p.execID, p.containerID),
+		Pid:         pid,
+		ExitStatus:  code,
+		ExitedAt:    protobuf.ToTimestamp(at),
+	})
+}
+
+// watchExit waits for a started process's exit in the guest.
+func (s *service) watchExit(pd *pod.Pod, p *process) {
+	resp, err := pd.Containers.Wait(s.context, &agent.WaitRequest{ContainerId: p.containerID, ExecId: p.execID})
+	if err != nil {
+		select {
+		case <-pd.Done():
+			// watchPod reports it.
+		default:
+			log.G(s.context).WithError(err).WithField("container", p.containerID).WithField("exec", p.execID).
+				Error("lost the agent while waiting for a process; reporting it as exited")
+			s.exited(p, vmExitCode, time.Now())
+		}
+		return
+	}
+	s.exited(p, resp.GetExit().GetExitStatus(), resp.GetExit().GetExitedAt().AsTime())
+}
+
+func (s *service) forwardOOM(p *pod.Pod) {
+	stream, err := p.Containers.Events(s.context, &agent.EventsRequest{})
+	if err != nil {
+		log.G(s.context).WithError(err).Warn("cannot watch the guest's OOM events")
+		return
+	}
+	for {
+		e, err := stream.Recv()
+		if err != nil {
+			return
+		}
+		if e.GetOom() != nil {
+			s.send(&eventstypes.TaskOOM{ContainerID: e.GetContainerId()})
+		}
+	}
+}
+
+func (s *service) send(e any) {
+	select {
+	case s.events <- e:
+	case <-s.shutdown.Done():
+	}
+}
+
+func (s *service) forward(ctx context.Context) {
+	ctx = context.WithoutCancel(ctx)
+	defer s.publisher.Close()
+	publish := func(e any) {
+		if err := s.publisher.Publish(ctx, runtime.GetTopic(e), e); err != nil {
+			log.G(ctx).WithError(err).Error("post event")
+		}
+	}
+	for {
+		select {
+		case e := <-s.events:
+			publish(e)
+		case <-s.shutdown.Done():
+			for {
+				select {
+				case e := <-s.events:
+					publish(e)
+				default:
+					return
+				}
+			}
+		}
+	}
+}
+
+func idOr(execID, id string) string {
+	if execID != "" {
+		return execID
+	}
+	return id
+}
+
+// agentErr converts an agent error for containerd: errdefs classes survive both hops.
+func agentErr(what string, err error) error {
+	return errgrpc.ToGRPC(fmt.Errorf("%s: %w", what, errgrpc.ToNative(err)))
+}
+

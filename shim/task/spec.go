@@ -1,0 +1,125 @@
+package task
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// Guest paths the agent's Sandbox.Create provides (api/agent/v1/sandbox.proto).
+const (
+	guestSandboxDir = "/run/caisson/sandbox"
+	// podPIDNamespace is the PID namespace path that joins the pod's first container's.
+	podPIDNamespace = "pod"
+)
+
+// guestFiles maps the CRI's per-pod host files, by the destination they are
+// mounted at, to the sandbox's guest files.
+var guestFiles = map[string]string{
+	"/etc/hostname":    guestSandboxDir + "/hostname",
+	"/etc/hosts":       guestSandboxDir + "/hosts",
+	"/etc/resolv.conf": guestSandboxDir + "/resolv.conf",
+	"/dev/shm":         guestSandboxDir + "/shm",
+}
+
+// readSpec reads the bundle's OCI spec.
+func readSpec(bundle string) (*specs.Spec, []byte, error) {
+	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
+	if err != nil {
+		return nil, nil, fmt.Errorf("read OCI spec: %w", err)
+	}
+	var s specs.Spec
+	if err := json.Unmarshal(b, &s); err != nil {
+		return nil, nil, fmt.Errorf("decode OCI spec: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	return &s, b, nil
+}
+
+// guestSpec rewrites what in a host spec refers to the host: bind mounts of the
+// CRI's pod files become the sandbox's guest files; other host bind mounts are
+// refused (no filesystem is shared with the VM); namespace paths and hooks,
+// which name host objects, are dropped.
+func guestSpec(s *specs.Spec) ([]byte, error) {
+	g := *s
+	g.Root = &specs.Root{Path: "rootfs", Readonly: s.Root != nil && s.Root.Readonly}
+	g.Hooks = nil
+	if s.Linux != nil {
+		l := *s.Linux
+		l.Namespaces = nil
+		for _, ns := range s.Linux.Namespaces {
+			if ns.Type == specs.PIDNamespace && ns.Path != "" {
+				ns.Path = podPIDNamespace
+			} else {
+				ns.Path = ""
+			}
+			l.Namespaces = append(l.Namespaces, ns)
+		}
+		g.Linux = &l
+	}
+	g.Mounts = nil
+	for _, m := range s.Mounts {
+		if !isBind(m) {
+			g.Mounts = append(g.Mounts, m)
+			continue
+		}
+		if src, ok := guestFiles[m.Destination]; ok {
+			m.Source = src
+			g.Mounts = append(g.Mounts, m)
+			continue
+		}
+		if m.Destination == "/dev/termination-log" {
+			// The kubelet reads it on the host, which cannot see the guest; the
+			// container writes to its own /dev instead.
+			continue
+		}
+		return nil, fmt.Errorf("bind mount of host path %q at %q cannot reach a Caisson VM (no filesystem is shared with it): %w",
+			m.Source, m.Destination, errdefs.ErrInvalidArgument)
+	}
+	return json.Marshal(&g)
+}
+
+func isBind(m specs.Mount) bool {
+	if m.Type == "bind" || m.Type == "rbind" {
+		return true
+	}
+	for _, o := range m.Options {
+		if o == "bind" || o == "rbind" {
+			return true
+		}
+	}
+	return false
+}
+
+// CRI annotations (containerd's pkg/cri/annotations), read without importing the CRI.
+const (
+	annotationContainerType = "io.kubernetes.cri.container-type"
+	annotationSandboxID     = "io.kubernetes.cri.sandbox-id"
+	containerTypeSandbox    = "sandbox"
+	annotationSandboxMemory = "io.kubernetes.cri.sandbox-memory"
+	annotationSandboxQuota  = "io.kubernetes.cri.sandbox-cpu-quota"
+	annotationSandboxPeriod = "io.kubernetes.cri.sandbox-cpu-period"
+	annotationHostname      = "io.kubernetes.cri.sandbox-name"
+)
+
+// podID is the id of the pod a container belongs to: its sandbox's, or its own.
+func podID(id string, s *specs.Spec) string {
+	if s.Annotations[annotationContainerType] == containerTypeSandbox {
+		return id
+	}
+	if sb := s.Annotations[annotationSandboxID]; sb != "" {
+		return sb
+	}
+	return id
+}
+
+func hostname(id string, s *specs.Spec) string {
+	if s.Hostname != "" {
+		return s.Hostname
+	}
+	return strings.TrimSpace(id[:min(len(id), 12)])
+}
