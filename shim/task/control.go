@@ -258,4 +258,3 @@ func (s *service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*pt
 	s.shutdown.Shutdown()
 	return empty, nil
 }
-

@@ -250,4 +250,3 @@ func idOr(execID, id string) string {
 func agentErr(what string, err error) error {
 	return errgrpc.ToGRPC(fmt.Errorf("%s: %w", what, errgrpc.ToNative(err)))
 }
-
