@@ -153,6 +153,8 @@ func (v *VM) DetachDisk(ctx context.Context, id string) error {
 		case <-gone:
 		case <-v.done:
 			return fmt.Errorf("disk %q: vm exited while unplugging: %w", id, errdefs.ErrFailedPrecondition)
+		case <-v.stopCh:
+			return fmt.Errorf("disk %q: vm stopped while unplugging: %w", id, errdefs.ErrFailedPrecondition)
 		case <-ctx.Done():
 			return fmt.Errorf("disk %q: waiting for the guest to release the device: %w", id, ctx.Err())
 		}

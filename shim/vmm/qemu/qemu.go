@@ -79,6 +79,7 @@ type VM struct {
 
 	done       chan struct{}
 	eventsDone chan struct{}
+	stopCh     chan struct{} // closed when Stop begins: device waits give up
 }
 
 var _ vmm.VM = (*VM)(nil)
@@ -158,6 +159,7 @@ func New(cfg vmm.Config, qcfg Config) (*VM, error) {
 		unplug:      map[string]chan struct{}{},
 		done:        make(chan struct{}),
 		eventsDone:  make(chan struct{}),
+		stopCh:      make(chan struct{}),
 	}
 	if len(v.qmpSocket) > maxSocketPath {
 		return nil, fmt.Errorf("state dir %q too long for a unix socket path: %w", cfg.StateDir, errdefs.ErrInvalidArgument)
@@ -199,10 +201,10 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
 	v.mu.Lock()
-	started := v.cmd != nil
+	started, stopped := v.cmd != nil, v.stopping
 	v.mu.Unlock()
-	if started {
-		return fmt.Errorf("vm already started: %w", errdefs.ErrFailedPrecondition)
+	if started || stopped {
+		return fmt.Errorf("vm already started or stopped: %w", errdefs.ErrFailedPrecondition)
 	}
 
 	for _, f := range []struct{ what, path string }{{"kernel", v.cfg.Kernel}, {"initramfs", v.cfg.Initramfs}} {
@@ -435,6 +437,12 @@ func (v *VM) events(c *qmp.Client) {
 
 // Stop quits QEMU (over QMP, then SIGKILL to its process group) and removes its files.
 func (v *VM) Stop(ctx context.Context) error {
+	v.mu.Lock()
+	if !v.stopping {
+		v.stopping = true
+		close(v.stopCh) // a DetachDisk waiting for the guest gives up the lock
+	}
+	v.mu.Unlock()
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
 	v.mu.Lock()
@@ -443,7 +451,6 @@ func (v *VM) Stop(ctx context.Context) error {
 		v.mu.Unlock()
 		return nil
 	}
-	v.stopping = true
 	v.mu.Unlock()
 
 	var err error

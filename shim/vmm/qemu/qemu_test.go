@@ -451,3 +451,85 @@ func TestNewErrors(t *testing.T) {
 		})
 	}
 }
+
+// TestDetachWaitsForGuest pauses the guest so that it cannot release an unplugged device:
+// DetachDisk gives up when its context ends, a retry after the guest resumes completes,
+// and Stop ends a DetachDisk that is still waiting.
+func TestDetachWaitsForGuest(t *testing.T) {
+	g := newTestGuest(t)
+	img := erofsImage(t, map[string]string{"id": "x\n"}, 0)
+	vm := startVM(t, g, vmm.Config{Disks: []vmm.Disk{
+		{ID: "a", Path: img, ReadOnly: true, Kind: vmm.Block},
+		{ID: "b", Path: img, ReadOnly: true, Kind: vmm.Block},
+	}})
+	sh := dialGuest(t, vm.Endpoint(), bootTimeout)
+	addrA, _ := vm.Address("a")
+	sh.must(t, "devat "+string(addrA.PCIPath))
+	ctx := context.Background()
+	if err := vm.qmp.Execute(ctx, "stop", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+
+	short, cancel := context.WithTimeout(ctx, time.Second)
+	err := vm.DetachDisk(short, "a")
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("detach from a paused guest: %v, want a deadline error", err)
+	}
+	if err := vm.qmp.Execute(ctx, "cont", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := vm.DetachDisk(ctx, "a"); err != nil {
+		t.Fatalf("retry: %v", err)
+	}
+	sh.must(t, "gone "+string(addrA.PCIPath))
+
+	if err := vm.qmp.Execute(ctx, "stop", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	detached := make(chan error, 1)
+	go func() { detached <- vm.DetachDisk(ctx, "b") }()
+	time.Sleep(500 * time.Millisecond) // let it wait for the guest
+	if err := vm.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-detached:
+		if !errdefs.IsFailedPrecondition(err) {
+			t.Fatalf("detach during Stop: %v", err)
+		}
+		t.Log(err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("DetachDisk still waiting after Stop")
+	}
+}
+
+// TestVsockNeedsVhost: without /dev/vhost-vsock, a vsock VM fails to start with QEMU's
+// reason; with it, the VM starts.
+func TestVsockNeedsVhost(t *testing.T) {
+	g := newTestGuest(t)
+	dir := shortDir(t)
+	vm, err := New(vmm.Config{
+		Kernel: g.kernel, Initramfs: g.initramfs, Accelerator: "tcg", StateDir: dir,
+		Agent: vmm.AgentChannel{Transport: vmm.TransportVsock, CID: 1234},
+	}, Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	err = vm.Start(ctx)
+	defer vm.Stop(ctx)
+	if _, statErr := os.Stat("/dev/vhost-vsock"); statErr != nil {
+		if err == nil || !strings.Contains(err.Error(), "vhost-vsock") {
+			t.Fatalf("Start without /dev/vhost-vsock: %v, want QEMU's vhost-vsock error", err)
+		}
+		t.Log(err)
+		return
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ep := vm.Endpoint(); ep.Transport != vmm.TransportVsock || ep.CID != 1234 {
+		t.Fatalf("endpoint %+v", ep)
+	}
+}
