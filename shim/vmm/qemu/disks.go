@@ -112,52 +112,34 @@ func (v *VM) Address(id string) (vmm.DiskAddress, error) {
 }
 
 // DetachDisk unplugs the disk: device_del, wait for the guest to release it
-// (DEVICE_DELETED), then remove its backend.
+// (DEVICE_DELETED), then remove its backend. Other disk changes may proceed while it
+// waits for the guest.
 func (v *VM) DetachDisk(ctx context.Context, id string) error {
+	gone, err := v.requestUnplug(ctx, id)
+	if err != nil {
+		return err
+	}
+	select {
+	case <-gone:
+	case <-v.done:
+		return fmt.Errorf("disk %q: vm exited while unplugging: %w", id, errdefs.ErrFailedPrecondition)
+	case <-v.stopCh:
+		return fmt.Errorf("disk %q: vm stopped while unplugging: %w", id, errdefs.ErrFailedPrecondition)
+	case <-ctx.Done():
+		return fmt.Errorf("disk %q: waiting for the guest to release the device: %w", id, ctx.Err())
+	}
+
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
 	v.mu.Lock()
 	d, ok := v.disks[id]
 	v.mu.Unlock()
-	if !ok {
-		return fmt.Errorf("disk %q: %w", id, errdefs.ErrNotFound)
+	if !ok || d.gone != gone {
+		return nil // a concurrent DetachDisk of the same disk finished the job
 	}
 	c, err := v.running()
 	if err != nil {
 		return err
-	}
-
-	if !d.deleting {
-		gone := make(chan struct{})
-		v.mu.Lock()
-		v.unplug[d.devID] = gone
-		v.mu.Unlock()
-		if err := c.Execute(ctx, "device_del", map[string]any{"id": d.devID}, nil); err != nil {
-			v.mu.Lock()
-			delete(v.unplug, d.devID)
-			v.mu.Unlock()
-			var qerr *qmp.Error
-			if d.Kind == vmm.PMEM && errors.As(err, &qerr) && qerr.Class == "GenericError" {
-				return fmt.Errorf("disk %q: this qemu cannot unplug virtio-pmem devices: %w: %w", id, errdefs.ErrNotImplemented, err)
-			}
-			return fmt.Errorf("disk %q: %w", id, err)
-		}
-		d.deleting = true
-	}
-
-	v.mu.Lock()
-	gone, waiting := v.unplug[d.devID]
-	v.mu.Unlock()
-	if waiting {
-		select {
-		case <-gone:
-		case <-v.done:
-			return fmt.Errorf("disk %q: vm exited while unplugging: %w", id, errdefs.ErrFailedPrecondition)
-		case <-v.stopCh:
-			return fmt.Errorf("disk %q: vm stopped while unplugging: %w", id, errdefs.ErrFailedPrecondition)
-		case <-ctx.Done():
-			return fmt.Errorf("disk %q: waiting for the guest to release the device: %w", id, ctx.Err())
-		}
 	}
 	if err := c.Execute(ctx, d.backend.del, d.backend.delArgs, nil); err != nil {
 		return fmt.Errorf("disk %q: removing its backend: %w", id, err)
@@ -168,4 +150,40 @@ func (v *VM) DetachDisk(ctx context.Context, id string) error {
 	v.mu.Unlock()
 	log.G(ctx).WithField("disk", id).Debug("disk detached")
 	return nil
+}
+
+// requestUnplug sends device_del for the disk, once, and returns the channel that
+// DEVICE_DELETED closes.
+func (v *VM) requestUnplug(ctx context.Context, id string) (<-chan struct{}, error) {
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	v.mu.Lock()
+	d, ok := v.disks[id]
+	v.mu.Unlock()
+	if !ok {
+		return nil, fmt.Errorf("disk %q: %w", id, errdefs.ErrNotFound)
+	}
+	if d.gone != nil {
+		return d.gone, nil // already requested; wait again
+	}
+	c, err := v.running()
+	if err != nil {
+		return nil, err
+	}
+	gone := make(chan struct{})
+	v.mu.Lock()
+	v.unplug[d.devID] = gone
+	v.mu.Unlock()
+	if err := c.Execute(ctx, "device_del", map[string]any{"id": d.devID}, nil); err != nil {
+		v.mu.Lock()
+		delete(v.unplug, d.devID)
+		v.mu.Unlock()
+		var qerr *qmp.Error
+		if d.Kind == vmm.PMEM && errors.As(err, &qerr) && qerr.Class == "GenericError" {
+			return nil, fmt.Errorf("disk %q: this qemu cannot unplug virtio-pmem devices: %w: %w", id, errdefs.ErrNotImplemented, err)
+		}
+		return nil, fmt.Errorf("disk %q: %w", id, err)
+	}
+	d.gone = gone
+	return gone, nil
 }

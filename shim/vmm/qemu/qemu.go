@@ -91,8 +91,8 @@ type disk struct {
 	port    port
 	addr    vmm.DiskAddress
 	backend backend
-	// deleting is set once device_del was accepted.
-	deleting bool
+	// gone is set once device_del was accepted, and closed by DEVICE_DELETED.
+	gone chan struct{}
 }
 
 // New checks cfg, applies its defaults and returns a VM that is not started yet.
