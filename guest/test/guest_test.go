@@ -21,7 +21,7 @@ import (
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
 
-func ctxT(t *testing.T) context.Context {
+func ctxT(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
 	return ctx
@@ -37,7 +37,7 @@ func testSpec(args ...string) *specs.Spec {
 	return s
 }
 
-func specJSON(t *testing.T, s *specs.Spec) []byte {
+func specJSON(t testing.TB, s *specs.Spec) []byte {
 	b, err := json.Marshal(s)
 	must(t, err)
 	return b
@@ -45,7 +45,7 @@ func specJSON(t *testing.T, s *specs.Spec) []byte {
 
 // layered mounts the three storages and returns a rootfs over them, with the writable
 // layer's upper and work under dir.
-func (g *guestVM) mountLayers(t *testing.T) {
+func (g *guestVM) mountLayers(t testing.TB) {
 	t.Helper()
 	ctx := ctxT(t)
 	for _, m := range []*agent.MountStorageRequest{
@@ -78,7 +78,7 @@ type result struct {
 }
 
 // run creates, starts and waits for a container, reading its output to EOF.
-func (g *guestVM) run(t *testing.T, id string, spec *specs.Spec) result {
+func (g *guestVM) run(t testing.TB, id string, spec *specs.Spec) result {
 	t.Helper()
 	ctx := ctxT(t)
 	if _, err := g.containers.Create(ctx, &agent.CreateContainerRequest{
@@ -100,7 +100,7 @@ func (g *guestVM) run(t *testing.T, id string, spec *specs.Spec) result {
 	return r
 }
 
-func (g *guestVM) delete(t *testing.T, id string) {
+func (g *guestVM) delete(t testing.TB, id string) {
 	t.Helper()
 	if _, err := g.containers.Delete(ctxT(t), &agent.DeleteContainerRequest{ContainerId: id}); err != nil {
 		t.Fatalf("delete %s: %v", id, err)
@@ -108,7 +108,7 @@ func (g *guestVM) delete(t *testing.T, id string) {
 }
 
 // start creates and starts a long-running container without attached streams.
-func (g *guestVM) start(t *testing.T, id string, spec *specs.Spec, stdio *agent.Stdio) {
+func (g *guestVM) start(t testing.TB, id string, spec *specs.Spec, stdio *agent.Stdio) {
 	t.Helper()
 	ctx := ctxT(t)
 	if _, err := g.containers.Create(ctx, &agent.CreateContainerRequest{
@@ -121,7 +121,7 @@ func (g *guestVM) start(t *testing.T, id string, spec *specs.Spec, stdio *agent.
 	}
 }
 
-func layerDisks(t *testing.T) []vmm.Disk {
+func layerDisks(t testing.TB) []vmm.Disk {
 	dir := t.TempDir()
 	base, top, rw := busyboxLayers(t, dir)
 	return []vmm.Disk{

@@ -41,7 +41,7 @@ type guestVM struct {
 }
 
 // shortDir is a temp dir with a short path: unix socket paths have 107 bytes.
-func shortDir(t *testing.T) string {
+func shortDir(t testing.TB) string {
 	t.Helper()
 	d, err := os.MkdirTemp("/tmp", "cg")
 	if err != nil {
@@ -52,7 +52,7 @@ func shortDir(t *testing.T) string {
 }
 
 // bootGuest starts the guest image with disks attached and connects to its agent.
-func bootGuest(t *testing.T, disks []vmm.Disk, hotplug int) *guestVM {
+func bootGuest(t testing.TB, disks []vmm.Disk, hotplug int) *guestVM {
 	t.Helper()
 	testutil.RequireRoot(t)
 	testutil.RequireBinary(t, "qemu-system-x86_64")
@@ -74,24 +74,31 @@ func bootGuest(t *testing.T, disks []vmm.Disk, hotplug int) *guestVM {
 	}
 	gv := &guestVM{vm: vm, console: filepath.Join(state, "console.log")}
 	t.Cleanup(func() {
-		if gv.client != nil {
-			gv.client.Close()
-		}
-		if gv.session != nil {
-			gv.session.Close()
-		}
-		if err := vm.Stop(context.Background()); err != nil {
-			t.Errorf("stop vm: %v", err)
-		}
 		if t.Failed() {
 			b, _ := os.ReadFile(gv.console)
 			t.Logf("guest console:\n%s", tail(string(b), 6000))
 		}
+		gv.stop(t)
 	})
 	if err := gv.connect(ctx); err != nil {
 		t.Fatal(err)
 	}
 	return gv
+}
+
+// stop closes the connection and stops the VM; it may be called again.
+func (g *guestVM) stop(t testing.TB) {
+	if g.client != nil {
+		g.client.Close()
+		g.client = nil
+	}
+	if g.session != nil {
+		g.session.Close()
+		g.session = nil
+	}
+	if err := g.vm.Stop(context.Background()); err != nil {
+		t.Errorf("stop vm: %v", err)
+	}
 }
 
 // native turns an error from the agent back into an errdefs one.
@@ -127,7 +134,7 @@ func (g *guestVM) connect(ctx context.Context) error {
 }
 
 // stdio opens a standard-stream connection of a process.
-func (g *guestVM) stdio(t *testing.T, container, execID string, kind agent.StreamKind) net.Conn {
+func (g *guestVM) stdio(t testing.TB, container, execID string, kind agent.StreamKind) net.Conn {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -152,7 +159,7 @@ func readAll(c io.Reader) <-chan string {
 // busyboxLayers writes the test image: a base layer with Debian's static busybox and a
 // top layer with one file, as EROFS images padded to 2 MiB (so they can back pmem), and
 // an empty ext4 image for the writable layer.
-func busyboxLayers(t *testing.T, dir string) (base, top, rw string) {
+func busyboxLayers(t testing.TB, dir string) (base, top, rw string) {
 	t.Helper()
 	bb := testutil.RequireBinary(t, "busybox")
 	testutil.RequireBinary(t, "mkfs.erofs")
@@ -192,7 +199,7 @@ func busyboxLayers(t *testing.T, dir string) (base, top, rw string) {
 	return base, top, rw
 }
 
-func padTo(t *testing.T, path string, align int64) {
+func padTo(t testing.TB, path string, align int64) {
 	st, err := os.Stat(path)
 	must(t, err)
 	if r := st.Size() % align; r != 0 {
@@ -200,14 +207,14 @@ func padTo(t *testing.T, path string, align int64) {
 	}
 }
 
-func must(t *testing.T, err error) {
+func must(t testing.TB, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
 	}
 }
 
-func (g *guestVM) address(t *testing.T, id string) string {
+func (g *guestVM) address(t testing.TB, id string) string {
 	t.Helper()
 	a, err := g.vm.Address(id)
 	if err != nil {
