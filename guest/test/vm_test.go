@@ -224,3 +224,7 @@ func (g *guestVM) address(t testing.TB, id string) string {
 }
 
 var _ = fmt.Sprintf
+
+func execCommand(name string, args ...string) ([]byte, error) {
+	return exec.Command(name, args...).CombinedOutput()
+}

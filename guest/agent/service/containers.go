@@ -156,6 +156,7 @@ func (a *Agent) deleteContainerExit(ctx context.Context, id string, force bool) 
 		return container.Exit{}, err
 	}
 	a.sandbox.ContainerDeleted(pid)
+	a.forgetStdio(id, "", true)
 	a.mu.Lock()
 	mr := a.rootfs[id]
 	delete(a.rootfs, id)

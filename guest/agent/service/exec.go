@@ -52,5 +52,6 @@ func (s execService) Delete(ctx context.Context, req *agent.DeleteExecRequest) (
 	if err != nil {
 		return nil, err
 	}
+	s.a.forgetStdio(req.GetContainerId(), req.GetExecId(), false)
 	return &agent.DeleteExecResponse{Exit: exitStatus(e)}, nil
 }

@@ -47,6 +47,18 @@ type stdioKey struct {
 	stream          agent.StreamKind
 }
 
+// forgetStdio forgets the streams attached to a deleted process (every process of the
+// container when all is set), so that its ids can be used again.
+func (a *Agent) forgetStdio(container, exec string, all bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for k := range a.stdio {
+		if k.container == container && (all || k.exec == exec) {
+			delete(a.stdio, k)
+		}
+	}
+}
+
 // HandleStdio serves one standard-stream connection (transport.StdioHandler): stdin
 // bytes go to the process until the shim closes its side, which closes the process's
 // stdin; stdout and stderr bytes go to the shim until EOF, after the last byte the
