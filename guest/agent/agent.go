@@ -29,6 +29,10 @@ const portTimeout = 10 * time.Second
 
 // Main runs the agent as the guest's PID 1. It does not return: whatever ends it (the
 // shim's Sandbox.Destroy, ctrl-alt-del, a fatal error), it powers the VM off.
+//
+// Kernel command line parameters: caisson.transport= (see internal/transport),
+// caisson.debug (debug logging), caisson.debug_console (a shell on the console; the
+// debug image only).
 func Main(ctx context.Context) error {
 	if os.Getpid() != 1 {
 		return fmt.Errorf("caisson-agent is the init of a Caisson VM; it is not meant to run as pid %d: %w", os.Getpid(), errdefs.ErrFailedPrecondition)
@@ -74,6 +78,19 @@ func run(ctx context.Context) error {
 	r := reaper.New()
 	go r.Run()
 	defer r.Stop()
+
+	if _, ok := params["debug_console"]; ok {
+		// The reaper collects the shell; nothing waits for it.
+		if _, _, err := r.Start(func() (int, error) {
+			cmd, err := boot.StartDebugShell()
+			if err != nil {
+				return 0, err
+			}
+			return cmd.Process.Pid, nil
+		}); err != nil {
+			log.G(ctx).WithError(err).Warn("no debug console")
+		}
+	}
 
 	endpoint, err := transport.EndpointFromCmdline(string(cmdline))
 	if err != nil {
