@@ -18,23 +18,29 @@ import (
 // channel, through the VMM (sandbox, QMP, root ports, agent port), against a bare boot
 // of the same kernel and initramfs in the same run: QEMU with the fewest options, until
 // the init's ready line shows on its console. Reported: ms per boot of each, and their ratio.
+// Sub-benchmarks vary the number of hot-plug slots (PCIe root ports the firmware and the
+// guest kernel enumerate).
 func BenchmarkBootToInit(b *testing.B) {
 	g := newTestGuest(b)
-	var viaVMM, bare time.Duration
-	for b.Loop() {
-		bare += bareBoot(b, g)
-		viaVMM += vmmBoot(b, g, Config{})
+	for _, slots := range []int{0, 8, 32} {
+		b.Run(fmt.Sprintf("hotplug-slots=%d", slots), func(b *testing.B) {
+			var viaVMM, bare time.Duration
+			for b.Loop() {
+				bare += bareBoot(b, g)
+				viaVMM += vmmBoot(b, g, slots)
+			}
+			n := float64(b.N)
+			b.ReportMetric(float64(viaVMM.Milliseconds())/n, "vmm-ms/boot")
+			b.ReportMetric(float64(bare.Milliseconds())/n, "bare-ms/boot")
+			b.ReportMetric(float64(viaVMM)/float64(bare), "vmm/bare")
+		})
 	}
-	n := float64(b.N)
-	b.ReportMetric(float64(viaVMM.Milliseconds())/n, "vmm-ms/boot")
-	b.ReportMetric(float64(bare.Milliseconds())/n, "bare-ms/boot")
-	b.ReportMetric(float64(viaVMM)/float64(bare), "vmm/bare")
 }
 
 // vmmBoot starts a VM, waits for its init to answer, and stops it.
-func vmmBoot(b *testing.B, g testGuest, q Config) time.Duration {
+func vmmBoot(b *testing.B, g testGuest, slots int) time.Duration {
 	b.Helper()
-	vm, err := New(vmm.Config{Kernel: g.kernel, Initramfs: g.initramfs, Accelerator: "tcg", StateDir: shortDir(b), HotplugSlots: 8}, q)
+	vm, err := New(vmm.Config{Kernel: g.kernel, Initramfs: g.initramfs, Accelerator: "tcg", StateDir: shortDir(b), HotplugSlots: slots}, Config{})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -82,14 +88,23 @@ func bareBoot(b *testing.B, g testGuest) time.Duration {
 }
 
 // BenchmarkIdlePSS reports QEMU's proportional set size with -m 512 once the guest is
-// idle, for several bounds of TCG's translation cache (0: QEMU's default).
+// idle, for several bounds of TCG's translation cache (0: QEMU's default), with and
+// without free page reporting.
 func BenchmarkIdlePSS(b *testing.B) {
 	g := newTestGuest(b)
-	for _, tb := range []int{0, 128, 32, 16, 8} {
-		b.Run(fmt.Sprintf("tb-size=%d", tb), func(b *testing.B) {
+	for _, q := range []Config{
+		{},
+		{TCGTranslationCacheMiB: 32},
+		{TCGTranslationCacheMiB: 16},
+		{TCGTranslationCacheMiB: 8},
+		{FreePageReporting: true},
+		{TCGTranslationCacheMiB: 16, FreePageReporting: true},
+		{TCGTranslationCacheMiB: 8, FreePageReporting: true},
+	} {
+		b.Run(fmt.Sprintf("tb-size=%d,free-page-reporting=%v", q.TCGTranslationCacheMiB, q.FreePageReporting), func(b *testing.B) {
 			var total float64
 			for b.Loop() {
-				total += idlePSS(b, g, Config{TCGTranslationCacheMiB: tb})
+				total += idlePSS(b, g, q)
 			}
 			b.ReportMetric(total/float64(b.N), "PSS-MiB")
 		})

@@ -15,7 +15,8 @@ import (
 // ICH9 functions QEMU always adds; everything else is ours and fixed, so guest addresses
 // do not depend on the order of options.
 const (
-	agentSlot = 0x02 // virtio-serial-pci or vhost-vsock-pci
+	agentSlot   = 0x02 // virtio-serial-pci or vhost-vsock-pci
+	balloonSlot = 0x03 // virtio-balloon-pci, with Config.FreePageReporting
 	// Root ports, one per disk, eight functions per slot from firstPortSlot.
 	firstPortSlot = 0x08
 	lastPortSlot  = 0x1e
@@ -214,6 +215,10 @@ func (c cmdline) args() ([]string, error) {
 		)
 	case vmm.TransportVsock:
 		a = append(a, "-device", fmt.Sprintf("vhost-vsock-pci,id=agent-vsock,bus=pcie.0,addr=%s,guest-cid=%d", agentAddr, cfg.Agent.CID))
+	}
+
+	if c.qemu.FreePageReporting {
+		a = append(a, "-device", fmt.Sprintf("virtio-balloon-pci,id=balloon,bus=pcie.0,addr=%02x.0,free-page-reporting=on", balloonSlot))
 	}
 
 	for i := range c.ports {

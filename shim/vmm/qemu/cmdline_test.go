@@ -77,6 +77,11 @@ func TestCmdline(t *testing.T) {
 			want:   map[string][]string{"-accel": {"tcg,tb-size=64"}},
 		},
 		{
+			name:   "free page reporting",
+			change: func(c *cmdline) { c.qemu.FreePageReporting = true },
+			want:   map[string][]string{"-device": {"virtio-balloon-pci,id=balloon,bus=pcie.0,addr=03.0,free-page-reporting=on"}},
+		},
+		{
 			name:   "unknown accelerator",
 			change: func(c *cmdline) { c.accel = "hvf" },
 			err:    errdefs.IsInvalidArgument,

@@ -8,6 +8,10 @@ type Config struct {
 	// which is most of QEMU's memory when KVM is not available. 0 keeps QEMU's default
 	// (1 GiB of address space in QEMU 7.2, touched as the guest runs code). Ignored with KVM.
 	TCGTranslationCacheMiB int `toml:"tcg_translation_cache_mib"`
+	// FreePageReporting adds a virtio-balloon device with free-page-reporting=on, through
+	// which a guest that loads virtio_balloon hands back the memory it freed (the kernel
+	// touches and frees tens of MiB while it boots). Default off.
+	FreePageReporting bool `toml:"free_page_reporting"`
 	// AccelCacheDir keeps the results of the accelerator probe (see package accel) for
 	// the current host boot, so that only the first VM pays for it. Empty: no cache.
 	AccelCacheDir string `toml:"accel_cache_dir"`

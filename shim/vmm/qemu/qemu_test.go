@@ -106,6 +106,26 @@ func TestVM(t *testing.T) {
 	sh := dialGuest(t, vm.Endpoint(), bootTimeout)
 	ctx := context.Background()
 
+	t.Run("confinement", func(t *testing.T) {
+		status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(status), "\nSeccomp:\t2\n") {
+			t.Errorf("qemu is not under a seccomp filter:\n%s", status)
+		}
+		env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(env) != 0 {
+			t.Errorf("qemu has an environment: %q", env)
+		}
+		if pgid, err := syscall.Getpgid(pid); err != nil || pgid != pid {
+			t.Errorf("qemu's process group is %d (%v), want its own (%d)", pgid, err, pid)
+		}
+	})
+
 	t.Run("console", func(t *testing.T) {
 		b, err := os.ReadFile(filepath.Join(stateDir, "console.log"))
 		if err != nil {
