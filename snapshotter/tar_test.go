@@ -170,3 +170,7 @@ func expectAll(entries []layerEntry) []snapshottest.Entry {
 	}
 	return out
 }
+
+func fileHeader(name string, size int) tar.Header {
+	return tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o644, Size: int64(size)}
+}
