@@ -48,8 +48,9 @@ const AgentPortName = "org.caisson.agent.0"
 // VM is one virtual machine running one pod.
 type VM interface {
 	// Start launches the VMM and returns once it accepts commands. The guest may still
-	// be booting: the agent channel is usable when the agent answers on it. If Start
-	// fails, every process, socket and file it created is gone.
+	// be booting: the agent channel is usable when the agent answers on it. Start is
+	// called once: if it fails, every process, socket and file it created is gone,
+	// Done is closed and Wait says why.
 	Start(ctx context.Context) error
 	// Endpoint says how to reach the guest agent.
 	Endpoint() Endpoint

@@ -26,6 +26,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"syscall"
 	"time"
@@ -64,18 +65,19 @@ type VM struct {
 	// never held while waiting for QEMU.
 	opMu sync.Mutex
 
-	mu       sync.Mutex
-	cmd      *exec.Cmd
-	qmp      *qmp.Client
-	stopping bool
-	stopped  bool
-	exitErr  error
-	shutdown string // reason of QEMU's SHUTDOWN event
-	panicked bool   // a GUEST_PANICKED event came
-	disks    map[string]*disk
-	ports    []bool // in use
-	nextDev  int
-	unplug   map[string]chan struct{} // device id -> closed on DEVICE_DELETED
+	mu          sync.Mutex
+	cmd         *exec.Cmd
+	qmp         *qmp.Client
+	startCalled bool
+	stopping    bool
+	stopped     bool
+	exitErr     error
+	shutdown    string // reason of QEMU's SHUTDOWN event
+	panicked    bool   // a GUEST_PANICKED event came
+	disks       map[string]*disk
+	ports       []bool // in use
+	nextDev     int
+	unplug      map[string]chan struct{} // device id -> closed on DEVICE_DELETED
 
 	done       chan struct{}
 	eventsDone chan struct{}
@@ -201,11 +203,21 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
 	v.mu.Lock()
-	started, stopped := v.cmd != nil, v.stopping
+	tried := v.startCalled || v.stopping
+	v.startCalled = true
 	v.mu.Unlock()
-	if started || stopped {
+	if tried {
 		return fmt.Errorf("vm already started or stopped: %w", errdefs.ErrFailedPrecondition)
 	}
+	defer func() {
+		// Start is tried once. If QEMU never ran, nothing else closes Done.
+		v.mu.Lock()
+		defer v.mu.Unlock()
+		if retErr != nil && v.cmd == nil {
+			v.exitErr = &vmm.ExitError{Reason: "qemu did not start: " + retErr.Error()}
+			close(v.done)
+		}
+	}()
 
 	for _, f := range []struct{ what, path string }{{"kernel", v.cfg.Kernel}, {"initramfs", v.cfg.Initramfs}} {
 		if f.path == "" {
@@ -280,18 +292,16 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 	cmd.Stderr = stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setpgid: true,
-		// Kill QEMU if the shim dies. The signal follows the thread that started
-		// QEMU; Go only ends threads that a goroutine left locked, which we do not.
+		// Kill QEMU if the shim dies. The kernel sends it when the thread that
+		// forked QEMU exits, so run keeps that thread until QEMU is reaped.
 		Pdeathsig: syscall.SIGKILL,
 	}
 	log.G(ctx).WithField("args", args).Debug("starting qemu")
-	if err := cmd.Start(); err != nil {
+	startErr := make(chan error, 1)
+	go v.run(cmd, startErr)
+	if err := <-startErr; err != nil {
 		return fmt.Errorf("starting qemu: %w", err)
 	}
-	v.mu.Lock()
-	v.cmd = cmd
-	v.mu.Unlock()
-	go v.wait()
 
 	defer func() {
 		if retErr == nil {
@@ -345,8 +355,20 @@ func (v *VM) dialQMP(ctx context.Context) (net.Conn, error) {
 	}
 }
 
-// wait reaps QEMU, kills whatever is left in its process group, and records why it ended.
-func (v *VM) wait() {
+// run starts QEMU from a thread it keeps locked (see Pdeathsig) until QEMU has exited,
+// then kills whatever is left in QEMU's process group, and records why QEMU ended.
+func (v *VM) run(cmd *exec.Cmd, started chan<- error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	if err := cmd.Start(); err != nil {
+		started <- err
+		return
+	}
+	v.mu.Lock()
+	v.cmd = cmd
+	v.mu.Unlock()
+	started <- nil
+
 	err := v.cmd.Wait()
 	syscall.Kill(-v.cmd.Process.Pid, syscall.SIGKILL)
 

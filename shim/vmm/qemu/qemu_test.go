@@ -92,7 +92,7 @@ func TestVM(t *testing.T) {
 
 	stateDir := shortDir(t)
 	vm := startVM(t, g, vmm.Config{
-		StateDir:     stateDir,
+		StateDir: stateDir,
 		Disks: []vmm.Disk{
 			{ID: "cold", Path: cold, ReadOnly: true, Kind: vmm.Block},
 			{ID: "cold-pmem", Path: cold, ReadOnly: true, Kind: vmm.PMEM},
@@ -440,6 +440,17 @@ func TestStartErrors(t *testing.T) {
 			t.Log(err)
 			if pid := vm.Pid(); pid != 0 && !processGone(pid) {
 				t.Fatalf("qemu (pid %d) left running", pid)
+			}
+			select {
+			case <-vm.Done():
+			default:
+				t.Fatal("Done not closed after a failed Start")
+			}
+			if err := vm.Wait(); err == nil {
+				t.Fatal("Wait after a failed Start: nil")
+			}
+			if err := vm.Start(context.Background()); !errdefs.IsFailedPrecondition(err) {
+				t.Fatalf("second Start: %v", err)
 			}
 			for _, f := range stateFiles(t, cfg.StateDir) {
 				if f != "console.log" {
