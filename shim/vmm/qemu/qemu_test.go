@@ -1,13 +1,16 @@
 package qemu
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -562,5 +565,66 @@ func TestVsockNeedsVhost(t *testing.T) {
 	}
 	if ep := vm.Endpoint(); ep.Transport != vmm.TransportVsock || ep.CID != 1234 {
 		t.Fatalf("endpoint %+v", ep)
+	}
+}
+
+// TestShimDeathKillsQEMU starts a VM from a child process standing for the shim, kills
+// that process with SIGKILL, and checks that QEMU dies with it (Pdeathsig).
+func TestShimDeathKillsQEMU(t *testing.T) {
+	if dir := os.Getenv("CAISSON_TEST_SHIM_STATE"); dir != "" {
+		// The child: start a VM, say its pid, and wait to be killed.
+		vm, err := New(vmm.Config{
+			Kernel: os.Getenv("CAISSON_TEST_SHIM_KERNEL"), Initramfs: os.Getenv("CAISSON_TEST_SHIM_INITRAMFS"),
+			Accelerator: "tcg", StateDir: dir,
+		}, Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := vm.Start(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		fmt.Printf("qemu-pid=%d\n", vm.Pid())
+		time.Sleep(time.Minute)
+		vm.Stop(context.Background())
+		t.Fatal("not killed")
+	}
+	g := newTestGuest(t)
+	cmd := exec.Command(os.Args[0], "-test.run=^TestShimDeathKillsQEMU$", "-test.v")
+	cmd.Env = append(os.Environ(),
+		"CAISSON_TEST_SHIM_STATE="+shortDir(t),
+		"CAISSON_TEST_SHIM_KERNEL="+g.kernel,
+		"CAISSON_TEST_SHIM_INITRAMFS="+g.initramfs,
+	)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	pid := 0
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "qemu-pid="); ok {
+			pid, _ = strconv.Atoi(v)
+			break
+		}
+	}
+	if pid == 0 {
+		t.Fatalf("the child shim did not start a VM: %v", sc.Err())
+	}
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) }) // if the test fails
+	if err := cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Wait()
+	// QEMU is the child's child: once it is killed, init reaps it.
+	deadline := time.Now().Add(30 * time.Second)
+	for !processGone(pid) {
+		if time.Now().After(deadline) {
+			t.Fatalf("qemu (pid %d) outlived its shim", pid)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
