@@ -14,6 +14,7 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/containerd/ttrpc"
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
@@ -96,10 +97,6 @@ func run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	l, err := listen(ctx, endpoint)
-	if err != nil {
-		return err
-	}
 	powerOff := make(chan struct{})
 	a, err := service.New(service.Config{PowerOff: func() { close(powerOff) }}, r)
 	if err != nil {
@@ -110,8 +107,7 @@ func run(ctx context.Context) error {
 		return err
 	}
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(ctx, transport.Demux(ctx, l, a.HandleStdio)) }()
-	log.G(ctx).WithField("transport", endpoint.String()).Info("caisson-agent ready")
+	go func() { serveErr <- serve(ctx, endpoint, srv, a) }()
 
 	select {
 	case <-powerOff:
@@ -122,10 +118,34 @@ func run(ctx context.Context) error {
 		return nil
 	case err := <-serveErr:
 		a.Shutdown(ctx)
-		if errors.Is(err, net.ErrClosed) {
-			return nil
-		}
 		return fmt.Errorf("serve: %w", err)
+	}
+}
+
+// reconnectDelay paces re-opening the agent's serial port while no shim is connected.
+const reconnectDelay = 100 * time.Millisecond
+
+// serve serves the API until a fatal error. On the serial transport the yamux session
+// ends whenever the host end of the port is not connected (before the shim dials, or
+// after it went away, e.g. to be restarted): the agent then opens the port again, and
+// the containers keep running.
+func serve(ctx context.Context, e transport.Endpoint, srv *ttrpc.Server, a *service.Agent) error {
+	ready := false
+	for {
+		l, err := listen(ctx, e)
+		if err != nil {
+			return err
+		}
+		if !ready {
+			log.G(ctx).WithField("transport", e.String()).Info("caisson-agent ready")
+			ready = true
+		}
+		err = srv.Serve(ctx, transport.Demux(ctx, l, a.HandleStdio))
+		if e.Kind != transport.Serial || errors.Is(err, ttrpc.ErrServerClosed) {
+			return err
+		}
+		log.G(ctx).WithError(err).Debug("agent channel closed; opening it again")
+		time.Sleep(reconnectDelay)
 	}
 }
 

@@ -86,8 +86,8 @@ func bootGuest(t testing.TB, disks []vmm.Disk, hotplug int) *guestVM {
 	return gv
 }
 
-// stop closes the connection and stops the VM; it may be called again.
-func (g *guestVM) stop(t testing.TB) {
+// closeConn closes the connection to the agent.
+func (g *guestVM) closeConn() {
 	if g.client != nil {
 		g.client.Close()
 		g.client = nil
@@ -96,6 +96,11 @@ func (g *guestVM) stop(t testing.TB) {
 		g.session.Close()
 		g.session = nil
 	}
+}
+
+// stop closes the connection and stops the VM; it may be called again.
+func (g *guestVM) stop(t testing.TB) {
+	g.closeConn()
 	if err := g.vm.Stop(context.Background()); err != nil {
 		t.Errorf("stop vm: %v", err)
 	}
