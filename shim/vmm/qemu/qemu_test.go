@@ -18,6 +18,7 @@ import (
 
 	"github.com/containerd/errdefs"
 
+	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
 
@@ -198,6 +199,34 @@ func TestVM(t *testing.T) {
 			t.Fatal(err)
 		}
 		sh.must(t, "gone "+string(addr2.PCIPath)+" && ! test -e "+dev2)
+	})
+
+	t.Run("hot block read-write", func(t *testing.T) {
+		mkfs := testutil.RequireBinary(t, "mkfs.ext4")
+		debugfs := testutil.RequireBinary(t, "debugfs")
+		img := filepath.Join(t.TempDir(), "rw.ext4")
+		if err := os.WriteFile(img, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(img, 64<<20); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := exec.Command(mkfs, "-q", "-F", img).CombinedOutput(); err != nil {
+			t.Fatalf("mkfs.ext4: %v: %s", err, out)
+		}
+		addr, err := vm.AttachDisk(ctx, vmm.Disk{ID: "rw", Path: img, Kind: vmm.Block})
+		if err != nil {
+			t.Fatal(err)
+		}
+		dev := strings.TrimSpace(sh.must(t, "devat "+string(addr.PCIPath)))
+		sh.must(t, "mount -t ext4 "+dev+" /mnt && echo written-in-guest > /mnt/f && umount /mnt")
+		if err := vm.DetachDisk(ctx, "rw"); err != nil {
+			t.Fatal(err)
+		}
+		out, err := exec.Command(debugfs, "-R", "cat /f", img).Output()
+		if err != nil || string(out) != "written-in-guest\n" {
+			t.Fatalf("host reads %q from the image (%v)", out, err)
+		}
 	})
 
 	t.Run("detach cold", func(t *testing.T) {
