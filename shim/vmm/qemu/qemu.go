@@ -11,9 +11,10 @@
 // can be hot-unplugged and its guest address is the port's: root ports sit at 08.0-1e.7
 // of the root bus (eight functions per slot), the agent device at 02.0.
 //
-// QEMU 7.2 cannot hot-unplug virtio-pmem devices ("virtio based memory devices cannot be
-// unplugged"): DetachDisk of a PMEM disk then fails with ErrNotImplemented and the device
-// stays until the VM stops.
+// QEMU cannot hot-unplug virtio-pmem devices (7.2 answers "virtio based memory devices
+// cannot be unplugged"; QEMU's virtio-pmem documentation lists it as a limitation):
+// DetachDisk of a PMEM disk then fails with ErrNotImplemented and the device stays until
+// the VM stops. Callers keep such disks attached (and may reuse them) instead.
 package qemu
 
 import (
@@ -42,6 +43,8 @@ import (
 const (
 	// gracefulStop bounds how long Stop waits for QEMU to quit on its own.
 	gracefulStop = 3 * time.Second
+	// killWait bounds how long Stop waits for QEMU to die after SIGKILL.
+	killWait = 10 * time.Second
 	// eventDrain bounds how long the exit path waits for QMP's last events (SHUTDOWN)
 	// to learn why QEMU exited.
 	eventDrain = 500 * time.Millisecond
@@ -492,19 +495,24 @@ func (v *VM) Stop(ctx context.Context) error {
 			}
 			cancel()
 			v.kill()
+			// Even with ctx over: SIGKILL takes effect at once unless QEMU is stuck
+			// in the kernel, and the files must not go while it runs.
 			select {
 			case <-v.done:
-			case <-ctx.Done():
-				err = fmt.Errorf("qemu (pid %d) did not die after SIGKILL: %w", cmd.Process.Pid, ctx.Err())
+			case <-time.After(killWait):
+				err = fmt.Errorf("qemu (pid %d) still alive %v after SIGKILL: %w", cmd.Process.Pid, killWait, errdefs.ErrUnavailable)
 			}
 		}
 		if c != nil {
 			c.Close()
 		}
 	}
+	if err != nil {
+		return err
+	}
 	v.removeFiles()
 	v.mu.Lock()
-	v.stopped = err == nil
+	v.stopped = true
 	v.mu.Unlock()
 	return err
 }

@@ -657,3 +657,23 @@ func TestShimDeathKillsQEMU(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestStopCanceledContext: Stop with a context that is already over still kills QEMU
+// and removes its files.
+func TestStopCanceledContext(t *testing.T) {
+	g := newTestGuest(t)
+	dir := shortDir(t)
+	vm := startVM(t, g, vmm.Config{StateDir: dir})
+	pid := vm.Pid()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := vm.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !processGone(pid) {
+		t.Fatalf("qemu (pid %d) still exists after Stop", pid)
+	}
+	if files := stateFiles(t, dir); len(files) > 1 || (len(files) == 1 && files[0] != "console.log") {
+		t.Fatalf("state dir after Stop holds %v", files)
+	}
+}
