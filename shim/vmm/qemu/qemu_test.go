@@ -539,6 +539,9 @@ func TestDetachWaitsForGuest(t *testing.T) {
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("detach from a paused guest: %v, want a deadline error", err)
 	}
+	if !hasBlockNode(t, vm, "blk0-node") {
+		t.Fatal("the backend was removed before the guest released the device")
+	}
 	if err := vm.qmp.Execute(ctx, "cont", nil, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -546,6 +549,9 @@ func TestDetachWaitsForGuest(t *testing.T) {
 		t.Fatalf("retry: %v", err)
 	}
 	sh.must(t, "gone "+string(addrA.PCIPath))
+	if hasBlockNode(t, vm, "blk0-node") {
+		t.Fatal("the backend is still there after DetachDisk")
+	}
 
 	if err := vm.qmp.Execute(ctx, "stop", nil, nil); err != nil {
 		t.Fatal(err)
@@ -676,4 +682,21 @@ func TestStopCanceledContext(t *testing.T) {
 	if files := stateFiles(t, dir); len(files) > 1 || (len(files) == 1 && files[0] != "console.log") {
 		t.Fatalf("state dir after Stop holds %v", files)
 	}
+}
+
+// hasBlockNode asks QEMU whether a block node exists.
+func hasBlockNode(t *testing.T, vm *VM, name string) bool {
+	t.Helper()
+	var nodes []struct {
+		NodeName string `json:"node-name"`
+	}
+	if err := vm.qmp.Execute(context.Background(), "query-named-block-nodes", nil, &nodes); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes {
+		if n.NodeName == name {
+			return true
+		}
+	}
+	return false
 }
