@@ -73,6 +73,7 @@ type VM struct {
 	qmp         *qmp.Client
 	startCalled bool
 	stopping    bool
+	ending      bool // Stop has told QEMU to quit or killed it: its exit is no error
 	stopped     bool
 	exitErr     error
 	shutdown    string // reason of QEMU's SHUTDOWN event
@@ -387,7 +388,7 @@ func (v *VM) run(cmd *exec.Cmd, started chan<- error) {
 	}
 
 	v.mu.Lock()
-	if !v.stopping {
+	if !v.ending {
 		v.exitErr = &vmm.ExitError{Reason: v.exitReason(err), Log: tail(v.stderrLog)}
 	}
 	v.mu.Unlock()
@@ -483,6 +484,9 @@ func (v *VM) Stop(ctx context.Context) error {
 		select {
 		case <-v.done:
 		default:
+			v.mu.Lock()
+			v.ending = true
+			v.mu.Unlock()
 			graceful, cancel := context.WithTimeout(ctx, gracefulStop)
 			if c != nil {
 				// QEMU may exit before it answers; the connection error is expected.
