@@ -1,6 +1,7 @@
 package test
 
 import (
+	"errors"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -91,6 +92,22 @@ func TestGuestPod(t *testing.T) {
 	}
 	if _, err := g.sandbox.Create(ctx, &agent.CreateSandboxRequest{SandboxId: "again"}); !errdefs.IsAlreadyExists(native(err)) {
 		t.Errorf("second sandbox: %v, want AlreadyExists", err)
+	}
+
+	// Destroy kills what is left, unmounts everything and powers the VM off.
+	g.start(t, "leftover", podSpec("sleep", "1000"), &agent.Stdio{})
+	if _, err := g.sandbox.Destroy(ctx, &agent.DestroySandboxRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-g.vm.Done():
+	case <-ctx.Done():
+		t.Fatal("the VM still runs after Sandbox.Destroy")
+	}
+	err := g.vm.Wait()
+	var ee *vmm.ExitError
+	if !errors.As(err, &ee) || !strings.Contains(ee.Reason, "powered off") {
+		t.Errorf("VM ended with %v, want the guest powering off", err)
 	}
 }
 

@@ -1,0 +1,41 @@
+package boot
+
+import (
+	"context"
+	"maps"
+	"testing"
+)
+
+func TestParseCmdline(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want map[string]string
+	}{
+		{"console=ttyS0 quiet", map[string]string{}},
+		{"console=ttyS0 caisson.debug caisson.transport=vsock:1024", map[string]string{"debug": "", "transport": "vsock:1024"}},
+		{"caisson.debug_console caisson.x=a=b\n", map[string]string{"debug_console": "", "x": "a=b"}},
+	} {
+		if got := ParseCmdline(tc.in); !maps.Equal(got, tc.want) {
+			t.Errorf("ParseCmdline(%q) = %v, want %v", tc.in, got, tc.want)
+		}
+	}
+}
+
+func TestUnescapeMount(t *testing.T) {
+	for in, want := range map[string]string{
+		"/run/caisson":          "/run/caisson",
+		`/mnt/with\040space`:    "/mnt/with space",
+		`/a\011tab\134slash\ok`: "/a\ttab\\slash\\ok",
+	} {
+		if got := unescapeMount(in); got != want {
+			t.Errorf("unescapeMount(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestLoadModulesWithoutList(t *testing.T) {
+	n, err := LoadModules(context.Background(), t.TempDir())
+	if n != 0 || err != nil {
+		t.Fatalf("a kernel with everything built in: %d, %v", n, err)
+	}
+}
