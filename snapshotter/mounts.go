@@ -7,6 +7,7 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/errdefs"
 )
 
 // layerRef is one committed layer under a snapshot.
@@ -34,7 +35,7 @@ func (s *Snapshotter) mounts(snap storage.Snapshot, info snapshots.Info, lowers 
 		return s.viewMounts(lowers), nil
 	}
 	if snap.Kind != snapshots.KindActive {
-		return nil, fmt.Errorf("snapshot %q is %v and has no mounts", info.Name, snap.Kind)
+		return nil, fmt.Errorf("snapshot %q is %v and has no mounts: %w", info.Name, snap.Kind, errdefs.ErrFailedPrecondition)
 	}
 	size, err := s.writableSize(info)
 	if err != nil {
