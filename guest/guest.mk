@@ -17,7 +17,9 @@ GUEST_BUSYBOX ?= /bin/busybox
 # The agent is a static cgo binary: runc's libcontainer needs its nsenter constructor (C),
 # and seccomp filters need libseccomp. netgo/osusergo keep glibc's NSS out of the static link.
 AGENT_TAGS    := seccomp netgo osusergo
-AGENT_LDFLAGS := -s -w -buildid= -linkmode external -extldflags '-static'
+# The version Sandbox.Version reports is an input too: a new one rebuilds the image.
+AGENT_LDFLAGS := -s -w -buildid= -linkmode external -extldflags '-static' \
+	-X $(PKG)/guest/agent/service.Version=$(VERSION)
 
 .PHONY: guest
 guest: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initramfs.cpio.gz ## Build the guest kernel and initramfs (agent as /init, no shell)

@@ -136,6 +136,11 @@ func TestGuestContainers(t *testing.T) {
 	g.mountLayers(t)
 	ctx := ctxT(t)
 
+	v, err := g.sandbox.Version(ctx, &agent.VersionRequest{})
+	if err != nil || v.ApiVersion != agent.APIVersion || v.AgentVersion == "" || !strings.HasSuffix(v.KernelRelease, "-cloud-amd64") {
+		t.Errorf("version %v (%v)", v, err)
+	}
+
 	t.Run("echo", func(t *testing.T) {
 		r := g.run(t, "echo", testSpec("echo", "hello"))
 		if r.stdout != "hello\n" || r.stderr != "" || r.exit != 0 {
@@ -277,6 +282,19 @@ func TestGuestContainers(t *testing.T) {
 			t.Errorf("stdout %q", s)
 		}
 		g.delete(t, "cat")
+	})
+	t.Run("seccomp, user, capabilities, read-only rootfs", func(t *testing.T) {
+		// The agent is a static binary with libseccomp linked in: filters load in the guest.
+		spec := testSpec("sh", "-c", `mkdir /tmp/d 2>/dev/null || echo mkdir-denied; id -u; grep CapEff /proc/self/status; touch /x 2>/dev/null || echo ro`)
+		spec.Linux.Seccomp = &specs.LinuxSeccomp{DefaultAction: specs.ActAllow, Syscalls: []specs.LinuxSyscall{
+			{Names: []string{"mkdir", "mkdirat"}, Action: specs.ActErrno}}}
+		spec.Process.User = specs.User{UID: 1234, GID: 1234}
+		spec.Process.Capabilities = &specs.LinuxCapabilities{}
+		spec.Root.Readonly = true
+		r := g.run(t, "confined", spec)
+		if want := "mkdir-denied\n1234\nCapEff:\t0000000000000000\nro\n"; r.stdout != want || r.exit != 0 {
+			t.Errorf("got %+v, want stdout %q", r, want)
+		}
 	})
 	t.Run("writes land in the writable layer", func(t *testing.T) {
 		r := g.run(t, "writer", testSpec("sh", "-c", "echo new > /etc/new && cat /etc/new"))
