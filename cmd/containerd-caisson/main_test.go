@@ -139,16 +139,21 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 		return out.String()
 	}
 
-	image := filepath.Join(dir, "image.tar")
-	writeOCIImage(t, image, busybox)
-	run("images", "import", "--snapshotter", "caisson", "--base-name", "caisson.test/e2e", image)
-	t.Cleanup(func() {
-		exec.Command(ctr, "--address", sock, "--namespace", "caisson-test", "images", "rm", "--sync", "caisson.test/e2e:1").Run()
-	})
+	// Two images with the same base layer and different top layers.
+	for i, hello := range []string{"hello from layer 2\n", "hello from another image\n"} {
+		image := filepath.Join(dir, fmt.Sprintf("image%d.tar", i))
+		writeOCIImage(t, image, busybox, fmt.Sprint(i+1), hello)
+		run("images", "import", "--snapshotter", "caisson", "--base-name", "caisson.test/e2e", image)
+		ref := fmt.Sprintf("caisson.test/e2e:%d", i+1)
+		t.Cleanup(func() {
+			exec.Command(ctr, "--address", sock, "--namespace", "caisson-test", "images", "rm", "--sync", ref).Run()
+		})
+	}
 
+	// The shared base layer is stored once: three layer images for four layers.
 	layers, _ := filepath.Glob(filepath.Join(root, "io.containerd.snapshotter.v1.caisson", "snapshots", "*", "layer.erofs"))
-	if len(layers) != 2 {
-		t.Fatalf("%d layer images after unpack, want 2: %v", len(layers), layers)
+	if len(layers) != 3 {
+		t.Fatalf("%d layer images after unpacking two images sharing a base, want 3: %v", len(layers), layers)
 	}
 	for _, l := range layers {
 		fi, err := os.Stat(l)
@@ -169,12 +174,16 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 	if out != want {
 		t.Fatalf("container output %q, want %q", out, want)
 	}
+	out = run("run", "--rm", "--snapshotter", "caisson", "caisson.test/e2e:2", "e2e2", "/bin/cat", "/etc/hello")
+	if out != "hello from another image\n" {
+		t.Fatalf("second image's container output %q", out)
+	}
 }
 
-// writeOCIImage writes an OCI image layout tar: a base layer with a static
-// busybox and a few of its links, and a second layer that adds /etc/hello and
-// whites out /bin/gone.
-func writeOCIImage(t *testing.T, path, busybox string) {
+// writeOCIImage writes an OCI image layout tar tagged tag: a base layer with a
+// static busybox and a few of its links (the same bytes every time), and a
+// second layer that adds /etc/hello and whites out /bin/gone.
+func writeOCIImage(t *testing.T, path, busybox, tag, hello string) {
 	t.Helper()
 	bb, err := os.ReadFile(busybox)
 	if err != nil {
@@ -191,7 +200,7 @@ func writeOCIImage(t *testing.T, path, busybox string) {
 	})
 	top := tarOf(t, func(w *tar.Writer) {
 		dir(t, w, "etc")
-		file(t, w, "etc/hello", []byte("hello from layer 2\n"), 0o644)
+		file(t, w, "etc/hello", []byte(hello), 0o644)
 		dir(t, w, "bin")
 		file(t, w, "bin/.wh.gone", nil, 0o644)
 	})
@@ -213,7 +222,7 @@ func writeOCIImage(t *testing.T, path, busybox string) {
 		Layers:    []ocispec.Descriptor{add(ocispec.MediaTypeImageLayer, base), add(ocispec.MediaTypeImageLayer, top)},
 	}
 	md := add(ocispec.MediaTypeImageManifest, mustJSON(t, manifest))
-	md.Annotations = map[string]string{ocispec.AnnotationRefName: "1"}
+	md.Annotations = map[string]string{ocispec.AnnotationRefName: tag}
 	md.Platform = &ocispec.Platform{Architecture: "amd64", OS: "linux"}
 	index := ocispec.Index{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageIndex, Manifests: []ocispec.Descriptor{md}}
 
