@@ -169,16 +169,30 @@ func (s *Sandbox) ContainerDeleted(pid int) {
 }
 
 // AdjustSpec rewrites a container's spec from the host's view to the guest's:
-//   - the network, IPC and UTS namespaces become the pod's (without a sandbox, new ones);
+//   - the network, IPC and UTS namespaces are the pod's (without a sandbox, new ones),
+//     also for a container the host would run in its own (hostNetwork, hostIPC): the
+//     VM is the pod's host;
 //   - the PID namespace is the pod's first container's when the pod shares one;
 //   - other namespace paths (the host's) are dropped: the container gets new ones;
 //   - bind mounts of /etc/hosts, /etc/resolv.conf, /etc/hostname and /dev/shm come from
 //     the pod's files; any other bind mount whose source is not in the guest is an error
-//     (there is no shared filesystem).
+//     (there is no shared filesystem);
+//   - the process's AppArmor profile and SELinux labels are dropped (see AdjustProcess).
 func (s *Sandbox) AdjustSpec(spec *specs.Spec) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if spec.Process != nil {
+		AdjustProcess(spec.Process)
+	}
 	if spec.Linux != nil {
+		spec.Linux.MountLabel = ""
+		if s.created {
+			for _, t := range []specs.LinuxNamespaceType{specs.NetworkNamespace, specs.IPCNamespace, specs.UTSNamespace} {
+				if !hasNamespace(spec.Linux.Namespaces, t) {
+					spec.Linux.Namespaces = append(spec.Linux.Namespaces, specs.LinuxNamespace{Type: t})
+				}
+			}
+		}
 		for i := range spec.Linux.Namespaces {
 			ns := &spec.Linux.Namespaces[i]
 			ns.Path = ""
@@ -223,6 +237,23 @@ func (s *Sandbox) AdjustSpec(spec *specs.Spec) error {
 		}
 	}
 	return nil
+}
+
+// AdjustProcess drops what refers to the host's security modules: the AppArmor profile
+// and SELinux label CRI chose name the host's policies, which the guest does not load
+// (the VM boundary is the isolation; seccomp, capabilities and namespaces still apply).
+func AdjustProcess(p *specs.Process) {
+	p.ApparmorProfile = ""
+	p.SelinuxLabel = ""
+}
+
+func hasNamespace(nss []specs.LinuxNamespace, t specs.LinuxNamespaceType) bool {
+	for _, ns := range nss {
+		if ns.Type == t {
+			return true
+		}
+	}
+	return false
 }
 
 func isBind(m specs.Mount) bool {

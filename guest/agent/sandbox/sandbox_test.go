@@ -131,6 +131,19 @@ func TestCreateNetwork(t *testing.T) {
 	if spec.Linux.Namespaces[3].Path != "" || spec.Mounts[0].Source != s.filePath("hosts") {
 		t.Errorf("pid namespace %q, hosts mount %q", spec.Linux.Namespaces[3].Path, spec.Mounts[0].Source)
 	}
+	hostNet := &specs.Spec{
+		Process: &specs.Process{ApparmorProfile: "cri-containerd.apparmor.d", SelinuxLabel: "system_u:system_r:container_t"},
+		Linux:   &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.PIDNamespace}, {Type: specs.MountNamespace}}},
+	}
+	if err := s.AdjustSpec(hostNet); err != nil {
+		t.Fatal(err)
+	}
+	if len(hostNet.Linux.Namespaces) != 5 || hostNet.Linux.Namespaces[2].Path != s.nsPath("net") {
+		t.Errorf("a hostNetwork container's namespaces: %v", hostNet.Linux.Namespaces)
+	}
+	if hostNet.Process.ApparmorProfile != "" || hostNet.Process.SelinuxLabel != "" {
+		t.Errorf("host security labels kept: %+v", hostNet.Process)
+	}
 	bad := &specs.Spec{Mounts: []specs.Mount{{Destination: "/data", Type: "bind", Source: "/host/only/dir"}}}
 	if err := s.AdjustSpec(bad); !errdefs.IsInvalidArgument(err) {
 		t.Errorf("bind of a host directory: %v, want InvalidArgument", err)

@@ -10,6 +10,7 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/guest/agent/sandbox"
 )
 
 type execService struct{ a *Agent }
@@ -25,6 +26,7 @@ func (s execService) Create(ctx context.Context, req *agent.CreateExecRequest) (
 	if err := json.Unmarshal(req.GetProcess(), &p); err != nil {
 		return nil, fmt.Errorf("exec %s: process: %v: %w", req.GetExecId(), err, errdefs.ErrInvalidArgument)
 	}
+	sandbox.AdjustProcess(&p)
 	if _, err := c.CreateExec(ctx, req.GetExecId(), &p, stdioOf(req.GetStdio())); err != nil {
 		return nil, err
 	}
