@@ -155,7 +155,7 @@ func (c *Container) DeleteExec(execID string) (Exit, error) {
 	c.mu.Lock()
 	delete(c.execs, execID)
 	c.mu.Unlock()
-	p.closeIO()
+	p.release()
 	return p.exit, nil
 }
 
@@ -280,7 +280,7 @@ func (c *Container) destroy(ctx context.Context, force bool) (Exit, error) {
 	}
 	c.mu.Lock()
 	for _, p := range c.execs {
-		p.closeIO()
+		p.release()
 	}
 	c.execs = map[string]*Process{}
 	c.mu.Unlock()

@@ -283,6 +283,18 @@ func TestKillExecStdin(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// An exec deleted before it started counts as exited; its waiters are released.
+	if _, err := c.CreateExec(ctx, "never", &specs.Process{Args: []string{"true"}, Cwd: "/"}, Stdio{Stdout: true}); err != nil {
+		t.Fatal(err)
+	}
+	never, _ := c.Process("never")
+	if e, err := c.DeleteExec("never"); err != nil || e.Status != 255 {
+		t.Errorf("delete of an exec never started: %+v, %v", e, err)
+	}
+	if e := wait(t, never); e.Status != 255 {
+		t.Errorf("wait for an exec never started: %+v", e)
+	}
+
 	pids, err := c.Pids()
 	if id, ok := pids[c.Init().Pid()]; err != nil || len(pids) != 1 || !ok || id != "" {
 		t.Errorf("pids %v (%v), want only %d", pids, err, c.Init().Pid())

@@ -316,6 +316,20 @@ func (p *Process) Wait(ctx context.Context) (Exit, error) {
 // Exited is closed when the process has exited.
 func (p *Process) Exited() <-chan struct{} { return p.exited }
 
+// release frees the process's streams; a process that was never started then counts as
+// exited (255), so that nothing waits for it forever.
+func (p *Process) release() {
+	p.mu.Lock()
+	if p.start != nil {
+		p.start = nil
+		p.closeChildFiles()
+		p.exit = Exit{Status: 255, At: time.Now()}
+		close(p.exited)
+	}
+	p.mu.Unlock()
+	p.closeIO()
+}
+
 func (p *Process) watch(ch <-chan Exit) {
 	e := <-ch
 	p.exit = e
