@@ -109,7 +109,10 @@ func BenchmarkUnpack(b *testing.B) {
 			return unpackAll(ov)
 		}},
 		{name: "caisson", run: func(i int) time.Duration {
-			sn := h.newSnapshotter(func(c *config.Config) { c.Root = filepath.Join(dir, fmt.Sprintf("caisson%d", i)) })
+			sn := h.newSnapshotter(func(c *config.Config) {
+				c.Root = filepath.Join(dir, fmt.Sprintf("caisson%d", i))
+				c.DefaultWritableSize = config.DefaultWritableSize // as in production
+			})
 			defer os.RemoveAll(sn.root)
 			defer sn.Close()
 			return unpackAll(sn)
