@@ -73,6 +73,9 @@ func (c *Container) CreateExec(ctx context.Context, execID string, spec *specs.P
 	if err != nil {
 		return nil, err
 	}
+	if err := checkExecutable(c.lc.Config().Rootfs, c.spec.Mounts, spec); err != nil {
+		return nil, fmt.Errorf("exec %s in container %s: %w", execID, c.id, err)
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if _, ok := c.execs[execID]; ok {

@@ -295,6 +295,9 @@ func TestKillExecStdin(t *testing.T) {
 		t.Errorf("wait for an exec never started: %+v", e)
 	}
 
+	if _, err := c.Exec(ctx, "nobin", &specs.Process{Args: []string{"/bin/nope"}, Cwd: "/"}, Stdio{}); !errdefs.IsNotFound(err) {
+		t.Errorf("exec of a missing binary: %v, want NotFound", err)
+	}
 	pids, err := c.Pids()
 	if id, ok := pids[c.Init().Pid()]; err != nil || len(pids) != 1 || !ok || id != "" {
 		t.Errorf("pids %v (%v), want only %d", pids, err, c.Init().Pid())
@@ -397,9 +400,9 @@ func TestBadInput(t *testing.T) {
 			s.Process.Cwd = "tmp"
 			return s
 		}, want: errdefs.IsInvalidArgument},
-		{name: "no such binary", id: "nobin", spec: func() *specs.Spec { return testSpec(rootfs, "/no/such/binary") }, want: func(err error) bool {
-			return err != nil && strings.Contains(err.Error(), "no such file")
-		}},
+		{name: "no such binary", id: "nobin", spec: func() *specs.Spec { return testSpec(rootfs, "/no/such/binary") }, want: errdefs.IsNotFound},
+		{name: "no such command in PATH", id: "nocmd", spec: func() *specs.Spec { return testSpec(rootfs, "nope") }, want: errdefs.IsNotFound},
+		{name: "not executable", id: "noexec", spec: func() *specs.Spec { return testSpec(rootfs, "/etc/secret") }, want: errdefs.IsNotFound},
 		{name: "bad id", id: "../x", spec: func() *specs.Spec { return testSpec(rootfs, "true") }, want: errdefs.IsInvalidArgument},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -107,6 +107,9 @@ func (r *Runtime) Create(ctx context.Context, opts CreateOpts) (_ *Container, re
 	if err != nil {
 		return nil, err
 	}
+	if err := checkExecutable(opts.Rootfs, opts.Spec.Mounts, opts.Spec.Process); err != nil {
+		return nil, fmt.Errorf("container %s: %w", opts.ID, err)
+	}
 	lc, err := libcontainer.Create(r.root, opts.ID, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("create container %s: %w", opts.ID, err)
