@@ -54,6 +54,9 @@ func shortDir(t testing.TB) string {
 // bootGuest starts the guest image with disks attached and connects to its agent.
 func bootGuest(t testing.TB, disks []vmm.Disk, hotplug int) *guestVM {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("boots a VM; skipped with -short")
+	}
 	testutil.RequireRoot(t)
 	testutil.RequireBinary(t, "qemu-system-x86_64")
 	g := testutil.RequireGuest(t)
