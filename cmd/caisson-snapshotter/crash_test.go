@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -214,5 +215,60 @@ func unmountUnder(t *testing.T, dir string) {
 		if err := mount.UnmountAll(points[i], 0); err != nil {
 			t.Errorf("unmount %s: %v", points[i], err)
 		}
+	}
+}
+
+// TestSIGTERMDuringCommit: a SIGTERM while a Commit runs lets it finish; then
+// the daemon exits 0 and removes its socket.
+func TestSIGTERMDuringCommit(t *testing.T) {
+	buildDaemon(t)
+	dir := t.TempDir()
+	root := filepath.Join(dir, "root")
+	sock := filepath.Join(dir, "s.sock")
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+	mm := mountManager(t, dir)
+	t.Cleanup(func() { unmountUnder(t, root) })
+
+	d := startDaemon(t, root, sock, writeConfig(t, dir, "1GiB"))
+	sn := d.snapshotter()
+	mounts, err := sn.Prepare(ctx, "active", "")
+	if err != nil {
+		d.kill()
+		t.Fatal(err)
+	}
+	big := make([]byte, 48<<20)
+	rand.Read(big)
+	withMounted(t, ctx, mm, dir, mounts, func(r string) {
+		for i := range 4 {
+			if err := os.WriteFile(filepath.Join(r, fmt.Sprintf("big%d", i)), big, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	commitErr := make(chan error, 1)
+	go func() { commitErr <- sn.Commit(ctx, "committed", "active") }()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if tmp, _ := filepath.Glob(filepath.Join(root, "snapshots", "*", "layer.erofs.tmp")); len(tmp) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			d.kill()
+			t.Fatal("no layer image was being built")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-commitErr; err != nil {
+		t.Fatalf("commit interrupted by SIGTERM: %v", err)
+	}
+	if err := d.stop(); err != nil { // already stopping: this waits for the exit
+		t.Fatal(err)
+	}
+	layers, _ := filepath.Glob(filepath.Join(root, "snapshots", "*", "layer.erofs"))
+	if len(layers) != 1 {
+		t.Fatalf("layer images after the stop: %v", layers)
 	}
 }

@@ -129,7 +129,7 @@ func (d *daemon) snapshotter() snapshots.Snapshotter {
 // stop sends SIGTERM and expects a clean exit that removes the socket.
 func (d *daemon) stop() error {
 	d.conn.Close()
-	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil && !errors.Is(err, os.ErrProcessDone) {
 		return err
 	}
 	select {
