@@ -269,3 +269,49 @@ func TestConcurrentPrepareRemove(t *testing.T) {
 	}
 	checkConsistent(t, h, sn, "base")
 }
+
+// TestConcurrentCommit commits one active snapshot from several goroutines:
+// exactly one wins, the others fail cleanly, and the winner's layer is intact.
+func TestConcurrentCommit(t *testing.T) {
+	requireHost(t)
+	h := newHarness(t, t.TempDir())
+	sn := h.newSnapshotter(nil)
+	entries := []layerEntry{dirE("d", 0o755, 0, 0), fileE("d/f", strings.Repeat("x", 1<<20), 0o644, 0, 0)}
+	mounts, err := sn.Prepare(h.ctx, "active", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.applier.Apply(h.ctx, h.addBlob(buildTar(t, entries)), mounts); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, 4)
+	for i := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = sn.Commit(h.ctx, fmt.Sprintf("c%d", i), "active")
+		}()
+	}
+	wg.Wait()
+	winner := ""
+	for i, err := range errs {
+		switch {
+		case err == nil && winner == "":
+			winner = fmt.Sprintf("c%d", i)
+		case err == nil:
+			t.Errorf("two commits of one snapshot succeeded")
+		case !errdefs.IsNotFound(err):
+			t.Errorf("losing commit: %v, want NotFound", err)
+		}
+	}
+	if winner == "" {
+		t.Fatalf("no commit succeeded: %v", errs)
+	}
+	h.withLayerImage(sn, winner, func(root string) {
+		if err := snapshottest.Check(root, expectAll(entries)); err != nil {
+			t.Error(err)
+		}
+	})
+	checkConsistent(t, h, sn, winner)
+}

@@ -38,8 +38,22 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("key", key).WithField("id", id))
 
+	// One commit of a snapshot at a time: a second one waits, then finds the
+	// snapshot committed (or still active, if the first failed).
+	unlock := s.lockID(id)
+	defer unlock()
 	release := s.hold(id)
 	defer release()
+	if err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
+		var again string
+		again, info, _, err = storage.GetInfo(ctx, key)
+		if err == nil && (again != id || info.Kind != snapshots.KindActive) {
+			err = fmt.Errorf("snapshot %q was committed or replaced meanwhile: %w", key, errdefs.ErrNotFound)
+		}
+		return err
+	}); err != nil {
+		return err
+	}
 
 	dst := s.layerPath(id)
 	if err := s.buildLayer(ctx, id, dst); err != nil {

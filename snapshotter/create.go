@@ -61,14 +61,18 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 				return err
 			}
 		}
-		if err := os.Rename(td, s.snapshotDir(snap.ID)); err != nil {
+		dir := s.snapshotDir(snap.ID)
+		if err := os.Rename(td, dir); err != nil {
 			return fmt.Errorf("create snapshot directory: %w", err)
 		}
-		td = ""
+		// Until the transaction commits, the directory is the temporary one:
+		// if the commit fails, the id may be handed out again.
+		td = dir
 		return nil
 	}); err != nil {
 		return nil, err
 	}
+	td = ""
 	chain = s.layers(snap)
 	return s.mounts(snap, info, chain)
 }

@@ -42,17 +42,24 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	var (
 		ids       map[string]string
 		committed = map[string]bool{}
+		dirs      []os.DirEntry
 	)
-	if err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
+	// A write transaction, so that no snapshot is being created or removed
+	// while the directories are compared with the metadata.
+	if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
 		if ids, err = storage.IDMap(ctx); err != nil {
 			return err
 		}
-		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+		if err := storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
 			if info.Kind == snapshots.KindCommitted {
 				committed[info.Name] = true
 			}
 			return nil
-		})
+		}); err != nil {
+			return err
+		}
+		dirs, err = os.ReadDir(filepath.Join(s.root, "snapshots"))
+		return err
 	}); err != nil {
 		return err
 	}
@@ -77,10 +84,6 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 		}
 	}
 
-	dirs, err := os.ReadDir(filepath.Join(s.root, "snapshots"))
-	if err != nil {
-		return err
-	}
 	for _, e := range dirs {
 		name := e.Name()
 		dir := filepath.Join(s.root, "snapshots", name)

@@ -45,6 +45,34 @@ type Snapshotter struct {
 	// so that Cleanup leaves them alone and removes only what a crash left.
 	mu   sync.Mutex
 	busy map[string]int
+	// locks serializes the commits of one snapshot id.
+	locks map[string]*idLock
+}
+
+type idLock struct {
+	sync.Mutex
+	users int
+}
+
+// lockID locks id against other lockID callers until the returned func runs.
+func (s *Snapshotter) lockID(id string) func() {
+	s.mu.Lock()
+	l := s.locks[id]
+	if l == nil {
+		l = &idLock{}
+		s.locks[id] = l
+	}
+	l.users++
+	s.mu.Unlock()
+	l.Lock()
+	return func() {
+		l.Unlock()
+		s.mu.Lock()
+		if l.users--; l.users == 0 {
+			delete(s.locks, id)
+		}
+		s.mu.Unlock()
+	}
 }
 
 var _ snapshots.Cleaner = (*Snapshotter)(nil)
@@ -76,7 +104,8 @@ func New(ctx context.Context, cfg config.Resolved) (*Snapshotter, error) {
 			Alignment:    cfg.DAXAlignment,
 			ExtraOptions: cfg.MkfsOptions,
 		},
-		busy: map[string]int{},
+		busy:  map[string]int{},
+		locks: map[string]*idLock{},
 	}
 	log.G(ctx).WithField("root", cfg.Root).WithField("layer_fs", cfg.LayerFilesystem).Debug("caisson snapshotter opened")
 	return s, nil
