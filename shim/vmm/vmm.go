@@ -62,6 +62,8 @@ type VM interface {
 	// DetachDisk hot-unplugs the disk attached with id and releases its backend. It
 	// returns once the guest has let go of the device, or with an error if ctx ends
 	// first (a later call with the same id waits again). An unknown id is ErrNotFound.
+	// A device the VMM cannot unplug (QEMU: virtio-pmem) is ErrNotImplemented: the id
+	// is released, the device stays, and AttachDisk of the same file reuses it.
 	DetachDisk(ctx context.Context, id string) error
 	// Stop ends the VM: gracefully while ctx allows (and at most a few seconds), then by
 	// killing the VMM's whole process group. It removes the sockets and files the VMM

@@ -13,33 +13,32 @@ import (
 	"github.com/caisson-containers/caisson/shim/vmm/qemu/qmp"
 )
 
-// checkDisk validates d and returns its file's size.
-func (v *VM) checkDisk(d vmm.Disk) (int64, error) {
+// checkDisk validates d and returns its file's stat.
+func (v *VM) checkDisk(d vmm.Disk) (os.FileInfo, error) {
 	if d.ID == "" {
-		return 0, fmt.Errorf("disk %s: empty id: %w", d.Path, errdefs.ErrInvalidArgument)
+		return nil, fmt.Errorf("disk %s: empty id: %w", d.Path, errdefs.ErrInvalidArgument)
 	}
 	v.mu.Lock()
 	_, dup := v.disks[d.ID]
 	v.mu.Unlock()
 	if dup {
-		return 0, fmt.Errorf("disk %q: %w", d.ID, errdefs.ErrAlreadyExists)
+		return nil, fmt.Errorf("disk %q: %w", d.ID, errdefs.ErrAlreadyExists)
 	}
 	if d.Kind != vmm.Block && d.Kind != vmm.PMEM {
-		return 0, fmt.Errorf("disk %q: kind %v: %w", d.ID, d.Kind, errdefs.ErrInvalidArgument)
+		return nil, fmt.Errorf("disk %q: kind %v: %w", d.ID, d.Kind, errdefs.ErrInvalidArgument)
 	}
 	st, err := os.Stat(d.Path)
 	if err != nil {
-		return 0, fmt.Errorf("disk %q: %w: %w", d.ID, errdefs.ErrNotFound, err)
+		return nil, fmt.Errorf("disk %q: %w: %w", d.ID, errdefs.ErrNotFound, err)
 	}
 	if !st.Mode().IsRegular() && st.Mode()&os.ModeDevice == 0 {
-		return 0, fmt.Errorf("disk %q: %s is not a file or a block device: %w", d.ID, d.Path, errdefs.ErrInvalidArgument)
+		return nil, fmt.Errorf("disk %q: %s is not a file or a block device: %w", d.ID, d.Path, errdefs.ErrInvalidArgument)
 	}
-	size := st.Size()
-	if d.Kind == vmm.PMEM && (size == 0 || size%vmm.PMEMAlignment != 0) {
-		return 0, fmt.Errorf("pmem disk %q: %s is %d bytes, not a non-zero multiple of 2 MiB (pad it with zeros): %w",
+	if size := st.Size(); d.Kind == vmm.PMEM && (size == 0 || size%vmm.PMEMAlignment != 0) {
+		return nil, fmt.Errorf("pmem disk %q: %s is %d bytes, not a non-zero multiple of 2 MiB (pad it with zeros): %w",
 			d.ID, d.Path, size, errdefs.ErrInvalidArgument)
 	}
-	return size, nil
+	return st, nil
 }
 
 // running returns the QMP client, or an error if the VM is not running.
@@ -65,9 +64,13 @@ func (v *VM) AttachDisk(ctx context.Context, d vmm.Disk) (vmm.DiskAddress, error
 	if err != nil {
 		return vmm.DiskAddress{}, err
 	}
-	size, err := v.checkDisk(d)
+	st, err := v.checkDisk(d)
 	if err != nil {
 		return vmm.DiskAddress{}, err
+	}
+	if addr, ok := v.unpark(d, st); ok {
+		log.G(ctx).WithField("disk", d.ID).WithField("pci", addr.PCIPath).Debug("pmem disk reused")
+		return addr, nil
 	}
 	p := -1
 	for i, used := range v.ports {
@@ -81,7 +84,7 @@ func (v *VM) AttachDisk(ctx context.Context, d vmm.Disk) (vmm.DiskAddress, error
 	}
 	n := v.nextDev
 	v.nextDev++
-	be, dev, addr := diskDevices(d, n, port(p), size)
+	be, dev, addr := diskDevices(d, n, port(p), st.Size())
 
 	if err := c.Execute(ctx, be.command, be.args, nil); err != nil {
 		return vmm.DiskAddress{}, fmt.Errorf("disk %q: %w", d.ID, err)
@@ -94,7 +97,7 @@ func (v *VM) AttachDisk(ctx context.Context, d vmm.Disk) (vmm.DiskAddress, error
 	}
 	v.mu.Lock()
 	v.ports[p] = true
-	v.disks[d.ID] = &disk{Disk: d, devID: dev["id"].(string), port: port(p), addr: addr, backend: be}
+	v.disks[d.ID] = &disk{Disk: d, file: st, devID: dev["id"].(string), port: port(p), addr: addr, backend: be}
 	v.mu.Unlock()
 	log.G(ctx).WithField("disk", d.ID).WithField("pci", addr.PCIPath).Debug("disk attached")
 	return addr, nil
@@ -180,10 +183,34 @@ func (v *VM) requestUnplug(ctx context.Context, id string) (<-chan struct{}, err
 		v.mu.Unlock()
 		var qerr *qmp.Error
 		if d.Kind == vmm.PMEM && errors.As(err, &qerr) && qerr.Class == "GenericError" {
-			return nil, fmt.Errorf("disk %q: this qemu cannot unplug virtio-pmem devices: %w: %w", id, errdefs.ErrNotImplemented, err)
+			v.mu.Lock()
+			delete(v.disks, id)
+			v.parked = append(v.parked, d)
+			v.mu.Unlock()
+			return nil, fmt.Errorf("disk %q: qemu cannot unplug virtio-pmem devices; it stays attached, and attaching the same file again reuses it: %w: %w",
+				id, errdefs.ErrNotImplemented, err)
 		}
 		return nil, fmt.Errorf("disk %q: %w", id, err)
 	}
 	d.gone = gone
 	return gone, nil
+}
+
+// unpark gives a parked PMEM device of the same file (same inode, same read-only mode)
+// the new disk's id.
+func (v *VM) unpark(d vmm.Disk, st os.FileInfo) (vmm.DiskAddress, bool) {
+	if d.Kind != vmm.PMEM {
+		return vmm.DiskAddress{}, false
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for i, p := range v.parked {
+		if p.ReadOnly == d.ReadOnly && os.SameFile(p.file, st) && p.file.Size() == st.Size() {
+			v.parked = append(v.parked[:i], v.parked[i+1:]...)
+			p.Disk = d
+			v.disks[d.ID] = p
+			return p.addr, true
+		}
+	}
+	return vmm.DiskAddress{}, false
 }

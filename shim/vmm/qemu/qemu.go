@@ -14,7 +14,8 @@
 // QEMU cannot hot-unplug virtio-pmem devices (7.2 answers "virtio based memory devices
 // cannot be unplugged"; QEMU's virtio-pmem documentation lists it as a limitation):
 // DetachDisk of a PMEM disk then fails with ErrNotImplemented and the device stays until
-// the VM stops. Callers keep such disks attached (and may reuse them) instead.
+// the VM stops, parked: AttachDisk of the same file (same inode, same read-only mode)
+// under any id reuses it and returns the same address.
 package qemu
 
 import (
@@ -79,7 +80,8 @@ type VM struct {
 	shutdown    string // reason of QEMU's SHUTDOWN event
 	panicked    bool   // a GUEST_PANICKED event came
 	disks       map[string]*disk
-	ports       []bool // in use
+	parked      []*disk // PMEM disks QEMU could not unplug, kept for reuse
+	ports       []bool  // in use
 	nextDev     int
 	unplug      map[string]chan struct{} // device id -> closed on DEVICE_DELETED
 
@@ -93,6 +95,7 @@ var _ vmm.VM = (*VM)(nil)
 // disk is an attached disk.
 type disk struct {
 	vmm.Disk
+	file    os.FileInfo // at attach time
 	devID   string
 	port    port
 	addr    vmm.DiskAddress
@@ -256,15 +259,16 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 		}
 	}()
 	for i, d := range v.cfg.Disks {
-		size, err := v.checkDisk(d)
+		st, err := v.checkDisk(d)
 		if err != nil {
 			return err
 		}
+		size := st.Size()
 		p := port(i)
 		cl.disks = append(cl.disks, coldDisk{disk: d, n: i, port: p, size: size})
 		be, dev, addr := diskDevices(d, i, p, size)
 		v.mu.Lock()
-		v.disks[d.ID] = &disk{Disk: d, devID: dev["id"].(string), port: p, addr: addr, backend: be}
+		v.disks[d.ID] = &disk{Disk: d, file: st, devID: dev["id"].(string), port: p, addr: addr, backend: be}
 		v.ports[p] = true
 		v.mu.Unlock()
 		v.nextDev = i + 1

@@ -259,11 +259,21 @@ func TestVM(t *testing.T) {
 		err = vm.DetachDisk(ctx, "pmem")
 		if err == nil {
 			sh.must(t, "gone "+string(addr.PCIPath))
-		} else if !errdefs.IsNotImplemented(err) {
-			t.Fatalf("detach pmem: %v", err)
-		} else {
-			t.Logf("detach pmem: %v", err)
+			return
 		}
+		if !errdefs.IsNotImplemented(err) {
+			t.Fatalf("detach pmem: %v", err)
+		}
+		t.Logf("detach pmem: %v", err)
+		// The parked device serves the same file again, under a new id.
+		again, err := vm.AttachDisk(ctx, vmm.Disk{ID: "pmem-again", Path: pmem, ReadOnly: true, Kind: vmm.PMEM})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if again != addr {
+			t.Fatalf("re-attach got %+v, want the parked device at %+v", again, addr)
+		}
+		checkPMEM(t, sh, again, "pmem layer\n")
 	})
 
 	t.Run("errors", func(t *testing.T) {
