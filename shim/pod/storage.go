@@ -84,7 +84,11 @@ func (p *Pod) acquire(ctx context.Context, d rootfs.Device) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	dev := &agent.Device{Kind: agent.DeviceKind_DEVICE_KIND_BLOCK, PciPath: string(addr.PCIPath), Serial: addr.Serial}
+	// The PCI path is the stable address; the serial is the fallback the API allows.
+	dev := &agent.Device{Kind: agent.DeviceKind_DEVICE_KIND_BLOCK, PciPath: string(addr.PCIPath)}
+	if dev.PciPath == "" {
+		dev.Serial = addr.Serial
+	}
 	if kind == vmm.PMEM {
 		dev.Kind = agent.DeviceKind_DEVICE_KIND_PMEM
 	}

@@ -50,14 +50,20 @@ type IO struct {
 	stdinSrc  io.Closer
 	closeOnce sync.Once
 	output    sync.WaitGroup
-	closers   []io.Closer
+	// outputDone is closed when all output was copied and containerd's side of
+	// it closed, so that its readers see EOF (as with containerd's runc shim).
+	outputDone chan struct{}
+	// outClosers are containerd's side of the output: FIFOs, log file, logging binary.
+	outClosers []io.Closer
+	closers    []io.Closer
+	mu         sync.Mutex
 }
 
 // Attach opens the process's stdio connections to the agent and starts copying.
 // Call it after the process was created in the guest and before it starts. On
 // error, everything it opened is closed.
 func Attach(ctx context.Context, s transport.Session, containerID, execID string, c Config) (_ *IO, retErr error) {
-	b := &IO{}
+	b := &IO{outputDone: make(chan struct{})}
 	defer func() {
 		if retErr != nil {
 			b.Close()
@@ -95,6 +101,12 @@ func Attach(ctx context.Context, s transport.Session, containerID, execID string
 			}
 		}(o.dst, conn)
 	}
+
+	go func() {
+		b.output.Wait()
+		b.closeOutput()
+		close(b.outputDone)
+	}()
 
 	if c.Stdin != "" {
 		src, err := fifo.OpenFifo(context.WithoutCancel(ctx), c.Stdin, syscall.O_RDONLY|syscall.O_NONBLOCK, 0)
@@ -142,7 +154,7 @@ func (b *IO) outputs(ctx context.Context, id string, c Config) (stdout, stderr i
 		if err != nil {
 			return nil, nil, fmt.Errorf("open log file: %w", err)
 		}
-		b.closers = append(b.closers, f)
+		b.outClosers = append(b.outClosers, f)
 		stdout = &lockedWriter{w: f}
 		if !c.Terminal {
 			stderr = stdout
@@ -155,7 +167,7 @@ func (b *IO) outputs(ctx context.Context, id string, c Config) (stdout, stderr i
 		if err != nil {
 			return nil, nil, fmt.Errorf("start logging binary %s: %w", u.Path, err)
 		}
-		b.closers = append(b.closers, bio)
+		b.outClosers = append(b.outClosers, bio)
 		// containerd's binary IO hands its pipes to an exec.Cmd; we are the writer.
 		var cmd exec.Cmd
 		bio.Set(&cmd)
@@ -174,7 +186,7 @@ func (b *IO) openFifo(ctx context.Context, path string) (io.Writer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open fifo %s: %w", path, err)
 	}
-	b.closers = append(b.closers, w)
+	b.outClosers = append(b.outClosers, w)
 	return w, nil
 }
 
@@ -190,25 +202,35 @@ func (b *IO) CloseStdin() {
 	})
 }
 
-// Wait returns once all output has been copied to containerd's side, or ctx ends.
+// Wait returns once all output has been copied to containerd's side and that
+// side closed, or ctx ends.
 func (b *IO) Wait(ctx context.Context) error {
-	done := make(chan struct{})
-	go func() {
-		b.output.Wait()
-		close(done)
-	}()
 	select {
-	case <-done:
+	case <-b.outputDone:
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
 	}
 }
 
+func (b *IO) closeOutput() error {
+	b.mu.Lock()
+	closers := b.outClosers
+	b.outClosers = nil
+	b.mu.Unlock()
+	var errs []error
+	for _, c := range closers {
+		if err := c.Close(); err != nil && !errors.Is(err, os.ErrClosed) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // Close closes everything: connections, FIFOs, files, the logging binary.
 func (b *IO) Close() error {
 	b.CloseStdin()
-	var errs []error
+	errs := []error{b.closeOutput()}
 	for i := len(b.closers) - 1; i >= 0; i-- {
 		if err := b.closers[i].Close(); err != nil && !errors.Is(err, os.ErrClosed) && !errors.Is(err, net.ErrClosed) {
 			errs = append(errs, err)

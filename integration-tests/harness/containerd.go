@@ -1,0 +1,268 @@
+// Package harness runs what Caisson's integration tests need for real: a
+// private containerd (from `make deps`) configured from contrib/, the
+// caisson-snapshotter beside it, Caisson's shim and guest from this checkout,
+// and test images built locally. Everything lives under temporary directories,
+// touches nothing of the host's containerd, and is checked for leftovers
+// (QEMU processes, mounts, loop devices) when the test ends.
+package harness
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/pelletier/go-toml/v2"
+
+	"github.com/caisson-containers/caisson/internal/testutil"
+	"github.com/caisson-containers/caisson/shim/config"
+)
+
+// Namespace is the containerd namespace the tests use.
+const Namespace = "caisson-test"
+
+// Env is a running containerd with Caisson.
+type Env struct {
+	Client *containerd.Client
+	// Dir holds containerd's root and state and the snapshotter's root.
+	Dir string
+	// StateDir is the runtime's state_dir (pod VMs' sockets and logs).
+	StateDir string
+	// Address is containerd's socket.
+	Address string
+	// Config is the runtime configuration the shim uses.
+	Config config.Config
+	// ConfigPath is its file (CAISSON_CONFIG of containerd, and so of the shim).
+	ConfigPath string
+}
+
+// Options adjust the environment.
+type Options struct {
+	// CRI keeps containerd's CRI plugin enabled.
+	CRI bool
+	// Runtime adjusts the runtime configuration before it is written.
+	Runtime func(*config.Config)
+	// ContainerdConfig adjusts containerd's configuration (decoded contrib file).
+	ContainerdConfig func(map[string]any)
+}
+
+// Start starts containerd and the snapshotter; t.Cleanup stops them and fails
+// the test if anything is left behind.
+func Start(t *testing.T, o Options) *Env {
+	t.Helper()
+	testutil.RequireRoot(t)
+	containerdBin := testutil.RequireBinary(t, "containerd")
+	guest := testutil.RequireGuest(t)
+	root := testutil.RepoRoot(t)
+	bin := filepath.Join(root, "bin")
+	for _, b := range []string{"containerd-shim-caisson-v2", "caisson-snapshotter"} {
+		if _, err := os.Stat(filepath.Join(bin, b)); err != nil {
+			t.Skipf("needs bin/%s (run `make binaries`)", b)
+		}
+	}
+
+	dir := t.TempDir()
+	// Unix socket paths are limited to 107 bytes: VM sockets live in a short directory.
+	stateDir, err := os.MkdirTemp("/run", "caisson-it-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(stateDir) })
+	e := &Env{Dir: dir, StateDir: stateDir, Address: filepath.Join(dir, "containerd.sock")}
+
+	// The runtime's configuration.
+	e.Config = config.Default(filepath.Dir(guest.Kernel))
+	e.Config.StateDir = stateDir
+	e.Config.LogLevel = "debug"
+	if o.Runtime != nil {
+		o.Runtime(&e.Config)
+	}
+	e.ConfigPath = filepath.Join(dir, "caisson.toml")
+	f, err := os.Create(e.ConfigPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Config.Write(f); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	// The snapshotter, rooted under containerd's root (see contrib/containerd/config.toml).
+	ctrRoot := filepath.Join(dir, "root")
+	snapRoot := filepath.Join(ctrRoot, "io.containerd.snapshotter.v1.caisson")
+	snapSock := filepath.Join(dir, "snapshotter.sock")
+	snapCfg := filepath.Join(dir, "snapshotter.toml")
+	if err := os.WriteFile(snapCfg, []byte(fmt.Sprintf("root = %q\n", snapRoot)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	snap := startDaemon(t, "caisson-snapshotter", filepath.Join(dir, "snapshotter.log"), nil,
+		filepath.Join(bin, "caisson-snapshotter"), "--root", snapRoot, "--address", snapSock, "--config", snapCfg)
+	waitSocket(t, snapSock, snap)
+
+	// containerd, from the shipped contrib config with this test's paths.
+	cfg := loadContrib(t, filepath.Join(root, "contrib", "containerd", "config.toml"))
+	cfg["root"] = ctrRoot
+	cfg["state"] = filepath.Join(dir, "state")
+	cfg["grpc"] = map[string]any{"address": e.Address}
+	cfg["proxy_plugins"].(map[string]any)["caisson"].(map[string]any)["address"] = snapSock
+	if !o.CRI {
+		cfg["disabled_plugins"] = []string{"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime", "io.containerd.cri.v1.images",
+			"io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.sandbox.controller.v1.shim"}
+	}
+	if o.ContainerdConfig != nil {
+		o.ContainerdConfig(cfg)
+	}
+	b, err := toml.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctrCfg := filepath.Join(dir, "containerd.toml")
+	os.WriteFile(ctrCfg, b, 0o644)
+	env := []string{
+		"PATH=" + bin + ":" + filepath.Dir(containerdBin) + ":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+		config.EnvPath + "=" + e.ConfigPath,
+	}
+	ctrd := startDaemon(t, "containerd", filepath.Join(dir, "containerd.log"), env, containerdBin, "--config", ctrCfg, "--log-level", "debug")
+	waitSocket(t, e.Address, ctrd)
+
+	client, err := containerd.New(e.Address, containerd.WithDefaultNamespace(Namespace))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Client = client
+	t.Cleanup(func() { client.Close() })
+	t.Cleanup(func() { checkLeftovers(t, dir, stateDir) })
+	return e
+}
+
+// Context is a context in the test namespace, ending with the test.
+func (e *Env) Context(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), Namespace), 10*time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func loadContrib(t *testing.T, path string) map[string]any {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg map[string]any
+	if err := toml.Unmarshal(b, &cfg); err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	return cfg
+}
+
+type daemon struct {
+	name string
+	cmd  *exec.Cmd
+	log  string
+	done chan struct{}
+}
+
+// startDaemon runs a daemon until the test ends; its log is printed if the test failed.
+func startDaemon(t *testing.T, name, logPath string, env []string, bin string, args ...string) *daemon {
+	t.Helper()
+	lf, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = lf, lf
+	if env != nil {
+		cmd.Env = env
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", name, err)
+	}
+	d := &daemon{name: name, cmd: cmd, log: logPath, done: make(chan struct{})}
+	go func() { cmd.Wait(); lf.Close(); close(d.done) }()
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-d.done:
+		case <-time.After(20 * time.Second):
+			t.Errorf("%s did not stop on SIGTERM", name)
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-d.done
+		}
+		if t.Failed() {
+			b, _ := os.ReadFile(logPath)
+			t.Logf("%s log (last 6 KiB):\n%s", name, tail(b, 6<<10))
+		}
+	})
+	return d
+}
+
+func waitSocket(t *testing.T, path string, d *daemon) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := os.Stat(path); err == nil {
+			return
+		}
+		select {
+		case <-d.done:
+			b, _ := os.ReadFile(d.log)
+			t.Fatalf("%s exited before serving:\n%s", d.name, tail(b, 4<<10))
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	t.Fatalf("%s did not create %s within a minute", d.name, path)
+}
+
+// checkLeftovers fails the test if a QEMU process, a mount or a loop device that
+// belongs to this environment survived it.
+func checkLeftovers(t *testing.T, dirs ...string) {
+	t.Helper()
+	var left []string
+	entries, _ := os.ReadDir("/proc")
+	for _, en := range entries {
+		b, err := os.ReadFile(filepath.Join("/proc", en.Name(), "cmdline"))
+		if err != nil || !bytes.Contains(b, []byte("qemu")) {
+			continue
+		}
+		for _, d := range dirs {
+			if bytes.Contains(b, []byte(d)) {
+				left = append(left, "qemu process "+en.Name())
+			}
+		}
+	}
+	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, line := range strings.Split(string(mounts), "\n") {
+		for _, d := range dirs {
+			if strings.Contains(line, " "+d) {
+				left = append(left, "mount: "+line)
+			}
+		}
+	}
+	loops, _ := exec.Command("losetup", "-a").Output()
+	for _, line := range strings.Split(string(loops), "\n") {
+		for _, d := range dirs {
+			if d != "" && strings.Contains(line, d) {
+				left = append(left, "loop device: "+line)
+			}
+		}
+	}
+	if len(left) > 0 {
+		t.Errorf("left behind:\n  %s", strings.Join(left, "\n  "))
+	}
+}
+
+func tail(b []byte, n int) string {
+	if len(b) > n {
+		b = b[len(b)-n:]
+	}
+	return string(b)
+}
