@@ -175,6 +175,13 @@ func (v *VM) requestUnplug(ctx context.Context, id string) (<-chan struct{}, err
 	}
 	gone := make(chan struct{})
 	v.mu.Lock()
+	if v.ejected[d.devID] {
+		delete(v.ejected, d.devID)
+		v.mu.Unlock()
+		close(gone)
+		d.gone = gone
+		return gone, nil
+	}
 	v.unplug[d.devID] = gone
 	v.mu.Unlock()
 	if err := c.Execute(ctx, "device_del", map[string]any{"id": d.devID}, nil); err != nil {

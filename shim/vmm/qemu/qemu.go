@@ -84,6 +84,7 @@ type VM struct {
 	ports       []bool  // in use
 	nextDev     int
 	unplug      map[string]chan struct{} // device id -> closed on DEVICE_DELETED
+	ejected     map[string]bool          // devices the guest removed without DetachDisk
 
 	done       chan struct{}
 	eventsDone chan struct{}
@@ -166,6 +167,7 @@ func New(cfg vmm.Config, qcfg Config) (*VM, error) {
 		disks:       map[string]*disk{},
 		ports:       make([]bool, len(cfg.Disks)+cfg.HotplugSlots),
 		unplug:      map[string]chan struct{}{},
+		ejected:     map[string]bool{},
 		done:        make(chan struct{}),
 		eventsDone:  make(chan struct{}),
 		stopCh:      make(chan struct{}),
@@ -447,6 +449,11 @@ func (v *VM) events(c *qmp.Client) {
 			if ch, ok := v.unplug[d.Device]; ok {
 				close(ch)
 				delete(v.unplug, d.Device)
+			} else {
+				// The guest powered the slot off itself; DetachDisk will only
+				// have the backend to remove.
+				v.ejected[d.Device] = true
+				log.L.WithField("device", d.Device).Warn("the guest removed a disk device on its own")
 			}
 			v.mu.Unlock()
 		case "SHUTDOWN":

@@ -229,6 +229,39 @@ func TestVM(t *testing.T) {
 		}
 	})
 
+	t.Run("guest ejects a disk", func(t *testing.T) {
+		addr, err := vm.AttachDisk(ctx, vmm.Disk{ID: "eject", Path: hot, ReadOnly: true, Kind: vmm.Block})
+		if err != nil {
+			t.Fatal(err)
+		}
+		dev := fmt.Sprintf("blk%d", vm.nextDev-1)
+		node := dev + "-node"
+		// Power off the slot from the guest, as a guest may without asking.
+		sh.must(t, "d=$(pcidev "+string(addr.PCIPath)+") && b=$(basename $d) && "+
+			"for s in /sys/bus/pci/slots/*; do [ $(cat $s/address) = ${b%.*} ] && echo 0 > $s/power; done; gone "+string(addr.PCIPath))
+		// Let QEMU's DEVICE_DELETED reach the VM before DetachDisk.
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			vm.mu.Lock()
+			ejected := vm.ejected[dev]
+			vm.mu.Unlock()
+			if ejected {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("no DEVICE_DELETED after the guest powered the slot off")
+			}
+		}
+		if !hasBlockNode(t, vm, node) {
+			t.Fatalf("backend %s gone before DetachDisk", node)
+		}
+		if err := vm.DetachDisk(ctx, "eject"); err != nil {
+			t.Fatal(err)
+		}
+		if hasBlockNode(t, vm, node) {
+			t.Fatalf("backend %s still there after DetachDisk", node)
+		}
+	})
+
 	t.Run("detach cold", func(t *testing.T) {
 		addr, _ := vm.Address("cold")
 		sh.must(t, "umount /mnt")
