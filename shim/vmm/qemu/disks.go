@@ -28,8 +28,10 @@ func (v *VM) checkDisk(d vmm.Disk) (os.FileInfo, error) {
 		return nil, fmt.Errorf("disk %q: kind %v: %w", d.ID, d.Kind, errdefs.ErrInvalidArgument)
 	}
 	st, err := os.Stat(d.Path)
-	if err != nil {
+	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("disk %q: %w: %w", d.ID, errdefs.ErrNotFound, err)
+	} else if err != nil {
+		return nil, fmt.Errorf("disk %q: %w", d.ID, err)
 	}
 	if !st.Mode().IsRegular() && st.Mode()&os.ModeDevice == 0 {
 		return nil, fmt.Errorf("disk %q: %s is not a file or a block device: %w", d.ID, d.Path, errdefs.ErrInvalidArgument)
@@ -86,11 +88,15 @@ func (v *VM) AttachDisk(ctx context.Context, d vmm.Disk) (vmm.DiskAddress, error
 	v.nextDev++
 	be, dev, addr := diskDevices(d, n, port(p), st.Size())
 
-	if err := c.Execute(ctx, be.command, be.args, nil); err != nil {
+	// Not ctx: a command QEMU ran after the caller gave up would leave a device or a
+	// backend nobody knows about. QMP commands return at once unless QEMU is stuck.
+	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), qmpTimeout)
+	defer cancel()
+	if err := c.Execute(qctx, be.command, be.args, nil); err != nil {
 		return vmm.DiskAddress{}, fmt.Errorf("disk %q: %w", d.ID, err)
 	}
-	if err := c.Execute(ctx, "device_add", dev, nil); err != nil {
-		if derr := c.Execute(context.WithoutCancel(ctx), be.del, be.delArgs, nil); derr != nil {
+	if err := c.Execute(qctx, "device_add", dev, nil); err != nil {
+		if derr := c.Execute(qctx, be.del, be.delArgs, nil); derr != nil {
 			log.G(ctx).WithError(derr).WithField("disk", d.ID).Warn("removing the backend of a failed disk")
 		}
 		return vmm.DiskAddress{}, fmt.Errorf("disk %q: %w", d.ID, err)
@@ -144,7 +150,9 @@ func (v *VM) DetachDisk(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	if err := c.Execute(ctx, d.backend.del, d.backend.delArgs, nil); err != nil {
+	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), qmpTimeout)
+	defer cancel()
+	if err := c.Execute(qctx, d.backend.del, d.backend.delArgs, nil); err != nil {
 		return fmt.Errorf("disk %q: removing its backend: %w", id, err)
 	}
 	v.mu.Lock()
@@ -184,7 +192,9 @@ func (v *VM) requestUnplug(ctx context.Context, id string) (<-chan struct{}, err
 	}
 	v.unplug[d.devID] = gone
 	v.mu.Unlock()
-	if err := c.Execute(ctx, "device_del", map[string]any{"id": d.devID}, nil); err != nil {
+	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), qmpTimeout)
+	defer cancel()
+	if err := c.Execute(qctx, "device_del", map[string]any{"id": d.devID}, nil); err != nil {
 		v.mu.Lock()
 		delete(v.unplug, d.devID)
 		v.mu.Unlock()

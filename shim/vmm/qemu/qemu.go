@@ -44,6 +44,8 @@ import (
 const (
 	// gracefulStop bounds how long Stop waits for QEMU to quit on its own.
 	gracefulStop = 3 * time.Second
+	// qmpTimeout bounds a QMP command that must not be abandoned half-way.
+	qmpTimeout = 30 * time.Second
 	// killWait bounds how long Stop waits for QEMU to die after SIGKILL.
 	killWait = 10 * time.Second
 	// eventDrain bounds how long the exit path waits for QMP's last events (SHUTDOWN)
