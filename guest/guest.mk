@@ -7,11 +7,12 @@ GUEST_BUILD_DIR  := $(GUEST_DIR)/build
 GUEST_MODULES_DIR := $(GUEST_KERNEL_DIR)/root/lib/modules/$(GUEST_KERNEL_RELEASE)
 GUEST_MODULES_DEP := $(GUEST_BUILD_DIR)/depmod/lib/modules/$(GUEST_KERNEL_RELEASE)/modules.dep
 
-# Modules the agent loads at boot (their modules.dep closure comes along): PCI and hot-plug
-# for every virtio device, disks and DAX pmem, the filesystems of the layers, the shim's
-# channels (virtio-serial or vsock) and the pod's network.
-GUEST_MODULES ?= virtio_pci virtio_blk virtio_pmem nd_pmem erofs overlay virtio_console \
-	virtio_net vmw_vsock_virtio_transport virtio_rng
+# Modules the agent loads at boot (their modules.dep closure comes along), in this order:
+# first the shim's channels (PCI, virtio-serial, vsock), which the agent loads before it
+# serves; then, in the background, disks and DAX pmem, the layers' filesystems and the
+# pod's network.
+GUEST_MODULES ?= virtio_pci virtio_console vmw_vsock_virtio_transport \
+	virtio_blk virtio_pmem nd_pmem erofs overlay virtio_net virtio_rng
 GUEST_BUSYBOX ?= /bin/busybox
 
 # The agent is a static cgo binary: runc's libcontainer needs its nsenter constructor (C),

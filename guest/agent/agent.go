@@ -24,6 +24,12 @@ import (
 	"github.com/caisson-containers/caisson/internal/transport"
 )
 
+// channelModules are the modules the agent's channel needs (guest.mk lists them first).
+var channelModules = map[transport.Kind][]string{
+	transport.Serial: {"virtio_pci", "virtio_console"},
+	transport.Vsock:  {"virtio_pci", "vmw_vsock_virtio_transport"},
+}
+
 // portTimeout bounds the wait for the agent's virtio-serial port to appear after its
 // driver was loaded.
 const portTimeout = 10 * time.Second
@@ -64,11 +70,19 @@ func run(ctx context.Context) error {
 	if _, debug := params["debug"]; debug {
 		_ = log.SetLevel("debug")
 	}
+	log.G(ctx).WithField("uptime", boot.Uptime()).Debug("agent started")
 	dir, err := boot.ModulesDir()
 	if err != nil {
 		return err
 	}
-	if _, err := boot.LoadModules(ctx, dir); err != nil {
+	endpoint, err := transport.EndpointFromCmdline(string(cmdline))
+	if err != nil {
+		return err
+	}
+	// The channel's drivers first; disks, filesystems and NICs load while the agent
+	// already answers (the services that need them wait).
+	modules, err := boot.LoadModules(ctx, dir, channelModules[endpoint.Kind])
+	if err != nil {
 		return err
 	}
 	// ctrl-alt-del (QEMU's system_reset aside) becomes SIGINT for a clean power-off.
@@ -93,12 +107,8 @@ func run(ctx context.Context) error {
 		}
 	}
 
-	endpoint, err := transport.EndpointFromCmdline(string(cmdline))
-	if err != nil {
-		return err
-	}
 	powerOff := make(chan struct{})
-	a, err := service.New(service.Config{PowerOff: func() { close(powerOff) }}, r)
+	a, err := service.New(service.Config{PowerOff: func() { close(powerOff) }, DevicesReady: modules.Wait}, r)
 	if err != nil {
 		return err
 	}
@@ -137,7 +147,7 @@ func serve(ctx context.Context, e transport.Endpoint, srv *ttrpc.Server, a *serv
 			return err
 		}
 		if !ready {
-			log.G(ctx).WithField("transport", e.String()).Info("caisson-agent ready")
+			log.G(ctx).WithFields(log.Fields{"transport": e.String(), "uptime": boot.Uptime()}).Info("caisson-agent ready")
 			ready = true
 		}
 		err = srv.Serve(ctx, transport.Demux(ctx, l, a.HandleStdio))

@@ -51,8 +51,17 @@ func shortDir(t testing.TB) string {
 	return d
 }
 
+// testKernelParams are the guest's kernel parameters in tests: debug logs on the
+// console, which the tests print when they fail.
+var testKernelParams = []string{"quiet", "caisson.debug"}
+
 // bootGuest starts the guest image with disks attached and connects to its agent.
 func bootGuest(t testing.TB, disks []vmm.Disk, hotplug int) *guestVM {
+	t.Helper()
+	return bootGuestWith(t, disks, hotplug, testKernelParams)
+}
+
+func bootGuestWith(t testing.TB, disks []vmm.Disk, hotplug int, params []string) *guestVM {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("boots a VM; skipped with -short")
@@ -64,7 +73,7 @@ func bootGuest(t testing.TB, disks []vmm.Disk, hotplug int) *guestVM {
 	cfg := vmm.Config{
 		Kernel: g.Kernel, Initramfs: g.Initramfs, Accelerator: "tcg", StateDir: state,
 		Disks: disks, HotplugSlots: hotplug, MemoryMiB: 512,
-		KernelParams: []string{"quiet", "caisson.debug"},
+		KernelParams: params,
 	}
 	vm, err := qemu.New(cfg, qemu.Config{})
 	if err != nil {

@@ -34,8 +34,23 @@ func TestUnescapeMount(t *testing.T) {
 }
 
 func TestLoadModulesWithoutList(t *testing.T) {
-	n, err := LoadModules(context.Background(), t.TempDir())
-	if n != 0 || err != nil {
-		t.Fatalf("a kernel with everything built in: %d, %v", n, err)
+	ctx := context.Background()
+	m, err := LoadModules(ctx, t.TempDir(), []string{"virtio_console"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Wait(ctx); err != nil || m.n != 0 {
+		t.Fatalf("a kernel with everything built in: %d, %v", m.n, err)
+	}
+}
+
+func TestModuleName(t *testing.T) {
+	for in, want := range map[string]string{
+		"kernel/drivers/char/hw_random/virtio-rng.ko": "virtio_rng",
+		"kernel/fs/erofs/erofs.ko.xz":                 "erofs",
+	} {
+		if got := moduleName(in); got != want {
+			t.Errorf("moduleName(%q) = %q, want %q", in, got, want)
+		}
 	}
 }

@@ -2,6 +2,9 @@ package boot
 
 import (
 	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // ParseCmdline returns the caisson.* parameters of a kernel command line, without the
@@ -15,4 +18,13 @@ func ParseCmdline(s string) map[string]string {
 		}
 	}
 	return out
+}
+
+// Uptime is the time since the guest booted (CLOCK_BOOTTIME), for boot-time logs.
+func Uptime() time.Duration {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return 0
+	}
+	return time.Duration(ts.Nano())
 }

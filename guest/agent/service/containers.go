@@ -45,6 +45,9 @@ func (s containersService) Create(ctx context.Context, req *agent.CreateContaine
 	a := s.a
 	id := req.GetContainerId()
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("id", id))
+	if err := a.devicesReady(ctx); err != nil { // overlayfs
+		return nil, err
+	}
 	if err := a.runtime.Reserve(id); err != nil {
 		return nil, err
 	}

@@ -33,6 +33,9 @@ func routesOf(in []*agent.Route) []sandbox.Route {
 }
 
 func (s sandboxService) Create(ctx context.Context, req *agent.CreateSandboxRequest) (*emptypb.Empty, error) {
+	if err := s.a.devicesReady(ctx); err != nil {
+		return nil, err
+	}
 	if t := req.GetTime(); t != nil {
 		if err := sandbox.SetTime(t.AsTime()); err != nil {
 			return nil, err
@@ -57,6 +60,9 @@ func (s sandboxService) Create(ctx context.Context, req *agent.CreateSandboxRequ
 }
 
 func (s sandboxService) SetNetwork(ctx context.Context, req *agent.SetNetworkRequest) (*emptypb.Empty, error) {
+	if err := s.a.devicesReady(ctx); err != nil {
+		return nil, err
+	}
 	if err := s.a.sandbox.SetNetwork(ctx, ifacesOf(req.GetInterfaces()), routesOf(req.GetRoutes())); err != nil {
 		return nil, err
 	}

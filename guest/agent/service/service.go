@@ -5,10 +5,12 @@ package service
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
@@ -34,6 +36,9 @@ type Config struct {
 	Finder *storage.Finder
 	// PowerOff is called, after Sandbox.Destroy has answered, to end the VM.
 	PowerOff func()
+	// DevicesReady, if set, returns once the drivers of disks, filesystems and NICs are
+	// loaded; the services that need them wait for it.
+	DevicesReady func(context.Context) error
 }
 
 // Agent implements every service of the API.
@@ -114,6 +119,17 @@ func (a *Agent) Shutdown(ctx context.Context) {
 	}
 	a.storages.UnmountAll(ctx)
 	a.sandbox.Destroy(ctx)
+}
+
+// devicesReady waits for the device drivers.
+func (a *Agent) devicesReady(ctx context.Context) error {
+	if a.cfg.DevicesReady == nil {
+		return nil
+	}
+	if err := a.cfg.DevicesReady(ctx); err != nil {
+		return fmt.Errorf("guest kernel modules: %v: %w", err, errdefs.ErrFailedPrecondition)
+	}
+	return nil
 }
 
 func (a *Agent) process(containerID, execID string) (*container.Container, *container.Process, error) {

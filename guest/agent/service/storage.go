@@ -33,6 +33,9 @@ func (s storageService) Mount(ctx context.Context, req *agent.MountStorageReques
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	if err := s.a.devicesReady(ctx); err != nil {
+		return nil, err
+	}
 	target, node, err := s.a.storages.Mount(ctx, storage.Request{
 		ID:      req.GetStorageId(),
 		Device:  storage.Device{PCIPath: dev.GetPciPath(), Serial: dev.GetSerial()},
