@@ -20,15 +20,16 @@
 //
 // # Disks and their guest addresses
 //
-// AttachDisk returns a DiskAddress that the guest agent uses to find the device without
-// guessing device names: PCIPath names the device by the PCI slot.function of each hop
+// AttachDisk (and Address, for the disks of Config.Disks) returns a DiskAddress that the
+// guest agent uses to find the device without guessing device names: PCIPath names the device by the PCI slot.function of each hop
 // from the guest's root bus (see PCIPath), and Serial is the virtio-blk serial the guest
 // shows in /sys/block/vdX/serial. Bus numbers are not part of the address: the guest's
 // firmware assigns them.
 //
 // Disk files are opaque to the VMM: a Block disk is exposed as a raw virtio-blk device, a
 // PMEM disk is mapped into the guest as a virtio-pmem device (DAX), whose size must be a
-// multiple of PMEMAlignment.
+// multiple of PMEMAlignment. The guest must not write to read-only disks; the VMM makes
+// them read-only devices.
 package vmm
 
 import (
