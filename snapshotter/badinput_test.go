@@ -195,7 +195,7 @@ func TestDiskFullDuringCommit(t *testing.T) {
 
 	blob := make([]byte, 45<<20)
 	rand.Read(blob)
-	entries := []layerEntry{dirE("d", 0o755, 0, 0), {hdr: tar.Header{Typeflag: tar.TypeReg, Name: "d/big", Mode: 0o644, Size: int64(len(blob))}, data: blob}}
+	entries := []layerEntry{dirE("d", 0o755, 0, 0), {Header: tar.Header{Typeflag: tar.TypeReg, Name: "d/big", Mode: 0o644, Size: int64(len(blob))}, Data: blob}}
 	desc := h.addBlob(buildTar(t, entries))
 
 	mounts, err := sn.Prepare(h.ctx, "active", "")

@@ -39,7 +39,7 @@ func benchImage(b testing.TB) [][]layerEntry {
 				for i := range data {
 					data[i] = byte(rng.Uint32())
 				}
-				es = append(es, layerEntry{hdr: fileHeader(fmt.Sprintf("%s/f%03d", dir, f), len(data)), data: data})
+				es = append(es, layerEntry{Header: fileHeader(fmt.Sprintf("%s/f%03d", dir, f), len(data)), Data: data})
 			}
 		}
 		for i := range 4 {
@@ -50,7 +50,7 @@ func benchImage(b testing.TB) [][]layerEntry {
 					data[j+k] = byte(v >> (8 * k))
 				}
 			}
-			es = append(es, layerEntry{hdr: fileHeader(fmt.Sprintf("l%d/big%d", l, i), len(data)), data: data})
+			es = append(es, layerEntry{Header: fileHeader(fmt.Sprintf("l%d/big%d", l, i), len(data)), Data: data})
 		}
 		if l > 0 {
 			es = append(es, dirE(fmt.Sprintf("l%d", l-1), 0o755, 0, 0), dirE(fmt.Sprintf("l%d/d00", l-1), 0o755, 0, 0))
