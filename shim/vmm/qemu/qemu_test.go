@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -287,6 +288,23 @@ func TestVM(t *testing.T) {
 		if addr.Serial != "" {
 			t.Fatalf("pmem disk has a serial %q", addr.Serial)
 		}
+		checkPMEM(t, sh, addr, "pmem layer\n")
+		// A read-only pmem device cannot change the host file, whatever the guest writes.
+		before, err := os.ReadFile(pmem)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dev := strings.TrimSpace(sh.must(t, "devat "+string(addr.PCIPath)))
+		out, _ := sh.run("dd if=/dev/urandom of="+dev+" bs=4096 count=16 conv=fsync 2>&1", time.Minute)
+		t.Logf("guest writes to %s: %s", dev, strings.TrimSpace(out))
+		after, err := os.ReadFile(pmem)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(before, after) {
+			t.Fatal("the guest changed a read-only pmem file")
+		}
+		sh.must(t, "echo 3 > /proc/sys/vm/drop_caches")
 		checkPMEM(t, sh, addr, "pmem layer\n")
 		// QEMU 7.2 cannot unplug virtio-pmem.
 		err = vm.DetachDisk(ctx, "pmem")
