@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/caisson-containers/caisson/integration-tests/harness"
 	"github.com/caisson-containers/caisson/internal/testutil"
+	"github.com/caisson-containers/caisson/shim/config"
 )
 
 const (
@@ -198,9 +200,13 @@ func TestTaskLifecycle(t *testing.T) {
 	if strings.TrimSpace(layerFile) != "second layer" {
 		t.Fatalf("file of the top layer: %q", layerFile)
 	}
-	// The layers are the attached devices, mounted in the guest (DAX on pmem).
-	pmem, _ := execIn(t, ctx, task, "pmem", false, "sh", "-c", "ls /dev/ | grep -c pmem || true")
-	t.Logf("rootfs: %s; pmem devices visible: %s", root, strings.TrimSpace(pmem))
+	// The layers are attached devices: with DAX (the default), the two EROFS layers are
+	// virtio-pmem devices and the writable image a virtio-blk disk; the overlay's lower
+	// and upper directories are the storages the shim named after those files.
+	checkDevices(t, ctx, task, 2, 1)
+	if n := strings.Count(root, "/run/caisson/storage/"); n != 4 { // 2 lowers, upper, work
+		t.Errorf("overlay names %d storage directories, want 4: %s", n, root)
+	}
 
 	// No image data was copied: the state dir grew by at most 1 MiB.
 	if grew := dirSize(t, e.StateDir) - before; grew > 1<<20 {
@@ -320,4 +326,37 @@ func TestQEMUKilled(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitNoQEMU(t, e)
+}
+
+// checkDevices counts the guest's pmem and virtio-blk devices, which a container sees in /sys/block.
+func checkDevices(t *testing.T, ctx context.Context, task containerd.Task, wantPmem, wantBlk int) {
+	t.Helper()
+	out, _ := execIn(t, ctx, task, "devices-"+strconv.Itoa(wantPmem), false, "ls", "/sys/block")
+	pmem, blk := 0, 0
+	for _, d := range strings.Fields(out) {
+		switch {
+		case strings.HasPrefix(d, "pmem"):
+			pmem++
+		case strings.HasPrefix(d, "vd"):
+			blk++
+		}
+	}
+	if pmem != wantPmem || blk != wantBlk {
+		t.Fatalf("guest block devices %q: %d pmem and %d virtio-blk, want %d and %d", out, pmem, blk, wantPmem, wantBlk)
+	}
+}
+
+// With storage.dax = false every layer is a read-only virtio-blk disk.
+func TestLayersOnVirtioBlkWithoutDAX(t *testing.T) {
+	e := harness.Start(t, harness.Options{Runtime: func(c *config.Config) { c.Storage.DAX = false }})
+	image := e.ImportBusybox(t)
+	ctx := e.Context(t)
+	c := newContainer(t, e, image, "nodax", oci.WithProcessArgs("sleep", "100000"))
+	var o outputs
+	task, _ := startTask(t, ctx, c, &o)
+	checkDevices(t, ctx, task, 0, 3)
+	out, code := execIn(t, ctx, task, "layer", false, "cat", "/etc/caisson-layer")
+	if code != 0 || strings.TrimSpace(out) != "second layer" {
+		t.Fatalf("reading the top layer: %q (%d)", out, code)
+	}
 }

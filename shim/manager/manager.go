@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -182,9 +183,6 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	if err != nil {
 		return status, err
 	}
-	if address, err := shim.ReadAddress(filepath.Join(cwd, "address")); err == nil && shim.CanConnect(address) {
-		return status, nil
-	}
 	cfg, _, err := config.Load("")
 	if err != nil {
 		// Cleanup must not fail on a config that became invalid; use the default state dir.
@@ -203,7 +201,19 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	if _, err := os.Stat(stateDir); err != nil {
 		return status, nil
 	}
-	killVMs(ctx, stateDir)
+	// A live shim still owns its pod (this is cleanup after a failed create): leave it.
+	// Whether it lives is read from the processes, not from the shim's socket, which a
+	// dead shim's children may still hold open.
+	vms := vmProcesses(stateDir)
+	for _, pid := range vms {
+		if parentIsShim(pid) {
+			return status, nil
+		}
+	}
+	for _, pid := range vms {
+		log.G(ctx).WithField("pid", pid).Warn("killing the VM of a dead shim")
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
 	if err := os.RemoveAll(stateDir); err != nil {
 		return status, fmt.Errorf("remove pod state %s: %w", stateDir, err)
 	}
@@ -211,25 +221,36 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	return status, nil
 }
 
-// killVMs kills QEMU processes whose command line names stateDir: a VM whose
-// shim died (QEMU normally dies with it, by its parent-death signal).
-func killVMs(ctx context.Context, stateDir string) {
+// vmProcesses are the QEMU processes whose command line names stateDir.
+func vmProcesses(stateDir string) []int {
+	var pids []int
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {
-		pid := e.Name()
-		if pid[0] < '0' || pid[0] > '9' {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
 			continue
 		}
-		b, err := os.ReadFile(filepath.Join("/proc", pid, "cmdline"))
-		if err != nil || !strings.Contains(string(b), stateDir+"/") || !strings.Contains(string(b), "qemu") {
-			continue
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err == nil && strings.Contains(string(b), stateDir+"/") && strings.Contains(string(b), "qemu") {
+			pids = append(pids, pid)
 		}
-		var n int
-		fmt.Sscan(pid, &n)
-		log.G(ctx).WithField("pid", n).Warn("killing the VM of a dead shim")
-		syscall.Kill(-n, syscall.SIGKILL)
-		syscall.Kill(n, syscall.SIGKILL)
 	}
+	return pids
+}
+
+// parentIsShim reports whether pid's parent is a running Caisson shim.
+func parentIsShim(pid int) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// pid (comm) state ppid ...: comm may hold spaces, so parse after the last ')'.
+	fields := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:]))
+	if len(fields) < 2 {
+		return false
+	}
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%s/exe", fields[1]))
+	return err == nil && filepath.Base(strings.TrimSuffix(exe, " (deleted)")) == "containerd-shim-caisson-v2"
 }
 
 // Info describes the runtime to containerd (`-info`).

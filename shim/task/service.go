@@ -10,7 +10,9 @@ package task
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"time"
 
@@ -25,6 +27,7 @@ import (
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
+	"golang.org/x/sys/unix"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/shim/config"
@@ -38,6 +41,7 @@ var _ = shim.TTRPCService(&service{})
 
 // NewTaskService returns the task service; containerd's shim package serves it.
 func NewTaskService(ctx context.Context, publisher shim.Publisher, sd shutdown.Service) (taskAPI.TTRPCTaskService, error) {
+	closeInheritedOnExec(ctx)
 	s := &service{
 		context:    ctx,
 		publisher:  publisher,
@@ -249,4 +253,20 @@ func idOr(execID, id string) string {
 // agentErr converts an agent error for containerd: errdefs classes survive both hops.
 func agentErr(what string, err error) error {
 	return errgrpc.ToGRPC(fmt.Errorf("%s: %w", what, errgrpc.ToNative(err)))
+}
+
+// closeInheritedOnExec marks the descriptors the shim inherited (its listening
+// socket among them) close-on-exec, so that QEMU does not hold them: a VM that
+// kept a dead shim's socket open would make it look alive.
+func closeInheritedOnExec(ctx context.Context) {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("cannot list inherited descriptors")
+		return
+	}
+	for _, e := range entries {
+		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
+			unix.CloseOnExec(fd)
+		}
+	}
 }

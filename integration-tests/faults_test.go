@@ -1,0 +1,72 @@
+package integration
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/oci"
+
+	"github.com/caisson-containers/caisson/integration-tests/harness"
+)
+
+// shimPid finds the shim serving container id.
+func shimPid(t *testing.T, id string) int {
+	t.Helper()
+	entries, _ := os.ReadDir("/proc")
+	for _, en := range entries {
+		b, err := os.ReadFile(filepath.Join("/proc", en.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		args := bytes.Split(b, []byte{0})
+		if filepath.Base(string(args[0])) != "containerd-shim-caisson-v2" {
+			continue
+		}
+		for i, a := range args {
+			if string(a) == "-id" && i+1 < len(args) && string(args[i+1]) == id {
+				pid, _ := strconv.Atoi(en.Name())
+				return pid
+			}
+		}
+	}
+	t.Fatalf("no shim for %s", id)
+	return 0
+}
+
+// kill -9 of the shim: containerd sees the task exit, runs the shim's cleanup, and
+// the VM and its state are gone.
+func TestShimKilled(t *testing.T) {
+	e := harness.Start(t, harness.Options{})
+	image := e.ImportBusybox(t)
+	ctx := e.Context(t)
+	c := newContainer(t, e, image, "orphan", oci.WithProcessArgs("sleep", "100000"))
+	var o outputs
+	task, exit := startTask(t, ctx, c, &o)
+	if len(qemuPids(e)) != 1 {
+		t.Fatal("no VM")
+	}
+	syscall.Kill(shimPid(t, "orphan"), syscall.SIGKILL)
+	select {
+	case st := <-exit:
+		t.Logf("task exited %d after its shim was killed", st.ExitCode())
+	case <-time.After(30 * time.Second):
+		t.Fatal("containerd did not report the task's exit after its shim was killed")
+	}
+	task.Delete(ctx)
+	if err := c.Delete(ctx, containerd.WithSnapshotCleanup); err != nil {
+		t.Fatal(err)
+	}
+	waitNoQEMU(t, e)
+	entries, _ := os.ReadDir(e.StateDir)
+	for _, en := range entries {
+		if en.Name() != "probes" {
+			t.Errorf("pod state left in %s: %s", e.StateDir, en.Name())
+		}
+	}
+}
