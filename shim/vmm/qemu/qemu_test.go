@@ -461,23 +461,33 @@ func TestKilled(t *testing.T) {
 	}
 }
 
-// TestGuestPanic: a guest kernel panic ends the VM with a reason saying so.
-func TestGuestPanic(t *testing.T) {
+// TestGuestEnds: the guest powering off, or its kernel panicking, ends the VM with a
+// reason saying so.
+func TestGuestEnds(t *testing.T) {
 	g := newTestGuest(t)
-	vm := startVM(t, g, vmm.Config{})
-	sh := dialGuest(t, vm.Endpoint(), bootTimeout)
-	sh.conn.Write([]byte("echo c > /proc/sysrq-trigger\n"))
-	select {
-	case <-vm.Done():
-	case <-time.After(bootTimeout):
-		t.Fatal("VM still running after the guest panicked")
+	for _, tc := range []struct {
+		name, cmd, reason string
+	}{
+		{"power off", "poweroff -f", "the guest powered off"},
+		{"panic", "echo c > /proc/sysrq-trigger", "panicked"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			vm := startVM(t, g, vmm.Config{})
+			sh := dialGuest(t, vm.Endpoint(), bootTimeout)
+			sh.conn.Write([]byte(tc.cmd + "\n"))
+			select {
+			case <-vm.Done():
+			case <-time.After(bootTimeout):
+				t.Fatalf("VM still running after %q", tc.cmd)
+			}
+			err := vm.Wait()
+			var ee *vmm.ExitError
+			if !errors.As(err, &ee) || !strings.Contains(ee.Reason, tc.reason) {
+				t.Fatalf("Wait: %v, want an ExitError saying %q", err, tc.reason)
+			}
+			t.Log(err)
+		})
 	}
-	err := vm.Wait()
-	var ee *vmm.ExitError
-	if !errors.As(err, &ee) || !strings.Contains(ee.Reason, "panicked") {
-		t.Fatalf("Wait: %v, want an ExitError saying the guest panicked", err)
-	}
-	t.Log(err)
 }
 
 func TestStartErrors(t *testing.T) {
