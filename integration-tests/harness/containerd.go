@@ -56,7 +56,7 @@ type Options struct {
 
 // Start starts containerd and the snapshotter; t.Cleanup stops them and fails
 // the test if anything is left behind.
-func Start(t *testing.T, o Options) *Env {
+func Start(t testing.TB, o Options) *Env {
 	t.Helper()
 	testutil.RequireRoot(t)
 	containerdBin := testutil.RequireBinary(t, "containerd")
@@ -144,13 +144,13 @@ func Start(t *testing.T, o Options) *Env {
 }
 
 // Context is a context in the test namespace, ending with the test.
-func (e *Env) Context(t *testing.T) context.Context {
+func (e *Env) Context(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), Namespace), 10*time.Minute)
 	t.Cleanup(cancel)
 	return ctx
 }
 
-func loadContrib(t *testing.T, path string) map[string]any {
+func loadContrib(t testing.TB, path string) map[string]any {
 	t.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -171,7 +171,7 @@ type daemon struct {
 }
 
 // startDaemon runs a daemon until the test ends; its log is printed if the test failed.
-func startDaemon(t *testing.T, name, logPath string, env []string, bin string, args ...string) *daemon {
+func startDaemon(t testing.TB, name, logPath string, env []string, bin string, args ...string) *daemon {
 	t.Helper()
 	lf, err := os.Create(logPath)
 	if err != nil {
@@ -205,7 +205,7 @@ func startDaemon(t *testing.T, name, logPath string, env []string, bin string, a
 	return d
 }
 
-func waitSocket(t *testing.T, path string, d *daemon) {
+func waitSocket(t testing.TB, path string, d *daemon) {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {
@@ -224,7 +224,7 @@ func waitSocket(t *testing.T, path string, d *daemon) {
 
 // checkLeftovers fails the test if a QEMU process, a mount or a loop device that
 // belongs to this environment survived it.
-func checkLeftovers(t *testing.T, dirs ...string) {
+func checkLeftovers(t testing.TB, dirs ...string) {
 	t.Helper()
 	var left []string
 	entries, _ := os.ReadDir("/proc")

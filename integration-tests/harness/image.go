@@ -55,7 +55,7 @@ func BusyboxLayers(t testing.TB) []v1.Layer {
 }
 
 // ImportBusybox builds the busybox image and imports it into containerd, unpacked into the caisson snapshotter.
-func (e *Env) ImportBusybox(t *testing.T) containerd.Image {
+func (e *Env) ImportBusybox(t testing.TB) containerd.Image {
 	t.Helper()
 	img, err := mutate.AppendLayers(empty.Image, BusyboxLayers(t)...)
 	if err != nil {
