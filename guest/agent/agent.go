@@ -55,6 +55,7 @@ func Main(ctx context.Context) error {
 }
 
 func run(ctx context.Context) error {
+	started := boot.Uptime()
 	if err := boot.MountBase(ctx); err != nil {
 		return fmt.Errorf("base mounts: %w", err)
 	}
@@ -70,7 +71,7 @@ func run(ctx context.Context) error {
 	if _, debug := params["debug"]; debug {
 		_ = log.SetLevel("debug")
 	}
-	log.G(ctx).WithField("uptime", boot.Uptime()).Debug("agent started")
+	log.G(ctx).WithFields(log.Fields{"started": started, "uptime": boot.Uptime()}).Debug("agent started")
 	dir, err := boot.ModulesDir()
 	if err != nil {
 		return err
