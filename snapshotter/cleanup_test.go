@@ -1,11 +1,15 @@
 package snapshotter
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/mount"
+
+	"github.com/caisson-containers/caisson/snapshotter/snapshottest"
 )
 
 // TestCleanupOrphans plants what crashes leave behind — a half-created snapshot
@@ -66,4 +70,44 @@ func TestCleanupOrphans(t *testing.T) {
 		}
 	}
 	checkConsistent(t, h, sn, "active", "base")
+}
+
+// TestCleanupDuringCommit runs Cleanup over and over while a Commit builds its
+// layer: the commit's mount and half-built image are not orphans.
+func TestCleanupDuringCommit(t *testing.T) {
+	requireHost(t)
+	h := newHarness(t, t.TempDir())
+	sn := h.newSnapshotter(nil)
+	entries := []layerEntry{dirE("d", 0o755, 0, 0)}
+	for i := range 2000 {
+		entries = append(entries, fileE(fmt.Sprintf("d/f%04d", i), strings.Repeat("y", i), 0o644, 0, 0))
+	}
+	mounts, err := sn.Prepare(h.ctx, "active", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.applier.Apply(h.ctx, h.addBlob(buildTar(t, entries)), mounts); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- sn.Commit(h.ctx, "c", "active") }()
+	for running := true; running; {
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("commit alongside Cleanup: %v", err)
+			}
+			running = false
+		default:
+			if err := sn.Cleanup(h.ctx); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	h.withLayerImage(sn, "c", func(root string) {
+		if err := snapshottest.Check(root, expectAll(entries)); err != nil {
+			t.Error(err)
+		}
+	})
+	checkConsistent(t, h, sn, "c")
 }

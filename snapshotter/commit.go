@@ -42,8 +42,6 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	// snapshot committed (or still active, if the first failed).
 	unlock := s.lockID(id)
 	defer unlock()
-	release := s.hold(id)
-	defer release()
 	if err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
 		var again string
 		again, info, _, err = storage.GetInfo(ctx, key)
@@ -84,12 +82,10 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 }
 
 // buildLayer builds dst from the /upper directory of id's writable image, or an
-// empty layer if the image was never created.
+// empty layer if the image was never created. The caller holds lockID(id).
 func (s *Snapshotter) buildLayer(ctx context.Context, id, dst string) (retErr error) {
 	rw := s.writablePath(id)
 	mnt := filepath.Join(s.root, "mnt", id)
-	release := s.hold(filepath.Join("mnt", id))
-	defer release()
 
 	if err := os.Mkdir(mnt, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
 		return err

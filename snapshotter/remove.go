@@ -71,50 +71,60 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 		return err
 	}
 	for _, e := range mnts {
-		if s.held(filepath.Join("mnt", e.Name())) {
-			continue
-		}
+		// ROOT/mnt/ID is a commit's: wait for a running one to finish.
+		unlock := s.lockID(e.Name())
 		p := filepath.Join(s.root, "mnt", e.Name())
 		if err := mount.UnmountAll(p, 0); err != nil {
 			errs = append(errs, err)
-			continue
-		}
-		if err := os.Remove(p); err != nil {
+		} else if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}
+		unlock()
 	}
 
 	for _, e := range dirs {
 		name := e.Name()
 		dir := filepath.Join(s.root, "snapshots", name)
 		key, known := ids[name]
-		switch {
-		case s.held(name):
-			continue
-		case !known:
+		if !known {
+			if s.held(name) { // a snapshot being created
+				continue
+			}
 			log.G(ctx).WithField("path", dir).Info("removing orphaned snapshot directory")
 			if err := os.RemoveAll(dir); err != nil {
 				errs = append(errs, err)
 			}
 			continue
 		}
-		files, err := os.ReadDir(dir)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		for _, f := range files {
-			p := filepath.Join(dir, f.Name())
-			orphan := strings.HasSuffix(f.Name(), layer.TempSuffix) ||
-				(committed[key] && f.Name() == writableName)
-			if !orphan {
-				continue
-			}
-			log.G(ctx).WithField("path", p).Info("removing leftover of an interrupted commit")
-			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
-				errs = append(errs, err)
-			}
-		}
+		errs = append(errs, s.cleanupSnapshotDir(ctx, name, dir, committed[key])...)
 	}
 	return errors.Join(errs...)
+}
+
+// cleanupSnapshotDir removes a crashed commit's leftovers from the directory
+// of snapshot id, after waiting for a running commit of it to finish.
+func (s *Snapshotter) cleanupSnapshotDir(ctx context.Context, id, dir string, committed bool) []error {
+	unlock := s.lockID(id)
+	defer unlock()
+	files, err := os.ReadDir(dir)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) { // removed meanwhile
+			return nil
+		}
+		return []error{err}
+	}
+	var errs []error
+	for _, f := range files {
+		p := filepath.Join(dir, f.Name())
+		orphan := strings.HasSuffix(f.Name(), layer.TempSuffix) ||
+			(committed && f.Name() == writableName)
+		if !orphan {
+			continue
+		}
+		log.G(ctx).WithField("path", p).Info("removing leftover of an interrupted commit")
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errs
 }

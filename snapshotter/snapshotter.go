@@ -40,12 +40,11 @@ type Snapshotter struct {
 	ms      *storage.MetaStore
 	builder layer.Builder
 
-	// busy holds what an operation in this process is working on (temporary
-	// snapshot directories, commit mount points, snapshot ids being committed),
-	// so that Cleanup leaves them alone and removes only what a crash left.
-	mu   sync.Mutex
+	mu sync.Mutex
+	// busy holds the temporary directories of snapshots being created, so
+	// that Cleanup leaves them alone and removes only what a crash left.
 	busy map[string]int
-	// locks serializes the commits of one snapshot id.
+	// locks serializes the commits of one snapshot id, and Cleanup with them.
 	locks map[string]*idLock
 }
 
