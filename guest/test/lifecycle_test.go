@@ -69,6 +69,31 @@ func TestGuestLifecycle(t *testing.T) {
 		}
 	})
 
+	t.Run("disk by serial", func(t *testing.T) {
+		addr, err := g.vm.Address("top")
+		if err != nil || addr.Serial == "" {
+			t.Fatalf("address of top: %+v, %v", addr, err)
+		}
+		resp, err := g.storage.Mount(ctx, &agent.MountStorageRequest{StorageId: "top-by-serial", Fstype: "erofs", Options: []string{"ro"},
+			Device: &agent.Device{Kind: agent.DeviceKind_DEVICE_KIND_BLOCK, Serial: addr.Serial}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		byPath, err := g.storage.Mount(ctx, &agent.MountStorageRequest{StorageId: "top-by-path", Fstype: "erofs", Options: []string{"ro"},
+			Device: &agent.Device{Kind: agent.DeviceKind_DEVICE_KIND_BLOCK, PciPath: string(addr.PCIPath)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.DevicePath != byPath.DevicePath {
+			t.Errorf("serial %q found %s, PCI path %s found %s", addr.Serial, resp.DevicePath, addr.PCIPath, byPath.DevicePath)
+		}
+		for _, id := range []string{"top-by-serial", "top-by-path"} {
+			if _, err := g.storage.Unmount(ctx, &agent.UnmountStorageRequest{StorageId: id}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+
 	t.Run("stats, update and OOM", func(t *testing.T) {
 		events, err := g.containers.Events(ctx, &agent.EventsRequest{})
 		if err != nil {

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"reflect"
 	"sync"
 	"time"
 
@@ -202,10 +201,13 @@ func (p *Process) closeChildFiles() {
 
 func (p *Process) closeIO() {
 	p.closeOnce.Do(func() {
-		for _, c := range []io.Closer{p.stdin, p.stdout, p.stderr, p.console, p.consoleSocket} {
-			if c != nil && !reflect.ValueOf(c).IsNil() {
+		for _, c := range []io.Closer{p.stdin, p.stdout, p.stderr, p.console} {
+			if c != nil {
 				c.Close()
 			}
+		}
+		if p.consoleSocket != nil {
+			p.consoleSocket.Close()
 		}
 		close(p.closed)
 	})
