@@ -16,7 +16,7 @@ import (
 )
 
 // shimPid finds the shim serving container id.
-func shimPid(t *testing.T, id string) int {
+func shimPid(t testing.TB, id string) int {
 	t.Helper()
 	entries, _ := os.ReadDir("/proc")
 	for _, en := range entries {

@@ -1,0 +1,188 @@
+package integration
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/cio"
+	"github.com/containerd/containerd/v2/pkg/oci"
+
+	"github.com/caisson-containers/caisson/integration-tests/harness"
+)
+
+// benchRounds is how many create+start pairs each benchmark times (median reported).
+const benchRounds = 10
+
+func median(d []time.Duration) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+// timeStart creates and starts a task of c, then removes it; it returns the
+// time from task create to started.
+func timeStart(b *testing.B, ctx context.Context, c containerd.Container) time.Duration {
+	b.Helper()
+	start := time.Now()
+	task, err := c.NewTask(ctx, cio.NullIO)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := task.Start(ctx); err != nil {
+		b.Fatal(err)
+	}
+	took := time.Since(start)
+	exit, _ := task.Wait(ctx)
+	task.Kill(ctx, 9)
+	<-exit
+	if _, err := task.Delete(ctx); err != nil {
+		b.Fatal(err)
+	}
+	return took
+}
+
+// BenchmarkPodSecondContainer: a second container's create+start in a running
+// pod VM, against runc's create+start of the same image (overlayfs), measured
+// alternately in the same run. Target: ratio ≤ 1.5.
+func BenchmarkPodSecondContainer(b *testing.B) {
+	e := harness.Start(b, harness.Options{})
+	image := e.ImportBusybox(b)
+	ctx := e.Context(b)
+	if err := image.Unpack(ctx, "overlayfs"); err != nil {
+		b.Fatal(err)
+	}
+	const pod = "benchpod"
+	pause := benchContainer(b, e, image, pod, "caisson", runtimeName, map[string]string{
+		"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": pod})
+	ptask, err := pause.NewTask(ctx, cio.NullIO)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { ptask.Delete(context.WithoutCancel(ctx), containerd.WithProcessKill) })
+	if err := ptask.Start(ctx); err != nil {
+		b.Fatal(err)
+	}
+	app := benchContainer(b, e, image, "benchapp", "caisson", runtimeName, map[string]string{
+		"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": pod})
+	baseline := benchContainer(b, e, image, "benchrunc", "overlayfs", "io.containerd.runc.v2", nil)
+
+	b.ResetTimer()
+	var ours, runc []time.Duration
+	for range benchRounds {
+		runc = append(runc, timeStart(b, ctx, baseline))
+		ours = append(ours, timeStart(b, ctx, app))
+	}
+	b.StopTimer()
+	mo, mr := median(ours), median(runc)
+	b.ReportMetric(float64(mo.Milliseconds()), "caisson-ms")
+	b.ReportMetric(float64(mr.Milliseconds()), "runc-ms")
+	b.ReportMetric(float64(mo)/float64(mr), "ratio")
+	fmt.Printf("second container create+start, median of %d: caisson %v, runc %v: %.2fx (target <= 1.5x)\n", benchRounds, mo, mr, float64(mo)/float64(mr))
+}
+
+func benchContainer(b *testing.B, e *harness.Env, image containerd.Image, id, snapshotter, runtime string, annotations map[string]string) containerd.Container {
+	b.Helper()
+	ctx := e.Context(b)
+	opts := []oci.SpecOpts{oci.WithImageConfig(image), oci.WithProcessArgs("sleep", "100000")}
+	if annotations != nil {
+		opts = append(opts, oci.WithAnnotations(annotations))
+	}
+	c, err := e.Client.NewContainer(ctx, id, containerd.WithImage(image), containerd.WithSnapshotter(snapshotter),
+		containerd.WithNewSnapshot(id+"-rootfs", image), containerd.WithRuntime(runtime, nil), containerd.WithNewSpec(opts...))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.Delete(context.WithoutCancel(ctx), containerd.WithSnapshotCleanup) })
+	return c
+}
+
+// BenchmarkPodIdleMemory: host memory (PSS) of an idle busybox pod: QEMU plus the
+// shim. Target ≤ 48 MiB. Under TCG, QEMU's translation buffer is bounded by
+// hypervisor.tcg_translation_cache_mib; its share is reported on its own.
+func BenchmarkPodIdleMemory(b *testing.B) {
+	e := harness.Start(b, harness.Options{})
+	image := e.ImportBusybox(b)
+	ctx := e.Context(b)
+	c := benchContainer(b, e, image, "idle", "caisson", runtimeName, nil)
+	task, err := c.NewTask(ctx, cio.NullIO)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { task.Delete(context.WithoutCancel(ctx), containerd.WithProcessKill) })
+	if err := task.Start(ctx); err != nil {
+		b.Fatal(err)
+	}
+	time.Sleep(5 * time.Second) // let the guest settle
+	qemu := qemuPids(e)
+	if len(qemu) != 1 {
+		b.Fatalf("QEMU processes: %v", qemu)
+	}
+	qpid, _ := strconv.Atoi(qemu[0])
+	qemuPSS := pss(b, qpid)
+	shimPSS := pss(b, shimPid(b, "idle"))
+	tcg := tcgBufferPSS(b, qpid, e.Config.Hypervisor.TCGTranslationCacheMiB)
+	total := qemuPSS + shimPSS
+	b.ReportMetric(float64(total)/(1<<20), "pod-PSS-MiB")
+	b.ReportMetric(float64(qemuPSS)/(1<<20), "qemu-PSS-MiB")
+	b.ReportMetric(float64(shimPSS)/(1<<20), "shim-PSS-MiB")
+	b.ReportMetric(float64(tcg)/(1<<20), "tcg-buffer-PSS-MiB")
+	fmt.Printf("idle busybox pod: QEMU %.1f MiB + shim %.1f MiB = %.1f MiB PSS (target <= 48 MiB); of QEMU's, the TCG translation buffer (bounded at %d MiB) is %.1f MiB\n",
+		float64(qemuPSS)/(1<<20), float64(shimPSS)/(1<<20), float64(total)/(1<<20), e.Config.Hypervisor.TCGTranslationCacheMiB, float64(tcg)/(1<<20))
+}
+
+// pss is a process's proportional set size in bytes.
+func pss(b testing.TB, pid int) int64 {
+	b.Helper()
+	f, err := os.Open(filepath.Join("/proc", strconv.Itoa(pid), "smaps_rollup"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if f := strings.Fields(sc.Text()); len(f) >= 2 && f[0] == "Pss:" {
+			kb, _ := strconv.ParseInt(f[1], 10, 64)
+			return kb << 10
+		}
+	}
+	b.Fatalf("no Pss in smaps_rollup of %d", pid)
+	return 0
+}
+
+// tcgBufferPSS finds QEMU's TCG translation buffer — the anonymous mapping of
+// exactly the configured size — and returns its PSS (0 under KVM).
+func tcgBufferPSS(b testing.TB, pid, sizeMiB int) int64 {
+	b.Helper()
+	data, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "smaps"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	var inBuffer bool
+	var total int64
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		if strings.Contains(f[0], "-") && len(f) >= 5 { // a mapping header: start-end perms ...
+			var lo, hi uint64
+			fmt.Sscanf(f[0], "%x-%x", &lo, &hi)
+			inBuffer = hi-lo == uint64(sizeMiB)<<20 && len(f) == 5 // anonymous: no path
+			continue
+		}
+		if inBuffer && f[0] == "Pss:" {
+			kb, _ := strconv.ParseInt(f[1], 10, 64)
+			total += kb << 10
+		}
+	}
+	return total
+}
