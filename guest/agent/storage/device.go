@@ -59,7 +59,7 @@ func (f Finder) Find(ctx context.Context, d Device) (string, error) {
 		name, err := f.lookup(d)
 		if err == nil {
 			node := filepath.Join(f.Dev, name)
-			if _, err := os.Stat(node); err == nil {
+			if f.ready(name, node) {
 				return node, nil
 			}
 		} else if !errors.Is(err, errdefs.ErrNotFound) {
@@ -71,6 +71,22 @@ func (f Finder) Find(ctx context.Context, d Device) (string, error) {
 		case <-time.After(f.Poll):
 		}
 	}
+}
+
+// ready reports whether a found disk can be used: the kernel creates its node and
+// sysfs entry a moment before the disk is live, and opening it in that window fails
+// with ENXIO (which a mount then reports as "no such device or address").
+func (f Finder) ready(name, node string) bool {
+	size, err := os.ReadFile(filepath.Join(f.Sys, "block", name, "size"))
+	if err != nil || strings.TrimSpace(string(size)) == "0" {
+		return false
+	}
+	fd, err := os.OpenFile(node, os.O_RDONLY, 0)
+	if err != nil {
+		return false
+	}
+	fd.Close()
+	return true
 }
 
 func (f Finder) lookup(d Device) (string, error) {

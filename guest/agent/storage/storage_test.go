@@ -79,7 +79,42 @@ func fakeSys(t *testing.T, pciDev, serialDev, serial string) string {
 	must(os.Symlink("../../../devices/pci0000:00/0000:00:02.0", filepath.Join(sys, "bus/pci/devices/0000:00:02.0")))
 	must(os.MkdirAll(filepath.Join(sys, "block", filepath.Base(serialDev)), 0o755))
 	must(os.WriteFile(filepath.Join(sys, "block", filepath.Base(serialDev), "serial"), []byte(serial+"\n"), 0o444))
+	// Every block device has /sys/block/NAME/size (512-byte sectors); 0 until the disk is live.
+	for _, dev := range []string{pciDev, serialDev} {
+		must(os.MkdirAll(filepath.Join(sys, "block", filepath.Base(dev)), 0o755))
+		must(os.WriteFile(filepath.Join(sys, "block", filepath.Base(dev), "size"), []byte("2048\n"), 0o444))
+	}
 	return sys
+}
+
+// A disk whose node exists but which is not live yet (size 0) is waited for, not mounted.
+func TestFindWaitsForALiveDisk(t *testing.T) {
+	testutil.RequireRoot(t)
+	img := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dev := loopDevice(t, img, true)
+	sys := fakeSys(t, dev, dev, "late")
+	size := filepath.Join(sys, "block", filepath.Base(dev), "size")
+	os.WriteFile(size, []byte("0\n"), 0o444)
+	f := Finder{Sys: sys, Dev: "/dev", Poll: 10 * time.Millisecond}
+	found := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, err := f.Find(ctx, Device{Serial: "late"})
+		found <- err
+	}()
+	select {
+	case err := <-found:
+		t.Fatalf("Find returned for a disk that is not live yet: %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	os.WriteFile(size, []byte("2048\n"), 0o444)
+	if err := <-found; err != nil {
+		t.Fatal(err)
+	}
 }
 
 func TestMountAndRootfs(t *testing.T) {
