@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"context"
 	"debug/elf"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -18,9 +19,11 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/caisson-containers/caisson/guest/initramfs"
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
@@ -88,8 +91,8 @@ type testGuest struct {
 	kernel, initramfs string
 }
 
-// newTestGuest skips t unless it runs as root with QEMU and the guest kernel, and builds
-// the test initramfs in a temp dir.
+// newTestGuest skips t unless it runs as root with QEMU and the guest kernel, and returns
+// the test initramfs, built once per test binary (TestMain removes it).
 func newTestGuest(t testing.TB) testGuest {
 	t.Helper()
 	testutil.RequireRoot(t)
@@ -104,44 +107,75 @@ func newTestGuest(t testing.TB) testGuest {
 	if _, err := os.Stat(busybox); err != nil {
 		t.Skip("needs busybox-static at /bin/busybox")
 	}
-	initramfs := filepath.Join(t.TempDir(), "initramfs.cpio")
-	if err := buildInitramfs(initramfs, busybox, mods[0]); err != nil {
-		t.Fatal(err)
+	testInitramfs.once.Do(func() {
+		dir, err := os.MkdirTemp("", "vmm-initramfs")
+		if err != nil {
+			testInitramfs.err = err
+			return
+		}
+		testInitramfs.dir = dir
+		testInitramfs.path = filepath.Join(dir, "initramfs.cpio.gz")
+		testInitramfs.err = buildInitramfs(testInitramfs.path, busybox, mods[0])
+	})
+	if testInitramfs.err != nil {
+		t.Fatal(testInitramfs.err)
 	}
-	return testGuest{kernel: kernel, initramfs: initramfs}
+	return testGuest{kernel: kernel, initramfs: testInitramfs.path}
 }
 
-// buildInitramfs writes an uncompressed newc cpio archive.
+// testInitramfs is the test guest's initramfs, shared by the tests of one binary.
+var testInitramfs struct {
+	once      sync.Once
+	dir, path string
+	err       error
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if testInitramfs.dir != "" {
+		os.RemoveAll(testInitramfs.dir)
+	}
+	os.Exit(code)
+}
+
+// buildInitramfs writes the test initramfs with the guest's own archive writer.
 func buildInitramfs(out, busybox, modDir string) error {
 	order, files, err := moduleClosure(modDir, guestModules)
 	if err != nil {
 		return err
 	}
-	bb, err := os.ReadFile(busybox)
+	a := initramfs.NewArchive()
+	for _, d := range []string{"bin", "dev", "lib/modules", "proc", "sys", "mnt", "tmp"} {
+		if err := a.Dir(d, 0o755); err != nil {
+			return err
+		}
+	}
+	if err := errors.Join(
+		a.File("init", 0o755, []byte(testInit)),
+		a.CopyFile("bin/busybox", 0o755, busybox),
+		a.File("lib/modules/order", 0o644, []byte(strings.Join(order, "\n")+"\n")),
+	); err != nil {
+		return err
+	}
+	for _, m := range order {
+		if err := a.CopyFile("lib/modules/"+m+".ko", 0o644, files[m]); err != nil {
+			return err
+		}
+	}
+	f, err := os.Create(out)
 	if err != nil {
 		return err
 	}
-	w := &cpioWriter{}
-	for _, d := range []string{"bin", "dev", "lib", "lib/modules", "proc", "sys", "mnt", "tmp"} {
-		w.add(d, 0o040755, nil, 0)
+	if _, err := a.WriteTo(f); err != nil {
+		f.Close()
+		return err
 	}
-	w.add("dev/console", 0o020600, nil, 5<<8|1)
-	w.add("init", 0o100755, []byte(testInit), 0)
-	w.add("bin/busybox", 0o100755, bb, 0)
-	w.add("lib/modules/order", 0o100644, []byte(strings.Join(order, "\n")+"\n"), 0)
-	for _, m := range order {
-		b, err := os.ReadFile(files[m])
-		if err != nil {
-			return err
-		}
-		w.add("lib/modules/"+m+".ko", 0o100644, b, 0)
-	}
-	w.add("TRAILER!!!", 0, nil, 0)
-	return os.WriteFile(out, w.buf.Bytes(), 0o644)
+	return f.Close()
 }
 
 // moduleClosure returns want and the modules they depend on, dependencies first, read from
-// each module's .modinfo "depends=" (so no modules.dep is needed), and their files.
+// each module's .modinfo "depends=", and their files. (The guest image uses modules.dep,
+// which `make guest` computes; the unpacked kernel is all these tests need.)
 func moduleClosure(modDir string, want []string) ([]string, map[string]string, error) {
 	files := map[string]string{}
 	err := filepath.WalkDir(filepath.Join(modDir, "kernel"), func(p string, _ os.DirEntry, err error) error {
@@ -212,33 +246,6 @@ func moduleDepends(path string) ([]string, error) {
 		}
 	}
 	return nil, nil
-}
-
-// cpioWriter writes the "newc" format the kernel unpacks.
-type cpioWriter struct {
-	buf bytes.Buffer
-	ino int
-}
-
-func (w *cpioWriter) add(name string, mode uint32, data []byte, rdev uint32) {
-	w.ino++
-	nlink := 1
-	if mode&0o170000 == 0o040000 {
-		nlink = 2
-	}
-	fmt.Fprintf(&w.buf, "070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X",
-		w.ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev>>8, rdev&0xff, len(name)+1, 0)
-	w.buf.WriteString(name)
-	w.buf.WriteByte(0)
-	w.pad()
-	w.buf.Write(data)
-	w.pad()
-}
-
-func (w *cpioWriter) pad() {
-	for w.buf.Len()%4 != 0 {
-		w.buf.WriteByte(0)
-	}
 }
 
 // guestShell is the host end of the test init's shell on the agent port.
