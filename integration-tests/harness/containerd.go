@@ -71,7 +71,7 @@ func Start(t testing.TB, o Options) *Env {
 
 	dir := t.TempDir()
 	// Unix socket paths are limited to 107 bytes: VM sockets live in a short directory.
-	stateDir, err := os.MkdirTemp("/run", "caisson-it-")
+	stateDir, err := os.MkdirTemp("/run", "cit-") // CRI pod ids are 64 characters
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,6 +113,9 @@ func Start(t testing.TB, o Options) *Env {
 	cfg["state"] = filepath.Join(dir, "state")
 	cfg["grpc"] = map[string]any{"address": e.Address}
 	cfg["proxy_plugins"].(map[string]any)["caisson"].(map[string]any)["address"] = snapSock
+	// The CRI handler's runtime options name the runtime configuration file.
+	caissonHandler := cfg["plugins"].(map[string]any)["io.containerd.cri.v1.runtime"].(map[string]any)["containerd"].(map[string]any)["runtimes"].(map[string]any)["caisson"].(map[string]any)
+	caissonHandler["options"].(map[string]any)["ConfigPath"] = e.ConfigPath
 	if !o.CRI {
 		cfg["disabled_plugins"] = []string{"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime", "io.containerd.cri.v1.images",
 			"io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.sandbox.controller.v1.shim"}

@@ -21,6 +21,7 @@ import (
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/internal/transport"
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/network"
 	"github.com/caisson-containers/caisson/shim/vmm"
 	"github.com/caisson-containers/caisson/shim/vmm/qemu"
 )
@@ -39,6 +40,11 @@ type Options struct {
 	Hostname string
 	// SharePID gives all containers one PID namespace.
 	SharePID bool
+	// NetNS is the host network namespace CNI set up for the pod (the CRI's sandbox
+	// container names it in its spec). Each of its veths is connected to a guest NIC
+	// with the veth's MAC, addresses, routes and MTU (see package shim/network).
+	// Empty: the guest has loopback only.
+	NetNS string
 }
 
 // Pod is a running VM with its agent.
@@ -47,6 +53,7 @@ type Pod struct {
 	cfg      config.Config
 	stateDir string
 	vm       vmm.VM
+	net      *network.Network
 	session  transport.Session
 	client   *ttrpc.Client
 
@@ -77,6 +84,33 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	if cfg.Guest.KernelParams != "" {
 		params = append(params, cfg.Guest.KernelParams)
 	}
+	var net *network.Network
+	if o.NetNS != "" {
+		n, err := network.Setup(o.NetNS)
+		if err != nil {
+			return nil, fmt.Errorf("pod network: %w", err)
+		}
+		net = n
+		defer func() {
+			if retErr != nil && net != nil {
+				if err := net.Close(); err != nil {
+					log.G(ctx).WithError(err).Warn("pod network cleanup")
+				}
+			}
+		}()
+	}
+	var nics []vmm.NIC
+	var ifaces []*agent.Interface
+	var routes []*agent.Route
+	if net != nil {
+		for i, n := range net.Interfaces {
+			nics = append(nics, vmm.NIC{ID: fmt.Sprintf("nic%d", i), MAC: n.MAC.String(), Tap: n.Tap})
+			ifaces = append(ifaces, &agent.Interface{Name: n.Name, Mac: n.MAC.String(), Mtu: uint32(n.MTU), Addresses: n.Addresses})
+		}
+		for _, r := range net.Routes {
+			routes = append(routes, &agent.Route{Destination: r.Destination, Gateway: r.Gateway, Device: r.Device, Source: r.Source})
+		}
+	}
 	vm, err := qemu.New(vmm.Config{
 		Kernel:       cfg.Guest.Kernel,
 		Initramfs:    cfg.Guest.Initramfs,
@@ -88,6 +122,7 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 		ConsoleLog:   filepath.Join(o.StateDir, "console.log"),
 		Agent:        vmm.AgentChannel{Transport: vmm.TransportSerial},
 		HotplugSlots: cfg.Hypervisor.HotplugSlots,
+		NICs:         nics,
 	}, qemu.Config{
 		Path:                   cfg.Hypervisor.Path,
 		TCGTranslationCacheMiB: cfg.Hypervisor.TCGTranslationCacheMiB,
@@ -99,7 +134,11 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	if err := vm.Start(ctx); err != nil {
 		return nil, fmt.Errorf("start VM: %w", err)
 	}
-	p := &Pod{id: o.ID, cfg: cfg, stateDir: o.StateDir, vm: vm, storages: map[string]*attached{}}
+	if net != nil {
+		net.CloseTaps() // QEMU holds them now: the taps go when it exits
+	}
+	p := &Pod{id: o.ID, cfg: cfg, stateDir: o.StateDir, vm: vm, net: net, storages: map[string]*attached{}}
+	net = nil // p.Stop cleans it from here on
 	defer func() {
 		if retErr != nil {
 			p.Stop(context.WithoutCancel(ctx))
@@ -109,10 +148,12 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 		return nil, err
 	}
 	_, err = p.Sandbox.Create(ctx, &agent.CreateSandboxRequest{
-		SandboxId: o.ID,
-		Hostname:  o.Hostname,
-		SharePid:  o.SharePID,
-		Time:      timestamppb.Now(),
+		SandboxId:  o.ID,
+		Hostname:   o.Hostname,
+		SharePid:   o.SharePID,
+		Interfaces: ifaces,
+		Routes:     routes,
+		Time:       timestamppb.Now(),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create sandbox in the guest: %w", errgrpc.ToNative(err))
@@ -192,6 +233,11 @@ func (p *Pod) Stop(ctx context.Context) error {
 		p.session.Close()
 	}
 	err := p.vm.Stop(ctx)
+	if p.net != nil {
+		if nerr := p.net.Close(); nerr != nil {
+			err = errors.Join(err, fmt.Errorf("pod network: %w", nerr))
+		}
+	}
 	if rerr := os.RemoveAll(p.stateDir); rerr != nil {
 		err = errors.Join(err, rerr)
 	}

@@ -62,7 +62,11 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	pd, err := s.ensurePod(ctx, r.ID, pod.Options{ID: podID(r.ID, spec), Hostname: hostname(r.ID, spec)}, cfg)
+	netns, err := podNetNS(spec)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	pd, err := s.ensurePod(ctx, r.ID, pod.Options{ID: podID(r.ID, spec), Hostname: hostname(r.ID, spec), NetNS: netns}, cfg)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}

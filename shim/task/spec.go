@@ -123,3 +123,23 @@ func hostname(id string, s *specs.Spec) string {
 	}
 	return strings.TrimSpace(id[:min(len(id), 12)])
 }
+
+// podNetNS is the host network namespace the pod's NICs come from: the one the spec
+// joins (CNI's, for a CRI pod), or none. A CRI pod on the host's network is refused:
+// a VM cannot share the host's network stack, and a pod that asks for it expects to
+// bind the host's ports and see its interfaces.
+func podNetNS(s *specs.Spec) (string, error) {
+	if s.Linux == nil {
+		return "", nil
+	}
+	for _, ns := range s.Linux.Namespaces {
+		if ns.Type == specs.NetworkNamespace {
+			return ns.Path, nil
+		}
+	}
+	if s.Annotations[annotationContainerType] == containerTypeSandbox {
+		return "", fmt.Errorf("host-network pods (hostNetwork: true) cannot run in a Caisson VM, which has its own network stack; use another runtime class for them: %w",
+			errdefs.ErrInvalidArgument)
+	}
+	return "", nil
+}

@@ -210,4 +210,6 @@ type Config struct {
 	Disks []Disk
 	// HotplugSlots is how many more disks can be attached at once while the VM runs.
 	HotplugSlots int
+	// NICs are network cards backed by taps the caller opened (see NIC).
+	NICs []NIC
 }

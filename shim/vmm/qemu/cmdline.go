@@ -221,6 +221,12 @@ func (c cmdline) args() ([]string, error) {
 		a = append(a, "-device", fmt.Sprintf("virtio-balloon-pci,id=balloon,bus=pcie.0,addr=%02x.0,free-page-reporting=on", balloonSlot))
 	}
 
+	nics, err := nicArgs(cfg.NICs)
+	if err != nil {
+		return nil, err
+	}
+	a = append(a, nics...)
+
 	for i := range c.ports {
 		a = append(a, "-device", jsonArg(port(i).device()))
 	}

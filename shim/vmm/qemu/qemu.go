@@ -302,6 +302,7 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 	cmd.Dir = v.cfg.StateDir
 	cmd.Stdout = stderr
 	cmd.Stderr = stderr
+	cmd.ExtraFiles = nicFiles(v.cfg.NICs)
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setpgid: true,
 		// Kill QEMU if the shim dies. The kernel sends it when the thread that

@@ -1,0 +1,281 @@
+// Package network connects a pod's network namespace, as CNI left it, to the pod's VM.
+//
+// CNI gives the pod a veth (usually eth0) with addresses and routes inside a network
+// namespace on the host. Setup adds a tap device next to it in the same namespace and
+// redirects every frame between the two with tc mirred (an ingress qdisc on each, a
+// u32 match-all filter whose action is "mirred egress redirect" to the other): what the
+// bridge sends to the veth reaches the tap, so QEMU and the guest; what the guest sends
+// leaves through the veth. This is Kata Containers' default ("tcfilter") model. The
+// guest NIC gets the veth's MAC, so neighbours on the bridge see the same station, and
+// the agent gives it the veth's addresses, routes and MTU (Interfaces, Routes).
+//
+// The tap is not persistent: it lives while its file descriptor is open, which QEMU
+// holds, so it vanishes with QEMU even if the shim is killed. Close removes the filters
+// and qdiscs and closes the shim's descriptor.
+package network
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"runtime"
+
+	"github.com/containerd/errdefs"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// TapName is the tap device's name in the pod's network namespace, one per veth:
+// the first veth's tap is "tap0_caisson".
+const tapFormat = "tap%d_caisson"
+
+// Interface is one pod NIC as the guest should see it.
+type Interface struct {
+	// Name is the veth's name in the pod namespace (the guest NIC is renamed to it).
+	Name string
+	MAC  net.HardwareAddr
+	MTU  int
+	// Addresses in CIDR notation.
+	Addresses []string
+	// Tap is the tap's descriptor, for the VMM (QEMU's -netdev tap,fd=N).
+	Tap *os.File
+	// TapName is the tap's name in the pod namespace.
+	TapName string
+
+	vethIndex, tapIndex int
+}
+
+// Route is a route of the pod namespace, for the guest.
+type Route struct {
+	Destination string // CIDR, "" for the default route
+	Gateway     string
+	Device      string
+	Source      string
+}
+
+// Network is a pod namespace connected to taps.
+type Network struct {
+	NetNS      string
+	Interfaces []Interface
+	Routes     []Route
+}
+
+// Setup connects every veth of the network namespace at path to a new tap. On error
+// nothing it created remains. A namespace without a veth yields a Network without
+// interfaces (the guest then has loopback only).
+func Setup(path string) (_ *Network, retErr error) {
+	n := &Network{NetNS: path}
+	defer func() {
+		if retErr != nil {
+			n.Close()
+		}
+	}()
+	err := inNetNS(path, func(h *netlink.Handle) error {
+		links, err := h.LinkList()
+		if err != nil {
+			return fmt.Errorf("list links: %w", err)
+		}
+		for _, l := range links {
+			if l.Type() != "veth" {
+				continue
+			}
+			iface, err := connect(h, l, len(n.Interfaces))
+			if err != nil {
+				return fmt.Errorf("connect %s to a tap: %w", l.Attrs().Name, err)
+			}
+			n.Interfaces = append(n.Interfaces, iface)
+			routes, err := h.RouteList(l, netlink.FAMILY_ALL)
+			if err != nil {
+				return fmt.Errorf("routes of %s: %w", l.Attrs().Name, err)
+			}
+			for _, r := range routes {
+				if r.Protocol == unix.RTPROT_KERNEL || r.Table != unix.RT_TABLE_MAIN {
+					continue // the guest's kernel adds its own for the addresses
+				}
+				if r.Dst != nil && (r.Dst.IP.IsLinkLocalUnicast() || r.Dst.IP.IsMulticast()) {
+					continue
+				}
+				gr := Route{Device: l.Attrs().Name}
+				if r.Dst != nil {
+					gr.Destination = r.Dst.String()
+				}
+				if r.Gw != nil {
+					gr.Gateway = r.Gw.String()
+				}
+				if r.Src != nil {
+					gr.Source = r.Src.String()
+				}
+				n.Routes = append(n.Routes, gr)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+// connect creates the idx-th tap beside veth l and redirects each to the other.
+func connect(h *netlink.Handle, l netlink.Link, idx int) (_ Interface, retErr error) {
+	a := l.Attrs()
+	iface := Interface{Name: a.Name, MAC: a.HardwareAddr, MTU: a.MTU, vethIndex: a.Index}
+	addrs, err := h.AddrList(l, netlink.FAMILY_ALL)
+	if err != nil {
+		return iface, fmt.Errorf("addresses: %w", err)
+	}
+	for _, ad := range addrs {
+		if ad.IP.IsLinkLocalUnicast() {
+			continue
+		}
+		iface.Addresses = append(iface.Addresses, ad.IPNet.String())
+	}
+	tap := &netlink.Tuntap{
+		LinkAttrs:  netlink.LinkAttrs{Name: fmt.Sprintf(tapFormat, idx), MTU: a.MTU},
+		Mode:       netlink.TUNTAP_MODE_TAP,
+		Flags:      netlink.TUNTAP_NO_PI,
+		Queues:     1,
+		NonPersist: true,
+	}
+	// /dev/net/tun creates the device in the namespace of the thread that opens it,
+	// which inNetNS has set.
+	if err := h.LinkAdd(tap); err != nil {
+		return iface, fmt.Errorf("create tap: %w", err)
+	}
+	iface.Tap, iface.TapName = tap.Fds[0], tap.Name
+	for _, f := range tap.Fds[1:] {
+		f.Close()
+	}
+	defer func() {
+		if retErr != nil {
+			iface.Tap.Close() // a non-persistent tap goes with its last descriptor
+		}
+	}()
+	tl, err := h.LinkByName(tap.Name)
+	if err != nil {
+		return iface, err
+	}
+	iface.tapIndex = tl.Attrs().Index
+	if err := h.LinkSetMTU(tl, a.MTU); err != nil {
+		return iface, fmt.Errorf("tap mtu: %w", err)
+	}
+	if err := h.LinkSetUp(tl); err != nil {
+		return iface, fmt.Errorf("bring tap up: %w", err)
+	}
+	if err := redirect(h, a.Index, iface.tapIndex); err != nil {
+		return iface, fmt.Errorf("redirect %s to %s: %w", a.Name, tap.Name, err)
+	}
+	if err := redirect(h, iface.tapIndex, a.Index); err != nil {
+		unredirect(h, a.Index)
+		return iface, fmt.Errorf("redirect %s to %s: %w", tap.Name, a.Name, err)
+	}
+	return iface, nil
+}
+
+var ingressHandle = netlink.MakeHandle(0xffff, 0)
+
+// redirect sends every frame arriving at link from out through link to.
+func redirect(h *netlink.Handle, from, to int) error {
+	q := &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: from, Handle: ingressHandle, Parent: netlink.HANDLE_INGRESS}}
+	if err := h.QdiscAdd(q); err != nil {
+		return fmt.Errorf("ingress qdisc: %w", err)
+	}
+	f := &netlink.U32{
+		FilterAttrs: netlink.FilterAttrs{LinkIndex: from, Parent: ingressHandle, Priority: 1, Protocol: unix.ETH_P_ALL},
+		Actions: []netlink.Action{&netlink.MirredAction{
+			ActionAttrs:  netlink.ActionAttrs{Action: netlink.TC_ACT_STOLEN},
+			MirredAction: netlink.TCA_EGRESS_REDIR,
+			Ifindex:      to,
+		}},
+	}
+	if err := h.FilterAdd(f); err != nil {
+		h.QdiscDel(q)
+		return fmt.Errorf("mirred filter: %w", err)
+	}
+	return nil
+}
+
+// unredirect removes link's ingress qdisc and with it its filters.
+func unredirect(h *netlink.Handle, link int) error {
+	err := h.QdiscDel(&netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: link, Handle: ingressHandle, Parent: netlink.HANDLE_INGRESS}})
+	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENODEV) {
+		return nil
+	}
+	return err
+}
+
+// CloseTaps closes the shim's tap descriptors, once the VMM holds its own.
+func (n *Network) CloseTaps() {
+	for i := range n.Interfaces {
+		if n.Interfaces[i].Tap != nil {
+			n.Interfaces[i].Tap.Close()
+			n.Interfaces[i].Tap = nil
+		}
+	}
+}
+
+// Close removes the redirections and closes the shim's tap descriptors; the taps
+// themselves go when the VMM, which holds the other descriptors, exits. A namespace
+// that is already gone (the CRI removed it) has nothing left to clean. Safe to call twice.
+func (n *Network) Close() error {
+	var errs []error
+	if len(n.Interfaces) > 0 {
+		err := inNetNS(n.NetNS, func(h *netlink.Handle) error {
+			for _, i := range n.Interfaces {
+				if err := unredirect(h, i.vethIndex); err != nil {
+					errs = append(errs, fmt.Errorf("%s: %w", i.Name, err))
+				}
+				if err := unredirect(h, i.tapIndex); err != nil {
+					errs = append(errs, fmt.Errorf("%s: %w", i.TapName, err))
+				}
+			}
+			return nil
+		})
+		if err != nil && !errdefs.IsNotFound(err) {
+			errs = append(errs, err)
+		}
+	}
+	n.CloseTaps()
+	n.Interfaces = nil
+	return errors.Join(errs...)
+}
+
+// inNetNS runs f with a netlink handle in the namespace at path, on a thread that is in
+// that namespace (so that /dev/net/tun creates taps there). The thread is thrown away
+// if it cannot return to its namespace.
+func inNetNS(path string, f func(*netlink.Handle) error) error {
+	target, err := netns.GetFromPath(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("network namespace %s: %w", path, errdefs.ErrNotFound)
+		}
+		return fmt.Errorf("network namespace %s: %w", path, err)
+	}
+	defer target.Close()
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			errc <- err
+			return // the thread stays locked and dies with the goroutine
+		}
+		defer orig.Close()
+		if err := netns.Set(target); err != nil {
+			errc <- fmt.Errorf("enter network namespace %s: %w", path, err)
+			return
+		}
+		h, err := netlink.NewHandleAt(target)
+		if err == nil {
+			err = f(h)
+			h.Close()
+		}
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		}
+		errc <- err
+	}()
+	return <-errc
+}

@@ -1,0 +1,53 @@
+package qemu
+
+import (
+	"fmt"
+	"net"
+	"os"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/caisson-containers/caisson/shim/vmm"
+)
+
+// NICs sit on the root bus from firstNICSlot, before the disks' root ports.
+const (
+	firstNICSlot = 0x04
+	// MaxNICs is how many NICs one VM can have.
+	MaxNICs = firstPortSlot - firstNICSlot
+	// firstNICFD is the descriptor number of the first tap in QEMU: ExtraFiles start at 3.
+	firstNICFD = 3
+)
+
+// nicArgs returns the -netdev/-device pairs of the NICs, whose taps QEMU inherits as
+// descriptors firstNICFD, firstNICFD+1, ... (see nicFiles).
+func nicArgs(nics []vmm.NIC) ([]string, error) {
+	if len(nics) > MaxNICs {
+		return nil, fmt.Errorf("%d NICs, at most %d: %w", len(nics), MaxNICs, errdefs.ErrInvalidArgument)
+	}
+	var a []string
+	for i, n := range nics {
+		if n.Tap == nil {
+			return nil, fmt.Errorf("NIC %q has no tap: %w", n.ID, errdefs.ErrInvalidArgument)
+		}
+		mac, err := net.ParseMAC(n.MAC)
+		if err != nil {
+			return nil, fmt.Errorf("NIC %q: mac %q: %v: %w", n.ID, n.MAC, err, errdefs.ErrInvalidArgument)
+		}
+		id := fmt.Sprintf("net%d", i)
+		a = append(a,
+			"-netdev", fmt.Sprintf("tap,id=%s,fd=%d", id, firstNICFD+i),
+			"-device", fmt.Sprintf("virtio-net-pci,id=%s-dev,netdev=%s,mac=%s,bus=pcie.0,addr=%02x.0", id, id, mac, firstNICSlot+i),
+		)
+	}
+	return a, nil
+}
+
+// nicFiles are the descriptors QEMU inherits, in nicArgs' order.
+func nicFiles(nics []vmm.NIC) []*os.File {
+	var f []*os.File
+	for _, n := range nics {
+		f = append(f, n.Tap)
+	}
+	return f
+}
