@@ -10,6 +10,7 @@ import (
 	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/cio"
 	"github.com/containerd/containerd/v2/pkg/oci"
 
 	"github.com/caisson-containers/caisson/integration-tests/harness"
@@ -69,4 +70,44 @@ func TestShimKilled(t *testing.T) {
 			t.Errorf("pod state left in %s: %s", e.StateDir, en.Name())
 		}
 	}
+}
+
+// The agent is the guest's PID 1: the kernel does not deliver SIGKILL to it, and
+// its death panics the guest kernel, which ends the VM (panic=-1, -no-reboot). This
+// crashes the guest kernel outright, through sysrq from a privileged container, and
+// checks that the pod's task exits and nothing is left behind.
+func TestGuestCrash(t *testing.T) {
+	e := harness.Start(t, harness.Options{})
+	image := e.ImportBusybox(t)
+	ctx := e.Context(t)
+	c := newContainer(t, e, image, "crash", oci.WithProcessArgs("sleep", "100000"), oci.WithPrivileged)
+	var o outputs
+	task, exit := startTask(t, ctx, c, &o)
+	spec, err := task.Spec(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pspec := *spec.Process
+	pspec.Args = []string{"sh", "-c", "echo c > /proc/sysrq-trigger"}
+	p, err := task.Exec(ctx, "sysrq", &pspec, cio.NullIO)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The exec never returns: the guest dies under it.
+	if err := p.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case st := <-exit:
+		if st.ExitCode() != 255 {
+			t.Fatalf("task exited %d after the guest crashed, want 255 (its VM ended)", st.ExitCode())
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("the task did not exit after the guest kernel crashed")
+	}
+	task.Delete(ctx)
+	if err := c.Delete(ctx, containerd.WithSnapshotCleanup); err != nil {
+		t.Fatal(err)
+	}
+	waitNoQEMU(t, e)
 }

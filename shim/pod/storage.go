@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 
@@ -126,7 +127,9 @@ func (p *Pod) release(ctx context.Context, source string) error {
 	if _, err := p.storage.Unmount(ctx, &agent.UnmountStorageRequest{StorageId: a.id}); err != nil {
 		errs = append(errs, fmt.Errorf("unmount %s in the guest: %w", a.id, errgrpc.ToNative(err)))
 	}
-	if err := p.vm.DetachDisk(ctx, a.id); err != nil {
+	// QEMU cannot hot-unplug virtio-pmem: the VMM parks the device (NotImplemented) and
+	// reuses it if the same layer is attached again.
+	if err := p.vm.DetachDisk(ctx, a.id); err != nil && !errdefs.IsNotImplemented(err) {
 		errs = append(errs, fmt.Errorf("detach %s: %w", source, err))
 	}
 	return errors.Join(errs...)
