@@ -117,24 +117,16 @@ func (s *service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.
 }
 
 func (s *service) Pause(ctx context.Context, r *taskAPI.PauseRequest) (*ptypes.Empty, error) {
-	c, err := s.container(r.ID)
-	if err != nil {
-		return nil, err
-	}
-	pd, err := s.runningPod()
-	if err != nil {
-		return nil, err
-	}
-	if _, err := pd.Containers.Pause(ctx, &agent.PauseRequest{ContainerId: r.ID}); err != nil {
-		return nil, agentErr("pause", err)
-	}
-	c.init.setStatus(task.Status_PAUSED)
-	s.send(&eventstypes.TaskPaused{ContainerID: r.ID})
-	return empty, nil
+	return s.freeze(ctx, r.ID, true)
 }
 
 func (s *service) Resume(ctx context.Context, r *taskAPI.ResumeRequest) (*ptypes.Empty, error) {
-	c, err := s.container(r.ID)
+	return s.freeze(ctx, r.ID, false)
+}
+
+// freeze pauses (freezes the cgroup of) or resumes a container in the guest.
+func (s *service) freeze(ctx context.Context, id string, pause bool) (*ptypes.Empty, error) {
+	c, err := s.container(id)
 	if err != nil {
 		return nil, err
 	}
@@ -142,11 +134,21 @@ func (s *service) Resume(ctx context.Context, r *taskAPI.ResumeRequest) (*ptypes
 	if err != nil {
 		return nil, err
 	}
-	if _, err := pd.Containers.Resume(ctx, &agent.ResumeRequest{ContainerId: r.ID}); err != nil {
-		return nil, agentErr("resume", err)
+	if pause {
+		_, err = pd.Containers.Pause(ctx, &agent.PauseRequest{ContainerId: id})
+	} else {
+		_, err = pd.Containers.Resume(ctx, &agent.ResumeRequest{ContainerId: id})
 	}
-	c.init.setStatus(task.Status_RUNNING)
-	s.send(&eventstypes.TaskResumed{ContainerID: r.ID})
+	if err != nil {
+		return nil, agentErr(map[bool]string{true: "pause", false: "resume"}[pause], err)
+	}
+	if pause {
+		c.init.setStatus(task.Status_PAUSED)
+		s.send(&eventstypes.TaskPaused{ContainerID: id})
+	} else {
+		c.init.setStatus(task.Status_RUNNING)
+		s.send(&eventstypes.TaskResumed{ContainerID: id})
+	}
 	return empty, nil
 }
 
