@@ -134,13 +134,15 @@ func (s *service) freeze(ctx context.Context, id string, pause bool) (*ptypes.Em
 	if err != nil {
 		return nil, err
 	}
+	what := "resume"
 	if pause {
+		what = "pause"
 		_, err = pd.Containers.Pause(ctx, &agent.PauseRequest{ContainerId: id})
 	} else {
 		_, err = pd.Containers.Resume(ctx, &agent.ResumeRequest{ContainerId: id})
 	}
 	if err != nil {
-		return nil, agentErr(map[bool]string{true: "pause", false: "resume"}[pause], err)
+		return nil, agentErr(what, err)
 	}
 	if pause {
 		c.init.setStatus(task.Status_PAUSED)
