@@ -18,9 +18,14 @@ GUEST_BUSYBOX ?= /bin/busybox
 # The agent is a static cgo binary: runc's libcontainer needs its nsenter constructor (C),
 # and seccomp filters need libseccomp. netgo/osusergo keep glibc's NSS out of the static link.
 AGENT_TAGS    := seccomp netgo osusergo
-# The version Sandbox.Version reports is an input too: a new one rebuilds the image.
+# The version Sandbox.Version reports names the last commit that changed the agent's
+# sources (and -dirty while they have uncommitted changes), not the repository's HEAD:
+# commits elsewhere in the tree leave the image as it is.
+AGENT_SOURCES := guest cmd/caisson-agent api internal go.mod go.sum
+AGENT_VERSION ?= $(shell git log -1 --format=%h -- $(AGENT_SOURCES) 2>/dev/null || echo dev)$(shell \
+	git diff --quiet HEAD -- $(AGENT_SOURCES) 2>/dev/null || echo -dirty)
 AGENT_LDFLAGS := -s -w -buildid= -linkmode external -extldflags '-static' \
-	-X $(PKG)/guest/agent/service.Version=$(VERSION)
+	-X $(PKG)/guest/agent/service.Version=$(AGENT_VERSION)
 
 .PHONY: guest
 guest: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initramfs.cpio.gz ## Build the guest kernel and initramfs (agent as /init, no shell)
