@@ -153,6 +153,14 @@ func TestGuestContainers(t *testing.T) {
 			t.Errorf("got %+v", r)
 		}
 	})
+	t.Run("no byte lost at exit", func(t *testing.T) {
+		// Output much larger than the pipes and the transport's windows, written just
+		// before the process exits, arrives whole on both streams.
+		r := g.run(t, "bulk", testSpec("sh", "-c", `head -c 400000 /dev/zero | tr '\0' a; head -c 150000 /dev/zero | tr '\0' b >&2; exit 4`))
+		if r.exit != 4 || r.stdout != strings.Repeat("a", 400000) || r.stderr != strings.Repeat("b", 150000) {
+			t.Errorf("exit %d, stdout %d bytes, stderr %d bytes (want 4, 400000 a, 150000 b)", r.exit, len(r.stdout), len(r.stderr))
+		}
+	})
 	t.Run("overlay on the attached devices", func(t *testing.T) {
 		// Without its own PID namespace the container sees the agent's mounts in /proc/1.
 		spec := testSpec("sh", "-c", "grep ' / ' /proc/self/mounts; cat /proc/1/mounts")
