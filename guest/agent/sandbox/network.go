@@ -1,11 +1,13 @@
 package sandbox
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/vishvananda/netlink"
@@ -32,7 +34,7 @@ type Route struct {
 // setNetwork moves each interface from the agent's network namespace into the pod's
 // (if it is not there already), names it, sets its MTU and exactly the given addresses,
 // brings it up, and replaces the routes of the pod's namespace with routes.
-func setNetwork(podNetns string, ifaces []Interface, routes []Route) error {
+func setNetwork(ctx context.Context, podNetns string, ifaces []Interface, routes []Route) error {
 	ns, err := netns.GetFromPath(podNetns)
 	if err != nil {
 		return fmt.Errorf("pod network namespace: %w", err)
@@ -51,7 +53,7 @@ func setNetwork(podNetns string, ifaces []Interface, routes []Route) error {
 		return fmt.Errorf("bring lo up: %w", err)
 	}
 	for _, iface := range ifaces {
-		if err := setInterface(h, ns, iface); err != nil {
+		if err := setInterface(ctx, h, ns, iface); err != nil {
 			return fmt.Errorf("interface %s (%s): %w", iface.Name, iface.MAC, err)
 		}
 	}
@@ -71,7 +73,10 @@ func linkByMAC(h *netlink.Handle, mac net.HardwareAddr) (netlink.Link, error) {
 	return nil, nil
 }
 
-func setInterface(h *netlink.Handle, ns netns.NsHandle, iface Interface) error {
+// nicTimeout bounds the wait for a NIC that is not there yet (hot-plugged just before).
+const nicTimeout = 10 * time.Second
+
+func setInterface(ctx context.Context, h *netlink.Handle, ns netns.NsHandle, iface Interface) error {
 	mac, err := net.ParseMAC(iface.MAC)
 	if err != nil {
 		return fmt.Errorf("mac %q: %v: %w", iface.MAC, err, errdefs.ErrInvalidArgument)
@@ -87,12 +92,21 @@ func setInterface(h *netlink.Handle, ns netns.NsHandle, iface Interface) error {
 			return err
 		}
 		defer root.Close()
-		l, err := linkByMAC(root, mac)
+		ctx, cancel := context.WithTimeout(ctx, nicTimeout)
+		defer cancel()
+		var l netlink.Link
+		for {
+			if l, err = linkByMAC(root, mac); err != nil || l != nil {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("no interface has MAC %s: %w", mac, errdefs.ErrNotFound)
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
 		if err != nil {
 			return err
-		}
-		if l == nil {
-			return fmt.Errorf("no interface has MAC %s: %w", mac, errdefs.ErrNotFound)
 		}
 		if err := root.LinkSetNsFd(l, int(ns)); err != nil {
 			return fmt.Errorf("move into the pod's namespace: %w", err)

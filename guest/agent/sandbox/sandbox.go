@@ -80,7 +80,7 @@ func (s *Sandbox) Create(ctx context.Context, cfg Config) (retErr error) {
 			s.teardown(ctx)
 		}
 	}()
-	if err := setNetwork(s.nsPath("net"), cfg.Ifaces, cfg.Routes); err != nil {
+	if err := setNetwork(ctx, s.nsPath("net"), cfg.Ifaces, cfg.Routes); err != nil {
 		return err
 	}
 	if err := setSysctls(s.nsPath("net"), cfg.Sysctls); err != nil {
@@ -137,7 +137,7 @@ func (s *Sandbox) SetNetwork(ctx context.Context, ifaces []Interface, routes []R
 	if !s.created {
 		return fmt.Errorf("no sandbox: %w", errdefs.ErrFailedPrecondition)
 	}
-	return setNetwork(s.nsPath("net"), ifaces, routes)
+	return setNetwork(ctx, s.nsPath("net"), ifaces, routes)
 }
 
 // SetTime sets the guest's wall clock.

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -91,6 +92,13 @@ func TestCreateNetwork(t *testing.T) {
 		return err
 	}); err != nil || string(fwd) != "1\n" {
 		t.Errorf("ip_forward %q (%v)", fwd, err)
+	}
+
+	// A MAC no NIC has is NotFound (after a bounded wait), and the pod is unchanged.
+	shortCtx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	if err := s.SetNetwork(shortCtx, []Interface{{Name: "eth9", MAC: "02:00:00:00:00:09"}}, nil); !errdefs.IsNotFound(err) {
+		t.Errorf("unknown MAC: %v, want NotFound", err)
 	}
 
 	// New addresses replace the old ones.
