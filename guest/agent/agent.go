@@ -86,7 +86,7 @@ func run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	// ctrl-alt-del (QEMU's system_reset aside) becomes SIGINT for a clean power-off.
+	// ctrl-alt-del becomes a SIGINT to the agent (not a reboot): a clean power-off.
 	_ = unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF)
 	sigc := make(chan os.Signal, 1)
 	signal.Notify(sigc, unix.SIGINT, unix.SIGTERM, unix.SIGPWR)
