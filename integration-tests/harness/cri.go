@@ -241,17 +241,26 @@ func (c *CRI) removeAllPods(t *testing.T) {
 	}
 }
 
+// QEMUs are the pids of this environment's QEMU processes.
+func (c *CRI) QEMUs() []string {
+	var pids []string
+	entries, _ := os.ReadDir("/proc")
+	for _, en := range entries {
+		b, err := os.ReadFile(filepath.Join("/proc", en.Name(), "cmdline"))
+		if err == nil && bytes.Contains(b, []byte("qemu")) && bytes.Contains(b, []byte(c.StateDir)) {
+			pids = append(pids, en.Name())
+		}
+	}
+	return pids
+}
+
 // Leftovers lists what pods that were removed left on the host: QEMU processes,
 // pod VM state directories, network namespaces, veths on the test bridge, mounts
 // and loop devices of this environment.
 func (c *CRI) Leftovers() []string {
 	var left []string
-	entries, _ := os.ReadDir("/proc")
-	for _, en := range entries {
-		b, err := os.ReadFile(filepath.Join("/proc", en.Name(), "cmdline"))
-		if err == nil && bytes.Contains(b, []byte("qemu")) && bytes.Contains(b, []byte(c.StateDir)) {
-			left = append(left, "qemu process "+en.Name())
-		}
+	for _, pid := range c.QEMUs() {
+		left = append(left, "qemu process "+pid)
 	}
 	dirs, _ := os.ReadDir(c.StateDir)
 	for _, d := range dirs {
