@@ -72,7 +72,7 @@ $(GUEST_DIR)/debug/initramfs.cpio.gz: $(BIN_DIR)/caisson-agent $(GUEST_MODULES_D
 
 .PHONY: bench-guest
 bench-guest: guest ## Guest boot benchmark: agent-ready vs a trivial init (ratio), agent RSS, initramfs size
-	$(GO) test -count=1 -run '^$$' -bench GuestBoot -benchtime 5x ./guest/test
+	$(GO) test -count=1 -run '^$$' -bench GuestBoot -benchtime 7x ./guest/test
 
 .PHONY: test-guest
 test-guest: guest ## Guest tests: the agent's packages on the host, then the image booted under QEMU (root)
