@@ -112,7 +112,9 @@ func TestCRIStreamingExecAndAttach(t *testing.T) {
 	defer cancel()
 	pr, pw := io.Pipe()
 	done := make(chan error, 1)
-	go func() { done <- stream(actx, t, aresp.Url, remotecommand.StreamOptions{Stdin: pr, Stdout: out, Stderr: io.Discard}) }()
+	go func() {
+		done <- stream(actx, t, aresp.Url, remotecommand.StreamOptions{Stdin: pr, Stdout: out, Stderr: io.Discard})
+	}()
 	pw.Write([]byte("attached-line\n"))
 	select {
 	case <-out.seen:

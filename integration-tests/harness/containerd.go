@@ -52,6 +52,8 @@ type Options struct {
 	Runtime func(*config.Config)
 	// ContainerdConfig adjusts containerd's configuration (decoded contrib file).
 	ContainerdConfig func(map[string]any)
+	// ContribConfig is the file in contrib/containerd to start from (default config.toml).
+	ContribConfig string
 }
 
 // Start starts containerd and the snapshotter; t.Cleanup stops them and fails
@@ -108,13 +110,21 @@ func Start(t testing.TB, o Options) *Env {
 	waitSocket(t, snapSock, snap)
 
 	// containerd, from the shipped contrib config with this test's paths.
-	cfg := loadContrib(t, filepath.Join(root, "contrib", "containerd", "config.toml"))
+	contrib := "config.toml"
+	if o.ContribConfig != "" {
+		contrib = o.ContribConfig
+	}
+	cfg := loadContrib(t, filepath.Join(root, "contrib", "containerd", contrib))
 	cfg["root"] = ctrRoot
 	cfg["state"] = filepath.Join(dir, "state")
 	cfg["grpc"] = map[string]any{"address": e.Address}
 	cfg["proxy_plugins"].(map[string]any)["caisson"].(map[string]any)["address"] = snapSock
 	// The CRI handler's runtime options name the runtime configuration file.
-	caissonHandler := cfg["plugins"].(map[string]any)["io.containerd.cri.v1.runtime"].(map[string]any)["containerd"].(map[string]any)["runtimes"].(map[string]any)["caisson"].(map[string]any)
+	criRuntime := "io.containerd.cri.v1.runtime"
+	if cfg["version"] == int64(2) {
+		criRuntime = "io.containerd.grpc.v1.cri"
+	}
+	caissonHandler := cfg["plugins"].(map[string]any)[criRuntime].(map[string]any)["containerd"].(map[string]any)["runtimes"].(map[string]any)["caisson"].(map[string]any)
 	caissonHandler["options"].(map[string]any)["ConfigPath"] = e.ConfigPath
 	if !o.CRI {
 		cfg["disabled_plugins"] = []string{"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime", "io.containerd.cri.v1.images",
