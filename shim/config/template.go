@@ -50,7 +50,7 @@ initramfs = {{q .Guest.Initramfs}}
 kernel_params = {{q .Guest.KernelParams}}
 # auto (vsock if the host has vhost-vsock, else serial), vsock or serial.
 transport = {{q .Guest.Transport}}
-# Kernel messages at debug level on the console log.
+# All the guest kernel's messages on the console log (otherwise it boots quiet, which is faster).
 debug_console = {{.Guest.DebugConsole}}
 
 [storage]

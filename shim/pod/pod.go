@@ -45,6 +45,9 @@ type Options struct {
 	// with the veth's MAC, addresses, routes and MTU (see package shim/network).
 	// Empty: the guest has loopback only.
 	NetNS string
+	// DNS and Hosts fill the guest's resolv.conf and /etc/hosts (besides localhost).
+	DNS   *agent.DNS
+	Hosts []*agent.HostEntry
 }
 
 // Pod is a running VM with its agent.
@@ -81,6 +84,13 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 		return nil, fmt.Errorf("guest.transport = vsock is not supported by this shim yet (no vhost-vsock host to test it on): %w", errdefs.ErrNotImplemented)
 	}
 	params := []string{transport.CmdlineKey + "=" + transport.Endpoint{Kind: transport.Serial}.String()}
+	// Every console line costs the boot time under TCG (an emulated UART): print the
+	// kernel's messages only when asked.
+	if cfg.Guest.DebugConsole {
+		params = append(params, "loglevel=7")
+	} else {
+		params = append(params, "quiet")
+	}
 	if cfg.Guest.KernelParams != "" {
 		params = append(params, cfg.Guest.KernelParams)
 	}
@@ -153,6 +163,8 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 		SharePid:   o.SharePID,
 		Interfaces: ifaces,
 		Routes:     routes,
+		Dns:        o.DNS,
+		Hosts:      o.Hosts,
 		Time:       timestamppb.Now(),
 	})
 	if err != nil {
