@@ -39,7 +39,7 @@ func baselineInitramfs(b *testing.B) string {
 // guest powered off.
 func bootBaseline(b *testing.B, kernel, initrd string) time.Duration {
 	b.Helper()
-	vm, err := qemu.New(vmm.Config{Kernel: kernel, Initramfs: initrd, Accelerator: "tcg", StateDir: shortDir(b), MemoryMiB: 512,
+	vm, err := qemu.New(vmm.Config{Kernel: kernel, Initramfs: initrd, Accelerator: "tcg", StateDir: testutil.ShortTempDir(b), MemoryMiB: 512,
 		KernelParams: benchKernelParams}, qemu.Config{})
 	must(b, err)
 	ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)

@@ -40,17 +40,6 @@ type guestVM struct {
 	console    string
 }
 
-// shortDir is a temp dir with a short path: unix socket paths have 107 bytes.
-func shortDir(t testing.TB) string {
-	t.Helper()
-	d, err := os.MkdirTemp("/tmp", "cg")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return d
-}
-
 // testKernelParams are the guest's kernel parameters in tests: debug logs on the
 // console, which the tests print when they fail.
 var testKernelParams = []string{"quiet", "caisson.debug"}
@@ -69,7 +58,7 @@ func bootGuestWith(t testing.TB, disks []vmm.Disk, hotplug int, params []string)
 	testutil.RequireRoot(t)
 	testutil.RequireBinary(t, "qemu-system-x86_64")
 	g := testutil.RequireGuest(t)
-	state := shortDir(t)
+	state := testutil.ShortTempDir(t)
 	cfg := vmm.Config{
 		Kernel: g.Kernel, Initramfs: g.Initramfs, Accelerator: "tcg", StateDir: state,
 		Disks: disks, HotplugSlots: hotplug, MemoryMiB: 512,

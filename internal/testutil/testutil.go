@@ -73,3 +73,15 @@ func RequireGuest(t testing.TB) GuestImage {
 	}
 	return g
 }
+
+// ShortTempDir is a temporary directory, removed after t, whose path is short
+// enough for the unix sockets a VM's state directory holds (at most 107 bytes).
+func ShortTempDir(t testing.TB) string {
+	t.Helper()
+	d, err := os.MkdirTemp("", "cs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}

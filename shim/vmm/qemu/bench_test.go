@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
 
@@ -40,7 +41,7 @@ func BenchmarkBootToInit(b *testing.B) {
 // vmmBoot starts a VM, waits for its init to answer, and stops it.
 func vmmBoot(b *testing.B, g testGuest, slots int) time.Duration {
 	b.Helper()
-	vm, err := New(vmm.Config{Kernel: g.kernel, Initramfs: g.initramfs, Accelerator: "tcg", StateDir: shortDir(b), HotplugSlots: slots}, Config{})
+	vm, err := New(vmm.Config{Kernel: g.kernel, Initramfs: g.initramfs, Accelerator: "tcg", StateDir: testutil.ShortTempDir(b), HotplugSlots: slots}, Config{})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -113,7 +114,7 @@ func BenchmarkIdlePSS(b *testing.B) {
 
 func idlePSS(b *testing.B, g testGuest, q Config) float64 {
 	b.Helper()
-	vm, err := New(vmm.Config{Kernel: g.kernel, Initramfs: g.initramfs, Accelerator: "tcg", MemoryMiB: 512, StateDir: shortDir(b), HotplugSlots: 8}, q)
+	vm, err := New(vmm.Config{Kernel: g.kernel, Initramfs: g.initramfs, Accelerator: "tcg", MemoryMiB: 512, StateDir: testutil.ShortTempDir(b), HotplugSlots: 8}, q)
 	if err != nil {
 		b.Fatal(err)
 	}

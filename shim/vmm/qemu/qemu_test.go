@@ -27,17 +27,6 @@ import (
 // measurement.
 const bootTimeout = 2 * time.Minute
 
-// shortDir is a temp dir with a path short enough for unix sockets, removed after t.
-func shortDir(t testing.TB) string {
-	t.Helper()
-	d, err := os.MkdirTemp("", "vmm")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return d
-}
-
 // startVM starts a TCG VM on the test guest and registers its Stop.
 func startVM(t testing.TB, g testGuest, cfg vmm.Config) *VM {
 	t.Helper()
@@ -45,7 +34,7 @@ func startVM(t testing.TB, g testGuest, cfg vmm.Config) *VM {
 	cfg.Initramfs = g.initramfs
 	cfg.Accelerator = "tcg"
 	if cfg.StateDir == "" {
-		cfg.StateDir = shortDir(t)
+		cfg.StateDir = testutil.ShortTempDir(t)
 	}
 	vm, err := New(cfg, Config{})
 	if err != nil {
@@ -95,7 +84,7 @@ func TestVM(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	stateDir := shortDir(t)
+	stateDir := testutil.ShortTempDir(t)
 	vm := startVM(t, g, vmm.Config{
 		StateDir: stateDir,
 		Disks: []vmm.Disk{
@@ -428,7 +417,7 @@ func checkPMEM(t *testing.T, sh *guestShell, addr vmm.DiskAddress, want string) 
 // TestKilled kills QEMU with SIGKILL: Done closes and Wait says so.
 func TestKilled(t *testing.T) {
 	g := newTestGuest(t)
-	stateDir := shortDir(t)
+	stateDir := testutil.ShortTempDir(t)
 	vm := startVM(t, g, vmm.Config{StateDir: stateDir})
 	pid := vm.Pid()
 	start := time.Now()
@@ -530,7 +519,7 @@ func TestStartErrors(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := tc.cfg
-			cfg.StateDir = shortDir(t)
+			cfg.StateDir = testutil.ShortTempDir(t)
 			cfg.Accelerator = "tcg"
 			vm, err := New(cfg, Config{})
 			if err != nil {
@@ -648,7 +637,7 @@ func TestDetachWaitsForGuest(t *testing.T) {
 // reason; with it, the VM starts.
 func TestVsockNeedsVhost(t *testing.T) {
 	g := newTestGuest(t)
-	dir := shortDir(t)
+	dir := testutil.ShortTempDir(t)
 	vm, err := New(vmm.Config{
 		Kernel: g.kernel, Initramfs: g.initramfs, Accelerator: "tcg", StateDir: dir,
 		Agent: vmm.AgentChannel{Transport: vmm.TransportVsock, CID: 1234},
@@ -697,7 +686,7 @@ func TestShimDeathKillsQEMU(t *testing.T) {
 	g := newTestGuest(t)
 	cmd := exec.Command(os.Args[0], "-test.run=^TestShimDeathKillsQEMU$", "-test.v")
 	cmd.Env = append(os.Environ(),
-		"CAISSON_TEST_SHIM_STATE="+shortDir(t),
+		"CAISSON_TEST_SHIM_STATE="+testutil.ShortTempDir(t),
 		"CAISSON_TEST_SHIM_KERNEL="+g.kernel,
 		"CAISSON_TEST_SHIM_INITRAMFS="+g.initramfs,
 	)
@@ -739,7 +728,7 @@ func TestShimDeathKillsQEMU(t *testing.T) {
 // and removes its files.
 func TestStopCanceledContext(t *testing.T) {
 	g := newTestGuest(t)
-	dir := shortDir(t)
+	dir := testutil.ShortTempDir(t)
 	vm := startVM(t, g, vmm.Config{StateDir: dir})
 	pid := vm.Pid()
 	ctx, cancel := context.WithCancel(context.Background())
