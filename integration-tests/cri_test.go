@@ -28,6 +28,7 @@ func TestCRIPodLifecycle(t *testing.T) {
 
 	podCfg := c.PodConfig("lifecycle", func(p *runtime.PodSandboxConfig) {
 		p.Linux.CgroupParent = harness.CgroupParent(t, "lifecycle")
+		p.DnsConfig = &runtime.DNSConfig{Servers: []string{"10.96.0.10"}, Searches: []string{"svc.cluster.local"}, Options: []string{"ndots:5"}}
 	})
 	pod := c.RunPod(t, podCfg, harness.Handler)
 	st, err := c.Runtime.PodSandboxStatus(ctx, &runtime.PodSandboxStatusRequest{PodSandboxId: pod})
@@ -51,6 +52,11 @@ func TestCRIPodLifecycle(t *testing.T) {
 	}
 	if out, _, _ := c.Exec(t, worker, "hostname"); strings.TrimSpace(out) != "lifecycle" {
 		t.Fatalf("hostname = %q, want the pod's", out)
+	}
+	// The pod's DNS configuration reaches the guest's resolv.conf.
+	if out, _, _ := c.Exec(t, worker, "cat", "/etc/resolv.conf"); !strings.Contains(out, "nameserver 10.96.0.10") ||
+		!strings.Contains(out, "search svc.cluster.local") || !strings.Contains(out, "options ndots:5") {
+		t.Fatalf("/etc/resolv.conf in the pod:\n%s\nwant the pod's DNSConfig", out)
 	}
 	// One VM: a file written in one container's /dev/shm is the pod's shm, seen by the other.
 	if _, errOut, code := c.Exec(t, logger, "sh", "-c", "echo shared > /dev/shm/x"); code != 0 {

@@ -203,6 +203,15 @@ func (p *Pod) connect(ctx context.Context) error {
 	if _, err := p.Sandbox.Check(ctx, &agent.CheckRequest{}); err != nil {
 		return p.bootError(err)
 	}
+	v, err := p.Sandbox.Version(ctx, &agent.VersionRequest{})
+	if err != nil {
+		return fmt.Errorf("agent version: %w", errgrpc.ToNative(err))
+	}
+	if v.GetApiVersion() != agent.APIVersion {
+		return fmt.Errorf("the guest agent (%s) speaks API %q, this shim %q: rebuild the guest image (make guest): %w",
+			v.GetAgentVersion(), v.GetApiVersion(), agent.APIVersion, errdefs.ErrFailedPrecondition)
+	}
+	log.G(ctx).WithField("agent", v.GetAgentVersion()).WithField("kernel", v.GetKernelRelease()).Debug("agent ready")
 	return nil
 }
 

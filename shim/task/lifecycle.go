@@ -66,7 +66,13 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	pd, err := s.ensurePod(ctx, r.ID, pod.Options{ID: podID(r.ID, spec), Hostname: hostname(r.ID, spec), NetNS: netns}, cfg)
+	dns, hosts, err := podNameResolution(spec)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	pd, err := s.ensurePod(ctx, r.ID, pod.Options{
+		ID: podID(r.ID, spec), Hostname: hostname(r.ID, spec), NetNS: netns, DNS: dns, Hosts: hosts,
+	}, cfg)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}

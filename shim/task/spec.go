@@ -3,12 +3,15 @@ package task
 import (
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
 
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/runtime-spec/specs-go"
+
+	agent "github.com/caisson-containers/caisson/api/agent/v1"
 )
 
 // Guest paths the agent's Sandbox.Create provides (api/agent/v1/sandbox.proto).
@@ -142,4 +145,50 @@ func podNetNS(s *specs.Spec) (string, error) {
 			errdefs.ErrInvalidArgument)
 	}
 	return "", nil
+}
+
+// podNameResolution reads the resolv.conf and hosts files the spec bind-mounts from the
+// host (the CRI writes them from the pod's DNSConfig and HostAliases; nerdctl from its
+// network), so that the guest's sandbox files, which replace them, say the same. The
+// guest always has its own localhost entries. Files that are not mounted give nothing.
+func podNameResolution(s *specs.Spec) (*agent.DNS, []*agent.HostEntry, error) {
+	var dns *agent.DNS
+	var hosts []*agent.HostEntry
+	for _, m := range s.Mounts {
+		if !isBind(m) || (m.Destination != "/etc/resolv.conf" && m.Destination != "/etc/hosts") {
+			continue
+		}
+		b, err := os.ReadFile(m.Source)
+		if err != nil {
+			return nil, nil, fmt.Errorf("read the pod's %s: %w", m.Destination, err)
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if i := strings.IndexByte(line, '#'); i >= 0 {
+				line = line[:i]
+			}
+			f := strings.Fields(line)
+			if len(f) < 2 {
+				continue
+			}
+			if m.Destination == "/etc/hosts" {
+				if ip := net.ParseIP(f[0]); ip == nil || ip.IsLoopback() {
+					continue
+				}
+				hosts = append(hosts, &agent.HostEntry{Ip: f[0], Names: f[1:]})
+				continue
+			}
+			if dns == nil {
+				dns = &agent.DNS{}
+			}
+			switch f[0] {
+			case "nameserver":
+				dns.Servers = append(dns.Servers, f[1])
+			case "search":
+				dns.Searches = append(dns.Searches, f[1:]...)
+			case "options":
+				dns.Options = append(dns.Options, f[1:]...)
+			}
+		}
+	}
+	return dns, hosts, nil
 }
