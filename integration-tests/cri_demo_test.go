@@ -1,0 +1,112 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caisson-containers/caisson/integration-tests/harness"
+)
+
+// TestDemo is the quickstart's walkthrough (hack/demo.sh runs it with CAISSON_DEMO=1): a
+// private containerd, a demo image built and served locally, a pod VM started through the
+// CRI with two containers, what the pod sees (the guest kernel, the rootfs devices, the DAX
+// mount), and everything removed. As a test it checks each of those.
+func TestDemo(t *testing.T) {
+	if os.Getenv("CAISSON_DEMO") == "" {
+		t.Skip("the quickstart's walkthrough: hack/demo.sh runs it (CAISSON_DEMO=1)")
+	}
+	began := time.Now()
+	step := func(format string, a ...any) {
+		fmt.Printf("\033[1m>> "+format+"\033[0m\n", a...)
+	}
+	timed := func(what string, f func()) {
+		fmt.Printf("   %s ...", what)
+		start := time.Now()
+		f()
+		fmt.Printf(" %.1f s\n", time.Since(start).Seconds())
+	}
+	show := func(title, out string) {
+		fmt.Printf("   %s\n", title)
+		for _, l := range strings.Split(strings.TrimRight(out, "\n"), "\n") {
+			fmt.Printf("     | %s\n", l)
+		}
+	}
+
+	step("starting a private containerd (its own root, state and socket under a temporary directory), caisson-snapshotter, a CNI bridge and an image registry on 127.0.0.1")
+	var c *harness.CRI
+	timed("starting", func() { c = harness.StartCRI(t, harness.Options{}) })
+	fmt.Printf("   containerd socket %s\n   pod VM state %s\n", c.Address, c.StateDir)
+
+	step("pulling the demo image (busybox, built by the demo and pushed to the local registry) through the CRI into the caisson snapshotter (EROFS layers)")
+	var image string
+	timed("pulling "+c.BusyboxRef, func() { image = c.Pull(t, c.BusyboxRef, harness.Handler) })
+
+	step("RunPodSandbox with runtime handler %q: one VM for the pod, its network from CNI", harness.Handler)
+	podCfg := c.PodConfig("demo", nil)
+	var pod string
+	timed("booting the pod VM (a few seconds under TCG, well under one with KVM)", func() { pod = c.RunPod(t, podCfg, harness.Handler) })
+	ip := c.PodIP(t, pod)
+	fmt.Printf("   pod %.12s, IP %s\n", pod, ip)
+
+	step("two containers in the pod's VM")
+	var web, shell string
+	timed("web (a TCP server on :8080)", func() {
+		web = c.StartContainer(t, pod, podCfg, harness.ContainerConfig("web", image, tcpServer(8080, "hello-from-a-caisson-pod")...))
+	})
+	timed("shell", func() {
+		shell = c.StartContainer(t, pod, podCfg, harness.ContainerConfig("shell", image, "sleep", "100000"))
+	})
+
+	step("what the pod sees")
+	host, _ := exec.Command("uname", "-r").Output()
+	out, _, _ := c.Exec(t, shell, "uname", "-r")
+	show(fmt.Sprintf("kernel: the guest's, not the host's (%s)", strings.TrimSpace(string(host))), out)
+	if strings.TrimSpace(out) != guestRelease {
+		t.Errorf("guest kernel %q, want %s", out, guestRelease)
+	}
+	out, _, _ = c.Exec(t, shell, "sh", "-c", "for d in /sys/block/*; do printf '%s dax=%s size=%s\\n' ${d##*/} $(cat $d/queue/dax) $(cat $d/size); done")
+	show("block devices of the VM: image layers as virtio-pmem (pmemN, DAX) and the writable layer as virtio-blk (vdN)", out)
+	if !strings.Contains(out, "pmem0 dax=1") || !strings.Contains(out, "vda") {
+		t.Errorf("want a DAX pmem0 and a vda:\n%s", out)
+	}
+	out, _, _ = c.Exec(t, shell, "sh", "-c", "grep ' / / ' /proc/self/mountinfo | tr ',' '\\n'")
+	show("the container's root: an overlay of the image's EROFS layers (the agent mounts /dev/pmemN with dax=always) under the ext4 writable disk's upper dir", out)
+	qemus := c.QEMUs()
+	if len(qemus) != 1 {
+		t.Fatalf("%d QEMU processes for one pod", len(qemus))
+	}
+	maps, _ := os.ReadFile("/proc/" + qemus[0] + "/maps")
+	var dax []string
+	for _, l := range strings.Split(string(maps), "\n") {
+		if strings.HasSuffix(l, "layer.erofs") {
+			f := strings.Fields(l)
+			dax = append(dax, f[0]+" "+f[1]+" "+f[len(f)-1])
+		}
+	}
+	show(fmt.Sprintf("DAX on the host: QEMU (pid %s) maps the layer files themselves into guest memory, so the guest reads the host's page cache without a copy", qemus[0]), strings.Join(dax, "\n"))
+	if len(dax) == 0 {
+		t.Errorf("QEMU maps no layer.erofs file")
+	}
+	out, _, _ = c.Exec(t, shell, "sh", "-c", fmt.Sprintf("nc %s 8080 </dev/null", ip))
+	show("shell -> web over the pod network", out)
+	got, err := dialLine(ip + ":8080")
+	show("host -> web at the pod IP", got)
+	if err != nil || got != "hello-from-a-caisson-pod" {
+		t.Errorf("host to pod: %q, %v", got, err)
+	}
+
+	step("removing the pod")
+	timed("StopPodSandbox + RemovePodSandbox", func() { c.RemovePod(t, pod) })
+	if left := c.Leftovers(); len(left) > 0 {
+		t.Fatalf("left behind:\n  %s", strings.Join(left, "\n  "))
+	}
+	fmt.Println("   no QEMU, network namespace, veth, mount or pod state left")
+	_ = web
+	t.Cleanup(func() {
+		step("stopped containerd and the snapshotter, removed their directories (%.0f s in all)", time.Since(began).Seconds())
+	})
+}
