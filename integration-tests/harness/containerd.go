@@ -235,10 +235,30 @@ func waitSocket(t testing.TB, path string, d *daemon) {
 	t.Fatalf("%s did not create %s within a minute", d.name, path)
 }
 
+// leftoverGrace is how long a shim that is still shutting down (containerd asks
+// it to after the last delete, and it stops its VM gracefully) may take before
+// what it holds counts as left behind.
+const leftoverGrace = 20 * time.Second
+
 // checkLeftovers fails the test if a QEMU process, a mount or a loop device that
 // belongs to this environment survived it.
 func checkLeftovers(t testing.TB, dirs ...string) {
 	t.Helper()
+	deadline := time.Now().Add(leftoverGrace)
+	for {
+		left := leftovers(dirs...)
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("left behind:\n  %s", strings.Join(left, "\n  "))
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func leftovers(dirs ...string) []string {
 	var left []string
 	entries, _ := os.ReadDir("/proc")
 	for _, en := range entries {
@@ -268,9 +288,7 @@ func checkLeftovers(t testing.TB, dirs ...string) {
 			}
 		}
 	}
-	if len(left) > 0 {
-		t.Errorf("left behind:\n  %s", strings.Join(left, "\n  "))
-	}
+	return left
 }
 
 func tail(b []byte, n int) string {
