@@ -41,7 +41,7 @@ type CRI struct {
 // StartCRI starts the registry, the CNI network and containerd with its CRI plugin.
 // Cleanup removes every pod still there (so a failing test leaves nothing) before the
 // environment's own leftover checks.
-func StartCRI(t *testing.T, o Options) *CRI {
+func StartCRI(t testing.TB, o Options) *CRI {
 	t.Helper()
 	reg := StartRegistry(t)
 	c := &CRI{Registry: reg}
@@ -227,7 +227,7 @@ func (c *CRI) RemovePod(t testing.TB, pod string) {
 	}
 }
 
-func (c *CRI) removeAllPods(t *testing.T) {
+func (c *CRI) removeAllPods(t testing.TB) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	resp, err := c.Runtime.ListPodSandbox(ctx, &runtime.ListPodSandboxRequest{})

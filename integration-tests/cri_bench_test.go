@@ -1,0 +1,128 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"testing"
+	"time"
+
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/caisson-containers/caisson/guest/initramfs"
+	"github.com/caisson-containers/caisson/integration-tests/harness"
+	"github.com/caisson-containers/caisson/internal/testutil"
+	"github.com/caisson-containers/caisson/shim/vmm"
+	"github.com/caisson-containers/caisson/shim/vmm/qemu"
+)
+
+func medianOf(ds []time.Duration) time.Duration {
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[len(s)/2]
+}
+
+// podStart runs a pod with the handler and one app container, and returns the time from
+// RunPodSandbox until the app container is Running (as the kubelet sees it). The pod is
+// removed afterwards, untimed.
+func podStart(b *testing.B, c *harness.CRI, handler, image string, i int) time.Duration {
+	b.Helper()
+	ctx := c.Ctx(b)
+	cfg := c.PodConfig(fmt.Sprintf("bench-%s-%d", handler, i), nil)
+	if err := os.MkdirAll(cfg.LogDirectory, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	start := time.Now()
+	resp, err := c.Runtime.RunPodSandbox(ctx, &runtime.RunPodSandboxRequest{Config: cfg, RuntimeHandler: handler})
+	if err != nil {
+		b.Fatalf("RunPodSandbox (%s): %v", handler, err)
+	}
+	id, err := c.CreateContainer(ctx, resp.PodSandboxId, cfg, harness.ContainerConfig("app", image, "sleep", "100000"))
+	if err != nil {
+		b.Fatalf("CreateContainer (%s): %v", handler, err)
+	}
+	if _, err := c.Runtime.StartContainer(ctx, &runtime.StartContainerRequest{ContainerId: id}); err != nil {
+		b.Fatalf("StartContainer (%s): %v", handler, err)
+	}
+	st, err := c.Runtime.ContainerStatus(ctx, &runtime.ContainerStatusRequest{ContainerId: id})
+	took := time.Since(start)
+	if err != nil || st.Status.State != runtime.ContainerState_CONTAINER_RUNNING {
+		b.Fatalf("app container (%s) after StartContainer: %v %v", handler, st.GetStatus(), err)
+	}
+	c.RemovePod(b, resp.PodSandboxId)
+	return took
+}
+
+// bareBoot boots the same kernel, with the pod VM's memory, CPUs and accelerator, into a
+// busybox initramfs whose /init powers off at once, and returns QEMU start → exit.
+func bareBoot(b *testing.B, c *harness.CRI, initrd string) time.Duration {
+	b.Helper()
+	h := c.Config.Hypervisor
+	vm, err := qemu.New(vmm.Config{Kernel: c.Config.Guest.Kernel, Initramfs: initrd, Accelerator: h.Accelerator,
+		VCPUs: h.VCPUs, MemoryMiB: h.MemoryMiB, StateDir: testutil.ShortTempDir(b), KernelParams: []string{"quiet"}},
+		// The shim's accelerator probe cache: the probe is not part of a boot.
+		qemu.Config{Path: h.Path, TCGTranslationCacheMiB: h.TCGTranslationCacheMiB, AccelCacheDir: filepath.Join(c.Config.StateDir, "probes")})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	start := time.Now()
+	if err := vm.Start(ctx); err != nil {
+		b.Fatal(err)
+	}
+	defer vm.Stop(context.Background())
+	select {
+	case <-vm.Done():
+	case <-ctx.Done():
+		b.Fatal("the bare guest did not power off")
+	}
+	return time.Since(start)
+}
+
+// BenchmarkCRIPodStart (make bench-cri) reports, as medians over b.N rounds, each round
+// one pod of each kind in turn on the same containerd:
+//   - caisson-s, runc-s: RunPodSandbox → the first app container Running, with the caisson
+//     handler and with runc (CNI networking in both), and their ratio;
+//   - bare-boot-s: a bare boot of the same kernel (QEMU start → a trivial /init powered
+//     the VM off), and caisson-vs-bare, the pod start over it (target ≤ 1.5).
+func BenchmarkCRIPodStart(b *testing.B) {
+	c := harness.StartCRI(b, harness.Options{})
+	imgCaisson := c.Pull(b, c.BusyboxRef, harness.Handler)
+	imgRunc := c.Pull(b, c.BusyboxRef, harness.RuncHandler)
+
+	a := initramfs.NewArchive()
+	if err := a.CopyFile("bin/busybox", 0o755, testutil.RequireBinary(b, "busybox")); err != nil {
+		b.Fatal(err)
+	}
+	if err := a.File("init", 0o755, []byte("#!/bin/busybox sh\n/bin/busybox poweroff -f\n")); err != nil {
+		b.Fatal(err)
+	}
+	initrd := filepath.Join(b.TempDir(), "bare.cpio.gz")
+	f, err := os.Create(initrd)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := a.WriteTo(f); err != nil {
+		b.Fatal(err)
+	}
+	f.Close()
+
+	var ours, runc, bare []time.Duration
+	for i := 0; i < b.N; i++ {
+		runc = append(runc, podStart(b, c, harness.RuncHandler, imgRunc, i))
+		ours = append(ours, podStart(b, c, harness.Handler, imgCaisson, i))
+		bare = append(bare, bareBoot(b, c, initrd))
+	}
+	mo, mr, mb := medianOf(ours), medianOf(runc), medianOf(bare)
+	b.ReportMetric(mo.Seconds(), "caisson-s")
+	b.ReportMetric(mr.Seconds(), "runc-s")
+	b.ReportMetric(float64(mo)/float64(mr), "caisson-vs-runc")
+	b.ReportMetric(mb.Seconds(), "bare-boot-s")
+	b.ReportMetric(float64(mo)/float64(mb), "caisson-vs-bare")
+	b.ReportMetric(0, "ns/op")
+	fmt.Printf("CRI pod start (RunPodSandbox → first app container Running), median of %d: caisson %.2f s, runc %.2f s (%.1f×); bare guest boot %.2f s, caisson pod start %.2f× of it (target ≤ 1.5×)\n",
+		b.N, mo.Seconds(), mr.Seconds(), float64(mo)/float64(mr), mb.Seconds(), float64(mo)/float64(mb))
+}
