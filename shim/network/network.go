@@ -99,7 +99,9 @@ func Setup(path string) (_ *Network, retErr error) {
 				}
 				gr := Route{Device: l.Attrs().Name}
 				if r.Dst != nil {
-					gr.Destination = r.Dst.String()
+					if ones, _ := r.Dst.Mask.Size(); ones > 0 || !r.Dst.IP.IsUnspecified() {
+						gr.Destination = r.Dst.String() // else the default route ("")
+					}
 				}
 				if r.Gw != nil {
 					gr.Gateway = r.Gw.String()
