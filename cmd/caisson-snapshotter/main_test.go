@@ -193,7 +193,7 @@ func TestBadConfig(t *testing.T) {
 	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
 		t.Fatalf("exit: %v, want status 1", err)
 	}
-	if !strings.Contains(string(out), "unknown config keys layer_fs") {
+	if !strings.Contains(string(out), `unknown configuration key "layer_fs"`) {
 		t.Fatalf("output %q does not name the unknown key", out)
 	}
 	if _, err := os.Stat(sock); !errors.Is(err, os.ErrNotExist) {

@@ -62,7 +62,8 @@ type Plan struct {
 // was not tested with, nor host paths.
 var OverlayOptions = []string{"index=", "redirect_dir=", "metacopy=", "volatile", "userxattr", "ro"}
 
-func overlayOptionAllowed(o string) bool {
+// OverlayOptionAllowed reports whether an overlay option may reach the guest.
+func OverlayOptionAllowed(o string) bool {
 	for _, a := range OverlayOptions {
 		if o == a || (strings.HasSuffix(a, "=") && strings.HasPrefix(o, a)) {
 			return true
@@ -222,7 +223,7 @@ func (p *Plan) parseOverlay(m mount.Mount) error {
 			}
 			mkdirs = append(mkdirs, r)
 		default:
-			if !overlayOptionAllowed(o) {
+			if !OverlayOptionAllowed(o) {
 				return invalid("overlay option %q is not allowed (allowed: %s)", o, strings.Join(OverlayOptions, " "))
 			}
 			p.Options = append(p.Options, o)

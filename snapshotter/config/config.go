@@ -4,8 +4,6 @@
 package config
 
 import (
-	"bytes"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -13,7 +11,9 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/docker/go-units"
-	"github.com/pelletier/go-toml/v2"
+
+	"github.com/caisson-containers/caisson/internal/tomlconfig"
+	"github.com/caisson-containers/caisson/shim/rootfs"
 )
 
 // Layer filesystems a committed layer can be built as.
@@ -102,25 +102,11 @@ func Load(path string) (Config, error) {
 // Decode parses TOML over the defaults. Unknown keys are an error naming them.
 func Decode(data []byte) (Config, error) {
 	c := Default()
-	dec := toml.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&c); err != nil {
-		var sme *toml.StrictMissingError
-		if errors.As(err, &sme) {
-			var keys []string
-			for _, e := range sme.Errors {
-				keys = append(keys, strings.Join(e.Key(), "."))
-			}
-			return Config{}, fmt.Errorf("unknown config keys %s: %w", strings.Join(keys, ", "), errdefs.ErrInvalidArgument)
-		}
-		return Config{}, fmt.Errorf("decode snapshotter config: %v: %w", err, errdefs.ErrInvalidArgument)
+	if err := tomlconfig.DecodeStrict(data, &c); err != nil {
+		return Config{}, fmt.Errorf("snapshotter config: %w", err)
 	}
 	return c, nil
 }
-
-// allowedOverlayOptions mirrors the shim's allow-list (docs/mounts.md): an option
-// the shim would reject is refused here, at start, rather than at the first pod.
-var allowedOverlayOptions = []string{"index=", "redirect_dir=", "metacopy=", "volatile", "userxattr"}
 
 // Resolve validates c, fills in defaults for empty fields and converts sizes.
 func (c Config) Resolve() (Resolved, error) {
@@ -172,22 +158,12 @@ func (c Config) Resolve() (Resolved, error) {
 	r.DAXAlignment = align
 
 	for _, o := range c.OverlayOptions {
-		if !overlayOptionAllowed(o) {
-			return Resolved{}, fmt.Errorf("overlay_options: %q is not one of %s: %w", o, strings.Join(allowedOverlayOptions, ", "), errdefs.ErrInvalidArgument)
+		// The shim refuses an option outside its allow-list (docs/mounts.md): refuse it
+		// here, at start, rather than at the first pod. "ro" is the snapshotter's own.
+		if !rootfs.OverlayOptionAllowed(o) || o == "ro" {
+			return Resolved{}, fmt.Errorf("overlay_options: %q is not one of %s: %w", o, strings.Join(rootfs.OverlayOptions, ", "), errdefs.ErrInvalidArgument)
 		}
 	}
 	return r, nil
 }
 
-func overlayOptionAllowed(o string) bool {
-	for _, a := range allowedOverlayOptions {
-		if strings.HasSuffix(a, "=") {
-			if strings.HasPrefix(o, a) && len(o) > len(a) {
-				return true
-			}
-		} else if o == a {
-			return true
-		}
-	}
-	return false
-}
