@@ -166,4 +166,3 @@ func (c Config) Resolve() (Resolved, error) {
 	}
 	return r, nil
 }
-
