@@ -5,16 +5,25 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/url"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/portforward"
+	"k8s.io/client-go/transport/spdy"
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
 	"github.com/caisson-containers/caisson/integration-tests/harness"
 )
 
-// tcpServer is a container command serving one line per connection on port.
+// tcpServer is a container command serving one line per connection on port (-ll: nc
+// keeps listening, and forks echo for each connection).
 func tcpServer(port int, line string) []string {
-	return []string{"sh", "-c", fmt.Sprintf("while true; do nc -l -p %d -e echo %s; done", port, line)}
+	return []string{"nc", "-ll", "-p", strconv.Itoa(port), "-e", "echo", line}
 }
 
 // dialLine connects to addr and returns the first line it sends.
@@ -123,5 +132,58 @@ func TestCRIPodNetworking(t *testing.T) {
 	}
 	if _, err := net.DialTimeout("tcp", net.JoinHostPort(aIP, "8080"), 2*time.Second); err == nil {
 		t.Fatal("pod a's server still answers after its removal")
+	}
+}
+
+// TestCRIPortForward: the kubelet's PortForward (kubectl port-forward) reaches a TCP
+// server in the pod's guest: containerd dials localhost in the pod's network namespace,
+// which the shim routes to the guest.
+func TestCRIPortForward(t *testing.T) {
+	c := harness.StartCRI(t, harness.Options{})
+	image := c.Pull(t, c.BusyboxRef, harness.Handler)
+	podCfg := c.PodConfig("portforward", nil)
+	pod := c.RunPod(t, podCfg, harness.Handler)
+	c.StartContainer(t, pod, podCfg, harness.ContainerConfig("server", image, tcpServer(8080, "pong-forwarded")...))
+	// The server listens once the host reaches it at the pod IP.
+	if got, err := dialLine(net.JoinHostPort(c.PodIP(t, pod), "8080")); err != nil || got != "pong-forwarded" {
+		t.Fatalf("host to pod: %q, %v", got, err)
+	}
+	resp, err := c.Runtime.PortForward(c.Ctx(t), &runtime.PortForwardRequest{PodSandboxId: pod, Port: []int32{8080}})
+	if err != nil {
+		t.Fatalf("PortForward: %v", err)
+	}
+	u, err := url.Parse(resp.Url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt, upgrader, err := spdy.RoundTripperFor(&rest.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dialer := spdy.NewDialer(upgrader, &http.Client{Transport: rt}, "POST", u)
+	stop, ready := make(chan struct{}), make(chan struct{})
+	fw, err := portforward.NewOnAddresses(dialer, []string{"127.0.0.1"}, []string{"0:8080"}, stop, ready, io.Discard, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- fw.ForwardPorts() }()
+	defer func() { close(stop); <-done }()
+	select {
+	case <-ready:
+	case err := <-done:
+		t.Fatalf("port-forward ended: %v", err)
+	}
+	ports, err := fw.GetPorts()
+	if err != nil || len(ports) != 1 {
+		t.Fatalf("forwarded ports %v, %v", ports, err)
+	}
+	got, err := dialLine(fmt.Sprintf("127.0.0.1:%d", ports[0].Local))
+	if err != nil || got != "pong-forwarded" {
+		t.Fatalf("through port-forward: %q, %v; want pong-forwarded", got, err)
+	}
+	c.RemovePod(t, pod)
+	if left := c.Leftovers(); len(left) > 0 {
+		t.Fatalf("after RemovePodSandbox:\n  %s", strings.Join(left, "\n  "))
 	}
 }

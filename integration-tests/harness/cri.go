@@ -255,9 +255,21 @@ func (c *CRI) QEMUs() []string {
 }
 
 // Leftovers lists what pods that were removed left on the host: QEMU processes,
-// pod VM state directories, network namespaces, veths on the test bridge, mounts
-// and loop devices of this environment.
+// pod VM state directories, network namespaces, veths on the test bridge and mounts
+// of this environment. A shim still stopping its VM (containerd asks it to shut down
+// after RemovePodSandbox returns) has leftoverGrace to finish.
 func (c *CRI) Leftovers() []string {
+	deadline := time.Now().Add(leftoverGrace)
+	for {
+		left := c.leftovers()
+		if len(left) == 0 || time.Now().After(deadline) {
+			return left
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func (c *CRI) leftovers() []string {
 	var left []string
 	for _, pid := range c.QEMUs() {
 		left = append(left, "qemu process "+pid)
@@ -268,7 +280,7 @@ func (c *CRI) Leftovers() []string {
 			left = append(left, "pod state dir "+filepath.Join(c.StateDir, d.Name()))
 		}
 	}
-	ns, _ := os.ReadDir(filepath.Join(c.Dir, "state", "netns"))
+	ns, _ := os.ReadDir(filepath.Join(c.Dir, "state", "io.containerd.grpc.v1.cri", "netns"))
 	for _, n := range ns {
 		left = append(left, "network namespace "+n.Name())
 	}

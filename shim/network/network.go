@@ -9,12 +9,17 @@
 // guest NIC gets the veth's MAC, so neighbours on the bridge see the same station, and
 // the agent gives it the veth's addresses, routes and MTU (Interfaces, Routes).
 //
+// For the CRI's port-forward, which dials localhost inside the namespace, the first veth's
+// addresses move to the guest only, and TCP to 127.0.0.1 is sent to the pod IP through
+// the tap (portforward.go).
+//
 // The tap is not persistent: it lives while its file descriptor is open, which QEMU
 // holds, so it vanishes with QEMU even if the shim is killed. Close removes the filters
 // and qdiscs and closes the shim's descriptor.
 package network
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -45,6 +50,17 @@ type Interface struct {
 	TapName string
 
 	vethIndex, tapIndex int
+	// forwardIP is the pod IP localhost connections in the namespace are sent to.
+	forwardIP net.IP
+}
+
+func firstIPv4(cidrs []string) net.IP {
+	for _, c := range cidrs {
+		if ip, _, err := net.ParseCIDR(c); err == nil && ip.To4() != nil {
+			return ip.To4()
+		}
+	}
+	return nil
 }
 
 // Route is a route of the pod namespace, for the guest.
@@ -81,11 +97,7 @@ func Setup(path string) (_ *Network, retErr error) {
 			if l.Type() != "veth" {
 				continue
 			}
-			iface, err := connect(h, l, len(n.Interfaces))
-			if err != nil {
-				return fmt.Errorf("connect %s to a tap: %w", l.Attrs().Name, err)
-			}
-			n.Interfaces = append(n.Interfaces, iface)
+			// Routes first: connect moves the addresses off the veth, and routes with them.
 			routes, err := h.RouteList(l, netlink.FAMILY_ALL)
 			if err != nil {
 				return fmt.Errorf("routes of %s: %w", l.Attrs().Name, err)
@@ -111,11 +123,26 @@ func Setup(path string) (_ *Network, retErr error) {
 				}
 				n.Routes = append(n.Routes, gr)
 			}
+			iface, err := connect(h, l, len(n.Interfaces))
+			if err != nil {
+				return fmt.Errorf("connect %s to a tap: %w", l.Attrs().Name, err)
+			}
+			n.Interfaces = append(n.Interfaces, iface)
+			if iface.forwardIP != nil {
+				n.Routes = append(n.Routes, Route{Destination: LocalAddress + "/32", Device: iface.Name})
+			}
 		}
 		return nil
 	})
 	if err != nil {
 		return nil, err
+	}
+	for _, i := range n.Interfaces {
+		if i.forwardIP != nil {
+			if err := natLocalhost(context.Background(), path, i.forwardIP, i.TapName); err != nil {
+				return nil, fmt.Errorf("port-forward path: %w", err)
+			}
+		}
 	}
 	return n, nil
 }
@@ -173,6 +200,16 @@ func connect(h *netlink.Handle, l netlink.Link, idx int) (_ Interface, retErr er
 		unredirect(h, a.Index)
 		return iface, fmt.Errorf("redirect %s to %s: %w", tap.Name, a.Name, err)
 	}
+	if idx == 0 {
+		if ip := firstIPv4(iface.Addresses); ip != nil {
+			if err := enableLocalForward(h, l, tl, ip); err != nil {
+				unredirect(h, a.Index)
+				unredirect(h, iface.tapIndex)
+				return iface, fmt.Errorf("port-forward path: %w", err)
+			}
+			iface.forwardIP = ip
+		}
+	}
 	return iface, nil
 }
 
@@ -185,7 +222,7 @@ func redirect(h *netlink.Handle, from, to int) error {
 		return fmt.Errorf("ingress qdisc: %w", err)
 	}
 	f := &netlink.U32{
-		FilterAttrs: netlink.FilterAttrs{LinkIndex: from, Parent: ingressHandle, Priority: 1, Protocol: unix.ETH_P_ALL},
+		FilterAttrs: netlink.FilterAttrs{LinkIndex: from, Parent: ingressHandle, Priority: 3, Protocol: unix.ETH_P_ALL},
 		Actions: []netlink.Action{&netlink.MirredAction{
 			ActionAttrs:  netlink.ActionAttrs{Action: netlink.TC_ACT_STOLEN},
 			MirredAction: netlink.TCA_EGRESS_REDIR,

@@ -96,8 +96,9 @@ func TestSetupConnectsVethAndTap(t *testing.T) {
 	if i.Name != "eth0" || i.MAC.String() != mac.String() || i.MTU != 1400 || len(i.Addresses) != 1 || i.Addresses[0] != "10.250.7.2/24" {
 		t.Fatalf("interface %+v, want eth0 %s mtu 1400 10.250.7.2/24", i, mac)
 	}
-	if len(n.Routes) != 1 || n.Routes[0].Destination != "" || n.Routes[0].Gateway != "10.250.7.1" || n.Routes[0].Device != "eth0" {
-		t.Fatalf("routes %+v, want the default via 10.250.7.1 dev eth0", n.Routes)
+	if len(n.Routes) != 2 || n.Routes[0].Destination != "" || n.Routes[0].Gateway != "10.250.7.1" || n.Routes[0].Device != "eth0" ||
+		n.Routes[1].Destination != LocalAddress+"/32" || n.Routes[1].Device != "eth0" {
+		t.Fatalf("routes %+v, want the default via 10.250.7.1 dev eth0 and %s on-link", n.Routes, LocalAddress)
 	}
 
 	// A broadcast frame from the "guest" (written to the tap) reaches the host peer.
