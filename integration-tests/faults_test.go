@@ -64,11 +64,23 @@ func TestShimKilled(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitNoQEMU(t, e)
-	entries, _ := os.ReadDir(e.StateDir)
-	for _, en := range entries {
-		if en.Name() != "probes" {
-			t.Errorf("pod state left in %s: %s", e.StateDir, en.Name())
+	// containerd cleans up after a dead shim asynchronously (it runs `shim delete`).
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		var left []string
+		entries, _ := os.ReadDir(e.StateDir)
+		for _, en := range entries {
+			if en.Name() != "probes" {
+				left = append(left, en.Name())
+			}
 		}
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pod state left in %s: %v", e.StateDir, left)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 
