@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"runtime"
 
 	"github.com/opencontainers/runc/libcontainer"
 	_ "github.com/opencontainers/runc/libcontainer/nsenter"
@@ -20,6 +21,12 @@ func init() {
 	if len(os.Args) > 1 && os.Args[1] == "init" {
 		libcontainer.Init()
 	}
+	// The agent moves threads into the pod's namespaces (locked, and discarded after).
+	// A thread the runtime cannot discard is the main one, and /proc/self/ns/* names
+	// its namespaces: were the main thread to enter the pod's network namespace,
+	// libcontainer would take that namespace for the host's and refuse the pod's net.*
+	// sysctls. Keeping the main goroutine on the main thread keeps others off it.
+	runtime.LockOSThread()
 }
 
 func main() {

@@ -12,5 +12,12 @@ import (
 )
 
 func main() {
-	shim.RunShim(context.Background(), manager.New("io.containerd.caisson.v2"))
+	shim.RunShim(context.Background(), manager.New("io.containerd.caisson.v2"), func(c *shim.Config) {
+		// The shim waits for each child it starts (QEMU, mkfs, logging binaries) through
+		// os/exec. containerd's implicit reaper would wait4(-1) on SIGCHLD and steal
+		// those exit statuses ("waitid: no child processes"); and as a subreaper the shim
+		// would inherit orphans nobody waits for. Orphans go to init instead.
+		c.NoReaper = true
+		c.NoSubreaper = true
+	})
 }
