@@ -46,10 +46,12 @@ func (c Config) Agent() *agent.Stdio {
 
 // IO is a process's running bridge.
 type IO struct {
-	stdin     net.Conn
-	stdinSrc  io.Closer
-	closeOnce sync.Once
-	output    sync.WaitGroup
+	stdin    net.Conn
+	stdinSrc io.Closer
+	// stdinCopied is closed when the copy from containerd's stdin reached its end.
+	stdinCopied chan struct{}
+	closeOnce   sync.Once
+	output      sync.WaitGroup
 	// outputDone is closed when all output was copied and containerd's side of
 	// it closed, so that its readers see EOF (as with containerd's runc shim).
 	outputDone chan struct{}
@@ -118,9 +120,10 @@ func Attach(ctx context.Context, s transport.Session, containerID, execID string
 		if err != nil {
 			return nil, err
 		}
-		b.stdin, b.stdinSrc = conn, src
+		b.stdin, b.stdinSrc, b.stdinCopied = conn, src, make(chan struct{})
 		go func() {
 			io.Copy(conn, src)
+			close(b.stdinCopied)
 			b.CloseStdin()
 		}()
 	}
@@ -190,7 +193,23 @@ func (b *IO) openFifo(ctx context.Context, path string) (io.Writer, error) {
 	return w, nil
 }
 
-// CloseStdin closes the process's stdin: the agent sees the connection's end.
+// HasStdin reports whether the process's stdin is bridged.
+func (b *IO) HasStdin() bool { return b.stdin != nil }
+
+// FinishStdin is containerd's CloseIO: containerd has closed its end of the
+// stdin FIFO, so the copy reaches EOF after every byte written before; wait for
+// that (bounded by ctx), then close the process's stdin.
+func (b *IO) FinishStdin(ctx context.Context) {
+	if b.stdinCopied != nil {
+		select {
+		case <-b.stdinCopied:
+		case <-ctx.Done():
+		}
+	}
+	b.CloseStdin()
+}
+
+// CloseStdin closes the process's stdin now: the agent sees the connection's end.
 func (b *IO) CloseStdin() {
 	b.closeOnce.Do(func() {
 		if b.stdin != nil {

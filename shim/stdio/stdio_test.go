@@ -82,10 +82,12 @@ func TestFifos(t *testing.T) {
 	if got := c.Agent(); !got.GetStdin() || !got.GetStdout() || !got.GetStderr() || got.GetTerminal() {
 		t.Fatalf("Agent() = %v", got)
 	}
-	io.WriteString(w, "typed input")
-	w.Close() // stdin EOF reaches the process
-	if got := <-stdinGot; got != "typed input" {
-		t.Fatalf("agent read stdin %q", got)
+	io.WriteString(w, strings.Repeat("typed input ", 10000))
+	w.Close()
+	// containerd's CloseIO comes right after it closed its end: nothing written before is lost.
+	b.FinishStdin(ctx)
+	if got := <-stdinGot; got != strings.Repeat("typed input ", 10000) {
+		t.Fatalf("agent read %d bytes of stdin, want %d", len(got), 12*10000)
 	}
 	for i, want := range []string{"to stdout of c1/e1\n", "to stderr\n"} {
 		got, err := io.ReadAll(readers[i]) // EOF: the shim closes its side once copied

@@ -3,6 +3,7 @@ package task
 import (
 	"context"
 	"os"
+	"time"
 
 	eventstypes "github.com/containerd/containerd/api/events"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
@@ -81,6 +82,9 @@ func (s *service) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) (*
 	return empty, nil
 }
 
+// stdinDrainTimeout bounds how long CloseIO waits for stdin written before it to pass.
+const stdinDrainTimeout = 5 * time.Second
+
 func (s *service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*ptypes.Empty, error) {
 	_, p, err := s.process(r.ID, r.ExecID)
 	if err != nil {
@@ -92,8 +96,13 @@ func (s *service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*ptyp
 	p.mu.Lock()
 	io := p.io
 	p.mu.Unlock()
-	if io != nil {
-		io.CloseStdin()
+	if io != nil && io.HasStdin() {
+		// The agent closes the process's stdin after the last byte of the connection;
+		// closing it by RPC as well could cut off bytes still in flight.
+		fctx, cancel := context.WithTimeout(ctx, stdinDrainTimeout)
+		io.FinishStdin(fctx)
+		cancel()
+		return empty, nil
 	}
 	if pd := s.currentPod(); pd != nil {
 		if _, err := pd.IO.CloseStdin(ctx, &agent.CloseStdinRequest{ContainerId: r.ID, ExecId: r.ExecID}); err != nil {
