@@ -24,6 +24,7 @@ import (
 	"github.com/containerd/log"
 
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/pod"
 	"github.com/caisson-containers/caisson/version"
 )
 
@@ -197,7 +198,7 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 			}
 		}
 	}
-	stateDir := filepath.Join(cfg.StateDir, ns+"-"+group)
+	stateDir := pod.StateDir(cfg.StateDir, ns, group)
 	if _, err := os.Stat(stateDir); err != nil {
 		return status, nil
 	}

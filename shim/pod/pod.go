@@ -5,6 +5,7 @@ package pod
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"os"
@@ -263,4 +264,16 @@ func (p *Pod) Stop(ctx context.Context) error {
 		err = errors.Join(err, rerr)
 	}
 	return err
+}
+
+// StateDir is where the pod id of namespace ns keeps its VM's state under
+// root. Unix socket paths are limited to 107 bytes and CRI ids are 64
+// characters, so a long id is shortened, keeping a hash of all of it.
+func StateDir(root, ns, id string) string {
+	name := ns + "-" + id
+	if len(name) > 32 {
+		h := sha256.Sum256([]byte(ns + "/" + id))
+		name = fmt.Sprintf("%.12s-%.12s-%x", ns, id, h[:6])
+	}
+	return filepath.Join(root, name)
 }

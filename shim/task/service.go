@@ -11,7 +11,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"sync"
 	"time"
@@ -109,7 +108,7 @@ func (s *service) ensurePod(ctx context.Context, id string, o pod.Options, cfg c
 		return s.pod, nil
 	}
 	ns, _ := namespaces.Namespace(ctx)
-	o.StateDir = filepath.Join(cfg.StateDir, ns+"-"+o.ID)
+	o.StateDir = pod.StateDir(cfg.StateDir, ns, o.ID)
 	log.G(ctx).WithField("pod", o.ID).Info("starting pod VM")
 	start := time.Now()
 	p, err := pod.Start(ctx, cfg, o)
