@@ -122,7 +122,7 @@ func BenchmarkPodIdleMemory(b *testing.B) {
 		b.Fatal(err)
 	}
 	time.Sleep(5 * time.Second) // let the guest settle
-	qemu := qemuPids(e)
+	qemu := e.QEMUs()
 	if len(qemu) != 1 {
 		b.Fatalf("QEMU processes: %v", qemu)
 	}

@@ -49,7 +49,7 @@ func TestShimKilled(t *testing.T) {
 	c := newContainer(t, e, image, "orphan", oci.WithProcessArgs("sleep", "100000"))
 	var o outputs
 	task, exit := startTask(t, ctx, c, &o)
-	if len(qemuPids(e)) != 1 {
+	if len(e.QEMUs()) != 1 {
 		t.Fatal("no VM")
 	}
 	syscall.Kill(shimPid(t, "orphan"), syscall.SIGKILL)

@@ -241,24 +241,12 @@ func waitNoQEMU(t *testing.T, e *harness.Env) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for time.Now().Before(deadline) {
-		if len(qemuPids(e)) == 0 {
+		if len(e.QEMUs()) == 0 {
 			return
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	t.Fatalf("QEMU still running: %v", qemuPids(e))
-}
-
-func qemuPids(e *harness.Env) []string {
-	var pids []string
-	entries, _ := os.ReadDir("/proc")
-	for _, en := range entries {
-		b, err := os.ReadFile(filepath.Join("/proc", en.Name(), "cmdline"))
-		if err == nil && bytes.Contains(b, []byte("qemu")) && bytes.Contains(b, []byte(e.StateDir)) {
-			pids = append(pids, en.Name())
-		}
-	}
-	return pids
+	t.Fatalf("QEMU still running: %v", e.QEMUs())
 }
 
 // A pod made with containerd's client and the CRI annotations: pause first, then
@@ -281,7 +269,7 @@ func TestPodContainersShareOneVM(t *testing.T) {
 		task, _ := startTask(t, ctx, c, &o)
 		tasks = append(tasks, task)
 	}
-	if pids := qemuPids(e); len(pids) != 1 {
+	if pids := e.QEMUs(); len(pids) != 1 {
 		t.Fatalf("%d QEMU processes for one pod, want 1: %v", len(pids), pids)
 	}
 	for i, task := range tasks {
@@ -301,7 +289,7 @@ func TestQEMUKilled(t *testing.T) {
 	c := newContainer(t, e, image, "victim", oci.WithProcessArgs("sleep", "100000"))
 	var o outputs
 	task, exit := startTask(t, ctx, c, &o)
-	pids := qemuPids(e)
+	pids := e.QEMUs()
 	if len(pids) != 1 {
 		t.Fatalf("QEMU processes: %v", pids)
 	}

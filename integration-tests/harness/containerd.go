@@ -156,6 +156,19 @@ func Start(t testing.TB, o Options) *Env {
 	return e
 }
 
+// QEMUs are the pids of this environment's pod VMs.
+func (e *Env) QEMUs() []string {
+	var pids []string
+	entries, _ := os.ReadDir("/proc")
+	for _, en := range entries {
+		b, err := os.ReadFile(filepath.Join("/proc", en.Name(), "cmdline"))
+		if err == nil && bytes.Contains(b, []byte("qemu")) && bytes.Contains(b, []byte(e.StateDir)) {
+			pids = append(pids, en.Name())
+		}
+	}
+	return pids
+}
+
 // Context is a context in the test namespace, ending with the test.
 func (e *Env) Context(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), Namespace), 10*time.Minute)

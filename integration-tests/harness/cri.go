@@ -1,7 +1,6 @@
 package harness
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -238,19 +237,6 @@ func (c *CRI) removeAllPods(t testing.TB) {
 		c.Runtime.StopPodSandbox(ctx, &runtime.StopPodSandboxRequest{PodSandboxId: p.Id})
 		c.Runtime.RemovePodSandbox(ctx, &runtime.RemovePodSandboxRequest{PodSandboxId: p.Id})
 	}
-}
-
-// QEMUs are the pids of this environment's QEMU processes.
-func (c *CRI) QEMUs() []string {
-	var pids []string
-	entries, _ := os.ReadDir("/proc")
-	for _, en := range entries {
-		b, err := os.ReadFile(filepath.Join("/proc", en.Name(), "cmdline"))
-		if err == nil && bytes.Contains(b, []byte("qemu")) && bytes.Contains(b, []byte(c.StateDir)) {
-			pids = append(pids, en.Name())
-		}
-	}
-	return pids
 }
 
 // Leftovers lists what pods that were removed left on the host: QEMU processes,
