@@ -1,8 +1,6 @@
 package integration
 
 import (
-	"bytes"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,11 +10,7 @@ import (
 
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/oci"
-	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
 	"github.com/caisson-containers/caisson/integration-tests/harness"
 	"github.com/caisson-containers/caisson/shim/config"
@@ -73,38 +67,7 @@ func importTreeImage(t *testing.T, e *harness.Env) containerd.Image {
 		if err != nil {
 			t.Fatal(err)
 		}
-		l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil })
-		if err != nil {
-			t.Fatal(err)
-		}
-		layers = append(layers, l)
+		layers = append(layers, harness.Layer(t, b))
 	}
-	img, err := mutate.AppendLayers(empty.Image, layers...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf, _ := img.ConfigFile()
-	cf = cf.DeepCopy()
-	cf.OS, cf.Architecture = "linux", "amd64"
-	if img, err = mutate.ConfigFile(img, cf); err != nil {
-		t.Fatal(err)
-	}
-	const ref = "caisson.test/tree:latest"
-	tag, _ := name.NewTag(ref)
-	var buf bytes.Buffer
-	if err := tarball.Write(tag, img, &buf); err != nil {
-		t.Fatal(err)
-	}
-	ctx := e.Context(t)
-	if _, err := e.Client.Import(ctx, &buf); err != nil {
-		t.Fatal(err)
-	}
-	image, err := e.Client.GetImage(ctx, ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := image.Unpack(ctx, "caisson"); err != nil {
-		t.Fatalf("unpack into the caisson snapshotter: %v", err)
-	}
-	return image
+	return e.Import(t, "caisson.test/tree:latest", harness.Image(t, layers))
 }

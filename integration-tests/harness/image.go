@@ -54,10 +54,16 @@ func BusyboxLayers(t testing.TB) []v1.Layer {
 	return []v1.Layer{base, top}
 }
 
-// ImportBusybox builds the busybox image and imports it into containerd, unpacked into the caisson snapshotter.
+// ImportBusybox imports the busybox image (command sh) into containerd, unpacked into the caisson snapshotter.
 func (e *Env) ImportBusybox(t testing.TB) containerd.Image {
 	t.Helper()
-	img, err := mutate.AppendLayers(empty.Image, BusyboxLayers(t)...)
+	return e.Import(t, BusyboxRef, BusyboxImage(t, "sh"))
+}
+
+// Image is a linux/amd64 image of layers, with cmd as its command and /bin on PATH.
+func Image(t testing.TB, layers []v1.Layer, cmd ...string) v1.Image {
+	t.Helper()
+	img, err := mutate.AppendLayers(empty.Image, layers...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,13 +73,23 @@ func (e *Env) ImportBusybox(t testing.TB) containerd.Image {
 	}
 	cf = cf.DeepCopy()
 	cf.OS, cf.Architecture = "linux", "amd64"
-	cf.Config = v1.Config{Cmd: []string{"sh"}, Env: []string{"PATH=/bin"}}
+	cf.Config.Cmd = cmd
+	cf.Config.Env = []string{"PATH=/bin"}
 	if img, err = mutate.ConfigFile(img, cf); err != nil {
 		t.Fatal(err)
 	}
-	ref, _ := name.NewTag(BusyboxRef)
+	return img
+}
+
+// Import imports img into containerd as ref, unpacked into the caisson snapshotter.
+func (e *Env) Import(t testing.TB, ref string, img v1.Image) containerd.Image {
+	t.Helper()
+	tag, err := name.NewTag(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
 	var buf bytes.Buffer
-	if err := tarball.Write(ref, img, &buf); err != nil {
+	if err := tarball.Write(tag, img, &buf); err != nil {
 		t.Fatal(err)
 	}
 	ctx := e.Context(t)
@@ -94,6 +110,16 @@ func (e *Env) ImportBusybox(t testing.TB) containerd.Image {
 	return image
 }
 
+// Layer is a layer holding the tar b.
+func Layer(t testing.TB, b []byte) v1.Layer {
+	t.Helper()
+	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
 func layer(t testing.TB, fill func(*tar.Writer)) v1.Layer {
 	t.Helper()
 	var buf bytes.Buffer
@@ -102,12 +128,7 @@ func layer(t testing.TB, fill func(*tar.Writer)) v1.Layer {
 	if err := tw.Close(); err != nil {
 		t.Fatal(err)
 	}
-	b := buf.Bytes()
-	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil })
-	if err != nil {
-		t.Fatal(err)
-	}
-	return l
+	return Layer(t, buf.Bytes())
 }
 
 func dir(tw *tar.Writer, name string, mtime time.Time) {

@@ -10,8 +10,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 )
 
@@ -50,21 +48,5 @@ func (r *Registry) Push(t testing.TB, repoTag string, img v1.Image) string {
 // BusyboxImage is the test busybox image (BusyboxLayers) with cmd as its command.
 func BusyboxImage(t testing.TB, cmd ...string) v1.Image {
 	t.Helper()
-	img, err := mutate.AppendLayers(empty.Image, BusyboxLayers(t)...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf, err := img.ConfigFile()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf = cf.DeepCopy()
-	cf.OS, cf.Architecture = "linux", "amd64"
-	cf.Config.Cmd = cmd
-	cf.Config.Env = []string{"PATH=/bin"}
-	img, err = mutate.ConfigFile(img, cf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return img
+	return Image(t, BusyboxLayers(t), cmd...)
 }
