@@ -64,6 +64,9 @@ func (m *manager) Name() string { return m.name }
 
 type bundleSpec struct {
 	Annotations map[string]string `json:"annotations,omitempty"`
+	Linux       *struct {
+		CgroupsPath string `json:"cgroupsPath,omitempty"`
+	} `json:"linux,omitempty"`
 }
 
 func readBundleSpec(dir string) (*bundleSpec, error) {
@@ -190,7 +193,8 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 		cfg = config.Default(config.DefaultArtifactsDir())
 	}
 	group := id
-	if spec, err := readBundleSpec(cwd); err == nil {
+	spec, err := readBundleSpec(cwd)
+	if err == nil {
 		for _, a := range groupAnnotations {
 			if g := spec.Annotations[a]; g != "" {
 				group = g
@@ -214,6 +218,13 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	for _, pid := range vms {
 		log.G(ctx).WithField("pid", pid).Warn("killing the VM of a dead shim")
 		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	// The VM of a CRI pod was in its sandbox container's cgroup (shim/pod).
+	if spec != nil && spec.Linux != nil && spec.Annotations["io.kubernetes.cri.container-type"] == "sandbox" {
+		waitGone(vms, 5*time.Second)
+		if err := pod.RemoveCgroup(spec.Linux.CgroupsPath); err != nil {
+			log.G(ctx).WithError(err).Warn("removing the pod cgroup of a dead shim")
+		}
 	}
 	if err := os.RemoveAll(stateDir); err != nil {
 		return status, fmt.Errorf("remove pod state %s: %w", stateDir, err)
@@ -261,4 +272,14 @@ func (m *manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeI
 		Version:     &types.RuntimeVersion{Version: version.Version, Revision: version.Revision},
 		Annotations: map[string]string{allowMountsAnnotation: allowMountsValue()},
 	}, nil
+}
+
+// waitGone waits, at most timeout, for the processes to exit.
+func waitGone(pids []int, timeout time.Duration) {
+	deadline := time.Now().Add(timeout)
+	for _, pid := range pids {
+		for time.Now().Before(deadline) && syscall.Kill(pid, 0) == nil {
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
 }

@@ -46,6 +46,9 @@ type Options struct {
 	// with the veth's MAC, addresses, routes and MTU (see package shim/network).
 	// Empty: the guest has loopback only.
 	NetNS string
+	// Cgroup is the cgroup the CRI gave the pod's sandbox container; the VM's QEMU
+	// is placed there so that the pod's accounting sees it. Empty: not placed.
+	Cgroup string
 	// DNS and Hosts fill the guest's resolv.conf and /etc/hosts (besides localhost).
 	DNS   *agent.DNS
 	Hosts []*agent.HostEntry
@@ -58,8 +61,10 @@ type Pod struct {
 	stateDir string
 	vm       vmm.VM
 	net      *network.Network
-	session  transport.Session
-	client   *ttrpc.Client
+	// leaveCgroup removes the pod cgroup the VM was placed in, once it has exited.
+	leaveCgroup func() error
+	session     transport.Session
+	client      *ttrpc.Client
 
 	Sandbox    agent.SandboxService
 	Containers agent.ContainersClient
@@ -155,6 +160,11 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 			p.Stop(context.WithoutCancel(ctx))
 		}
 	}()
+	if o.Cgroup != "" {
+		if p.leaveCgroup, err = joinCgroup(ctx, o.Cgroup, vm.Pid()); err != nil {
+			return nil, err
+		}
+	}
 	if err := p.connect(ctx); err != nil {
 		return nil, err
 	}
@@ -255,6 +265,11 @@ func (p *Pod) Stop(ctx context.Context) error {
 		p.session.Close()
 	}
 	err := p.vm.Stop(ctx)
+	if p.leaveCgroup != nil {
+		if cerr := p.leaveCgroup(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("pod cgroup: %w", cerr))
+		}
+	}
 	if p.net != nil {
 		if nerr := p.net.Close(); nerr != nil {
 			err = errors.Join(err, fmt.Errorf("pod network: %w", nerr))

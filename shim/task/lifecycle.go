@@ -72,6 +72,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}
 	pd, err := s.ensurePod(ctx, r.ID, pod.Options{
 		ID: podID(r.ID, spec), Hostname: hostname(r.ID, spec), NetNS: netns, DNS: dns, Hosts: hosts,
+		Cgroup: podCgroup(spec),
 	}, cfg)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)

@@ -192,3 +192,12 @@ func podNameResolution(s *specs.Spec) (*agent.DNS, []*agent.HostEntry, error) {
 	}
 	return dns, hosts, nil
 }
+
+// podCgroup is the cgroup a CRI sandbox container is given, below the pod's
+// cgroup parent: where the pod's VM belongs. Other containers give none.
+func podCgroup(s *specs.Spec) string {
+	if s.Annotations[annotationContainerType] != containerTypeSandbox || s.Linux == nil {
+		return ""
+	}
+	return s.Linux.CgroupsPath
+}

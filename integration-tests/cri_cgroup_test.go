@@ -1,0 +1,64 @@
+package integration
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/caisson-containers/caisson/integration-tests/harness"
+)
+
+// The pod's VM runs in the cgroup the CRI gave its sandbox container, below the pod's
+// cgroup parent, so the pod's accounting (PodSandboxStats, the kubelet's) includes the
+// VM; the cgroup goes with the pod.
+func TestCRIPodVMInPodCgroup(t *testing.T) {
+	c := harness.StartCRI(t, harness.Options{})
+	ctx := c.Ctx(t)
+	parent := harness.CgroupParent(t, "vmcg")
+	podCfg := c.PodConfig("vmcg", func(p *runtime.PodSandboxConfig) { p.Linux.CgroupParent = parent })
+	pod := c.RunPod(t, podCfg, harness.Handler)
+
+	qemus := c.QEMUs()
+	if len(qemus) != 1 {
+		t.Fatalf("QEMU processes: %v", qemus)
+	}
+	cg, err := os.ReadFile(filepath.Join("/proc", qemus[0], "cgroup"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := filepath.Join(parent, pod)
+	if !strings.Contains(string(cg), ":"+want+"\n") {
+		t.Fatalf("QEMU's cgroups:\n%swant %s", cg, want)
+	}
+
+	st, err := c.Runtime.PodSandboxStats(ctx, &runtime.PodSandboxStatsRequest{PodSandboxId: pod})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ws := st.GetStats().GetLinux().GetMemory().GetWorkingSetBytes().GetValue(); ws < 64<<20 {
+		t.Fatalf("pod working set %d bytes: the VM (well over 64 MiB) is not counted", ws)
+	}
+
+	c.RemovePod(t, pod)
+	for _, dir := range cgroupDirs(want) {
+		if _, err := os.Stat(dir); err == nil {
+			t.Errorf("pod cgroup %s left after the pod was removed", dir)
+		}
+	}
+}
+
+// cgroupDirs are path's directories in every mounted hierarchy.
+func cgroupDirs(path string) []string {
+	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
+		return []string{filepath.Join("/sys/fs/cgroup", path)}
+	}
+	var dirs []string
+	hs, _ := os.ReadDir("/sys/fs/cgroup")
+	for _, h := range hs {
+		dirs = append(dirs, filepath.Join("/sys/fs/cgroup", h.Name(), path))
+	}
+	return dirs
+}
