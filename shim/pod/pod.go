@@ -39,8 +39,6 @@ type Options struct {
 	StateDir string
 	// Hostname of the pod.
 	Hostname string
-	// SharePID gives all containers one PID namespace.
-	SharePID bool
 	// NetNS is the host network namespace CNI set up for the pod (the CRI's sandbox
 	// container names it in its spec). Each of its veths is connected to a guest NIC
 	// with the veth's MAC, addresses, routes and MTU (see package shim/network).
@@ -56,7 +54,6 @@ type Options struct {
 
 // Pod is a running VM with its agent.
 type Pod struct {
-	id       string
 	cfg      config.Config
 	stateDir string
 	vm       vmm.VM
@@ -153,7 +150,7 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	if net != nil {
 		net.CloseTaps() // QEMU holds them now: the taps go when it exits
 	}
-	p := &Pod{id: o.ID, cfg: cfg, stateDir: o.StateDir, vm: vm, net: net, storages: map[string]*attached{}}
+	p := &Pod{cfg: cfg, stateDir: o.StateDir, vm: vm, net: net, storages: map[string]*attached{}}
 	net = nil // p.Stop cleans it from here on
 	defer func() {
 		if retErr != nil {
@@ -171,7 +168,6 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	_, err = p.Sandbox.Create(ctx, &agent.CreateSandboxRequest{
 		SandboxId:  o.ID,
 		Hostname:   o.Hostname,
-		SharePid:   o.SharePID,
 		Interfaces: ifaces,
 		Routes:     routes,
 		Dns:        o.DNS,

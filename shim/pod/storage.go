@@ -21,7 +21,6 @@ import (
 type attached struct {
 	id   string
 	refs int
-	kind vmm.DiskKind
 }
 
 // AttachRootfs attaches the plan's devices (sharing those already attached),
@@ -106,7 +105,7 @@ func (p *Pod) acquire(ctx context.Context, d rootfs.Device) (string, error) {
 		}
 		return "", fmt.Errorf("mount in the guest: %w", errgrpc.ToNative(err))
 	}
-	p.storages[d.Source] = &attached{id: id, refs: 1, kind: kind}
+	p.storages[d.Source] = &attached{id: id, refs: 1}
 	log.G(ctx).WithField("storage", id).WithField("source", d.Source).WithField("kind", kind).Debug("attached")
 	return id, nil
 }

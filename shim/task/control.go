@@ -55,7 +55,6 @@ func (s *service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (_ *p
 		return nil, agentErr("create exec", err)
 	}
 	p := newProcess(r.ID, r.ExecID, sio)
-	p.spec = r.Spec.GetValue()
 	p.io, err = stdio.Attach(ctx, pd.Session(), r.ID, r.ExecID, sio)
 	if err != nil {
 		pd.Exec.Delete(context.WithoutCancel(ctx), &agent.DeleteExecRequest{ContainerId: r.ID, ExecId: r.ExecID})

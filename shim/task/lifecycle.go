@@ -41,7 +41,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}
 	s.mu.Unlock()
 
-	spec, _, err := readSpec(r.Bundle)
+	spec, err := readSpec(r.Bundle)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}

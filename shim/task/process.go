@@ -15,7 +15,6 @@ type process struct {
 	containerID string
 	execID      string // "" for init
 	stdio       stdio.Config
-	spec        []byte // the exec's OCI Process JSON; nil for init
 
 	mu       sync.Mutex
 	pid      uint32

@@ -31,16 +31,16 @@ var guestFiles = map[string]string{
 }
 
 // readSpec reads the bundle's OCI spec.
-func readSpec(bundle string) (*specs.Spec, []byte, error) {
+func readSpec(bundle string) (*specs.Spec, error) {
 	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
 	if err != nil {
-		return nil, nil, fmt.Errorf("read OCI spec: %w", err)
+		return nil, fmt.Errorf("read OCI spec: %w", err)
 	}
 	var s specs.Spec
 	if err := json.Unmarshal(b, &s); err != nil {
-		return nil, nil, fmt.Errorf("decode OCI spec: %v: %w", err, errdefs.ErrInvalidArgument)
+		return nil, fmt.Errorf("decode OCI spec: %v: %w", err, errdefs.ErrInvalidArgument)
 	}
-	return &s, b, nil
+	return &s, nil
 }
 
 // guestSpec rewrites what in a host spec refers to the host: bind mounts of the
@@ -124,7 +124,7 @@ func hostname(id string, s *specs.Spec) string {
 	if s.Hostname != "" {
 		return s.Hostname
 	}
-	return strings.TrimSpace(id[:min(len(id), 12)])
+	return id[:min(len(id), 12)]
 }
 
 // podNetNS is the host network namespace the pod's NICs come from: the one the spec
