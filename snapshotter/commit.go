@@ -14,10 +14,11 @@ import (
 	"github.com/containerd/log"
 )
 
-// Commit turns the active snapshot key into the committed snapshot name: the
-// /upper directory of its writable image becomes the layer image (docs/mounts.md,
-// "Commit"), then the writable image is removed. The caller must have
-// unmounted (deactivated) the snapshot's mounts.
+// Commit turns the active snapshot key into the committed snapshot name: a layer
+// image written by WriteLayer is adopted as it is; otherwise the /upper directory
+// of its writable image becomes the layer image (docs/mounts.md, "Commit"), then
+// the writable image is removed. The caller must have unmounted (deactivated) the
+// snapshot's mounts.
 //
 // The layer is built outside any metadata transaction. A failure (a bad tree, a
 // full disk) leaves the snapshot active and unchanged; a crash leaves at most a
@@ -54,7 +55,21 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	}
 
 	dst := s.layerPath(id)
-	if err := s.buildLayer(ctx, id, dst); err != nil {
+	adopted, err := s.appliedLayer(id)
+	if err != nil {
+		return err
+	}
+	if adopted {
+		// The differ wrote the layer from the tar (WriteLayer). Anything
+		// written through the mounts since is in the writable image, which the
+		// layer does not have: refuse rather than lose either.
+		if _, err := os.Lstat(s.writablePath(id)); err == nil {
+			return fmt.Errorf("commit %q: the snapshot has a layer applied from a tar and was also activated and written to afterwards; "+
+				"commit one or the other (remove the snapshot and unpack again): %w", key, errdefs.ErrFailedPrecondition)
+		} else if !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+	} else if err := s.buildLayer(ctx, id, dst); err != nil {
 		return fmt.Errorf("commit %q: %w", key, err)
 	}
 	usage, err := fileUsage(dst)
@@ -66,16 +81,21 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		return err
 	}); err != nil {
 		// Still active (or gone): the layer image is not referenced by a
-		// committed snapshot; keep the writable image, drop the layer.
-		if rerr := os.Remove(dst); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
-			log.G(ctx).WithError(rerr).Warn("failed to remove uncommitted layer image")
+		// committed snapshot; keep the writable image, drop a built layer (an
+		// applied one stays, for a retried Commit).
+		if !adopted {
+			if rerr := os.Remove(dst); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+				log.G(ctx).WithError(rerr).Warn("failed to remove uncommitted layer image")
+			}
 		}
 		return fmt.Errorf("commit %q: %w", key, err)
 	}
 	// The staging space is freed now; a crash before this leaves a writable
 	// image beside a committed layer, which Cleanup removes.
-	if err := os.Remove(s.writablePath(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		log.G(ctx).WithError(err).Warn("failed to remove the committed snapshot's writable image")
+	for _, p := range []string{s.writablePath(id), filepath.Join(s.snapshotDir(id), appliedName)} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			log.G(ctx).WithError(err).WithField("path", p).Warn("failed to remove a file of the committed snapshot")
+		}
 	}
 	log.G(ctx).WithField("name", name).WithField("bytes", usage.Size).Debug("committed layer")
 	return nil

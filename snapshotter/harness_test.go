@@ -25,12 +25,16 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/caisson-containers/caisson/snapshotter/config"
+	"github.com/caisson-containers/caisson/snapshotter/differ"
 )
 
 // harness unpacks layer tars into a snapshotter the way containerd does: the
-// content store holds the tar, containerd's differ (core/diff/apply) activates the
-// active snapshot's mounts through the mount manager (core/mount/manager) and
-// untars into the overlay's upperdir, then the snapshot is committed.
+// content store holds the tar, the differ applies it to the active snapshot's
+// mounts, then the snapshot is committed. The differ is Caisson's (package
+// differ: the tar written straight into the layer image) once newSnapshotter has
+// opened a snapshotter, with containerd's as its fallback; walking is containerd's
+// differ alone (core/diff/apply), which activates the mounts through the mount
+// manager (core/mount/manager) and untars into the overlay's upperdir.
 type harness struct {
 	t       testing.TB
 	ctx     context.Context
@@ -38,6 +42,32 @@ type harness struct {
 	mm      mount.Manager
 	cs      content.Store
 	applier diff.Applier
+	walking diff.Applier
+	// fast lists the snapshots (active keys) Caisson's differ wrote itself,
+	// without falling back.
+	fast map[string]bool
+}
+
+// recorder notes which snapshots the differ wrote through WriteLayer.
+type recorder struct {
+	h  *harness
+	sn *Snapshotter
+}
+
+func (r recorder) WriteLayer(ctx context.Context, mounts []mount.Mount, sync bool, write LayerWriteFunc) error {
+	err := r.sn.WriteLayer(ctx, mounts, sync, write)
+	if err == nil {
+		if id, ok := r.sn.activeID(mounts); ok {
+			r.h.fast[id] = true
+		}
+	}
+	return err
+}
+
+// applied reports whether Caisson's differ wrote the committed or active
+// snapshot key's layer itself.
+func (h *harness) applied(sn *Snapshotter, key string) bool {
+	return h.fast[h.idOf(sn, key)]
 }
 
 func newHarness(t testing.TB, dir string) *harness {
@@ -65,7 +95,8 @@ func newHarness(t testing.TB, dir string) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &harness{t: t, ctx: ctx, dir: dir, mm: mm, cs: cs, applier: apply.NewFileSystemApplierWithMountManager(cs, mm)}
+	walking := apply.NewFileSystemApplierWithMountManager(cs, mm)
+	return &harness{t: t, ctx: ctx, dir: dir, mm: mm, cs: cs, applier: walking, walking: walking, fast: map[string]bool{}}
 }
 
 // newSnapshotter opens a snapshotter rooted in h's directory (so the mount
@@ -88,6 +119,7 @@ func (h *harness) newSnapshotter(edit func(*config.Config)) *Snapshotter {
 		h.t.Fatal(err)
 	}
 	h.t.Cleanup(func() { s.Close() })
+	h.applier = differ.New(h.cs, []differ.LayerWriter{recorder{h, s}}, h.walking, nil)
 	return s
 }
 
@@ -111,12 +143,17 @@ func (h *harness) unpack(sn snapshots.Snapshotter, name, parent string, desc oci
 // unpackDiffID is unpack with the layer's expected uncompressed digest (its diff
 // id), which the unpacker checks against what the differ read.
 func (h *harness) unpackDiffID(sn snapshots.Snapshotter, name, parent string, desc ocispec.Descriptor, diffID digest.Digest) error {
+	return h.unpackWith(h.applier, sn, name, parent, desc, diffID)
+}
+
+// unpackWith is unpackDiffID through the differ a.
+func (h *harness) unpackWith(a diff.Applier, sn snapshots.Snapshotter, name, parent string, desc ocispec.Descriptor, diffID digest.Digest) error {
 	key := "extract-" + name
 	mounts, err := sn.Prepare(h.ctx, key, parent)
 	if err != nil {
 		return fmt.Errorf("prepare: %w", err)
 	}
-	applied, err := h.applier.Apply(h.ctx, desc, mounts)
+	applied, err := a.Apply(h.ctx, desc, mounts)
 	if err == nil && applied.Digest != diffID {
 		err = fmt.Errorf("wrong diff id %s, want %s", applied.Digest, diffID)
 	}

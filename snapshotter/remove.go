@@ -117,7 +117,7 @@ func (s *Snapshotter) cleanupSnapshotDir(ctx context.Context, id, dir string, co
 	for _, f := range files {
 		p := filepath.Join(dir, f.Name())
 		orphan := strings.HasSuffix(f.Name(), layer.TempSuffix) ||
-			(committed && f.Name() == writableName)
+			(committed && (f.Name() == writableName || f.Name() == appliedName))
 		if !orphan {
 			continue
 		}

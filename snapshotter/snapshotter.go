@@ -207,9 +207,18 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 	if info.Kind != snapshots.KindActive {
 		return usage, nil
 	}
-	u, err := fileUsage(s.writablePath(id))
-	if errors.Is(err, os.ErrNotExist) {
-		return snapshots.Usage{}, nil
+	// The writable image and a layer written from a tar (WriteLayer).
+	var total snapshots.Usage
+	for _, p := range []string{s.writablePath(id), s.layerPath(id)} {
+		u, err := fileUsage(p)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return snapshots.Usage{}, err
+		}
+		total.Size += u.Size
+		total.Inodes += u.Inodes
 	}
-	return u, err
+	return total, nil
 }

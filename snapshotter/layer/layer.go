@@ -193,6 +193,18 @@ func pad(path string, align int64) error {
 		return err
 	}
 	defer f.Close()
+	if err := Pad(f, align); err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync layer image: %w", err)
+	}
+	return f.Close()
+}
+
+// Pad extends the image f with zeros to a multiple of align (a hole: the padding
+// costs no disk space); align 0 leaves it as it is.
+func Pad(f *os.File, align int64) error {
 	fi, err := f.Stat()
 	if err != nil {
 		return err
@@ -202,10 +214,12 @@ func pad(path string, align int64) error {
 			return fmt.Errorf("pad layer image: %w", err)
 		}
 	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("sync layer image: %w", err)
-	}
-	return f.Close()
+	return nil
+}
+
+// SyncDir syncs the directory dir, making renames in it durable.
+func SyncDir(dir string) error {
+	return syncDir(dir)
 }
 
 // filesystemFull reports whether the filesystem of dir has (almost) no room left

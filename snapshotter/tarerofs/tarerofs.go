@@ -1,0 +1,316 @@
+// Package tarerofs writes an OCI image layer, read as a tar stream, straight into an
+// EROFS image with github.com/erofs/go-erofs: every file is created once and its data
+// written once (to go-erofs's spool, then copied into the image when it is closed).
+//
+// The image holds the layer as an overlayfs lower layer, the way containerd's
+// overlay differ writes an upper directory: OCI whiteouts (".wh.NAME") become
+// overlay whiteouts (a 0/0 character device NAME) and an opaque marker
+// (".wh..wh..opq") becomes trusted.overlay.opaque=y on its directory. Ownership,
+// modes (setuid, setgid, sticky), mtimes, symlinks, device nodes, FIFOs and the
+// xattrs of the user., trusted. and security. namespaces are kept.
+//
+// Bad input is an errdefs.ErrInvalidArgument naming the entry: a name that leaves
+// the root once cleaned ("../x"), an entry below a symlink or a non-directory of
+// this layer, a hardlink to something outside the root or not earlier in the layer.
+// Symlinks themselves may point anywhere (absolute targets are normal in images).
+//
+// What go-erofs v0.3.1 cannot write is an errdefs.ErrNotImplemented naming the
+// entry, so that a caller can fall back to another unpack path: hardlinks (its
+// Writer has no way to give two names one inode), an entry that replaces another
+// non-directory of the same layer (it cannot remove an entry), and xattrs outside
+// user., trusted. and security. (it mis-encodes system.posix_acl_*). Nothing is ever
+// dropped silently.
+package tarerofs
+
+import (
+	"archive/tar"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"path"
+	"strings"
+
+	"github.com/containerd/errdefs"
+	erofs "github.com/erofs/go-erofs"
+	"golang.org/x/sys/unix"
+)
+
+// BlockSize is the image's block size: the page size, so the guest can map file
+// data with DAX.
+const BlockSize = 4096
+
+// maxNameLen is Linux's (and EROFS's) limit on one path element.
+const maxNameLen = 255
+
+const (
+	whiteoutPrefix = ".wh."
+	opaqueMarker   = ".wh..wh..opq"
+	opaqueXattr    = "trusted.overlay.opaque"
+)
+
+// Options configure Write.
+type Options struct {
+	// TempDir holds go-erofs's spool file (unlinked as soon as it is created)
+	// while the image is written. Empty means os.TempDir().
+	TempDir string
+}
+
+// Write reads the layer tar from r and writes its EROFS image to out, starting at
+// offset 0. It reads r up to the tar's end-of-archive marker, not beyond. On error
+// out holds garbage, which the caller removes.
+func Write(ctx context.Context, r io.Reader, out io.WriteSeeker, opts Options) (retErr error) {
+	dst := &abortable{WriteSeeker: out}
+	w := erofs.Create(dst, erofs.WithBlockSize(BlockSize), erofs.WithTempDir(opts.TempDir))
+	defer func() {
+		if retErr != nil {
+			// go-erofs has no Abort: Close is what releases its spool file. Make
+			// it fail at its first write instead of writing the image.
+			dst.aborted = true
+			w.Close()
+		}
+	}()
+	c := &converter{w: w, kinds: map[string]kind{"/": kindDir}}
+	tr := tar.NewReader(r)
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		hdr, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("read layer tar: %w", err)
+		}
+		if err := c.add(hdr, tr); err != nil {
+			return err
+		}
+	}
+	if err := w.Close(); err != nil {
+		return fmt.Errorf("write EROFS image: %w", err)
+	}
+	return nil
+}
+
+type kind uint8
+
+const (
+	kindDir kind = iota + 1
+	kindSymlink
+	kindOther
+)
+
+type converter struct {
+	w *erofs.Writer
+	// kinds records every path of the image so far ("/a/b"), implicit parent
+	// directories included.
+	kinds map[string]kind
+}
+
+func (c *converter) add(hdr *tar.Header, data io.Reader) error {
+	p, err := clean(hdr.Name)
+	if err != nil {
+		return err
+	}
+	if err := c.parents(hdr.Name, p); err != nil {
+		return err
+	}
+	base := path.Base(p)
+	if p != "/" && strings.HasPrefix(base, whiteoutPrefix) {
+		return c.whiteout(hdr.Name, p, base)
+	}
+	if err := checkXattrs(hdr); err != nil {
+		return err
+	}
+	if prev, ok := c.kinds[p]; ok && !(prev == kindDir && hdr.Typeflag == tar.TypeDir) {
+		return fmt.Errorf("tar entry %q replaces an earlier entry of the same layer, which go-erofs v0.3.1 cannot remove: %w", hdr.Name, errdefs.ErrNotImplemented)
+	}
+	if p == "/" && hdr.Typeflag != tar.TypeDir {
+		return fmt.Errorf("tar entry %q: the layer's root must be a directory: %w", hdr.Name, errdefs.ErrInvalidArgument)
+	}
+
+	mode := hdr.FileInfo().Mode()
+	k := kindOther
+	switch hdr.Typeflag {
+	case tar.TypeDir:
+		k = kindDir
+		if _, ok := c.kinds[p]; !ok {
+			err = c.w.Mkdir(p, mode.Perm())
+		}
+	case tar.TypeReg:
+		err = c.file(p, data)
+	case tar.TypeSymlink:
+		k = kindSymlink
+		err = c.w.Symlink(hdr.Linkname, p)
+	case tar.TypeLink:
+		return c.hardlink(hdr)
+	case tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
+		typ := map[byte]uint32{tar.TypeChar: unix.S_IFCHR, tar.TypeBlock: unix.S_IFBLK, tar.TypeFifo: unix.S_IFIFO}[hdr.Typeflag]
+		err = c.w.Mknod(p, uint16(typ), uint32(unix.Mkdev(uint32(hdr.Devmajor), uint32(hdr.Devminor))))
+	case tar.TypeXGlobalHeader:
+		return nil
+	default:
+		return fmt.Errorf("tar entry %q has type %q, which a layer cannot hold: %w", hdr.Name, hdr.Typeflag, errdefs.ErrInvalidArgument)
+	}
+	if err != nil {
+		return fmt.Errorf("tar entry %q: %w", hdr.Name, err)
+	}
+	c.kinds[p] = k
+	return c.meta(hdr, p, mode)
+}
+
+func (c *converter) file(p string, data io.Reader) error {
+	f, err := c.w.Create(p)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, data); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// meta sets what the header says about p beyond its type.
+func (c *converter) meta(hdr *tar.Header, p string, mode fs.FileMode) error {
+	if hdr.Typeflag != tar.TypeSymlink {
+		if err := c.w.Chmod(p, mode); err != nil {
+			return err
+		}
+	}
+	if err := c.w.Chown(p, hdr.Uid, hdr.Gid); err != nil {
+		return err
+	}
+	atime := hdr.AccessTime
+	if atime.IsZero() {
+		atime = hdr.ModTime
+	}
+	if err := c.w.Chtimes(p, atime, hdr.ModTime); err != nil {
+		return err
+	}
+	for k, v := range hdr.PAXRecords {
+		if name, ok := strings.CutPrefix(k, "SCHILY.xattr."); ok {
+			if err := c.w.Setxattr(p, name, v); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// whiteout converts an OCI whiteout entry p (base name base) to its overlay form.
+func (c *converter) whiteout(name, p, base string) error {
+	dir := path.Dir(p)
+	if base == opaqueMarker {
+		if _, ok := c.kinds[dir]; !ok {
+			// Only reachable for the root, which always exists; parents()
+			// recorded every other ancestor.
+			return fmt.Errorf("tar entry %q: no directory %q: %w", name, dir, errdefs.ErrInvalidArgument)
+		}
+		return c.w.Setxattr(dir, opaqueXattr, "y")
+	}
+	target := strings.TrimPrefix(base, whiteoutPrefix)
+	if target == "" || target == "." || target == ".." {
+		return fmt.Errorf("tar entry %q: a whiteout of nothing: %w", name, errdefs.ErrInvalidArgument)
+	}
+	wp := path.Join(dir, target)
+	if _, ok := c.kinds[wp]; ok {
+		return fmt.Errorf("tar entry %q deletes %q of the same layer, which go-erofs v0.3.1 cannot remove: %w", name, wp, errdefs.ErrNotImplemented)
+	}
+	if err := c.w.Mknod(wp, unix.S_IFCHR, 0); err != nil {
+		return fmt.Errorf("tar entry %q: %w", name, err)
+	}
+	c.kinds[wp] = kindOther
+	return nil
+}
+
+// hardlink validates a hardlink entry; go-erofs cannot write one.
+func (c *converter) hardlink(hdr *tar.Header) error {
+	t, err := clean(hdr.Linkname)
+	if err != nil {
+		return fmt.Errorf("tar entry %q: hardlink target: %w", hdr.Name, err)
+	}
+	switch c.kinds[t] {
+	case 0:
+		return fmt.Errorf("tar entry %q: hardlink target %q is not an earlier entry of the layer: %w", hdr.Name, hdr.Linkname, errdefs.ErrInvalidArgument)
+	case kindDir:
+		return fmt.Errorf("tar entry %q: hardlink to the directory %q: %w", hdr.Name, hdr.Linkname, errdefs.ErrInvalidArgument)
+	}
+	return fmt.Errorf("tar entry %q is a hardlink, which go-erofs v0.3.1 cannot write: %w", hdr.Name, errdefs.ErrNotImplemented)
+}
+
+// parents checks every ancestor of p: each must be a directory of the layer, or
+// absent (then go-erofs creates it, 0755 root-owned, as containerd's differ would).
+func (c *converter) parents(name, p string) error {
+	var missing []string
+	for d := path.Dir(p); d != "/"; d = path.Dir(d) {
+		switch c.kinds[d] {
+		case kindDir:
+			for _, m := range missing {
+				c.kinds[m] = kindDir
+			}
+			return nil
+		case kindSymlink:
+			return fmt.Errorf("tar entry %q: its parent %q is a symlink of the layer; writing through it is refused: %w", name, strings.TrimPrefix(d, "/"), errdefs.ErrInvalidArgument)
+		case kindOther:
+			return fmt.Errorf("tar entry %q: its parent %q is not a directory: %w", name, strings.TrimPrefix(d, "/"), errdefs.ErrInvalidArgument)
+		}
+		missing = append(missing, d)
+	}
+	for _, m := range missing {
+		c.kinds[m] = kindDir
+	}
+	return nil
+}
+
+// clean maps a tar name to an absolute path inside the layer ("/" is its root).
+// Leading slashes are dropped, as every tar tool does; a name that leaves the
+// root once cleaned, or has an element longer than Linux allows, is an error.
+func clean(name string) (string, error) {
+	rel := path.Clean(strings.TrimLeft(name, "/"))
+	if rel == ".." || strings.HasPrefix(rel, "../") {
+		return "", fmt.Errorf("tar entry %q leaves the layer's root: %w", name, errdefs.ErrInvalidArgument)
+	}
+	if rel == "." {
+		return "/", nil
+	}
+	for _, e := range strings.Split(rel, "/") {
+		if len(e) > maxNameLen {
+			return "", fmt.Errorf("tar entry %q: a name of %d bytes (at most %d): %w", name, len(e), maxNameLen, errdefs.ErrInvalidArgument)
+		}
+	}
+	return "/" + rel, nil
+}
+
+// checkXattrs refuses xattrs go-erofs v0.3.1 cannot encode.
+func checkXattrs(hdr *tar.Header) error {
+	for k := range hdr.PAXRecords {
+		name, ok := strings.CutPrefix(k, "SCHILY.xattr.")
+		if !ok {
+			continue
+		}
+		switch {
+		case strings.HasPrefix(name, "user."), strings.HasPrefix(name, "trusted."), strings.HasPrefix(name, "security."):
+		default:
+			return fmt.Errorf("tar entry %q: xattr %q, which go-erofs v0.3.1 cannot encode: %w", hdr.Name, name, errdefs.ErrNotImplemented)
+		}
+	}
+	return nil
+}
+
+// abortable fails every write once aborted is set.
+type abortable struct {
+	io.WriteSeeker
+	aborted bool
+}
+
+var errAborted = errors.New("image write aborted")
+
+func (a *abortable) Write(p []byte) (int, error) {
+	if a.aborted {
+		return 0, errAborted
+	}
+	return a.WriteSeeker.Write(p)
+}
