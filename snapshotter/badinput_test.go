@@ -64,10 +64,12 @@ func checkConsistent(t *testing.T, h *harness, sn *Snapshotter, want ...string) 
 	}
 }
 
-// TestEscapingTar: entries that climb out with ../ or write through a symlink
-// pointing outside. containerd's differ resolves every path as if the layer's
-// root were / (fs.RootPath), so they land inside the layer; nothing is written
-// outside it.
+// TestEscapingTar: entries that climb out with ../, write through a symlink
+// pointing outside, or hardlink to something outside or missing. Caisson's differ
+// refuses them with an InvalidArgument error naming the entry; the snapshot stays
+// active, holds nothing, and is removable. containerd's differ (the fallback)
+// resolves every path as if the layer's root were / (fs.RootPath), so they land
+// inside the layer. Either way nothing is written outside it.
 func TestEscapingTar(t *testing.T) {
 	requireHost(t)
 	outside := t.TempDir() // an absolute host path an entry tries to reach
@@ -75,11 +77,12 @@ func TestEscapingTar(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		entries []layerEntry
-		inside  []snapshottest.Entry
+		bad     string // the entry Caisson's differ names
 	}{
 		{
 			name:    "dotdot",
 			entries: []layerEntry{fileE(rel+"/pwned", "x", 0o644, 0, 0)},
+			bad:     rel + "/pwned",
 		},
 		{
 			name: "absolute symlink",
@@ -87,6 +90,7 @@ func TestEscapingTar(t *testing.T) {
 				symlinkE("evil", outside),
 				fileE("evil/pwned", "x", 0o644, 0, 0),
 			},
+			bad: "evil/pwned",
 		},
 		{
 			name: "relative symlink",
@@ -95,45 +99,95 @@ func TestEscapingTar(t *testing.T) {
 				symlinkE("d/evil", rel),
 				fileE("d/evil/pwned", "x", 0o644, 0, 0),
 			},
+			bad: "d/evil/pwned",
 		},
 		{
 			name: "hardlink out",
 			entries: []layerEntry{
 				linkE("pwned", rel+"/../../etc/passwd", 0o644, 0, 0),
 			},
+			bad: "pwned",
+		},
+		{
+			name: "hardlink to nothing",
+			entries: []layerEntry{
+				dirE("d", 0o755, 0, 0),
+				linkE("d/pwned", "d/missing", 0o644, 0, 0),
+			},
+			bad: "d/pwned",
+		},
+		{
+			name: "below a file",
+			entries: []layerEntry{
+				fileE("f", "x", 0o644, 0, 0),
+				fileE("f/pwned", "x", 0o644, 0, 0),
+			},
+			bad: "f/pwned",
 		},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
+		t.Run(tc.name+"/caisson", func(t *testing.T) {
 			h := newHarness(t, t.TempDir())
 			sn := h.newSnapshotter(nil)
-			err := h.unpack(sn, "l", "", h.addBlob(buildTar(t, tc.entries)))
-			t.Logf("unpack: %v", err)
-			if _, serr := os.Lstat(filepath.Join(outside, "pwned")); !errors.Is(serr, os.ErrNotExist) {
-				t.Fatalf("the tar wrote outside the layer: %v", serr)
+			desc := h.addBlob(buildTar(t, tc.entries))
+			mounts, err := sn.Prepare(h.ctx, "active", "")
+			if err != nil {
+				t.Fatal(err)
 			}
-			if entries, _ := os.ReadDir(outside); len(entries) != 0 {
-				t.Fatalf("the tar wrote outside the layer: %v", entries)
+			_, err = h.applier.Apply(h.ctx, desc, mounts)
+			if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), fmt.Sprintf("%q", tc.bad)) {
+				t.Fatalf("apply: got %v, want an InvalidArgument error naming %q", err, tc.bad)
 			}
-			if err == nil {
-				// Confined: what it wrote is inside the layer, at the path it
-				// names when / is the layer's root.
-				h.withLayerImage(sn, "l", func(root string) {
-					found := false
-					filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
-						if err == nil && d.Name() == "pwned" {
-							found = true
-						}
-						return nil
-					})
-					if !found && tc.name != "hardlink out" {
-						t.Error("the confined entry is not in the layer")
-					}
-				})
-				checkConsistent(t, h, sn, "l")
-			} else {
-				checkConsistent(t, h, sn)
+			t.Log(err)
+			assertNothingOutside(t, outside)
+			if info, err := sn.Stat(h.ctx, "active"); err != nil || info.Kind != snapshots.KindActive {
+				t.Fatalf("after the failed apply: %v %v, want the snapshot still active", info.Kind, err)
 			}
+			files, _ := os.ReadDir(sn.snapshotDir(h.idOf(sn, "active")))
+			if len(files) != 0 {
+				t.Errorf("the failed apply left %v in the snapshot directory", files)
+			}
+			if err := sn.Remove(h.ctx, "active"); err != nil {
+				t.Fatal(err)
+			}
+			checkConsistent(t, h, sn)
 		})
+		t.Run(tc.name+"/walking", func(t *testing.T) {
+			h := newHarness(t, t.TempDir())
+			sn := h.newSnapshotter(nil)
+			desc := h.addBlob(buildTar(t, tc.entries))
+			err := h.unpackWith(h.walking, sn, "l", "", desc, desc.Digest)
+			t.Logf("unpack: %v", err)
+			assertNothingOutside(t, outside)
+			if err != nil {
+				checkConsistent(t, h, sn)
+				return
+			}
+			// Confined: what it wrote is inside the layer, at the path it
+			// names when / is the layer's root.
+			h.withLayerImage(sn, "l", func(root string) {
+				found := false
+				filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+					if err == nil && d.Name() == "pwned" {
+						found = true
+					}
+					return nil
+				})
+				if !found && !strings.HasPrefix(tc.name, "hardlink") {
+					t.Error("the confined entry is not in the layer")
+				}
+			})
+			checkConsistent(t, h, sn, "l")
+		})
+	}
+}
+
+func assertNothingOutside(t *testing.T, outside string) {
+	t.Helper()
+	if _, err := os.Lstat(filepath.Join(outside, "pwned")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the tar wrote outside the layer: %v", err)
+	}
+	if entries, _ := os.ReadDir(outside); len(entries) != 0 {
+		t.Fatalf("the tar wrote outside the layer: %v", entries)
 	}
 }
 

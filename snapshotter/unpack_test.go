@@ -27,6 +27,12 @@ func TestUnpackLayers(t *testing.T) {
 	if err := h.unpack(sn, "l2", "l1", h.addBlob(buildTar(t, upper))); err != nil {
 		t.Fatal(err)
 	}
+	// go-erofs cannot write hardlinks: the base layer, which has some, went
+	// to containerd's differ; the upper one (whiteouts, an opaque directory)
+	// was written by Caisson's.
+	if h.applied(sn, "l1") || !h.applied(sn, "l2") {
+		t.Errorf("written by Caisson's differ: l1 %v (want false), l2 %v (want true)", h.applied(sn, "l1"), h.applied(sn, "l2"))
+	}
 	for _, tc := range []struct {
 		name  string
 		mount func(fn func(root string))
@@ -70,6 +76,9 @@ func TestUnpackManyFiles(t *testing.T) {
 	}
 	if err := h.unpack(sn, "many", "", h.addBlob(buildTar(t, entries))); err != nil {
 		t.Fatal(err)
+	}
+	if !h.applied(sn, "many") {
+		t.Error("the layer was not written by Caisson's differ")
 	}
 	h.withLayerImage(sn, "many", func(root string) {
 		if err := snapshottest.Check(root, expectAll(entries)); err != nil {
@@ -115,6 +124,9 @@ func TestUnpackSparse(t *testing.T) {
 	if err := h.unpack(sn, "sparse", "", h.addBlob(out)); err != nil {
 		t.Fatal(err)
 	}
+	if !h.applied(sn, "sparse") {
+		t.Error("the layer was not written by Caisson's differ")
+	}
 	want := []snapshottest.Entry{
 		{Path: "data", Mode: os.ModeDir | 0o755, ModTime: epoch},
 		{Path: "data/sparse", Mode: 0o644, ModTime: epoch, Data: append(make([]byte, 8<<20), payload...)},
@@ -126,36 +138,61 @@ func TestUnpackSparse(t *testing.T) {
 	})
 }
 
-// TestLongNameLimit: Linux allows 255-byte names; erofs-utils 1.5 truncates them.
-// An EROFS commit of such a layer fails with a clear error and leaves the
-// snapshot active; the ext4 layer fallback stores it.
+// TestLongNameLimit: Linux allows 255-byte names. Caisson's differ stores them
+// (go-erofs has no such limit). Unpacked by containerd's differ alone, the EROFS
+// commit (mkfs.erofs 1.5 truncates them) fails with a clear error and leaves the
+// snapshot active; the ext4 layer fallback stores them.
 func TestLongNameLimit(t *testing.T) {
 	requireHost(t)
 	name := "dir/" + strings.Repeat("n", 255)
 	entries := []layerEntry{dirE("dir", 0o755, 0, 0), fileE(name, "255\n", 0o644, 0, 0)}
-	h := newHarness(t, t.TempDir())
-	desc := h.addBlob(buildTar(t, entries))
 
-	sn := h.newSnapshotter(nil)
-	err := h.unpack(sn, "long", "", desc)
-	if !errdefs.IsNotImplemented(err) || !strings.Contains(err.Error(), "255 bytes") {
-		t.Fatalf("erofs commit of a 255-byte name: got %v, want a NotImplemented error naming the limit", err)
-	}
-	if info, err := sn.Stat(h.ctx, "extract-long"); err != nil || info.Kind != snapshots.KindActive {
-		t.Fatalf("after the failed commit the snapshot should still be active: %v %v", info.Kind, err)
-	}
-	if err := sn.Remove(h.ctx, "extract-long"); err != nil {
-		t.Fatal(err)
-	}
-
-	ext := newHarness(t, t.TempDir())
-	sn4 := ext.newSnapshotter(func(c *config.Config) { c.LayerFilesystem = config.LayerExt4 })
-	if err := ext.unpack(sn4, "long", "", ext.addBlob(buildTar(t, entries))); err != nil {
-		t.Fatal(err)
-	}
-	ext.withView(sn4, "long", func(root string) {
-		if err := snapshottest.Check(root, expectAll(entries)); err != nil {
-			t.Error(err)
+	t.Run("caisson differ", func(t *testing.T) {
+		h := newHarness(t, t.TempDir())
+		sn := h.newSnapshotter(nil)
+		if err := h.unpack(sn, "long", "", h.addBlob(buildTar(t, entries))); err != nil {
+			t.Fatal(err)
 		}
+		if !h.applied(sn, "long") {
+			t.Error("the layer was not written by Caisson's differ")
+		}
+		h.withLayerImage(sn, "long", func(root string) {
+			if err := snapshottest.Check(root, expectAll(entries)); err != nil {
+				t.Error(err)
+			}
+		})
+	})
+
+	t.Run("walking differ", func(t *testing.T) {
+		h := newHarness(t, t.TempDir())
+		sn := h.newSnapshotter(nil)
+		desc := h.addBlob(buildTar(t, entries))
+		err := h.unpackWith(h.walking, sn, "long", "", desc, desc.Digest)
+		if !errdefs.IsNotImplemented(err) || !strings.Contains(err.Error(), "255 bytes") {
+			t.Fatalf("erofs commit of a 255-byte name: got %v, want a NotImplemented error naming the limit", err)
+		}
+		if info, err := sn.Stat(h.ctx, "extract-long"); err != nil || info.Kind != snapshots.KindActive {
+			t.Fatalf("after the failed commit the snapshot should still be active: %v %v", info.Kind, err)
+		}
+		if err := sn.Remove(h.ctx, "extract-long"); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("ext4 layers", func(t *testing.T) {
+		// Caisson's differ writes only EROFS layers: it hands this to containerd's.
+		ext := newHarness(t, t.TempDir())
+		sn4 := ext.newSnapshotter(func(c *config.Config) { c.LayerFilesystem = config.LayerExt4 })
+		if err := ext.unpack(sn4, "long", "", ext.addBlob(buildTar(t, entries))); err != nil {
+			t.Fatal(err)
+		}
+		if ext.applied(sn4, "long") {
+			t.Error("Caisson's differ wrote an ext4 snapshotter's layer")
+		}
+		ext.withView(sn4, "long", func(root string) {
+			if err := snapshottest.Check(root, expectAll(entries)); err != nil {
+				t.Error(err)
+			}
+		})
 	})
 }

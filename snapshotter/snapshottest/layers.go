@@ -157,7 +157,7 @@ func tarMode(h tar.Header) fs.FileMode {
 }
 
 // BaseLayer exercises everything a layer can hold: ownership, setuid, setgid and
-// sticky modes, user xattrs (containerd's archive refuses trusted.* from a tar),
+// sticky modes, user xattrs (containerd's archive refuses trusted.* from a tar; see differLayer in package snapshotter for those),
 // hardlinks across directories, symlinks, device nodes, a FIFO, the longest file
 // name mkfs.erofs 1.5 stores (254 bytes) and a path longer than tar's limits.
 func BaseLayer() []TarEntry {

@@ -1,0 +1,177 @@
+package snapshotter
+
+import (
+	"archive/tar"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+
+	"github.com/caisson-containers/caisson/snapshotter/config"
+	"github.com/caisson-containers/caisson/snapshotter/snapshottest"
+)
+
+// differLayer is BaseLayer without its hardlinks (go-erofs cannot write them),
+// with what only Caisson's differ keeps: trusted.* and security.* xattrs and
+// 255-byte names.
+func differLayer() []layerEntry {
+	var es []layerEntry
+	for _, e := range snapshottest.BaseLayer() {
+		if e.Header.Typeflag != tar.TypeLink {
+			es = append(es, e)
+		}
+	}
+	return append(es,
+		snapshottest.WithXattrs(fileE("etc/trusted", "t\n", 0o644, 0, 0), "trusted.caisson", "kept", "user.a", "b"),
+		snapshottest.WithXattrs(dirE("etc/tdir", 0o750, 7, 8), "trusted.overlay.opaque", "y", "security.selinux", "system_u:object_r:etc_t:s0"),
+		fileE("long/"+strings.Repeat("m", 255), "255\n", 0o600, 3, 4),
+		// A parent directory the tar does not list.
+		fileE("implicit/parent/file", "p\n", 0o644, 0, 0),
+	)
+}
+
+// TestUnpackThroughDiffer: a layer with every kind of entry Caisson's differ
+// writes itself, and a layer of whiteouts and an opaque directory above it. Each
+// image, mounted alone, shows exactly the layer; no writable image was made.
+func TestUnpackThroughDiffer(t *testing.T) {
+	requireHost(t)
+	h := newHarness(t, t.TempDir())
+	sn := h.newSnapshotter(nil)
+	base := differLayer()
+	if err := h.unpack(sn, "l1", "", h.addBlob(buildTar(t, base))); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.unpack(sn, "l2", "l1", h.addBlob(buildTar(t, snapshottest.UpperLayer()))); err != nil {
+		t.Fatal(err)
+	}
+	want := snapshottest.Expect(base)
+	want = append(want,
+		snapshottest.Entry{Path: "implicit", Mode: os.ModeDir | 0o755},
+		snapshottest.Entry{Path: "implicit/parent", Mode: os.ModeDir | 0o755})
+	for _, tc := range []struct {
+		key  string
+		want []snapshottest.Entry
+	}{
+		{"l1", want},
+		{"l2", snapshottest.UpperImage()},
+	} {
+		t.Run(tc.key, func(t *testing.T) {
+			if !h.applied(sn, tc.key) {
+				t.Error("the layer was not written by Caisson's differ")
+			}
+			if _, err := os.Lstat(sn.writablePath(h.idOf(sn, tc.key))); !os.IsNotExist(err) {
+				t.Errorf("a writable image exists: %v", err)
+			}
+			fi, err := os.Stat(sn.layerPath(h.idOf(sn, tc.key)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fi.Size()%(2<<20) != 0 {
+				t.Errorf("layer image of %d bytes is not padded to 2MiB", fi.Size())
+			}
+			h.withLayerImage(sn, tc.key, func(root string) {
+				if err := snapshottest.Check(root, tc.want); err != nil {
+					t.Error(err)
+				}
+			})
+		})
+	}
+	checkConsistent(t, h, sn, "l1", "l2")
+}
+
+// TestCommitAppliedAndWritten: a snapshot whose layer Caisson's differ wrote, then
+// activated and written through its mounts, has two versions of its content.
+// Commit refuses with FailedPrecondition and changes nothing; the snapshot can
+// be removed.
+func TestCommitAppliedAndWritten(t *testing.T) {
+	requireHost(t)
+	h := newHarness(t, t.TempDir())
+	sn := h.newSnapshotter(nil)
+	mounts, err := sn.Prepare(h.ctx, "active", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.applier.Apply(h.ctx, h.addBlob(buildTar(t, []layerEntry{fileE("f", "f", 0o644, 0, 0)})), mounts); err != nil {
+		t.Fatal(err)
+	}
+	if !h.applied(sn, "active") {
+		t.Fatal("the layer was not written by Caisson's differ")
+	}
+	// The mounts are unchanged by the apply; writing through them creates the
+	// writable image.
+	h.withMounted(mounts, func(root string) {
+		if err := os.WriteFile(filepath.Join(root, "g"), []byte("g"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	})
+	err = sn.Commit(h.ctx, "committed", "active")
+	if !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "written to afterwards") {
+		t.Fatalf("commit: got %v, want FailedPrecondition saying why", err)
+	}
+	if info, err := sn.Stat(h.ctx, "active"); err != nil || info.Kind != snapshots.KindActive {
+		t.Fatalf("after the refused commit: %v %v, want the snapshot still active", info.Kind, err)
+	}
+	id := h.idOf(sn, "active")
+	for _, p := range []string{sn.layerPath(id), sn.writablePath(id)} {
+		if _, err := os.Stat(p); err != nil {
+			t.Errorf("after the refused commit: %v", err)
+		}
+	}
+	if err := sn.Remove(h.ctx, "active"); err != nil {
+		t.Fatal(err)
+	}
+	checkConsistent(t, h, sn)
+}
+
+// TestWriteLayerTakesOnlyItsOwn: WriteLayer is NotImplemented, before writing
+// anything, for mounts it must not take.
+func TestWriteLayerTakesOnlyItsOwn(t *testing.T) {
+	requireHost(t)
+	h := newHarness(t, t.TempDir())
+	sn := h.newSnapshotter(nil)
+	other := h.newSnapshotter(func(c *config.Config) { c.Root = filepath.Join(h.dir, "other") })
+	if err := h.unpack(sn, "base", "", h.addBlob(buildTar(t, []layerEntry{fileE("f", "f", 0o644, 0, 0)}))); err != nil {
+		t.Fatal(err)
+	}
+	active, err := sn.Prepare(h.ctx, "active", "base")
+	if err != nil {
+		t.Fatal(err)
+	}
+	activated, err := sn.Prepare(h.ctx, "activated", "base")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.withMounted(activated, func(string) {})
+	view, err := sn.View(h.ctx, "view", "base")
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherMounts, err := other.Prepare(h.ctx, "x", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name   string
+		mounts []mount.Mount
+	}{
+		{"view", view},
+		{"another snapshotter's", otherMounts},
+		{"activated", activated},
+		{"a plain bind", []mount.Mount{{Type: "bind", Source: h.dir, Options: []string{"rbind"}}}},
+		{"none", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			called := false
+			err := sn.WriteLayer(h.ctx, tc.mounts, false, func(context.Context, *os.File, string) error { called = true; return nil })
+			if !errdefs.IsNotImplemented(err) || called {
+				t.Errorf("got %v (writer called: %v), want NotImplemented before writing", err, called)
+			}
+		})
+	}
+	_ = active
+}
