@@ -1,9 +1,15 @@
-// caisson-snapshotter serves Caisson's block snapshotter to containerd as a proxy
-// plugin:
+// caisson-snapshotter serves Caisson's block snapshotter, and Caisson's differ
+// (snapshotter/differ), to containerd as proxy plugins on one socket:
 //
 //	[proxy_plugins.caisson]
 //	  type = "snapshot"
 //	  address = "/run/caisson/snapshotter.sock"
+//	[proxy_plugins.caisson-diff]
+//	  type = "diff"
+//	  address = "/run/caisson/snapshotter.sock"
+//
+// The differ reads layers from containerd's content store: it dials containerd at
+// --containerd-address when it first needs to.
 //
 // It stops gracefully on SIGTERM or SIGINT.
 package main
@@ -14,12 +20,14 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
 	"github.com/containerd/log"
 
 	"github.com/caisson-containers/caisson/snapshotter"
 	"github.com/caisson-containers/caisson/snapshotter/config"
+	"github.com/caisson-containers/caisson/snapshotter/differ"
 	"github.com/caisson-containers/caisson/snapshotter/service"
 )
 
@@ -36,6 +44,7 @@ func run() error {
 		address    = flag.String("address", "/run/caisson/snapshotter.sock", "unix socket to serve the snapshots API on")
 		configPath = flag.String("config", "", "TOML config file (see contrib/snapshotter/config.toml)")
 		logLevel   = flag.String("log-level", "info", "log level: trace, debug, info, warn, error")
+		ctrAddress = flag.String("containerd-address", "/run/containerd/containerd.sock", "containerd's gRPC socket, whose content store the differ reads layers from")
 	)
 	flag.Parse()
 	if flag.NArg() > 0 {
@@ -72,5 +81,12 @@ func run() error {
 	if err := sn.Cleanup(ctx); err != nil {
 		log.G(ctx).WithError(err).Warn("cleanup at start")
 	}
-	return service.Serve(ctx, sn, *address)
+	// The differ's own mount manager (for what it hands to containerd's
+	// applier) keeps its state beside the snapshots.
+	d, err := differ.NewRemote(*ctrAddress, filepath.Join(resolved.Root, "mm"), resolved.Root, []differ.LayerWriter{sn})
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return service.Serve(ctx, sn, d, *address)
 }

@@ -48,6 +48,8 @@ func testUnpackAndRunc(t *testing.T, proxy bool) {
 	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v: %s", err, out)
 	}
+	// Where Caisson's differ logs the layers it writes itself.
+	differLog := filepath.Join(dir, "containerd.log")
 	snapshotterConfig := `[plugins.'io.containerd.snapshotter.v1.caisson']
   default_writable_size = "256MiB"
   overlay_options = ["redirect_dir=on"]`
@@ -63,7 +65,8 @@ func testUnpackAndRunc(t *testing.T, proxy bool) {
 		snapCfg := filepath.Join(dir, "snapshotter.toml")
 		writeFile(t, snapCfg, "default_writable_size = \"256MiB\"\noverlay_options = [\"redirect_dir=on\"]\n")
 		snapSock := filepath.Join(dir, "snapshotter.sock")
-		sc := exec.Command(snapBin, "--root", filepath.Join(root, "io.containerd.snapshotter.v1.caisson"), "--address", snapSock, "--config", snapCfg)
+		sc := exec.Command(snapBin, "--root", filepath.Join(root, "io.containerd.snapshotter.v1.caisson"), "--address", snapSock, "--config", snapCfg,
+			"--containerd-address", sock, "--log-level", "debug")
 		slog, err := os.Create(filepath.Join(dir, "snapshotter.log"))
 		if err != nil {
 			t.Fatal(err)
@@ -83,7 +86,11 @@ func testUnpackAndRunc(t *testing.T, proxy bool) {
 		waitSocket(t, snapSock, sexited)
 		snapshotterConfig = fmt.Sprintf(`[proxy_plugins.caisson]
   type = "snapshot"
-  address = %q`, snapSock)
+  address = %q
+[proxy_plugins.caisson-diff]
+  type = "diff"
+  address = %q`, snapSock, snapSock)
+		differLog = filepath.Join(dir, "snapshotter.log")
 	}
 	writeFile(t, cfg, fmt.Sprintf(`version = 3
 root = %q
@@ -97,6 +104,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 [[plugins.'io.containerd.transfer.v1.local'.unpack_config]]
   platform = "linux/amd64"
   snapshotter = "caisson"
+  differ = "caisson-diff"
 `, root, state, sock, sock+".ttrpc", snapshotterConfig))
 
 	cmd := exec.Command(bin, "--config", cfg, "--log-level", "debug")
@@ -166,6 +174,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 	}
 	if staged, _ := filepath.Glob(filepath.Join(root, "io.containerd.snapshotter.v1.caisson", "snapshots", "*", "rw.ext4")); len(staged) != 0 {
 		t.Errorf("staging images left after unpack: %v", staged)
+	}
+	// Caisson's differ wrote the three layers from their tars (no hardlinks in
+	// them), with no fallback to containerd's.
+	if lg, err := os.ReadFile(differLog); err != nil {
+		t.Fatal(err)
+	} else if n := strings.Count(string(lg), "diff applied as an EROFS layer"); n != 3 {
+		t.Errorf("Caisson's differ wrote %d layers, want 3 (log %s)", n, differLog)
 	}
 
 	out := run("run", "--rm", "--snapshotter", "caisson", "caisson.test/e2e:1", "e2e",

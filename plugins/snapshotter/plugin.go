@@ -1,5 +1,6 @@
 // Package snapshotter registers Caisson's block snapshotter as a built-in
-// containerd snapshot plugin, "caisson". Import it for its side effect:
+// containerd snapshot plugin, "caisson", and Caisson's differ, which writes layers
+// straight into it, as the diff plugin "caisson-diff". Import it for its side effect:
 //
 //	import _ "github.com/caisson-containers/caisson/plugins/snapshotter"
 //

@@ -1,5 +1,6 @@
-// Package service serves a snapshotter as containerd's snapshots gRPC API on a
-// unix socket (containerd's contrib/snapshotservice), for [proxy_plugins].
+// Package service serves a snapshotter as containerd's snapshots gRPC API
+// (containerd's contrib/snapshotservice) and, optionally, a differ as its diff gRPC
+// API (contrib/diffservice) on one unix socket, for [proxy_plugins].
 package service
 
 import (
@@ -11,27 +12,40 @@ import (
 	"path/filepath"
 	"time"
 
+	diffapi "github.com/containerd/containerd/api/services/diff/v1"
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/contrib/diffservice"
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/containerd/v2/core/diff"
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/log"
 	"google.golang.org/grpc"
 )
 
+// Differ is a diff.Applier and diff.Comparer, as the diff API serves them.
+type Differ interface {
+	diff.Applier
+	diff.Comparer
+}
+
 // StopTimeout bounds a graceful stop: RPCs still running after it are cut off.
 const StopTimeout = 30 * time.Second
 
-// Serve serves sn on the unix socket address until ctx is done, then stops
+// Serve serves sn (and d, unless nil) on the unix socket address until ctx is done, then stops
 // gracefully: it stops accepting, lets running RPCs (a Commit, say) finish for up
 // to StopTimeout, and removes the socket. A stale socket from a killed process
 // is replaced; a socket another live server answers on is an error.
-func Serve(ctx context.Context, sn snapshots.Snapshotter, address string) error {
+func Serve(ctx context.Context, sn snapshots.Snapshotter, d Differ, address string) error {
 	l, err := listen(address)
 	if err != nil {
 		return err
 	}
-	srv := grpc.NewServer()
+	srv := grpc.NewServer(grpc.UnaryInterceptor(namespaceInterceptor))
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	if d != nil {
+		diffapi.RegisterDiffServer(srv, diffservice.FromApplierAndComparer(d, d))
+	}
 
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l) }()
@@ -84,4 +98,14 @@ func listen(address string) (net.Listener, error) {
 		return nil, err
 	}
 	return l, nil
+}
+
+// namespaceInterceptor makes the namespace of an incoming request (gRPC metadata)
+// the namespace of the calls made for it, such as reads from containerd's content
+// store, as containerd's own server does (plugins/server/grpc/namespace.go).
+func namespaceInterceptor(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	if ns, ok := namespaces.Namespace(ctx); ok {
+		ctx = namespaces.WithNamespace(ctx, ns)
+	}
+	return handler(ctx, req)
 }

@@ -1,0 +1,81 @@
+package differ
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	contentapi "github.com/containerd/containerd/api/services/content/v1"
+	"github.com/containerd/containerd/v2/core/content/proxy"
+	"github.com/containerd/containerd/v2/core/diff/apply"
+	"github.com/containerd/containerd/v2/core/mount/manager"
+	"github.com/containerd/containerd/v2/plugins/diff/walking"
+	bolt "go.etcd.io/bbolt"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+// Remote is the differ as caisson-snapshotter serves it beside the snapshotter
+// (a [proxy_plugins] entry of type "diff"): it reads layers from containerd's
+// content store through containerd's gRPC content API, and its fallback is
+// containerd's mount-manager applier with a mount manager of its own, so that it
+// applies every mount list it is given, as the built-in plugin does.
+type Remote struct {
+	*Differ
+	conn *grpc.ClientConn
+	db   *bolt.DB
+	mm   io.Closer
+}
+
+// NewRemote returns a Remote that dials containerd at containerdAddress (a unix
+// socket path; the dial happens at the first read) and keeps its mount manager's
+// state in stateDir. The mount manager may create files (the mkfs transform) only
+// under allowedRoot, the snapshotter's root.
+func NewRemote(containerdAddress, stateDir, allowedRoot string, layers []LayerWriter) (_ *Remote, retErr error) {
+	r := &Remote{}
+	defer func() {
+		if retErr != nil {
+			r.Close()
+		}
+	}()
+	conn, err := grpc.NewClient("unix://"+containerdAddress, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, fmt.Errorf("containerd at %s: %w", containerdAddress, err)
+	}
+	r.conn = conn
+	cs := proxy.NewContentStore(contentapi.NewContentClient(conn))
+
+	targets := filepath.Join(stateDir, "t")
+	if err := os.MkdirAll(targets, 0o700); err != nil {
+		return nil, err
+	}
+	if r.db, err = bolt.Open(filepath.Join(stateDir, "mounts.db"), 0o600, nil); err != nil {
+		return nil, fmt.Errorf("open mount manager state: %w", err)
+	}
+	mm, err := manager.NewManager(r.db, targets, manager.WithAllowedRoot(allowedRoot))
+	if err != nil {
+		return nil, err
+	}
+	if c, ok := mm.(io.Closer); ok {
+		r.mm = c
+	}
+	r.Differ = New(cs, layers, apply.NewFileSystemApplierWithMountManager(cs, mm), walking.NewWalkingDiff(cs))
+	return r, nil
+}
+
+// Close closes the connection to containerd and the mount manager.
+func (r *Remote) Close() error {
+	var errs []error
+	if r.mm != nil {
+		errs = append(errs, r.mm.Close())
+	}
+	if r.db != nil {
+		errs = append(errs, r.db.Close())
+	}
+	if r.conn != nil {
+		errs = append(errs, r.conn.Close())
+	}
+	return errors.Join(errs...)
+}
