@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"github.com/containerd/containerd/v2/core/mount"
@@ -131,6 +132,19 @@ func (s *Snapshotter) WriteLayer(ctx context.Context, mounts []mount.Mount, sync
 	}
 	log.G(ctx).Debug("layer written from tar")
 	return nil
+}
+
+// Owns reports whether mounts are this snapshotter's (any shape of
+// docs/mounts.md): whether some mount's source is one of its files.
+func (s *Snapshotter) Owns(mounts []mount.Mount) bool {
+	snaps := filepath.Join(s.root, "snapshots") + string(filepath.Separator)
+	for _, m := range mounts {
+		src := filepath.Clean(m.Source)
+		if strings.HasPrefix(src, snaps) || src == filepath.Join(s.root, "empty") {
+			return true
+		}
+	}
+	return false
 }
 
 // activeID returns the snapshot id of mounts if they are shape A or B of this

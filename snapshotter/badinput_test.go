@@ -256,7 +256,9 @@ func TestDiskFullDuringCommit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := h.applier.Apply(h.ctx, desc, mounts); err != nil {
+	// containerd's differ: the layer is staged in the writable image and
+	// built by Commit.
+	if _, err := h.walking.Apply(h.ctx, desc, mounts); err != nil {
 		t.Fatal(err)
 	}
 	err = sn.Commit(h.ctx, "committed", "active")
@@ -271,6 +273,63 @@ func TestDiskFullDuringCommit(t *testing.T) {
 
 	// Grow the filesystem and retry the same Commit.
 	if err := unix.Mount("tmpfs", root, "tmpfs", unix.MS_REMOUNT, "size=200m"); err != nil {
+		t.Fatal(err)
+	}
+	if err := sn.Commit(h.ctx, "committed", "active"); err != nil {
+		t.Fatal(err)
+	}
+	h.withLayerImage(sn, "committed", func(root string) {
+		if err := snapshottest.Check(root, expectAll(entries)); err != nil {
+			t.Error(err)
+		}
+	})
+	checkConsistent(t, h, sn, "committed")
+}
+
+// TestDiskFullDuringApply: Caisson's differ writes the layer image at Apply (its
+// data twice over while go-erofs spools it). On a full disk Apply fails with a
+// no-space error, leaves nothing in the snapshot directory and the snapshot
+// active; after space is freed a new Apply of the same snapshot succeeds.
+func TestDiskFullDuringApply(t *testing.T) {
+	requireHost(t)
+	dir := t.TempDir()
+	h := newHarness(t, dir)
+	root := filepath.Join(dir, "root")
+	if err := os.Mkdir(root, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := mount.All([]mount.Mount{{Type: "tmpfs", Source: "tmpfs", Options: []string{"size=64m"}}}, root); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := mount.UnmountAll(root, 0); err != nil {
+			t.Errorf("unmount tmpfs: %v", err)
+		}
+	})
+	sn := h.newSnapshotter(nil)
+	blob := make([]byte, 45<<20)
+	rand.Read(blob)
+	entries := []layerEntry{dirE("d", 0o755, 0, 0), {Header: tar.Header{Typeflag: tar.TypeReg, Name: "d/big", Mode: 0o644, Size: int64(len(blob))}, Data: blob}}
+	desc := h.addBlob(buildTar(t, entries))
+
+	mounts, err := sn.Prepare(h.ctx, "active", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = h.applier.Apply(h.ctx, desc, mounts)
+	if !errors.Is(err, unix.ENOSPC) || !errdefs.IsResourceExhausted(err) {
+		t.Fatalf("apply on a full disk: got %v, want a no-space error", err)
+	}
+	t.Log(err)
+	if files, _ := os.ReadDir(sn.snapshotDir(h.idOf(sn, "active"))); len(files) != 0 {
+		t.Errorf("the failed apply left %v", files)
+	}
+	checkConsistent(t, h, sn, "active")
+
+	if err := unix.Mount("tmpfs", root, "tmpfs", unix.MS_REMOUNT, "size=200m"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.applier.Apply(h.ctx, desc, mounts); err != nil {
 		t.Fatal(err)
 	}
 	if err := sn.Commit(h.ctx, "committed", "active"); err != nil {

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/diff"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/plugins/snapshots/overlay"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -64,7 +65,9 @@ func benchImage(b testing.TB) [][]layerEntry {
 }
 
 // BenchmarkUnpack unpacks the same 5-layer image with containerd's differ into
-// containerd's overlayfs snapshotter (the baseline) and into this snapshotter.
+// containerd's overlayfs snapshotter (the baseline), with Caisson's differ into
+// this snapshotter (the path containerd's unpacker takes with contrib/containerd's
+// config), and with containerd's differ into this snapshotter (the path before).
 // The two alternate within each iteration, in a rotating order, each from a cold
 // page cache; it reports the mean times and the ratio to the baseline.
 func BenchmarkUnpack(b *testing.B) {
@@ -80,12 +83,15 @@ func BenchmarkUnpack(b *testing.B) {
 	}
 	b.Logf("image: %d layers, %.0f MiB of tar", len(descs), float64(total)/(1<<20))
 
-	unpackAll := func(sn snapshots.Snapshotter) time.Duration {
+	// Each snapshotter is unpacked through the differ containerd's unpacker uses
+	// for it (the transfer service's unpack_config in contrib/containerd):
+	// containerd's walking differ for overlayfs, Caisson's for caisson.
+	unpackAll := func(a diff.Applier, sn snapshots.Snapshotter) time.Duration {
 		start := time.Now()
 		parent := ""
 		for i, d := range descs {
 			name := fmt.Sprintf("layer%d", i)
-			if err := h.unpack(sn, name, parent, d); err != nil {
+			if err := h.unpackWith(a, sn, name, parent, d, d.Digest); err != nil {
 				b.Fatal(err)
 			}
 			parent = name
@@ -106,7 +112,7 @@ func BenchmarkUnpack(b *testing.B) {
 			}
 			defer os.RemoveAll(root)
 			defer ov.Close()
-			return unpackAll(ov)
+			return unpackAll(h.walking, ov)
 		}},
 		{name: "caisson", run: func(i int) time.Duration {
 			sn := h.newSnapshotter(func(c *config.Config) {
@@ -115,7 +121,24 @@ func BenchmarkUnpack(b *testing.B) {
 			})
 			defer os.RemoveAll(sn.root)
 			defer sn.Close()
-			return unpackAll(sn)
+			d := unpackAll(h.applier, sn)
+			for l := range descs {
+				if !h.applied(sn, fmt.Sprintf("layer%d", l)) {
+					b.Fatalf("layer %d did not go through Caisson's differ", l)
+				}
+			}
+			return d
+		}},
+		// The path before Caisson's differ: containerd's differ untars into
+		// the writable image, Commit runs mkfs.erofs on it.
+		{name: "caisson-walking", run: func(i int) time.Duration {
+			sn := h.newSnapshotter(func(c *config.Config) {
+				c.Root = filepath.Join(dir, fmt.Sprintf("caissonw%d", i))
+				c.DefaultWritableSize = config.DefaultWritableSize
+			})
+			defer os.RemoveAll(sn.root)
+			defer sn.Close()
+			return unpackAll(h.walking, sn)
 		}},
 	}
 	b.ResetTimer()

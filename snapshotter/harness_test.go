@@ -54,6 +54,8 @@ type recorder struct {
 	sn *Snapshotter
 }
 
+func (r recorder) Owns(mounts []mount.Mount) bool { return r.sn.Owns(mounts) }
+
 func (r recorder) WriteLayer(ctx context.Context, mounts []mount.Mount, sync bool, write LayerWriteFunc) error {
 	err := r.sn.WriteLayer(ctx, mounts, sync, write)
 	if err == nil {

@@ -8,11 +8,12 @@
 // It is modelled on containerd's EROFS differ (plugins/diff/erofs): the layer is
 // read from the content store, decompressed by containerd's stream processors
 // (diff.NewProcessorChain, diff.GetProcessor) and its diff id computed on the way.
-// Whatever it does not handle exactly goes to a fallback applier (containerd's
-// mount-manager applier, as the "walking" differ uses) when one is given, else
-// fails with errdefs.ErrNotImplemented, which containerd's diff service takes as
-// "try the next differ". Comparing is left to a comparer (containerd's walking
-// differ).
+// It applies only to Caisson snapshots: other mounts are errdefs.ErrNotImplemented,
+// which containerd's diff service takes as "try the next differ". A Caisson
+// snapshot it cannot write exactly (see snapshotter.WriteLayer and package
+// tarerofs: hardlinks, for one) goes to a fallback applier (containerd's
+// mount-manager applier, as the "walking" differ uses) when one is given.
+// Comparing is left to a comparer (containerd's walking differ).
 package differ
 
 import (
@@ -37,10 +38,12 @@ import (
 // Name is the differ's plugin id, in the built-in plugin and the proxy alike.
 const Name = "caisson-diff"
 
-// LayerWriter is what the differ needs of a snapshotter: *snapshotter.Snapshotter's
-// WriteLayer, which calls write with the snapshot's new layer image, or returns
-// errdefs.ErrNotImplemented for mounts it does not take.
+// LayerWriter is what the differ needs of a snapshotter (*snapshotter.Snapshotter):
+// whether mounts are its own, and WriteLayer, which calls write with the
+// snapshot's new layer image, or returns errdefs.ErrNotImplemented for mounts it
+// does not write that way.
 type LayerWriter interface {
+	Owns(mounts []mount.Mount) bool
 	WriteLayer(ctx context.Context, mounts []mount.Mount, sync bool, write func(ctx context.Context, f *os.File, dir string) error) error
 }
 
@@ -75,36 +78,40 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 		}
 	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("digest", desc.Digest))
+	var owner LayerWriter
+	for _, lw := range d.layers {
+		if lw.Owns(mounts) {
+			owner = lw
+			break
+		}
+	}
+	if owner == nil {
+		// Not a Caisson snapshot: the diff service's next differ's business.
+		return ocispec.Descriptor{}, fmt.Errorf("%s applies only to Caisson snapshots: %w", Name, errdefs.ErrNotImplemented)
+	}
 	var why error
 	if _, err := images.DiffCompression(ctx, desc.MediaType); err != nil {
 		why = fmt.Errorf("media type %s: %w", desc.MediaType, errdefs.ErrNotImplemented)
 	} else {
-		for _, lw := range d.layers {
-			start := time.Now()
-			var applied ocispec.Descriptor
-			err := lw.WriteLayer(ctx, mounts, config.SyncFs, func(ctx context.Context, f *os.File, dir string) (err error) {
-				applied, err = d.convert(ctx, desc, config, f, dir)
-				return err
-			})
-			if err == nil {
-				log.G(ctx).WithField("d", time.Since(start)).WithField("differ", Name).Debug("diff applied as an EROFS layer")
-				return applied, nil
-			}
-			if !errdefs.IsNotImplemented(err) {
-				return ocispec.Descriptor{}, err
-			}
-			why = err
+		start := time.Now()
+		var applied ocispec.Descriptor
+		err := owner.WriteLayer(ctx, mounts, config.SyncFs, func(ctx context.Context, f *os.File, dir string) (err error) {
+			applied, err = d.convert(ctx, desc, config, f, dir)
+			return err
+		})
+		if err == nil {
+			log.G(ctx).WithField("d", time.Since(start)).WithField("differ", Name).Debug("diff applied as an EROFS layer")
+			return applied, nil
 		}
+		if !errdefs.IsNotImplemented(err) {
+			return ocispec.Descriptor{}, err
+		}
+		why = err
 	}
 	if d.fallback == nil {
-		if why == nil {
-			why = fmt.Errorf("no caisson snapshotter to apply to: %w", errdefs.ErrNotImplemented)
-		}
 		return ocispec.Descriptor{}, why
 	}
-	if why != nil {
-		log.G(ctx).WithError(why).Debug("applying through the fallback differ")
-	}
+	log.G(ctx).WithError(why).Info("caisson-diff: applying the layer with containerd's differ")
 	return d.fallback.Apply(ctx, desc, mounts, opts...)
 }
 
