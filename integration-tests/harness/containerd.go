@@ -106,7 +106,8 @@ func Start(t testing.TB, o Options) *Env {
 		t.Fatal(err)
 	}
 	snap := startDaemon(t, "caisson-snapshotter", filepath.Join(dir, "snapshotter.log"), nil,
-		filepath.Join(bin, "caisson-snapshotter"), "--root", snapRoot, "--address", snapSock, "--config", snapCfg)
+		filepath.Join(bin, "caisson-snapshotter"), "--root", snapRoot, "--address", snapSock, "--config", snapCfg,
+		"--containerd-address", e.Address, "--log-level", "debug")
 	waitSocket(t, snapSock, snap)
 
 	// containerd, from the shipped contrib config with this test's paths.
@@ -119,6 +120,7 @@ func Start(t testing.TB, o Options) *Env {
 	cfg["state"] = filepath.Join(dir, "state")
 	cfg["grpc"] = map[string]any{"address": e.Address}
 	cfg["proxy_plugins"].(map[string]any)["caisson"].(map[string]any)["address"] = snapSock
+	cfg["proxy_plugins"].(map[string]any)["caisson-diff"].(map[string]any)["address"] = snapSock
 	// The CRI handler's runtime options name the runtime configuration file.
 	criRuntime := "io.containerd.cri.v1.runtime"
 	if cfg["version"] == int64(2) {
