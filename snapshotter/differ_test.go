@@ -1,7 +1,6 @@
 package snapshotter
 
 import (
-	"archive/tar"
 	"context"
 	"os"
 	"path/filepath"
@@ -11,22 +10,21 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
 
 	"github.com/caisson-containers/caisson/snapshotter/config"
 	"github.com/caisson-containers/caisson/snapshotter/snapshottest"
 )
 
-// differLayer is BaseLayer without its hardlinks (go-erofs cannot write them),
-// with what only Caisson's differ keeps: trusted.* and security.* xattrs and
-// 255-byte names.
+// differLayer is BaseLayer with what only Caisson's differ keeps: trusted.* and
+// security.* xattrs and 255-byte names; and hardlinks to each kind of non-directory.
 func differLayer() []layerEntry {
-	var es []layerEntry
-	for _, e := range snapshottest.BaseLayer() {
-		if e.Header.Typeflag != tar.TypeLink {
-			es = append(es, e)
-		}
-	}
+	es := snapshottest.BaseLayer()
 	return append(es,
+		linkE("dev/null2", "dev/null", 0o660, 0, 0),
+		linkE("dev/fifo2", "dev/fifo", 0o660, 0, 0),
+		// A link of a link, three names for one inode.
+		linkE("usr/bin/tool3", "sbin/tool", 0o755, 0, 0),
 		snapshottest.WithXattrs(fileE("etc/trusted", "t\n", 0o644, 0, 0), "trusted.caisson", "kept", "user.a", "b"),
 		snapshottest.WithXattrs(dirE("etc/tdir", 0o750, 7, 8), "trusted.overlay.opaque", "y", "security.selinux", "system_u:object_r:etc_t:s0"),
 		fileE("long/"+strings.Repeat("m", 255), "255\n", 0o600, 3, 4),
@@ -77,6 +75,18 @@ func TestUnpackThroughDiffer(t *testing.T) {
 			h.withLayerImage(sn, tc.key, func(root string) {
 				if err := snapshottest.Check(root, tc.want); err != nil {
 					t.Error(err)
+				}
+				if tc.key != "l1" {
+					return
+				}
+				// Link counts: every name of an inode counts.
+				for p, want := range map[string]uint64{"usr/bin/tool": 3, "sbin/tool": 3, "data/file": 2, "dev/null": 2, "dev/fifo2": 2, "etc/passwd": 1, "usr": 3} {
+					var st unix.Stat_t
+					if err := unix.Lstat(filepath.Join(root, p), &st); err != nil {
+						t.Error(err)
+					} else if st.Nlink != want {
+						t.Errorf("%s: %d links, want %d", p, st.Nlink, want)
+					}
 				}
 			})
 		})

@@ -14,12 +14,14 @@
 // this layer, a hardlink to something outside the root or not earlier in the layer.
 // Symlinks themselves may point anywhere (absolute targets are normal in images).
 //
+// Hardlinks are kept: go-erofs v0.3.1's Writer has no way to give two names one
+// inode, so Write patches the finished image's directory entries (hardlink.go).
+//
 // What go-erofs v0.3.1 cannot write is an errdefs.ErrNotImplemented naming the
-// entry, so that a caller can fall back to another unpack path: hardlinks (its
-// Writer has no way to give two names one inode), an entry that replaces another
-// non-directory of the same layer (it cannot remove an entry), and xattrs outside
-// user., trusted. and security. (it mis-encodes system.posix_acl_*). Nothing is ever
-// dropped silently.
+// entry, so that a caller can fall back to another unpack path: an entry that
+// replaces another non-directory of the same layer, or a whiteout of one (it
+// cannot remove an entry), and xattrs outside user., trusted. and security. (it
+// mis-encodes system.posix_acl_*). Nothing is ever dropped silently.
 package tarerofs
 
 import (
@@ -57,10 +59,17 @@ type Options struct {
 	TempDir string
 }
 
+// File is where Write writes the image: an *os.File opened for reading and writing.
+type File interface {
+	io.WriteSeeker
+	io.ReaderAt
+	io.WriterAt
+}
+
 // Write reads the layer tar from r and writes its EROFS image to out, starting at
 // offset 0. It reads r up to the tar's end-of-archive marker, not beyond. On error
 // out holds garbage, which the caller removes.
-func Write(ctx context.Context, r io.Reader, out io.WriteSeeker, opts Options) (retErr error) {
+func Write(ctx context.Context, r io.Reader, out File, opts Options) (retErr error) {
 	dst := &abortable{WriteSeeker: out}
 	w := erofs.Create(dst, erofs.WithBlockSize(BlockSize), erofs.WithTempDir(opts.TempDir))
 	defer func() {
@@ -71,7 +80,7 @@ func Write(ctx context.Context, r io.Reader, out io.WriteSeeker, opts Options) (
 			w.Close()
 		}
 	}()
-	c := &converter{w: w, kinds: map[string]kind{"/": kindDir}}
+	c := &converter{w: w, kinds: map[string]kind{"/": kindDir}, types: map[string]byte{}, canon: map[string]string{}, nlink: map[string]uint32{}}
 	tr := tar.NewReader(r)
 	for {
 		if err := ctx.Err(); err != nil {
@@ -88,8 +97,16 @@ func Write(ctx context.Context, r io.Reader, out io.WriteSeeker, opts Options) (
 			return err
 		}
 	}
+	for p, n := range c.nlink {
+		if err := w.SetNlink(p, n); err != nil {
+			return err
+		}
+	}
 	if err := w.Close(); err != nil {
 		return fmt.Errorf("write EROFS image: %w", err)
+	}
+	if err := relink(out, c.links); err != nil {
+		return fmt.Errorf("write EROFS image: hardlinks: %w", err)
 	}
 	return nil
 }
@@ -107,6 +124,13 @@ type converter struct {
 	// kinds records every path of the image so far ("/a/b"), implicit parent
 	// directories included.
 	kinds map[string]kind
+	// types holds the tar type of every entry that can be a hardlink's target.
+	types map[string]byte
+	// canon maps a hardlink to the entry whose inode it shares; nlink counts
+	// the names of such inodes; links are the directory entries to patch.
+	canon map[string]string
+	nlink map[string]uint32
+	links []link
 }
 
 func (c *converter) add(hdr *tar.Header, data io.Reader) error {
@@ -145,7 +169,7 @@ func (c *converter) add(hdr *tar.Header, data io.Reader) error {
 		k = kindSymlink
 		err = c.w.Symlink(hdr.Linkname, p)
 	case tar.TypeLink:
-		return c.hardlink(hdr)
+		return c.hardlink(hdr, p)
 	case tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
 		typ := map[byte]uint32{tar.TypeChar: unix.S_IFCHR, tar.TypeBlock: unix.S_IFBLK, tar.TypeFifo: unix.S_IFIFO}[hdr.Typeflag]
 		err = c.w.Mknod(p, uint16(typ), uint32(unix.Mkdev(uint32(hdr.Devmajor), uint32(hdr.Devminor))))
@@ -158,6 +182,7 @@ func (c *converter) add(hdr *tar.Header, data io.Reader) error {
 		return fmt.Errorf("tar entry %q: %w", hdr.Name, err)
 	}
 	c.kinds[p] = k
+	c.types[p] = hdr.Typeflag
 	return c.meta(hdr, p, mode)
 }
 
@@ -226,8 +251,9 @@ func (c *converter) whiteout(name, p, base string) error {
 	return nil
 }
 
-// hardlink validates a hardlink entry; go-erofs cannot write one.
-func (c *converter) hardlink(hdr *tar.Header) error {
+// hardlink adds the hardlink entry p: a placeholder of its target's type now,
+// its directory entry pointed at the target's inode once the image is written.
+func (c *converter) hardlink(hdr *tar.Header, p string) error {
 	t, err := clean(hdr.Linkname)
 	if err != nil {
 		return fmt.Errorf("tar entry %q: hardlink target: %w", hdr.Name, err)
@@ -238,7 +264,44 @@ func (c *converter) hardlink(hdr *tar.Header) error {
 	case kindDir:
 		return fmt.Errorf("tar entry %q: hardlink to the directory %q: %w", hdr.Name, hdr.Linkname, errdefs.ErrInvalidArgument)
 	}
-	return fmt.Errorf("tar entry %q is a hardlink, which go-erofs v0.3.1 cannot write: %w", hdr.Name, errdefs.ErrNotImplemented)
+	if canon, ok := c.canon[t]; ok {
+		t = canon
+	}
+	typ, ok := c.types[t]
+	if !ok {
+		// A whiteout: a layer's own whiteouts cannot be linked to.
+		return fmt.Errorf("tar entry %q: hardlink to the whiteout %q: %w", hdr.Name, hdr.Linkname, errdefs.ErrInvalidArgument)
+	}
+	k := kindOther
+	switch typ {
+	case tar.TypeReg:
+		var f *erofs.File
+		if f, err = c.w.Create(p); err == nil {
+			err = f.Close()
+		}
+	case tar.TypeSymlink:
+		k = kindSymlink
+		err = c.w.Symlink("-", p)
+	default:
+		mode := map[byte]uint32{tar.TypeChar: unix.S_IFCHR, tar.TypeBlock: unix.S_IFBLK, tar.TypeFifo: unix.S_IFIFO}[typ]
+		err = c.w.Mknod(p, uint16(mode), 0)
+	}
+	if err != nil {
+		return fmt.Errorf("tar entry %q: %w", hdr.Name, err)
+	}
+	c.kinds[p] = k
+	c.canon[p] = t
+	if c.nlink[t] == 0 {
+		c.nlink[t] = 1
+	}
+	c.nlink[t]++
+	c.links = append(c.links, link{name: p, target: t})
+	if typ == tar.TypeSymlink {
+		return nil
+	}
+	// As containerd's archive code does, the link's header sets the shared
+	// inode's metadata.
+	return c.meta(hdr, t, hdr.FileInfo().Mode())
 }
 
 // parents checks every ancestor of p: each must be a directory of the layer, or
