@@ -11,7 +11,7 @@
 // It applies only to Caisson snapshots: other mounts are errdefs.ErrNotImplemented,
 // which containerd's diff service takes as "try the next differ". A Caisson
 // snapshot it cannot write exactly (see snapshotter.WriteLayer and package
-// tarerofs: hardlinks, for one) goes to a fallback applier (containerd's
+// tarerofs: a layer replacing its own entries, for one) goes to a fallback applier (containerd's
 // mount-manager applier, as the "walking" differ uses) when one is given.
 // Comparing is left to a comparer (containerd's walking differ).
 package differ
