@@ -229,11 +229,7 @@ func (c *converter) meta(hdr *tar.Header, p string, mode fs.FileMode) error {
 func (c *converter) whiteout(name, p, base string) error {
 	dir := path.Dir(p)
 	if base == opaqueMarker {
-		if _, ok := c.kinds[dir]; !ok {
-			// Only reachable for the root, which always exists; parents()
-			// recorded every other ancestor.
-			return fmt.Errorf("tar entry %q: no directory %q: %w", name, dir, errdefs.ErrInvalidArgument)
-		}
+		// parents() made sure dir is a directory.
 		return c.w.Setxattr(dir, opaqueXattr, "y")
 	}
 	target := strings.TrimPrefix(base, whiteoutPrefix)
@@ -305,16 +301,16 @@ func (c *converter) hardlink(hdr *tar.Header, p string) error {
 }
 
 // parents checks every ancestor of p: each must be a directory of the layer, or
-// absent (then go-erofs creates it, 0755 root-owned, as containerd's differ would).
+// absent; absent ones are created 0755 and root-owned, as containerd's differ
+// creates them.
 func (c *converter) parents(name, p string) error {
 	var missing []string
 	for d := path.Dir(p); d != "/"; d = path.Dir(d) {
-		switch c.kinds[d] {
-		case kindDir:
-			for _, m := range missing {
-				c.kinds[m] = kindDir
-			}
-			return nil
+		k := c.kinds[d]
+		if k == kindDir {
+			break
+		}
+		switch k {
 		case kindSymlink:
 			return fmt.Errorf("tar entry %q: its parent %q is a symlink of the layer; writing through it is refused: %w", name, strings.TrimPrefix(d, "/"), errdefs.ErrInvalidArgument)
 		case kindOther:
@@ -322,8 +318,11 @@ func (c *converter) parents(name, p string) error {
 		}
 		missing = append(missing, d)
 	}
-	for _, m := range missing {
-		c.kinds[m] = kindDir
+	for i := len(missing) - 1; i >= 0; i-- {
+		if err := c.w.Mkdir(missing[i], 0o755); err != nil {
+			return fmt.Errorf("tar entry %q: %w", name, err)
+		}
+		c.kinds[missing[i]] = kindDir
 	}
 	return nil
 }
