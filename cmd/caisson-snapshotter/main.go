@@ -83,7 +83,7 @@ func run() error {
 	}
 	// The differ's own mount manager (for what it hands to containerd's
 	// applier) keeps its state beside the snapshots.
-	d, err := differ.NewRemote(*ctrAddress, filepath.Join(resolved.Root, "mm"), resolved.Root, []differ.LayerWriter{sn})
+	d, err := differ.NewRemote(ctx, *ctrAddress, filepath.Join(resolved.Root, "mm"), resolved.Root, []differ.LayerWriter{sn})
 	if err != nil {
 		return err
 	}

@@ -1,6 +1,7 @@
 package differ
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -10,8 +11,11 @@ import (
 	contentapi "github.com/containerd/containerd/api/services/content/v1"
 	"github.com/containerd/containerd/v2/core/content/proxy"
 	"github.com/containerd/containerd/v2/core/diff/apply"
+	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/mount/manager"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/plugins/diff/walking"
+	"github.com/containerd/log"
 	bolt "go.etcd.io/bbolt"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -33,7 +37,10 @@ type Remote struct {
 // socket path; the dial happens at the first read) and keeps its mount manager's
 // state in stateDir. The mount manager may create files (the mkfs transform) only
 // under allowedRoot, the snapshotter's root.
-func NewRemote(containerdAddress, stateDir, allowedRoot string, layers []LayerWriter) (_ *Remote, retErr error) {
+//
+// Activations a killed process left behind (a fallback apply in progress) are
+// deactivated first: their mounts are unmounted and their loop devices freed.
+func NewRemote(ctx context.Context, containerdAddress, stateDir, allowedRoot string, layers []LayerWriter) (_ *Remote, retErr error) {
 	r := &Remote{}
 	defer func() {
 		if retErr != nil {
@@ -51,15 +58,21 @@ func NewRemote(containerdAddress, stateDir, allowedRoot string, layers []LayerWr
 	if err := os.MkdirAll(targets, 0o700); err != nil {
 		return nil, err
 	}
-	if r.db, err = bolt.Open(filepath.Join(stateDir, "mounts.db"), 0o600, nil); err != nil {
+	db, err := bolt.Open(filepath.Join(stateDir, "mounts.db"), 0o600, nil)
+	if err != nil {
 		return nil, fmt.Errorf("open mount manager state: %w", err)
 	}
-	mm, err := manager.NewManager(r.db, targets, manager.WithAllowedRoot(allowedRoot))
+	r.db = db
+	mm, err := manager.NewManager(db, targets, manager.WithAllowedRoot(allowedRoot))
 	if err != nil {
 		return nil, err
 	}
 	if c, ok := mm.(io.Closer); ok {
-		r.mm = c
+		r.mm = c // it closes the db too
+		r.db = nil
+	}
+	if err := deactivateAll(ctx, db, mm); err != nil {
+		return nil, fmt.Errorf("clean up the mount manager's leftovers: %w", err)
 	}
 	r.Differ = New(cs, layers, apply.NewFileSystemApplierWithMountManager(cs, mm), walking.NewWalkingDiff(cs))
 	return r, nil
@@ -76,6 +89,40 @@ func (r *Remote) Close() error {
 	}
 	if r.conn != nil {
 		errs = append(errs, r.conn.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// deactivateAll deactivates every activation mm has recorded, in every namespace
+// (the namespaces are the top-level buckets of its schema, under "v1").
+func deactivateAll(ctx context.Context, db *bolt.DB, mm mount.Manager) error {
+	var nss []string
+	if err := db.View(func(tx *bolt.Tx) error {
+		v1 := tx.Bucket([]byte("v1"))
+		if v1 == nil {
+			return nil
+		}
+		return v1.ForEachBucket(func(k []byte) error {
+			nss = append(nss, string(k))
+			return nil
+		})
+	}); err != nil {
+		return err
+	}
+	var errs []error
+	for _, ns := range nss {
+		nctx := namespaces.WithNamespace(ctx, ns)
+		infos, err := mm.List(nctx)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		for _, info := range infos {
+			log.G(ctx).WithField("name", info.Name).Info("deactivating a mount left by a killed process")
+			if err := mm.Deactivate(nctx, info.Name); err != nil {
+				errs = append(errs, err)
+			}
+		}
 	}
 	return errors.Join(errs...)
 }
