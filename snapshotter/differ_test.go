@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/caisson-containers/caisson/snapshotter/config"
+	"github.com/caisson-containers/caisson/snapshotter/differ"
 	"github.com/caisson-containers/caisson/snapshotter/snapshottest"
 )
 
@@ -144,10 +145,10 @@ func TestWriteLayerTakesOnlyItsOwn(t *testing.T) {
 	requireHost(t)
 	h := newHarness(t, t.TempDir())
 	sn := h.newSnapshotter(nil)
-	other := h.newSnapshotter(func(c *config.Config) { c.Root = filepath.Join(h.dir, "other") })
 	if err := h.unpack(sn, "base", "", h.addBlob(buildTar(t, []layerEntry{fileE("f", "f", 0o644, 0, 0)}))); err != nil {
 		t.Fatal(err)
 	}
+	other := h.newSnapshotter(func(c *config.Config) { c.Root = filepath.Join(h.dir, "other") })
 	active, err := sn.Prepare(h.ctx, "active", "base")
 	if err != nil {
 		t.Fatal(err)
@@ -182,6 +183,12 @@ func TestWriteLayerTakesOnlyItsOwn(t *testing.T) {
 				t.Errorf("got %v (writer called: %v), want NotImplemented before writing", err, called)
 			}
 		})
+	}
+	// The differ declines another snapshotter's mounts, fallback or not, so
+	// that the diff service tries its next differ.
+	desc := h.addBlob(buildTar(t, []layerEntry{fileE("g", "g", 0o644, 0, 0)}))
+	if _, err := differ.New(h.cs, []differ.LayerWriter{sn}, h.walking, nil).Apply(h.ctx, desc, otherMounts); !errdefs.IsNotImplemented(err) {
+		t.Errorf("apply to another snapshotter's mounts: got %v, want NotImplemented", err)
 	}
 	_ = active
 }
