@@ -183,6 +183,30 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 		t.Errorf("Caisson's differ wrote %d layers, want 3 (log %s)", n, differLog)
 	}
 
+	// A layer whose entry climbs out of the root: Caisson's differ refuses it
+	// with an error naming the entry, writes nothing outside, and containerd's
+	// unpacker removes the snapshot.
+	outside := t.TempDir()
+	bad := filepath.Join(dir, "bad.tar")
+	evil := strings.Repeat("../", 20) + strings.TrimPrefix(outside, "/") + "/pwned"
+	writeImage(t, bad, "bad", tarOf(t, func(w *tar.Writer) { file(t, w, evil, []byte("x"), 0o644) }))
+	imp := exec.Command(ctr, "--address", sock, "--namespace", "caisson-test", "images", "import", "--snapshotter", "caisson", "--base-name", "caisson.test/bad", bad)
+	imp.Env = cmd.Env
+	if out, err := imp.CombinedOutput(); err == nil || !strings.Contains(string(out), "leaves the layer's root") || !strings.Contains(string(out), "pwned") {
+		t.Errorf("import of a layer escaping its root: %v, output %q; want an error naming the entry", err, out)
+	} else {
+		t.Logf("import of a layer escaping its root: %s", strings.TrimSpace(string(out)))
+	}
+	t.Cleanup(func() {
+		exec.Command(ctr, "--address", sock, "--namespace", "caisson-test", "images", "rm", "--sync", "caisson.test/bad:bad").Run()
+	})
+	if entries, _ := os.ReadDir(outside); len(entries) != 0 {
+		t.Errorf("the bad layer wrote outside its root: %v", entries)
+	}
+	if tmp, _ := filepath.Glob(filepath.Join(root, "io.containerd.snapshotter.v1.caisson", "snapshots", "*", "*.tmp")); len(tmp) != 0 {
+		t.Errorf("half-written images after the failed unpack: %v", tmp)
+	}
+
 	out := run("run", "--rm", "--snapshotter", "caisson", "caisson.test/e2e:1", "e2e",
 		"/bin/sh", "-c", "cat /etc/hello; test -e /bin/gone || echo gone-is-gone; echo written > /tmp/w; cat /tmp/w")
 	want := "hello from layer 2\ngone-is-gone\nwritten\n"
@@ -219,6 +243,13 @@ func writeOCIImage(t *testing.T, path, busybox, tag, hello string) {
 		dir(t, w, "bin")
 		file(t, w, "bin/.wh.gone", nil, 0o644)
 	})
+	writeImage(t, path, tag, base, top)
+}
+
+// writeImage writes an OCI image layout tar tagged tag whose uncompressed layers
+// are layers, bottom first.
+func writeImage(t *testing.T, path, tag string, layers ...[]byte) {
+	t.Helper()
 	blobs := map[digest.Digest][]byte{}
 	add := func(mt string, b []byte) ocispec.Descriptor {
 		d := digest.FromBytes(b)
@@ -228,14 +259,17 @@ func writeOCIImage(t *testing.T, path, busybox, tag, hello string) {
 	config := ocispec.Image{
 		Platform: ocispec.Platform{Architecture: "amd64", OS: "linux"},
 		Config:   ocispec.ImageConfig{Cmd: []string{"/bin/sh"}},
-		RootFS:   ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{digest.FromBytes(base), digest.FromBytes(top)}},
+		RootFS:   ocispec.RootFS{Type: "layers"},
 	}
 	manifest := ocispec.Manifest{
 		Versioned: specs.Versioned{SchemaVersion: 2},
 		MediaType: ocispec.MediaTypeImageManifest,
-		Config:    add(ocispec.MediaTypeImageConfig, mustJSON(t, config)),
-		Layers:    []ocispec.Descriptor{add(ocispec.MediaTypeImageLayer, base), add(ocispec.MediaTypeImageLayer, top)},
 	}
+	for _, l := range layers {
+		config.RootFS.DiffIDs = append(config.RootFS.DiffIDs, digest.FromBytes(l))
+		manifest.Layers = append(manifest.Layers, add(ocispec.MediaTypeImageLayer, l))
+	}
+	manifest.Config = add(ocispec.MediaTypeImageConfig, mustJSON(t, config))
 	md := add(ocispec.MediaTypeImageManifest, mustJSON(t, manifest))
 	md.Annotations = map[string]string{ocispec.AnnotationRefName: tag}
 	md.Platform = &ocispec.Platform{Architecture: "amd64", OS: "linux"}
