@@ -1,15 +1,21 @@
 package snapshotter
 
 import (
+	"bytes"
+	"compress/gzip"
 	"context"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/diff"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
 
 	"github.com/caisson-containers/caisson/snapshotter/config"
@@ -186,4 +192,70 @@ func TestWriteLayerTakesOnlyItsOwn(t *testing.T) {
 	if _, err := differ.New(h.cs, []differ.LayerWriter{sn}, h.walking, nil).Apply(h.ctx, desc, otherMounts); !errdefs.IsNotImplemented(err) {
 		t.Errorf("apply to another snapshotter's mounts: got %v, want NotImplemented", err)
 	}
+}
+
+// TestDifferCompressedAndSynced: a gzip layer goes through the fast path (the
+// stream processors decompress it; the diff id is the tar's), synced on request.
+func TestDifferCompressedAndSynced(t *testing.T) {
+	requireHost(t)
+	h := newHarness(t, t.TempDir())
+	sn := h.newSnapshotter(nil)
+	entries := []layerEntry{dirE("d", 0o755, 0, 0), fileE("d/f", strings.Repeat("gz", 5000), 0o644, 0, 0)}
+	tarData := buildTar(t, entries)
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write(tarData)
+	zw.Close()
+	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(gz.Bytes()), Size: int64(gz.Len())}
+	if err := content.WriteBlob(h.ctx, h.cs, desc.Digest.String(), bytes.NewReader(gz.Bytes()), desc); err != nil {
+		t.Fatal(err)
+	}
+	mounts, err := sn.Prepare(h.ctx, "active", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	applied, err := h.applier.Apply(h.ctx, desc, mounts, diff.WithSyncFs(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if applied.Digest != digest.FromBytes(tarData) || applied.Size != int64(len(tarData)) || applied.MediaType != ocispec.MediaTypeImageLayer {
+		t.Errorf("applied %+v, want the uncompressed tar's digest and size", applied)
+	}
+	if !h.applied(sn, "active") {
+		t.Error("the layer was not written by Caisson's differ")
+	}
+	if err := sn.Commit(h.ctx, "c", "active"); err != nil {
+		t.Fatal(err)
+	}
+	h.withLayerImage(sn, "c", func(root string) {
+		if err := snapshottest.Check(root, expectAll(entries)); err != nil {
+			t.Error(err)
+		}
+	})
+}
+
+// TestDifferFallsBack: a layer go-erofs cannot write (it replaces one of its own
+// entries) goes to containerd's differ through Caisson's, re-read from the
+// content store; the committed layer holds what containerd's differ wrote.
+func TestDifferFallsBack(t *testing.T) {
+	requireHost(t)
+	h := newHarness(t, t.TempDir())
+	sn := h.newSnapshotter(nil)
+	entries := []layerEntry{dirE("d", 0o755, 0, 0), fileE("d/f", "first", 0o644, 0, 0), fileE("d/f", "second", 0o600, 0, 0)}
+	if err := h.unpack(sn, "l", "", h.addBlob(buildTar(t, entries))); err != nil {
+		t.Fatal(err)
+	}
+	if h.applied(sn, "l") {
+		t.Error("Caisson's differ wrote a layer it cannot write exactly")
+	}
+	h.withLayerImage(sn, "l", func(root string) {
+		want := []snapshottest.Entry{
+			{Path: "d", Mode: os.ModeDir | 0o755, ModTime: epoch},
+			{Path: "d/f", Mode: 0o600, ModTime: epoch, Data: []byte("second")},
+		}
+		if err := snapshottest.Check(root, want); err != nil {
+			t.Error(err)
+		}
+	})
+	checkConsistent(t, h, sn, "l")
 }
