@@ -43,7 +43,7 @@ func TestCmdline(t *testing.T) {
 				"-smp":     {"2"},
 				"-m":       {"size=512M,slots=4,maxmem=4096M"},
 				"-kernel":  {"/k"},
-				"-append":  {"console=ttyS0 panic=-1 swiotlb=noforce quiet"},
+				"-append":  {"console=ttyS0 panic=-1 swiotlb=noforce pcie_ports=compat quiet"},
 				"-sandbox": {"on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"},
 				"-chardev": {
 					"file,id=console,path=/s/con,,sole.log",
