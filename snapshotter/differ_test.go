@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
+	erofs "github.com/erofs/go-erofs"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
@@ -79,6 +81,7 @@ func TestUnpackThroughDiffer(t *testing.T) {
 			if fi.Size()%(2<<20) != 0 {
 				t.Errorf("layer image of %d bytes is not padded to 2MiB", fi.Size())
 			}
+			assertFlatPlain(t, sn.layerPath(h.idOf(sn, tc.key)))
 			h.withLayerImage(sn, tc.key, func(root string) {
 				if err := snapshottest.Check(root, tc.want); err != nil {
 					t.Error(err)
@@ -258,4 +261,39 @@ func TestDifferFallsBack(t *testing.T) {
 		}
 	})
 	checkConsistent(t, h, sn, "l")
+}
+
+// assertFlatPlain checks that every regular file of the EROFS image at p keeps
+// its data in blocks of its own (flat-plain), which DAX needs.
+func assertFlatPlain(t *testing.T, p string) {
+	t.Helper()
+	f, err := os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	img, err := erofs.Open(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	if err := fs.WalkDir(img, ".", func(p string, d fs.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return err
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		if st := fi.Sys().(*erofs.Stat); st.InodeLayout != 0 {
+			t.Errorf("%s: inode layout %d, want 0 (flat-plain)", p, st.InodeLayout)
+		}
+		n++
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if n == 0 {
+		t.Error("no regular file in the image")
+	}
 }

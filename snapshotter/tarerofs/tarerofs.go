@@ -14,6 +14,10 @@
 // this layer, a hardlink to something outside the root or not earlier in the layer.
 // Symlinks themselves may point anywhere (absolute targets are normal in images).
 //
+// The image is laid out for DAX as mkfs.erofs -Enoinline_data lays it out: 4 KiB
+// blocks, uncompressed, every regular file's data in blocks of its own
+// (flat-plain). go-erofs stores small files inline; Write moves them (flatten.go).
+//
 // Hardlinks are kept: go-erofs v0.3.1's Writer has no way to give two names one
 // inode, so Write patches the finished image's directory entries (hardlink.go).
 //
@@ -107,6 +111,9 @@ func Write(ctx context.Context, r io.Reader, out File, opts Options) (retErr err
 	}
 	if err := relink(out, c.links); err != nil {
 		return fmt.Errorf("write EROFS image: hardlinks: %w", err)
+	}
+	if err := flatten(out); err != nil {
+		return fmt.Errorf("write EROFS image: inline files: %w", err)
 	}
 	return nil
 }

@@ -80,6 +80,9 @@ func TestWrite(t *testing.T) {
 		&tar.Header{Typeflag: tar.TypeReg, Name: "d/big", Mode: 0o4755, Size: 10000,
 			PAXRecords: map[string]string{"SCHILY.xattr.trusted.x": "t", "SCHILY.xattr.user.y": "u"}},
 		&tar.Header{Typeflag: tar.TypeLink, Name: "e/link", Linkname: "d/big", Mode: 0o4755},
+		&tar.Header{Typeflag: tar.TypeReg, Name: "small", Mode: 0o644, Size: 100, PAXRecords: map[string]string{"SCHILY.xattr.user.z": "z"}},
+		&tar.Header{Typeflag: tar.TypeLink, Name: "small2", Linkname: "small", Mode: 0o644},
+		&tar.Header{Typeflag: tar.TypeReg, Name: "empty", Mode: 0o644},
 		&tar.Header{Typeflag: tar.TypeSymlink, Name: "abs", Linkname: "/etc/passwd"},
 		&tar.Header{Typeflag: tar.TypeChar, Name: "null", Mode: 0o666, Devmajor: 1, Devminor: 3},
 		&tar.Header{Typeflag: tar.TypeReg, Name: "d/.wh.gone", Mode: 0o644},
@@ -112,6 +115,18 @@ func TestWrite(t *testing.T) {
 	}
 	if n := stat(t, img, "null"); n.Rdev != 1<<8|3 {
 		t.Errorf("null: rdev %#x", n.Rdev)
+	}
+	// Every regular file is flat-plain (DAX-mappable), its content intact.
+	for p, size := range map[string]int{"small": 100, "small2": 100, "d/big": 10000, "empty": 0} {
+		if st := stat(t, img, p); st.InodeLayout != layoutFlatPlain {
+			t.Errorf("%s: inode layout %d, want flat-plain", p, st.InodeLayout)
+		}
+		if b, err := fs.ReadFile(img, p); err != nil || !bytes.Equal(b, bytes.Repeat([]byte{'x'}, size)) {
+			t.Errorf("%s: read %d bytes (%v), want %d x", p, len(b), err, size)
+		}
+	}
+	if s := stat(t, img, "small"); s.Xattrs["user.z"] != "z" || s.Nlink != 2 {
+		t.Errorf("small: %+v", s)
 	}
 	for _, p := range []string{"d/.wh.gone", "o/.wh..wh..opq"} {
 		if _, err := fs.Stat(img, p); err == nil {
