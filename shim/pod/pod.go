@@ -23,6 +23,7 @@ import (
 	"github.com/caisson-containers/caisson/internal/transport"
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/network"
+	"github.com/caisson-containers/caisson/shim/rootfs"
 	"github.com/caisson-containers/caisson/shim/vmm"
 	"github.com/caisson-containers/caisson/shim/vmm/qemu"
 )
@@ -50,6 +51,11 @@ type Options struct {
 	// DNS and Hosts fill the guest's resolv.conf and /etc/hosts (besides localhost).
 	DNS   *agent.DNS
 	Hosts []*agent.HostEntry
+	// Rootfs is the rootfs of the pod's first container (for a CRI pod, the pause
+	// container), if known: the VM boots with its devices attached (no hot-plug) and
+	// the agent mounts them while it creates the sandbox. AttachRootfs of the same
+	// plan then finds them ready.
+	Rootfs *rootfs.Plan
 }
 
 // Pod is a running VM with its agent.
@@ -97,13 +103,35 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	if cfg.Guest.KernelParams != "" {
 		params = append(params, cfg.Guest.KernelParams)
 	}
+	// The boot disks (mkfs of the writable image) and the network are prepared at once.
+	var (
+		disks   []vmm.Disk
+		devs    []rootfs.Device
+		diskErr error
+		formed  = make(chan struct{})
+	)
+	go func() {
+		defer close(formed)
+		disks, devs, diskErr = bootDisks(ctx, o.Rootfs, cfg.Storage.DAX)
+	}()
 	var net *network.Network
+	var netErr error
 	if o.NetNS != "" {
-		n, err := network.Setup(o.NetNS)
-		if err != nil {
-			return nil, fmt.Errorf("pod network: %w", err)
+		net, netErr = network.Setup(o.NetNS)
+	}
+	<-formed
+	if err := errors.Join(netErr, diskErr); err != nil {
+		if net != nil {
+			if cerr := net.Close(); cerr != nil {
+				log.G(ctx).WithError(cerr).Warn("pod network cleanup")
+			}
 		}
-		net = n
+		if netErr != nil {
+			return nil, fmt.Errorf("pod network: %w", netErr)
+		}
+		return nil, diskErr
+	}
+	if net != nil {
 		defer func() {
 			if retErr != nil && net != nil {
 				if err := net.Close(); err != nil {
@@ -134,6 +162,7 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 		StateDir:     filepath.Join(o.StateDir, "vm"),
 		ConsoleLog:   filepath.Join(o.StateDir, "console.log"),
 		Agent:        vmm.AgentChannel{Transport: vmm.TransportSerial},
+		Disks:        disks,
 		HotplugSlots: cfg.Hypervisor.HotplugSlots,
 		NICs:         nics,
 	}, qemu.Config{
@@ -165,6 +194,15 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	if err := p.connect(ctx); err != nil {
 		return nil, err
 	}
+	// The sandbox and the boot disks' storages do not depend on each other: the agent
+	// sets both up at once, and the round trips overlap.
+	var mountErr error
+	mounted := make(chan struct{})
+	go func() {
+		defer close(mounted)
+		mountErr = p.mountBootDisks(ctx, disks, devs)
+	}()
+	created := time.Now()
 	_, err = p.Sandbox.Create(ctx, &agent.CreateSandboxRequest{
 		SandboxId:  o.ID,
 		Hostname:   o.Hostname,
@@ -174,8 +212,13 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 		Hosts:      o.Hosts,
 		Time:       timestamppb.Now(),
 	})
+	<-mounted
 	if err != nil {
 		return nil, fmt.Errorf("create sandbox in the guest: %w", errgrpc.ToNative(err))
+	}
+	log.G(ctx).WithField("took", time.Since(created)).Debug("sandbox created in the guest")
+	if mountErr != nil {
+		return nil, mountErr
 	}
 	return p, nil
 }
@@ -207,7 +250,8 @@ func (p *Pod) connect(ctx context.Context) error {
 	p.Exec = agent.NewExecClient(c)
 	p.IO = agent.NewIOClient(c)
 	p.storage = agent.NewStorageClient(c)
-	if _, err := p.Sandbox.Check(ctx, &agent.CheckRequest{}); err != nil {
+	check, err := p.Sandbox.Check(ctx, &agent.CheckRequest{})
+	if err != nil {
 		return p.bootError(err)
 	}
 	v, err := p.Sandbox.Version(ctx, &agent.VersionRequest{})
@@ -218,7 +262,9 @@ func (p *Pod) connect(ctx context.Context) error {
 		return fmt.Errorf("the guest agent (%s) speaks API %q, this shim %q: rebuild the guest image (make guest): %w",
 			v.GetAgentVersion(), v.GetApiVersion(), agent.APIVersion, errdefs.ErrFailedPrecondition)
 	}
-	log.G(ctx).WithField("agent", v.GetAgentVersion()).WithField("kernel", v.GetKernelRelease()).Debug("agent ready")
+	log.G(ctx).WithFields(log.Fields{
+		"agent": v.GetAgentVersion(), "kernel": v.GetKernelRelease(), "guest_uptime": time.Duration(check.GetUptimeNs()),
+	}).Debug("agent ready")
 	return nil
 }
 

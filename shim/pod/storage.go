@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
@@ -64,7 +66,8 @@ func (p *Pod) AttachRootfs(ctx context.Context, plan *rootfs.Plan) (_ *agent.Roo
 	return rfs, releaseAll, nil
 }
 
-// acquire attaches and mounts d, or takes another reference on it.
+// acquire attaches and mounts d, or takes another reference on it (a disk the
+// VM booted with is already mounted, see Start).
 func (p *Pod) acquire(ctx context.Context, d rootfs.Device) (string, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -72,42 +75,110 @@ func (p *Pod) acquire(ctx context.Context, d rootfs.Device) (string, error) {
 		a.refs++
 		return a.id, nil
 	}
-	if err := rootfs.Format(ctx, d); err != nil {
-		return "", err
-	}
-	kind, err := p.diskKind(d)
+	disk, err := diskOf(ctx, d, p.cfg.Storage.DAX)
 	if err != nil {
 		return "", err
 	}
-	id := storageID(d.Source)
-	addr, err := p.vm.AttachDisk(ctx, vmm.Disk{ID: id, Path: d.Source, ReadOnly: d.ReadOnly, Kind: kind})
+	start := time.Now()
+	addr, err := p.vm.AttachDisk(ctx, disk)
 	if err != nil {
 		return "", err
 	}
+	log.G(ctx).WithField("storage", disk.ID).WithField("took", time.Since(start)).Debug("disk hot-plugged")
+	if err := p.mount(ctx, d, disk, addr); err != nil {
+		if derr := p.vm.DetachDisk(context.WithoutCancel(ctx), disk.ID); derr != nil {
+			log.G(ctx).WithError(derr).Warn("detaching a disk the agent could not mount")
+		}
+		return "", err
+	}
+	p.storages[d.Source] = &attached{id: disk.ID, refs: 1}
+	return disk.ID, nil
+}
+
+// mount has the agent mount an attached disk as storage disk.ID.
+func (p *Pod) mount(ctx context.Context, d rootfs.Device, disk vmm.Disk, addr vmm.DiskAddress) error {
+	start := time.Now()
 	// The PCI path is the stable address; the serial is the fallback the API allows.
 	dev := &agent.Device{Kind: agent.DeviceKind_DEVICE_KIND_BLOCK, PciPath: string(addr.PCIPath)}
 	if dev.PciPath == "" {
 		dev.Serial = addr.Serial
 	}
-	if kind == vmm.PMEM {
+	if disk.Kind == vmm.PMEM {
 		dev.Kind = agent.DeviceKind_DEVICE_KIND_PMEM
 	}
 	var opts []string
 	if d.ReadOnly {
 		opts = append(opts, "ro")
 	}
-	_, err = p.storage.Mount(ctx, &agent.MountStorageRequest{
-		StorageId: id, Device: dev, Fstype: d.FSType, Options: opts, Dax: kind == vmm.PMEM,
+	_, err := p.storage.Mount(ctx, &agent.MountStorageRequest{
+		StorageId: disk.ID, Device: dev, Fstype: d.FSType, Options: opts, Dax: disk.Kind == vmm.PMEM,
 	})
 	if err != nil {
-		if derr := p.vm.DetachDisk(context.WithoutCancel(ctx), id); derr != nil {
-			log.G(ctx).WithError(derr).Warn("detaching a disk the agent could not mount")
-		}
-		return "", fmt.Errorf("mount in the guest: %w", errgrpc.ToNative(err))
+		return fmt.Errorf("mount %s in the guest: %w", d.Source, errgrpc.ToNative(err))
 	}
-	p.storages[d.Source] = &attached{id: id, refs: 1}
-	log.G(ctx).WithField("storage", id).WithField("source", d.Source).WithField("kind", kind).Debug("attached")
-	return id, nil
+	log.G(ctx).WithFields(log.Fields{"storage": disk.ID, "source": d.Source, "kind": disk.Kind, "took": time.Since(start)}).Debug("storage mounted")
+	return nil
+}
+
+// bootDisks formats the devices of the pod's first container and returns them
+// as disks for the VM to boot with, one per file, with the device each came from.
+func bootDisks(ctx context.Context, plan *rootfs.Plan, dax bool) ([]vmm.Disk, []rootfs.Device, error) {
+	if plan == nil {
+		return nil, nil, nil
+	}
+	var disks []vmm.Disk
+	var devs []rootfs.Device
+	seen := map[string]bool{}
+	for _, d := range plan.Devices {
+		if seen[d.Source] {
+			continue
+		}
+		seen[d.Source] = true
+		disk, err := diskOf(ctx, d, dax)
+		if err != nil {
+			return nil, nil, fmt.Errorf("rootfs device %s: %w", d.Source, err)
+		}
+		disks = append(disks, disk)
+		devs = append(devs, d)
+	}
+	return disks, devs, nil
+}
+
+// mountBootDisks has the agent mount the disks the VM booted with, all at once.
+// Each becomes a storage with no reference yet: the first container's
+// AttachRootfs takes them.
+func (p *Pod) mountBootDisks(ctx context.Context, disks []vmm.Disk, devs []rootfs.Device) error {
+	errs := make([]error, len(disks))
+	var wg sync.WaitGroup
+	for i := range disks {
+		wg.Go(func() {
+			addr, err := p.vm.Address(disks[i].ID)
+			if err == nil {
+				err = p.mount(ctx, devs[i], disks[i], addr)
+			}
+			if err != nil {
+				errs[i] = fmt.Errorf("rootfs device %s: %w", devs[i].Source, err)
+				return
+			}
+			p.mu.Lock()
+			p.storages[devs[i].Source] = &attached{id: disks[i].ID}
+			p.mu.Unlock()
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// diskOf formats d's file if it asks for it and says how to attach it.
+func diskOf(ctx context.Context, d rootfs.Device, dax bool) (vmm.Disk, error) {
+	if err := rootfs.Format(ctx, d); err != nil {
+		return vmm.Disk{}, err
+	}
+	kind, err := diskKind(d, dax)
+	if err != nil {
+		return vmm.Disk{}, err
+	}
+	return vmm.Disk{ID: storageID(d.Source), Path: d.Source, ReadOnly: d.ReadOnly, Kind: kind}, nil
 }
 
 // release drops a reference; the last one unmounts and detaches.
@@ -136,8 +207,8 @@ func (p *Pod) release(ctx context.Context, source string) error {
 
 // diskKind puts read-only EROFS layers on virtio-pmem (DAX) when the config
 // allows it and the file's size is pmem-aligned (the snapshotter pads layers).
-func (p *Pod) diskKind(d rootfs.Device) (vmm.DiskKind, error) {
-	if !p.cfg.Storage.DAX || !d.ReadOnly || d.FSType != "erofs" {
+func diskKind(d rootfs.Device, dax bool) (vmm.DiskKind, error) {
+	if !dax || !d.ReadOnly || d.FSType != "erofs" {
 		return vmm.Block, nil
 	}
 	st, err := os.Stat(d.Source)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"time"
 
 	eventstypes "github.com/containerd/containerd/api/events"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
@@ -72,7 +73,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}
 	pd, err := s.ensurePod(ctx, r.ID, pod.Options{
 		ID: podID(r.ID, spec), Hostname: hostname(r.ID, spec), NetNS: netns, DNS: dns, Hosts: hosts,
-		Cgroup: podCgroup(spec),
+		Cgroup: podCgroup(spec), Rootfs: plan,
 	}, cfg)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
@@ -94,12 +95,14 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}()
 
 	sio := stdio.Config{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal}
+	created := time.Now()
 	resp, err := pd.Containers.Create(ctx, &agent.CreateContainerRequest{
 		ContainerId: r.ID, Spec: guest, Rootfs: rfs, Stdio: sio.Agent(),
 	})
 	if err != nil {
 		return nil, agentErr("create container in the guest", err)
 	}
+	log.G(ctx).WithField("took", time.Since(created)).Debug("container created in the guest")
 	defer func() {
 		if retErr != nil {
 			pd.Containers.Signal(context.WithoutCancel(ctx), &agent.SignalRequest{ContainerId: r.ID, Signal: 9, All: true})
@@ -182,11 +185,13 @@ func (s *service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	}
 	var pid uint32
 	if r.ExecID == "" {
+		started := time.Now()
 		resp, err := pd.Containers.Start(ctx, &agent.StartContainerRequest{ContainerId: r.ID})
 		if err != nil {
 			return nil, agentErr("start container", err)
 		}
 		pid = resp.GetPid()
+		log.G(ctx).WithField("container", r.ID).WithField("took", time.Since(started)).Debug("container started in the guest")
 	} else {
 		resp, err := pd.Exec.Start(ctx, &agent.StartExecRequest{ContainerId: r.ID, ExecId: r.ExecID})
 		if err != nil {

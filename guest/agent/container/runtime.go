@@ -11,6 +11,7 @@ import (
 	"path"
 	"sort"
 	"sync"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -110,6 +111,7 @@ func (r *Runtime) Create(ctx context.Context, opts CreateOpts) (_ *Container, re
 	if err := checkExecutable(opts.Rootfs, opts.Spec.Mounts, opts.Spec.Process); err != nil {
 		return nil, fmt.Errorf("container %s: %w", opts.ID, err)
 	}
+	start := time.Now()
 	lc, err := libcontainer.Create(r.root, opts.ID, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("create container %s: %w", opts.ID, err)
@@ -125,9 +127,11 @@ func (r *Runtime) Create(ctx context.Context, opts CreateOpts) (_ *Container, re
 	if err != nil {
 		return nil, err
 	}
+	created := time.Now()
 	if err := p.run(r.reaper); err != nil {
 		return nil, fmt.Errorf("create container %s: %w", opts.ID, err)
 	}
+	log.G(ctx).WithFields(log.Fields{"libcontainer_create": created.Sub(start), "init_process": time.Since(created)}).Debug("container init process waits for start")
 	c = &Container{id: opts.ID, runtime: r, lc: lc, spec: opts.Spec, init: p, execs: map[string]*Process{}}
 	r.mu.Lock()
 	r.containers[opts.ID] = c

@@ -45,6 +45,7 @@ func (s containersService) Create(ctx context.Context, req *agent.CreateContaine
 	a := s.a
 	id := req.GetContainerId()
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("id", id))
+	start := time.Now()
 	if err := a.devicesReady(ctx); err != nil { // overlayfs
 		return nil, err
 	}
@@ -73,6 +74,7 @@ func (s containersService) Create(ctx context.Context, req *agent.CreateContaine
 	if err != nil {
 		return nil, fmt.Errorf("container %s: rootfs: %w", id, err)
 	}
+	log.G(ctx).WithField("took", time.Since(start)).Debug("rootfs assembled")
 	defer func() {
 		if retErr != nil {
 			if err := a.storages.UnmountRootfs(ctx, mr); err != nil {
@@ -95,7 +97,7 @@ func (s containersService) Create(ctx context.Context, req *agent.CreateContaine
 	} else {
 		go a.events.forwardOOM(id, oom)
 	}
-	log.G(ctx).WithField("pid", pid).Info("container created")
+	log.G(ctx).WithField("pid", pid).WithField("took", time.Since(start)).Info("container created")
 	return &agent.CreateContainerResponse{Pid: uint32(pid)}, nil
 }
 
