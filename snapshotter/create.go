@@ -77,8 +77,10 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	return s.mounts(snap, info, chain)
 }
 
-// Mounts returns the mounts of the active or view snapshot key. A committed
-// snapshot has none: ErrFailedPrecondition, as from containerd's snapshotters.
+// Mounts returns the mounts of the active or view snapshot key: an active
+// snapshot whose layer WriteLayer wrote shows it read-only over its parents
+// (docs/mounts.md, "Unpack"). A committed snapshot has none:
+// ErrFailedPrecondition, as from containerd's snapshotters.
 func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
 	var (
 		snap storage.Snapshot

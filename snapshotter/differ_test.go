@@ -122,8 +122,24 @@ func TestCommitAppliedAndWritten(t *testing.T) {
 	if !h.applied(sn, "active") {
 		t.Fatal("the layer was not written by Caisson's differ")
 	}
-	// The mounts are unchanged by the apply; writing through them creates the
-	// writable image.
+	// Mounts now shows the applied layer, read-only (shape C), and the differ
+	// refuses to apply to it.
+	now, err := sn.Mounts(h.ctx, "active")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(now) != 1 || now[0].Type != "erofs" || now[0].Source != sn.layerPath(h.idOf(sn, "active")) || !now[0].ReadOnly() {
+		t.Fatalf("mounts after the apply: %+v, want the applied layer read-only", now)
+	}
+	h.withMounted(now, func(root string) {
+		if err := snapshottest.Check(root, expectAll([]layerEntry{fileE("f", "f", 0o644, 0, 0)})); err != nil {
+			t.Error(err)
+		}
+	})
+	if _, err := h.applier.Apply(h.ctx, h.addBlob(buildTar(t, []layerEntry{fileE("g", "g", 0o644, 0, 0)})), now); !errdefs.IsFailedPrecondition(err) {
+		t.Errorf("apply to the applied snapshot's mounts: got %v, want FailedPrecondition", err)
+	}
+	// Writing through the mounts Prepare returned creates the writable image.
 	h.withMounted(mounts, func(root string) {
 		if err := os.WriteFile(filepath.Join(root, "g"), []byte("g"), 0o644); err != nil {
 			t.Fatal(err)
@@ -296,4 +312,39 @@ func assertFlatPlain(t *testing.T, p string) {
 	if n == 0 {
 		t.Error("no regular file in the image")
 	}
+}
+
+// TestMountsOfAppliedSnapshot: an active snapshot whose layer Caisson's differ
+// wrote shows, through Mounts, that layer over its parents, read-only (shape C).
+func TestMountsOfAppliedSnapshot(t *testing.T) {
+	requireHost(t)
+	h := newHarness(t, t.TempDir())
+	sn := h.newSnapshotter(nil)
+	if err := h.unpack(sn, "l1", "", h.addBlob(buildTar(t, snapshottest.BaseLayer()))); err != nil {
+		t.Fatal(err)
+	}
+	mounts, err := sn.Prepare(h.ctx, "active", "l1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.applier.Apply(h.ctx, h.addBlob(buildTar(t, snapshottest.UpperLayer())), mounts); err != nil {
+		t.Fatal(err)
+	}
+	now, err := sn.Mounts(h.ctx, "active")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(now) != 3 || now[0].Source != sn.layerPath(h.idOf(sn, "active")) || now[1].Source != sn.layerPath(h.idOf(sn, "l1")) ||
+		now[2].Type != "format/overlay" || !now[2].ReadOnly() {
+		t.Fatalf("mounts %+v, want the applied layer over l1, read-only", now)
+	}
+	h.withMounted(now, func(root string) {
+		if err := snapshottest.Check(root, snapshottest.Merged()); err != nil {
+			t.Error(err)
+		}
+	})
+	if err := sn.Commit(h.ctx, "l2", "active"); err != nil {
+		t.Fatal(err)
+	}
+	checkConsistent(t, h, sn, "l1", "l2")
 }

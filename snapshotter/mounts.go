@@ -37,6 +37,17 @@ func (s *Snapshotter) mounts(snap storage.Snapshot, info snapshots.Info, lowers 
 	if snap.Kind != snapshots.KindActive {
 		return nil, fmt.Errorf("snapshot %q is %v and has no mounts: %w", info.Name, snap.Kind, errdefs.ErrFailedPrecondition)
 	}
+	// A layer written by Caisson's differ is the snapshot's whole content
+	// until Commit: show it read-only over the parents (shape C), as
+	// containerd's EROFS snapshotter shows an applied layer, rather than an
+	// empty writable image whose writes Commit would refuse.
+	applied, err := s.appliedLayer(snap.ID)
+	if err != nil {
+		return nil, err
+	}
+	if applied {
+		return s.viewMounts(append([]layerRef{{id: snap.ID, path: s.layerPath(snap.ID)}}, lowers...)), nil
+	}
 	size, err := s.writableSize(info)
 	if err != nil {
 		return nil, err

@@ -89,6 +89,12 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 		// Not a Caisson snapshot: the diff service's next differ's business.
 		return ocispec.Descriptor{}, fmt.Errorf("%s applies only to Caisson snapshots: %w", Name, errdefs.ErrNotImplemented)
 	}
+	// As containerd's EROFS differ: read-only mounts are a snapshot whose
+	// layer is already there (Mounts after an apply); applying again would
+	// write to content this differ does not own.
+	if len(mounts) > 0 && mounts[len(mounts)-1].ReadOnly() {
+		return ocispec.Descriptor{}, fmt.Errorf("cannot apply to a read-only snapshot, its content is already populated: %w", errdefs.ErrFailedPrecondition)
+	}
 	var why error
 	if _, err := images.DiffCompression(ctx, desc.MediaType); err != nil {
 		why = fmt.Errorf("media type %s: %w", desc.MediaType, errdefs.ErrNotImplemented)
