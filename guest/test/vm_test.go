@@ -47,10 +47,18 @@ var testKernelParams = []string{"quiet", "caisson.debug"}
 // bootGuest starts the guest image with disks attached and connects to its agent.
 func bootGuest(t testing.TB, disks []vmm.Disk, hotplug int) *guestVM {
 	t.Helper()
-	return bootGuestWith(t, disks, hotplug, testKernelParams)
+	return bootGuestWith(t, bootOptions{disks: disks, hotplug: hotplug, params: testKernelParams})
 }
 
-func bootGuestWith(t testing.TB, disks []vmm.Disk, hotplug int, params []string) *guestVM {
+// bootOptions are what a test may choose of the VM it boots.
+type bootOptions struct {
+	disks     []vmm.Disk
+	hotplug   int
+	params    []string
+	initramfs string // instead of the built image's (the benchmark's comparisons)
+}
+
+func bootGuestWith(t testing.TB, o bootOptions) *guestVM {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("boots a VM; skipped with -short")
@@ -58,11 +66,14 @@ func bootGuestWith(t testing.TB, disks []vmm.Disk, hotplug int, params []string)
 	testutil.RequireRoot(t)
 	testutil.RequireBinary(t, "qemu-system-x86_64")
 	g := testutil.RequireGuest(t)
+	if o.initramfs != "" {
+		g.Initramfs = o.initramfs
+	}
 	state := testutil.ShortTempDir(t)
 	cfg := vmm.Config{
 		Kernel: g.Kernel, Initramfs: g.Initramfs, Accelerator: "tcg", StateDir: state,
-		Disks: disks, HotplugSlots: hotplug, MemoryMiB: 512,
-		KernelParams: params,
+		Disks: o.disks, HotplugSlots: o.hotplug, MemoryMiB: 512,
+		KernelParams: o.params,
 	}
 	vm, err := qemu.New(cfg, qemu.Config{})
 	if err != nil {
