@@ -7,10 +7,10 @@ GUEST_BUILD_DIR  := $(GUEST_DIR)/build
 GUEST_MODULES_DIR := $(GUEST_KERNEL_DIR)/root/lib/modules/$(GUEST_KERNEL_RELEASE)
 GUEST_MODULES_DEP := $(GUEST_BUILD_DIR)/depmod/lib/modules/$(GUEST_KERNEL_RELEASE)/modules.dep
 
-# Modules the agent loads at boot (their modules.dep closure comes along), in this order:
-# first the shim's channels (PCI, virtio-serial, vsock), which the agent loads before it
-# serves; then, in the background, disks and DAX pmem, the layers' filesystems and the
-# pod's network.
+# Modules the image carries (their modules.dep closure comes along, without signatures,
+# with the image's own modules.dep). The agent loads its transport's channel (PCI and
+# virtio-serial, or vsock) before it serves and not the other's; then, in the background,
+# disks and DAX pmem, the layers' filesystems and the pod's network.
 GUEST_MODULES ?= virtio_pci virtio_console vmw_vsock_virtio_transport \
 	virtio_blk virtio_pmem nd_pmem erofs overlay virtio_net virtio_rng
 GUEST_BUSYBOX ?= /bin/busybox
@@ -55,7 +55,7 @@ $(GUEST_MODULES_DEP): $(GUEST_KERNEL_DIR)/.stamp
 	cp -al $(GUEST_MODULES_DIR) $(GUEST_BUILD_DIR)/depmod/lib/modules/
 	depmod -b $(GUEST_BUILD_DIR)/depmod $(GUEST_KERNEL_RELEASE)
 
-GUEST_INITRAMFS_SRCS := $(wildcard guest/initramfs/*.go guest/mkinitramfs/*.go)
+GUEST_INITRAMFS_SRCS := $(wildcard guest/initramfs/*.go guest/initramfs/moddep/*.go guest/mkinitramfs/*.go)
 GUEST_MKINITRAMFS = $(GO) run ./guest/mkinitramfs -agent $(BIN_DIR)/caisson-agent \
 	-release $(GUEST_KERNEL_RELEASE) -modules-dir $(GUEST_MODULES_DIR) -modules-dep $(GUEST_MODULES_DEP) \
 	-modules $(subst $(eval) ,$(comma),$(strip $(GUEST_MODULES)))

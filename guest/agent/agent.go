@@ -24,10 +24,22 @@ import (
 	"github.com/caisson-containers/caisson/internal/transport"
 )
 
-// channelModules are the modules the agent's channel needs (guest.mk lists them first).
+// channelModules are the modules each transport's channel needs: the agent loads those of
+// its transport before it serves, and not those of the others.
 var channelModules = map[transport.Kind][]string{
 	transport.Serial: {"virtio_pci", "virtio_console"},
 	transport.Vsock:  {"virtio_pci", "vmw_vsock_virtio_transport"},
+}
+
+// otherChannels are the modules of the transports other than k's.
+func otherChannels(k transport.Kind) []string {
+	var out []string
+	for kind, mods := range channelModules {
+		if kind != k {
+			out = append(out, mods...)
+		}
+	}
+	return out
 }
 
 // portTimeout bounds the wait for the agent's virtio-serial port to appear after its
@@ -82,7 +94,7 @@ func run(ctx context.Context) error {
 	}
 	// The channel's drivers first; disks, filesystems and NICs load while the agent
 	// already answers (the services that need them wait).
-	modules, err := boot.LoadModules(ctx, dir, channelModules[endpoint.Kind])
+	modules, err := boot.LoadModules(ctx, dir, channelModules[endpoint.Kind], otherChannels(endpoint.Kind))
 	if err != nil {
 		return err
 	}

@@ -6,7 +6,8 @@ import (
 	"os"
 	"path"
 	"path/filepath"
-	"strings"
+
+	"github.com/caisson-containers/caisson/guest/initramfs/moddep"
 )
 
 // Image describes the guest's initramfs.
@@ -19,7 +20,9 @@ type Image struct {
 	ModulesDir string
 	// ModulesDep is the modules.dep depmod computed for that tree.
 	ModulesDep string
-	// Modules are the modules the guest loads at boot; their dependencies come along.
+	// Modules are the modules the guest loads at boot; their dependencies come along,
+	// without their signatures (see StripModuleSignature), and so does their part of
+	// ModulesDep, which tells the agent what to load in which order.
 	Modules []string
 	// Busybox, if set, is a static busybox installed as /bin/busybox with /bin/sh: the
 	// debug image. The production image has no shell.
@@ -44,7 +47,7 @@ func Build(img Image) (*Archive, error) {
 	if err != nil {
 		return nil, err
 	}
-	dep, err := ParseModulesDep(bytes.NewReader(depFile))
+	dep, err := moddep.Parse(bytes.NewReader(depFile))
 	if err != nil {
 		return nil, err
 	}
@@ -54,11 +57,23 @@ func Build(img Image) (*Archive, error) {
 	}
 	modRoot := path.Join("lib/modules", img.KernelRelease)
 	for _, m := range mods {
-		if err := a.CopyFile(path.Join(modRoot, m), 0o644, filepath.Join(img.ModulesDir, filepath.FromSlash(m))); err != nil {
+		ko, err := os.ReadFile(filepath.Join(img.ModulesDir, filepath.FromSlash(m)))
+		if err != nil {
 			return nil, fmt.Errorf("module %s: %w", m, err)
 		}
+		if ko, err = StripModuleSignature(ko); err != nil {
+			return nil, fmt.Errorf("module %s: %w", m, err)
+		}
+		if err := a.File(path.Join(modRoot, m), 0o644, ko); err != nil {
+			return nil, err
+		}
 	}
-	if err := a.File(path.Join(modRoot, LoadListName), 0o644, []byte(strings.Join(mods, "\n")+"\n")); err != nil {
+	// The image's own modules.dep: the modules it carries, in load order.
+	var imageDep bytes.Buffer
+	if err := dep.WriteSubset(&imageDep, mods); err != nil {
+		return nil, err
+	}
+	if err := a.File(path.Join(modRoot, moddep.FileName), 0o644, imageDep.Bytes()); err != nil {
 		return nil, err
 	}
 	if img.Busybox != "" {

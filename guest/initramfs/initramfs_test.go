@@ -3,12 +3,12 @@ package initramfs
 import (
 	"bytes"
 	"compress/gzip"
+	"encoding/binary"
 	"errors"
 	"io"
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"testing"
 	"time"
 
@@ -24,43 +24,6 @@ kernel/x.ko: kernel/y.ko
 kernel/y.ko: kernel/x.ko
 kernel/z.ko: kernel/missing.ko
 `
-
-func TestClosure(t *testing.T) {
-	dep, err := ParseModulesDep(strings.NewReader(testDep))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, tc := range []struct {
-		name    string
-		modules []string
-		want    []string
-		wantErr error
-	}{
-		{name: "leaf", modules: []string{"c"}, want: []string{"kernel/c.ko"}},
-		{name: "deps first", modules: []string{"a"}, want: []string{"kernel/c.ko", "kernel/b.ko", "kernel/a.ko"}},
-		{name: "shared deps once", modules: []string{"d_e", "a"}, want: []string{"kernel/c.ko", "kernel/d-e.ko.xz", "kernel/b.ko", "kernel/a.ko"}},
-		{name: "dash name", modules: []string{"d-e"}, want: []string{"kernel/c.ko", "kernel/d-e.ko.xz"}},
-		{name: "unknown", modules: []string{"nope"}, wantErr: errdefs.ErrNotFound},
-		{name: "missing dependency", modules: []string{"z"}, wantErr: errdefs.ErrNotFound},
-		{name: "cycle", modules: []string{"x"}, wantErr: errdefs.ErrFailedPrecondition},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			got, err := dep.Closure(tc.modules)
-			if tc.wantErr != nil {
-				if !errors.Is(err, tc.wantErr) {
-					t.Fatalf("err = %v, want %v", err, tc.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !slices.Equal(got, tc.want) {
-				t.Fatalf("got %v, want %v", got, tc.want)
-			}
-		})
-	}
-}
 
 func TestBuildDeterministic(t *testing.T) {
 	dir := t.TempDir()
@@ -82,9 +45,10 @@ func TestBuildDeterministic(t *testing.T) {
 		Modules:       []string{"a"},
 		Busybox:       write("busybox", "busybox"),
 	}
-	for _, m := range []string{"a", "b", "c"} {
+	for _, m := range []string{"a", "b"} {
 		write("mods/kernel/"+m+".ko", "module "+m)
 	}
+	write("mods/kernel/c.ko", string(signed("module c", "SIG")))
 	build := func() []byte {
 		a, err := Build(img)
 		if err != nil {
@@ -131,11 +95,11 @@ func TestBuildDeterministic(t *testing.T) {
 		t.Errorf("entries not sorted: %v", order)
 	}
 	for name, want := range map[string]string{
-		"init":                                "the agent",
-		"lib/modules/6.1.0-test/kernel/a.ko":  "module a",
-		"lib/modules/6.1.0-test/modules.load": "kernel/c.ko\nkernel/b.ko\nkernel/a.ko\n",
-		"bin/busybox":                         "busybox",
-		"dev":                                 "",
+		"init":                               "the agent",
+		"lib/modules/6.1.0-test/kernel/a.ko": "module a",
+		"lib/modules/6.1.0-test/modules.dep": "kernel/c.ko:\nkernel/b.ko: kernel/c.ko\nkernel/a.ko: kernel/b.ko kernel/c.ko\n",
+		"bin/busybox":                        "busybox",
+		"dev":                                "",
 	} {
 		if got[name] != want {
 			t.Errorf("%s = %q, want %q", name, got[name], want)
@@ -149,3 +113,41 @@ func TestBuildDeterministic(t *testing.T) {
 }
 
 var time0 = time.Unix(0, 0)
+
+// signed appends a kernel module signature trailer with sig to ko.
+func signed(ko, sig string) []byte {
+	b := []byte(ko + sig)
+	info := make([]byte, moduleSigInfoLen)
+	info[2] = 2 // PKEY_ID_PKCS7
+	binary.BigEndian.PutUint32(info[8:], uint32(len(sig)))
+	b = append(b, info...)
+	return append(b, moduleSigMagic...)
+}
+
+func TestStripModuleSignature(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		in      []byte
+		want    string
+		wantErr error
+	}{
+		{name: "signed", in: signed("\x7fELF module", "0123456789"), want: "\x7fELF module"},
+		{name: "unsigned", in: []byte("\x7fELF module"), want: "\x7fELF module"},
+		{name: "empty signature", in: signed("\x7fELF", ""), want: "\x7fELF"},
+		{name: "truncated trailer", in: []byte("x" + moduleSigMagic), wantErr: errdefs.ErrInvalidArgument},
+		{name: "signature longer than the module", in: signed("", "abc")[3:], wantErr: errdefs.ErrInvalidArgument},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := StripModuleSignature(tc.in)
+			if tc.wantErr != nil {
+				if !errors.Is(err, tc.wantErr) {
+					t.Fatalf("err = %v, want %v", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil || string(got) != tc.want {
+				t.Fatalf("got %q, %v; want %q", got, err, tc.want)
+			}
+		})
+	}
+}

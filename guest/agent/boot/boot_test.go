@@ -3,7 +3,11 @@ package boot
 import (
 	"context"
 	"maps"
+	"slices"
+	"strings"
 	"testing"
+
+	"github.com/caisson-containers/caisson/guest/initramfs/moddep"
 )
 
 func TestParseCmdline(t *testing.T) {
@@ -35,7 +39,7 @@ func TestUnescapeMount(t *testing.T) {
 
 func TestLoadModulesWithoutList(t *testing.T) {
 	ctx := context.Background()
-	m, err := LoadModules(ctx, t.TempDir(), []string{"virtio_console"})
+	m, err := LoadModules(ctx, t.TempDir(), []string{"virtio_console"}, []string{"vsock"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -44,13 +48,69 @@ func TestLoadModulesWithoutList(t *testing.T) {
 	}
 }
 
-func TestModuleName(t *testing.T) {
-	for in, want := range map[string]string{
-		"kernel/drivers/char/hw_random/virtio-rng.ko": "virtio_rng",
-		"kernel/fs/erofs/erofs.ko.xz":                 "erofs",
-	} {
-		if got := moduleName(in); got != want {
-			t.Errorf("moduleName(%q) = %q, want %q", in, got, want)
+func TestModulePlan(t *testing.T) {
+	// The image's modules.dep, as the builder writes it (the Debian cloud kernel's graph).
+	const image = `kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/virtio/virtio.ko:
+kernel/drivers/virtio/virtio_pci_modern_dev.ko:
+kernel/drivers/virtio/virtio_pci_legacy_dev.ko:
+kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_legacy_dev.ko kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/net/vmw_vsock/vsock.ko:
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko: kernel/net/vmw_vsock/vsock.ko
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko kernel/net/vmw_vsock/vsock.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/lib/libcrc32c.ko:
+kernel/fs/erofs/erofs.ko: kernel/lib/libcrc32c.ko
+`
+	dep, err := moddep.Parse(strings.NewReader(image))
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := func(paths []string) []string {
+		var out []string
+		for _, p := range paths {
+			out = append(out, moddep.Name(p))
 		}
+		return out
+	}
+	for _, tc := range []struct {
+		name        string
+		now, skip   []string
+		first, rest []string
+	}{
+		{
+			name:  "serial",
+			now:   []string{"virtio_pci", "virtio_console"},
+			skip:  []string{"virtio_pci", "vmw_vsock_virtio_transport"},
+			first: []string{"virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_console"},
+			rest:  []string{"libcrc32c", "erofs", "virtio_blk"},
+		},
+		{
+			name:  "vsock",
+			now:   []string{"virtio_pci", "vmw_vsock_virtio_transport"},
+			skip:  []string{"virtio_pci", "virtio_console"},
+			first: []string{"virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"},
+			rest:  []string{"libcrc32c", "erofs", "virtio_blk"},
+		},
+		{
+			name:  "built-in channel",
+			now:   []string{"virtio_pci", "hvc_console"},
+			first: []string{"virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci"},
+			rest:  []string{"libcrc32c", "erofs", "virtio_blk", "virtio_console", "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			first, rest, err := plan(dep, tc.now, tc.skip)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := names(first); !slices.Equal(got, tc.first) {
+				t.Errorf("first %v, want %v", got, tc.first)
+			}
+			if got := names(rest); !slices.Equal(got, tc.rest) {
+				t.Errorf("rest %v, want %v", got, tc.rest)
+			}
+		})
 	}
 }
