@@ -52,7 +52,6 @@ func TestRemoteDeactivatesLeftovers(t *testing.T) {
 	mm.(interface{ Close() error }).Close()
 	t.Cleanup(func() { unmountUnder(t, state) }) // should the test fail
 
-
 	r, err := NewRemote(ctx, filepath.Join(root, "no-containerd.sock"), state, root, nil)
 	if err != nil {
 		t.Fatal(err)
