@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -133,10 +134,12 @@ func (m *Manager) Mount(ctx context.Context, req Request) (string, string, error
 }
 
 func (m *Manager) mount(ctx context.Context, req Request, flags uintptr, data string) (*storage, error) {
+	start := time.Now()
 	dev, err := m.finder.Find(ctx, req.Device)
 	if err != nil {
 		return nil, fmt.Errorf("storage %s: %w", req.ID, err)
 	}
+	found := time.Now()
 	target := filepath.Join(m.root, req.ID)
 	if err := os.MkdirAll(target, 0o755); err != nil {
 		return nil, err
@@ -146,7 +149,8 @@ func (m *Manager) mount(ctx context.Context, req Request, flags uintptr, data st
 		return nil, fmt.Errorf("storage %s: mount %s (%s) as %s -o %q: %v (not a valid %s filesystem?): %w",
 			req.ID, dev, req.Device, req.Fstype, data, err, req.Fstype, errdefs.ErrInvalidArgument)
 	}
-	log.G(ctx).WithFields(log.Fields{"storage": req.ID, "device": dev, "fstype": req.Fstype, "dax": req.DAX}).Debug("storage mounted")
+	log.G(ctx).WithFields(log.Fields{"storage": req.ID, "device": dev, "fstype": req.Fstype, "dax": req.DAX,
+		"device_wait": found.Sub(start), "mount": time.Since(found)}).Debug("storage mounted")
 	return &storage{req: req, device: dev, target: target}, nil
 }
 
