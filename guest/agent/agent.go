@@ -67,10 +67,12 @@ func Main(ctx context.Context) error {
 }
 
 func run(ctx context.Context) error {
-	started := boot.Uptime()
+	tl := &boot.Timeline{}
+	tl.Mark("main")
 	if err := boot.MountBase(ctx); err != nil {
 		return fmt.Errorf("base mounts: %w", err)
 	}
+	tl.Mark("mounts")
 	if err := boot.AttachConsole(); err != nil {
 		return fmt.Errorf("console: %w", err)
 	}
@@ -82,8 +84,10 @@ func run(ctx context.Context) error {
 	params := boot.ParseCmdline(string(cmdline))
 	if _, debug := params["debug"]; debug {
 		_ = log.SetLevel("debug")
+		if at, err := boot.InitStarted(); err == nil {
+			tl.MarkAt("exec", at) // before main: the Go runtime's start and the packages' init
+		}
 	}
-	log.G(ctx).WithFields(log.Fields{"started": started, "uptime": boot.Uptime()}).Debug("agent started")
 	dir, err := boot.ModulesDir()
 	if err != nil {
 		return err
@@ -92,12 +96,17 @@ func run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	// The channel's drivers first; disks, filesystems and NICs load while the agent
-	// already answers (the services that need them wait).
+	tl.Mark("console")
+	// The channel's drivers first; the cgroup controllers, disks, filesystems and NICs
+	// while the agent already answers (the services that need them wait).
 	modules, err := boot.LoadModules(ctx, dir, channelModules[endpoint.Kind], otherChannels(endpoint.Kind))
 	if err != nil {
 		return err
 	}
+	tl.Mark("channel-modules")
+	background := boot.StartBackground(ctx,
+		func(ctx context.Context) error { return boot.EnableControllers(ctx, "/sys/fs/cgroup") },
+		modules.LoadRest)
 	// ctrl-alt-del becomes a SIGINT to the agent (not a reboot): a clean power-off.
 	_ = unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF)
 	sigc := make(chan os.Signal, 1)
@@ -121,7 +130,7 @@ func run(ctx context.Context) error {
 	}
 
 	powerOff := make(chan struct{})
-	a, err := service.New(service.Config{PowerOff: func() { close(powerOff) }, DevicesReady: modules.Wait}, r)
+	a, err := service.New(service.Config{PowerOff: func() { close(powerOff) }, DevicesReady: background.Wait}, r)
 	if err != nil {
 		return err
 	}
@@ -129,8 +138,9 @@ func run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	tl.Mark("service")
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- serve(ctx, endpoint, srv, a) }()
+	go func() { serveErr <- serve(ctx, endpoint, srv, a, tl) }()
 
 	select {
 	case <-powerOff:
@@ -152,7 +162,9 @@ const reconnectDelay = 100 * time.Millisecond
 // ends whenever the host end of the port is not connected (before the shim dials, or
 // after it went away, e.g. to be restarted): the agent then opens the port again, and
 // the containers keep running.
-func serve(ctx context.Context, e transport.Endpoint, srv *ttrpc.Server, a *service.Agent) error {
+//
+// tl, the agent's start so far, is logged once it listens.
+func serve(ctx context.Context, e transport.Endpoint, srv *ttrpc.Server, a *service.Agent, tl *boot.Timeline) error {
 	ready := false
 	for {
 		l, err := listen(ctx, e)
@@ -160,7 +172,8 @@ func serve(ctx context.Context, e transport.Endpoint, srv *ttrpc.Server, a *serv
 			return err
 		}
 		if !ready {
-			log.G(ctx).WithFields(log.Fields{"transport": e.String(), "uptime": boot.Uptime()}).Info("caisson-agent ready")
+			tl.Mark("listen")
+			log.G(ctx).WithFields(log.Fields{"transport": e.String(), "uptime": boot.Uptime(), "timeline": tl.String()}).Info("caisson-agent ready")
 			ready = true
 		}
 		err = srv.Serve(ctx, transport.Demux(ctx, l, a.HandleStdio))

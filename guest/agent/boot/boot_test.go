@@ -2,10 +2,12 @@ package boot
 
 import (
 	"context"
+	"errors"
 	"maps"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caisson-containers/caisson/guest/initramfs/moddep"
 )
@@ -43,8 +45,40 @@ func TestLoadModulesWithoutList(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := m.Wait(ctx); err != nil || m.n != 0 {
+	if err := m.LoadRest(ctx); err != nil || m.n != 0 {
 		t.Fatalf("a kernel with everything built in: %d, %v", m.n, err)
+	}
+}
+
+func TestBackground(t *testing.T) {
+	ctx := context.Background()
+	var ran []int
+	failed := errors.New("job 2 failed")
+	job := func(i int, err error) func(context.Context) error {
+		return func(context.Context) error {
+			ran = append(ran, i)
+			return err
+		}
+	}
+	b := StartBackground(ctx, job(1, nil), job(2, failed), job(3, nil))
+	if err := b.Wait(ctx); !errors.Is(err, failed) {
+		t.Fatalf("Wait: %v, want %v", err, failed)
+	}
+	if !slices.Equal(ran, []int{1, 2}) {
+		t.Errorf("ran %v, want jobs 1 and 2 in order", ran)
+	}
+	if err := b.Wait(ctx); !errors.Is(err, failed) {
+		t.Errorf("second Wait: %v", err)
+	}
+
+	// A job that has not ended: Wait ends with the caller's context.
+	release := make(chan struct{})
+	defer close(release)
+	stuck := StartBackground(ctx, func(ctx context.Context) error { <-release; return nil })
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if err := stuck.Wait(cctx); !errors.Is(err, context.Canceled) {
+		t.Errorf("Wait with a canceled context: %v", err)
 	}
 }
 
@@ -112,5 +146,15 @@ kernel/fs/erofs/erofs.ko: kernel/lib/libcrc32c.ko
 				t.Errorf("rest %v, want %v", got, tc.rest)
 			}
 		})
+	}
+}
+
+func TestTimeline(t *testing.T) {
+	var tl Timeline
+	tl.MarkAt("main", 2100*time.Millisecond)
+	tl.MarkAt("mounts", 2130*time.Millisecond)
+	tl.MarkAt("exec", 1900*time.Millisecond)
+	if got, want := tl.String(), "exec=1900 main=2100(+200) mounts=2130(+30)"; got != want {
+		t.Errorf("got %q, want %q", got, want)
 	}
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"time"
@@ -28,24 +27,19 @@ func ModulesDir() (string, error) {
 
 // Modules is the loading of the guest's kernel modules.
 type Modules struct {
-	done chan struct{}
+	dir  string
+	rest []string
 	n    int
-	err  error
 }
-
-// backgroundNice is the CPU priority of the background loading: the lowest, so that the
-// agent's start and its first answers go first on the guest's (usually one) vCPU.
-const backgroundNice = 19
 
 // LoadModules loads the modules the initramfs carries, as its dir/modules.dep lists them
 // (only those, dependencies first, as the image builder writes it). It returns once now
-// and their dependencies are loaded (what the agent needs to talk to the shim), and loads
-// in the background, at the lowest CPU priority, every other module that no module needs
-// (the image's list), with its dependencies, except those in skip (another transport's
-// channel). A module of now or skip the image does not have is built into the kernel. A
-// module that is loaded already is not an error.
+// and their dependencies are loaded (what the agent needs to talk to the shim); LoadRest
+// loads every other module that no module needs (the image's list), with its
+// dependencies, except those in skip (another transport's channel). A module of now or
+// skip the image does not have is built into the kernel. A module that is loaded already
+// is not an error.
 func LoadModules(ctx context.Context, dir string, now, skip []string) (*Modules, error) {
-	m := &Modules{done: make(chan struct{})}
 	dep, err := readGraph(dir)
 	if err != nil {
 		return nil, err
@@ -54,39 +48,24 @@ func LoadModules(ctx context.Context, dir string, now, skip []string) (*Modules,
 	if err != nil {
 		return nil, err
 	}
+	m := &Modules{dir: dir, rest: rest}
 	if err := m.load(ctx, dir, first); err != nil {
 		return nil, err
 	}
-	log.G(ctx).WithFields(log.Fields{"count": m.n, "uptime": Uptime()}).Debug("kernel modules for the agent's channel loaded")
-	go func() {
-		defer close(m.done)
-		// The thread is never unlocked: it ends with the goroutine, and its priority with it.
-		runtime.LockOSThread()
-		if err := unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), backgroundNice); err != nil {
-			log.G(ctx).WithError(err).Warn("kernel modules load at normal priority")
-		}
-		m.err = m.load(ctx, dir, rest)
-		if m.err != nil {
-			log.G(ctx).WithError(m.err).Error("kernel modules")
-			return
-		}
-		log.G(ctx).WithFields(log.Fields{"count": m.n, "uptime": Uptime()}).Debug("kernel modules loaded")
-	}()
 	return m, nil
 }
 
-// Wait returns once every module is loaded, with the error that stopped the loading.
-func (m *Modules) Wait(ctx context.Context) error {
-	select {
-	case <-m.done:
-		return m.err
-	case <-ctx.Done():
-		return ctx.Err()
+// LoadRest loads the modules LoadModules left.
+func (m *Modules) LoadRest(ctx context.Context) error {
+	if err := m.load(ctx, m.dir, m.rest); err != nil {
+		return fmt.Errorf("kernel modules: %w", err)
 	}
+	return nil
 }
 
 func (m *Modules) load(ctx context.Context, dir string, paths []string) error {
 	debug := log.GetLevel() >= log.DebugLevel
+	var took []string
 	for _, p := range paths {
 		start := time.Now()
 		if err := loadModule(filepath.Join(dir, p)); err != nil {
@@ -94,8 +73,11 @@ func (m *Modules) load(ctx context.Context, dir string, paths []string) error {
 		}
 		m.n++
 		if debug {
-			log.G(ctx).WithFields(log.Fields{"module": moddep.Name(p), "took": time.Since(start)}).Debug("kernel module loaded")
+			took = append(took, fmt.Sprintf("%s=%d", moddep.Name(p), time.Since(start).Milliseconds()))
 		}
+	}
+	if debug {
+		log.G(ctx).WithFields(log.Fields{"count": len(paths), "uptime": Uptime(), "ms": strings.Join(took, " ")}).Debug("kernel modules loaded")
 	}
 	return nil
 }

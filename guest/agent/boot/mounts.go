@@ -32,7 +32,7 @@ var baseMounts = []baseMount{
 }
 
 // MountBase mounts proc, sys, dev (devtmpfs, pts, shm), the cgroup2 hierarchy and tmpfs
-// on /run and /tmp, then enables every cgroup controller for the hierarchy's children.
+// on /run and /tmp. EnableControllers, next, makes the hierarchy usable.
 func MountBase(ctx context.Context) error {
 	for _, m := range baseMounts {
 		if err := os.MkdirAll(m.target, 0o755); err != nil {
@@ -57,7 +57,7 @@ func MountBase(ctx context.Context) error {
 			return err
 		}
 	}
-	return EnableControllers(ctx, "/sys/fs/cgroup")
+	return nil
 }
 
 // EnableControllers writes every available controller of the cgroup dir into its
