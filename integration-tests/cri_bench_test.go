@@ -1,11 +1,13 @@
 package integration
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -24,10 +26,60 @@ func medianOf(ds []time.Duration) time.Duration {
 	return s[len(s)/2]
 }
 
+// phases of a Caisson pod start, from the shim's debug log (containerd's log): CRI to
+// QEMU started, QEMU started to the agent answering (the guest's boot), the sandbox and
+// the pause container's storages set up in the guest, the pause container created and
+// started, and the app container (create and start, with its disk hot-plug).
+var phaseNames = []string{"cri-to-qemu", "boot-to-agent", "sandbox-and-storages", "pause-container", "app-container"}
+
+// shimPhases finds, in containerd's log, when the shim of pod started QEMU, the agent
+// answered and the pod's VM was ready, and returns the phases of a pod start that ran
+// from start to end, RunPodSandbox returning at sandboxDone.
+func shimPhases(b *testing.B, c *harness.CRI, pod string, start, sandboxDone, end time.Time) []time.Duration {
+	b.Helper()
+	f, err := os.Open(filepath.Join(c.Dir, "containerd.log"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	at := map[string]time.Time{}
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.Contains(line, "container="+pod) {
+			continue
+		}
+		for _, msg := range []string{"qemu started", "agent ready", "pod VM ready"} {
+			if _, seen := at[msg]; seen || !strings.Contains(line, `msg="`+msg+`"`) {
+				continue
+			}
+			ts, ok := strings.CutPrefix(line, `time="`)
+			if !ok {
+				continue
+			}
+			ts, _, _ = strings.Cut(ts, `"`)
+			if t, err := time.Parse(time.RFC3339Nano, ts); err == nil {
+				at[msg] = t
+			}
+		}
+	}
+	if len(at) != 3 {
+		b.Fatalf("pod %s: the shim's debug log has only %v of qemu started, agent ready, pod VM ready", pod, at)
+	}
+	return []time.Duration{
+		at["qemu started"].Sub(start),
+		at["agent ready"].Sub(at["qemu started"]),
+		at["pod VM ready"].Sub(at["agent ready"]),
+		sandboxDone.Sub(at["pod VM ready"]),
+		end.Sub(sandboxDone),
+	}
+}
+
 // podStart runs a pod with the handler and one app container, and returns the time from
-// RunPodSandbox until the app container is Running (as the kubelet sees it). The pod is
-// removed afterwards, untimed.
-func podStart(b *testing.B, c *harness.CRI, handler, image string, i int) time.Duration {
+// RunPodSandbox until the app container is Running (as the kubelet sees it), and for
+// Caisson the phases of it (see phaseNames). The pod is removed afterwards, untimed.
+func podStart(b *testing.B, c *harness.CRI, handler, image string, i int) (time.Duration, []time.Duration) {
 	b.Helper()
 	ctx := c.Ctx(b)
 	cfg := c.PodConfig(fmt.Sprintf("bench-%s-%d", handler, i), nil)
@@ -39,6 +91,7 @@ func podStart(b *testing.B, c *harness.CRI, handler, image string, i int) time.D
 	if err != nil {
 		b.Fatalf("RunPodSandbox (%s): %v", handler, err)
 	}
+	sandboxDone := time.Now()
 	id, err := c.CreateContainer(ctx, resp.PodSandboxId, cfg, harness.ContainerConfig("app", image, "sleep", "100000"))
 	if err != nil {
 		b.Fatalf("CreateContainer (%s): %v", handler, err)
@@ -47,12 +100,16 @@ func podStart(b *testing.B, c *harness.CRI, handler, image string, i int) time.D
 		b.Fatalf("StartContainer (%s): %v", handler, err)
 	}
 	st, err := c.Runtime.ContainerStatus(ctx, &runtime.ContainerStatusRequest{ContainerId: id})
-	took := time.Since(start)
+	end := time.Now()
 	if err != nil || st.Status.State != runtime.ContainerState_CONTAINER_RUNNING {
 		b.Fatalf("app container (%s) after StartContainer: %v %v", handler, st.GetStatus(), err)
 	}
+	var phases []time.Duration
+	if handler == harness.Handler {
+		phases = shimPhases(b, c, resp.PodSandboxId, start, sandboxDone, end)
+	}
 	c.RemovePod(b, resp.PodSandboxId)
-	return took
+	return end.Sub(start), phases
 }
 
 // bareBoot boots the same kernel, with the pod VM's memory, CPUs and accelerator, into a
@@ -83,7 +140,8 @@ func bareBoot(b *testing.B, c *harness.CRI, initrd string) time.Duration {
 }
 
 // BenchmarkCRIPodStart (make bench-cri) reports, as medians over b.N rounds, each round
-// one pod of each kind in turn on the same containerd:
+// one pod of each kind in turn on the same containerd (the caisson pod's phases too, see
+// phaseNames, which need the shim's debug log the harness turns on):
 //   - caisson-s, runc-s: RunPodSandbox → the first app container Running, with the caisson
 //     handler and with runc (CNI networking in both), and their ratio;
 //   - bare-boot-s: a bare boot of the same kernel (QEMU start → a trivial /init powered
@@ -111,9 +169,15 @@ func BenchmarkCRIPodStart(b *testing.B) {
 	f.Close()
 
 	var ours, runc, bare []time.Duration
+	phases := make([][]time.Duration, len(phaseNames))
 	for i := 0; i < b.N; i++ {
-		runc = append(runc, podStart(b, c, harness.RuncHandler, imgRunc, i))
-		ours = append(ours, podStart(b, c, harness.Handler, imgCaisson, i))
+		r, _ := podStart(b, c, harness.RuncHandler, imgRunc, i)
+		runc = append(runc, r)
+		o, ph := podStart(b, c, harness.Handler, imgCaisson, i)
+		ours = append(ours, o)
+		for j, d := range ph {
+			phases[j] = append(phases[j], d)
+		}
 		bare = append(bare, bareBoot(b, c, initrd))
 	}
 	mo, mr, mb := medianOf(ours), medianOf(runc), medianOf(bare)
@@ -123,6 +187,13 @@ func BenchmarkCRIPodStart(b *testing.B) {
 	b.ReportMetric(mb.Seconds(), "bare-boot-s")
 	b.ReportMetric(float64(mo)/float64(mb), "caisson-vs-bare")
 	b.ReportMetric(0, "ns/op")
+	var breakdown []string
+	for j, name := range phaseNames {
+		m := medianOf(phases[j])
+		b.ReportMetric(m.Seconds(), name+"-s")
+		breakdown = append(breakdown, fmt.Sprintf("%s %.2f s", name, m.Seconds()))
+	}
 	fmt.Printf("CRI pod start (RunPodSandbox → first app container Running), median of %d: caisson %.2f s, runc %.2f s (%.1f×); bare guest boot %.2f s, caisson pod start %.2f× of it (target ≤ 1.5×)\n",
 		b.N, mo.Seconds(), mr.Seconds(), float64(mo)/float64(mr), mb.Seconds(), float64(mo)/float64(mb))
+	fmt.Printf("caisson pod start, median of each phase: %s\n", strings.Join(breakdown, ", "))
 }
