@@ -1,5 +1,6 @@
 # The guest image: kernel, initramfs, and the static caisson-agent that is its /init.
-# Outputs: $(GUEST_DIR)/vmlinuz, $(GUEST_DIR)/initramfs.cpio.gz (and debug/ for guest-debug).
+# Outputs: $(GUEST_DIR)/vmlinuz, $(GUEST_DIR)/initramfs.cpio.gz (and debug/ for guest-debug;
+# LZ4-compressed despite the name, which the shim's configuration uses).
 # Everything is rebuilt only when an input changes, and the same inputs give the same bytes.
 
 GUEST_KERNEL_DIR := $(GUEST_DIR)/kernel
@@ -70,9 +71,13 @@ $(GUEST_DIR)/debug/initramfs.cpio.gz: $(BIN_DIR)/caisson-agent $(GUEST_MODULES_D
 	$(GUEST_MKINITRAMFS) -busybox $(GUEST_BUSYBOX) -o $@
 	@echo "debug initramfs: $$(stat -c %s $@) bytes"
 
+# Comparisons in the same run, e.g.
+# make bench-guest GUEST_BENCH_ARGS="-guest.compare-initramfs old=/tmp/old.cpio.gz -guest.compare-params 'notests=cryptomgr.notests'"
+GUEST_BENCH_ARGS ?=
+
 .PHONY: bench-guest
-bench-guest: guest ## Guest boot benchmark: agent-ready vs a trivial init (ratio), agent RSS, initramfs size
-	$(GO) test -count=1 -run '^$$' -bench GuestBoot -benchtime 7x ./guest/test
+bench-guest: guest ## Guest boot benchmark: agent-ready vs a trivial init (wall and CPU ratios), agent RSS, initramfs size
+	$(GO) test -count=1 -run '^$$' -bench GuestBoot -benchtime 7x ./guest/test -args $(GUEST_BENCH_ARGS)
 
 .PHONY: test-guest
 test-guest: guest ## Guest tests: the agent's packages on the host, then the image booted under QEMU (root)

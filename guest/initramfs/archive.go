@@ -1,10 +1,9 @@
-// Package initramfs builds the guest's initramfs: a gzip-compressed newc cpio archive whose
-// bytes depend only on its contents (entries sorted by name, every timestamp zero, owner
-// root, inode numbers in order, a gzip header with no name and no time).
+// Package initramfs builds the guest's initramfs: an LZ4-compressed (legacy format) newc
+// cpio archive whose bytes depend only on its contents (entries sorted by name, every
+// timestamp zero, owner root, inode numbers in order).
 package initramfs
 
 import (
-	"compress/gzip"
 	"fmt"
 	"io"
 	"os"
@@ -78,20 +77,17 @@ func (a *Archive) Symlink(name, target string) error {
 	return a.add(name, entry{mode: cpio.TypeSymlink | 0o777, link: target})
 }
 
-// WriteTo writes the archive, gzip-compressed, to w.
+// WriteTo writes the archive, LZ4-compressed, to w.
 func (a *Archive) WriteTo(w io.Writer) (int64, error) {
 	cw := &countingWriter{w: w}
-	zw, err := gzip.NewWriterLevel(cw, gzip.BestCompression)
-	if err != nil {
-		return 0, err
-	}
-	// The zero gzip.Header: no name, no modification time.
+	zw := newLZ4Writer(cw)
 	cp := cpio.NewWriter(zw)
 	names := make([]string, 0, len(a.entries))
 	for n := range a.entries {
 		names = append(names, n)
 	}
 	sort.Strings(names)
+	var err error
 	for i, name := range names {
 		e := a.entries[name]
 		data := e.data

@@ -2,10 +2,11 @@ package initramfs
 
 import (
 	"bytes"
-	"compress/gzip"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/cavaliergopher/cpio"
 	"github.com/containerd/errdefs"
+	"github.com/pierrec/lz4/v4"
 )
 
 const testDep = `kernel/a.ko: kernel/b.ko kernel/c.ko
@@ -69,11 +71,7 @@ func TestBuildDeterministic(t *testing.T) {
 		t.Fatal("two builds of the same inputs differ")
 	}
 
-	zr, err := gzip.NewReader(bytes.NewReader(first))
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := cpio.NewReader(zr)
+	r := cpio.NewReader(lz4.NewReader(bytes.NewReader(first)))
 	got := map[string]string{}
 	var order []string
 	for {
@@ -147,6 +145,54 @@ func TestStripModuleSignature(t *testing.T) {
 			}
 			if err != nil || string(got) != tc.want {
 				t.Fatalf("got %q, %v; want %q", got, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestLZ4Legacy(t *testing.T) {
+	// More than a block: some incompressible bytes, then text.
+	const size = lz4LegacyBlock + 12345
+	data := make([]byte, 64<<10)
+	rnd := rand.New(rand.NewPCG(1, 2))
+	for i := range data {
+		data[i] = byte(rnd.Uint32())
+	}
+	for i := 0; len(data) < size; i++ {
+		data = fmt.Appendf(data, "line %d\n", i)
+	}
+	data = data[:size]
+	for _, tc := range []struct {
+		name string
+		in   []byte
+	}{
+		{"empty", nil},
+		{"small", []byte("070701 cpio")},
+		{"two blocks", data},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var buf bytes.Buffer
+			z := newLZ4Writer(&buf)
+			// Odd-sized writes across the block boundary.
+			for p := tc.in; len(p) > 0; {
+				k := min(len(p), 3<<20+7)
+				if _, err := z.Write(p[:k]); err != nil {
+					t.Fatal(err)
+				}
+				p = p[k:]
+			}
+			if err := z.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if got := binary.LittleEndian.Uint32(buf.Bytes()); got != lz4LegacyMagic {
+				t.Fatalf("magic %#x", got)
+			}
+			out, err := io.ReadAll(lz4.NewReader(bytes.NewReader(buf.Bytes())))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(out, tc.in) {
+				t.Fatalf("round trip: %d bytes back of %d", len(out), len(tc.in))
 			}
 		})
 	}
