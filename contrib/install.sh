@@ -18,7 +18,7 @@ enable=false
 [[ ${1:-} == --enable ]] && enable=true
 
 step() { printf '\033[1m>> %s\033[0m\n' "$*"; }
-for f in bin/containerd-shim-caisson-v2 bin/caisson-snapshotter bin/caisson _output/guest/vmlinuz _output/guest/initramfs.cpio.gz; do
+for f in bin/containerd-shim-caisson-v2 bin/caisson-snapshotter bin/caisson _output/guest/vmlinuz _output/guest/initramfs.cpio.lz4; do
 	[[ -e $f ]] || { echo "missing $f: run \`make binaries guest\` first" >&2; exit 1; }
 done
 
@@ -38,7 +38,7 @@ install -m 0755 bin/containerd-shim-caisson-v2 bin/caisson-snapshotter bin/caiss
 
 step "guest kernel and initramfs into /usr/share/caisson"
 install -D -m 0644 _output/guest/vmlinuz "$DESTDIR/usr/share/caisson/vmlinuz"
-install -D -m 0644 _output/guest/initramfs.cpio.gz "$DESTDIR/usr/share/caisson/initramfs.cpio.gz"
+install -D -m 0644 _output/guest/initramfs.cpio.lz4 "$DESTDIR/usr/share/caisson/initramfs.cpio.lz4"
 
 step "configuration"
 tmp=$(mktemp -d)

@@ -1,5 +1,5 @@
 # The guest image: kernel, initramfs, and the static caisson-agent that is its /init.
-# Outputs: $(GUEST_DIR)/vmlinuz, $(GUEST_DIR)/initramfs.cpio.gz (and debug/ for guest-debug;
+# Outputs: $(GUEST_DIR)/vmlinuz, $(GUEST_DIR)/initramfs.cpio.lz4 (and debug/ for guest-debug;
 # LZ4-compressed despite the name, which the shim's configuration uses).
 # Everything is rebuilt only when an input changes, and the same inputs give the same bytes.
 
@@ -29,10 +29,10 @@ AGENT_LDFLAGS := -s -w -buildid= -linkmode external -extldflags '-static' \
 	-X $(PKG)/guest/agent/service.Version=$(AGENT_VERSION)
 
 .PHONY: guest
-guest: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initramfs.cpio.gz ## Build the guest kernel and initramfs (agent as /init, no shell)
+guest: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initramfs.cpio.lz4 ## Build the guest kernel and initramfs (agent as /init, no shell)
 
 .PHONY: guest-debug
-guest-debug: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/debug/initramfs.cpio.gz ## Build the debug initramfs (adds busybox) into _output/guest/debug
+guest-debug: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/debug/initramfs.cpio.lz4 ## Build the debug initramfs (adds busybox) into _output/guest/debug
 
 # Go decides whether the agent is out of date; the file is replaced only if its bytes
 # change, so that the initramfs is not rebuilt for nothing.
@@ -62,11 +62,11 @@ GUEST_MKINITRAMFS = $(GO) run ./guest/mkinitramfs -agent $(BIN_DIR)/caisson-agen
 	-modules $(subst $(eval) ,$(comma),$(strip $(GUEST_MODULES)))
 comma := ,
 
-$(GUEST_DIR)/initramfs.cpio.gz: $(BIN_DIR)/caisson-agent $(GUEST_MODULES_DEP) $(GUEST_INITRAMFS_SRCS) guest/guest.mk
+$(GUEST_DIR)/initramfs.cpio.lz4: $(BIN_DIR)/caisson-agent $(GUEST_MODULES_DEP) $(GUEST_INITRAMFS_SRCS) guest/guest.mk
 	$(GUEST_MKINITRAMFS) -o $@
 	@echo "initramfs: $$(stat -c %s $@) bytes"
 
-$(GUEST_DIR)/debug/initramfs.cpio.gz: $(BIN_DIR)/caisson-agent $(GUEST_MODULES_DEP) $(GUEST_INITRAMFS_SRCS) guest/guest.mk
+$(GUEST_DIR)/debug/initramfs.cpio.lz4: $(BIN_DIR)/caisson-agent $(GUEST_MODULES_DEP) $(GUEST_INITRAMFS_SRCS) guest/guest.mk
 	@mkdir -p $(dir $@)
 	$(GUEST_MKINITRAMFS) -busybox $(GUEST_BUSYBOX) -o $@
 	@echo "debug initramfs: $$(stat -c %s $@) bytes"

@@ -116,7 +116,7 @@ func TestContribInstall(t *testing.T) {
 	t.Logf("install.sh:\n%s", out)
 	for _, f := range []string{
 		"usr/local/bin/containerd-shim-caisson-v2", "usr/local/bin/caisson-snapshotter", "usr/local/bin/caisson",
-		"usr/share/caisson/vmlinuz", "usr/share/caisson/initramfs.cpio.gz",
+		"usr/share/caisson/vmlinuz", "usr/share/caisson/initramfs.cpio.lz4",
 		"etc/caisson/config.toml", "etc/caisson/snapshotter.toml", "etc/containerd/config.toml",
 		"etc/systemd/system/caisson-snapshotter.service", "etc/systemd/system/containerd.service.d/caisson.conf",
 	} {
@@ -129,7 +129,7 @@ func TestContribInstall(t *testing.T) {
 	if err != nil {
 		t.Fatalf("installed config.toml: %v", err)
 	}
-	if cfg.Guest.Kernel != "/usr/share/caisson/vmlinuz" || cfg.Guest.Initramfs != "/usr/share/caisson/initramfs.cpio.gz" {
+	if cfg.Guest.Kernel != "/usr/share/caisson/vmlinuz" || cfg.Guest.Initramfs != "/usr/share/caisson/initramfs.cpio.lz4" {
 		t.Errorf("installed config names kernel %q and initramfs %q, not the installed ones", cfg.Guest.Kernel, cfg.Guest.Initramfs)
 	}
 	// Every command a unit starts is installed.

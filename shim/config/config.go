@@ -101,7 +101,7 @@ func Default(artifactsDir string) Config {
 		},
 		Guest: Guest{
 			Kernel:    filepath.Join(artifactsDir, "vmlinuz"),
-			Initramfs: filepath.Join(artifactsDir, "initramfs.cpio.gz"),
+			Initramfs: filepath.Join(artifactsDir, "initramfs.cpio.lz4"),
 			Transport: "auto",
 		},
 		Storage:        Storage{DAX: true, BlockDriver: "virtio-blk"},

@@ -114,7 +114,7 @@ func newTestGuest(t testing.TB) testGuest {
 			return
 		}
 		testInitramfs.dir = dir
-		testInitramfs.path = filepath.Join(dir, "initramfs.cpio.gz")
+		testInitramfs.path = filepath.Join(dir, "initramfs.cpio.lz4")
 		testInitramfs.err = buildInitramfs(testInitramfs.path, busybox, mods[0])
 	})
 	if testInitramfs.err != nil {
