@@ -43,7 +43,7 @@ func TestCmdline(t *testing.T) {
 				"-smp":     {"2"},
 				"-m":       {"size=512M,slots=4,maxmem=4096M"},
 				"-kernel":  {"/k"},
-				"-append":  {"console=ttyS0 panic=-1 swiotlb=noforce pcie_ports=compat quiet"},
+				"-append":  {"console=ttyS0 panic=-1 swiotlb=noforce pcie_ports=compat cryptomgr.notests i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1 quiet"},
 				"-sandbox": {"on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"},
 				"-chardev": {
 					"file,id=console,path=/s/con,,sole.log",
