@@ -7,7 +7,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"time"
 
@@ -110,15 +109,31 @@ func (f Finder) bySerial(serial string) (string, error) {
 	return "", errdefs.ErrNotFound
 }
 
-var (
-	pciAddr = regexp.MustCompile(`^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$`)
-	pciSlot = regexp.MustCompile(`^[0-9a-f]{2}\.[0-7]$`)
-)
+// isPCISlot reports whether s is a lower-case slot and function, SS.F. (Plain code, not
+// a regexp: a regexp compiled at package init would run again in every container's
+// `runc init`, which is this binary.)
+func isPCISlot(s string) bool {
+	return len(s) == 4 && isHex(s[:2]) && s[2] == '.' && s[3] >= '0' && s[3] <= '7'
+}
+
+// isPCIAddr reports whether s is a lower-case PCI address, DDDD:BB:SS.F.
+func isPCIAddr(s string) bool {
+	return len(s) == 12 && isHex(s[:4]) && s[4] == ':' && isHex(s[5:7]) && s[7] == ':' && isPCISlot(s[8:])
+}
+
+func isHex(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
 
 func parsePCIPath(p string) ([]string, error) {
 	parts := strings.Split(strings.ToLower(p), "/")
 	for _, s := range parts {
-		if !pciSlot.MatchString(s) {
+		if !isPCISlot(s) {
 			return nil, fmt.Errorf("PCI path %q: want SS.F[/SS.F...], bad hop %q: %w", p, s, errdefs.ErrInvalidArgument)
 		}
 	}
@@ -141,7 +156,7 @@ func (f Finder) byPCIPath(p string) (string, error) {
 		}
 		next := ""
 		for _, e := range entries {
-			if e.IsDir() && pciAddr.MatchString(e.Name()) && strings.HasSuffix(e.Name(), ":"+slot) {
+			if e.IsDir() && isPCIAddr(e.Name()) && strings.HasSuffix(e.Name(), ":"+slot) {
 				next = filepath.Join(dir, e.Name())
 				break
 			}
