@@ -55,7 +55,10 @@ type Hypervisor struct {
 	MemoryMiB int `toml:"memory_mib"`
 	// HotplugSlots is how many devices (layers, disks) can be hot-plugged into a running VM. Default 16.
 	HotplugSlots int `toml:"hotplug_slots"`
-	// TCGTranslationCacheMiB bounds TCG's translation cache, most of a TCG VM's host memory. Default 64.
+	// TCGTranslationCacheMiB bounds TCG's translation cache, most of a TCG VM's host memory. Default 128:
+	// a pod start translates about 78 MiB of guest code (boot 52, the first container 16), and a
+	// smaller cache is emptied mid-start and everything translated again (the pause container's
+	// create went from about 0.5 to 0.8 s at 64).
 	TCGTranslationCacheMiB int `toml:"tcg_translation_cache_mib"`
 }
 
@@ -97,7 +100,7 @@ func Default(artifactsDir string) Config {
 			VCPUs:                  1,
 			MemoryMiB:              512,
 			HotplugSlots:           16,
-			TCGTranslationCacheMiB: 64,
+			TCGTranslationCacheMiB: 128,
 		},
 		Guest: Guest{
 			Kernel:    filepath.Join(artifactsDir, "vmlinuz"),
