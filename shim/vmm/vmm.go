@@ -145,7 +145,7 @@ type Disk struct {
 // separated by "/", all in hex as Linux prints them. "08.1/00.0" is the device at 00.0 on
 // the secondary bus of the bridge (a PCIe root port) at 08.1 on the root bus; the guest
 // finds it at /sys/devices/pci0000:00/0000:00:08.1/0000:BB:00.0 whatever bus number BB
-// firmware gave the port.
+// firmware gave the port. "1c.0/01.0" is the device in slot 01 of the PCI bridge at 1c.0.
 type PCIPath string
 
 // Hops returns the slot.function of each hop, root bus first.

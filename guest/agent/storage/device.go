@@ -17,9 +17,10 @@ import (
 // virtio-blk serial.
 type Device struct {
 	// PCIPath is the device's path from the root bus: one "SS.F" (slot.function, hex)
-	// per hop, separated by "/". "05.0/00.0" is the device in slot 0 behind the root
-	// port in slot 5 of bus 0 (where the shim hot-plugs a device). Bus numbers are not
-	// part of it: the guest assigns them.
+	// per hop, separated by "/". "08.0/00.0" is the device in slot 0 behind the root
+	// port in slot 8 of bus 0 (where the shim cold-plugs a disk); "1c.0/01.0" the device
+	// in slot 1 of the PCI bridge in slot 1c of bus 0 (where it hot-plugs one). Bus
+	// numbers are not part of it: the guest assigns them.
 	PCIPath string
 	// Serial is a virtio-blk disk's serial number (QEMU's serial= property).
 	Serial string

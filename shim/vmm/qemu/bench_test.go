@@ -16,11 +16,11 @@ import (
 )
 
 // BenchmarkBootToInit measures QEMU start to the guest's init answering on the agent
-// channel, through the VMM (sandbox, QMP, root ports, agent port), against a bare boot
+// channel, through the VMM (sandbox, QMP, bridges, agent port), against a bare boot
 // of the same kernel and initramfs in the same run: QEMU with the fewest options, until
 // the init's ready line shows on its console. Reported: ms per boot of each, and their ratio.
-// Sub-benchmarks vary the number of hot-plug slots (PCIe root ports the firmware and the
-// guest kernel enumerate).
+// Sub-benchmarks vary the number of hot-plug slots (bridge slots the firmware and the
+// guest kernel enumerate, 30 per bridge).
 func BenchmarkBootToInit(b *testing.B) {
 	g := newTestGuest(b)
 	for _, slots := range []int{0, 8, 32} {

@@ -17,11 +17,25 @@ import (
 const (
 	agentSlot   = 0x02 // virtio-serial-pci or vhost-vsock-pci
 	balloonSlot = 0x03 // virtio-balloon-pci, with Config.FreePageReporting
-	// Root ports, one per disk, eight functions per slot from firstPortSlot.
+	// Root ports, one per disk on the command line, eight functions per slot from
+	// firstPortSlot.
 	firstPortSlot = 0x08
-	lastPortSlot  = 0x1e
-	// MaxDisks is how many disks (cold-plugged plus hot-plug slots) one VM can have.
-	MaxDisks = (lastPortSlot - firstPortSlot + 1) * 8
+	lastPortSlot  = 0x1b
+	// PCI bridges (pci-bridge) for hot-plugged disks, one per slot from firstBridgeSlot,
+	// each with bridgeSlots slots from firstSlotInBridge. An empty root port costs
+	// boot time under TCG (the firmware and the kernel each set it up as a bus: about
+	// 40 ms per port, BenchmarkBootToInit), an empty bridge slot next to none; q35
+	// hot-plugs into both through ACPI (acpiphp in the guest), and the guest releases a
+	// device before QEMU reports it deleted either way. 30 slots per bridge (01-1e), as
+	// Kata Containers uses them.
+	firstBridgeSlot   = 0x1c
+	lastBridgeSlot    = 0x1e
+	firstSlotInBridge = 0x01
+	bridgeSlots       = 30
+	// MaxColdDisks is how many disks one VM can have on its command line.
+	MaxColdDisks = (lastPortSlot - firstPortSlot + 1) * 8
+	// MaxHotplugSlots is how many disks can be hot-plugged into one VM at once.
+	MaxHotplugSlots = (lastBridgeSlot - firstBridgeSlot + 1) * bridgeSlots
 	// memorySlots are DIMM slots for later memory hot-plug (virtio-pmem does not use them).
 	memorySlots = 4
 	// baseKernelParams come before the caller's: the console is the first serial port;
@@ -59,6 +73,56 @@ func (p port) pciPath() vmm.PCIPath {
 	return vmm.PCIPath(fmt.Sprintf("%02x.%x/00.0", p.slot(), p.fn()))
 }
 
+// bridge is the idx-th PCI bridge for hot-plugged disks.
+type bridge int
+
+func (b bridge) id() string { return "br" + strconv.Itoa(int(b)) }
+func (b bridge) slot() int  { return firstBridgeSlot + int(b) }
+
+// device is the bridge on pcie.0. No SHPC: q35 hot-plugs into it through ACPI
+// (acpiphp in the guest). It asks the firmware (QEMU's resource reserve capability) for
+// 2 MiB of each memory window, which the BARs of 30 virtio devices fit in (16 KiB of
+// 64-bit prefetchable and 4 KiB of MSI-X table each), and for no I/O window: devices on
+// it are modern-only virtio (disable-legacy), with no I/O BAR.
+func (b bridge) device() map[string]any {
+	return map[string]any{
+		"driver":         "pci-bridge",
+		"id":             b.id(),
+		"bus":            "pcie.0",
+		"addr":           fmt.Sprintf("%02x.0", b.slot()),
+		"chassis_nr":     0xf0 + int(b), // apart from the root ports' chassis numbers
+		"shpc":           false,
+		"io-reserve":     0,
+		"mem-reserve":    2 << 20,
+		"pref64-reserve": 2 << 20,
+	}
+}
+
+// slot is where a disk's device plugs in: alone behind a root port (disks on the
+// command line) or into a slot of a bridge (disks hot-plugged later).
+type slot struct {
+	bus     string // QEMU id of the bus
+	addr    string // device address on a bridge; "" behind a root port
+	pciPath vmm.PCIPath
+}
+
+func (p port) place() slot { return slot{bus: p.id(), pciPath: p.pciPath()} }
+
+// hotSlot is the i-th hot-plug slot: bridge i/bridgeSlots, its slot
+// firstSlotInBridge+i%bridgeSlots.
+func hotSlot(i int) slot {
+	b := bridge(i / bridgeSlots)
+	s := firstSlotInBridge + i%bridgeSlots
+	return slot{
+		bus:     b.id(),
+		addr:    fmt.Sprintf("%02x.0", s),
+		pciPath: vmm.PCIPath(fmt.Sprintf("%02x.0/%02x.0", b.slot(), s)),
+	}
+}
+
+// bridgesFor is how many bridges n hot-plug slots need.
+func bridgesFor(n int) int { return (n + bridgeSlots - 1) / bridgeSlots }
+
 func (p port) device() map[string]any {
 	d := map[string]any{
 		"driver":  "pcie-root-port",
@@ -82,9 +146,21 @@ type backend struct {
 	delArgs map[string]any
 }
 
-// diskDevices returns the backend and the device of disk n plugged into port p.
-func diskDevices(d vmm.Disk, n int, p port, size int64) (backend, map[string]any, vmm.DiskAddress) {
-	addr := vmm.DiskAddress{PCIPath: p.pciPath()}
+// diskDevices returns the backend and the device of disk n plugged into slot s.
+func diskDevices(d vmm.Disk, n int, s slot, size int64) (backend, map[string]any, vmm.DiskAddress) {
+	be, dev, addr := diskDevice(d, n, size)
+	addr.PCIPath = s.pciPath
+	dev["bus"] = s.bus
+	if s.addr != "" {
+		dev["addr"] = s.addr
+		dev["disable-legacy"] = "on" // a bridge slot has no I/O window
+	}
+	return be, dev, addr
+}
+
+// diskDevice returns the backend and the device of disk n, not yet placed on a bus.
+func diskDevice(d vmm.Disk, n int, size int64) (backend, map[string]any, vmm.DiskAddress) {
+	var addr vmm.DiskAddress
 	switch d.Kind {
 	case vmm.PMEM:
 		id := fmt.Sprintf("pmem%d", n)
@@ -106,7 +182,6 @@ func diskDevices(d vmm.Disk, n int, p port, size int64) (backend, map[string]any
 				"driver": "virtio-pmem-pci",
 				"id":     id,
 				"memdev": mem,
-				"bus":    p.id(),
 			}, addr
 	default:
 		id := fmt.Sprintf("blk%d", n)
@@ -135,7 +210,6 @@ func diskDevices(d vmm.Disk, n int, p port, size int64) (backend, map[string]any
 				"driver": "virtio-blk-pci",
 				"id":     id,
 				"drive":  node,
-				"bus":    p.id(),
 				"serial": id,
 			}, addr
 	}
@@ -167,7 +241,8 @@ type cmdline struct {
 	accel     string // kvm or tcg
 	qmpSocket string
 	agentSock string
-	ports     int
+	ports     int // root ports, for the disks below and no others
+	bridges   int // for hot-plug slots
 	disks     []coldDisk
 }
 
@@ -237,8 +312,11 @@ func (c cmdline) args() ([]string, error) {
 	for i := range c.ports {
 		a = append(a, "-device", jsonArg(port(i).device()))
 	}
+	for i := range c.bridges {
+		a = append(a, "-device", jsonArg(bridge(i).device()))
+	}
 	for _, d := range c.disks {
-		be, dev, _ := diskDevices(d.disk, d.n, d.port, d.size)
+		be, dev, _ := diskDevices(d.disk, d.n, d.port.place(), d.size)
 		a = append(a, be.option, jsonArg(be.args), "-device", jsonArg(dev))
 	}
 	return a, nil

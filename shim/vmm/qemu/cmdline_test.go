@@ -131,7 +131,7 @@ func TestCmdlineDisks(t *testing.T) {
 		vm:        vmm.Config{Kernel: "/k", VCPUs: 1, MemoryMiB: 512, MaxMemoryMiB: 1024, ConsoleLog: "/c", Agent: vmm.AgentChannel{Transport: vmm.TransportSerial}},
 		accel:     "tcg",
 		qmpSocket: "/q", agentSock: "/a",
-		ports: 10,
+		ports: 10, bridges: 2,
 		disks: []coldDisk{
 			{disk: vmm.Disk{ID: "a", Path: "/l,1.erofs", ReadOnly: true, Kind: vmm.Block}, n: 0, port: 0},
 			{disk: vmm.Disk{ID: "b", Path: "/l2.erofs", ReadOnly: true, Kind: vmm.PMEM}, n: 1, port: 9, size: 4 << 20},
@@ -149,15 +149,18 @@ func TestCmdlineDisks(t *testing.T) {
 		}
 		return m
 	}
-	var ports, devices []map[string]any
+	var ports, bridges, devices []map[string]any
 	for _, d := range option(args, "-device") {
 		if !strings.HasPrefix(d, "{") {
 			continue
 		}
 		m := decode(d)
-		if m["driver"] == "pcie-root-port" {
+		switch m["driver"] {
+		case "pcie-root-port":
 			ports = append(ports, m)
-		} else {
+		case "pci-bridge":
+			bridges = append(bridges, m)
+		default:
 			devices = append(devices, m)
 		}
 	}
@@ -169,6 +172,13 @@ func TestCmdlineDisks(t *testing.T) {
 	}
 	if p := ports[8]; p["addr"] != "09.0" || p["multifunction"] != true {
 		t.Errorf("port 8: %v", p)
+	}
+
+	if len(bridges) != 2 {
+		t.Fatalf("%d bridges, want 2", len(bridges))
+	}
+	if b := bridges[1]; b["addr"] != "1d.0" || b["id"] != "br1" || b["bus"] != "pcie.0" || b["shpc"] != false {
+		t.Errorf("bridge 1: %v", b)
 	}
 
 	blockdevs := option(args, "-blockdev")
@@ -206,5 +216,36 @@ func TestCmdlineDisks(t *testing.T) {
 	}
 	if got := port(9).pciPath(); got != "09.1/00.0" {
 		t.Errorf("pci path of port 9: %s", got)
+	}
+}
+
+// Hot-plug slots fill bridge after bridge, slots 01-1e of each; a device in one is
+// modern-only virtio (a bridge has no I/O window).
+func TestHotSlots(t *testing.T) {
+	for _, tc := range []struct {
+		i          int
+		bus, addr  string
+		path       vmm.PCIPath
+		numBridges int
+	}{
+		{0, "br0", "01.0", "1c.0/01.0", 1},
+		{29, "br0", "1e.0", "1c.0/1e.0", 1},
+		{30, "br1", "01.0", "1d.0/01.0", 2},
+		{MaxHotplugSlots - 1, "br2", "1e.0", "1e.0/1e.0", 3},
+	} {
+		s := hotSlot(tc.i)
+		if s.bus != tc.bus || s.addr != tc.addr || s.pciPath != tc.path {
+			t.Errorf("slot %d: %+v, want bus %s addr %s path %s", tc.i, s, tc.bus, tc.addr, tc.path)
+		}
+		if n := bridgesFor(tc.i + 1); n != tc.numBridges {
+			t.Errorf("%d slots: %d bridges, want %d", tc.i+1, n, tc.numBridges)
+		}
+		_, dev, addr := diskDevices(vmm.Disk{ID: "x", Path: "/x", Kind: vmm.Block}, 7, s, 0)
+		if dev["bus"] != tc.bus || dev["addr"] != tc.addr || dev["disable-legacy"] != "on" || addr.PCIPath != tc.path {
+			t.Errorf("slot %d: device %v at %s", tc.i, dev, addr.PCIPath)
+		}
+	}
+	if bridgesFor(0) != 0 {
+		t.Error("no slots need a bridge")
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -58,7 +59,8 @@ func (v *VM) running() (*qmp.Client, error) {
 	return v.qmp, nil
 }
 
-// AttachDisk hot-plugs d behind a free root port.
+// AttachDisk hot-plugs d into a free slot: a bridge slot, or the root port of a detached
+// cold-plugged disk.
 func (v *VM) AttachDisk(ctx context.Context, d vmm.Disk) (vmm.DiskAddress, error) {
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
@@ -74,19 +76,15 @@ func (v *VM) AttachDisk(ctx context.Context, d vmm.Disk) (vmm.DiskAddress, error
 		log.G(ctx).WithField("disk", d.ID).WithField("pci", addr.PCIPath).Debug("pmem disk reused")
 		return addr, nil
 	}
-	p := -1
-	for i, used := range v.ports {
-		if !used {
-			p = i
-			break
-		}
-	}
-	if p < 0 {
-		return vmm.DiskAddress{}, fmt.Errorf("disk %q: all %d disk slots in use: %w", d.ID, len(v.ports), errdefs.ErrResourceExhausted)
+	v.mu.Lock()
+	s := slices.Index(v.used, false)
+	v.mu.Unlock()
+	if s < 0 {
+		return vmm.DiskAddress{}, fmt.Errorf("disk %q: all %d disk slots in use: %w", d.ID, len(v.used), errdefs.ErrResourceExhausted)
 	}
 	n := v.nextDev
 	v.nextDev++
-	be, dev, addr := diskDevices(d, n, port(p), st.Size())
+	be, dev, addr := diskDevices(d, n, v.slots[s], st.Size())
 
 	// Not ctx: a command QEMU ran after the caller gave up would leave a device or a
 	// backend nobody knows about. QMP commands return at once unless QEMU is stuck.
@@ -102,8 +100,8 @@ func (v *VM) AttachDisk(ctx context.Context, d vmm.Disk) (vmm.DiskAddress, error
 		return vmm.DiskAddress{}, fmt.Errorf("disk %q: %w", d.ID, err)
 	}
 	v.mu.Lock()
-	v.ports[p] = true
-	v.disks[d.ID] = &disk{Disk: d, file: st, devID: dev["id"].(string), port: port(p), addr: addr, backend: be}
+	v.used[s] = true
+	v.disks[d.ID] = &disk{Disk: d, file: st, devID: dev["id"].(string), slot: s, addr: addr, backend: be}
 	v.mu.Unlock()
 	log.G(ctx).WithField("disk", d.ID).WithField("pci", addr.PCIPath).Debug("disk attached")
 	return addr, nil
@@ -157,7 +155,7 @@ func (v *VM) DetachDisk(ctx context.Context, id string) error {
 	}
 	v.mu.Lock()
 	delete(v.disks, id)
-	v.ports[d.port] = false
+	v.used[d.slot] = false
 	v.mu.Unlock()
 	log.G(ctx).WithField("disk", id).Debug("disk detached")
 	return nil

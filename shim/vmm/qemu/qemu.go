@@ -7,9 +7,12 @@
 // over QMP (qmp.sock); the agent channel is a virtio-serial port whose host end is
 // agent.sock, or vhost-vsock.
 //
-// Every disk, cold-plugged or not, sits alone behind its own PCIe root port, so any disk
-// can be hot-unplugged and its guest address is the port's: root ports sit at 08.0-1e.7
-// of the root bus (eight functions per slot), the agent device at 02.0.
+// Every disk on the command line sits alone behind its own PCIe root port (08.0-1b.7 of
+// the root bus, eight functions per slot), so it can be hot-unplugged and its guest
+// address is the port's, 08.0/00.0 for the first. Hot-plug slots are slots 01-1e of PCI
+// bridges at 1c.0-1e.0 (1c.0/01.0 is the first), which cost next to no boot time where
+// an empty root port costs tens of milliseconds under TCG. A disk detached frees its
+// root port or bridge slot for the next AttachDisk. The agent device is at 02.0.
 //
 // QEMU cannot hot-unplug virtio-pmem devices (7.2 answers "virtio based memory devices
 // cannot be unplugged"; QEMU's virtio-pmem documentation lists it as a limitation):
@@ -83,7 +86,8 @@ type VM struct {
 	panicked    bool   // a GUEST_PANICKED event came
 	disks       map[string]*disk
 	parked      []*disk // PMEM disks QEMU could not unplug, kept for reuse
-	ports       []bool  // in use
+	slots       []slot  // root ports of the cold-plugged disks, then hot-plug slots
+	used        []bool  // per slot
 	nextDev     int
 	unplug      map[string]chan struct{} // device id -> closed on DEVICE_DELETED
 	ejected     map[string]bool          // devices the guest removed without DetachDisk
@@ -100,7 +104,7 @@ type disk struct {
 	vmm.Disk
 	file    os.FileInfo // at attach time
 	devID   string
-	port    port
+	slot    int // index in VM.slots
 	addr    vmm.DiskAddress
 	backend backend
 	// gone is set once device_del was accepted, and closed by DEVICE_DELETED.
@@ -151,8 +155,11 @@ func New(cfg vmm.Config, qcfg Config) (*VM, error) {
 	default:
 		return nil, fmt.Errorf("agent transport %q: %w", cfg.Agent.Transport, errdefs.ErrInvalidArgument)
 	}
-	if n := len(cfg.Disks) + cfg.HotplugSlots; n > MaxDisks {
-		return nil, fmt.Errorf("%d disks and hot-plug slots, at most %d: %w", n, MaxDisks, errdefs.ErrInvalidArgument)
+	if n := len(cfg.Disks); n > MaxColdDisks {
+		return nil, fmt.Errorf("%d disks at start, at most %d: %w", n, MaxColdDisks, errdefs.ErrInvalidArgument)
+	}
+	if n := cfg.HotplugSlots; n > MaxHotplugSlots {
+		return nil, fmt.Errorf("%d hot-plug slots, at most %d: %w", n, MaxHotplugSlots, errdefs.ErrInvalidArgument)
 	}
 	if qcfg.Path == "" {
 		qcfg.Path = defaultBinary
@@ -167,12 +174,18 @@ func New(cfg vmm.Config, qcfg Config) (*VM, error) {
 		agentSocket: filepath.Join(cfg.StateDir, agentSocketName),
 		stderrLog:   filepath.Join(cfg.StateDir, stderrLogName),
 		disks:       map[string]*disk{},
-		ports:       make([]bool, len(cfg.Disks)+cfg.HotplugSlots),
+		used:        make([]bool, len(cfg.Disks)+cfg.HotplugSlots),
 		unplug:      map[string]chan struct{}{},
 		ejected:     map[string]bool{},
 		done:        make(chan struct{}),
 		eventsDone:  make(chan struct{}),
 		stopCh:      make(chan struct{}),
+	}
+	for i := range cfg.Disks {
+		v.slots = append(v.slots, port(i).place())
+	}
+	for i := range cfg.HotplugSlots {
+		v.slots = append(v.slots, hotSlot(i))
 	}
 	if len(v.qmpSocket) > maxSocketPath {
 		return nil, fmt.Errorf("state dir %q too long for a unix socket path: %w", cfg.StateDir, errdefs.ErrInvalidArgument)
@@ -251,13 +264,14 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 	if err != nil {
 		return err
 	}
-	cl := cmdline{vm: v.cfg, accel: string(acc), qemu: v.qcfg, qmpSocket: v.qmpSocket, agentSock: v.agentSocket, ports: len(v.ports)}
+	cl := cmdline{vm: v.cfg, accel: string(acc), qemu: v.qcfg, qmpSocket: v.qmpSocket, agentSock: v.agentSocket,
+		ports: len(v.cfg.Disks), bridges: bridgesFor(v.cfg.HotplugSlots)}
 	// Cold-plugged disk i gets port i and device number i.
 	defer func() {
 		if retErr != nil {
 			v.mu.Lock()
 			clear(v.disks)
-			clear(v.ports)
+			clear(v.used)
 			v.mu.Unlock()
 			v.nextDev = 0
 		}
@@ -270,10 +284,10 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 		size := st.Size()
 		p := port(i)
 		cl.disks = append(cl.disks, coldDisk{disk: d, n: i, port: p, size: size})
-		be, dev, addr := diskDevices(d, i, p, size)
+		be, dev, addr := diskDevices(d, i, v.slots[i], size)
 		v.mu.Lock()
-		v.disks[d.ID] = &disk{Disk: d, file: st, devID: dev["id"].(string), port: p, addr: addr, backend: be}
-		v.ports[p] = true
+		v.disks[d.ID] = &disk{Disk: d, file: st, devID: dev["id"].(string), slot: i, addr: addr, backend: be}
+		v.used[i] = true
 		v.mu.Unlock()
 		v.nextDev = i + 1
 	}

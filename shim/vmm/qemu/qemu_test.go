@@ -91,7 +91,7 @@ func TestVM(t *testing.T) {
 			{ID: "cold", Path: cold, ReadOnly: true, Kind: vmm.Block},
 			{ID: "cold-pmem", Path: cold, ReadOnly: true, Kind: vmm.PMEM},
 		},
-		HotplugSlots: 2,
+		HotplugSlots: bridgeSlots + 1, // two bridges: filling every slot crosses into the second
 	})
 	pid := vm.Pid()
 	if pid == 0 {
@@ -166,7 +166,29 @@ func TestVM(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		if addr.PCIPath != hotSlot(0).pciPath {
+			t.Fatalf("first hot-plugged disk at %s, want the first bridge slot %s", addr.PCIPath, hotSlot(0).pciPath)
+		}
 		checkBlock(t, sh, addr, "hot layer\n", "dir/id")
+		// The bridge got the memory windows it asked the firmware for, and no I/O window:
+		// its windows are lines 14-16 of sysfs's resource file (start, end, flags).
+		br := strings.TrimSpace(sh.must(t, "pcidev "+addr.PCIPath.Hops()[0]))
+		windows := strings.Split(strings.TrimSpace(sh.must(t, "head -n 16 "+br+"/resource | tail -n 3")), "\n")
+		var sizes []uint64
+		for _, w := range windows {
+			var start, end, flags uint64
+			if _, err := fmt.Sscan(w, &start, &end, &flags); err != nil {
+				t.Fatalf("bridge window %q: %v", w, err)
+			}
+			if end > start {
+				sizes = append(sizes, end-start+1)
+			} else {
+				sizes = append(sizes, 0)
+			}
+		}
+		if len(sizes) != 3 || sizes[0] != 0 || sizes[1] < 2<<20 || sizes[2] < 2<<20 {
+			t.Fatalf("bridge windows (I/O, memory, prefetchable) %q", windows)
+		}
 		dev := strings.TrimPrefix(strings.TrimSpace(sh.must(t, "devat "+string(addr.PCIPath))), "/dev/")
 		if ro := sh.must(t, "cat /sys/block/"+dev+"/ro"); ro != "1\n" {
 			t.Fatalf("read-only disk %s has ro=%q", dev, ro)
@@ -353,7 +375,7 @@ func TestVM(t *testing.T) {
 				t.Log(err)
 				break
 			}
-			if err != nil || i > MaxDisks {
+			if err != nil || i > MaxHotplugSlots {
 				t.Fatalf("attach %s: %v", id, err)
 			}
 			ids = append(ids, id)
@@ -564,7 +586,7 @@ func TestNewErrors(t *testing.T) {
 		{"bad transport", vmm.Config{Kernel: "k", StateDir: "/tmp/x", Agent: vmm.AgentChannel{Transport: "tcp"}}},
 		{"vsock cid 2", vmm.Config{Kernel: "k", StateDir: "/tmp/x", Agent: vmm.AgentChannel{Transport: vmm.TransportVsock, CID: 2}}},
 		{"max memory below memory", vmm.Config{Kernel: "k", StateDir: "/tmp/x", MemoryMiB: 1024, MaxMemoryMiB: 512}},
-		{"too many disks", vmm.Config{Kernel: "k", StateDir: "/tmp/x", HotplugSlots: MaxDisks + 1}},
+		{"too many disks", vmm.Config{Kernel: "k", StateDir: "/tmp/x", HotplugSlots: MaxHotplugSlots + 1}},
 		{"state dir too long", vmm.Config{Kernel: "k", StateDir: "/" + strings.Repeat("x", 120)}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
