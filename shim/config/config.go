@@ -169,8 +169,8 @@ func (c Config) Validate() error {
 		return bad("hypervisor.vcpus", c.Hypervisor.VCPUs, "want 1 to 255")
 	case c.Hypervisor.MemoryMiB < MinMemoryMiB:
 		return bad("hypervisor.memory_mib", c.Hypervisor.MemoryMiB, fmt.Sprintf("a VM needs at least %d MiB", MinMemoryMiB))
-	case c.Hypervisor.HotplugSlots < 0 || c.Hypervisor.HotplugSlots > 32:
-		return bad("hypervisor.hotplug_slots", c.Hypervisor.HotplugSlots, "want 0 to 32 (one PCIe root port each)")
+	case c.Hypervisor.HotplugSlots < 0 || c.Hypervisor.HotplugSlots > 90:
+		return bad("hypervisor.hotplug_slots", c.Hypervisor.HotplugSlots, "want 0 to 90 (slots of up to three PCI bridges)")
 	case c.Hypervisor.TCGTranslationCacheMiB < 1:
 		return bad("hypervisor.tcg_translation_cache_mib", c.Hypervisor.TCGTranslationCacheMiB, "want at least 1")
 	case !filepath.IsAbs(c.Guest.Kernel):

@@ -37,7 +37,7 @@ accelerator = {{q .Hypervisor.Accelerator}}
 vcpus = {{.Hypervisor.VCPUs}}
 # At least 128.
 memory_mib = {{.Hypervisor.MemoryMiB}}
-# Devices that can be hot-plugged into a running VM (one PCIe root port each, at most 32).
+# Devices that can be hot-plugged into a running VM (slots of PCI bridges, 30 each; at most 90).
 hotplug_slots = {{.Hypervisor.HotplugSlots}}
 # Bounds TCG's translation cache, most of a TCG VM's host memory. Unused under KVM.
 tcg_translation_cache_mib = {{.Hypervisor.TCGTranslationCacheMiB}}

@@ -79,8 +79,8 @@ type Device struct {
 	Kind  DeviceKind             `protobuf:"varint,1,opt,name=kind,proto3,enum=caisson.agent.v1.DeviceKind" json:"kind,omitempty"`
 	// pci_path is the device's PCI path from the root bus: one "SS.F" (slot.function,
 	// hex) per hop, separated by "/", e.g. "05.0/00.0" for the device in slot 0 behind
-	// the root port in slot 5 of bus 0. Bus numbers are not part of it: the guest
-	// assigns them.
+	// the root port in slot 5 of bus 0, or "1c.0/01.0" for slot 1 of the PCI bridge in
+	// slot 0x1c. Bus numbers are not part of it: the guest assigns them.
 	PciPath string `protobuf:"bytes,2,opt,name=pci_path,json=pciPath,proto3" json:"pci_path,omitempty"`
 	// serial is a virtio-blk disk's serial (at most 20 bytes). Used when pci_path
 	// is empty.
