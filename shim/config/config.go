@@ -76,7 +76,16 @@ type Guest struct {
 	// DebugConsole puts all the guest kernel's messages on the console log (loglevel=7); otherwise
 	// it boots quiet, which under TCG saves seconds of emulated serial output. Default false.
 	DebugConsole bool `toml:"debug_console"`
+	// CopiedMountLimitBytes is the most a bind mount of a host file or tree (a Kubernetes
+	// ConfigMap, Secret, service account token or emptyDir) may hold for its content to be
+	// copied into the VM at container create; larger ones are refused. At most
+	// MaxCopiedMountLimitBytes. Default 1 MiB, the Kubernetes ConfigMap and Secret limit.
+	CopiedMountLimitBytes int64 `toml:"copied_mount_limit_bytes"`
 }
+
+// MaxCopiedMountLimitBytes bounds Guest.CopiedMountLimitBytes: the copy travels in
+// one request to the guest agent, below ttrpc's 4 MiB message limit.
+const MaxCopiedMountLimitBytes = 3 << 20
 
 // Storage configures how image layers reach the VM.
 type Storage struct {
@@ -103,9 +112,10 @@ func Default(artifactsDir string) Config {
 			TCGTranslationCacheMiB: 128,
 		},
 		Guest: Guest{
-			Kernel:    filepath.Join(artifactsDir, "vmlinuz"),
-			Initramfs: filepath.Join(artifactsDir, "initramfs.cpio.lz4"),
-			Transport: "auto",
+			Kernel:                filepath.Join(artifactsDir, "vmlinuz"),
+			Initramfs:             filepath.Join(artifactsDir, "initramfs.cpio.lz4"),
+			Transport:             "auto",
+			CopiedMountLimitBytes: 1 << 20,
 		},
 		Storage:        Storage{DAX: true, BlockDriver: "virtio-blk"},
 		PodAnnotations: []string{"hypervisor.vcpus", "hypervisor.memory_mib"},
@@ -179,6 +189,9 @@ func (c Config) Validate() error {
 		return bad("guest.initramfs", c.Guest.Initramfs, "must be an absolute path")
 	case !slices.Contains([]string{"auto", "serial", "vsock"}, c.Guest.Transport):
 		return bad("guest.transport", c.Guest.Transport, "want auto, serial or vsock")
+	case c.Guest.CopiedMountLimitBytes < 0 || c.Guest.CopiedMountLimitBytes > MaxCopiedMountLimitBytes:
+		return bad("guest.copied_mount_limit_bytes", c.Guest.CopiedMountLimitBytes,
+			fmt.Sprintf("want 0 to %d (the copy travels in one request into the VM)", MaxCopiedMountLimitBytes))
 	case c.Storage.BlockDriver != "virtio-blk":
 		return bad("storage.block_driver", c.Storage.BlockDriver, "want virtio-blk")
 	}

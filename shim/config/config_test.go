@@ -65,6 +65,13 @@ func TestLoad(t *testing.T) {
 		{name: "bad accelerator", path: write("e.toml", "[hypervisor]\naccelerator = \"xen\"\n"), wantErr: "hypervisor.accelerator"},
 		{name: "relative kernel", path: write("f.toml", "[guest]\nkernel = \"vmlinuz\"\n"), wantErr: "guest.kernel"},
 		{name: "bad transport", path: write("g.toml", "[guest]\ntransport = \"tcp\"\n"), wantErr: "guest.transport"},
+		{name: "copied mount limit", path: write("i.toml", "[guest]\ncopied_mount_limit_bytes = 4096\n"),
+			check: func(t *testing.T, c Config) {
+				if c.Guest.CopiedMountLimitBytes != 4096 {
+					t.Fatalf("copied_mount_limit_bytes %d", c.Guest.CopiedMountLimitBytes)
+				}
+			}},
+		{name: "copied mount limit over a request", path: write("j.toml", "[guest]\ncopied_mount_limit_bytes = 4194304\n"), wantErr: "guest.copied_mount_limit_bytes = 4194304"},
 		{name: "unknown pod annotation key", path: write("h.toml", "pod_annotations = [\"guest.kernel\"]\n"), wantErr: "not a key pods can override"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

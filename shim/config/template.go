@@ -52,6 +52,10 @@ kernel_params = {{q .Guest.KernelParams}}
 transport = {{q .Guest.Transport}}
 # All the guest kernel's messages on the console log (otherwise it boots quiet, which is faster).
 debug_console = {{.Guest.DebugConsole}}
+# Bind mounts of host files and trees (ConfigMaps, Secrets, service account tokens, emptyDirs)
+# holding at most this many bytes are copied into the VM at container create; larger ones
+# are refused. 0 refuses them all; at most 3145728. Writes stay in the VM.
+copied_mount_limit_bytes = {{.Guest.CopiedMountLimitBytes}}
 
 [storage]
 # EROFS layers as virtio-pmem (DAX: the guest reads the host's page cache) instead of virtio-blk.

@@ -17,6 +17,7 @@ import (
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/proto"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/shim/config"
@@ -26,6 +27,10 @@ import (
 )
 
 var empty = &ptypes.Empty{}
+
+// maxCreateRequest bounds a CreateContainerRequest, whose copied mounts can be
+// large, below ttrpc's 4 MiB message limit (with room for the rootfs).
+const maxCreateRequest = 4<<20 - 256<<10
 
 // Create creates a container in the pod's VM, starting the VM for the pod's
 // first container. On error nothing it created remains (and a VM started for
@@ -46,10 +51,6 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	guest, err := guestSpec(spec)
-	if err != nil {
-		return nil, errgrpc.ToGRPC(err)
-	}
 	mounts := make([]mount.Mount, len(r.Rootfs))
 	for i, m := range r.Rootfs {
 		mounts[i] = mount.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options}
@@ -62,6 +63,16 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	cfg, err := s.podConfig(ctx, r, spec)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
+	}
+	guest, copied, err := guestSpec(spec, cfg.Guest.CopiedMountLimitBytes)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
+	}
+	sio := stdio.Config{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal}
+	req := &agent.CreateContainerRequest{ContainerId: r.ID, Spec: guest, Stdio: sio.Agent(), CopiedMounts: copied}
+	if n := proto.Size(req); n > maxCreateRequest {
+		return nil, errgrpc.ToGRPCf(errdefs.ErrInvalidArgument,
+			"container %s: its copied bind mounts and spec take %d bytes, over the %d a request into the VM can carry", r.ID, n, maxCreateRequest)
 	}
 	netns, err := podNetNS(spec)
 	if err != nil {
@@ -94,11 +105,9 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		}
 	}()
 
-	sio := stdio.Config{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal}
+	req.Rootfs = rfs
 	created := time.Now()
-	resp, err := pd.Containers.Create(ctx, &agent.CreateContainerRequest{
-		ContainerId: r.ID, Spec: guest, Rootfs: rfs, Stdio: sio.Agent(),
-	})
+	resp, err := pd.Containers.Create(ctx, req)
 	if err != nil {
 		return nil, agentErr("create container in the guest", err)
 	}

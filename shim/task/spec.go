@@ -44,10 +44,12 @@ func readSpec(bundle string) (*specs.Spec, error) {
 }
 
 // guestSpec rewrites what in a host spec refers to the host: bind mounts of the
-// CRI's pod files become the sandbox's guest files; other host bind mounts are
-// refused (no filesystem is shared with the VM); namespace paths and hooks,
-// which name host objects, are dropped.
-func guestSpec(s *specs.Spec) ([]byte, error) {
+// CRI's pod files become the sandbox's guest files; /dev/termination-log is
+// dropped; other host bind mounts are copied (see copyTree; at most limit bytes
+// each) and returned as the CopiedMounts that the agent makes their sources,
+// and what cannot be copied is refused; namespace paths and hooks, which name
+// host objects, are dropped.
+func guestSpec(s *specs.Spec, limit int64) ([]byte, []*agent.CopiedMount, error) {
 	g := *s
 	g.Root = &specs.Root{Path: "rootfs", Readonly: s.Root != nil && s.Root.Readonly}
 	g.Hooks = nil
@@ -65,6 +67,7 @@ func guestSpec(s *specs.Spec) ([]byte, error) {
 		g.Linux = &l
 	}
 	g.Mounts = nil
+	var copied []*agent.CopiedMount
 	for _, m := range s.Mounts {
 		if !isBind(m) {
 			g.Mounts = append(g.Mounts, m)
@@ -80,10 +83,16 @@ func guestSpec(s *specs.Spec) ([]byte, error) {
 			// container writes to its own /dev instead.
 			continue
 		}
-		return nil, fmt.Errorf("bind mount of host path %q at %q cannot reach a Caisson VM (no filesystem is shared with it): %w",
-			m.Source, m.Destination, errdefs.ErrInvalidArgument)
+		files, err := copyTree(m.Source, limit)
+		if err != nil {
+			return nil, nil, fmt.Errorf("bind mount of host path %q at %q cannot be copied into the Caisson VM, which shares no filesystem with the host: %w",
+				m.Source, m.Destination, err)
+		}
+		copied = append(copied, &agent.CopiedMount{MountIndex: uint32(len(g.Mounts)), Key: filepath.Clean(m.Source), Files: files})
+		g.Mounts = append(g.Mounts, m)
 	}
-	return json.Marshal(&g)
+	b, err := json.Marshal(&g)
+	return b, copied, err
 }
 
 func isBind(m specs.Mount) bool {

@@ -169,11 +169,16 @@ type CreateContainerRequest struct {
 	// CRI's shared-PID pods) as "pod".
 	//
 	// Mount sources are guest paths. The shim rewrites the CRI's host files to
-	// the sandbox's guest files (see Sandbox.Create) and refuses other host
-	// bind mounts, which cannot reach the VM.
-	Spec          []byte  `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
-	Rootfs        *Rootfs `protobuf:"bytes,3,opt,name=rootfs,proto3" json:"rootfs,omitempty"`
-	Stdio         *Stdio  `protobuf:"bytes,4,opt,name=stdio,proto3" json:"stdio,omitempty"`
+	// the sandbox's guest files (see Sandbox.Create); bind mounts of small host
+	// trees come as copied_mounts; other host bind mounts are refused.
+	Spec   []byte  `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	Rootfs *Rootfs `protobuf:"bytes,3,opt,name=rootfs,proto3" json:"rootfs,omitempty"`
+	Stdio  *Stdio  `protobuf:"bytes,4,opt,name=stdio,proto3" json:"stdio,omitempty"`
+	// copied_mounts are bind mounts of host files or trees whose content the shim
+	// copied: the agent writes each into a guest directory and makes it the
+	// source of spec.mounts[mount_index]. Together they keep the request well
+	// below ttrpc's message limit.
+	CopiedMounts  []*CopiedMount `protobuf:"bytes,5,rep,name=copied_mounts,json=copiedMounts,proto3" json:"copied_mounts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -236,6 +241,169 @@ func (x *CreateContainerRequest) GetStdio() *Stdio {
 	return nil
 }
 
+func (x *CreateContainerRequest) GetCopiedMounts() []*CopiedMount {
+	if x != nil {
+		return x.CopiedMounts
+	}
+	return nil
+}
+
+// CopiedMount is the content of a host bind mount source. Mounts of the pod with
+// the same key share one guest copy: the first container's request writes it,
+// later ones use it as it is (with what the pod wrote to it) and ignore their
+// files; it is removed with the last container using it.
+type CopiedMount struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	MountIndex uint32                 `protobuf:"varint,1,opt,name=mount_index,json=mountIndex,proto3" json:"mount_index,omitempty"`
+	// key names the host source within the pod (the shim sends its host path).
+	Key string `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	// files are the tree, parents before children; the first is the root, with
+	// an empty path: a regular file or a directory.
+	Files         []*CopiedFile `protobuf:"bytes,3,rep,name=files,proto3" json:"files,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CopiedMount) Reset() {
+	*x = CopiedMount{}
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CopiedMount) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CopiedMount) ProtoMessage() {}
+
+func (x *CopiedMount) ProtoReflect() protoreflect.Message {
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CopiedMount.ProtoReflect.Descriptor instead.
+func (*CopiedMount) Descriptor() ([]byte, []int) {
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *CopiedMount) GetMountIndex() uint32 {
+	if x != nil {
+		return x.MountIndex
+	}
+	return 0
+}
+
+func (x *CopiedMount) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *CopiedMount) GetFiles() []*CopiedFile {
+	if x != nil {
+		return x.Files
+	}
+	return nil
+}
+
+// CopiedFile is one entry of a copied tree.
+type CopiedFile struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// path is relative to the root, slash-separated, without "." or ".." elements.
+	Path string `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	// mode is the Unix st_mode: the type (S_IFREG, S_IFDIR or S_IFLNK) and permission bits.
+	Mode uint32 `protobuf:"varint,2,opt,name=mode,proto3" json:"mode,omitempty"`
+	Uid  uint32 `protobuf:"varint,3,opt,name=uid,proto3" json:"uid,omitempty"`
+	Gid  uint32 `protobuf:"varint,4,opt,name=gid,proto3" json:"gid,omitempty"`
+	// data is a regular file's content.
+	Data []byte `protobuf:"bytes,5,opt,name=data,proto3" json:"data,omitempty"`
+	// link is a symbolic link's target, verbatim.
+	Link          string `protobuf:"bytes,6,opt,name=link,proto3" json:"link,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CopiedFile) Reset() {
+	*x = CopiedFile{}
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CopiedFile) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CopiedFile) ProtoMessage() {}
+
+func (x *CopiedFile) ProtoReflect() protoreflect.Message {
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CopiedFile.ProtoReflect.Descriptor instead.
+func (*CopiedFile) Descriptor() ([]byte, []int) {
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *CopiedFile) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *CopiedFile) GetMode() uint32 {
+	if x != nil {
+		return x.Mode
+	}
+	return 0
+}
+
+func (x *CopiedFile) GetUid() uint32 {
+	if x != nil {
+		return x.Uid
+	}
+	return 0
+}
+
+func (x *CopiedFile) GetGid() uint32 {
+	if x != nil {
+		return x.Gid
+	}
+	return 0
+}
+
+func (x *CopiedFile) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *CopiedFile) GetLink() string {
+	if x != nil {
+		return x.Link
+	}
+	return ""
+}
+
 type CreateContainerResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Pid           uint32                 `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
@@ -245,7 +413,7 @@ type CreateContainerResponse struct {
 
 func (x *CreateContainerResponse) Reset() {
 	*x = CreateContainerResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[3]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -257,7 +425,7 @@ func (x *CreateContainerResponse) String() string {
 func (*CreateContainerResponse) ProtoMessage() {}
 
 func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[3]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -270,7 +438,7 @@ func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateContainerResponse.ProtoReflect.Descriptor instead.
 func (*CreateContainerResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{3}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *CreateContainerResponse) GetPid() uint32 {
@@ -289,7 +457,7 @@ type StartContainerRequest struct {
 
 func (x *StartContainerRequest) Reset() {
 	*x = StartContainerRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[4]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -301,7 +469,7 @@ func (x *StartContainerRequest) String() string {
 func (*StartContainerRequest) ProtoMessage() {}
 
 func (x *StartContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[4]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -314,7 +482,7 @@ func (x *StartContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerRequest.ProtoReflect.Descriptor instead.
 func (*StartContainerRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{4}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *StartContainerRequest) GetContainerId() string {
@@ -333,7 +501,7 @@ type StartContainerResponse struct {
 
 func (x *StartContainerResponse) Reset() {
 	*x = StartContainerResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[5]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -345,7 +513,7 @@ func (x *StartContainerResponse) String() string {
 func (*StartContainerResponse) ProtoMessage() {}
 
 func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[5]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -358,7 +526,7 @@ func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerResponse.ProtoReflect.Descriptor instead.
 func (*StartContainerResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{5}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *StartContainerResponse) GetPid() uint32 {
@@ -380,7 +548,7 @@ type SignalRequest struct {
 
 func (x *SignalRequest) Reset() {
 	*x = SignalRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[6]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -392,7 +560,7 @@ func (x *SignalRequest) String() string {
 func (*SignalRequest) ProtoMessage() {}
 
 func (x *SignalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[6]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -405,7 +573,7 @@ func (x *SignalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalRequest.ProtoReflect.Descriptor instead.
 func (*SignalRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{6}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *SignalRequest) GetContainerId() string {
@@ -446,7 +614,7 @@ type WaitRequest struct {
 
 func (x *WaitRequest) Reset() {
 	*x = WaitRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[7]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -458,7 +626,7 @@ func (x *WaitRequest) String() string {
 func (*WaitRequest) ProtoMessage() {}
 
 func (x *WaitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[7]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -471,7 +639,7 @@ func (x *WaitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitRequest.ProtoReflect.Descriptor instead.
 func (*WaitRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{7}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *WaitRequest) GetContainerId() string {
@@ -497,7 +665,7 @@ type WaitResponse struct {
 
 func (x *WaitResponse) Reset() {
 	*x = WaitResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[8]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -509,7 +677,7 @@ func (x *WaitResponse) String() string {
 func (*WaitResponse) ProtoMessage() {}
 
 func (x *WaitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[8]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -522,7 +690,7 @@ func (x *WaitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitResponse.ProtoReflect.Descriptor instead.
 func (*WaitResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{8}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *WaitResponse) GetExit() *ExitStatus {
@@ -541,7 +709,7 @@ type DeleteContainerRequest struct {
 
 func (x *DeleteContainerRequest) Reset() {
 	*x = DeleteContainerRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[9]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -553,7 +721,7 @@ func (x *DeleteContainerRequest) String() string {
 func (*DeleteContainerRequest) ProtoMessage() {}
 
 func (x *DeleteContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[9]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -566,7 +734,7 @@ func (x *DeleteContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteContainerRequest.ProtoReflect.Descriptor instead.
 func (*DeleteContainerRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{9}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *DeleteContainerRequest) GetContainerId() string {
@@ -585,7 +753,7 @@ type DeleteContainerResponse struct {
 
 func (x *DeleteContainerResponse) Reset() {
 	*x = DeleteContainerResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[10]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -597,7 +765,7 @@ func (x *DeleteContainerResponse) String() string {
 func (*DeleteContainerResponse) ProtoMessage() {}
 
 func (x *DeleteContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[10]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -610,7 +778,7 @@ func (x *DeleteContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteContainerResponse.ProtoReflect.Descriptor instead.
 func (*DeleteContainerResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{10}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DeleteContainerResponse) GetExit() *ExitStatus {
@@ -631,7 +799,7 @@ type UpdateContainerRequest struct {
 
 func (x *UpdateContainerRequest) Reset() {
 	*x = UpdateContainerRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[11]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -643,7 +811,7 @@ func (x *UpdateContainerRequest) String() string {
 func (*UpdateContainerRequest) ProtoMessage() {}
 
 func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[11]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -656,7 +824,7 @@ func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateContainerRequest.ProtoReflect.Descriptor instead.
 func (*UpdateContainerRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{11}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *UpdateContainerRequest) GetContainerId() string {
@@ -682,7 +850,7 @@ type StatsRequest struct {
 
 func (x *StatsRequest) Reset() {
 	*x = StatsRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[12]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -694,7 +862,7 @@ func (x *StatsRequest) String() string {
 func (*StatsRequest) ProtoMessage() {}
 
 func (x *StatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[12]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -707,7 +875,7 @@ func (x *StatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsRequest.ProtoReflect.Descriptor instead.
 func (*StatsRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{12}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *StatsRequest) GetContainerId() string {
@@ -728,7 +896,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[13]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -740,7 +908,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[13]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -753,7 +921,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{13}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StatsResponse) GetMetrics() *anypb.Any {
@@ -772,7 +940,7 @@ type PidsRequest struct {
 
 func (x *PidsRequest) Reset() {
 	*x = PidsRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[14]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -784,7 +952,7 @@ func (x *PidsRequest) String() string {
 func (*PidsRequest) ProtoMessage() {}
 
 func (x *PidsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[14]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -797,7 +965,7 @@ func (x *PidsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PidsRequest.ProtoReflect.Descriptor instead.
 func (*PidsRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{14}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *PidsRequest) GetContainerId() string {
@@ -818,7 +986,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[15]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -830,7 +998,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[15]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -843,7 +1011,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{15}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -869,7 +1037,7 @@ type PidsResponse struct {
 
 func (x *PidsResponse) Reset() {
 	*x = PidsResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[16]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -881,7 +1049,7 @@ func (x *PidsResponse) String() string {
 func (*PidsResponse) ProtoMessage() {}
 
 func (x *PidsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[16]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -894,7 +1062,7 @@ func (x *PidsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PidsResponse.ProtoReflect.Descriptor instead.
 func (*PidsResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{16}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *PidsResponse) GetProcesses() []*ProcessInfo {
@@ -913,7 +1081,7 @@ type PauseRequest struct {
 
 func (x *PauseRequest) Reset() {
 	*x = PauseRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[17]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -925,7 +1093,7 @@ func (x *PauseRequest) String() string {
 func (*PauseRequest) ProtoMessage() {}
 
 func (x *PauseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[17]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -938,7 +1106,7 @@ func (x *PauseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseRequest.ProtoReflect.Descriptor instead.
 func (*PauseRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{17}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *PauseRequest) GetContainerId() string {
@@ -957,7 +1125,7 @@ type ResumeRequest struct {
 
 func (x *ResumeRequest) Reset() {
 	*x = ResumeRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[18]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -969,7 +1137,7 @@ func (x *ResumeRequest) String() string {
 func (*ResumeRequest) ProtoMessage() {}
 
 func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[18]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -982,7 +1150,7 @@ func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRequest.ProtoReflect.Descriptor instead.
 func (*ResumeRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{18}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ResumeRequest) GetContainerId() string {
@@ -1000,7 +1168,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[19]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1012,7 +1180,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[19]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1025,7 +1193,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{19}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{21}
 }
 
 type Event struct {
@@ -1042,7 +1210,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[20]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1054,7 +1222,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[20]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1067,7 +1235,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{20}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Event) GetContainerId() string {
@@ -1119,7 +1287,7 @@ type OOMEvent struct {
 
 func (x *OOMEvent) Reset() {
 	*x = OOMEvent{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[21]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1131,7 +1299,7 @@ func (x *OOMEvent) String() string {
 func (*OOMEvent) ProtoMessage() {}
 
 func (x *OOMEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[21]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1144,7 +1312,7 @@ func (x *OOMEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OOMEvent.ProtoReflect.Descriptor instead.
 func (*OOMEvent) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{21}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{23}
 }
 
 var File_github_com_caisson_containers_caisson_api_agent_v1_containers_proto protoreflect.FileDescriptor
@@ -1160,12 +1328,26 @@ const file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_r
 	"\vStoragePath\x12\x1d\n" +
 	"\n" +
 	"storage_id\x18\x01 \x01(\tR\tstorageId\x12\x12\n" +
-	"\x04path\x18\x02 \x01(\tR\x04path\"\xb0\x01\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\"\xf4\x01\n" +
 	"\x16CreateContainerRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x12\n" +
 	"\x04spec\x18\x02 \x01(\fR\x04spec\x120\n" +
 	"\x06rootfs\x18\x03 \x01(\v2\x18.caisson.agent.v1.RootfsR\x06rootfs\x12-\n" +
-	"\x05stdio\x18\x04 \x01(\v2\x17.caisson.agent.v1.StdioR\x05stdio\"+\n" +
+	"\x05stdio\x18\x04 \x01(\v2\x17.caisson.agent.v1.StdioR\x05stdio\x12B\n" +
+	"\rcopied_mounts\x18\x05 \x03(\v2\x1d.caisson.agent.v1.CopiedMountR\fcopiedMounts\"t\n" +
+	"\vCopiedMount\x12\x1f\n" +
+	"\vmount_index\x18\x01 \x01(\rR\n" +
+	"mountIndex\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\x122\n" +
+	"\x05files\x18\x03 \x03(\v2\x1c.caisson.agent.v1.CopiedFileR\x05files\"\x80\x01\n" +
+	"\n" +
+	"CopiedFile\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
+	"\x04mode\x18\x02 \x01(\rR\x04mode\x12\x10\n" +
+	"\x03uid\x18\x03 \x01(\rR\x03uid\x12\x10\n" +
+	"\x03gid\x18\x04 \x01(\rR\x03gid\x12\x12\n" +
+	"\x04data\x18\x05 \x01(\fR\x04data\x12\x12\n" +
+	"\x04link\x18\x06 \x01(\tR\x04link\"+\n" +
 	"\x17CreateContainerResponse\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\rR\x03pid\":\n" +
 	"\x15StartContainerRequest\x12!\n" +
@@ -1238,75 +1420,79 @@ func file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_ra
 	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescData
 }
 
-var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_goTypes = []any{
 	(*Rootfs)(nil),                  // 0: caisson.agent.v1.Rootfs
 	(*StoragePath)(nil),             // 1: caisson.agent.v1.StoragePath
 	(*CreateContainerRequest)(nil),  // 2: caisson.agent.v1.CreateContainerRequest
-	(*CreateContainerResponse)(nil), // 3: caisson.agent.v1.CreateContainerResponse
-	(*StartContainerRequest)(nil),   // 4: caisson.agent.v1.StartContainerRequest
-	(*StartContainerResponse)(nil),  // 5: caisson.agent.v1.StartContainerResponse
-	(*SignalRequest)(nil),           // 6: caisson.agent.v1.SignalRequest
-	(*WaitRequest)(nil),             // 7: caisson.agent.v1.WaitRequest
-	(*WaitResponse)(nil),            // 8: caisson.agent.v1.WaitResponse
-	(*DeleteContainerRequest)(nil),  // 9: caisson.agent.v1.DeleteContainerRequest
-	(*DeleteContainerResponse)(nil), // 10: caisson.agent.v1.DeleteContainerResponse
-	(*UpdateContainerRequest)(nil),  // 11: caisson.agent.v1.UpdateContainerRequest
-	(*StatsRequest)(nil),            // 12: caisson.agent.v1.StatsRequest
-	(*StatsResponse)(nil),           // 13: caisson.agent.v1.StatsResponse
-	(*PidsRequest)(nil),             // 14: caisson.agent.v1.PidsRequest
-	(*ProcessInfo)(nil),             // 15: caisson.agent.v1.ProcessInfo
-	(*PidsResponse)(nil),            // 16: caisson.agent.v1.PidsResponse
-	(*PauseRequest)(nil),            // 17: caisson.agent.v1.PauseRequest
-	(*ResumeRequest)(nil),           // 18: caisson.agent.v1.ResumeRequest
-	(*EventsRequest)(nil),           // 19: caisson.agent.v1.EventsRequest
-	(*Event)(nil),                   // 20: caisson.agent.v1.Event
-	(*OOMEvent)(nil),                // 21: caisson.agent.v1.OOMEvent
-	(*Stdio)(nil),                   // 22: caisson.agent.v1.Stdio
-	(*ExitStatus)(nil),              // 23: caisson.agent.v1.ExitStatus
-	(*anypb.Any)(nil),               // 24: google.protobuf.Any
-	(*timestamppb.Timestamp)(nil),   // 25: google.protobuf.Timestamp
-	(*emptypb.Empty)(nil),           // 26: google.protobuf.Empty
+	(*CopiedMount)(nil),             // 3: caisson.agent.v1.CopiedMount
+	(*CopiedFile)(nil),              // 4: caisson.agent.v1.CopiedFile
+	(*CreateContainerResponse)(nil), // 5: caisson.agent.v1.CreateContainerResponse
+	(*StartContainerRequest)(nil),   // 6: caisson.agent.v1.StartContainerRequest
+	(*StartContainerResponse)(nil),  // 7: caisson.agent.v1.StartContainerResponse
+	(*SignalRequest)(nil),           // 8: caisson.agent.v1.SignalRequest
+	(*WaitRequest)(nil),             // 9: caisson.agent.v1.WaitRequest
+	(*WaitResponse)(nil),            // 10: caisson.agent.v1.WaitResponse
+	(*DeleteContainerRequest)(nil),  // 11: caisson.agent.v1.DeleteContainerRequest
+	(*DeleteContainerResponse)(nil), // 12: caisson.agent.v1.DeleteContainerResponse
+	(*UpdateContainerRequest)(nil),  // 13: caisson.agent.v1.UpdateContainerRequest
+	(*StatsRequest)(nil),            // 14: caisson.agent.v1.StatsRequest
+	(*StatsResponse)(nil),           // 15: caisson.agent.v1.StatsResponse
+	(*PidsRequest)(nil),             // 16: caisson.agent.v1.PidsRequest
+	(*ProcessInfo)(nil),             // 17: caisson.agent.v1.ProcessInfo
+	(*PidsResponse)(nil),            // 18: caisson.agent.v1.PidsResponse
+	(*PauseRequest)(nil),            // 19: caisson.agent.v1.PauseRequest
+	(*ResumeRequest)(nil),           // 20: caisson.agent.v1.ResumeRequest
+	(*EventsRequest)(nil),           // 21: caisson.agent.v1.EventsRequest
+	(*Event)(nil),                   // 22: caisson.agent.v1.Event
+	(*OOMEvent)(nil),                // 23: caisson.agent.v1.OOMEvent
+	(*Stdio)(nil),                   // 24: caisson.agent.v1.Stdio
+	(*ExitStatus)(nil),              // 25: caisson.agent.v1.ExitStatus
+	(*anypb.Any)(nil),               // 26: google.protobuf.Any
+	(*timestamppb.Timestamp)(nil),   // 27: google.protobuf.Timestamp
+	(*emptypb.Empty)(nil),           // 28: google.protobuf.Empty
 }
 var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_depIdxs = []int32{
 	1,  // 0: caisson.agent.v1.Rootfs.lower:type_name -> caisson.agent.v1.StoragePath
 	1,  // 1: caisson.agent.v1.Rootfs.upper:type_name -> caisson.agent.v1.StoragePath
 	1,  // 2: caisson.agent.v1.Rootfs.work:type_name -> caisson.agent.v1.StoragePath
 	0,  // 3: caisson.agent.v1.CreateContainerRequest.rootfs:type_name -> caisson.agent.v1.Rootfs
-	22, // 4: caisson.agent.v1.CreateContainerRequest.stdio:type_name -> caisson.agent.v1.Stdio
-	23, // 5: caisson.agent.v1.WaitResponse.exit:type_name -> caisson.agent.v1.ExitStatus
-	23, // 6: caisson.agent.v1.DeleteContainerResponse.exit:type_name -> caisson.agent.v1.ExitStatus
-	24, // 7: caisson.agent.v1.StatsResponse.metrics:type_name -> google.protobuf.Any
-	15, // 8: caisson.agent.v1.PidsResponse.processes:type_name -> caisson.agent.v1.ProcessInfo
-	25, // 9: caisson.agent.v1.Event.timestamp:type_name -> google.protobuf.Timestamp
-	21, // 10: caisson.agent.v1.Event.oom:type_name -> caisson.agent.v1.OOMEvent
-	2,  // 11: caisson.agent.v1.Containers.Create:input_type -> caisson.agent.v1.CreateContainerRequest
-	4,  // 12: caisson.agent.v1.Containers.Start:input_type -> caisson.agent.v1.StartContainerRequest
-	6,  // 13: caisson.agent.v1.Containers.Signal:input_type -> caisson.agent.v1.SignalRequest
-	7,  // 14: caisson.agent.v1.Containers.Wait:input_type -> caisson.agent.v1.WaitRequest
-	9,  // 15: caisson.agent.v1.Containers.Delete:input_type -> caisson.agent.v1.DeleteContainerRequest
-	11, // 16: caisson.agent.v1.Containers.Update:input_type -> caisson.agent.v1.UpdateContainerRequest
-	12, // 17: caisson.agent.v1.Containers.Stats:input_type -> caisson.agent.v1.StatsRequest
-	14, // 18: caisson.agent.v1.Containers.Pids:input_type -> caisson.agent.v1.PidsRequest
-	17, // 19: caisson.agent.v1.Containers.Pause:input_type -> caisson.agent.v1.PauseRequest
-	18, // 20: caisson.agent.v1.Containers.Resume:input_type -> caisson.agent.v1.ResumeRequest
-	19, // 21: caisson.agent.v1.Containers.Events:input_type -> caisson.agent.v1.EventsRequest
-	3,  // 22: caisson.agent.v1.Containers.Create:output_type -> caisson.agent.v1.CreateContainerResponse
-	5,  // 23: caisson.agent.v1.Containers.Start:output_type -> caisson.agent.v1.StartContainerResponse
-	26, // 24: caisson.agent.v1.Containers.Signal:output_type -> google.protobuf.Empty
-	8,  // 25: caisson.agent.v1.Containers.Wait:output_type -> caisson.agent.v1.WaitResponse
-	10, // 26: caisson.agent.v1.Containers.Delete:output_type -> caisson.agent.v1.DeleteContainerResponse
-	26, // 27: caisson.agent.v1.Containers.Update:output_type -> google.protobuf.Empty
-	13, // 28: caisson.agent.v1.Containers.Stats:output_type -> caisson.agent.v1.StatsResponse
-	16, // 29: caisson.agent.v1.Containers.Pids:output_type -> caisson.agent.v1.PidsResponse
-	26, // 30: caisson.agent.v1.Containers.Pause:output_type -> google.protobuf.Empty
-	26, // 31: caisson.agent.v1.Containers.Resume:output_type -> google.protobuf.Empty
-	20, // 32: caisson.agent.v1.Containers.Events:output_type -> caisson.agent.v1.Event
-	22, // [22:33] is the sub-list for method output_type
-	11, // [11:22] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	24, // 4: caisson.agent.v1.CreateContainerRequest.stdio:type_name -> caisson.agent.v1.Stdio
+	3,  // 5: caisson.agent.v1.CreateContainerRequest.copied_mounts:type_name -> caisson.agent.v1.CopiedMount
+	4,  // 6: caisson.agent.v1.CopiedMount.files:type_name -> caisson.agent.v1.CopiedFile
+	25, // 7: caisson.agent.v1.WaitResponse.exit:type_name -> caisson.agent.v1.ExitStatus
+	25, // 8: caisson.agent.v1.DeleteContainerResponse.exit:type_name -> caisson.agent.v1.ExitStatus
+	26, // 9: caisson.agent.v1.StatsResponse.metrics:type_name -> google.protobuf.Any
+	17, // 10: caisson.agent.v1.PidsResponse.processes:type_name -> caisson.agent.v1.ProcessInfo
+	27, // 11: caisson.agent.v1.Event.timestamp:type_name -> google.protobuf.Timestamp
+	23, // 12: caisson.agent.v1.Event.oom:type_name -> caisson.agent.v1.OOMEvent
+	2,  // 13: caisson.agent.v1.Containers.Create:input_type -> caisson.agent.v1.CreateContainerRequest
+	6,  // 14: caisson.agent.v1.Containers.Start:input_type -> caisson.agent.v1.StartContainerRequest
+	8,  // 15: caisson.agent.v1.Containers.Signal:input_type -> caisson.agent.v1.SignalRequest
+	9,  // 16: caisson.agent.v1.Containers.Wait:input_type -> caisson.agent.v1.WaitRequest
+	11, // 17: caisson.agent.v1.Containers.Delete:input_type -> caisson.agent.v1.DeleteContainerRequest
+	13, // 18: caisson.agent.v1.Containers.Update:input_type -> caisson.agent.v1.UpdateContainerRequest
+	14, // 19: caisson.agent.v1.Containers.Stats:input_type -> caisson.agent.v1.StatsRequest
+	16, // 20: caisson.agent.v1.Containers.Pids:input_type -> caisson.agent.v1.PidsRequest
+	19, // 21: caisson.agent.v1.Containers.Pause:input_type -> caisson.agent.v1.PauseRequest
+	20, // 22: caisson.agent.v1.Containers.Resume:input_type -> caisson.agent.v1.ResumeRequest
+	21, // 23: caisson.agent.v1.Containers.Events:input_type -> caisson.agent.v1.EventsRequest
+	5,  // 24: caisson.agent.v1.Containers.Create:output_type -> caisson.agent.v1.CreateContainerResponse
+	7,  // 25: caisson.agent.v1.Containers.Start:output_type -> caisson.agent.v1.StartContainerResponse
+	28, // 26: caisson.agent.v1.Containers.Signal:output_type -> google.protobuf.Empty
+	10, // 27: caisson.agent.v1.Containers.Wait:output_type -> caisson.agent.v1.WaitResponse
+	12, // 28: caisson.agent.v1.Containers.Delete:output_type -> caisson.agent.v1.DeleteContainerResponse
+	28, // 29: caisson.agent.v1.Containers.Update:output_type -> google.protobuf.Empty
+	15, // 30: caisson.agent.v1.Containers.Stats:output_type -> caisson.agent.v1.StatsResponse
+	18, // 31: caisson.agent.v1.Containers.Pids:output_type -> caisson.agent.v1.PidsResponse
+	28, // 32: caisson.agent.v1.Containers.Pause:output_type -> google.protobuf.Empty
+	28, // 33: caisson.agent.v1.Containers.Resume:output_type -> google.protobuf.Empty
+	22, // 34: caisson.agent.v1.Containers.Events:output_type -> caisson.agent.v1.Event
+	24, // [24:35] is the sub-list for method output_type
+	13, // [13:24] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_init() }
@@ -1315,7 +1501,7 @@ func file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_in
 		return
 	}
 	file_github_com_caisson_containers_caisson_api_agent_v1_types_proto_init()
-	file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[20].OneofWrappers = []any{
+	file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[22].OneofWrappers = []any{
 		(*Event_Oom)(nil),
 	}
 	type x struct{}
@@ -1324,7 +1510,7 @@ func file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_in
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDesc), len(file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   22,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -20,6 +20,7 @@ import (
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/guest/agent/container"
+	"github.com/caisson-containers/caisson/guest/agent/sandbox"
 	"github.com/caisson-containers/caisson/guest/agent/storage"
 )
 
@@ -63,6 +64,26 @@ func (s containersService) Create(ctx context.Context, req *agent.CreateContaine
 	}
 	if spec.Process == nil {
 		return nil, fmt.Errorf("container %s: spec has no process: %w", id, errdefs.ErrInvalidArgument)
+	}
+	defer func() {
+		if retErr != nil {
+			a.copies.Release(ctx, id)
+		}
+	}()
+	for _, cm := range req.GetCopiedMounts() {
+		i := int(cm.GetMountIndex())
+		if i >= len(spec.Mounts) {
+			return nil, fmt.Errorf("container %s: copied mount %d: the spec has %d mounts: %w", id, i, len(spec.Mounts), errdefs.ErrInvalidArgument)
+		}
+		files := make([]sandbox.File, len(cm.GetFiles()))
+		for j, f := range cm.GetFiles() {
+			files[j] = sandbox.File{Path: f.GetPath(), Mode: f.GetMode(), UID: f.GetUid(), GID: f.GetGid(), Data: f.GetData(), Link: f.GetLink()}
+		}
+		src, err := a.copies.Acquire(id, cm.GetKey(), files)
+		if err != nil {
+			return nil, fmt.Errorf("container %s: mount at %s: %w", id, spec.Mounts[i].Destination, err)
+		}
+		spec.Mounts[i].Source = src
 	}
 	if err := a.sandbox.AdjustSpec(&spec); err != nil {
 		return nil, fmt.Errorf("container %s: %w", id, err)
@@ -161,6 +182,7 @@ func (a *Agent) deleteContainerExit(ctx context.Context, id string, force bool) 
 		return container.Exit{}, err
 	}
 	a.sandbox.ContainerDeleted(pid)
+	a.copies.Release(ctx, id)
 	a.forgetStdio(id, "", true)
 	a.mu.Lock()
 	mr := a.rootfs[id]

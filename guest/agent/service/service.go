@@ -47,6 +47,7 @@ type Agent struct {
 	runtime  *container.Runtime
 	storages *storage.Manager
 	sandbox  *sandbox.Sandbox
+	copies   *sandbox.Copies // of host bind mount sources
 	events   *broker
 
 	mu     sync.Mutex
@@ -82,6 +83,7 @@ func New(cfg Config, r *reaper.Reaper) (*Agent, error) {
 		runtime:  rt,
 		storages: st,
 		sandbox:  sandbox.New(filepath.Join(cfg.Root, "sandbox")),
+		copies:   sandbox.NewCopies(filepath.Join(cfg.Root, "mounts")),
 		events:   newBroker(),
 		rootfs:   map[string]*storage.MountedRootfs{},
 		stdio:    map[stdioKey]bool{},
