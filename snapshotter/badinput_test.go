@@ -16,6 +16,7 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
 
 	"github.com/caisson-containers/caisson/snapshotter/snapshottest"
@@ -230,27 +231,8 @@ func TestTruncatedTar(t *testing.T) {
 // stays active and intact, nothing half-built remains, and once space is freed
 // the same Commit succeeds.
 func TestDiskFullDuringCommit(t *testing.T) {
-	requireHost(t)
-	dir := t.TempDir()
-	h := newHarness(t, dir)
-	root := filepath.Join(dir, "root")
-	if err := os.Mkdir(root, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := mount.All([]mount.Mount{{Type: "tmpfs", Source: "tmpfs", Options: []string{"size=80m"}}}, root); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := mount.UnmountAll(root, 0); err != nil {
-			t.Errorf("unmount tmpfs: %v", err)
-		}
-	})
-	sn := h.newSnapshotter(nil)
-
-	blob := make([]byte, 45<<20)
-	rand.Read(blob)
-	entries := []layerEntry{dirE("d", 0o755, 0, 0), {Header: tar.Header{Typeflag: tar.TypeReg, Name: "d/big", Mode: 0o644, Size: int64(len(blob))}, Data: blob}}
-	desc := h.addBlob(buildTar(t, entries))
+	h, sn, root := smallRootSnapshotter(t, "80m")
+	entries, desc := bigLayer(t, h)
 
 	mounts, err := sn.Prepare(h.ctx, "active", "")
 	if err != nil {
@@ -291,26 +273,8 @@ func TestDiskFullDuringCommit(t *testing.T) {
 // no-space error, leaves nothing in the snapshot directory and the snapshot
 // active; after space is freed a new Apply of the same snapshot succeeds.
 func TestDiskFullDuringApply(t *testing.T) {
-	requireHost(t)
-	dir := t.TempDir()
-	h := newHarness(t, dir)
-	root := filepath.Join(dir, "root")
-	if err := os.Mkdir(root, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := mount.All([]mount.Mount{{Type: "tmpfs", Source: "tmpfs", Options: []string{"size=64m"}}}, root); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := mount.UnmountAll(root, 0); err != nil {
-			t.Errorf("unmount tmpfs: %v", err)
-		}
-	})
-	sn := h.newSnapshotter(nil)
-	blob := make([]byte, 45<<20)
-	rand.Read(blob)
-	entries := []layerEntry{dirE("d", 0o755, 0, 0), {Header: tar.Header{Typeflag: tar.TypeReg, Name: "d/big", Mode: 0o644, Size: int64(len(blob))}, Data: blob}}
-	desc := h.addBlob(buildTar(t, entries))
+	h, sn, root := smallRootSnapshotter(t, "64m")
+	entries, desc := bigLayer(t, h)
 
 	mounts, err := sn.Prepare(h.ctx, "active", "")
 	if err != nil {
@@ -427,4 +391,33 @@ func TestConcurrentCommit(t *testing.T) {
 		}
 	})
 	checkConsistent(t, h, sn, winner)
+}
+
+// smallRootSnapshotter returns a snapshotter whose root is a tmpfs of the given
+// size (unmounted at cleanup), and the root.
+func smallRootSnapshotter(t *testing.T, size string) (*harness, *Snapshotter, string) {
+	requireHost(t)
+	dir := t.TempDir()
+	h := newHarness(t, dir)
+	root := filepath.Join(dir, "root")
+	if err := os.Mkdir(root, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := mount.All([]mount.Mount{{Type: "tmpfs", Source: "tmpfs", Options: []string{"size=" + size}}}, root); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := mount.UnmountAll(root, 0); err != nil {
+			t.Errorf("unmount tmpfs: %v", err)
+		}
+	})
+	return h, h.newSnapshotter(nil), root
+}
+
+// bigLayer is a layer of one 45 MiB random file, added to h's content store.
+func bigLayer(t *testing.T, h *harness) ([]layerEntry, ocispec.Descriptor) {
+	blob := make([]byte, 45<<20)
+	rand.Read(blob)
+	entries := []layerEntry{dirE("d", 0o755, 0, 0), {Header: tar.Header{Typeflag: tar.TypeReg, Name: "d/big", Mode: 0o644, Size: int64(len(blob))}, Data: blob}}
+	return entries, h.addBlob(buildTar(t, entries))
 }
