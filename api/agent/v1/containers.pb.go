@@ -404,6 +404,61 @@ func (x *CopiedFile) GetLink() string {
 	return ""
 }
 
+type UpdateCopiedMountRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// key is the CopiedMount.key of the copy.
+	Key string `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	// files are the whole new tree, as in CopiedMount.files; entries of the copy
+	// not among them are removed.
+	Files         []*CopiedFile `protobuf:"bytes,2,rep,name=files,proto3" json:"files,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateCopiedMountRequest) Reset() {
+	*x = UpdateCopiedMountRequest{}
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateCopiedMountRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateCopiedMountRequest) ProtoMessage() {}
+
+func (x *UpdateCopiedMountRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateCopiedMountRequest.ProtoReflect.Descriptor instead.
+func (*UpdateCopiedMountRequest) Descriptor() ([]byte, []int) {
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *UpdateCopiedMountRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *UpdateCopiedMountRequest) GetFiles() []*CopiedFile {
+	if x != nil {
+		return x.Files
+	}
+	return nil
+}
+
 type CreateContainerResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Pid           uint32                 `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
@@ -413,7 +468,7 @@ type CreateContainerResponse struct {
 
 func (x *CreateContainerResponse) Reset() {
 	*x = CreateContainerResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[5]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -425,7 +480,7 @@ func (x *CreateContainerResponse) String() string {
 func (*CreateContainerResponse) ProtoMessage() {}
 
 func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[5]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -438,7 +493,7 @@ func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateContainerResponse.ProtoReflect.Descriptor instead.
 func (*CreateContainerResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{5}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CreateContainerResponse) GetPid() uint32 {
@@ -457,7 +512,7 @@ type StartContainerRequest struct {
 
 func (x *StartContainerRequest) Reset() {
 	*x = StartContainerRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[6]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -469,7 +524,7 @@ func (x *StartContainerRequest) String() string {
 func (*StartContainerRequest) ProtoMessage() {}
 
 func (x *StartContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[6]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -482,7 +537,7 @@ func (x *StartContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerRequest.ProtoReflect.Descriptor instead.
 func (*StartContainerRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{6}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *StartContainerRequest) GetContainerId() string {
@@ -501,7 +556,7 @@ type StartContainerResponse struct {
 
 func (x *StartContainerResponse) Reset() {
 	*x = StartContainerResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[7]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -513,7 +568,7 @@ func (x *StartContainerResponse) String() string {
 func (*StartContainerResponse) ProtoMessage() {}
 
 func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[7]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -526,7 +581,7 @@ func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerResponse.ProtoReflect.Descriptor instead.
 func (*StartContainerResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{7}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *StartContainerResponse) GetPid() uint32 {
@@ -548,7 +603,7 @@ type SignalRequest struct {
 
 func (x *SignalRequest) Reset() {
 	*x = SignalRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[8]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -560,7 +615,7 @@ func (x *SignalRequest) String() string {
 func (*SignalRequest) ProtoMessage() {}
 
 func (x *SignalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[8]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -573,7 +628,7 @@ func (x *SignalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalRequest.ProtoReflect.Descriptor instead.
 func (*SignalRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{8}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *SignalRequest) GetContainerId() string {
@@ -614,7 +669,7 @@ type WaitRequest struct {
 
 func (x *WaitRequest) Reset() {
 	*x = WaitRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[9]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -626,7 +681,7 @@ func (x *WaitRequest) String() string {
 func (*WaitRequest) ProtoMessage() {}
 
 func (x *WaitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[9]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -639,7 +694,7 @@ func (x *WaitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitRequest.ProtoReflect.Descriptor instead.
 func (*WaitRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{9}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *WaitRequest) GetContainerId() string {
@@ -665,7 +720,7 @@ type WaitResponse struct {
 
 func (x *WaitResponse) Reset() {
 	*x = WaitResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[10]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -677,7 +732,7 @@ func (x *WaitResponse) String() string {
 func (*WaitResponse) ProtoMessage() {}
 
 func (x *WaitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[10]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -690,7 +745,7 @@ func (x *WaitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitResponse.ProtoReflect.Descriptor instead.
 func (*WaitResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{10}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *WaitResponse) GetExit() *ExitStatus {
@@ -709,7 +764,7 @@ type DeleteContainerRequest struct {
 
 func (x *DeleteContainerRequest) Reset() {
 	*x = DeleteContainerRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[11]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -721,7 +776,7 @@ func (x *DeleteContainerRequest) String() string {
 func (*DeleteContainerRequest) ProtoMessage() {}
 
 func (x *DeleteContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[11]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -734,7 +789,7 @@ func (x *DeleteContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteContainerRequest.ProtoReflect.Descriptor instead.
 func (*DeleteContainerRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{11}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DeleteContainerRequest) GetContainerId() string {
@@ -753,7 +808,7 @@ type DeleteContainerResponse struct {
 
 func (x *DeleteContainerResponse) Reset() {
 	*x = DeleteContainerResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[12]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -765,7 +820,7 @@ func (x *DeleteContainerResponse) String() string {
 func (*DeleteContainerResponse) ProtoMessage() {}
 
 func (x *DeleteContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[12]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -778,7 +833,7 @@ func (x *DeleteContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteContainerResponse.ProtoReflect.Descriptor instead.
 func (*DeleteContainerResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{12}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DeleteContainerResponse) GetExit() *ExitStatus {
@@ -799,7 +854,7 @@ type UpdateContainerRequest struct {
 
 func (x *UpdateContainerRequest) Reset() {
 	*x = UpdateContainerRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[13]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -811,7 +866,7 @@ func (x *UpdateContainerRequest) String() string {
 func (*UpdateContainerRequest) ProtoMessage() {}
 
 func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[13]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -824,7 +879,7 @@ func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateContainerRequest.ProtoReflect.Descriptor instead.
 func (*UpdateContainerRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{13}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *UpdateContainerRequest) GetContainerId() string {
@@ -850,7 +905,7 @@ type StatsRequest struct {
 
 func (x *StatsRequest) Reset() {
 	*x = StatsRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[14]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -862,7 +917,7 @@ func (x *StatsRequest) String() string {
 func (*StatsRequest) ProtoMessage() {}
 
 func (x *StatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[14]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -875,7 +930,7 @@ func (x *StatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsRequest.ProtoReflect.Descriptor instead.
 func (*StatsRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{14}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StatsRequest) GetContainerId() string {
@@ -896,7 +951,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[15]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -908,7 +963,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[15]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -921,7 +976,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{15}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StatsResponse) GetMetrics() *anypb.Any {
@@ -940,7 +995,7 @@ type PidsRequest struct {
 
 func (x *PidsRequest) Reset() {
 	*x = PidsRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[16]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -952,7 +1007,7 @@ func (x *PidsRequest) String() string {
 func (*PidsRequest) ProtoMessage() {}
 
 func (x *PidsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[16]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -965,7 +1020,7 @@ func (x *PidsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PidsRequest.ProtoReflect.Descriptor instead.
 func (*PidsRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{16}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *PidsRequest) GetContainerId() string {
@@ -986,7 +1041,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[17]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -998,7 +1053,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[17]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1011,7 +1066,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{17}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -1037,7 +1092,7 @@ type PidsResponse struct {
 
 func (x *PidsResponse) Reset() {
 	*x = PidsResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[18]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1049,7 +1104,7 @@ func (x *PidsResponse) String() string {
 func (*PidsResponse) ProtoMessage() {}
 
 func (x *PidsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[18]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1062,7 +1117,7 @@ func (x *PidsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PidsResponse.ProtoReflect.Descriptor instead.
 func (*PidsResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{18}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *PidsResponse) GetProcesses() []*ProcessInfo {
@@ -1081,7 +1136,7 @@ type PauseRequest struct {
 
 func (x *PauseRequest) Reset() {
 	*x = PauseRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[19]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1093,7 +1148,7 @@ func (x *PauseRequest) String() string {
 func (*PauseRequest) ProtoMessage() {}
 
 func (x *PauseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[19]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1106,7 +1161,7 @@ func (x *PauseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseRequest.ProtoReflect.Descriptor instead.
 func (*PauseRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{19}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PauseRequest) GetContainerId() string {
@@ -1125,7 +1180,7 @@ type ResumeRequest struct {
 
 func (x *ResumeRequest) Reset() {
 	*x = ResumeRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[20]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1137,7 +1192,7 @@ func (x *ResumeRequest) String() string {
 func (*ResumeRequest) ProtoMessage() {}
 
 func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[20]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1150,7 +1205,7 @@ func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRequest.ProtoReflect.Descriptor instead.
 func (*ResumeRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{20}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ResumeRequest) GetContainerId() string {
@@ -1168,7 +1223,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[21]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1180,7 +1235,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[21]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1193,7 +1248,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{21}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{22}
 }
 
 type Event struct {
@@ -1210,7 +1265,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[22]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1222,7 +1277,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[22]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1235,7 +1290,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{22}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Event) GetContainerId() string {
@@ -1287,7 +1342,7 @@ type OOMEvent struct {
 
 func (x *OOMEvent) Reset() {
 	*x = OOMEvent{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[23]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1299,7 +1354,7 @@ func (x *OOMEvent) String() string {
 func (*OOMEvent) ProtoMessage() {}
 
 func (x *OOMEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[23]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1312,7 +1367,7 @@ func (x *OOMEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OOMEvent.ProtoReflect.Descriptor instead.
 func (*OOMEvent) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{23}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{24}
 }
 
 var File_github_com_caisson_containers_caisson_api_agent_v1_containers_proto protoreflect.FileDescriptor
@@ -1347,7 +1402,10 @@ const file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_r
 	"\x03uid\x18\x03 \x01(\rR\x03uid\x12\x10\n" +
 	"\x03gid\x18\x04 \x01(\rR\x03gid\x12\x12\n" +
 	"\x04data\x18\x05 \x01(\fR\x04data\x12\x12\n" +
-	"\x04link\x18\x06 \x01(\tR\x04link\"+\n" +
+	"\x04link\x18\x06 \x01(\tR\x04link\"`\n" +
+	"\x18UpdateCopiedMountRequest\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x122\n" +
+	"\x05files\x18\x02 \x03(\v2\x1c.caisson.agent.v1.CopiedFileR\x05files\"+\n" +
 	"\x17CreateContainerResponse\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\rR\x03pid\":\n" +
 	"\x15StartContainerRequest\x12!\n" +
@@ -1393,7 +1451,7 @@ const file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_r
 	"\x03oom\x18\x03 \x01(\v2\x1a.caisson.agent.v1.OOMEventH\x00R\x03oomB\x06\n" +
 	"\x04kind\"\n" +
 	"\n" +
-	"\bOOMEvent2\xd7\x06\n" +
+	"\bOOMEvent2\xb0\a\n" +
 	"\n" +
 	"Containers\x12]\n" +
 	"\x06Create\x12(.caisson.agent.v1.CreateContainerRequest\x1a).caisson.agent.v1.CreateContainerResponse\x12Z\n" +
@@ -1406,7 +1464,8 @@ const file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_r
 	"\x04Pids\x12\x1d.caisson.agent.v1.PidsRequest\x1a\x1e.caisson.agent.v1.PidsResponse\x12?\n" +
 	"\x05Pause\x12\x1e.caisson.agent.v1.PauseRequest\x1a\x16.google.protobuf.Empty\x12A\n" +
 	"\x06Resume\x12\x1f.caisson.agent.v1.ResumeRequest\x1a\x16.google.protobuf.Empty\x12D\n" +
-	"\x06Events\x12\x1f.caisson.agent.v1.EventsRequest\x1a\x17.caisson.agent.v1.Event0\x01B:Z8github.com/caisson-containers/caisson/api/agent/v1;agentb\x06proto3"
+	"\x06Events\x12\x1f.caisson.agent.v1.EventsRequest\x1a\x17.caisson.agent.v1.Event0\x01\x12W\n" +
+	"\x11UpdateCopiedMount\x12*.caisson.agent.v1.UpdateCopiedMountRequest\x1a\x16.google.protobuf.EmptyB:Z8github.com/caisson-containers/caisson/api/agent/v1;agentb\x06proto3"
 
 var (
 	file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescOnce sync.Once
@@ -1420,79 +1479,83 @@ func file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_ra
 	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescData
 }
 
-var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_goTypes = []any{
-	(*Rootfs)(nil),                  // 0: caisson.agent.v1.Rootfs
-	(*StoragePath)(nil),             // 1: caisson.agent.v1.StoragePath
-	(*CreateContainerRequest)(nil),  // 2: caisson.agent.v1.CreateContainerRequest
-	(*CopiedMount)(nil),             // 3: caisson.agent.v1.CopiedMount
-	(*CopiedFile)(nil),              // 4: caisson.agent.v1.CopiedFile
-	(*CreateContainerResponse)(nil), // 5: caisson.agent.v1.CreateContainerResponse
-	(*StartContainerRequest)(nil),   // 6: caisson.agent.v1.StartContainerRequest
-	(*StartContainerResponse)(nil),  // 7: caisson.agent.v1.StartContainerResponse
-	(*SignalRequest)(nil),           // 8: caisson.agent.v1.SignalRequest
-	(*WaitRequest)(nil),             // 9: caisson.agent.v1.WaitRequest
-	(*WaitResponse)(nil),            // 10: caisson.agent.v1.WaitResponse
-	(*DeleteContainerRequest)(nil),  // 11: caisson.agent.v1.DeleteContainerRequest
-	(*DeleteContainerResponse)(nil), // 12: caisson.agent.v1.DeleteContainerResponse
-	(*UpdateContainerRequest)(nil),  // 13: caisson.agent.v1.UpdateContainerRequest
-	(*StatsRequest)(nil),            // 14: caisson.agent.v1.StatsRequest
-	(*StatsResponse)(nil),           // 15: caisson.agent.v1.StatsResponse
-	(*PidsRequest)(nil),             // 16: caisson.agent.v1.PidsRequest
-	(*ProcessInfo)(nil),             // 17: caisson.agent.v1.ProcessInfo
-	(*PidsResponse)(nil),            // 18: caisson.agent.v1.PidsResponse
-	(*PauseRequest)(nil),            // 19: caisson.agent.v1.PauseRequest
-	(*ResumeRequest)(nil),           // 20: caisson.agent.v1.ResumeRequest
-	(*EventsRequest)(nil),           // 21: caisson.agent.v1.EventsRequest
-	(*Event)(nil),                   // 22: caisson.agent.v1.Event
-	(*OOMEvent)(nil),                // 23: caisson.agent.v1.OOMEvent
-	(*Stdio)(nil),                   // 24: caisson.agent.v1.Stdio
-	(*ExitStatus)(nil),              // 25: caisson.agent.v1.ExitStatus
-	(*anypb.Any)(nil),               // 26: google.protobuf.Any
-	(*timestamppb.Timestamp)(nil),   // 27: google.protobuf.Timestamp
-	(*emptypb.Empty)(nil),           // 28: google.protobuf.Empty
+	(*Rootfs)(nil),                   // 0: caisson.agent.v1.Rootfs
+	(*StoragePath)(nil),              // 1: caisson.agent.v1.StoragePath
+	(*CreateContainerRequest)(nil),   // 2: caisson.agent.v1.CreateContainerRequest
+	(*CopiedMount)(nil),              // 3: caisson.agent.v1.CopiedMount
+	(*CopiedFile)(nil),               // 4: caisson.agent.v1.CopiedFile
+	(*UpdateCopiedMountRequest)(nil), // 5: caisson.agent.v1.UpdateCopiedMountRequest
+	(*CreateContainerResponse)(nil),  // 6: caisson.agent.v1.CreateContainerResponse
+	(*StartContainerRequest)(nil),    // 7: caisson.agent.v1.StartContainerRequest
+	(*StartContainerResponse)(nil),   // 8: caisson.agent.v1.StartContainerResponse
+	(*SignalRequest)(nil),            // 9: caisson.agent.v1.SignalRequest
+	(*WaitRequest)(nil),              // 10: caisson.agent.v1.WaitRequest
+	(*WaitResponse)(nil),             // 11: caisson.agent.v1.WaitResponse
+	(*DeleteContainerRequest)(nil),   // 12: caisson.agent.v1.DeleteContainerRequest
+	(*DeleteContainerResponse)(nil),  // 13: caisson.agent.v1.DeleteContainerResponse
+	(*UpdateContainerRequest)(nil),   // 14: caisson.agent.v1.UpdateContainerRequest
+	(*StatsRequest)(nil),             // 15: caisson.agent.v1.StatsRequest
+	(*StatsResponse)(nil),            // 16: caisson.agent.v1.StatsResponse
+	(*PidsRequest)(nil),              // 17: caisson.agent.v1.PidsRequest
+	(*ProcessInfo)(nil),              // 18: caisson.agent.v1.ProcessInfo
+	(*PidsResponse)(nil),             // 19: caisson.agent.v1.PidsResponse
+	(*PauseRequest)(nil),             // 20: caisson.agent.v1.PauseRequest
+	(*ResumeRequest)(nil),            // 21: caisson.agent.v1.ResumeRequest
+	(*EventsRequest)(nil),            // 22: caisson.agent.v1.EventsRequest
+	(*Event)(nil),                    // 23: caisson.agent.v1.Event
+	(*OOMEvent)(nil),                 // 24: caisson.agent.v1.OOMEvent
+	(*Stdio)(nil),                    // 25: caisson.agent.v1.Stdio
+	(*ExitStatus)(nil),               // 26: caisson.agent.v1.ExitStatus
+	(*anypb.Any)(nil),                // 27: google.protobuf.Any
+	(*timestamppb.Timestamp)(nil),    // 28: google.protobuf.Timestamp
+	(*emptypb.Empty)(nil),            // 29: google.protobuf.Empty
 }
 var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_depIdxs = []int32{
 	1,  // 0: caisson.agent.v1.Rootfs.lower:type_name -> caisson.agent.v1.StoragePath
 	1,  // 1: caisson.agent.v1.Rootfs.upper:type_name -> caisson.agent.v1.StoragePath
 	1,  // 2: caisson.agent.v1.Rootfs.work:type_name -> caisson.agent.v1.StoragePath
 	0,  // 3: caisson.agent.v1.CreateContainerRequest.rootfs:type_name -> caisson.agent.v1.Rootfs
-	24, // 4: caisson.agent.v1.CreateContainerRequest.stdio:type_name -> caisson.agent.v1.Stdio
+	25, // 4: caisson.agent.v1.CreateContainerRequest.stdio:type_name -> caisson.agent.v1.Stdio
 	3,  // 5: caisson.agent.v1.CreateContainerRequest.copied_mounts:type_name -> caisson.agent.v1.CopiedMount
 	4,  // 6: caisson.agent.v1.CopiedMount.files:type_name -> caisson.agent.v1.CopiedFile
-	25, // 7: caisson.agent.v1.WaitResponse.exit:type_name -> caisson.agent.v1.ExitStatus
-	25, // 8: caisson.agent.v1.DeleteContainerResponse.exit:type_name -> caisson.agent.v1.ExitStatus
-	26, // 9: caisson.agent.v1.StatsResponse.metrics:type_name -> google.protobuf.Any
-	17, // 10: caisson.agent.v1.PidsResponse.processes:type_name -> caisson.agent.v1.ProcessInfo
-	27, // 11: caisson.agent.v1.Event.timestamp:type_name -> google.protobuf.Timestamp
-	23, // 12: caisson.agent.v1.Event.oom:type_name -> caisson.agent.v1.OOMEvent
-	2,  // 13: caisson.agent.v1.Containers.Create:input_type -> caisson.agent.v1.CreateContainerRequest
-	6,  // 14: caisson.agent.v1.Containers.Start:input_type -> caisson.agent.v1.StartContainerRequest
-	8,  // 15: caisson.agent.v1.Containers.Signal:input_type -> caisson.agent.v1.SignalRequest
-	9,  // 16: caisson.agent.v1.Containers.Wait:input_type -> caisson.agent.v1.WaitRequest
-	11, // 17: caisson.agent.v1.Containers.Delete:input_type -> caisson.agent.v1.DeleteContainerRequest
-	13, // 18: caisson.agent.v1.Containers.Update:input_type -> caisson.agent.v1.UpdateContainerRequest
-	14, // 19: caisson.agent.v1.Containers.Stats:input_type -> caisson.agent.v1.StatsRequest
-	16, // 20: caisson.agent.v1.Containers.Pids:input_type -> caisson.agent.v1.PidsRequest
-	19, // 21: caisson.agent.v1.Containers.Pause:input_type -> caisson.agent.v1.PauseRequest
-	20, // 22: caisson.agent.v1.Containers.Resume:input_type -> caisson.agent.v1.ResumeRequest
-	21, // 23: caisson.agent.v1.Containers.Events:input_type -> caisson.agent.v1.EventsRequest
-	5,  // 24: caisson.agent.v1.Containers.Create:output_type -> caisson.agent.v1.CreateContainerResponse
-	7,  // 25: caisson.agent.v1.Containers.Start:output_type -> caisson.agent.v1.StartContainerResponse
-	28, // 26: caisson.agent.v1.Containers.Signal:output_type -> google.protobuf.Empty
-	10, // 27: caisson.agent.v1.Containers.Wait:output_type -> caisson.agent.v1.WaitResponse
-	12, // 28: caisson.agent.v1.Containers.Delete:output_type -> caisson.agent.v1.DeleteContainerResponse
-	28, // 29: caisson.agent.v1.Containers.Update:output_type -> google.protobuf.Empty
-	15, // 30: caisson.agent.v1.Containers.Stats:output_type -> caisson.agent.v1.StatsResponse
-	18, // 31: caisson.agent.v1.Containers.Pids:output_type -> caisson.agent.v1.PidsResponse
-	28, // 32: caisson.agent.v1.Containers.Pause:output_type -> google.protobuf.Empty
-	28, // 33: caisson.agent.v1.Containers.Resume:output_type -> google.protobuf.Empty
-	22, // 34: caisson.agent.v1.Containers.Events:output_type -> caisson.agent.v1.Event
-	24, // [24:35] is the sub-list for method output_type
-	13, // [13:24] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	4,  // 7: caisson.agent.v1.UpdateCopiedMountRequest.files:type_name -> caisson.agent.v1.CopiedFile
+	26, // 8: caisson.agent.v1.WaitResponse.exit:type_name -> caisson.agent.v1.ExitStatus
+	26, // 9: caisson.agent.v1.DeleteContainerResponse.exit:type_name -> caisson.agent.v1.ExitStatus
+	27, // 10: caisson.agent.v1.StatsResponse.metrics:type_name -> google.protobuf.Any
+	18, // 11: caisson.agent.v1.PidsResponse.processes:type_name -> caisson.agent.v1.ProcessInfo
+	28, // 12: caisson.agent.v1.Event.timestamp:type_name -> google.protobuf.Timestamp
+	24, // 13: caisson.agent.v1.Event.oom:type_name -> caisson.agent.v1.OOMEvent
+	2,  // 14: caisson.agent.v1.Containers.Create:input_type -> caisson.agent.v1.CreateContainerRequest
+	7,  // 15: caisson.agent.v1.Containers.Start:input_type -> caisson.agent.v1.StartContainerRequest
+	9,  // 16: caisson.agent.v1.Containers.Signal:input_type -> caisson.agent.v1.SignalRequest
+	10, // 17: caisson.agent.v1.Containers.Wait:input_type -> caisson.agent.v1.WaitRequest
+	12, // 18: caisson.agent.v1.Containers.Delete:input_type -> caisson.agent.v1.DeleteContainerRequest
+	14, // 19: caisson.agent.v1.Containers.Update:input_type -> caisson.agent.v1.UpdateContainerRequest
+	15, // 20: caisson.agent.v1.Containers.Stats:input_type -> caisson.agent.v1.StatsRequest
+	17, // 21: caisson.agent.v1.Containers.Pids:input_type -> caisson.agent.v1.PidsRequest
+	20, // 22: caisson.agent.v1.Containers.Pause:input_type -> caisson.agent.v1.PauseRequest
+	21, // 23: caisson.agent.v1.Containers.Resume:input_type -> caisson.agent.v1.ResumeRequest
+	22, // 24: caisson.agent.v1.Containers.Events:input_type -> caisson.agent.v1.EventsRequest
+	5,  // 25: caisson.agent.v1.Containers.UpdateCopiedMount:input_type -> caisson.agent.v1.UpdateCopiedMountRequest
+	6,  // 26: caisson.agent.v1.Containers.Create:output_type -> caisson.agent.v1.CreateContainerResponse
+	8,  // 27: caisson.agent.v1.Containers.Start:output_type -> caisson.agent.v1.StartContainerResponse
+	29, // 28: caisson.agent.v1.Containers.Signal:output_type -> google.protobuf.Empty
+	11, // 29: caisson.agent.v1.Containers.Wait:output_type -> caisson.agent.v1.WaitResponse
+	13, // 30: caisson.agent.v1.Containers.Delete:output_type -> caisson.agent.v1.DeleteContainerResponse
+	29, // 31: caisson.agent.v1.Containers.Update:output_type -> google.protobuf.Empty
+	16, // 32: caisson.agent.v1.Containers.Stats:output_type -> caisson.agent.v1.StatsResponse
+	19, // 33: caisson.agent.v1.Containers.Pids:output_type -> caisson.agent.v1.PidsResponse
+	29, // 34: caisson.agent.v1.Containers.Pause:output_type -> google.protobuf.Empty
+	29, // 35: caisson.agent.v1.Containers.Resume:output_type -> google.protobuf.Empty
+	23, // 36: caisson.agent.v1.Containers.Events:output_type -> caisson.agent.v1.Event
+	29, // 37: caisson.agent.v1.Containers.UpdateCopiedMount:output_type -> google.protobuf.Empty
+	26, // [26:38] is the sub-list for method output_type
+	14, // [14:26] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_init() }
@@ -1501,7 +1564,7 @@ func file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_in
 		return
 	}
 	file_github_com_caisson_containers_caisson_api_agent_v1_types_proto_init()
-	file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[22].OneofWrappers = []any{
+	file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[23].OneofWrappers = []any{
 		(*Event_Oom)(nil),
 	}
 	type x struct{}
@@ -1510,7 +1573,7 @@ func file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_in
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDesc), len(file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   24,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -20,6 +20,7 @@ type ContainersService interface {
 	Pause(context.Context, *PauseRequest) (*emptypb.Empty, error)
 	Resume(context.Context, *ResumeRequest) (*emptypb.Empty, error)
 	Events(context.Context, *EventsRequest, Containers_EventsServer) error
+	UpdateCopiedMount(context.Context, *UpdateCopiedMountRequest) (*emptypb.Empty, error)
 }
 
 type Containers_EventsServer interface {
@@ -108,6 +109,13 @@ func RegisterContainersService(srv *ttrpc.Server, svc ContainersService) {
 				}
 				return svc.Resume(ctx, &req)
 			},
+			"UpdateCopiedMount": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req UpdateCopiedMountRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.UpdateCopiedMount(ctx, &req)
+			},
 		},
 		Streams: map[string]ttrpc.Stream{
 			"Events": {
@@ -137,6 +145,7 @@ type ContainersClient interface {
 	Pause(context.Context, *PauseRequest) (*emptypb.Empty, error)
 	Resume(context.Context, *ResumeRequest) (*emptypb.Empty, error)
 	Events(context.Context, *EventsRequest) (Containers_EventsClient, error)
+	UpdateCopiedMount(context.Context, *UpdateCopiedMountRequest) (*emptypb.Empty, error)
 }
 
 type containersClient struct {
@@ -256,4 +265,12 @@ func (x *containersEventsClient) Recv() (*Event, error) {
 		return nil, err
 	}
 	return m, nil
+}
+
+func (c *containersClient) UpdateCopiedMount(ctx context.Context, req *UpdateCopiedMountRequest) (*emptypb.Empty, error) {
+	var resp emptypb.Empty
+	if err := c.client.Call(ctx, "caisson.agent.v1.Containers", "UpdateCopiedMount", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
 }

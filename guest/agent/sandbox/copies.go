@@ -5,12 +5,10 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"path"
 	"path/filepath"
 	"strconv"
 	"sync"
 
-	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 )
@@ -89,28 +87,19 @@ func (c *Copies) Release(ctx context.Context, id string) {
 
 // WriteTree writes files at dst, which must not exist: the first is the root (a
 // regular file or a directory, empty path), and parents come before children.
-// Nothing is written outside dst: paths must be local and are resolved in an
-// os.Root, which follows no link out of it.
+// Nothing is written outside dst: paths must be local, each below a directory
+// listed before it (see checkTree), and are resolved in an os.Root, which
+// follows no link out of it.
 func WriteTree(dst string, files []File) error {
-	bad := func(f File, why string) error {
-		return fmt.Errorf("copied file %q: %s: %w", f.Path, why, errdefs.ErrInvalidArgument)
-	}
-	if len(files) == 0 || files[0].Path != "" {
-		return fmt.Errorf("copied tree has no root: %w", errdefs.ErrInvalidArgument)
+	if err := checkTree(files); err != nil {
+		return err
 	}
 	rootf := files[0]
-	switch rootf.Mode & unix.S_IFMT {
-	case unix.S_IFREG:
-		if len(files) > 1 {
-			return bad(files[1], "the root is a regular file")
-		}
+	if rootf.Mode&unix.S_IFMT == unix.S_IFREG {
 		if err := os.WriteFile(dst, rootf.Data, 0o600); err != nil {
 			return err
 		}
 		return setAttrs(dst, rootf)
-	case unix.S_IFDIR:
-	default:
-		return bad(rootf, "the root is neither a regular file nor a directory")
 	}
 	if err := os.Mkdir(dst, 0o700); err != nil {
 		return err
@@ -121,9 +110,6 @@ func WriteTree(dst string, files []File) error {
 	}
 	defer root.Close()
 	for _, f := range files[1:] {
-		if f.Path == "" || !filepath.IsLocal(f.Path) || path.Clean(f.Path) != f.Path {
-			return bad(f, "not a clean relative path")
-		}
 		switch f.Mode & unix.S_IFMT {
 		case unix.S_IFREG:
 			err = root.WriteFile(f.Path, f.Data, 0o600)
@@ -131,8 +117,6 @@ func WriteTree(dst string, files []File) error {
 			err = root.Mkdir(f.Path, 0o700)
 		case unix.S_IFLNK:
 			err = root.Symlink(f.Link, f.Path)
-		default:
-			return bad(f, "not a regular file, directory or symbolic link")
 		}
 		if err != nil {
 			return err

@@ -20,7 +20,6 @@ import (
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/guest/agent/container"
-	"github.com/caisson-containers/caisson/guest/agent/sandbox"
 	"github.com/caisson-containers/caisson/guest/agent/storage"
 )
 
@@ -75,11 +74,7 @@ func (s containersService) Create(ctx context.Context, req *agent.CreateContaine
 		if i >= len(spec.Mounts) {
 			return nil, fmt.Errorf("container %s: copied mount %d: the spec has %d mounts: %w", id, i, len(spec.Mounts), errdefs.ErrInvalidArgument)
 		}
-		files := make([]sandbox.File, len(cm.GetFiles()))
-		for j, f := range cm.GetFiles() {
-			files[j] = sandbox.File{Path: f.GetPath(), Mode: f.GetMode(), UID: f.GetUid(), GID: f.GetGid(), Data: f.GetData(), Link: f.GetLink()}
-		}
-		src, err := a.copies.Acquire(id, cm.GetKey(), files)
+		src, err := a.copies.Acquire(id, cm.GetKey(), filesOf(cm.GetFiles()))
 		if err != nil {
 			return nil, fmt.Errorf("container %s: mount at %s: %w", id, spec.Mounts[i].Destination, err)
 		}
