@@ -10,8 +10,8 @@
 // the agent gives it the veth's addresses, routes and MTU (Interfaces, Routes).
 //
 // For the CRI's port-forward, which dials localhost inside the namespace, the first veth's
-// addresses move to the guest only, and TCP to 127.0.0.1 is sent to the pod IP through
-// the tap (portforward.go).
+// addresses move to the guest only, and TCP to 127.0.0.1 and ::1 is sent to the pod IP of
+// the same family through the tap (portforward.go).
 //
 // The tap is not persistent: it lives while its file descriptor is open, which QEMU
 // holds, so it vanishes with QEMU even if the shim is killed. Close removes the filters
@@ -50,17 +50,27 @@ type Interface struct {
 	TapName string
 
 	vethIndex, tapIndex int
-	// forwardIP is the pod IP localhost connections in the namespace are sent to.
-	forwardIP net.IP
+	// forward4 and forward6 are the pod IPs localhost connections in the namespace are
+	// sent to (127.0.0.1 and ::1); nil for a family the pod has no address of.
+	forward4, forward6 net.IP
 }
 
-func firstIPv4(cidrs []string) net.IP {
+// forwardIPs are the first IPv4 and the first global IPv6 address of cidrs.
+func forwardIPs(cidrs []string) (ip4, ip6 net.IP) {
 	for _, c := range cidrs {
-		if ip, _, err := net.ParseCIDR(c); err == nil && ip.To4() != nil {
-			return ip.To4()
+		ip, _, err := net.ParseCIDR(c)
+		if err != nil || ip.IsLinkLocalUnicast() || ip.IsLoopback() || ip.IsMulticast() || ip.IsUnspecified() {
+			continue
+		}
+		if v4 := ip.To4(); v4 != nil {
+			if ip4 == nil {
+				ip4 = v4
+			}
+		} else if ip6 == nil {
+			ip6 = ip
 		}
 	}
-	return nil
+	return ip4, ip6
 }
 
 // Route is a route of the pod namespace, for the guest.
@@ -128,7 +138,7 @@ func Setup(path string) (_ *Network, retErr error) {
 				return fmt.Errorf("connect %s to a tap: %w", l.Attrs().Name, err)
 			}
 			n.Interfaces = append(n.Interfaces, iface)
-			if iface.forwardIP != nil {
+			if iface.forward4 != nil {
 				n.Routes = append(n.Routes, Route{Destination: LocalAddress + "/32", Device: iface.Name})
 			}
 		}
@@ -138,8 +148,8 @@ func Setup(path string) (_ *Network, retErr error) {
 		return nil, err
 	}
 	for _, i := range n.Interfaces {
-		if i.forwardIP != nil {
-			if err := natLocalhost(context.Background(), path, i.forwardIP, i.TapName); err != nil {
+		if i.forward4 != nil || i.forward6 != nil {
+			if err := natLocalhost(context.Background(), path, i.TapName, i.forward4, i.forward6); err != nil {
 				return nil, fmt.Errorf("port-forward path: %w", err)
 			}
 		}
@@ -201,19 +211,29 @@ func connect(h *netlink.Handle, l netlink.Link, idx int) (_ Interface, retErr er
 		return iface, fmt.Errorf("redirect %s to %s: %w", tap.Name, a.Name, err)
 	}
 	if idx == 0 {
-		if ip := firstIPv4(iface.Addresses); ip != nil {
-			if err := enableLocalForward(h, l, tl, ip); err != nil {
+		if ip4, ip6 := forwardIPs(iface.Addresses); ip4 != nil || ip6 != nil {
+			if err := enableLocalForward(h, l, tl, ip4, ip6); err != nil {
 				unredirect(h, a.Index)
 				unredirect(h, iface.tapIndex)
 				return iface, fmt.Errorf("port-forward path: %w", err)
 			}
-			iface.forwardIP = ip
+			iface.forward4, iface.forward6 = ip4, ip6
 		}
 	}
 	return iface, nil
 }
 
 var ingressHandle = netlink.MakeHandle(0xffff, 0)
+
+// Priorities of the ingress filters: the lowest number is tried first. The match-all
+// redirect comes last; the port-forward path's exceptions on the tap come before it
+// (portforward.go).
+const (
+	prioToStack  = 1 // the guest's frames to the tap's own MAC
+	prioARP      = 2 // ARP: mirrored to the veth and seen by the stack
+	prioND       = 3 // IPv6 neighbour discovery: the same
+	prioRedirect = 4 // everything else: to the other device
+)
 
 // redirect sends every frame arriving at link from out through link to.
 func redirect(h *netlink.Handle, from, to int) error {
@@ -222,7 +242,7 @@ func redirect(h *netlink.Handle, from, to int) error {
 		return fmt.Errorf("ingress qdisc: %w", err)
 	}
 	f := &netlink.U32{
-		FilterAttrs: netlink.FilterAttrs{LinkIndex: from, Parent: ingressHandle, Priority: 3, Protocol: unix.ETH_P_ALL},
+		FilterAttrs: netlink.FilterAttrs{LinkIndex: from, Parent: ingressHandle, Priority: prioRedirect, Protocol: unix.ETH_P_ALL},
 		Actions: []netlink.Action{&netlink.MirredAction{
 			ActionAttrs:  netlink.ActionAttrs{Action: netlink.TC_ACT_STOLEN},
 			MirredAction: netlink.TCA_EGRESS_REDIR,

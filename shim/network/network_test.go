@@ -12,6 +12,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/caisson-containers/caisson/internal/testutil"
 )
@@ -19,24 +20,15 @@ import (
 // podNetNS makes a network namespace like CNI's: a veth "eth0" with an address and a
 // default route inside, its peer on the host. It is removed when the test ends.
 func podNetNS(t *testing.T) (path string, peer netlink.Link, mac net.HardwareAddr) {
+	return podNetNSWith(t, []string{"10.250.7.2/24"}, []string{"10.250.7.1"})
+}
+
+// podNetNSWith is podNetNS with the given addresses on eth0 and a default route through
+// each gateway.
+func podNetNSWith(t *testing.T, addrs, gateways []string) (path string, peer netlink.Link, mac net.HardwareAddr) {
 	t.Helper()
 	testutil.RequireRoot(t)
-	name := fmt.Sprintf("cnt%06x", rand.IntN(1<<24))
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer orig.Close()
-	ns, err := netns.NewNamed(name) // switches this thread into it
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := netns.Set(orig); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ns.Close(); netns.DeleteNamed(name) })
+	name, ns := newNetNS(t)
 
 	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "h" + name, MTU: 1400}, PeerName: "p" + name}
 	if err := netlink.LinkAdd(veth); err != nil {
@@ -59,17 +51,48 @@ func podNetNS(t *testing.T) (path string, peer netlink.Link, mac net.HardwareAdd
 	if err != nil {
 		t.Fatal(err)
 	}
+	lo, err := h.LinkByName("lo")
+	must(t, err)
+	must(t, h.LinkSetUp(lo)) // CNI's loopback plugin does
 	must(t, h.LinkSetName(in, "eth0"))
 	must(t, h.LinkSetUp(in))
-	addr, _ := netlink.ParseAddr("10.250.7.2/24")
-	must(t, h.AddrAdd(in, addr))
-	must(t, h.RouteAdd(&netlink.Route{LinkIndex: in.Attrs().Index, Gw: net.ParseIP("10.250.7.1")}))
+	for _, a := range addrs {
+		addr, err := netlink.ParseAddr(a)
+		must(t, err)
+		addr.Flags = unix.IFA_F_NODAD // as CNI leaves them: past duplicate address detection
+		must(t, h.AddrAdd(in, addr))
+	}
+	for _, gw := range gateways {
+		must(t, h.RouteAdd(&netlink.Route{LinkIndex: in.Attrs().Index, Gw: net.ParseIP(gw)}))
+	}
 	host, err := netlink.LinkByName("h" + name)
 	if err != nil {
 		t.Fatal(err)
 	}
 	must(t, netlink.LinkSetUp(host))
 	return filepath.Join("/var/run/netns", name), host, in.Attrs().HardwareAddr
+}
+
+// newNetNS creates a network namespace, removed when the test ends.
+func newNetNS(t *testing.T) (name string, ns netns.NsHandle) {
+	t.Helper()
+	name = fmt.Sprintf("cnt%06x", rand.IntN(1<<24))
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer orig.Close()
+	ns, err = netns.NewNamed(name) // switches this thread into it
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netns.Set(orig); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns.Close(); netns.DeleteNamed(name) })
+	return name, ns
 }
 
 func must(t *testing.T, err error) {
@@ -161,17 +184,7 @@ func rxPackets(t *testing.T, l netlink.Link) uint64 {
 // not a namespace is NotFound.
 func TestSetupWithoutVeth(t *testing.T) {
 	testutil.RequireRoot(t)
-	name := fmt.Sprintf("cnt%06x", rand.IntN(1<<24))
-	runtime.LockOSThread()
-	orig, _ := netns.Get()
-	ns, err := netns.NewNamed(name)
-	netns.Set(orig)
-	orig.Close()
-	runtime.UnlockOSThread()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { ns.Close(); netns.DeleteNamed(name) }()
+	name, _ := newNetNS(t)
 	n, err := Setup(filepath.Join("/var/run/netns", name))
 	if err != nil {
 		t.Fatal(err)
