@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/containerd/errdefs"
 
@@ -81,7 +82,16 @@ type Guest struct {
 	// copied into the VM at container create; larger ones are refused. At most
 	// MaxCopiedMountLimitBytes. Default 1 MiB, the Kubernetes ConfigMap and Secret limit.
 	CopiedMountLimitBytes int64 `toml:"copied_mount_limit_bytes"`
+	// CopiedMountRefreshInterval is how often the shim looks for host-side changes in the
+	// sources of the copied mounts that every container mounts read-only (an updated ConfigMap
+	// or Secret, a rotated service account token) and copies what changed into the VM; 0 never
+	// looks. A Go duration string ("2s", "500ms"), 0 or at least MinCopiedMountRefreshInterval.
+	// Default 2s, as Kata's watchable bind mounts.
+	CopiedMountRefreshInterval Duration `toml:"copied_mount_refresh_interval"`
 }
+
+// MinCopiedMountRefreshInterval bounds Guest.CopiedMountRefreshInterval from below.
+const MinCopiedMountRefreshInterval = 100 * time.Millisecond
 
 // MaxCopiedMountLimitBytes bounds Guest.CopiedMountLimitBytes: the copy travels in
 // one request to the guest agent, below ttrpc's 4 MiB message limit.
@@ -112,10 +122,11 @@ func Default(artifactsDir string) Config {
 			TCGTranslationCacheMiB: 128,
 		},
 		Guest: Guest{
-			Kernel:                filepath.Join(artifactsDir, "vmlinuz"),
-			Initramfs:             filepath.Join(artifactsDir, "initramfs.cpio.lz4"),
-			Transport:             "auto",
-			CopiedMountLimitBytes: 1 << 20,
+			Kernel:                     filepath.Join(artifactsDir, "vmlinuz"),
+			Initramfs:                  filepath.Join(artifactsDir, "initramfs.cpio.lz4"),
+			Transport:                  "auto",
+			CopiedMountLimitBytes:      1 << 20,
+			CopiedMountRefreshInterval: Duration(2 * time.Second),
 		},
 		Storage:        Storage{DAX: true, BlockDriver: "virtio-blk"},
 		PodAnnotations: []string{"hypervisor.vcpus", "hypervisor.memory_mib"},
@@ -192,6 +203,10 @@ func (c Config) Validate() error {
 	case c.Guest.CopiedMountLimitBytes < 0 || c.Guest.CopiedMountLimitBytes > MaxCopiedMountLimitBytes:
 		return bad("guest.copied_mount_limit_bytes", c.Guest.CopiedMountLimitBytes,
 			fmt.Sprintf("want 0 to %d (the copy travels in one request into the VM)", MaxCopiedMountLimitBytes))
+	case c.Guest.CopiedMountRefreshInterval < 0 ||
+		c.Guest.CopiedMountRefreshInterval > 0 && time.Duration(c.Guest.CopiedMountRefreshInterval) < MinCopiedMountRefreshInterval:
+		return bad("guest.copied_mount_refresh_interval", c.Guest.CopiedMountRefreshInterval,
+			fmt.Sprintf("want 0 (never) or at least %s", MinCopiedMountRefreshInterval))
 	case c.Storage.BlockDriver != "virtio-blk":
 		return bad("storage.block_driver", c.Storage.BlockDriver, "want virtio-blk")
 	}

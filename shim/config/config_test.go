@@ -7,6 +7,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containerd/errdefs"
 
@@ -72,6 +73,26 @@ func TestLoad(t *testing.T) {
 				}
 			}},
 		{name: "copied mount limit over a request", path: write("j.toml", "[guest]\ncopied_mount_limit_bytes = 4194304\n"), wantErr: "guest.copied_mount_limit_bytes = 4194304"},
+		{name: "copied mount refresh interval", path: write("k.toml", "[guest]\ncopied_mount_refresh_interval = \"250ms\"\n"),
+			check: func(t *testing.T, c Config) {
+				if c.Guest.CopiedMountRefreshInterval != Duration(250*time.Millisecond) {
+					t.Fatalf("copied_mount_refresh_interval %v", c.Guest.CopiedMountRefreshInterval)
+				}
+			}},
+		{name: "copied mount refresh off", path: write("l.toml", "[guest]\ncopied_mount_refresh_interval = \"0\"\n"),
+			check: func(t *testing.T, c Config) {
+				if c.Guest.CopiedMountRefreshInterval != 0 {
+					t.Fatalf("copied_mount_refresh_interval %v", c.Guest.CopiedMountRefreshInterval)
+				}
+			}},
+		{name: "copied mount refresh too often", path: write("m.toml", "[guest]\ncopied_mount_refresh_interval = \"10ms\"\n"),
+			wantErr: "guest.copied_mount_refresh_interval = 10ms: want 0 (never) or at least 100ms"},
+		{name: "copied mount refresh negative", path: write("n.toml", "[guest]\ncopied_mount_refresh_interval = \"-1s\"\n"),
+			wantErr: "guest.copied_mount_refresh_interval = -1s"},
+		{name: "copied mount refresh not a duration", path: write("o.toml", "[guest]\ncopied_mount_refresh_interval = \"often\"\n"),
+			wantErr: "want a duration"},
+		{name: "copied mount refresh as a number", path: write("p.toml", "[guest]\ncopied_mount_refresh_interval = 2\n"),
+			wantErr: "guest.copied_mount_refresh_interval = 2ns"}, // an integer is nanoseconds
 		{name: "unknown pod annotation key", path: write("h.toml", "pod_annotations = [\"guest.kernel\"]\n"), wantErr: "not a key pods can override"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -56,6 +56,10 @@ debug_console = {{.Guest.DebugConsole}}
 # holding at most this many bytes are copied into the VM at container create; larger ones
 # are refused. 0 refuses them all; at most 3145728. Writes stay in the VM.
 copied_mount_limit_bytes = {{.Guest.CopiedMountLimitBytes}}
+# How often the sources of copied mounts that every container mounts read-only are checked
+# for host-side changes (an updated ConfigMap or Secret, a rotated token), which are then
+# copied into the VM: a Go duration ("2s", "500ms"), "0" never checks, else at least 100ms.
+copied_mount_refresh_interval = {{q .Guest.CopiedMountRefreshInterval.String}}
 
 [storage]
 # EROFS layers as virtio-pmem (DAX: the guest reads the host's page cache) instead of virtio-blk.
