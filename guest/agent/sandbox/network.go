@@ -32,8 +32,10 @@ type Route struct {
 }
 
 // setNetwork moves each interface from the agent's network namespace into the pod's
-// (if it is not there already), names it, sets its MTU and exactly the given addresses,
-// brings it up, and replaces the routes of the pod's namespace with routes.
+// (if it is not there already), names it, sets its MTU and exactly the given addresses
+// (IPv6 ones without duplicate address detection), brings it up, and replaces the routes
+// of the pod's namespace with routes (either family; netlink tells a route's family by
+// its destination, gateway or source).
 func setNetwork(ctx context.Context, podNetns string, ifaces []Interface, routes []Route) error {
 	ns, err := netns.GetFromPath(podNetns)
 	if err != nil {
@@ -133,6 +135,13 @@ func setInterface(ctx context.Context, h *netlink.Handle, ns netns.NsHandle, ifa
 		addr, err := netlink.ParseAddr(a)
 		if err != nil {
 			return fmt.Errorf("address %q: %v: %w", a, err, errdefs.ErrInvalidArgument)
+		}
+		if addr.IP.To4() == nil {
+			// CNI gave the address to the veth after duplicate address detection, and the
+			// guest NIC stands in for the veth: detecting again would leave the address
+			// tentative (unusable as a source, deaf to neighbour solicitations) for a
+			// second or more after the pod starts.
+			addr.Flags |= unix.IFA_F_NODAD
 		}
 		want[addr.IPNet.String()] = addr
 	}
