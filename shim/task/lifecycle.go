@@ -64,7 +64,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	guest, copied, err := guestSpec(spec, cfg.Guest.CopiedMountLimitBytes)
+	guest, copied, sources, err := guestSpec(spec, cfg.Guest.CopiedMountLimitBytes)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
 	}
@@ -106,6 +106,13 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}()
 
 	req.Rootfs = rfs
+	copies := s.copyWatcher()
+	copies.add(r.ID, sources)
+	defer func() {
+		if retErr != nil {
+			copies.remove(r.ID)
+		}
+	}()
 	created := time.Now()
 	resp, err := pd.Containers.Create(ctx, req)
 	if err != nil {
@@ -253,6 +260,7 @@ func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 				errs = append(errs, agentErr("delete container in the guest", err))
 			}
 		}
+		s.copyWatcher().remove(r.ID)
 		for _, e := range c.all() {
 			e.closeIO()
 		}

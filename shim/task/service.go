@@ -68,9 +68,10 @@ type service struct {
 	mu         sync.Mutex
 	containers map[string]*container
 
-	podMu sync.Mutex
-	pod   *pod.Pod
-	cfg   config.Config
+	podMu  sync.Mutex
+	pod    *pod.Pod
+	cfg    config.Config
+	copies *copyWatcher // of the pod's copied mounts
 }
 
 func (s *service) RegisterTTRPC(server *ttrpc.Server) error {
@@ -117,6 +118,8 @@ func (s *service) ensurePod(ctx context.Context, id string, o pod.Options, cfg c
 	}
 	log.G(ctx).WithField("pod", o.ID).WithField("qemu_pid", p.Pid()).WithField("took", time.Since(start)).Info("pod VM ready")
 	s.pod, s.cfg = p, cfg
+	s.copies = newCopyWatcher(s.context, p.Containers, p.Done(),
+		time.Duration(cfg.Guest.CopiedMountRefreshInterval), cfg.Guest.CopiedMountLimitBytes)
 	go s.watchPod(p)
 	go s.forwardOOM(p)
 	return p, nil
@@ -129,12 +132,22 @@ func (s *service) currentPod() *pod.Pod {
 	return s.pod
 }
 
+// copyWatcher returns the running pod's copy watcher (nil without a pod).
+func (s *service) copyWatcher() *copyWatcher {
+	s.podMu.Lock()
+	defer s.podMu.Unlock()
+	return s.copies
+}
+
 // stopPod stops the VM if there is one.
 func (s *service) stopPod(ctx context.Context) {
 	s.podMu.Lock()
-	p := s.pod
-	s.pod = nil
+	p, copies := s.pod, s.copies
+	s.pod, s.copies = nil, nil
 	s.podMu.Unlock()
+	if copies != nil {
+		copies.close()
+	}
 	if p != nil {
 		if err := p.Stop(ctx); err != nil {
 			log.G(ctx).WithError(err).Warn("stopping pod VM")

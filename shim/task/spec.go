@@ -47,9 +47,9 @@ func readSpec(bundle string) (*specs.Spec, error) {
 // CRI's pod files become the sandbox's guest files; /dev/termination-log is
 // dropped; other host bind mounts are copied (see copyTree; at most limit bytes
 // each) and returned as the CopiedMounts that the agent makes their sources,
-// and what cannot be copied is refused; namespace paths and hooks, which name
-// host objects, are dropped.
-func guestSpec(s *specs.Spec, limit int64) ([]byte, []*agent.CopiedMount, error) {
+// with what the copy watcher needs of them, and what cannot be copied is
+// refused; namespace paths and hooks, which name host objects, are dropped.
+func guestSpec(s *specs.Spec, limit int64) ([]byte, []*agent.CopiedMount, []copiedSource, error) {
 	g := *s
 	g.Root = &specs.Root{Path: "rootfs", Readonly: s.Root != nil && s.Root.Readonly}
 	g.Hooks = nil
@@ -67,7 +67,10 @@ func guestSpec(s *specs.Spec, limit int64) ([]byte, []*agent.CopiedMount, error)
 		g.Linux = &l
 	}
 	g.Mounts = nil
-	var copied []*agent.CopiedMount
+	var (
+		copied  []*agent.CopiedMount
+		sources []copiedSource
+	)
 	for _, m := range s.Mounts {
 		if !isBind(m) {
 			g.Mounts = append(g.Mounts, m)
@@ -83,16 +86,32 @@ func guestSpec(s *specs.Spec, limit int64) ([]byte, []*agent.CopiedMount, error)
 			// container writes to its own /dev instead.
 			continue
 		}
-		files, err := copyTree(m.Source, limit)
+		files, sig, err := copyTree(m.Source, limit)
 		if err != nil {
-			return nil, nil, fmt.Errorf("bind mount of host path %q at %q cannot be copied into the Caisson VM, which shares no filesystem with the host: %w",
+			return nil, nil, nil, fmt.Errorf("bind mount of host path %q at %q cannot be copied into the Caisson VM, which shares no filesystem with the host: %w",
 				m.Source, m.Destination, err)
 		}
-		copied = append(copied, &agent.CopiedMount{MountIndex: uint32(len(g.Mounts)), Key: filepath.Clean(m.Source), Files: files})
+		key := filepath.Clean(m.Source)
+		copied = append(copied, &agent.CopiedMount{MountIndex: uint32(len(g.Mounts)), Key: key, Files: files})
+		sources = append(sources, copiedSource{key: key, readonly: isReadonly(m), sig: sig})
 		g.Mounts = append(g.Mounts, m)
 	}
 	b, err := json.Marshal(&g)
-	return b, copied, err
+	return b, copied, sources, err
+}
+
+// isReadonly reports whether a mount's options, the last of "ro" and "rw" winning, make it read-only.
+func isReadonly(m specs.Mount) bool {
+	ro := false
+	for _, o := range m.Options {
+		switch o {
+		case "ro":
+			ro = true
+		case "rw":
+			ro = false
+		}
+	}
+	return ro
 }
 
 func isBind(m specs.Mount) bool {
