@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -17,9 +19,10 @@ import (
 // The serial transport is host-initiated, because of how QEMU's virtio-serial
 // behaves: bytes the host writes before the guest opens its port wait in QEMU
 // (it stops reading the socket), but bytes the guest writes while no host is
-// connected are discarded. So the guest never speaks first: the shim connects,
-// opens a yamux stream and makes its first call, which completes once the agent
-// serves. That call is the readiness report; nothing polls.
+// connected are lost. So the guest speaks first only to ask for the host's hello
+// (handshake.go): the shim connects, and its first stream opens once the agent's
+// session and its connection have shaken hands; its first call completes once the
+// agent serves. That call is the readiness report; nothing polls.
 
 func yamuxConfig() *yamux.Config {
 	c := yamux.DefaultConfig()
@@ -48,20 +51,42 @@ func DialSerial(ctx context.Context, socketPath string) (Session, error) {
 	return s, nil
 }
 
-// NewSerialSession runs the host (yamux client) side over conn.
+// NewSerialSession runs the host (yamux client) side over conn. It returns at once;
+// the handshake with the agent goes on in the background, and Open waits for it.
 func NewSerialSession(conn io.ReadWriteCloser) (Session, error) {
-	ys, err := yamux.Client(conn, yamuxConfig())
-	if err != nil {
-		return nil, fmt.Errorf("start yamux client: %w", err)
-	}
-	return &serialSession{ys: ys}, nil
+	s := &serialSession{conn: conn, ready: make(chan struct{})}
+	go s.start()
+	return s, nil
 }
 
 type serialSession struct {
-	ys *yamux.Session
+	conn  io.ReadWriteCloser
+	ready chan struct{} // closed once ys or err is set
+	ys    *yamux.Session
+	err   error
+}
+
+func (s *serialSession) start() {
+	defer close(s.ready)
+	bc := newBufferedConn(s.conn)
+	if err := hostHandshake(bc, bc); err != nil {
+		s.err = err
+		return
+	}
+	if s.ys, s.err = yamux.Client(bc, yamuxConfig()); s.err != nil {
+		s.err = fmt.Errorf("start yamux client: %w", s.err)
+	}
 }
 
 func (s *serialSession) Open(ctx context.Context) (net.Conn, error) {
+	select {
+	case <-s.ready:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	if s.err != nil {
+		return nil, fmt.Errorf("open agent stream: %w", s.err)
+	}
 	type result struct {
 		c   net.Conn
 		err error
@@ -87,17 +112,107 @@ func (s *serialSession) Open(ctx context.Context) (net.Conn, error) {
 	}
 }
 
-func (s *serialSession) Close() error { return s.ys.Close() }
+// Close ends the session; a handshake still going on ends with the connection.
+func (s *serialSession) Close() error {
+	err := s.conn.Close()
+	<-s.ready
+	if s.ys != nil {
+		s.ys.Close()
+	}
+	return err
+}
 
 // ListenSerial runs the guest (yamux server) side over the agent's port and
-// returns a listener of the connections the shim opens.
+// returns a listener of the connections the shim opens. The handshake with the
+// host happens in the first Accept. Once Accept fails, the port is closed (a
+// virtio-serial port opens once at a time: the caller may open it again at once).
 func ListenSerial(port io.ReadWriteCloser) (net.Listener, error) {
-	ys, err := yamux.Server(port, yamuxConfig())
-	if err != nil {
-		return nil, fmt.Errorf("start yamux server: %w", err)
-	}
-	return ys, nil
+	return &serialListener{port: &closeOnce{c: port}}, nil
 }
+
+type serialListener struct {
+	port *closeOnce
+
+	started sync.Once
+	err     error // of the handshake or yamux's start
+
+	mu sync.Mutex
+	ys *yamux.Session
+}
+
+func (l *serialListener) start() {
+	bc := newBufferedConn(l.port)
+	if err := guestHandshake(bc, bc); err != nil {
+		l.err = err
+		return
+	}
+	ys, err := yamux.Server(bc, yamuxConfig())
+	if err != nil {
+		l.err = fmt.Errorf("start yamux server: %w", err)
+		return
+	}
+	l.mu.Lock()
+	l.ys = ys
+	l.mu.Unlock()
+	if l.port.closed() { // Close came during the handshake
+		ys.Close()
+	}
+}
+
+func (l *serialListener) Accept() (net.Conn, error) {
+	l.started.Do(l.start)
+	if l.err != nil {
+		l.Close()
+		return nil, l.err
+	}
+	c, err := l.ys.Accept()
+	if err != nil {
+		// yamux may still be closing the port when its Accept fails.
+		l.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// Close closes the session and the port, and returns once the port is closed.
+func (l *serialListener) Close() error {
+	l.mu.Lock()
+	ys := l.ys
+	l.mu.Unlock()
+	if ys != nil {
+		ys.Close()
+	}
+	return l.port.Close()
+}
+
+func (l *serialListener) Addr() net.Addr { return serialAddr{} }
+
+type serialAddr struct{}
+
+func (serialAddr) Network() string { return "virtio-serial" }
+func (serialAddr) String() string  { return SerialPortName }
+
+// closeOnce closes c once; every Close, the first and those during or after it,
+// returns once c is closed.
+type closeOnce struct {
+	c      io.ReadWriteCloser
+	once   sync.Once
+	err    error
+	isDone atomic.Bool
+}
+
+func (c *closeOnce) Read(p []byte) (int, error)  { return c.c.Read(p) }
+func (c *closeOnce) Write(p []byte) (int, error) { return c.c.Write(p) }
+
+func (c *closeOnce) Close() error {
+	c.once.Do(func() {
+		c.isDone.Store(true)
+		c.err = c.c.Close()
+	})
+	return c.err
+}
+
+func (c *closeOnce) closed() bool { return c.isDone.Load() }
 
 // OpenSerialPort opens the guest's virtio-serial port called name. Without udev
 // there is no /dev/virtio-ports/NAME link, so the port is found by the name
