@@ -176,6 +176,7 @@ func updateEntry(root *os.Root, f File) error {
 		root.RemoveAll(tmp)
 		return err
 	}
+	step()
 	if exists && (cur.IsDir() || typ == unix.S_IFDIR) {
 		// A rename cannot swap a directory with a non-directory (or replace a
 		// non-empty one): the old entry goes first.
@@ -183,12 +184,24 @@ func updateEntry(root *os.Root, f File) error {
 			root.RemoveAll(tmp)
 			return err
 		}
+		step()
 	}
 	if err := root.Rename(tmp, f.Path); err != nil {
 		root.RemoveAll(tmp)
 		return err
 	}
+	step()
 	return nil
+}
+
+// updateStep, when a test sets it, runs after each change UpdateTree makes
+// that a reader could see, to check what the tree looks like in between.
+var updateStep func()
+
+func step() {
+	if updateStep != nil {
+		updateStep()
+	}
 }
 
 // sameContent reports whether the entry at f.Path, of f's type, holds f's
@@ -266,6 +279,7 @@ func prune(root *os.Root, files []File) error {
 		if err := root.RemoveAll(p); err != nil {
 			return err
 		}
+		step()
 		if d.IsDir() {
 			return fs.SkipDir
 		}

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 
@@ -179,52 +178,50 @@ func TestUpdateTree(t *testing.T) {
 	}
 }
 
-// TestUpdateTreeReaders swaps a kubelet-shaped copy between two versions while
-// readers read every key through its link: each read must give one complete
-// version, never an error or a mix.
-func TestUpdateTreeReaders(t *testing.T) {
+// TestUpdateTreeSteps checks every state a reader could see while a
+// kubelet-shaped copy moves between versions: after each change UpdateTree
+// makes, each key present in both versions reads as one complete version, and
+// the one link "..data" names a complete version directory.
+func TestUpdateTreeSteps(t *testing.T) {
 	dst := filepath.Join(t.TempDir(), "copy")
+	big := func(c string) string { return strings.Repeat(c, 64<<10) }
 	versions := [][]File{
-		kubeletTree("..2026_11_23_17_00_00.1", map[string]string{"a": strings.Repeat("1", 64<<10), "b": "one"}),
-		kubeletTree("..2026_11_23_17_00_00.2", map[string]string{"a": strings.Repeat("2", 64<<10), "b": "two"}),
+		kubeletTree("..2026_11_23_17_00_00.1", map[string]string{"a": big("1"), "b": "one", "gone": "x"}),
+		kubeletTree("..2026_11_23_17_00_00.2", map[string]string{"a": big("2"), "b": "two", "added": "y"}),
 	}
-	want := map[string][]string{"a": {strings.Repeat("1", 64<<10), strings.Repeat("2", 64<<10)}, "b": {"one", "two"}}
+	want := map[string][]string{"a": {big("1"), big("2")}, "b": {"one", "two"}}
 	if err := WriteTree(dst, versions[0]); err != nil {
 		t.Fatal(err)
 	}
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	errs := make(chan error, 2)
-	for key := range want {
-		wg.Go(func() {
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				b, err := os.ReadFile(filepath.Join(dst, key))
-				if err != nil {
-					errs <- err
-					return
-				}
-				if string(b) != want[key][0] && string(b) != want[key][1] {
-					errs <- &os.PathError{Op: "read", Path: key, Err: fs.ErrInvalid}
-					return
-				}
+	steps := 0
+	updateStep = func() {
+		steps++
+		for key, vals := range want {
+			b, err := os.ReadFile(filepath.Join(dst, key))
+			if err != nil {
+				t.Fatalf("step %d: %v", steps, err)
 			}
-		})
+			if string(b) != vals[0] && string(b) != vals[1] {
+				t.Fatalf("step %d: %s holds %.10q…, neither version", steps, key, b)
+			}
+		}
+		for _, k := range []string{"a", "b"} {
+			b1, err1 := os.ReadFile(filepath.Join(dst, "..data", k))
+			b2, err2 := os.ReadFile(filepath.Join(dst, k))
+			if err1 != nil || err2 != nil || !bytes.Equal(b1, b2) {
+				t.Fatalf("step %d: ..data/%s and %s differ (%v, %v)", steps, k, k, err1, err2)
+			}
+		}
 	}
-	for i := range 200 {
+	t.Cleanup(func() { updateStep = nil })
+	for i := range 2 {
 		if err := UpdateTree(dst, versions[(i+1)%2]); err != nil {
 			t.Fatal(err)
 		}
+		assertTree(t, dst, versions[(i+1)%2])
 	}
-	close(stop)
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Errorf("a reader saw a broken tree: %v", err)
+	if steps < 10 {
+		t.Fatalf("only %d steps checked", steps)
 	}
 }
 
