@@ -68,13 +68,16 @@ func TestCRIVolumeRefresh(t *testing.T) {
 		}
 		return strings.TrimSpace(out)
 	}
-	// await waits (a minute at most) for path to hold want in the container.
+	// await waits (a minute at most) for path to hold want in the container, and
+	// logs how long that took (the interval, the copy, and ExecSync's own latency).
 	await := func(p, want string) {
 		t.Helper()
-		deadline := time.Now().Add(time.Minute)
+		start := time.Now()
+		deadline := start.Add(time.Minute)
 		for {
 			got := cat(p)
 			if got == want {
+				t.Logf("%s holds %q after %v", p, want, time.Since(start).Round(time.Millisecond))
 				return
 			}
 			if time.Now().After(deadline) {

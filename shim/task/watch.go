@@ -228,6 +228,7 @@ func (w *copyWatcher) refresh(ctx context.Context, ws *watchedSource) {
 		ws.failures, ws.warned = 0, ""
 		return
 	}
+	start := time.Now()
 	var files []*agent.CopiedFile
 	if err == nil {
 		files, sig, err = copyTree(ws.key, w.limit)
@@ -245,7 +246,7 @@ func (w *copyWatcher) refresh(ctx context.Context, ws *watchedSource) {
 	}
 	if err == nil {
 		ws.sig, ws.failures, ws.warned = sig, 0, ""
-		logger.WithField("files", len(files)).Debug("copied mount refreshed from the host")
+		logger.WithField("files", len(files)).WithField("took", time.Since(start)).Debug("copied mount refreshed from the host")
 		return
 	}
 	// Keep the guest's copy as it is and try again at the next tick. A source over

@@ -2,14 +2,14 @@ package sandbox
 
 import (
 	"bytes"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
+	"math/rand/v2"
 	"os"
 	"path"
 	"path/filepath"
+	"strconv"
 	"syscall"
 
 	"github.com/containerd/errdefs"
@@ -252,9 +252,9 @@ func writeEntry(root *os.Root, name string, f File) error {
 // tempName returns a name beside p that nothing holds.
 func tempName(root *os.Root, p string) (string, error) {
 	for range 8 {
-		var b [6]byte
-		rand.Read(b[:])
-		name := path.Join(path.Dir(p), "..caisson_tmp_"+hex.EncodeToString(b[:]))
+		// Not crypto/rand: its first use can block until the guest kernel's
+		// random pool is ready, a second or more under TCG.
+		name := path.Join(path.Dir(p), "..caisson_tmp_"+strconv.FormatUint(rand.Uint64(), 36))
 		if _, err := root.Lstat(name); errors.Is(err, fs.ErrNotExist) {
 			return name, nil
 		}
