@@ -103,8 +103,10 @@ func (w *copyWatcher) add(id string, srcs []copiedSource) {
 			w.sources[s.key] = ws
 		}
 		ws.refs++
-		if !s.readonly && !ws.writable {
-			ws.writable, madeWritable = true, ok
+		if !s.readonly {
+			// Even for a new entry: a refresh of an earlier one of the same key
+			// may still be in flight.
+			ws.writable, madeWritable = true, true
 		}
 		w.users[id] = append(w.users[id], s.key)
 	}
