@@ -27,11 +27,18 @@ func tcpServer(port int, line string) []string {
 }
 
 // dialLine connects to addr and returns the first line it sends.
-func dialLine(addr string) (string, error) {
+func dialLine(addr string) (string, error) { return dialLineFrom(nil, addr) }
+
+// dialLineFrom is dialLine from the local address from (nil: the kernel chooses).
+func dialLineFrom(from net.IP, addr string) (string, error) {
+	d := net.Dialer{Timeout: 5 * time.Second}
+	if from != nil {
+		d.LocalAddr = &net.TCPAddr{IP: from}
+	}
 	var last error
 	// The server loop may be between two nc processes; a few attempts.
 	for range 50 {
-		conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		conn, err := d.Dial("tcp", addr)
 		if err != nil {
 			last = err
 			time.Sleep(200 * time.Millisecond)
@@ -148,7 +155,21 @@ func TestCRIPortForward(t *testing.T) {
 	if got, err := dialLine(net.JoinHostPort(c.PodIP(t, pod), "8080")); err != nil || got != "pong-forwarded" {
 		t.Fatalf("host to pod: %q, %v", got, err)
 	}
-	resp, err := c.Runtime.PortForward(c.Ctx(t), &runtime.PortForwardRequest{PodSandboxId: pod, Port: []int32{8080}})
+	if got := portForwardLine(t, c, pod, 8080); got != "pong-forwarded" {
+		t.Fatalf("through port-forward: %q; want pong-forwarded", got)
+	}
+	c.RemovePod(t, pod)
+	if left := c.Leftovers(); len(left) > 0 {
+		t.Fatalf("after RemovePodSandbox:\n  %s", strings.Join(left, "\n  "))
+	}
+}
+
+// portForwardLine forwards a local port to the pod's port through the CRI's PortForward,
+// with client-go's SPDY port-forwarder as kubectl does, and returns the first line a
+// connection to it reads.
+func portForwardLine(t *testing.T, c *harness.CRI, pod string, port int32) string {
+	t.Helper()
+	resp, err := c.Runtime.PortForward(c.Ctx(t), &runtime.PortForwardRequest{PodSandboxId: pod, Port: []int32{port}})
 	if err != nil {
 		t.Fatalf("PortForward: %v", err)
 	}
@@ -162,7 +183,7 @@ func TestCRIPortForward(t *testing.T) {
 	}
 	dialer := spdy.NewDialer(upgrader, &http.Client{Transport: rt}, "POST", u)
 	stop, ready := make(chan struct{}), make(chan struct{})
-	fw, err := portforward.NewOnAddresses(dialer, []string{"127.0.0.1"}, []string{"0:8080"}, stop, ready, io.Discard, io.Discard)
+	fw, err := portforward.NewOnAddresses(dialer, []string{"127.0.0.1"}, []string{fmt.Sprintf("0:%d", port)}, stop, ready, io.Discard, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -179,11 +200,8 @@ func TestCRIPortForward(t *testing.T) {
 		t.Fatalf("forwarded ports %v, %v", ports, err)
 	}
 	got, err := dialLine(fmt.Sprintf("127.0.0.1:%d", ports[0].Local))
-	if err != nil || got != "pong-forwarded" {
-		t.Fatalf("through port-forward: %q, %v; want pong-forwarded", got, err)
+	if err != nil {
+		t.Fatalf("through port-forward to %d: %v", port, err)
 	}
-	c.RemovePod(t, pod)
-	if left := c.Leftovers(); len(left) > 0 {
-		t.Fatalf("after RemovePodSandbox:\n  %s", strings.Join(left, "\n  "))
-	}
+	return got
 }

@@ -33,7 +33,8 @@ import (
 // opens the port again and its fresh session's REQUEST gets the HELLO resent. A host
 // session that reads a REQUEST fails the same way, so the shim sees at once that the
 // guest's session it talked to is gone. The guest never speaks unless asked, except for
-// the one REQUEST, which is lost harmlessly if no host is connected.
+// the one REQUEST: if no host is connected it is lost (or waits for the next host), and
+// the next host's HELLO on connecting starts the handshake anyway.
 
 // frameMagic starts every handshake frame; 0xca appears nowhere else in it, so a
 // mismatch can restart the search at the byte that broke it.

@@ -2,6 +2,7 @@ package network
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -126,7 +127,7 @@ func forward6(h *netlink.Handle, veth, tap netlink.Link, podIP net.IP) error {
 	rule.Family = netlink.FAMILY_V6
 	rule.IifName = tl.Name
 	rule.Table = loopbackTable
-	if err := h.RuleAdd(rule); err != nil {
+	if err := h.RuleAdd(rule); err != nil && !errors.Is(err, unix.EEXIST) {
 		return fmt.Errorf("rule iif %s lookup %d: %w", tl.Name, loopbackTable, err)
 	}
 	// Neighbour discovery is the ICMPv6 with hop limit 255 (RFC 4861: solicitations,
