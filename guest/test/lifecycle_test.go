@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -215,4 +216,34 @@ func TestGuestReconnect(t *testing.T) {
 	if out := g.execOutput(t, "long", "e", "echo", "still here"); out != "still here\n" {
 		t.Errorf("exec after reconnecting: %q", out)
 	}
+}
+
+// BenchmarkGuestReconnect: what a shim's reconnect costs (dial the port, the transport's
+// handshake with a fresh agent session, the first call), against the same call on a
+// connection that is already up, measured in the same run: ns/op is the reconnect,
+// "x-call" its ratio to the call.
+func BenchmarkGuestReconnect(b *testing.B) {
+	g := bootGuest(b, nil, 0)
+	ctx := ctxT(b)
+	const calls = 20
+	call := make([]time.Duration, calls)
+	for i := range call {
+		start := time.Now()
+		if _, err := g.sandbox.Check(ctx, &agent.CheckRequest{}); err != nil {
+			b.Fatal(err)
+		}
+		call[i] = time.Since(start)
+	}
+	slices.Sort(call)
+	b.ResetTimer()
+	for range b.N {
+		g.closeConn()
+		if err := g.connect(ctx); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	median := call[calls/2]
+	b.ReportMetric(float64(b.Elapsed())/float64(b.N)/float64(median), "x-call")
+	b.ReportMetric(float64(median.Microseconds()), "call-µs")
 }

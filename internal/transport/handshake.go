@@ -3,8 +3,10 @@ package transport
 import (
 	"bufio"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"io"
+	"time"
 )
 
 // The serial handshake ties one host connection to one fresh guest session before
@@ -167,14 +169,23 @@ func hostHandshake(r io.ByteReader, w io.Writer) error {
 	}
 }
 
+// hostWait paces the guest's reads of its port while no host is connected.
+const hostWait = 10 * time.Millisecond
+
 // guestHandshake runs the guest's side over a port it has just opened; r must be the
-// port's reader, through which yamux then reads.
+// port's reader, through which yamux then reads. A virtio-serial port reads end-of-file
+// while no host is connected (and data again once one is): the handshake waits for a
+// host by reading again every hostWait, so the agent need not close and reopen the port.
 func guestHandshake(r io.ByteReader, w io.Writer) error {
 	fw := startFrameWriter(w)
 	fw.send(frame{kind: frameRequest})
 	var acked *nonce
 	for {
 		f, err := readFrame(r)
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			time.Sleep(hostWait)
+			continue
+		}
 		if err != nil {
 			fw.abandon()
 			return fmt.Errorf("host handshake: %w", err)
