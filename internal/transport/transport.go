@@ -8,7 +8,9 @@
 // On either, the host side is a Session that opens connections and the guest
 // side a net.Listener that accepts them. Each connection starts with an
 // agent.Preamble (see preamble.go) saying whether it carries ttrpc or one
-// standard stream of one process.
+// standard stream of one process. On serial, a handshake (handshake.go) ties each
+// host connection to a fresh guest yamux session first, so that a shim that
+// reconnects (a restart) is served at its first attempt.
 package transport
 
 import (
