@@ -111,11 +111,16 @@ func v6only(cfg *runtime.PodSandboxConfig) {
 }
 
 // TestCRIPodNetworkingDualStack: two dual-stack pods on a CNI bridge with an IPv4 and an
-// IPv6 range. The guest NIC has both addresses and both default routes; a server in pod
-// A that takes IPv6 only answers the host at A's IPv6, pod B over IPv6, and the CRI's
-// PortForward (containerd dials 127.0.0.1, is refused, then dials ::1: the shim's IPv6
-// path); a server on both families answers PortForward over IPv4. After removal nothing is
-// left.
+// IPv6 range. The guest NIC has both addresses (the IPv6 one not tentative) and both
+// default routes; a server in pod A that takes IPv6 only answers the host at A's IPv6
+// address (not at its IPv4 one), pod B over IPv6, and what containerd's PortForward
+// dials in the pod's namespace (127.0.0.1 is refused, ::1 answers: the shim's IPv6
+// path); a server on both families in pod B answers PortForward (over IPv4) and ::1 in
+// B's namespace. After removal nothing is left.
+//
+// containerd resolves "localhost" with the host's /etc/hosts: where that has no
+// "::1 localhost" line (this project's test machines), its PortForward never dials ::1,
+// for any runtime, and the test dials ::1 in the namespace itself instead.
 func TestCRIPodNetworkingDualStack(t *testing.T) {
 	o, v6 := withIPv6(t, true)
 	c := harness.StartCRI(t, o)
