@@ -212,4 +212,29 @@ type Config struct {
 	HotplugSlots int
 	// NICs are network cards backed by taps the caller opened (see NIC).
 	NICs []NIC
+	// Template, if set, makes this VM a template or starts it from one (see Template).
+	Template *Template
 }
+
+// Template is a VM saved once it has booted and its agent is ready, which other VMs start
+// from instead of booting: they map its guest memory privately (copy-on-write, the
+// unchanged pages shared through the host's page cache) and load its device state.
+//
+// A template and the VMs started from it must have the same kernel, initramfs, kernel
+// parameters, CPUs, memory, hot-plug slots and agent channel, and no disks or NICs of
+// their own in the template: a VM started from one gets Config.Disks and Config.NICs
+// hot-plugged (into its hot-plug slots) before Start returns.
+type Template struct {
+	// Dir holds the template: the guest memory file and the saved device state. It
+	// should be on a memory filesystem (tmpfs): the memory file is the guest's RAM.
+	Dir string
+	// Restore starts the VM from the template in Dir. Without it the VM boots with its
+	// RAM in Dir's memory file (shared) and SaveTemplate saves it.
+	Restore bool
+}
+
+// Names of a template's files in Template.Dir.
+const (
+	TemplateMemory = "memory"
+	TemplateState  = "state"
+)

@@ -244,14 +244,20 @@ type cmdline struct {
 	ports     int // root ports, for the disks below and no others
 	bridges   int // for hot-plug slots
 	disks     []coldDisk
+	// restoreFD is the descriptor of the template's saved state (Template.Restore), 0 if none.
+	restoreFD int
 }
 
 // args builds QEMU's command line.
 func (c cmdline) args() ([]string, error) {
 	cfg := c.vm
+	machine := "q35"
+	if c.vm.Template != nil {
+		machine += ",memory-backend=" + templateRAM
+	}
 	a := []string{
 		"-name", "caisson,debug-threads=on",
-		"-M", "q35",
+		"-M", machine,
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
 		"-msg", "timestamp=on",
@@ -303,11 +309,14 @@ func (c cmdline) args() ([]string, error) {
 		a = append(a, "-device", fmt.Sprintf("virtio-balloon-pci,id=balloon,bus=pcie.0,addr=%02x.0,free-page-reporting=on", balloonSlot))
 	}
 
-	nics, err := nicArgs(cfg.NICs)
+	nics, err := nicArgs(cfg.NICs, c.restoreFD != 0)
 	if err != nil {
 		return nil, err
 	}
 	a = append(a, nics...)
+	if cfg.Template != nil {
+		a = append(a, templateArgs(cfg, c.restoreFD)...)
+	}
 
 	for i := range c.ports {
 		a = append(a, "-device", jsonArg(port(i).device()))

@@ -68,6 +68,11 @@ func (v *VM) AttachDisk(ctx context.Context, d vmm.Disk) (vmm.DiskAddress, error
 	if err != nil {
 		return vmm.DiskAddress{}, err
 	}
+	return v.attach(ctx, c, d)
+}
+
+// attach hot-plugs d into a free slot; the caller holds opMu.
+func (v *VM) attach(ctx context.Context, c *qmp.Client, d vmm.Disk) (vmm.DiskAddress, error) {
 	st, err := v.checkDisk(d)
 	if err != nil {
 		return vmm.DiskAddress{}, err

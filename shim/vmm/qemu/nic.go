@@ -20,8 +20,9 @@ const (
 )
 
 // nicArgs returns the -netdev/-device pairs of the NICs, whose taps QEMU inherits as
-// descriptors firstNICFD, firstNICFD+1, ... (see nicFiles).
-func nicArgs(nics []vmm.NIC) ([]string, error) {
+// descriptors firstNICFD, firstNICFD+1, ... (see nicFiles). With hot, only the -netdev
+// backends: the devices are hot-plugged later (nicDevice).
+func nicArgs(nics []vmm.NIC, hot bool) ([]string, error) {
 	if len(nics) > MaxNICs {
 		return nil, fmt.Errorf("%d NICs, at most %d: %w", len(nics), MaxNICs, errdefs.ErrInvalidArgument)
 	}
@@ -35,12 +36,33 @@ func nicArgs(nics []vmm.NIC) ([]string, error) {
 			return nil, fmt.Errorf("NIC %q: mac %q: %v: %w", n.ID, n.MAC, err, errdefs.ErrInvalidArgument)
 		}
 		id := fmt.Sprintf("net%d", i)
-		a = append(a,
-			"-netdev", fmt.Sprintf("tap,id=%s,fd=%d", id, firstNICFD+i),
-			"-device", fmt.Sprintf("virtio-net-pci,id=%s-dev,netdev=%s,mac=%s,bus=pcie.0,addr=%02x.0", id, id, mac, firstNICSlot+i),
-		)
+		a = append(a, "-netdev", fmt.Sprintf("tap,id=%s,fd=%d", id, firstNICFD+i))
+		if hot {
+			continue
+		}
+		// No option ROM (iPXE): nothing boots from the network, and SeaBIOS would
+		// initialise the ROM on every boot.
+		a = append(a, "-device", fmt.Sprintf("virtio-net-pci,id=%s-dev,netdev=%s,mac=%s,bus=pcie.0,addr=%02x.0,romfile=", id, id, mac, firstNICSlot+i))
 	}
 	return a, nil
+}
+
+// nicDevice is the device_add arguments of NIC i (its backend from nicArgs) in slot s.
+func nicDevice(i int, n vmm.NIC, s slot) map[string]any {
+	id := fmt.Sprintf("net%d", i)
+	d := map[string]any{
+		"driver":  "virtio-net-pci",
+		"id":      id + "-dev",
+		"netdev":  id,
+		"mac":     n.MAC,
+		"bus":     s.bus,
+		"romfile": "",
+	}
+	if s.addr != "" {
+		d["addr"] = s.addr
+		d["disable-legacy"] = "on" // a bridge slot has no I/O window
+	}
+	return d
 }
 
 // nicFiles are the descriptors QEMU inherits, in nicArgs' order.

@@ -181,8 +181,23 @@ func New(cfg vmm.Config, qcfg Config) (*VM, error) {
 		eventsDone:  make(chan struct{}),
 		stopCh:      make(chan struct{}),
 	}
-	for i := range cfg.Disks {
-		v.slots = append(v.slots, port(i).place())
+	if t := cfg.Template; t != nil {
+		switch {
+		case t.Dir == "":
+			return nil, fmt.Errorf("template dir not set: %w", errdefs.ErrInvalidArgument)
+		case !t.Restore && (len(cfg.Disks) > 0 || len(cfg.NICs) > 0):
+			return nil, fmt.Errorf("%w: %w", errTemplateDisks, errdefs.ErrInvalidArgument)
+		case t.Restore && len(cfg.Disks)+len(cfg.NICs) > cfg.HotplugSlots:
+			return nil, fmt.Errorf("%d disks and %d NICs for a VM started from a template, which hot-plugs them, but %d hot-plug slots: %w",
+				len(cfg.Disks), len(cfg.NICs), cfg.HotplugSlots, errdefs.ErrInvalidArgument)
+		}
+	}
+	if !v.restoring() {
+		for i := range cfg.Disks {
+			v.slots = append(v.slots, port(i).place())
+		}
+	} else {
+		v.used = make([]bool, cfg.HotplugSlots)
 	}
 	for i := range cfg.HotplugSlots {
 		v.slots = append(v.slots, hotSlot(i))
@@ -265,7 +280,17 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 		return err
 	}
 	cl := cmdline{vm: v.cfg, accel: string(acc), qemu: v.qcfg, qmpSocket: v.qmpSocket, agentSock: v.agentSocket,
-		ports: len(v.cfg.Disks), bridges: bridgesFor(v.cfg.HotplugSlots)}
+		bridges: bridgesFor(v.cfg.HotplugSlots)}
+	extra := nicFiles(v.cfg.NICs)
+	if v.restoring() {
+		state, err := v.openTemplateState()
+		if err != nil {
+			return err
+		}
+		defer state.Close() // QEMU has its own copy once started
+		extra = append(extra, state)
+		cl.restoreFD = firstNICFD + len(extra) - 1
+	}
 	// Cold-plugged disk i gets port i and device number i.
 	defer func() {
 		if retErr != nil {
@@ -277,6 +302,10 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 		}
 	}()
 	for i, d := range v.cfg.Disks {
+		if v.restoring() {
+			break // hot-plugged once the template is loaded
+		}
+		cl.ports++
 		st, err := v.checkDisk(d)
 		if err != nil {
 			return err
@@ -316,7 +345,7 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 	cmd.Dir = v.cfg.StateDir
 	cmd.Stdout = stderr
 	cmd.Stderr = stderr
-	cmd.ExtraFiles = nicFiles(v.cfg.NICs)
+	cmd.ExtraFiles = extra
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setpgid: true,
 		// Kill QEMU if the shim dies. The kernel sends it when the thread that
@@ -361,6 +390,9 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 	v.mu.Unlock()
 	go v.events(c)
 	log.G(ctx).WithField("pid", cmd.Process.Pid).Debug("qemu started")
+	if v.restoring() {
+		return v.restore(ctx, c, cl.restoreFD)
+	}
 	return nil
 }
 
