@@ -37,7 +37,11 @@ type CreateSandboxRequest struct {
 	// sysctls are pod-level (network namespace) sysctls, e.g. net.ipv4.ip_forward.
 	Sysctls map[string]string `protobuf:"bytes,8,rep,name=sysctls,proto3" json:"sysctls,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// time is the host's wall clock when the request was made.
-	Time          *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=time,proto3" json:"time,omitempty"`
+	Time *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=time,proto3" json:"time,omitempty"`
+	// entropy is random bytes from the host that the agent mixes into the guest kernel's
+	// random pool, forcing a reseed: a VM restored from a template starts with the
+	// template's pool, the same in every VM made from it.
+	Entropy       []byte `protobuf:"bytes,10,opt,name=entropy,proto3" json:"entropy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -131,6 +135,13 @@ func (x *CreateSandboxRequest) GetSysctls() map[string]string {
 func (x *CreateSandboxRequest) GetTime() *timestamppb.Timestamp {
 	if x != nil {
 		return x.Time
+	}
+	return nil
+}
+
+func (x *CreateSandboxRequest) GetEntropy() []byte {
+	if x != nil {
+		return x.Entropy
 	}
 	return nil
 }
@@ -485,7 +496,10 @@ func (x *SetTimeRequest) GetTime() *timestamppb.Timestamp {
 }
 
 type CheckRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// devices_ready answers only once the agent's background start (device drivers,
+	// cgroup controllers) is over: a template VM is saved when nothing is left to load.
+	DevicesReady  bool `protobuf:"varint,1,opt,name=devices_ready,json=devicesReady,proto3" json:"devices_ready,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -518,6 +532,13 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
 	return file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *CheckRequest) GetDevicesReady() bool {
+	if x != nil {
+		return x.DevicesReady
+	}
+	return false
 }
 
 type CheckResponse struct {
@@ -702,7 +723,7 @@ var File_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto protor
 
 const file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_rawDesc = "" +
 	"\n" +
-	"@github.com/caisson-containers/caisson/api/agent/v1/sandbox.proto\x12\x10caisson.agent.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf3\x03\n" +
+	"@github.com/caisson-containers/caisson/api/agent/v1/sandbox.proto\x12\x10caisson.agent.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8d\x04\n" +
 	"\x14CreateSandboxRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1a\n" +
@@ -715,7 +736,9 @@ const file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_rawD
 	"\x06routes\x18\x06 \x03(\v2\x17.caisson.agent.v1.RouteR\x06routes\x12\x1b\n" +
 	"\tshare_pid\x18\a \x01(\bR\bsharePid\x12M\n" +
 	"\asysctls\x18\b \x03(\v23.caisson.agent.v1.CreateSandboxRequest.SysctlsEntryR\asysctls\x12.\n" +
-	"\x04time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x1a:\n" +
+	"\x04time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x18\n" +
+	"\aentropy\x18\n" +
+	" \x01(\fR\aentropy\x1a:\n" +
 	"\fSysctlsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"U\n" +
@@ -742,8 +765,9 @@ const file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_rawD
 	"interfaces\x12/\n" +
 	"\x06routes\x18\x02 \x03(\v2\x17.caisson.agent.v1.RouteR\x06routes\"@\n" +
 	"\x0eSetTimeRequest\x12.\n" +
-	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\x0e\n" +
-	"\fCheckRequest\",\n" +
+	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"3\n" +
+	"\fCheckRequest\x12#\n" +
+	"\rdevices_ready\x18\x01 \x01(\bR\fdevicesReady\",\n" +
 	"\rCheckResponse\x12\x1b\n" +
 	"\tuptime_ns\x18\x01 \x01(\x04R\buptimeNs\"\x10\n" +
 	"\x0eVersionRequest\"~\n" +

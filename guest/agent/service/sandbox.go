@@ -41,6 +41,9 @@ func (s sandboxService) Create(ctx context.Context, req *agent.CreateSandboxRequ
 			return nil, err
 		}
 	}
+	if err := sandbox.AddEntropy(req.GetEntropy()); err != nil {
+		return nil, err
+	}
 	cfg := sandbox.Config{
 		ID:       req.GetSandboxId(),
 		Hostname: req.GetHostname(),
@@ -77,6 +80,11 @@ func (s sandboxService) SetTime(ctx context.Context, req *agent.SetTimeRequest) 
 }
 
 func (s sandboxService) Check(ctx context.Context, req *agent.CheckRequest) (*agent.CheckResponse, error) {
+	if req.GetDevicesReady() {
+		if err := s.a.devicesReady(ctx); err != nil {
+			return nil, err
+		}
+	}
 	var ts unix.Timespec
 	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
 		return nil, err
