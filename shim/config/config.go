@@ -61,6 +61,13 @@ type Hypervisor struct {
 	// smaller cache is emptied mid-start and everything translated again (the pause container's
 	// create went from about 0.5 to 0.8 s at 64).
 	TCGTranslationCacheMiB int `toml:"tcg_translation_cache_mib"`
+	// Template starts pod VMs from a template instead of booting them: a VM booted once
+	// per VM shape (kernel, initramfs, parameters, CPUs, memory, slots) and saved when its
+	// agent is ready, whose memory every VM made from it maps copy-on-write
+	// (state_dir/templates). Pod start skips the guest's boot; the VMs share the
+	// template's unchanged memory through the host's page cache, and with it the guest
+	// kernel's address layout. Default false, as in Kata Containers (enable_template).
+	Template bool `toml:"template"`
 }
 
 // Guest configures what runs inside the VM.

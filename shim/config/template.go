@@ -41,6 +41,10 @@ memory_mib = {{.Hypervisor.MemoryMiB}}
 hotplug_slots = {{.Hypervisor.HotplugSlots}}
 # Bounds TCG's translation cache, most of a TCG VM's host memory. Unused under KVM.
 tcg_translation_cache_mib = {{.Hypervisor.TCGTranslationCacheMiB}}
+# Start pod VMs from a saved VM (one per VM shape, made on first use in state_dir/templates)
+# instead of booting them: faster starts, memory shared copy-on-write; every VM of a shape
+# has the same guest kernel address layout.
+template = {{.Hypervisor.Template}}
 
 [guest]
 kernel = {{q .Guest.Kernel}}

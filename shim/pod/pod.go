@@ -5,6 +5,7 @@ package pod
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -24,6 +25,7 @@ import (
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/network"
 	"github.com/caisson-containers/caisson/shim/rootfs"
+	"github.com/caisson-containers/caisson/shim/template"
 	"github.com/caisson-containers/caisson/shim/vmm"
 	"github.com/caisson-containers/caisson/shim/vmm/qemu"
 )
@@ -56,6 +58,18 @@ type Options struct {
 	// the agent mounts them while it creates the sandbox. AttachRootfs of the same
 	// plan then finds them ready.
 	Rootfs *rootfs.Plan
+}
+
+// TemplatesDir is where, under the runtime's state dir, the VM templates are kept
+// (hypervisor.template).
+const TemplatesDir = "templates"
+
+// entropy is what the guest mixes into its random pool at sandbox creation: a VM made
+// from a template starts with the template's pool.
+func entropy() []byte {
+	b := make([]byte, 64)
+	rand.Read(b) // never fails (crypto/rand)
+	return b
 }
 
 // Pod is a running VM with its agent.
@@ -152,7 +166,7 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 			routes = append(routes, &agent.Route{Destination: r.Destination, Gateway: r.Gateway, Device: r.Device, Source: r.Source})
 		}
 	}
-	vm, err := qemu.New(vmm.Config{
+	vcfg := vmm.Config{
 		Kernel:       cfg.Guest.Kernel,
 		Initramfs:    cfg.Guest.Initramfs,
 		KernelParams: params,
@@ -162,14 +176,22 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 		StateDir:     filepath.Join(o.StateDir, "vm"),
 		ConsoleLog:   filepath.Join(o.StateDir, "console.log"),
 		Agent:        vmm.AgentChannel{Transport: vmm.TransportSerial},
-		Disks:        disks,
 		HotplugSlots: cfg.Hypervisor.HotplugSlots,
-		NICs:         nics,
-	}, qemu.Config{
+	}
+	qcfg := qemu.Config{
 		Path:                   cfg.Hypervisor.Path,
 		TCGTranslationCacheMiB: cfg.Hypervisor.TCGTranslationCacheMiB,
 		AccelCacheDir:          filepath.Join(cfg.StateDir, "probes"),
-	})
+	}
+	if cfg.Hypervisor.Template {
+		dir, err := template.Get(ctx, filepath.Join(cfg.StateDir, TemplatesDir), vcfg, qcfg)
+		if err != nil {
+			return nil, err
+		}
+		vcfg.Template = &vmm.Template{Dir: dir, Restore: true}
+	}
+	vcfg.Disks, vcfg.NICs = disks, nics
+	vm, err := qemu.New(vcfg, qcfg)
 	if err != nil {
 		return nil, err
 	}
@@ -211,6 +233,7 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 		Dns:        o.DNS,
 		Hosts:      o.Hosts,
 		Time:       timestamppb.Now(),
+		Entropy:    entropy(),
 	})
 	<-mounted
 	if err != nil {

@@ -1,0 +1,292 @@
+// Package template keeps the VM templates pod VMs start from (hypervisor.template): one
+// per VM shape, made on first use by whichever shim needs it first and shared by every
+// shim after it.
+//
+// A template is a directory under the root holding the guest's memory file and the saved
+// device state (vmm.TemplateMemory, vmm.TemplateState), and shape.json, what it was made
+// from. Its name is a hash of the shape and of the identity (inode, size, mtime) of the
+// kernel, initramfs and QEMU binary, so that a rebuilt guest image gets a new template.
+// A template whose files changed is removed by the next Get that sees it; VMs still
+// running from it keep their mapping of the removed memory file.
+package template
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+
+	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/internal/transport"
+	"github.com/caisson-containers/caisson/shim/vmm"
+	"github.com/caisson-containers/caisson/shim/vmm/qemu"
+)
+
+// format changes when what a template holds or how it is made does.
+const format = 1
+
+// readyTimeout bounds the template VM's boot to its agent answering with its drivers loaded.
+const readyTimeout = 2 * time.Minute
+
+// shape is what a template and the VMs made from it share. Its JSON is the template's
+// shape.json and, hashed, its name.
+type shape struct {
+	Format       int      `json:"format"`
+	Kernel       file     `json:"kernel"`
+	Initramfs    file     `json:"initramfs"`
+	QEMU         file     `json:"qemu"`
+	KernelParams []string `json:"kernel_params"`
+	VCPUs        int      `json:"vcpus"`
+	MemoryMiB    int      `json:"memory_mib"`
+	MaxMemoryMiB int      `json:"max_memory_mib"`
+	HotplugSlots int      `json:"hotplug_slots"`
+	Accelerator  string   `json:"accelerator"`
+	TCGCacheMiB  int      `json:"tcg_translation_cache_mib"`
+}
+
+// file is a file's path and identity.
+type file struct {
+	Path  string `json:"path"`
+	Inode uint64 `json:"inode"`
+	Size  int64  `json:"size"`
+	Mtime int64  `json:"mtime_ns"`
+}
+
+func identify(path string) (file, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return file{}, fmt.Errorf("template: %s: %w", path, err)
+	}
+	return file{Path: path, Inode: st.Ino, Size: st.Size, Mtime: st.Mtim.Nano()}, nil
+}
+
+// Get returns the directory of the template for VMs like cfg (no disks, no NICs, serial
+// agent channel), making it first if there is none: a VM is booted with cfg, saved once
+// its agent answers with its drivers loaded, and stopped. Concurrent Gets of one shape,
+// in any process, make it once. The caller starts its VM with
+// vmm.Template{Dir: dir, Restore: true} and otherwise the same cfg and qcfg.
+func Get(ctx context.Context, root string, cfg vmm.Config, qcfg qemu.Config) (string, error) {
+	if len(cfg.Disks) > 0 || len(cfg.NICs) > 0 || cfg.Template != nil {
+		return "", fmt.Errorf("template of a VM with disks, NICs or a template: %w", errdefs.ErrInvalidArgument)
+	}
+	if cfg.Agent.Transport != "" && cfg.Agent.Transport != vmm.TransportSerial {
+		return "", fmt.Errorf("templates need the serial agent channel: %w", errdefs.ErrNotImplemented)
+	}
+	sh, err := shapeOf(cfg, qcfg)
+	if err != nil {
+		return "", err
+	}
+	b, err := json.Marshal(sh)
+	if err != nil {
+		return "", err
+	}
+	sum := sha256.Sum256(b)
+	name := hex.EncodeToString(sum[:8])
+	dir := filepath.Join(root, name)
+	if ready(dir) {
+		return dir, nil
+	}
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return "", err
+	}
+	lock, err := os.OpenFile(filepath.Join(root, name+".lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return "", err
+	}
+	defer lock.Close()
+	if err := flock(ctx, lock); err != nil {
+		return "", err
+	}
+	if ready(dir) { // made while we waited
+		return dir, nil
+	}
+	removeStale(ctx, root, name, sh)
+	start := time.Now()
+	if err := build(ctx, dir, b, cfg, qcfg); err != nil {
+		return "", fmt.Errorf("make VM template: %w", err)
+	}
+	log.G(ctx).WithField("template", dir).WithField("took", time.Since(start)).Info("VM template made")
+	return dir, nil
+}
+
+func ready(dir string) bool {
+	_, err := os.Stat(filepath.Join(dir, vmm.TemplateState))
+	return err == nil
+}
+
+func shapeOf(cfg vmm.Config, qcfg qemu.Config) (shape, error) {
+	sh := shape{Format: format, KernelParams: cfg.KernelParams, VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB,
+		MaxMemoryMiB: cfg.MaxMemoryMiB, HotplugSlots: cfg.HotplugSlots, Accelerator: cfg.Accelerator, TCGCacheMiB: qcfg.TCGTranslationCacheMiB}
+	bin := qcfg.Path
+	if bin == "" {
+		bin = "qemu-system-x86_64"
+	}
+	if !filepath.IsAbs(bin) {
+		p, err := exec.LookPath(bin)
+		if err != nil {
+			return shape{}, fmt.Errorf("qemu: %w: %w", errdefs.ErrNotFound, err)
+		}
+		bin = p
+	}
+	var err error
+	if sh.QEMU, err = identify(bin); err != nil {
+		return shape{}, err
+	}
+	if sh.Kernel, err = identify(cfg.Kernel); err != nil {
+		return shape{}, err
+	}
+	if cfg.Initramfs != "" {
+		if sh.Initramfs, err = identify(cfg.Initramfs); err != nil {
+			return shape{}, err
+		}
+	}
+	return sh, nil
+}
+
+// flock takes an exclusive lock on f, giving up when ctx ends.
+func flock(ctx context.Context, f *os.File) error {
+	for delay := 5 * time.Millisecond; ; delay = min(2*delay, 100*time.Millisecond) {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			return fmt.Errorf("lock %s: %w", f.Name(), err)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for another shim to make the VM template: %w", ctx.Err())
+		case <-time.After(delay):
+		}
+	}
+}
+
+// removeStale removes the templates in root made from the same kernel, initramfs or
+// QEMU paths as sh when those files have changed since, and the leftovers of makes that
+// died (their lock is free: we hold ours, theirs we try).
+func removeStale(ctx context.Context, root, keep string, sh shape) {
+	entries, err := os.ReadDir(root)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		name := e.Name()
+		switch {
+		case strings.HasSuffix(name, ".tmp"):
+			if strings.TrimSuffix(name, ".tmp") == keep {
+				os.RemoveAll(filepath.Join(root, name)) // ours, from a make that died
+			}
+			continue
+		case !e.IsDir() || name == keep:
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(root, name, "shape.json"))
+		if err != nil {
+			continue
+		}
+		var old shape
+		if json.Unmarshal(b, &old) != nil {
+			continue
+		}
+		if changed(old.Kernel, sh.Kernel) || changed(old.Initramfs, sh.Initramfs) || changed(old.QEMU, sh.QEMU) || old.Format != sh.Format {
+			log.G(ctx).WithField("template", filepath.Join(root, name)).Info("removing a VM template whose guest image or QEMU changed")
+			os.RemoveAll(filepath.Join(root, name))
+			os.Remove(filepath.Join(root, name+".lock"))
+		}
+	}
+}
+
+func changed(old, cur file) bool { return old.Path == cur.Path && old != cur }
+
+// build boots the template VM in dir.tmp, saves it, and renames dir.tmp to dir.
+func build(ctx context.Context, dir string, shapeJSON []byte, cfg vmm.Config, qcfg qemu.Config) (retErr error) {
+	tmp := dir + ".tmp"
+	os.RemoveAll(tmp)
+	if err := os.MkdirAll(tmp, 0o700); err != nil {
+		return err
+	}
+	defer func() {
+		if retErr != nil {
+			os.RemoveAll(tmp)
+		}
+	}()
+	cfg.Template = &vmm.Template{Dir: tmp}
+	cfg.StateDir = filepath.Join(tmp, "vm")
+	cfg.ConsoleLog = filepath.Join(tmp, "console.log")
+	vm, err := qemu.New(cfg, qcfg)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
+	defer cancel()
+	if err := vm.Start(ctx); err != nil {
+		return err
+	}
+	defer vm.Stop(context.WithoutCancel(ctx))
+	go func() {
+		select {
+		case <-vm.Done():
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	if err := waitReady(ctx, vm.Endpoint()); err != nil {
+		if e := vm.Wait(); e != nil && vmDone(vm) {
+			return fmt.Errorf("template VM: %w", e)
+		}
+		return err
+	}
+	if err := vm.SaveTemplate(ctx); err != nil {
+		return err
+	}
+	if err := vm.Stop(ctx); err != nil {
+		return err
+	}
+	for _, f := range []string{"vm", "console.log"} {
+		os.RemoveAll(filepath.Join(tmp, f))
+	}
+	if err := os.WriteFile(filepath.Join(tmp, "shape.json"), shapeJSON, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, dir)
+}
+
+func vmDone(vm *qemu.VM) bool {
+	select {
+	case <-vm.Done():
+		return true
+	default:
+		return false
+	}
+}
+
+// waitReady waits until the template VM's agent answers with its background start (drivers,
+// cgroup controllers) over, and hangs up: VMs made from the template connect afresh.
+func waitReady(ctx context.Context, ep vmm.Endpoint) error {
+	s, err := transport.DialSerial(ctx, ep.Path)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	c, err := transport.OpenTTRPC(ctx, s)
+	if err != nil {
+		return fmt.Errorf("template VM's agent: %w", err)
+	}
+	defer c.Close()
+	if _, err := agent.NewSandboxClient(c).Check(ctx, &agent.CheckRequest{DevicesReady: true}); err != nil {
+		return fmt.Errorf("template VM's agent: %w", errgrpc.ToNative(err))
+	}
+	return nil
+}
