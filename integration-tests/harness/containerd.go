@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -54,6 +55,9 @@ type Options struct {
 	ContainerdConfig func(map[string]any)
 	// ContribConfig is the file in contrib/containerd to start from (default config.toml).
 	ContribConfig string
+	// Handlers are more CRI runtime handlers, each the caisson handler with its own
+	// runtime configuration: the environment's, adjusted.
+	Handlers map[string]func(*config.Config)
 }
 
 // Start starts containerd and the snapshotter; t.Cleanup stops them and fails
@@ -128,6 +132,23 @@ func Start(t testing.TB, o Options) *Env {
 	}
 	caissonHandler := cfg["plugins"].(map[string]any)[criRuntime].(map[string]any)["containerd"].(map[string]any)["runtimes"].(map[string]any)["caisson"].(map[string]any)
 	caissonHandler["options"].(map[string]any)["ConfigPath"] = e.ConfigPath
+	for name, adjust := range o.Handlers {
+		c := e.Config
+		adjust(&c)
+		path := filepath.Join(dir, name+".toml")
+		var buf bytes.Buffer
+		if err := c.Write(&buf); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, buf.Bytes(), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		h := maps.Clone(caissonHandler)
+		opts := maps.Clone(caissonHandler["options"].(map[string]any))
+		opts["ConfigPath"] = path
+		h["options"] = opts
+		cfg["plugins"].(map[string]any)[criRuntime].(map[string]any)["containerd"].(map[string]any)["runtimes"].(map[string]any)[name] = h
+	}
 	if !o.CRI {
 		cfg["disabled_plugins"] = []string{"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime", "io.containerd.cri.v1.images",
 			"io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.sandbox.controller.v1.shim"}
