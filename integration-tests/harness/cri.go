@@ -11,6 +11,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/caisson-containers/caisson/shim/pod"
 )
 
 // Handler is the CRI runtime handler of Caisson in contrib/containerd/config.toml.
@@ -259,7 +261,8 @@ func (c *CRI) leftovers() []string {
 	left := leftovers(c.Dir, c.StateDir)
 	dirs, _ := os.ReadDir(c.StateDir)
 	for _, d := range dirs {
-		if d.Name() != "probes" {
+		// The accelerator probes and the VM templates are caches that outlive pods.
+		if d.Name() != "probes" && d.Name() != pod.TemplatesDir {
 			left = append(left, "pod state dir "+filepath.Join(c.StateDir, d.Name()))
 		}
 	}

@@ -1,0 +1,183 @@
+package template
+
+import (
+	"context"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/caisson-containers/caisson/internal/testutil"
+	"github.com/caisson-containers/caisson/internal/transport"
+	"github.com/caisson-containers/caisson/shim/vmm"
+	"github.com/caisson-containers/caisson/shim/vmm/qemu"
+)
+
+// testConfig is the VM config of a template of the real guest, whose initramfs is a copy
+// the test can change.
+func testConfig(t *testing.T) vmm.Config {
+	testutil.RequireRoot(t)
+	testutil.RequireBinary(t, "qemu-system-x86_64")
+	g := testutil.RequireGuest(t)
+	initramfs := filepath.Join(t.TempDir(), "initramfs.cpio.lz4")
+	copyFile(t, g.Initramfs, initramfs)
+	return vmm.Config{
+		Kernel:       g.Kernel,
+		Initramfs:    initramfs,
+		KernelParams: []string{transport.CmdlineKey + "=" + transport.Endpoint{Kind: transport.Serial}.String(), "quiet"},
+		Accelerator:  "tcg",
+		HotplugSlots: 2,
+	}
+}
+
+// TestGet: concurrent Gets of one shape make one template; a later Get finds it; a Get
+// after the guest image changed makes a new one and removes the stale one; a VM starts
+// from it.
+func TestGet(t *testing.T) {
+	cfg := testConfig(t)
+	root := testutil.ShortTempDir(t)
+	ctx := context.Background()
+
+	dirs := make([]string, 3)
+	var wg sync.WaitGroup
+	for i := range dirs {
+		wg.Go(func() {
+			d, err := Get(ctx, root, cfg, qemu.Config{})
+			if err != nil {
+				t.Error(err)
+			}
+			dirs[i] = d
+		})
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+	if dirs[0] != dirs[1] || dirs[1] != dirs[2] {
+		t.Fatalf("concurrent Gets of one shape: %v", dirs)
+	}
+	state := filepath.Join(dirs[0], vmm.TemplateState)
+	st1, err := os.Stat(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d, err := Get(ctx, root, cfg, qemu.Config{}); err != nil || d != dirs[0] {
+		t.Fatalf("second Get: %s %v", d, err)
+	}
+	if st2, err := os.Stat(state); err != nil || !st2.ModTime().Equal(st1.ModTime()) {
+		t.Fatalf("the template was made again (%v)", err)
+	}
+	if n := countTemplates(t, root); n != 1 {
+		t.Fatalf("%d templates, want 1", n)
+	}
+
+	// A VM made from it answers.
+	vmCfg := cfg
+	vmCfg.StateDir = testutil.ShortTempDir(t)
+	vmCfg.Template = &vmm.Template{Dir: dirs[0], Restore: true}
+	vm, err := qemu.New(vmCfg, qemu.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := vm.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Stop(ctx)
+	rctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if err := waitReady(rctx, vm.Endpoint()); err != nil {
+		t.Fatalf("VM made from the template: %v", err)
+	}
+	if err := vm.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	// A rebuilt guest image: a new template, the stale one gone.
+	later := time.Now().Add(time.Second)
+	if err := os.Chtimes(cfg.Initramfs, later, later); err != nil {
+		t.Fatal(err)
+	}
+	d, err := Get(ctx, root, cfg, qemu.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d == dirs[0] {
+		t.Fatal("same template after the initramfs changed")
+	}
+	if _, err := os.Stat(dirs[0]); !os.IsNotExist(err) {
+		t.Fatalf("stale template still there: %v", err)
+	}
+	if n := countTemplates(t, root); n != 1 {
+		t.Fatalf("%d templates, want 1", n)
+	}
+}
+
+func TestGetErrors(t *testing.T) {
+	cfg := testConfig(t)
+	root := t.TempDir()
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name   string
+		adjust func(*vmm.Config)
+		want   error
+	}{
+		{"disks", func(c *vmm.Config) { c.Disks = []vmm.Disk{{ID: "d", Path: c.Initramfs}} }, errdefs.ErrInvalidArgument},
+		{"vsock", func(c *vmm.Config) { c.Agent.Transport = vmm.TransportVsock }, errdefs.ErrNotImplemented},
+		{"no kernel", func(c *vmm.Config) { c.Kernel = filepath.Join(root, "missing") }, os.ErrNotExist},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := cfg
+			tc.adjust(&c)
+			if _, err := Get(ctx, root, c, qemu.Config{}); !errors.Is(err, tc.want) {
+				t.Fatalf("got %v, want %v", err, tc.want)
+			}
+		})
+	}
+	t.Run("guest that never answers", func(t *testing.T) {
+		c := cfg
+		c.KernelParams = append(c.KernelParams, "rdinit=/nonexistent") // no init: the kernel panics, QEMU exits
+		ctx, cancel := context.WithTimeout(ctx, time.Minute)
+		defer cancel()
+		if _, err := Get(ctx, root, c, qemu.Config{}); err == nil {
+			t.Fatal("a template of a guest that cannot start")
+		}
+		if n := countTemplates(t, root); n != 0 {
+			t.Fatalf("%d templates left", n)
+		}
+		left, _ := filepath.Glob(filepath.Join(root, "*.tmp"))
+		if len(left) != 0 {
+			t.Fatalf("left: %v", left)
+		}
+	})
+}
+
+func countTemplates(t *testing.T, root string) int {
+	t.Helper()
+	m, err := filepath.Glob(filepath.Join(root, "*", vmm.TemplateState))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(m)
+}
+
+func copyFile(t *testing.T, src, dst string) {
+	t.Helper()
+	in, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	out, err := os.Create(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	if _, err := io.Copy(out, in); err != nil {
+		t.Fatal(err)
+	}
+}
