@@ -66,3 +66,49 @@ func TestCheckExitCode(t *testing.T) {
 		t.Fatalf("check with a missing config file: %v\n%s", err, out)
 	}
 }
+
+// TestTemplateCommands: `caisson template create` makes the configured pod VM's template
+// (once: a second create finds it), `list` shows it, `remove` removes it.
+func TestTemplateCommands(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.RequireBinary(t, "qemu-system-x86_64")
+	g := testutil.RequireGuest(t)
+	bin := build(t)
+
+	c := config.Default(filepath.Dir(g.Kernel))
+	c.StateDir = testutil.ShortTempDir(t)
+	c.Hypervisor.Accelerator = "tcg"
+	c.Hypervisor.Template = true
+	cfgPath := filepath.Join(t.TempDir(), "config.toml")
+	f, _ := os.Create(cfgPath)
+	c.Write(f)
+	f.Close()
+	run := func(args ...string) string {
+		t.Helper()
+		var stderr strings.Builder
+		cmd := exec.Command(bin, append(args, "--config", cfgPath)...)
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("caisson %v: %v\n%s%s", args, err, out, stderr.String())
+		}
+		return string(out)
+	}
+	dir := strings.Fields(run("template", "create"))[0]
+	if _, err := os.Stat(filepath.Join(dir, "state")); err != nil {
+		t.Fatalf("no template in %s: %v", dir, err)
+	}
+	if again := strings.Fields(run("template", "create"))[0]; again != dir {
+		t.Fatalf("second create: %s, want %s", again, dir)
+	}
+	if list := run("template", "list"); !strings.Contains(list, dir) || !strings.Contains(list, g.Initramfs) {
+		t.Fatalf("list lacks %s:\n%s", dir, list)
+	}
+	run("template", "remove")
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("template still there after remove: %v", err)
+	}
+	if list := run("template", "list"); strings.Contains(list, dir) {
+		t.Fatalf("list after remove:\n%s", list)
+	}
+}

@@ -72,6 +72,48 @@ func entropy() []byte {
 	return b
 }
 
+// vmConfig is the VM of a pod whose state is in stateDir, without its disks and NICs.
+func vmConfig(cfg config.Config, stateDir string) (vmm.Config, qemu.Config) {
+	params := []string{transport.CmdlineKey + "=" + transport.Endpoint{Kind: transport.Serial}.String()}
+	// Every console line costs the boot time under TCG (an emulated UART): print the
+	// kernel's messages only when asked.
+	if cfg.Guest.DebugConsole {
+		params = append(params, "loglevel=7")
+	} else {
+		params = append(params, "quiet")
+	}
+	if cfg.Guest.KernelParams != "" {
+		params = append(params, cfg.Guest.KernelParams)
+	}
+	return vmm.Config{
+			Kernel:       cfg.Guest.Kernel,
+			Initramfs:    cfg.Guest.Initramfs,
+			KernelParams: params,
+			VCPUs:        cfg.Hypervisor.VCPUs,
+			MemoryMiB:    cfg.Hypervisor.MemoryMiB,
+			Accelerator:  cfg.Hypervisor.Accelerator,
+			StateDir:     filepath.Join(stateDir, "vm"),
+			ConsoleLog:   filepath.Join(stateDir, "console.log"),
+			Agent:        vmm.AgentChannel{Transport: vmm.TransportSerial},
+			HotplugSlots: cfg.Hypervisor.HotplugSlots,
+		}, qemu.Config{
+			Path:                   cfg.Hypervisor.Path,
+			TCGTranslationCacheMiB: cfg.Hypervisor.TCGTranslationCacheMiB,
+			AccelCacheDir:          filepath.Join(cfg.StateDir, "probes"),
+		}
+}
+
+// Template returns the VM template of cfg's pod VMs (hypervisor.template), making it if
+// there is none yet.
+func Template(ctx context.Context, cfg config.Config) (string, error) {
+	vcfg, qcfg := vmConfig(cfg, "")
+	vcfg.StateDir, vcfg.ConsoleLog = "", ""
+	return template.Get(ctx, TemplatesRoot(cfg), vcfg, qcfg)
+}
+
+// TemplatesRoot is where cfg's VM templates are kept.
+func TemplatesRoot(cfg config.Config) string { return filepath.Join(cfg.StateDir, TemplatesDir) }
+
 // Pod is a running VM with its agent.
 type Pod struct {
 	cfg      config.Config
@@ -105,17 +147,6 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	}()
 	if cfg.Guest.Transport == "vsock" {
 		return nil, fmt.Errorf("guest.transport = vsock is not supported by this shim yet (no vhost-vsock host to test it on): %w", errdefs.ErrNotImplemented)
-	}
-	params := []string{transport.CmdlineKey + "=" + transport.Endpoint{Kind: transport.Serial}.String()}
-	// Every console line costs the boot time under TCG (an emulated UART): print the
-	// kernel's messages only when asked.
-	if cfg.Guest.DebugConsole {
-		params = append(params, "loglevel=7")
-	} else {
-		params = append(params, "quiet")
-	}
-	if cfg.Guest.KernelParams != "" {
-		params = append(params, cfg.Guest.KernelParams)
 	}
 	// The boot disks (mkfs of the writable image) and the network are prepared at once.
 	var (
@@ -166,25 +197,9 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 			routes = append(routes, &agent.Route{Destination: r.Destination, Gateway: r.Gateway, Device: r.Device, Source: r.Source})
 		}
 	}
-	vcfg := vmm.Config{
-		Kernel:       cfg.Guest.Kernel,
-		Initramfs:    cfg.Guest.Initramfs,
-		KernelParams: params,
-		VCPUs:        cfg.Hypervisor.VCPUs,
-		MemoryMiB:    cfg.Hypervisor.MemoryMiB,
-		Accelerator:  cfg.Hypervisor.Accelerator,
-		StateDir:     filepath.Join(o.StateDir, "vm"),
-		ConsoleLog:   filepath.Join(o.StateDir, "console.log"),
-		Agent:        vmm.AgentChannel{Transport: vmm.TransportSerial},
-		HotplugSlots: cfg.Hypervisor.HotplugSlots,
-	}
-	qcfg := qemu.Config{
-		Path:                   cfg.Hypervisor.Path,
-		TCGTranslationCacheMiB: cfg.Hypervisor.TCGTranslationCacheMiB,
-		AccelCacheDir:          filepath.Join(cfg.StateDir, "probes"),
-	}
+	vcfg, qcfg := vmConfig(cfg, o.StateDir)
 	if cfg.Hypervisor.Template {
-		dir, err := template.Get(ctx, filepath.Join(cfg.StateDir, TemplatesDir), vcfg, qcfg)
+		dir, err := Template(ctx, cfg)
 		if err != nil {
 			return nil, err
 		}

@@ -6,8 +6,9 @@
 // device state (vmm.TemplateMemory, vmm.TemplateState), and shape.json, what it was made
 // from. Its name is a hash of the shape and of the identity (inode, size, mtime) of the
 // kernel, initramfs and QEMU binary, so that a rebuilt guest image gets a new template.
-// A template whose files changed is removed by the next Get that sees it; VMs still
-// running from it keep their mapping of the removed memory file.
+// A template whose files changed is removed by the next Get that sees it (and all of them
+// by RemoveAll: `caisson template remove`); VMs still running from one keep their mapping
+// of the removed memory file.
 package template
 
 import (
@@ -54,6 +55,8 @@ type shape struct {
 	HotplugSlots int      `json:"hotplug_slots"`
 	Accelerator  string   `json:"accelerator"`
 	TCGCacheMiB  int      `json:"tcg_translation_cache_mib"`
+	// FreePageReporting adds a device, which the VMs made from it must have too.
+	FreePageReporting bool `json:"free_page_reporting"`
 }
 
 // file is a file's path and identity.
@@ -128,7 +131,8 @@ func ready(dir string) bool {
 
 func shapeOf(cfg vmm.Config, qcfg qemu.Config) (shape, error) {
 	sh := shape{Format: format, KernelParams: cfg.KernelParams, VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB,
-		MaxMemoryMiB: cfg.MaxMemoryMiB, HotplugSlots: cfg.HotplugSlots, Accelerator: cfg.Accelerator, TCGCacheMiB: qcfg.TCGTranslationCacheMiB}
+		MaxMemoryMiB: cfg.MaxMemoryMiB, HotplugSlots: cfg.HotplugSlots, Accelerator: cfg.Accelerator, TCGCacheMiB: qcfg.TCGTranslationCacheMiB,
+		FreePageReporting: qcfg.FreePageReporting}
 	bin := qcfg.Path
 	if bin == "" {
 		bin = "qemu-system-x86_64"
@@ -202,8 +206,7 @@ func removeStale(ctx context.Context, root, keep string, sh shape) {
 		}
 		if changed(old.Kernel, sh.Kernel) || changed(old.Initramfs, sh.Initramfs) || changed(old.QEMU, sh.QEMU) || old.Format != sh.Format {
 			log.G(ctx).WithField("template", filepath.Join(root, name)).Info("removing a VM template whose guest image or QEMU changed")
-			os.RemoveAll(filepath.Join(root, name))
-			os.Remove(filepath.Join(root, name+".lock"))
+			os.RemoveAll(filepath.Join(root, name)) // not its lock file: see RemoveAll
 		}
 	}
 }
