@@ -17,6 +17,9 @@ import (
 	"github.com/containerd/containerd/v2/pkg/oci"
 
 	"github.com/caisson-containers/caisson/integration-tests/harness"
+	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/pod"
+	"github.com/caisson-containers/caisson/shim/template"
 )
 
 // benchRounds is how many create+start pairs each benchmark times (median reported).
@@ -191,4 +194,64 @@ func mappingPSS(b testing.TB, pid int, match func(size uint64, perms string) boo
 		}
 	}
 	return total
+}
+
+// BenchmarkPodsIdleMemoryTemplate: host memory (PSS) per idle busybox pod with three
+// pods running, booted (the default) and started from a VM template
+// (hypervisor.template), in the same run. The template's own memory file, held once per
+// node and VM shape, is reported apart.
+func BenchmarkPodsIdleMemoryTemplate(b *testing.B) {
+	const pods = 3
+	perPod := map[bool]int64{}
+	var templateResident int64
+	for _, tmpl := range []bool{false, true} {
+		func() {
+			e := harness.Start(b, harness.Options{Runtime: func(c *config.Config) { c.Hypervisor.Template = tmpl }})
+			image := e.ImportBusybox(b)
+			ctx := e.Context(b)
+			var tasks []containerd.Task
+			for i := range pods {
+				id := fmt.Sprintf("idle-%v-%d", tmpl, i)
+				c := benchContainer(b, e, image, id, "caisson", runtimeName, nil)
+				task, err := c.NewTask(ctx, cio.NullIO)
+				if err != nil {
+					b.Fatal(err)
+				}
+				tasks = append(tasks, task)
+				if err := task.Start(ctx); err != nil {
+					b.Fatal(err)
+				}
+			}
+			time.Sleep(5 * time.Second) // let the guests settle
+			qemus := e.QEMUs()
+			if len(qemus) != pods {
+				b.Fatalf("QEMU processes: %v", qemus)
+			}
+			var total int64
+			for _, q := range qemus {
+				pid, _ := strconv.Atoi(q)
+				total += pss(b, pid)
+			}
+			for i := range pods {
+				total += pss(b, shimPid(b, fmt.Sprintf("idle-%v-%d", tmpl, i)))
+			}
+			perPod[tmpl] = total / pods
+			if tmpl {
+				infos, err := template.List(pod.TemplatesRoot(e.Config))
+				if err != nil || len(infos) != 1 {
+					b.Fatalf("templates: %v %v", infos, err)
+				}
+				templateResident = infos[0].Resident
+			}
+			for _, t := range tasks {
+				t.Delete(context.WithoutCancel(ctx), containerd.WithProcessKill)
+			}
+		}()
+	}
+	b.ReportMetric(float64(perPod[false])/(1<<20), "booted-PSS-MiB/pod")
+	b.ReportMetric(float64(perPod[true])/(1<<20), "template-PSS-MiB/pod")
+	b.ReportMetric(float64(perPod[true])/float64(perPod[false]), "template/booted")
+	b.ReportMetric(float64(templateResident)/(1<<20), "template-file-MiB")
+	fmt.Printf("idle busybox pods, %d at once, PSS per pod (QEMU + shim): booted %.1f MiB, from a template %.1f MiB (%.2f×); the template's memory file holds %.1f MiB once per node and VM shape\n",
+		pods, float64(perPod[false])/(1<<20), float64(perPod[true])/(1<<20), float64(perPod[true])/float64(perPod[false]), float64(templateResident)/(1<<20))
 }
