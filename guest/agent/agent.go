@@ -155,8 +155,10 @@ func run(ctx context.Context) error {
 	}
 }
 
-// reconnectDelay paces re-opening the agent's serial port while no shim is connected.
-const reconnectDelay = 100 * time.Millisecond
+// reconnectDelay paces re-opening the agent's serial port while no shim is connected. The
+// transport's handshake waits for a host itself; this only keeps a port that fails at once
+// from spinning. Short, because a VM made from a template resumes here.
+const reconnectDelay = 10 * time.Millisecond
 
 // serve serves the API until a fatal error. On the serial transport the yamux session
 // ends whenever the host end of the port is not connected (before the shim dials, or
