@@ -8,13 +8,19 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/log"
+	"github.com/sirupsen/logrus"
+
 	"github.com/caisson-containers/caisson/integration-tests/harness"
+	"github.com/caisson-containers/caisson/shim/config"
+	caissonpod "github.com/caisson-containers/caisson/shim/pod"
 )
 
 // TestDemo is the quickstart's walkthrough (hack/demo.sh runs it with CAISSON_DEMO=1): a
 // private containerd, a demo image built and served locally, a pod VM started through the
 // CRI with two containers, what the pod sees (the guest kernel, the rootfs devices, the DAX
-// mount), and everything removed. As a test it checks each of those.
+// mount), a pod started from a VM template, and everything removed. As a test it checks
+// each of those.
 func TestDemo(t *testing.T) {
 	if os.Getenv("CAISSON_DEMO") == "" {
 		t.Skip("the quickstart's walkthrough: hack/demo.sh runs it (CAISSON_DEMO=1)")
@@ -38,7 +44,10 @@ func TestDemo(t *testing.T) {
 
 	step("starting a private containerd (its own root, state and socket under a temporary directory), caisson-snapshotter, a CNI bridge and an image registry on 127.0.0.1")
 	var c *harness.CRI
-	timed("starting", func() { c = harness.StartCRI(t, harness.Options{}) })
+	tmplCfg := func(cfg *config.Config) { cfg.Hypervisor.Template = true }
+	timed("starting", func() {
+		c = harness.StartCRI(t, harness.Options{Handlers: map[string]func(*config.Config){templateHandler: tmplCfg}})
+	})
 	fmt.Printf("   containerd socket %s\n   pod VM state %s\n", c.Address, c.StateDir)
 
 	step("pulling the demo image (busybox, built by the demo and pushed to the local registry) through the CRI into the caisson snapshotter (EROFS layers)")
@@ -48,7 +57,9 @@ func TestDemo(t *testing.T) {
 	step("RunPodSandbox with runtime handler %q: one VM for the pod, its network from CNI", harness.Handler)
 	podCfg := c.PodConfig("demo", nil)
 	var pod string
+	booted := time.Now()
 	timed("booting the pod VM (a few seconds under TCG, well under one with KVM)", func() { pod = c.RunPod(t, podCfg, harness.Handler) })
+	bootedTook := time.Since(booted)
 	ip := c.PodIP(t, pod)
 	fmt.Printf("   pod %.12s, IP %s\n", pod, ip)
 
@@ -106,6 +117,29 @@ func TestDemo(t *testing.T) {
 	}
 	fmt.Println("   no QEMU, network namespace, veth, mount or pod state left")
 	_ = web
+
+	step("faster pod starts: a VM template (hypervisor.template = true, off by default; docs/cri.md)")
+	tc := c.Config
+	tmplCfg(&tc)
+	var dir string
+	timed("making the template once: a VM booted and saved when its agent is ready (`caisson template create`, or the first pod)", func() {
+		var err error
+		quiet := logrus.New() // the demo prints its own lines (the TCG warning was the first pod's)
+		quiet.SetLevel(logrus.ErrorLevel)
+		if dir, err = caissonpod.Template(log.WithLogger(c.Ctx(t), logrus.NewEntry(quiet)), tc); err != nil {
+			t.Fatal(err)
+		}
+	})
+	fmt.Printf("   %s\n", dir)
+	fromTemplate := time.Now()
+	timed(fmt.Sprintf("RunPodSandbox with handler %q: the pod VM resumes the template instead of booting", templateHandler), func() {
+		pod = c.RunPod(t, c.PodConfig("demo-template", nil), templateHandler)
+	})
+	fmt.Printf("   %.1f s from the template, %.1f s booted\n", time.Since(fromTemplate).Seconds(), bootedTook.Seconds())
+	timed("StopPodSandbox + RemovePodSandbox (the template stays for the next pods)", func() { c.RemovePod(t, pod) })
+	if left := c.Leftovers(); len(left) > 0 {
+		t.Fatalf("left behind:\n  %s", strings.Join(left, "\n  "))
+	}
 	t.Cleanup(func() {
 		step("stopped containerd and the snapshotter, removed their directories (%.0f s in all)", time.Since(began).Seconds())
 	})
