@@ -111,6 +111,34 @@ func Template(ctx context.Context, cfg config.Config) (string, error) {
 	return template.Get(ctx, TemplatesRoot(cfg), vcfg, qcfg)
 }
 
+// startVM starts the pod's VM: booted, or from its template (hypervisor.template). A
+// template removed under the start (`caisson template remove`, or a newer guest image's
+// first pod) is made again, once.
+func startVM(ctx context.Context, cfg config.Config, vcfg vmm.Config, qcfg qemu.Config) (*qemu.VM, error) {
+	for attempt := 0; ; attempt++ {
+		if cfg.Hypervisor.Template {
+			dir, err := Template(ctx, cfg)
+			if err != nil {
+				return nil, err
+			}
+			vcfg.Template = &vmm.Template{Dir: dir, Restore: true}
+		}
+		vm, err := qemu.New(vcfg, qcfg)
+		if err != nil {
+			return nil, err
+		}
+		err = vm.Start(ctx)
+		if err == nil {
+			return vm, nil
+		}
+		if vcfg.Template != nil && attempt == 0 && !template.Ready(vcfg.Template.Dir) {
+			log.G(ctx).WithError(err).WithField("template", vcfg.Template.Dir).Warn("the VM template went away under the pod's start; making it again")
+			continue
+		}
+		return nil, fmt.Errorf("start VM: %w", err)
+	}
+}
+
 // TemplatesRoot is where cfg's VM templates are kept.
 func TemplatesRoot(cfg config.Config) string { return filepath.Join(cfg.StateDir, TemplatesDir) }
 
@@ -198,20 +226,10 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 		}
 	}
 	vcfg, qcfg := vmConfig(cfg, o.StateDir)
-	if cfg.Hypervisor.Template {
-		dir, err := Template(ctx, cfg)
-		if err != nil {
-			return nil, err
-		}
-		vcfg.Template = &vmm.Template{Dir: dir, Restore: true}
-	}
 	vcfg.Disks, vcfg.NICs = disks, nics
-	vm, err := qemu.New(vcfg, qcfg)
+	vm, err := startVM(ctx, cfg, vcfg, qcfg)
 	if err != nil {
 		return nil, err
-	}
-	if err := vm.Start(ctx); err != nil {
-		return nil, fmt.Errorf("start VM: %w", err)
 	}
 	if net != nil {
 		net.CloseTaps() // QEMU holds them now: the taps go when it exits

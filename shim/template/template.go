@@ -98,7 +98,7 @@ func Get(ctx context.Context, root string, cfg vmm.Config, qcfg qemu.Config) (st
 	sum := sha256.Sum256(b)
 	name := hex.EncodeToString(sum[:8])
 	dir := filepath.Join(root, name)
-	if ready(dir) {
+	if Ready(dir) {
 		return dir, nil
 	}
 	if err := os.MkdirAll(root, 0o700); err != nil {
@@ -112,7 +112,7 @@ func Get(ctx context.Context, root string, cfg vmm.Config, qcfg qemu.Config) (st
 	if err := flock(ctx, lock); err != nil {
 		return "", err
 	}
-	if ready(dir) { // made while we waited
+	if Ready(dir) { // made while we waited
 		return dir, nil
 	}
 	removeStale(ctx, root, name, sh)
@@ -124,7 +124,8 @@ func Get(ctx context.Context, root string, cfg vmm.Config, qcfg qemu.Config) (st
 	return dir, nil
 }
 
-func ready(dir string) bool {
+// Ready says whether dir holds a template that is made (and not removed since).
+func Ready(dir string) bool {
 	_, err := os.Stat(filepath.Join(dir, vmm.TemplateState))
 	return err == nil
 }
