@@ -6,7 +6,6 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/caisson-containers/caisson/internal/hostcheck"
-	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/vmm/qemu/accel"
 )
 
@@ -17,12 +16,12 @@ var checkCommand = &cli.Command{
 timeout, a loop device attached, EROFS and overlay mounted, a tap device created.
 Exits non-zero when Caisson cannot run here.`,
 	Flags: []cli.Flag{
-		&cli.StringFlag{Name: "config", Usage: "runtime config file (default: $CAISSON_CONFIG, then " + config.DefaultPath + ")"},
+		configFlag,
 		&cli.StringFlag{Name: "state-root", Value: "/var/lib/caisson", Usage: "where Caisson keeps its data; its free space is reported"},
 		&cli.DurationFlag{Name: "probe-timeout", Value: accel.DefaultTimeout, Usage: "how long a probe guest may take before its accelerator counts as hung"},
 	},
 	Action: func(c *cli.Context) error {
-		cfg, _, err := config.Load(c.String("config"))
+		cfg, err := loadConfig(c)
 		if err != nil {
 			return err
 		}

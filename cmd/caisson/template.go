@@ -10,12 +10,9 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/pod"
 	"github.com/caisson-containers/caisson/shim/template"
 )
-
-var configFlag = &cli.StringFlag{Name: "config", Usage: "runtime config file (default: $CAISSON_CONFIG, then " + config.DefaultPath + ")"}
 
 var templateCommand = &cli.Command{
 	Name:  "template",
@@ -26,7 +23,7 @@ var templateCommand = &cli.Command{
 			Usage: "make the template of the configured pod VM now, rather than with the first pod",
 			Flags: []cli.Flag{configFlag},
 			Action: func(c *cli.Context) error {
-				cfg, _, err := config.Load(c.String("config"))
+				cfg, err := loadConfig(c)
 				if err != nil {
 					return err
 				}
@@ -49,7 +46,7 @@ var templateCommand = &cli.Command{
 			Usage: "list the templates",
 			Flags: []cli.Flag{configFlag},
 			Action: func(c *cli.Context) error {
-				cfg, _, err := config.Load(c.String("config"))
+				cfg, err := loadConfig(c)
 				if err != nil {
 					return err
 				}
@@ -70,7 +67,7 @@ var templateCommand = &cli.Command{
 			Usage: "remove every template (running VMs made from them keep running)",
 			Flags: []cli.Flag{configFlag},
 			Action: func(c *cli.Context) error {
-				cfg, _, err := config.Load(c.String("config"))
+				cfg, err := loadConfig(c)
 				if err != nil {
 					return err
 				}
