@@ -247,8 +247,11 @@ func build(ctx context.Context, dir string, shapeJSON []byte, cfg vmm.Config, qc
 		}
 	}()
 	if err := waitReady(ctx, vm.Endpoint()); err != nil {
-		if e := vm.Wait(); e != nil && vmDone(vm) {
-			return fmt.Errorf("template VM: %w", e)
+		// Wait blocks until QEMU exits: ask it only of a VM that has ended.
+		if vmDone(vm) {
+			if e := vm.Wait(); e != nil {
+				return fmt.Errorf("template VM: %w", e)
+			}
 		}
 		return err
 	}

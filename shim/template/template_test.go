@@ -156,6 +156,34 @@ func TestGetErrors(t *testing.T) {
 	})
 }
 
+// TestGetGivesUp: a Get whose context ends while the template VM still boots returns,
+// with the VM stopped and nothing left.
+func TestGetGivesUp(t *testing.T) {
+	cfg := testConfig(t)
+	root := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second) // a boot takes longer
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := Get(ctx, root, cfg, qemu.Config{})
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("got %v, want the context's deadline", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("Get did not return after its context ended")
+	}
+	if n := countTemplates(t, root); n != 0 {
+		t.Fatalf("%d templates left", n)
+	}
+	if left, _ := filepath.Glob(filepath.Join(root, "*.tmp")); len(left) != 0 {
+		t.Fatalf("left: %v", left)
+	}
+}
+
 func countTemplates(t *testing.T, root string) int {
 	t.Helper()
 	m, err := filepath.Glob(filepath.Join(root, "*", vmm.TemplateState))
