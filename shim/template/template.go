@@ -19,7 +19,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -134,18 +133,10 @@ func shapeOf(cfg vmm.Config, qcfg qemu.Config) (shape, error) {
 	sh := shape{Format: format, KernelParams: cfg.KernelParams, VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB,
 		MaxMemoryMiB: cfg.MaxMemoryMiB, HotplugSlots: cfg.HotplugSlots, Accelerator: cfg.Accelerator, TCGCacheMiB: qcfg.TCGTranslationCacheMiB,
 		FreePageReporting: qcfg.FreePageReporting}
-	bin := qcfg.Path
-	if bin == "" {
-		bin = "qemu-system-x86_64"
+	bin, err := qcfg.Binary()
+	if err != nil {
+		return shape{}, err
 	}
-	if !filepath.IsAbs(bin) {
-		p, err := exec.LookPath(bin)
-		if err != nil {
-			return shape{}, fmt.Errorf("qemu: %w: %w", errdefs.ErrNotFound, err)
-		}
-		bin = p
-	}
-	var err error
 	if sh.QEMU, err = identify(bin); err != nil {
 		return shape{}, err
 	}

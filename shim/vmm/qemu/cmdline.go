@@ -108,6 +108,15 @@ type slot struct {
 
 func (p port) place() slot { return slot{bus: p.id(), pciPath: p.pciPath()} }
 
+// plug puts dev (device_add or -device arguments) into the slot.
+func (s slot) plug(dev map[string]any) {
+	dev["bus"] = s.bus
+	if s.addr != "" {
+		dev["addr"] = s.addr
+		dev["disable-legacy"] = "on" // a bridge slot has no I/O window
+	}
+}
+
 // hotSlot is the i-th hot-plug slot: bridge i/bridgeSlots, its slot
 // firstSlotInBridge+i%bridgeSlots.
 func hotSlot(i int) slot {
@@ -150,11 +159,7 @@ type backend struct {
 func diskDevices(d vmm.Disk, n int, s slot, size int64) (backend, map[string]any, vmm.DiskAddress) {
 	be, dev, addr := diskDevice(d, n, size)
 	addr.PCIPath = s.pciPath
-	dev["bus"] = s.bus
-	if s.addr != "" {
-		dev["addr"] = s.addr
-		dev["disable-legacy"] = "on" // a bridge slot has no I/O window
-	}
+	s.plug(dev)
 	return be, dev, addr
 }
 

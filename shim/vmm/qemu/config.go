@@ -1,5 +1,12 @@
 package qemu
 
+import (
+	"fmt"
+	"os/exec"
+
+	"github.com/containerd/errdefs"
+)
+
 // Config holds the QEMU-specific settings of the shim's VMM; vmm.Config describes the VM.
 type Config struct {
 	// Path is the qemu-system-x86_64 binary. Default: qemu-system-x86_64 on PATH.
@@ -18,3 +25,17 @@ type Config struct {
 }
 
 const defaultBinary = "qemu-system-x86_64"
+
+// Binary is the QEMU executable VMs of c run: Path, or qemu-system-x86_64, looked up on
+// PATH when it has no slash.
+func (c Config) Binary() (string, error) {
+	p := c.Path
+	if p == "" {
+		p = defaultBinary
+	}
+	bin, err := exec.LookPath(p)
+	if err != nil {
+		return "", fmt.Errorf("qemu: %w: %w", errdefs.ErrNotFound, err)
+	}
+	return bin, nil
+}

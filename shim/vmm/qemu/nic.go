@@ -55,13 +55,9 @@ func nicDevice(i int, n vmm.NIC, s slot) map[string]any {
 		"id":      id + "-dev",
 		"netdev":  id,
 		"mac":     n.MAC,
-		"bus":     s.bus,
 		"romfile": "",
 	}
-	if s.addr != "" {
-		d["addr"] = s.addr
-		d["disable-legacy"] = "on" // a bridge slot has no I/O window
-	}
+	s.plug(d)
 	return d
 }
 

@@ -174,7 +174,6 @@ func New(cfg vmm.Config, qcfg Config) (*VM, error) {
 		agentSocket: filepath.Join(cfg.StateDir, agentSocketName),
 		stderrLog:   filepath.Join(cfg.StateDir, stderrLogName),
 		disks:       map[string]*disk{},
-		used:        make([]bool, len(cfg.Disks)+cfg.HotplugSlots),
 		unplug:      map[string]chan struct{}{},
 		ejected:     map[string]bool{},
 		done:        make(chan struct{}),
@@ -186,22 +185,19 @@ func New(cfg vmm.Config, qcfg Config) (*VM, error) {
 		case t.Dir == "":
 			return nil, fmt.Errorf("template dir not set: %w", errdefs.ErrInvalidArgument)
 		case !t.Restore && (len(cfg.Disks) > 0 || len(cfg.NICs) > 0):
-			return nil, fmt.Errorf("%w: %w", errTemplateDisks, errdefs.ErrInvalidArgument)
+			return nil, fmt.Errorf("a template VM has no disks or NICs (the VMs made from it get theirs): %w", errdefs.ErrInvalidArgument)
 		case t.Restore && len(cfg.Disks)+len(cfg.NICs) > cfg.HotplugSlots:
 			return nil, fmt.Errorf("%d disks and %d NICs for a VM started from a template, which hot-plugs them, but %d hot-plug slots: %w",
 				len(cfg.Disks), len(cfg.NICs), cfg.HotplugSlots, errdefs.ErrInvalidArgument)
 		}
 	}
-	if !v.restoring() {
-		for i := range cfg.Disks {
-			v.slots = append(v.slots, port(i).place())
-		}
-	} else {
-		v.used = make([]bool, cfg.HotplugSlots)
+	for i := range v.coldDisks() {
+		v.slots = append(v.slots, port(i).place())
 	}
 	for i := range cfg.HotplugSlots {
 		v.slots = append(v.slots, hotSlot(i))
 	}
+	v.used = make([]bool, len(v.slots))
 	if len(v.qmpSocket) > maxSocketPath {
 		return nil, fmt.Errorf("state dir %q too long for a unix socket path: %w", cfg.StateDir, errdefs.ErrInvalidArgument)
 	}
@@ -266,9 +262,9 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 			return fmt.Errorf("%s: %w: %w", f.what, errdefs.ErrNotFound, err)
 		}
 	}
-	bin, err := exec.LookPath(v.qcfg.Path)
+	bin, err := v.qcfg.Binary()
 	if err != nil {
-		return fmt.Errorf("qemu: %w: %w", errdefs.ErrNotFound, err)
+		return err
 	}
 
 	opts := accel.Options{QEMU: bin, Kernel: v.cfg.Kernel}
@@ -301,11 +297,8 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 			v.nextDev = 0
 		}
 	}()
-	for i, d := range v.cfg.Disks {
-		if v.restoring() {
-			break // hot-plugged once the template is loaded
-		}
-		cl.ports++
+	cl.ports = len(v.coldDisks())
+	for i, d := range v.coldDisks() {
 		st, err := v.checkDisk(d)
 		if err != nil {
 			return err

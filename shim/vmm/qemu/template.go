@@ -2,12 +2,12 @@ package qemu
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"time"
 
@@ -63,15 +63,26 @@ func ignoreShared(ctx context.Context, c *qmp.Client) error {
 // restoring says whether the VM starts from a template.
 func (v *VM) restoring() bool { return v.cfg.Template != nil && v.cfg.Template.Restore }
 
+// coldDisks are the disks on QEMU's command line, each behind a root port of its own: a
+// VM started from a template has none (restore hot-plugs Config.Disks).
+func (v *VM) coldDisks() []vmm.Disk {
+	if v.restoring() {
+		return nil
+	}
+	return v.cfg.Disks
+}
+
 // openTemplateState opens the saved state of the template a VM starts from.
 func (v *VM) openTemplateState() (*os.File, error) {
 	dir := v.cfg.Template.Dir
-	for _, name := range []string{vmm.TemplateMemory, vmm.TemplateState} {
-		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
-			return nil, fmt.Errorf("template %s: %w: %w", dir, errdefs.ErrNotFound, err)
-		}
+	if _, err := os.Stat(filepath.Join(dir, vmm.TemplateMemory)); err != nil {
+		return nil, fmt.Errorf("template %s: %w: %w", dir, errdefs.ErrNotFound, err)
 	}
-	return os.Open(filepath.Join(dir, vmm.TemplateState))
+	f, err := os.Open(filepath.Join(dir, vmm.TemplateState))
+	if err != nil {
+		return nil, fmt.Errorf("template %s: %w: %w", dir, errdefs.ErrNotFound, err)
+	}
+	return f, nil
 }
 
 // migrationStatus is the part of query-migrate's answer that matters here.
@@ -118,7 +129,7 @@ func (v *VM) restore(ctx context.Context, c *qmp.Client, restoreFD int) error {
 	}
 	for i, n := range v.cfg.NICs {
 		v.mu.Lock()
-		s := v.nextFree()
+		s := slices.Index(v.used, false)
 		v.mu.Unlock()
 		if s < 0 {
 			return fmt.Errorf("NIC %q: no hot-plug slot left: %w", n.ID, errdefs.ErrResourceExhausted)
@@ -140,16 +151,6 @@ func (v *VM) restore(ctx context.Context, c *qmp.Client, restoreFD int) error {
 	}
 	log.G(ctx).WithField("template", v.cfg.Template.Dir).Debug("vm restored from template")
 	return nil
-}
-
-// nextFree is the first unused slot, -1 if none; the caller holds mu.
-func (v *VM) nextFree() int {
-	for i, u := range v.used {
-		if !u {
-			return i
-		}
-	}
-	return -1
 }
 
 // SaveTemplate pauses a template VM (vmm.Template without Restore) and saves its device
@@ -231,6 +232,3 @@ func (v *VM) SaveTemplate(ctx context.Context) (retErr error) {
 	}
 	return os.Rename(tmp, state)
 }
-
-// errTemplateDisks is why a template VM cannot have disks or NICs of its own.
-var errTemplateDisks = errors.New("a template VM has no disks or NICs: the VMs made from it get theirs")
