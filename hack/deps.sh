@@ -12,27 +12,71 @@ mkdir -p "$tools/bin" "$tools/cni"
 step() { printf '\033[1m>> %s\033[0m\n' "$*"; }
 
 # --- Debian packages --------------------------------------------------------------------
-packages=(
-	qemu-system-x86 qemu-utils   # the VMM
-	erofs-utils e2fsprogs        # layer (EROFS) and writable (ext4) images
-	busybox-static cpio kmod     # test images, initramfs inspection, module metadata
-	iproute2 iptables runc       # pod networking; runc for baseline comparisons
-	protobuf-compiler            # make protos
-	libseccomp-dev               # the static guest agent (runc's libcontainer with seccomp)
-	gcc libc6-dev make git ca-certificates
+# What the build, the tests and the runtime read from the system, each as the file Caisson
+# uses and the Debian package that provides it. A package is installed when one of its files
+# is missing (a package can be "installed" without a file the build needs: protobuf-compiler
+# without recommends lacks the well-known .proto files, which libprotobuf-dev holds); after
+# the install every file is checked again, and one still missing stops here by name.
+requirements=(
+	# the VMM, its image tool and virtio-fs daemon
+	"/usr/bin/qemu-system-x86_64      qemu-system-x86"
+	"/usr/bin/qemu-img                qemu-utils"
+	"/usr/lib/qemu/virtiofsd          qemu-system-common"
+	# layer (EROFS) and writable (ext4) images
+	"/usr/bin/mkfs.erofs              erofs-utils"
+	"/sbin/mkfs.ext4                  e2fsprogs"
+	"/sbin/debugfs                    e2fsprogs"
+	# test images, initramfs inspection, guest module metadata
+	"/bin/busybox                     busybox-static"
+	"/bin/cpio                        cpio"
+	"/sbin/depmod                     kmod"
+	# pod networking; runc for baseline comparisons
+	"/sbin/ip                         iproute2"
+	"/usr/sbin/iptables               iptables"
+	"/usr/sbin/runc                   runc"
+	# make protos / make check: protoc and the well-known types the API imports
+	"/usr/bin/protoc                  protobuf-compiler"
+	"/usr/include/google/protobuf/any.proto        libprotobuf-dev"
+	"/usr/include/google/protobuf/empty.proto      libprotobuf-dev"
+	"/usr/include/google/protobuf/timestamp.proto  libprotobuf-dev"
+	# the static guest agent: cgo, runc's libcontainer with seccomp
+	"/usr/bin/gcc                     gcc"
+	"/usr/lib/x86_64-linux-gnu/libc.a libc6-dev"
+	"/usr/include/seccomp.h           libseccomp-dev"
+	"/usr/lib/x86_64-linux-gnu/libseccomp.a libseccomp-dev"
+	"/usr/bin/make                    make"
+	"/usr/bin/git                     git"
+	"/etc/ssl/certs/ca-certificates.crt ca-certificates"
 )
-missing=()
-for p in "${packages[@]}"; do
-	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+# missing_files prints "FILE PACKAGE" for each requirement whose file is absent.
+missing_files() {
+	local r f p
+	for r in "${requirements[@]}"; do
+		read -r f p <<<"$r"
+		[[ -e $f ]] || echo "$f $p"
+	done
+}
+mapfile -t missing < <(missing_files)
 if ((${#missing[@]})); then
-	step "installing ${#missing[@]} Debian packages: ${missing[*]}"
-	[[ $(id -u) == 0 ]] || { echo "run as root to install packages" >&2; exit 1; }
+	packages=$(for m in "${missing[@]}"; do echo "${m##* }"; done | sort -u | tr '\n' ' ')
+	step "installing Debian packages: $packages"
+	[[ $(id -u) == 0 ]] || {
+		echo "missing (run as root to install their packages):" >&2
+		for m in "${missing[@]}"; do echo "  ${m% *} (package ${m##* })" >&2; done
+		exit 1
+	}
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -qq
-	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	# shellcheck disable=SC2086
+	apt-get install -y -qq --no-install-recommends $packages >/dev/null
+	mapfile -t missing < <(missing_files)
+	if ((${#missing[@]})); then
+		echo "still missing after installing their packages:" >&2
+		for m in "${missing[@]}"; do echo "  ${m% *} (package ${m##* })" >&2; done
+		exit 1
+	fi
 else
-	step "Debian packages: all present"
+	step "Debian packages: every file present"
 fi
 
 # --- containerd, from the version go.mod pins ------------------------------------------------

@@ -9,7 +9,14 @@ cd "$(dirname "$0")/.."
 mode=${1:-generate}
 module=github.com/caisson-containers/caisson
 
-command -v protoc >/dev/null || { echo "protoc not found: run 'make deps'" >&2; exit 1; }
+command -v protoc >/dev/null || { echo "protoc not found (package protobuf-compiler): run 'make deps'" >&2; exit 1; }
+# The API imports protobuf's well-known types; Debian ships them apart from protoc.
+for wkt in any empty timestamp; do
+	[[ -f /usr/include/google/protobuf/$wkt.proto ]] || {
+		echo "/usr/include/google/protobuf/$wkt.proto not found (package libprotobuf-dev): run 'make deps'" >&2
+		exit 1
+	}
+done
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
