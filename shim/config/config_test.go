@@ -65,7 +65,14 @@ func TestLoad(t *testing.T) {
 		{name: "too little memory", path: write("d.toml", "[hypervisor]\nmemory_mib = 64\n"), wantErr: "hypervisor.memory_mib = 64"},
 		{name: "bad accelerator", path: write("e.toml", "[hypervisor]\naccelerator = \"xen\"\n"), wantErr: "hypervisor.accelerator"},
 		{name: "relative kernel", path: write("f.toml", "[guest]\nkernel = \"vmlinuz\"\n"), wantErr: "guest.kernel"},
-		{name: "bad transport", path: write("g.toml", "[guest]\ntransport = \"tcp\"\n"), wantErr: "guest.transport"},
+		{name: "bad transport", path: write("g.toml", "[guest]\ntransport = \"tcp\"\n"), wantErr: "guest.transport = tcp: want auto or serial"},
+		{name: "serial transport", path: write("g2.toml", "[guest]\ntransport = \"serial\"\n"),
+			check: func(t *testing.T, c Config) {
+				if c.Guest.Transport != "serial" {
+					t.Fatalf("transport %q", c.Guest.Transport)
+				}
+			}},
+		{name: "vsock transport", path: write("g3.toml", "[guest]\ntransport = \"vsock\"\n"), wantErr: "guest.transport = vsock: not supported for pods yet"},
 		{name: "copied mount limit", path: write("i.toml", "[guest]\ncopied_mount_limit_bytes = 4096\n"),
 			check: func(t *testing.T, c Config) {
 				if c.Guest.CopiedMountLimitBytes != 4096 {
@@ -109,6 +116,20 @@ func TestLoad(t *testing.T) {
 			}
 			tc.check(t, c)
 		})
+	}
+}
+
+// A pod cannot reach its agent over vsock yet (shim/pod), so a configuration asking for it
+// is refused when it is loaded, as not implemented rather than as a typo.
+func TestVsockTransportNotImplemented(t *testing.T) {
+	c := Default("/g")
+	c.Guest.Transport = "vsock"
+	if err := c.Validate(); !errdefs.IsNotImplemented(err) {
+		t.Fatalf("Validate with transport vsock: %v, want NotImplemented", err)
+	}
+	c.Guest.Transport = "tcp"
+	if err := c.Validate(); !errdefs.IsInvalidArgument(err) {
+		t.Fatalf("Validate with transport tcp: %v, want InvalidArgument", err)
 	}
 }
 

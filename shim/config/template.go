@@ -52,7 +52,8 @@ kernel = {{q .Guest.Kernel}}
 initramfs = {{q .Guest.Initramfs}}
 # Appended to the kernel command line.
 kernel_params = {{q .Guest.KernelParams}}
-# auto (vsock if the host has vhost-vsock, else serial), vsock or serial.
+# How the shim reaches the agent: auto or serial, both a virtio-serial port (vsock, even where
+# the host has vhost-vsock, is not supported for pods yet).
 transport = {{q .Guest.Transport}}
 # All the guest kernel's messages on the console log (otherwise it boots quiet, which is faster).
 debug_console = {{.Guest.DebugConsole}}
