@@ -47,8 +47,9 @@ func TestCheckExitCode(t *testing.T) {
 	if err != nil {
 		t.Fatalf("check on a working host failed: %v\n%s", err, out)
 	}
-	if !strings.Contains(string(out), "Caisson can run here") {
-		t.Fatalf("no positive verdict:\n%s", out)
+	// The transport named is the one pods use, whatever vhost-vsock the host has.
+	if !strings.Contains(string(out), "Caisson can run here") || !strings.Contains(string(out), "transport serial") {
+		t.Fatalf("no positive verdict with the serial transport:\n%s", out)
 	}
 
 	bad := filepath.Join(t.TempDir(), "bad.toml")
@@ -59,6 +60,14 @@ func TestCheckExitCode(t *testing.T) {
 	}
 	if !strings.Contains(string(out), "guest-kernel   FAIL") {
 		t.Fatalf("missing kernel not reported:\n%s", out)
+	}
+
+	// A configuration asking for vsock is refused when it loads: pods cannot use it yet.
+	vsock := filepath.Join(t.TempDir(), "vsock.toml")
+	os.WriteFile(vsock, []byte("[guest]\ntransport = \"vsock\"\n"), 0o644)
+	out, err = exec.Command(bin, "check", "--config", vsock).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "guest.transport = vsock: not supported for pods yet") {
+		t.Fatalf("check with transport vsock: %v, want the config refused\n%s", err, out)
 	}
 
 	out, err = exec.Command(bin, "check", "--config", filepath.Join(t.TempDir(), "missing.toml")).CombinedOutput()

@@ -22,8 +22,9 @@ func byItem(results []Result) map[string]Result {
 	return m
 }
 
-// The verdict must follow the probes: KVM exactly when the kvm probe passed,
-// vsock exactly when vhost-vsock did, and "can run" exactly when nothing failed.
+// The verdict must follow the probes: KVM exactly when the kvm probe passed, and
+// "can run" exactly when nothing failed. The transport is serial whatever the
+// vhost-vsock probe found: it is the one pods use (shim/pod has no vsock path).
 func TestVerdictFollowsTheProbes(t *testing.T) {
 	testutil.RequireRoot(t)
 	testutil.RequireBinary(t, "qemu-system-x86_64")
@@ -43,8 +44,11 @@ func TestVerdictFollowsTheProbes(t *testing.T) {
 	if (m["kvm"].Status == OK) != (v.Accelerator == accel.KVM) {
 		t.Errorf("kvm %s but accelerator %s", m["kvm"].Status, v.Accelerator)
 	}
-	if (m["vhost-vsock"].Status == OK) != (v.Transport == transport.Vsock) {
-		t.Errorf("vhost-vsock %s but transport %s", m["vhost-vsock"].Status, v.Transport)
+	if v.Transport != transport.Serial {
+		t.Errorf("vhost-vsock %s and transport %s, want serial: pods use nothing else", m["vhost-vsock"].Status, v.Transport)
+	}
+	if m["vhost-vsock"].Status == Fail {
+		t.Errorf("vhost-vsock is information only, yet it failed: %s", m["vhost-vsock"].Detail)
 	}
 	failed := false
 	for _, r := range results {
@@ -86,5 +90,23 @@ func TestForcedKVMWithoutKVMFails(t *testing.T) {
 	results, v := Run(context.Background(), Options{Config: c, StateRoot: t.TempDir()})
 	if v.CanRun || byItem(results)["accelerator"].Status != Fail {
 		t.Fatalf("accelerator = kvm on a host without KVM: CanRun %v, results %+v", v.CanRun, results)
+	}
+}
+
+// A configuration asking for vsock is reported as a failure, not turned into a vsock
+// verdict: pods cannot use it.
+func TestVsockTransportCannotRun(t *testing.T) {
+	testutil.RequireBinary(t, "qemu-system-x86_64")
+	g := testutil.RequireGuest(t)
+	c := config.Default(filepath.Dir(g.Kernel))
+	c.Hypervisor.Accelerator = "tcg"
+	c.Guest.Transport = "vsock"
+	results, v := Run(context.Background(), Options{Config: c, StateRoot: t.TempDir(), ProbeTimeout: 60 * time.Second})
+	r := byItem(results)["config"]
+	if r.Status != Fail || !strings.Contains(r.Detail, "not supported for pods yet") {
+		t.Fatalf("transport vsock: config line %+v, want a failure saying pods cannot use vsock", r)
+	}
+	if v.CanRun || v.Transport != transport.Serial {
+		t.Fatalf("transport vsock: verdict %+v, want cannot run (and no vsock transport)", v)
 	}
 }
