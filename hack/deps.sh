@@ -98,14 +98,18 @@ fi
 
 # --- CNI plugins -----------------------------------------------------------------------------
 cni_version=v1.9.1
-stamp="$tools/cni/.plugins-$cni_version"
+# The stamp names the plugin set too, so that adding a plugin rebuilds them. firewall and
+# tuning complete nerdctl's default bridge network (bridge, portmap, firewall, tuning).
+stamp="$tools/cni/.plugins-$cni_version-firewall-tuning"
 if [[ ! -f $stamp ]]; then
-	step "building CNI plugins $cni_version (bridge, host-local, loopback, portmap)"
+	step "building CNI plugins $cni_version (bridge, host-local, loopback, portmap, firewall, tuning)"
 	GOBIN="$tools/cni" go install \
 		"github.com/containernetworking/plugins/plugins/main/bridge@$cni_version" \
 		"github.com/containernetworking/plugins/plugins/main/loopback@$cni_version" \
 		"github.com/containernetworking/plugins/plugins/ipam/host-local@$cni_version" \
-		"github.com/containernetworking/plugins/plugins/meta/portmap@$cni_version"
+		"github.com/containernetworking/plugins/plugins/meta/portmap@$cni_version" \
+		"github.com/containernetworking/plugins/plugins/meta/firewall@$cni_version" \
+		"github.com/containernetworking/plugins/plugins/meta/tuning@$cni_version"
 	rm -f "$tools/cni"/.plugins-*
 	touch "$stamp"
 else
