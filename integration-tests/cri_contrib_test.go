@@ -10,6 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/pelletier/go-toml/v2"
+	"golang.org/x/sys/unix"
 	nodev1 "k8s.io/api/node/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	"sigs.k8s.io/yaml"
@@ -31,6 +34,135 @@ func TestContribContainerdConfigV2(t *testing.T) {
 		t.Fatalf("uname -r = %q (exit %d), want the guest's %s", out, code, guestRelease)
 	}
 	c.RemovePod(t, pod)
+}
+
+// TestContribProxyPluginSnippet: contrib/snapshotter/containerd-proxy-plugin.toml, put into
+// containerd's configuration as its comment says, makes image pulls unpack into
+// caisson-snapshotter for Caisson pods and still into overlayfs for runc pods on the same
+// node: one image is pulled for each handler, found unpacked in each snapshotter, and a
+// container runs on each (the Caisson one in the guest's kernel, the runc one in the
+// host's). Its sections replace those of contrib/containerd/config.toml that set the same
+// things, so what the pulls use is the snippet alone.
+func TestContribProxyPluginSnippet(t *testing.T) {
+	root := testutil.RepoRoot(t)
+	snippet := readTOML(t, filepath.Join(root, "contrib", "snapshotter", "containerd-proxy-plugin.toml"))
+	// The snippet names the socket the systemd unit serves.
+	unitAddr := execStartFlag(t, filepath.Join(root, "contrib", "snapshotter", "caisson-snapshotter.service"), "--address")
+	proxies, _ := snippet["proxy_plugins"].(map[string]any)
+	for _, name := range []string{"caisson", "caisson-diff"} {
+		p, _ := proxies[name].(map[string]any)
+		if p == nil || p["address"] != unitAddr {
+			t.Fatalf("snippet's proxy plugin %s: %v, want address %s (caisson-snapshotter.service's --address)", name, p, unitAddr)
+		}
+	}
+
+	c := harness.StartCRI(t, harness.Options{ContainerdConfig: func(cfg map[string]any) {
+		// The harness pointed contrib's proxy plugins at its snapshotter; the snippet's go there too.
+		sock := cfg["proxy_plugins"].(map[string]any)["caisson"].(map[string]any)["address"]
+		for key, v := range snippet {
+			switch key {
+			case "version":
+				if v != cfg["version"] {
+					t.Fatalf("snippet is config version %v, contrib/containerd/config.toml %v", v, cfg["version"])
+				}
+			case "plugins":
+				// Whole plugin sections: nothing of contrib's transfer or diff service
+				// configuration is left to help the snippet.
+				for id, section := range v.(map[string]any) {
+					cfg["plugins"].(map[string]any)[id] = section
+				}
+			default:
+				cfg[key] = v
+			}
+		}
+		for _, p := range cfg["proxy_plugins"].(map[string]any) {
+			p.(map[string]any)["address"] = sock
+		}
+	}})
+	ctx := namespaces.WithNamespace(c.Ctx(t), "k8s.io") // the CRI plugin's namespace
+	for _, tc := range []struct {
+		handler, snapshotter, kernel string
+	}{
+		{harness.Handler, "caisson", guestRelease},
+		{harness.RuncHandler, "overlayfs", hostRelease(t)},
+	} {
+		image := c.Pull(t, c.BusyboxRef, tc.handler)
+		img, err := c.Client.GetImage(ctx, c.BusyboxRef)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok, err := img.IsUnpacked(ctx, tc.snapshotter); err != nil || !ok {
+			t.Fatalf("pulled for %s: unpacked into %s %v, %v", tc.handler, tc.snapshotter, ok, err)
+		}
+		podCfg := c.PodConfig("snippet-"+tc.handler, nil)
+		pod := c.RunPod(t, podCfg, tc.handler)
+		id := c.StartContainer(t, pod, podCfg, harness.ContainerConfig("app", image, "sleep", "100000"))
+		ctr, err := c.Client.LoadContainer(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info, err := ctr.Info(ctx); err != nil || info.Snapshotter != tc.snapshotter || info.Runtime.Name != runtimeType(tc.handler) {
+			t.Fatalf("%s container: snapshotter %q, runtime %q (%v); want %s and %s", tc.handler, info.Snapshotter, info.Runtime.Name, err, tc.snapshotter, runtimeType(tc.handler))
+		}
+		if out, _, code := c.Exec(t, id, "uname", "-r"); code != 0 || strings.TrimSpace(out) != tc.kernel {
+			t.Fatalf("%s container: uname -r = %q (exit %d), want %s", tc.handler, out, code, tc.kernel)
+		}
+		c.RemovePod(t, pod)
+	}
+}
+
+// runtimeType is the shim a CRI handler of contrib's configuration runs.
+func runtimeType(handler string) string {
+	if handler == harness.Handler {
+		return "io.containerd.caisson.v2"
+	}
+	return "io.containerd.runc.v2"
+}
+
+func hostRelease(t *testing.T) string {
+	t.Helper()
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		t.Fatal(err)
+	}
+	return unix.ByteSliceToString(u.Release[:])
+}
+
+func readTOML(t *testing.T, path string) map[string]any {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := toml.Unmarshal(b, &m); err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	return m
+}
+
+// execStartFlag is the value of flag on the ExecStart line of a systemd unit.
+func execStartFlag(t *testing.T, unit, flag string) string {
+	t.Helper()
+	b, err := os.ReadFile(unit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "ExecStart="); ok {
+			f := strings.Fields(v)
+			for i := range f {
+				if f[i] == flag && i+1 < len(f) {
+					return f[i+1]
+				}
+				if val, ok := strings.CutPrefix(f[i], flag+"="); ok {
+					return val
+				}
+			}
+		}
+	}
+	t.Fatalf("%s: no %s on its ExecStart line", unit, flag)
+	return ""
 }
 
 // shimPids are the pids of caisson shims whose command line names id.
