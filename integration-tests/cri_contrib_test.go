@@ -2,17 +2,25 @@ package integration
 
 import (
 	"bytes"
+	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/core/snapshots/proxy"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/pelletier/go-toml/v2"
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	nodev1 "k8s.io/api/node/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	"sigs.k8s.io/yaml"
@@ -295,10 +303,113 @@ func TestContribInstall(t *testing.T) {
 			}
 		}
 	}
+	// The drop-in pulls in the unit install.sh installed.
+	if b, err := os.ReadFile(filepath.Join(dest, "etc/systemd/system/containerd.service.d/caisson.conf")); err == nil {
+		for _, dep := range []string{"Wants=caisson-snapshotter.service", "After=caisson-snapshotter.service"} {
+			if !strings.Contains(string(b), dep+"\n") {
+				t.Errorf("containerd.service.d/caisson.conf lacks %s", dep)
+			}
+		}
+	}
+	runUnitSnapshotter(t, dest)
+
 	// containerd accepts the installed config.
 	containerdBin := testutil.RequireBinary(t, "containerd")
 	dump, err := exec.Command(containerdBin, "--config", filepath.Join(dest, "etc/containerd/config.toml"), "config", "dump").CombinedOutput()
 	if err != nil || !strings.Contains(string(dump), "io.containerd.caisson.v2") {
 		t.Fatalf("containerd config dump of the installed config: %v\n%s", err, dump)
+	}
+}
+
+// runUnitSnapshotter runs the ExecStart command line of the caisson-snapshotter.service
+// install.sh put under dest, with its paths moved into dest and a scratch directory (the
+// installed binary and snapshotter.toml, a scratch socket, a containerd socket nobody
+// serves) and --root added, since the installed config's root is the host's
+// /var/lib/containerd. The snapshotter must serve with those flags and that config before
+// containerd is up (the unit starts first), prepare a snapshot whose writable image has
+// the config's default_writable_size, and exit cleanly on the unit's KillSignal, SIGTERM.
+func runUnitSnapshotter(t *testing.T, dest string) {
+	t.Helper()
+	unit := filepath.Join(dest, "etc/systemd/system/caisson-snapshotter.service")
+	b, err := os.ReadFile(unit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var args []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "ExecStart="); ok {
+			args = strings.Fields(v)
+		}
+	}
+	if len(args) == 0 || !strings.Contains(string(b), "\nKillSignal=SIGTERM\n") {
+		t.Fatalf("%s: want an ExecStart line and KillSignal=SIGTERM:\n%s", unit, b)
+	}
+	scratch := testutil.ShortTempDir(t)
+	sock := filepath.Join(scratch, "snapshotter.sock")
+	for i, a := range args {
+		switch {
+		case i == 0 || strings.HasPrefix(a, "/etc/caisson/"):
+			args[i] = filepath.Join(dest, a)
+		case args[i-1] == "--address":
+			args[i] = sock
+		case args[i-1] == "--containerd-address":
+			args[i] = filepath.Join(scratch, "containerd.sock")
+		}
+	}
+	args = append(args, "--root", filepath.Join(scratch, "root"))
+	cmd := exec.Command(args[0], args[1:]...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	stop := func() error {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-exited:
+			return err
+		case <-time.After(60 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+			return fmt.Errorf("no exit within a minute of SIGTERM")
+		}
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		select {
+		case err := <-exited:
+			t.Fatalf("the unit's %v exited at start: %v\n%s", args, err, out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			stop()
+			t.Fatalf("the unit's %v did not serve %s within 30 s\n%s", args, sock, out.String())
+		}
+	}
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		stop()
+		t.Fatal(err)
+	}
+	sn := proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "caisson")
+	ctx := context.Background()
+	ms, err := sn.Prepare(ctx, "unit-check", "")
+	if err == nil {
+		err = sn.Remove(ctx, "unit-check")
+	}
+	conn.Close()
+	if serr := stop(); serr != nil {
+		t.Errorf("the unit's snapshotter after SIGTERM: %v\n%s", serr, out.String())
+	}
+	if err != nil {
+		t.Fatalf("the unit's snapshotter: %v\n%s", err, out.String())
+	}
+	want := "X-containerd.mkfs.size=10737418240" // the installed snapshotter.toml's default_writable_size, 10GiB
+	if len(ms) == 0 || !slices.Contains(ms[0].Options, want) {
+		t.Errorf("the unit's snapshotter prepared %+v, want a writable image with %s", ms, want)
 	}
 }
