@@ -1,5 +1,5 @@
 // Package shim registers the Caisson shim's plugins: the task service, which
-// containerd's shim package serves over ttrpc.
+// containerd's shim package serves over ttrpc (as task API v3 and v2).
 package shim
 
 import (
@@ -10,6 +10,7 @@ import (
 	"github.com/containerd/plugin/registry"
 
 	"github.com/caisson-containers/caisson/shim/task"
+	"github.com/caisson-containers/caisson/shim/taskv2"
 )
 
 func init() {
@@ -26,7 +27,12 @@ func init() {
 			if err != nil {
 				return nil, err
 			}
-			return task.NewTaskService(ic.Context, pp.(shim.Publisher), ss.(shutdown.Service))
+			svc, err := task.NewTaskService(ic.Context, pp.(shim.Publisher), ss.(shutdown.Service))
+			if err != nil {
+				return nil, err
+			}
+			// containerd 1.7–2.2 call the task API by its v2 name (shim/taskv2).
+			return taskv2.Both{TTRPCTaskService: svc}, nil
 		},
 	})
 }
