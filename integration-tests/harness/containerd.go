@@ -43,6 +43,25 @@ type Env struct {
 	Config config.Config
 	// ConfigPath is its file (CAISSON_CONFIG of containerd, and so of the shim).
 	ConfigPath string
+	// Containerd is the containerd running.
+	Containerd *Containerd
+}
+
+// Ctr runs this containerd's own ctr against it, in the test namespace, and returns
+// its standard output, its standard error and its exit status.
+func (e *Env) Ctr(t testing.TB, args ...string) (stdout, stderr string, code int) {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(e.Containerd.Bin, "ctr"), append([]string{"--address", e.Address, "--namespace", Namespace}, args...)...)
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	if err := cmd.Run(); err != nil {
+		ee, ok := err.(*exec.ExitError)
+		if !ok {
+			t.Fatalf("ctr %s: %v", strings.Join(args, " "), err)
+		}
+		code = ee.ExitCode()
+	}
+	return out.String(), errOut.String(), code
 }
 
 // Options adjust the environment.
@@ -58,6 +77,47 @@ type Options struct {
 	// Handlers are more CRI runtime handlers, each the caisson handler with its own
 	// runtime configuration: the environment's, adjusted.
 	Handlers map[string]func(*config.Config)
+	// Containerd is the containerd to run (default: the one `make deps` built, at the
+	// version go.mod pins).
+	Containerd *Containerd
+}
+
+// Containerd is a containerd build: its daemon and its ctr.
+type Containerd struct {
+	// Version is containerd's version, e.g. "v1.7.29".
+	Version string
+	// Bin is the directory holding containerd and ctr.
+	Bin string
+}
+
+// pinnedVersion is the version of the containerd `make deps` built (go.mod's pin),
+// from the stamp hack/deps.sh leaves beside it.
+func pinnedVersion(bin string) string {
+	stamps, _ := filepath.Glob(filepath.Join(bin, ".containerd-v*"))
+	if len(stamps) != 1 {
+		return "unknown"
+	}
+	return strings.TrimPrefix(filepath.Base(stamps[0]), ".containerd-")
+}
+
+// Older reports whether this containerd's major.minor is below major.minor.
+func (c *Containerd) Older(major, minor int) bool {
+	var maj, min int
+	fmt.Sscanf(c.Version, "v%d.%d", &maj, &min)
+	return maj < major || maj == major && min < minor
+}
+
+// MatrixContainerd is containerd at version, as hack/build-containerd.sh builds it
+// under _output/tools/containerd/VERSION; t is skipped if it is not built.
+func MatrixContainerd(t testing.TB, version string) *Containerd {
+	t.Helper()
+	dir := filepath.Join(testutil.RepoRoot(t), "_output", "tools", "containerd", version, "bin")
+	for _, b := range []string{"containerd", "ctr"} {
+		if _, err := os.Stat(filepath.Join(dir, b)); err != nil {
+			t.Skipf("needs containerd %s (run `hack/build-containerd.sh %s _output/tools/containerd/%s`)", version, version, version)
+		}
+	}
+	return &Containerd{Version: version, Bin: dir}
 }
 
 // Start starts containerd and the snapshotter; t.Cleanup stops them and fails
@@ -65,7 +125,11 @@ type Options struct {
 func Start(t testing.TB, o Options) *Env {
 	t.Helper()
 	testutil.RequireRoot(t)
-	containerdBin := testutil.RequireBinary(t, "containerd")
+	if o.Containerd == nil {
+		bin := filepath.Dir(testutil.RequireBinary(t, "containerd"))
+		o.Containerd = &Containerd{Version: pinnedVersion(bin), Bin: bin}
+	}
+	containerdBin := filepath.Join(o.Containerd.Bin, "containerd")
 	guest := testutil.RequireGuest(t)
 	root := testutil.RepoRoot(t)
 	bin := filepath.Join(root, "bin")
@@ -82,7 +146,7 @@ func Start(t testing.TB, o Options) *Env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(stateDir) })
-	e := &Env{Dir: dir, StateDir: stateDir, Address: filepath.Join(dir, "containerd.sock")}
+	e := &Env{Dir: dir, StateDir: stateDir, Address: filepath.Join(dir, "containerd.sock"), Containerd: o.Containerd}
 
 	// The runtime's configuration.
 	e.Config = config.Default(filepath.Dir(guest.Kernel))
@@ -271,16 +335,16 @@ func waitSocket(t testing.TB, path string, d *daemon) {
 	t.Fatalf("%s did not create %s within a minute", d.name, path)
 }
 
-// leftoverGrace is how long a shim that is still shutting down (containerd asks
+// LeftoverGrace is how long a shim that is still shutting down (containerd asks
 // it to after the last delete, and it stops its VM gracefully) may take before
 // what it holds counts as left behind.
-const leftoverGrace = 20 * time.Second
+const LeftoverGrace = 20 * time.Second
 
 // checkLeftovers fails the test if a QEMU process, a mount or a loop device that
 // belongs to this environment survived it.
 func checkLeftovers(t testing.TB, dirs ...string) {
 	t.Helper()
-	deadline := time.Now().Add(leftoverGrace)
+	deadline := time.Now().Add(LeftoverGrace)
 	for {
 		left := leftovers(dirs...)
 		if len(left) == 0 {

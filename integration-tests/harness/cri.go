@@ -54,14 +54,27 @@ func StartCRI(t testing.TB, o Options) *CRI {
 	o.CRI = true
 	o.ContainerdConfig = func(cfg map[string]any) {
 		plugins := cfg["plugins"].(map[string]any)
-		images := subMap(plugins, "io.containerd.cri.v1.images")
-		subMap(images, "pinned_images")["sandbox"] = c.PauseRef
-		rt := subMap(plugins, "io.containerd.cri.v1.runtime")
+		var rt map[string]any
+		if cfg["version"] == int64(2) {
+			// Configuration schema 2 (containerd 1.7's): one CRI plugin.
+			rt = subMap(plugins, "io.containerd.grpc.v1.cri")
+			rt["sandbox_image"] = c.PauseRef
+		} else {
+			images := subMap(plugins, "io.containerd.cri.v1.images")
+			subMap(images, "pinned_images")["sandbox"] = c.PauseRef
+			rt = subMap(plugins, "io.containerd.cri.v1.runtime")
+		}
 		// This sandbox lacks CAP_SYS_RESOURCE: runc cannot lower oom_score_adj.
 		rt["restrict_oom_score_adj"] = true
 		// Network namespaces under containerd's state, where leftover checks look.
 		rt["netns_mounts_under_state_dir"] = true
-		rt["cni"] = map[string]any{"bin_dirs": []string{c.CNI.BinDir}, "conf_dir": c.CNI.ConfDir, "max_conf_num": 1}
+		cni := map[string]any{"conf_dir": c.CNI.ConfDir, "max_conf_num": 1}
+		if o.Containerd != nil && o.Containerd.Older(2, 2) {
+			cni["bin_dir"] = c.CNI.BinDir // bin_dirs came in 2.2 (and bin_dir went in 2.3)
+		} else {
+			cni["bin_dirs"] = []string{c.CNI.BinDir}
+		}
+		rt["cni"] = cni
 		if adjust != nil {
 			adjust(cfg)
 		}
@@ -244,9 +257,9 @@ func (c *CRI) removeAllPods(t testing.TB) {
 // Leftovers lists what pods that were removed left on the host: QEMU processes,
 // mounts and loop devices of this environment, pod VM state directories, network
 // namespaces and veths on the test bridge. A shim still stopping its VM (containerd asks it to shut down
-// after RemovePodSandbox returns) has leftoverGrace to finish.
+// after RemovePodSandbox returns) has LeftoverGrace to finish.
 func (c *CRI) Leftovers() []string {
-	deadline := time.Now().Add(leftoverGrace)
+	deadline := time.Now().Add(LeftoverGrace)
 	for {
 		left := c.leftovers()
 		if len(left) == 0 || time.Now().After(deadline) {
