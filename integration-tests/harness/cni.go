@@ -2,11 +2,13 @@ package harness
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/vishvananda/netlink"
@@ -17,7 +19,8 @@ import (
 // CNI is a CNI bridge network for the test's pods: a conflist in a private conf
 // dir, the plugins `make deps` built, host-local IPAM keeping its leases in the
 // test's directory, and a bridge whose gateway address is on the host (so the
-// host reaches pods at their IPs). Cleanup deletes the bridge.
+// host reaches pods at their IPs). Cleanup deletes the bridge and puts back the
+// host's IP forwarding sysctls, which the bridge plugin turns on (see Forwarding).
 type CNI struct {
 	ConfDir string
 	BinDir  string
@@ -38,6 +41,17 @@ func NewCNI(t testing.TB, dir string) *CNI {
 			t.Skipf("needs the CNI plugin %s in %s (run `make deps`)", p, bin)
 		}
 	}
+	// Saved before anything of the network exists, put back after the bridge is gone
+	// (cleanups run last first), and checked: every test that networks pods shows
+	// that it leaves the host's forwarding as it found it.
+	saved := Forwarding()
+	t.Cleanup(func() {
+		if err := saved.Restore(); err != nil {
+			t.Errorf("restore the host's IP forwarding: %v", err)
+		} else if diff := saved.Diff(Forwarding()); diff != "" {
+			t.Errorf("the host's IP forwarding changed: %s", diff)
+		}
+	})
 	c := &CNI{ConfDir: filepath.Join(dir, "cni", "net.d"), BinDir: bin}
 	a, b := 100+rand.IntN(100), rand.IntN(256)
 	_, c.Subnet, _ = net.ParseCIDR(fmt.Sprintf("10.%d.%d.0/24", a, b))
@@ -91,4 +105,72 @@ func (c *CNI) Veths() []string {
 		}
 	}
 	return v
+}
+
+// Sysctl is one sysctl's value, by its /proc/sys path.
+type Sysctl struct{ Path, Value string }
+
+// Sysctls are sysctl values in the order they must be written back.
+type Sysctls []Sysctl
+
+// Forwarding reads the host's IP forwarding sysctls. The bridge plugin turns on
+// net.ipv4.ip_forward, and net.ipv6.conf.all.forwarding for an IPv6 range, for a
+// gateway bridge (ip.EnableForward) and never turns them off; writing either also
+// sets every interface's own forwarding switch, so those are read too. Order: each
+// family's global switches first, then its interfaces, so that writing them back in
+// this order leaves each interface's value last.
+func Forwarding() Sysctls {
+	var out Sysctls
+	read := func(p string) {
+		if b, err := os.ReadFile(p); err == nil {
+			out = append(out, Sysctl{p, strings.TrimSpace(string(b))})
+		}
+	}
+	read("/proc/sys/net/ipv4/ip_forward")
+	for _, fam := range []string{"ipv4", "ipv6"} {
+		conf := "/proc/sys/net/" + fam + "/conf/"
+		read(conf + "all/forwarding")
+		read(conf + "default/forwarding")
+		ifaces, _ := filepath.Glob(conf + "*/forwarding")
+		for _, p := range ifaces {
+			if name := filepath.Base(filepath.Dir(p)); name != "all" && name != "default" {
+				read(p)
+			}
+		}
+	}
+	return out
+}
+
+// Restore writes back each value that differs now; interfaces gone since are skipped.
+func (s Sysctls) Restore() error {
+	var errs []error
+	for _, c := range s {
+		b, err := os.ReadFile(c.Path)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err == nil && strings.TrimSpace(string(b)) == c.Value {
+			continue
+		}
+		if err := os.WriteFile(c.Path, []byte(c.Value+"\n"), 0o644); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Diff lists the sysctls of s whose value in now differs ("" if none); sysctls of
+// interfaces that exist in only one of them are not compared.
+func (s Sysctls) Diff(now Sysctls) string {
+	m := map[string]string{}
+	for _, c := range now {
+		m[c.Path] = c.Value
+	}
+	var d []string
+	for _, c := range s {
+		if v, ok := m[c.Path]; ok && v != c.Value {
+			d = append(d, fmt.Sprintf("%s %s, was %s", strings.TrimPrefix(c.Path, "/proc/sys/"), v, c.Value))
+		}
+	}
+	return strings.Join(d, "; ")
 }
