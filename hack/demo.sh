@@ -4,7 +4,7 @@
 # of the host's containerd is touched) with caisson-snapshotter, a CNI bridge and an image
 # registry on 127.0.0.1; a demo image built and pushed there; a pod VM started through the
 # CRI with two containers; what the pod sees (guest kernel, rootfs devices, DAX); and
-# everything removed. The walkthrough is integration-tests/cri_demo_test.go (TestDemo),
+# everything removed, the host's IP forwarding sysctls put back as they were. The walkthrough is integration-tests/cri_demo_test.go (TestDemo),
 # driven through containerd's CRI with k8s.io/cri-api as the kubelet does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,26 @@ for f in bin/containerd-shim-caisson-v2 bin/caisson-snapshotter bin/caisson _out
 	[[ -e $f ]] || { echo "missing $f: run \`make quickstart\` (or \`make deps binaries guest\`)" >&2; exit 1; }
 done
 
+# The CNI bridge turns the host's IP forwarding on. The demo's harness puts it back when
+# the demo ends (TestDemoLeavesHostForwarding checks that); this trap also covers a demo
+# interrupted before its cleanup ran. Globals first: writing them resets each interface's.
+declare -A forwarding=()
+saved_forwarding=()
+for f in /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv{4,6}/conf/{all,default}/forwarding /proc/sys/net/ipv{4,6}/conf/*/forwarding; do
+	[[ -e $f && -z ${forwarding[$f]:-} ]] || continue
+	forwarding[$f]=$(<"$f")
+	saved_forwarding+=("$f")
+done
+restore_forwarding() {
+	local f
+	for f in "${saved_forwarding[@]}"; do
+		if [[ -e $f && $(<"$f") != "${forwarding[$f]}" ]]; then
+			echo "${forwarding[$f]}" >"$f" || true
+		fi
+	done
+}
+trap restore_forwarding EXIT
+
 step "caisson check: what this host offers"
 bin/caisson check
 
@@ -27,7 +47,7 @@ mkdir -p _output
 go test -c -o _output/demo.test ./integration-tests/
 
 set +e
-CAISSON_DEMO=1 _output/demo.test -test.run '^TestDemo$' -test.v -test.count=1 -test.timeout 15m | tee _output/demo.log |
+_output/demo.test -test.run '^TestDemo$' -test.v -test.count=1 -test.timeout 15m | tee _output/demo.log |
 	grep --line-buffered -vE '^(=== RUN|--- PASS|PASS$)'
 rc=${PIPESTATUS[0]}
 set -e
