@@ -157,6 +157,25 @@ func Setup(path string) (_ *Network, retErr error) {
 	return n, nil
 }
 
+// Veths are the names of the veths in the network namespace at path: the links Setup
+// connects to taps.
+func Veths(path string) ([]string, error) {
+	var names []string
+	err := inNetNS(path, func(h *netlink.Handle) error {
+		links, err := h.LinkList()
+		if err != nil {
+			return fmt.Errorf("list links: %w", err)
+		}
+		for _, l := range links {
+			if l.Type() == "veth" {
+				names = append(names, l.Attrs().Name)
+			}
+		}
+		return nil
+	})
+	return names, err
+}
+
 // connect creates the idx-th tap beside veth l and redirects each to the other.
 func connect(h *netlink.Handle, l netlink.Link, idx int) (_ Interface, retErr error) {
 	a := l.Attrs()

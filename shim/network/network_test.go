@@ -107,6 +107,9 @@ func must(t *testing.T, err error) {
 // host peer; Close removes the redirections, and the tap goes with its descriptor.
 func TestSetupConnectsVethAndTap(t *testing.T) {
 	path, host, mac := podNetNS(t)
+	if v, err := Veths(path); err != nil || len(v) != 1 || v[0] != "eth0" {
+		t.Fatalf("Veths = %v, %v; want [eth0]", v, err)
+	}
 	n, err := Setup(path)
 	if err != nil {
 		t.Fatal(err)

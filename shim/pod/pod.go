@@ -345,6 +345,26 @@ func (p *Pod) Err() error { return p.vm.Wait() }
 // Pid is QEMU's pid.
 func (p *Pod) Pid() int { return p.vm.Pid() }
 
+// NetNS is the host network namespace the pod's NICs come from ("" if it has none).
+func (p *Pod) NetNS() string {
+	if p.net == nil {
+		return ""
+	}
+	return p.net.NetNS
+}
+
+// Interfaces are the names of the veths, in NetNS, connected to the pod's NICs.
+func (p *Pod) Interfaces() []string {
+	if p.net == nil {
+		return nil
+	}
+	var names []string
+	for _, i := range p.net.Interfaces {
+		names = append(names, i.Name)
+	}
+	return names
+}
+
 // ConsoleLog is the guest console's log file.
 func (p *Pod) ConsoleLog() string { return filepath.Join(p.stateDir, "console.log") }
 
