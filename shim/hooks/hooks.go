@@ -102,6 +102,17 @@ func Validate(h *specs.Hooks) error {
 // (errdefs.ErrFailedPrecondition), with the end of what the hook wrote to stderr and
 // stdout. A canceled ctx kills the running hook.
 func Run(ctx context.Context, k Kind, hooks []specs.Hook, state specs.State) error {
+	return run(ctx, k, hooks, state, false)
+}
+
+// RunAll runs every hook of kind k, also those after one that fails, and returns the
+// failures joined: the runtime spec's rule for poststop hooks, which clean up and must
+// not stop each other.
+func RunAll(ctx context.Context, k Kind, hooks []specs.Hook, state specs.State) error {
+	return run(ctx, k, hooks, state, true)
+}
+
+func run(ctx context.Context, k Kind, hooks []specs.Hook, state specs.State, all bool) error {
 	if len(hooks) == 0 {
 		return nil
 	}
@@ -109,14 +120,19 @@ func Run(ctx context.Context, k Kind, hooks []specs.Hook, state specs.State) err
 	if err != nil {
 		return fmt.Errorf("encode the state for %s hooks: %w", k, err)
 	}
+	var errs []error
 	for i, h := range hooks {
 		start := time.Now()
 		if err := runOne(ctx, h, stdin); err != nil {
-			return fmt.Errorf("%s hook #%d (%s): %w", k, i, h.Path, err)
+			errs = append(errs, fmt.Errorf("%s hook #%d (%s): %w", k, i, h.Path, err))
+			if !all {
+				break
+			}
+			continue
 		}
 		log.G(ctx).WithFields(log.Fields{"hook": k, "path": h.Path, "took": time.Since(start)}).Debug("hook ran")
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // outputLimit is how much of a hook's stdout and of its stderr an error quotes (the end).

@@ -141,3 +141,18 @@ func TestValidate(t *testing.T) {
 		}
 	}
 }
+
+// RunAll goes on after a failure and reports every one.
+func TestRunAll(t *testing.T) {
+	dir := t.TempDir()
+	fail := script(t, dir, "fail", "exit 1\n")
+	ok := script(t, dir, "ok", "touch \"$1\"\n")
+	ran := filepath.Join(dir, "ran")
+	err := RunAll(context.Background(), Poststop, []specs.Hook{{Path: fail}, {Path: ok, Args: []string{"ok", ran}}, {Path: fail}}, specs.State{})
+	if err == nil || !strings.Contains(err.Error(), "poststop hook #0") || !strings.Contains(err.Error(), "poststop hook #2") {
+		t.Fatalf("RunAll = %v, want the failures of hooks #0 and #2", err)
+	}
+	if _, err := os.Stat(ran); err != nil {
+		t.Fatalf("the hook after a failed one did not run: %v", err)
+	}
+}

@@ -15,6 +15,8 @@ type container struct {
 	init   *process
 	// releaseRootfs detaches the container's rootfs devices (shared layers stay while used).
 	releaseRootfs func(context.Context) error
+	// hooks are the OCI hooks the shim runs on the host for it (hooks.go).
+	hooks *containerHooks
 
 	mu    sync.Mutex
 	execs map[string]*process

@@ -21,6 +21,7 @@ import (
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/hooks"
 	"github.com/caisson-containers/caisson/shim/pod"
 	"github.com/caisson-containers/caisson/shim/rootfs"
 	"github.com/caisson-containers/caisson/shim/stdio"
@@ -51,6 +52,13 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
+	netns, err := podNetNS(spec)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
+	}
+	if err := hooks.Validate(spec.Hooks); err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
+	}
 	mounts := make([]mount.Mount, len(r.Rootfs))
 	for i, m := range r.Rootfs {
 		mounts[i] = mount.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options}
@@ -74,13 +82,32 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		return nil, errgrpc.ToGRPCf(errdefs.ErrInvalidArgument,
 			"container %s: its copied bind mounts and spec take %d bytes, over the %d a request into the VM can carry", r.ID, n, maxCreateRequest)
 	}
-	netns, err := podNetNS(spec)
-	if err != nil {
-		return nil, errgrpc.ToGRPC(err)
-	}
 	dns, hosts, err := podNameResolution(spec)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
+	}
+
+	// On error, once hooks may have run: the poststop hooks undo what the others set up
+	// (runc does the same), then the pod goes if this was to be its only container. This
+	// runs after the later steps' own undoing.
+	ch := newContainerHooks(r.ID, r.Bundle, spec)
+	withHooks := hooks.Any(spec.Hooks)
+	defer func() {
+		if retErr == nil {
+			return
+		}
+		ctx := context.WithoutCancel(ctx)
+		if withHooks {
+			ch.poststop(ctx, s.hookPid())
+		}
+		if s.containerCount() == 0 {
+			s.stopPod(ctx)
+		}
+	}()
+	if withHooks {
+		if netns, err = s.createHooks(ctx, ch, netns); err != nil {
+			return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
+		}
 	}
 	pd, err := s.ensurePod(ctx, r.ID, pod.Options{
 		ID: podID(r.ID, spec), Hostname: hostname(r.ID, spec), NetNS: netns, DNS: dns, Hosts: hosts,
@@ -89,11 +116,6 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	defer func() {
-		if retErr != nil && s.containerCount() == 0 {
-			s.stopPod(context.WithoutCancel(ctx))
-		}
-	}()
 
 	rfs, release, err := pd.AttachRootfs(ctx, plan)
 	if err != nil {
@@ -132,7 +154,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		return nil, errgrpc.ToGRPC(fmt.Errorf("attach stdio: %w", err))
 	}
 
-	c := &container{id: r.ID, bundle: r.Bundle, init: p, releaseRootfs: release, execs: map[string]*process{}}
+	c := &container{id: r.ID, bundle: r.Bundle, init: p, releaseRootfs: release, hooks: ch, execs: map[string]*process{}}
 	s.mu.Lock()
 	s.containers[r.ID] = c
 	s.mu.Unlock()
@@ -142,6 +164,31 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		IO: &eventstypes.TaskIO{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal},
 	})
 	return &taskAPI.CreateTaskResponse{Pid: p.pid}, nil
+}
+
+// createHooks runs the container's prestart, createRuntime and createContainer hooks
+// (hooks.go) and returns the network namespace the pod's NICs are to come from: for the
+// pod's first container whose spec asks for a new one (specNetNS ""), the one the hooks
+// filled; else specNetNS. A container that joins a running VM fails if its hooks added
+// interfaces the VM cannot take.
+func (s *service) createHooks(ctx context.Context, ch *containerHooks, specNetNS string) (string, error) {
+	ns, err := s.hookNetNS(specNetNS)
+	if err != nil {
+		return "", err
+	}
+	pd := s.currentPod()
+	for _, k := range []hooks.Kind{hooks.Prestart, hooks.CreateRuntime, hooks.CreateContainer} {
+		if err := ch.run(ctx, k, specs.StateCreating, ns.Pid()); err != nil {
+			return "", err
+		}
+	}
+	if pd != nil {
+		return specNetNS, checkUnwired(pd, ns)
+	}
+	if specNetNS == "" {
+		return ns.Path(), nil
+	}
+	return specNetNS, nil
 }
 
 // podConfig is the runtime configuration for the pod the container starts:
@@ -188,7 +235,7 @@ func (s *service) containerCount() int {
 
 // Start starts a created container's init process or an exec.
 func (s *service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.StartResponse, error) {
-	_, p, err := s.process(r.ID, r.ExecID)
+	c, p, err := s.process(r.ID, r.ExecID)
 	if err != nil {
 		return nil, err
 	}
@@ -201,6 +248,9 @@ func (s *service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	}
 	var pid uint32
 	if r.ExecID == "" {
+		if err := c.hooks.run(ctx, hooks.StartContainer, specs.StateCreated, s.hookPid()); err != nil {
+			return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
+		}
 		started := time.Now()
 		resp, err := pd.Containers.Start(ctx, &agent.StartContainerRequest{ContainerId: r.ID})
 		if err != nil {
@@ -220,6 +270,14 @@ func (s *service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	p.mu.Unlock()
 	p.setStatus(task.Status_RUNNING)
 	if r.ExecID == "" {
+		// The agent keeps an exit until it is waited for, so watchExit, started after the
+		// hooks, still sees one that happens while they run, and reports it after TaskStart.
+		if err := c.hooks.run(ctx, hooks.Poststart, specs.StateRunning, s.hookPid()); err != nil {
+			// As runc: a failed poststart hook fails the start and kills the container.
+			pd.Containers.Signal(context.WithoutCancel(ctx), &agent.SignalRequest{ContainerId: r.ID, Signal: 9, All: true})
+			go s.watchExit(pd, p)
+			return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
+		}
 		s.send(&eventstypes.TaskStart{ContainerID: r.ID, Pid: pid})
 	} else {
 		s.send(&eventstypes.TaskExecStarted{ContainerID: r.ID, ExecID: r.ExecID, Pid: pid})
@@ -260,6 +318,9 @@ func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 				errs = append(errs, agentErr("delete container in the guest", err))
 			}
 		}
+		// After the container is gone from the guest, as runc runs them after its process
+		// has exited; the pod's network namespace is still there for them.
+		c.hooks.poststop(ctx, s.hookPid())
 		s.copyWatcher().remove(r.ID)
 		for _, e := range c.all() {
 			e.closeIO()

@@ -30,6 +30,7 @@ import (
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/netns"
 	"github.com/caisson-containers/caisson/shim/pod"
 )
 
@@ -72,6 +73,10 @@ type service struct {
 	pod    *pod.Pod
 	cfg    config.Config
 	copies *copyWatcher // of the pod's copied mounts
+	// hookNS holds the network namespace whose pid the pod's OCI hooks get (hooks.go),
+	// once a container has hooks; for a pod whose first container asked for a network
+	// namespace of its own, the one its NICs come from.
+	hookNS *netns.NS
 }
 
 func (s *service) RegisterTTRPC(server *ttrpc.Server) error {
@@ -139,11 +144,12 @@ func (s *service) copyWatcher() *copyWatcher {
 	return s.copies
 }
 
-// stopPod stops the VM if there is one.
+// stopPod stops the VM if there is one, then ends the hooks' network namespace holder
+// (after the VM, whose network is torn down in that namespace).
 func (s *service) stopPod(ctx context.Context) {
 	s.podMu.Lock()
-	p, copies := s.pod, s.copies
-	s.pod, s.copies = nil, nil
+	p, copies, ns := s.pod, s.copies, s.hookNS
+	s.pod, s.copies, s.hookNS = nil, nil, nil
 	s.podMu.Unlock()
 	if copies != nil {
 		copies.close()
@@ -151,6 +157,11 @@ func (s *service) stopPod(ctx context.Context) {
 	if p != nil {
 		if err := p.Stop(ctx); err != nil {
 			log.G(ctx).WithError(err).Warn("stopping pod VM")
+		}
+	}
+	if ns != nil {
+		if err := ns.Close(); err != nil {
+			log.G(ctx).WithError(err).Warn("ending the network namespace holder")
 		}
 	}
 }

@@ -48,7 +48,8 @@ func readSpec(bundle string) (*specs.Spec, error) {
 // dropped; other host bind mounts are copied (see copyTree; at most limit bytes
 // each) and returned as the CopiedMounts that the agent makes their sources,
 // with what the copy watcher needs of them, and what cannot be copied is
-// refused; namespace paths and hooks, which name host objects, are dropped.
+// refused; namespace paths, which name host objects, are dropped, and so are the hooks,
+// which the shim runs on the host (hooks.go).
 func guestSpec(s *specs.Spec, limit int64) ([]byte, []*agent.CopiedMount, []copiedSource, error) {
 	g := *s
 	g.Root = &specs.Root{Path: "rootfs", Readonly: s.Root != nil && s.Root.Readonly}
@@ -156,23 +157,25 @@ func hostname(id string, s *specs.Spec) string {
 }
 
 // podNetNS is the host network namespace the pod's NICs come from: the one the spec
-// joins (CNI's, for a CRI pod), or none. A CRI pod on the host's network is refused:
-// a VM cannot share the host's network stack, and a pod that asks for it expects to
+// joins (CNI's, for a CRI pod), or "" for a spec that asks for a new one (the shim makes
+// it when hooks may fill it: hooks.go). A spec without a network namespace, which shares
+// the host's (a CRI pod with hostNetwork: true, `nerdctl run --net host`, `ctr run
+// --net-host`), is refused: a VM has its own network stack, and such a container expects to
 // bind the host's ports and see its interfaces.
 func podNetNS(s *specs.Spec) (string, error) {
-	if s.Linux == nil {
-		return "", nil
-	}
-	for _, ns := range s.Linux.Namespaces {
-		if ns.Type == specs.NetworkNamespace {
-			return ns.Path, nil
+	if s.Linux != nil {
+		for _, ns := range s.Linux.Namespaces {
+			if ns.Type == specs.NetworkNamespace {
+				return ns.Path, nil
+			}
 		}
 	}
 	if s.Annotations[annotationContainerType] == containerTypeSandbox {
 		return "", fmt.Errorf("host-network pods (hostNetwork: true) cannot run in a Caisson VM, which has its own network stack; use another runtime class for them: %w",
 			errdefs.ErrInvalidArgument)
 	}
-	return "", nil
+	return "", fmt.Errorf("the spec shares the host's network namespace (--net host), but a Caisson container runs in a VM, which cannot share the host's network namespace: give it a network namespace of its own (nerdctl's default bridge network, or --net none), or use another runtime for it: %w",
+		errdefs.ErrInvalidArgument)
 }
 
 // podNameResolution reads the resolv.conf and hosts files the spec bind-mounts from the
