@@ -42,6 +42,9 @@ func (s *Snapshotter) WriteLayer(ctx context.Context, mounts []mount.Mount, sync
 		return fmt.Errorf("layer_filesystem %q: only EROFS layers are written from a tar: %w", s.builder.FS, errdefs.ErrNotImplemented)
 	}
 	id, ok := s.activeID(mounts)
+	if s.cfg.HostMounts {
+		id, ok = s.hostActiveID(mounts)
+	}
 	if !ok {
 		return fmt.Errorf("not the mounts of an active caisson snapshot under %s: %w", s.root, errdefs.ErrNotImplemented)
 	}
@@ -71,11 +74,19 @@ func (s *Snapshotter) WriteLayer(ctx context.Context, mounts []mount.Mount, sync
 	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("key", key).WithField("id", id))
 
-	switch _, err := os.Lstat(s.writablePath(id)); {
-	case err == nil:
-		return fmt.Errorf("snapshot %q was activated (its writable image exists): %w", key, errdefs.ErrNotImplemented)
-	case !errors.Is(err, os.ErrNotExist):
-		return err
+	if s.cfg.HostMounts {
+		if empty, err := s.upperEmpty(id); err != nil {
+			return err
+		} else if !empty {
+			return fmt.Errorf("snapshot %q was written to (its upper directory is not empty): %w", key, errdefs.ErrNotImplemented)
+		}
+	} else {
+		switch _, err := os.Lstat(s.writablePath(id)); {
+		case err == nil:
+			return fmt.Errorf("snapshot %q was activated (its writable image exists): %w", key, errdefs.ErrNotImplemented)
+		case !errors.Is(err, os.ErrNotExist):
+			return err
+		}
 	}
 	dst := s.layerPath(id)
 	switch _, err := os.Lstat(dst); {
@@ -125,6 +136,14 @@ func (s *Snapshotter) WriteLayer(ctx context.Context, mounts []mount.Mount, sync
 		os.Remove(filepath.Join(dir, appliedName))
 		return fmt.Errorf("rename layer image: %w", err)
 	}
+	if s.cfg.HostMounts {
+		// The snapshot's mounts now show the layer (see mounts): mount it.
+		if err := s.mountLayer(id); err != nil {
+			os.Remove(filepath.Join(dir, appliedName))
+			os.Remove(dst)
+			return err
+		}
+	}
 	if sync {
 		if err := layer.SyncDir(dir); err != nil {
 			return err
@@ -142,6 +161,12 @@ func (s *Snapshotter) Owns(mounts []mount.Mount) bool {
 		src := filepath.Clean(m.Source)
 		if strings.HasPrefix(src, snaps) || src == filepath.Join(s.root, "empty") {
 			return true
+		}
+		// Host mounts: an overlay over this snapshotter's directories.
+		for _, o := range m.Options {
+			if _, dirs, ok := strings.Cut(o, "dir="); ok && strings.HasPrefix(dirs, snaps) {
+				return true
+			}
 		}
 	}
 	return false

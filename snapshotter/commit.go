@@ -76,10 +76,22 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	if err != nil {
 		return err
 	}
+	if s.cfg.HostMounts {
+		// Children's mounts name the layer's directory: mount it before anyone
+		// can see the commit.
+		if err := s.mountLayer(id); err != nil {
+			return fmt.Errorf("commit %q: %w", key, err)
+		}
+	}
 	if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		_, err := storage.CommitActive(ctx, key, name, usage, opts...)
 		return err
 	}); err != nil {
+		if s.cfg.HostMounts {
+			if uerr := unmountLayer(s.snapshotDir(id)); uerr != nil {
+				log.G(ctx).WithError(uerr).Warn("failed to unmount the layer of a failed commit")
+			}
+		}
 		// Still active (or gone): the layer image is not referenced by a
 		// committed snapshot; keep the writable image, drop a built layer (an
 		// applied one stays, for a retried Commit).
@@ -92,8 +104,9 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	}
 	// The staging space is freed now; a crash before this leaves a writable
 	// image beside a committed layer, which Cleanup removes.
-	for _, p := range []string{s.writablePath(id), filepath.Join(s.snapshotDir(id), appliedName)} {
-		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+	for _, p := range []string{s.writablePath(id), filepath.Join(s.snapshotDir(id), appliedName),
+		s.upperPath(id), filepath.Join(s.snapshotDir(id), workName)} {
+		if err := os.RemoveAll(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 			log.G(ctx).WithError(err).WithField("path", p).Warn("failed to remove a file of the committed snapshot")
 		}
 	}
@@ -104,6 +117,11 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 // buildLayer builds dst from the /upper directory of id's writable image, or an
 // empty layer if the image was never created. The caller holds lockID(id).
 func (s *Snapshotter) buildLayer(ctx context.Context, id, dst string) (retErr error) {
+	if s.cfg.HostMounts {
+		// The writes are in the host upper directory. (A Caisson container's are
+		// not: the shim gives the VM an image of its own, docs/mounts.md.)
+		return s.builder.Build(ctx, s.upperPath(id), dst)
+	}
 	rw := s.writablePath(id)
 	mnt := filepath.Join(s.root, "mnt", id)
 

@@ -36,7 +36,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	defer release()
 	defer func() {
 		if td != "" {
-			if err := os.Remove(td); err != nil {
+			if err := os.RemoveAll(td); err != nil {
 				log.G(ctx).WithError(err).WithField("path", td).Warn("failed to remove temporary snapshot directory")
 			}
 		}
@@ -58,6 +58,11 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		if kind == snapshots.KindActive {
 			// A bad size label fails Prepare, not the first activation.
 			if _, err := s.writableSize(info); err != nil {
+				return err
+			}
+		}
+		if kind == snapshots.KindActive && s.cfg.HostMounts {
+			if err := makeUpper(td); err != nil {
 				return err
 			}
 		}

@@ -32,6 +32,9 @@ func (s *Snapshotter) layerMount(l layerRef) mount.Mount {
 // mounts builds the mount list of docs/mounts.md for snap.
 func (s *Snapshotter) mounts(snap storage.Snapshot, info snapshots.Info, lowers []layerRef) ([]mount.Mount, error) {
 	if snap.Kind == snapshots.KindView {
+		if s.cfg.HostMounts {
+			return s.hostMounts(snap.ID, lowers, false), nil
+		}
 		return s.viewMounts(lowers), nil
 	}
 	if snap.Kind != snapshots.KindActive {
@@ -46,7 +49,14 @@ func (s *Snapshotter) mounts(snap storage.Snapshot, info snapshots.Info, lowers 
 		return nil, err
 	}
 	if applied {
-		return s.viewMounts(append([]layerRef{{id: snap.ID, path: s.layerPath(snap.ID)}}, lowers...)), nil
+		withApplied := append([]layerRef{{id: snap.ID, path: s.layerPath(snap.ID)}}, lowers...)
+		if s.cfg.HostMounts {
+			return s.hostMounts(snap.ID, withApplied, false), nil
+		}
+		return s.viewMounts(withApplied), nil
+	}
+	if s.cfg.HostMounts {
+		return s.hostMounts(snap.ID, lowers, true), nil
 	}
 	size, err := s.writableSize(info)
 	if err != nil {

@@ -27,8 +27,11 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		return fmt.Errorf("remove snapshot %q: %w", key, err)
 	}
 	// The metadata is gone, so the snapshot is; a failure to delete its files
-	// only leaves an orphan for Cleanup.
-	if err := os.RemoveAll(s.snapshotDir(id)); err != nil {
+	// only leaves an orphan for Cleanup. A host-mounted layer is unmounted
+	// first, or RemoveAll would descend into it.
+	if err := unmountLayer(s.snapshotDir(id)); err != nil {
+		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to unmount the snapshot's layer; Cleanup will retry")
+	} else if err := os.RemoveAll(s.snapshotDir(id)); err != nil {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to remove snapshot directory; Cleanup will retry")
 	}
 	return nil
@@ -91,7 +94,9 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 				continue
 			}
 			log.G(ctx).WithField("path", dir).Info("removing orphaned snapshot directory")
-			if err := os.RemoveAll(dir); err != nil {
+			if err := unmountLayer(dir); err != nil {
+				errs = append(errs, err)
+			} else if err := os.RemoveAll(dir); err != nil {
 				errs = append(errs, err)
 			}
 			continue
@@ -117,12 +122,12 @@ func (s *Snapshotter) cleanupSnapshotDir(ctx context.Context, id, dir string, co
 	for _, f := range files {
 		p := filepath.Join(dir, f.Name())
 		orphan := strings.HasSuffix(f.Name(), layer.TempSuffix) ||
-			(committed && (f.Name() == writableName || f.Name() == appliedName))
+			(committed && (f.Name() == writableName || f.Name() == appliedName || f.Name() == upperName || f.Name() == workName))
 		if !orphan {
 			continue
 		}
 		log.G(ctx).WithField("path", p).Info("removing leftover of an interrupted commit")
-		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+		if err := os.RemoveAll(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}
 	}

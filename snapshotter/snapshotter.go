@@ -17,6 +17,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/continuity/fs"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
@@ -106,13 +107,24 @@ func New(ctx context.Context, cfg config.Resolved) (*Snapshotter, error) {
 		busy:  map[string]int{},
 		locks: map[string]*idLock{},
 	}
-	log.G(ctx).WithField("root", cfg.Root).WithField("layer_fs", cfg.LayerFilesystem).Debug("caisson snapshotter opened")
+	if cfg.HostMounts {
+		if err := s.mountCommitted(ctx); err != nil {
+			ms.Close()
+			return nil, fmt.Errorf("mount committed layers (mount_mode host): %w", err)
+		}
+	}
+	log.G(ctx).WithField("root", cfg.Root).WithField("layer_fs", cfg.LayerFilesystem).WithField("host_mounts", cfg.HostMounts).Debug("caisson snapshotter opened")
 	return s, nil
 }
 
-// Close releases the metadata store.
+// Close releases the metadata store and, with host mounts, unmounts the
+// layers no mount uses (New mounts them again).
 func (s *Snapshotter) Close() error {
-	return s.ms.Close()
+	var errs []error
+	if s.cfg.HostMounts {
+		errs = append(errs, s.unmountLayers())
+	}
+	return errors.Join(append(errs, s.ms.Close())...)
 }
 
 func (s *Snapshotter) snapshotDir(id string) string {
@@ -207,8 +219,16 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 	if info.Kind != snapshots.KindActive {
 		return usage, nil
 	}
-	// The writable image and a layer written from a tar (WriteLayer).
+	// The writable image (or the upper directory) and a layer written from a
+	// tar (WriteLayer).
 	var total snapshots.Usage
+	if s.cfg.HostMounts {
+		du, err := fs.DiskUsage(ctx, s.upperPath(id))
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return snapshots.Usage{}, err
+		}
+		total = snapshots.Usage(du)
+	}
 	for _, p := range []string{s.writablePath(id), s.layerPath(id)} {
 		u, err := fileUsage(p)
 		if errors.Is(err, os.ErrNotExist) {

@@ -27,12 +27,28 @@ const (
 	LayerExt4 = "ext4"
 )
 
+// Mount modes: what the snapshotter's mounts ask of whoever activates them on the host
+// (docs/mounts.md).
+const (
+	// MountsTemplate returns containerd 2.2's mount lists (mkfs/ext4, erofs images,
+	// format/mkdir/overlay templates): nothing is mounted on the host but by
+	// containerd's mount manager, and only for containerd's own use. Needs
+	// containerd ≥ 2.2.
+	MountsTemplate = "template"
+	// MountsHost keeps every committed layer loop-mounted on the host and returns
+	// plain overlay and bind mounts over those directories and a host upper
+	// directory: what containerd 1.7–2.1, which mount a container's rootfs on the
+	// host themselves (to read its /etc/passwd and /etc/group), can mount.
+	MountsHost = "host"
+)
+
 // Defaults, as documented on the fields of Config.
 const (
 	DefaultRoot          = "/var/lib/containerd/io.containerd.snapshotter.v1.caisson"
 	DefaultWritableSize  = "10GiB"
 	DefaultDAXAlignment  = "2MiB"
 	DefaultLayerFS       = LayerEROFS
+	DefaultMountMode     = MountsTemplate
 	minimumWritableBytes = 16 << 20
 )
 
@@ -64,6 +80,9 @@ type Config struct {
 	// one the shim allows: index=, redirect_dir=, metacopy=, volatile, userxattr.
 	// Default none.
 	OverlayOptions []string `toml:"overlay_options"`
+	// MountMode is "template" (default; containerd 2.2 and later) or "host"
+	// (containerd 1.7 to 2.1): see MountsTemplate and MountsHost.
+	MountMode string `toml:"mount_mode"`
 }
 
 // Resolved is a validated Config with sizes in bytes.
@@ -74,6 +93,8 @@ type Resolved struct {
 	DAXAlignment        int64
 	MkfsOptions         []string
 	OverlayOptions      []string
+	// HostMounts is mount_mode "host".
+	HostMounts bool
 }
 
 // Default returns the configuration with every default filled in.
@@ -83,6 +104,7 @@ func Default() Config {
 		DefaultWritableSize: DefaultWritableSize,
 		LayerFilesystem:     DefaultLayerFS,
 		DAXAlignment:        DefaultDAXAlignment,
+		MountMode:           DefaultMountMode,
 	}
 }
 
@@ -123,6 +145,9 @@ func (c Config) Resolve() (Resolved, error) {
 	if c.DAXAlignment == "" {
 		c.DAXAlignment = d.DAXAlignment
 	}
+	if c.MountMode == "" {
+		c.MountMode = d.MountMode
+	}
 	r := Resolved{
 		LayerFilesystem: c.LayerFilesystem,
 		MkfsOptions:     c.MkfsOptions,
@@ -146,6 +171,15 @@ func (c Config) Resolve() (Resolved, error) {
 	case LayerEROFS, LayerExt4:
 	default:
 		return Resolved{}, fmt.Errorf("layer_filesystem %q: must be %q or %q: %w", c.LayerFilesystem, LayerEROFS, LayerExt4, errdefs.ErrInvalidArgument)
+	}
+
+	switch c.MountMode {
+	case MountsTemplate:
+	case MountsHost:
+		r.HostMounts = true
+	default:
+		return Resolved{}, fmt.Errorf("mount_mode %q: must be %q (containerd 2.2 and later) or %q (containerd 1.7 to 2.1): %w",
+			c.MountMode, MountsTemplate, MountsHost, errdefs.ErrInvalidArgument)
 	}
 
 	align, err := units.RAMInBytes(c.DAXAlignment)

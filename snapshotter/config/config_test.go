@@ -28,10 +28,13 @@ default_writable_size = "512MiB"
 layer_filesystem = "ext4"
 dax_alignment = "0"
 mkfs_options = ["-T0"]
-overlay_options = ["redirect_dir=on", "index=off", "volatile"]`,
+overlay_options = ["redirect_dir=on", "index=off", "volatile"]
+mount_mode = "host"`,
 			want: Resolved{Root: "/srv/snap", DefaultWritableSize: 512 << 20, LayerFilesystem: "ext4",
-				MkfsOptions: []string{"-T0"}, OverlayOptions: []string{"redirect_dir=on", "index=off", "volatile"}},
+				MkfsOptions: []string{"-T0"}, OverlayOptions: []string{"redirect_dir=on", "index=off", "volatile"}, HostMounts: true},
 		},
+		{name: "template mounts", toml: `mount_mode = "template"`, want: Resolved{Root: DefaultRoot, DefaultWritableSize: 10 << 30, LayerFilesystem: "erofs", DAXAlignment: 2 << 20}},
+		{name: "bad mount mode", toml: `mount_mode = "fuse"`, wantErr: `mount_mode "fuse": must be "template" (containerd 2.2 and later) or "host"`},
 		{name: "unknown key", toml: "root = \"/x\"\nwritable_size = \"1GiB\"\n[extra]\nkey = 1", wantErr: `unknown configuration key "writable_size" (line 2, column 1), "extra"`},
 		{name: "bad size", toml: `default_writable_size = "lots"`, wantErr: `default_writable_size "lots"`},
 		{name: "small size", toml: `default_writable_size = "1MiB"`, wantErr: "16MiB minimum"},
@@ -58,7 +61,7 @@ overlay_options = ["redirect_dir=on", "index=off", "volatile"]`,
 			}
 			if r.Root != tc.want.Root || r.DefaultWritableSize != tc.want.DefaultWritableSize || r.LayerFilesystem != tc.want.LayerFilesystem ||
 				r.DAXAlignment != tc.want.DAXAlignment || strings.Join(r.MkfsOptions, ",") != strings.Join(tc.want.MkfsOptions, ",") ||
-				strings.Join(r.OverlayOptions, ",") != strings.Join(tc.want.OverlayOptions, ",") {
+				strings.Join(r.OverlayOptions, ",") != strings.Join(tc.want.OverlayOptions, ",") || r.HostMounts != tc.want.HostMounts {
 				t.Fatalf("got %+v, want %+v", r, tc.want)
 			}
 		})
