@@ -76,13 +76,20 @@ func invalid(format string, args ...any) error {
 	return fmt.Errorf(format+": %w", append(args, errdefs.ErrInvalidArgument)...)
 }
 
-// Parse plans the rootfs of mounts. Every mount but the last must be a device
+// Parse plans the rootfs of mounts. Host mounts of the snapshotter (mount_mode
+// "host") are first rewritten into the template mounts of the same snapshot
+// (fromHostMounts). Every mount but the last must be a device
 // (erofs, ext4, mkfs/ext4); the last may also be the overlay or bind that
 // assembles them (format/[mkdir/]overlay, format/[mkdir/]bind). A lone device
 // mount is the rootfs itself.
 func Parse(mounts []mount.Mount) (*Plan, error) {
 	if len(mounts) == 0 {
 		return nil, invalid("no rootfs mounts")
+	}
+	if tm, ok, err := fromHostMounts(mounts); err != nil {
+		return nil, err
+	} else if ok {
+		mounts = tm
 	}
 	p := &Plan{}
 	for i, m := range mounts {
