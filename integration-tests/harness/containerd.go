@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -45,6 +46,8 @@ type Env struct {
 	ConfigPath string
 	// Containerd is the containerd running.
 	Containerd *Containerd
+	// hostMounts: the snapshotter runs with mount_mode "host" (containerd < 2.2).
+	hostMounts bool
 }
 
 // Ctr runs this containerd's own ctr against it, in the test namespace, and returns
@@ -170,8 +173,23 @@ func Start(t testing.TB, o Options) *Env {
 	snapRoot := filepath.Join(ctrRoot, "io.containerd.snapshotter.v1.caisson")
 	snapSock := filepath.Join(dir, "snapshotter.sock")
 	snapCfg := filepath.Join(dir, "snapshotter.toml")
-	if err := os.WriteFile(snapCfg, []byte(fmt.Sprintf("root = %q\n", snapRoot)), 0o644); err != nil {
+	snapToml := fmt.Sprintf("root = %q\n", snapRoot)
+	if o.Containerd.Older(2, 2) {
+		// containerd 1.7–2.1 mount rootfs mounts on the host themselves (docs/mounts.md).
+		snapToml += "mount_mode = \"host\"\n"
+	}
+	if err := os.WriteFile(snapCfg, []byte(snapToml), 0o644); err != nil {
 		t.Fatal(err)
+	}
+	if o.Containerd.Older(2, 2) {
+		e.hostMounts = true
+		// Registered before the daemon, so it runs after the daemon stopped: the
+		// layer mounts it held while it ran must be gone.
+		t.Cleanup(func() {
+			for _, l := range leftovers(false, snapRoot) {
+				t.Errorf("left by caisson-snapshotter (mount_mode host) after it stopped: %s", l)
+			}
+		})
 	}
 	snap := startDaemon(t, "caisson-snapshotter", filepath.Join(dir, "snapshotter.log"), nil,
 		filepath.Join(bin, "caisson-snapshotter"), "--root", snapRoot, "--address", snapSock, "--config", snapCfg,
@@ -239,7 +257,7 @@ func Start(t testing.TB, o Options) *Env {
 	}
 	e.Client = client
 	t.Cleanup(func() { client.Close() })
-	t.Cleanup(func() { checkLeftovers(t, dir, stateDir) })
+	t.Cleanup(func() { checkLeftovers(t, e.hostMounts, dir, stateDir) })
 	return e
 }
 
@@ -342,11 +360,11 @@ const LeftoverGrace = 20 * time.Second
 
 // checkLeftovers fails the test if a QEMU process, a mount or a loop device that
 // belongs to this environment survived it.
-func checkLeftovers(t testing.TB, dirs ...string) {
+func checkLeftovers(t testing.TB, hostMounts bool, dirs ...string) {
 	t.Helper()
 	deadline := time.Now().Add(LeftoverGrace)
 	for {
-		left := leftovers(dirs...)
+		left := leftovers(hostMounts, dirs...)
 		if len(left) == 0 {
 			return
 		}
@@ -358,7 +376,13 @@ func checkLeftovers(t testing.TB, dirs ...string) {
 	}
 }
 
-func leftovers(dirs ...string) []string {
+// layerMount matches the mountinfo and losetup lines of a layer that caisson-snapshotter
+// keeps mounted with mount_mode "host".
+var layerMount = regexp.MustCompile(`/snapshots/[0-9]+/(fs |layer\.(erofs|ext4)\))`)
+
+// leftovers lists what of dirs is still running or mounted; with hostMounts, the
+// snapshotter's layer mounts are not counted (it holds them while it runs).
+func leftovers(hostMounts bool, dirs ...string) []string {
 	var left []string
 	entries, _ := os.ReadDir("/proc")
 	for _, en := range entries {
@@ -375,7 +399,7 @@ func leftovers(dirs ...string) []string {
 	mounts, _ := os.ReadFile("/proc/self/mountinfo")
 	for _, line := range strings.Split(string(mounts), "\n") {
 		for _, d := range dirs {
-			if strings.Contains(line, " "+d) {
+			if strings.Contains(line, " "+d) && !(hostMounts && layerMount.MatchString(line)) {
 				left = append(left, "mount: "+line)
 			}
 		}
@@ -383,7 +407,7 @@ func leftovers(dirs ...string) []string {
 	loops, _ := exec.Command("losetup", "-a").Output()
 	for _, line := range strings.Split(string(loops), "\n") {
 		for _, d := range dirs {
-			if d != "" && strings.Contains(line, d) {
+			if d != "" && strings.Contains(line, d) && !(hostMounts && layerMount.MatchString(line)) {
 				left = append(left, "loop device: "+line)
 			}
 		}

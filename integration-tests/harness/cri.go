@@ -271,7 +271,7 @@ func (c *CRI) Leftovers() []string {
 
 func (c *CRI) leftovers() []string {
 	// QEMU processes, mounts and loop devices, as the environment's own check finds them.
-	left := leftovers(c.Dir, c.StateDir)
+	left := leftovers(c.hostMounts, c.Dir, c.StateDir)
 	dirs, _ := os.ReadDir(c.StateDir)
 	for _, d := range dirs {
 		// The accelerator probes and the VM templates are caches that outlive pods.
