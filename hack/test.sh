@@ -21,6 +21,11 @@ if [[ $(id -u) != 0 ]] || ! command -v qemu-system-x86_64 >/dev/null; then
 fi
 step "building binaries and the guest image"
 make --no-print-directory binaries guest
+versions=$(grep -v '^#' integration-tests/containerd-versions.txt)
+step "building the containerd version matrix: $(echo $versions) (about 2 minutes each, once)"
+for v in $versions; do
+	hack/build-containerd.sh "$v" "$PWD/_output/tools/containerd/$v"
+done
 step "root and integration tests (QEMU under $(bin/caisson check 2>/dev/null | awk '/^verdict/ {for (i=1;i<=NF;i++) if ($i=="accelerator") print $(i+1)}' | tr -d ,))"
 # -p 1: the packages' QEMU guests would otherwise compete for 2 cores and time out.
 go test -count=1 -p 1 -timeout 45m -tags seccomp ./...
