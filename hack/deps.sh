@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes a fresh Debian 12 machine ready to build, test and run Caisson. Idempotent.
-# Changes nothing outside this checkout except Debian packages:
+# Changes nothing outside this checkout except Debian packages (and Go's module and build
+# caches):
 #   - apt packages Caisson needs, installed only if missing;
 #   - into TOOLS_DIR (default _output/tools, git-ignored): containerd, ctr and
 #     containerd-shim-runc-v2 at the version go.mod pins, and the CNI plugins.

@@ -3,7 +3,9 @@
 // Two transports sit behind one pair of interfaces:
 //   - serial: one virtio-serial port (QEMU exposes its host end as a unix socket)
 //     multiplexed with yamux, for hosts without /dev/vhost-vsock;
-//   - vsock: a vsock connection per stream, where the host has vhost-vsock.
+//   - vsock: a vsock connection per stream. No pod uses it yet (the shim's
+//     configuration refuses guest.transport = "vsock"), and no test drives it:
+//     these machines have no /dev/vhost-vsock.
 //
 // On either, the host side is a Session that opens connections and the guest
 // side a net.Listener that accepts them. Each connection starts with an

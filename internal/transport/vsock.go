@@ -10,9 +10,10 @@ import (
 	"github.com/mdlayher/vsock"
 )
 
-// The vsock transport is only used where the host has /dev/vhost-vsock. The
-// machines this project is built and tested on have none, so this file is not
-// exercised by the tests that boot a VM; its framing is the same as serial's.
+// The vsock transport needs /dev/vhost-vsock on the host. The machines this
+// project is built and tested on have none, so no pod uses it (the shim's
+// configuration refuses guest.transport = "vsock") and no test boots a VM with
+// it; its framing is the same as serial's.
 
 // DialVsock returns a Session that opens a vsock connection to the agent per
 // Open. The first Open retries while the guest is still booting (the

@@ -3,8 +3,8 @@
 //
 // Connections. The shim opens connections to the agent over one transport
 // (github.com/caisson-containers/caisson/internal/transport): streams of a yamux
-// session over a virtio-serial port, or vsock connections where the host has
-// vhost-vsock. Every connection starts with a Preamble (io.proto) saying what it
+// session over a virtio-serial port (vsock connections are implemented in
+// internal/transport but no pod uses them yet). Every connection starts with a Preamble (io.proto) saying what it
 // carries: ttrpc for the services below, or one standard stream of one process.
 //
 // Services, each small and about one thing:
