@@ -32,9 +32,10 @@ wait
 // not on the Go module proxy): a pull unpacked into the caisson snapshotter; a container
 // with that runtime and no runtime options (nerdctl sends none to non-runc runtimes),
 // nerdctl's cgroup path, its /etc/hosts, /etc/resolv.conf and /etc/hostname bind mounts
-// from its data directory and its networking OCI hook; a task whose output goes to a
-// binary:// logger. The container runs in the guest kernel, sees its hostname, and its
-// output reaches the logger.
+// from its data directory and its OCI hooks (nerdctl-shaped, integration-tests/nerdctlhook,
+// which do nothing for --net none); a task whose output goes to a binary:// logger. The
+// container runs in the guest kernel, sees its hostname, and its output reaches the logger.
+// (TestNerdctlNetwork covers nerdctl's default bridge network.)
 func TestNerdctlRunCalls(t *testing.T) {
 	reg := harness.StartRegistry(t)
 	ref := reg.Push(t, "caisson-test/busybox:1", harness.BusyboxImage(t, "sh"))
@@ -65,6 +66,11 @@ func TestNerdctlRunCalls(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	hook := buildNerdctlHook(t)
+	hookArgs := func(event string) []string {
+		return []string{hook, "--cni-path", t.TempDir(), "--cni-netconfpath", t.TempDir(), "--data-root", t.TempDir(), event}
+	}
+
 	c, err := e.Client.NewContainer(ctx, id,
 		containerd.WithImage(image),
 		containerd.WithSnapshotter(snapshotter),
@@ -77,9 +83,13 @@ func TestNerdctlRunCalls(t *testing.T) {
 			oci.WithHostname("nerd"),
 			oci.WithMounts(mounts),
 			oci.WithCgroup("/"+harness.Namespace+"/"+id),
-			// nerdctl's network hook; Caisson drops host hooks (they name host objects).
+			// nerdctl's hooks and the annotations they read; the shim runs them on the host.
+			oci.WithAnnotations(map[string]string{"nerdctl/namespace": harness.Namespace, "nerdctl/networks": `["none"]`}),
 			func(_ context.Context, _ oci.Client, _ *containers.Container, s *specs.Spec) error {
-				s.Hooks = &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/usr/local/bin/nerdctl", Args: []string{"nerdctl", "internal", "oci-hook", "createRuntime"}}}}
+				s.Hooks = &specs.Hooks{
+					CreateRuntime: []specs.Hook{{Path: hook, Args: hookArgs("createRuntime"), Env: os.Environ()}},
+					Poststop:      []specs.Hook{{Path: hook, Args: hookArgs("postStop"), Env: os.Environ()}},
+				}
 				return nil
 			},
 		))
