@@ -42,10 +42,11 @@ type Options struct {
 	StateDir string
 	// Hostname of the pod.
 	Hostname string
-	// NetNS is the host network namespace CNI set up for the pod (the CRI's sandbox
-	// container names it in its spec). Each of its veths is connected to a guest NIC
-	// with the veth's MAC, addresses, routes and MTU (see package shim/network).
-	// Empty: the guest has loopback only.
+	// NetNS is the host network namespace CNI set up for the pod: the one the CRI's
+	// sandbox container names in its spec, or one the shim made for the hooks of a
+	// container that asked for a new one (nerdctl's, see shim/task/hooks.go). Each of its
+	// veths is connected to a guest NIC with the veth's MAC, addresses, routes and MTU
+	// (see package shim/network). Empty: the guest has loopback only.
 	NetNS string
 	// Cgroup is the cgroup the CRI gave the pod's sandbox container; the VM's QEMU
 	// is placed there so that the pod's accounting sees it. Empty: not placed.
