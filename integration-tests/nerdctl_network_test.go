@@ -53,7 +53,7 @@ func TestNerdctlNetwork(t *testing.T) {
 	}
 
 	t.Run("host-network-refused", func(t *testing.T) {
-		c := newNerdContainer(t, e, image, caisson, "nerd-hostnet", oci.WithProcessArgs("true"),
+		c := newNerdContainer(t, e, image, caisson, n.id("hostnet"), oci.WithProcessArgs("true"),
 			oci.WithHostNamespace(specs.NetworkNamespace))
 		_, err := c.NewTask(ctx, cio.NullIO)
 		if err == nil {
@@ -72,9 +72,9 @@ func testNerdctlBridge(t *testing.T, e *harness.Env, image containerd.Image, n *
 	ctx := e.Context(t)
 	port := freePort(t)
 	ports := []cni.PortMapping{{HostPort: int32(port), ContainerPort: 80, Protocol: "tcp", HostIP: "127.0.0.1"}}
-	a := &nerdContainer{c: newNerdContainer(t, e, image, rt, "nerd-a-"+rt.name, oci.WithProcessArgs(tcpServer(80, "hello-from-a")...),
+	a := &nerdContainer{c: newNerdContainer(t, e, image, rt, n.id("a-"+rt.name), oci.WithProcessArgs(tcpServer(80, "hello-from-a")...),
 		n.withNetwork("bridge", ports))}
-	b := &nerdContainer{c: newNerdContainer(t, e, image, rt, "nerd-b-"+rt.name, oci.WithProcessArgs(tcpServer(80, "hello-from-b")...),
+	b := &nerdContainer{c: newNerdContainer(t, e, image, rt, n.id("b-"+rt.name), oci.WithProcessArgs(tcpServer(80, "hello-from-b")...),
 		n.withNetwork("bridge", nil))}
 	a.start(t, ctx)
 	b.start(t, ctx)
@@ -138,7 +138,7 @@ func testNerdctlCycles(t *testing.T, e *harness.Env, image containerd.Image, n *
 	var ids, addrs []string
 	start := time.Now()
 	for i := range count {
-		id := fmt.Sprintf("nerd-cycle-%s-%d", rt.name, i)
+		id := n.id(fmt.Sprintf("cycle-%s-%d", rt.name, i))
 		nc := &nerdContainer{c: newNerdContainer(t, e, image, rt, id, oci.WithProcessArgs("busybox", "ip", "-4", "-o", "addr", "show", "dev", "eth0"),
 			n.withNetwork("bridge", ports))}
 		nc.start(t, ctx)
@@ -183,7 +183,7 @@ func testNerdctlBadHooks(t *testing.T, e *harness.Env, image containerd.Image, n
 		{"missing", specs.Hook{Path: missing}, []string{missing, "no such binary"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			id := "nerd-bad-" + tc.name + "-" + rt.name
+			id := n.id("bad-" + tc.name + "-" + rt.name)
 			c := newNerdContainer(t, e, image, rt, id, oci.WithProcessArgs("true"), n.withNetwork("bridge", nil, tc.hook))
 			start := time.Now()
 			task, err := c.NewTask(ctx, cio.NullIO)

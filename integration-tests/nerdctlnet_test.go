@@ -52,7 +52,13 @@ type nerdctlNet struct {
 	bridge                                    string
 	subnet                                    *net.IPNet
 	gateway                                   net.IP
+	// run is random, in every container id: runs of the test in other containerds at the
+	// same time share runc's state root and libcni's cache, both keyed by container id.
+	run string
 }
+
+// id is the container id for name in this run.
+func (n *nerdctlNet) id(name string) string { return "nerd-" + n.run + "-" + name }
 
 // nerdctlNetwork is the network's name, nerdctl's default network's.
 const nerdctlNetwork = "bridge"
@@ -75,6 +81,7 @@ func newNerdctlNet(t *testing.T) *nerdctlNet {
 		confDir: filepath.Join(dir, "net.d"), dataRoot: filepath.Join(dir, "data"), ipamDir: filepath.Join(dir, "ipam"),
 		bridge:  fmt.Sprintf("nerd%06x", rand.IntN(1<<24)),
 		gateway: net.IPv4(10, 4, byte(x), 1).To4(),
+		run:     fmt.Sprintf("%04x", rand.IntN(1<<16)),
 	}
 	_, n.subnet, _ = net.ParseCIDR(fmt.Sprintf("10.4.%d.0/24", x))
 	conf := map[string]any{
@@ -203,9 +210,10 @@ func (n *nerdctlNet) leftovers(e *harness.Env, ids []string, addrs []string) []s
 			}
 		}
 	}
-	records, _ := os.ReadDir(n.dataRoot)
-	for _, r := range records {
-		left = append(left, "hook record "+r.Name())
+	for _, id := range ids {
+		if _, err := os.Stat(filepath.Join(n.dataRoot, fullID(id)+".json")); err == nil {
+			left = append(left, "hook record of "+id+" (its postStop did not finish)")
+		}
 	}
 	return slices.Compact(left)
 }
@@ -254,7 +262,8 @@ func netnsHolders(e *harness.Env) []string {
 // container, and returns what puts it back: the bridge plugin (isGateway) turns on IPv4
 // forwarding; portmap and firewall add chains of their own (CNI-HOSTPORT-*, CNI-FORWARD,
 // CNI-ADMIN) and jumps to them, which they never remove (nerdctl leaves them for good).
-// Chains that existed before are left alone.
+// Chains that existed before are left alone, and so are all of them while some container
+// (another test's, running at the same time) still has rules in them.
 func keepHostNetworkState(t *testing.T) func() {
 	forward, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward")
 	if err != nil {
@@ -265,6 +274,17 @@ func keepHostNetworkState(t *testing.T) func() {
 		before[c.key()] = true
 	}
 	return func() {
+		defer func() {
+			if now, _ := os.ReadFile("/proc/sys/net/ipv4/ip_forward"); !bytes.Equal(now, forward) {
+				if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", forward, 0o644); err != nil {
+					t.Errorf("restore ip_forward: %v", err)
+				}
+			}
+		}()
+		if user := hostChainsInUse(t); user != "" {
+			t.Logf("leaving the CNI plugins' host chains: in use (%s)", user)
+			return
+		}
 		for _, c := range cniChains(t) {
 			if before[c.key()] {
 				continue
@@ -285,12 +305,27 @@ func keepHostNetworkState(t *testing.T) func() {
 				}
 			}
 		}
-		if now, _ := os.ReadFile("/proc/sys/net/ipv4/ip_forward"); !bytes.Equal(now, forward) {
-			if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", forward, 0o644); err != nil {
-				t.Errorf("restore ip_forward: %v", err)
+	}
+}
+
+// hostChainsInUse returns a rule that makes a container use the host chains (a port it
+// publishes, its firewall rules), or "".
+func hostChainsInUse(t *testing.T) string {
+	for _, cmd := range []string{"iptables", "ip6tables"} {
+		for _, table := range []string{"filter", "nat"} {
+			out, err := exec.Command(cmd, "-w", "-t", table, "-S").Output()
+			if err != nil {
+				t.Fatalf("%s -t %s -S: %v", cmd, table, err)
+			}
+			for _, r := range strings.Split(string(out), "\n") {
+				if strings.HasPrefix(r, "-A CNI-HOSTPORT-DNAT ") || strings.HasPrefix(r, "-A CNI-ADMIN ") ||
+					(strings.HasPrefix(r, "-A CNI-FORWARD ") && !strings.HasSuffix(r, "-j CNI-ADMIN")) {
+					return cmd + " -t " + table + ": " + r
+				}
 			}
 		}
 	}
+	return ""
 }
 
 // cniChain is a chain the portmap or firewall plugin makes once per host, with the rules
