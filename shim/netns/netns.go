@@ -13,6 +13,8 @@
 // the shim dies, so a killed shim leaves no holder behind. The namespace itself lives on
 // while something holds it (QEMU's tap descriptors) and goes with the last holder, and with
 // it the veths CNI put in it.
+//
+// Do runs code on a thread moved into a network namespace (shim/network creates taps so).
 package netns
 
 import (
@@ -25,6 +27,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/vishvananda/netlink"
 	vnetns "github.com/vishvananda/netns"
 )
@@ -82,39 +85,49 @@ func New() (_ *NS, retErr error) {
 
 // Join starts a holder in the existing network namespace at path.
 func Join(path string) (*NS, error) {
+	var n *NS
+	// A child starts in the network namespace of the thread that forks it.
+	err := Do(path, func(vnetns.NsHandle) error {
+		var err error
+		n, err = start(&syscall.SysProcAttr{})
+		return err
+	})
+	return n, err
+}
+
+// Do runs f on an OS thread moved into the network namespace at path (target, open while
+// f runs), so that what f creates through the thread's namespace is created there: a tap
+// (through /dev/net/tun), a child process. The thread returns to its namespace after, or
+// is thrown away if it cannot. A path that does not exist is errdefs.ErrNotFound.
+func Do(path string, f func(target vnetns.NsHandle) error) error {
 	target, err := vnetns.GetFromPath(path)
 	if err != nil {
-		return nil, fmt.Errorf("network namespace %s: %w", path, err)
+		if errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("network namespace %s: %w", path, errdefs.ErrNotFound)
+		}
+		return fmt.Errorf("network namespace %s: %w", path, err)
 	}
 	defer target.Close()
-	type result struct {
-		n   *NS
-		err error
-	}
-	res := make(chan result, 1)
-	// A child starts in the network namespace of the thread that forks it: fork from a
-	// thread moved into target, and return the thread to its namespace after (or throw it
-	// away if it cannot return).
+	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
 		orig, err := vnetns.Get()
 		if err != nil {
-			res <- result{err: err}
-			return
+			errc <- err
+			return // the thread stays locked and dies with the goroutine
 		}
 		defer orig.Close()
 		if err := vnetns.Set(target); err != nil {
-			res <- result{err: fmt.Errorf("enter network namespace %s: %w", path, err)}
+			errc <- fmt.Errorf("enter network namespace %s: %w", path, err)
 			return
 		}
-		n, err := start(&syscall.SysProcAttr{})
+		err = f(target)
 		if vnetns.Set(orig) == nil {
 			runtime.UnlockOSThread()
 		}
-		res <- result{n, err}
+		errc <- err
 	}()
-	r := <-res
-	return r.n, r.err
+	return <-errc
 }
 
 func start(attr *syscall.SysProcAttr) (*NS, error) {

@@ -24,12 +24,13 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"runtime"
 
 	"github.com/containerd/errdefs"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
+	vnetns "github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/caisson-containers/caisson/shim/netns"
 )
 
 // TapName is the tap device's name in the pod's network namespace, one per veth:
@@ -321,39 +322,14 @@ func (n *Network) Close() error {
 }
 
 // inNetNS runs f with a netlink handle in the namespace at path, on a thread that is in
-// that namespace (so that /dev/net/tun creates taps there). The thread is thrown away
-// if it cannot return to its namespace.
+// that namespace (so that /dev/net/tun creates taps there).
 func inNetNS(path string, f func(*netlink.Handle) error) error {
-	target, err := netns.GetFromPath(path)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("network namespace %s: %w", path, errdefs.ErrNotFound)
-		}
-		return fmt.Errorf("network namespace %s: %w", path, err)
-	}
-	defer target.Close()
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return // the thread stays locked and dies with the goroutine
-		}
-		defer orig.Close()
-		if err := netns.Set(target); err != nil {
-			errc <- fmt.Errorf("enter network namespace %s: %w", path, err)
-			return
-		}
+	return netns.Do(path, func(target vnetns.NsHandle) error {
 		h, err := netlink.NewHandleAt(target)
-		if err == nil {
-			err = f(h)
-			h.Close()
+		if err != nil {
+			return err
 		}
-		if netns.Set(orig) == nil {
-			runtime.UnlockOSThread()
-		}
-		errc <- err
-	}()
-	return <-errc
+		defer h.Close()
+		return f(h)
+	})
 }
