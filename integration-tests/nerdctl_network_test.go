@@ -44,7 +44,7 @@ func TestNerdctlNetwork(t *testing.T) {
 	}
 	n := newNerdctlNet(t)
 
-	for _, rt := range []nerdRuntime{runcControl, caisson} {
+	for _, rt := range []testRuntime{runcControl, caissonRuntime} {
 		t.Run(rt.name, func(t *testing.T) {
 			t.Run("bridge", func(t *testing.T) { testNerdctlBridge(t, e, image, n, rt) })
 			t.Run("cycles", func(t *testing.T) { testNerdctlCycles(t, e, image, n, rt, 20) })
@@ -53,7 +53,7 @@ func TestNerdctlNetwork(t *testing.T) {
 	}
 
 	t.Run("host-network-refused", func(t *testing.T) {
-		c := newNerdContainer(t, e, image, caisson, n.id("hostnet"), oci.WithProcessArgs("true"),
+		c := newContainerOn(t, e, image, caissonRuntime, n.id("hostnet"), oci.WithProcessArgs("true"),
 			oci.WithHostNamespace(specs.NetworkNamespace))
 		_, err := c.NewTask(ctx, cio.NullIO)
 		if err == nil {
@@ -68,13 +68,13 @@ func TestNerdctlNetwork(t *testing.T) {
 
 // testNerdctlBridge: two containers on the network, their reachability, a published port,
 // and their teardown.
-func testNerdctlBridge(t *testing.T, e *harness.Env, image containerd.Image, n *nerdctlNet, rt nerdRuntime) {
+func testNerdctlBridge(t *testing.T, e *harness.Env, image containerd.Image, n *nerdctlNet, rt testRuntime) {
 	ctx := e.Context(t)
 	port := freePort(t)
 	ports := []cni.PortMapping{{HostPort: int32(port), ContainerPort: 80, Protocol: "tcp", HostIP: "127.0.0.1"}}
-	a := &nerdContainer{c: newNerdContainer(t, e, image, rt, n.id("a-"+rt.name), oci.WithProcessArgs(tcpServer(80, "hello-from-a")...),
+	a := &nerdContainer{c: newContainerOn(t, e, image, rt, n.id("a-"+rt.name), oci.WithProcessArgs(tcpServer(80, "hello-from-a")...),
 		n.withNetwork("bridge", ports))}
-	b := &nerdContainer{c: newNerdContainer(t, e, image, rt, n.id("b-"+rt.name), oci.WithProcessArgs(tcpServer(80, "hello-from-b")...),
+	b := &nerdContainer{c: newContainerOn(t, e, image, rt, n.id("b-"+rt.name), oci.WithProcessArgs(tcpServer(80, "hello-from-b")...),
 		n.withNetwork("bridge", nil))}
 	a.start(t, ctx)
 	b.start(t, ctx)
@@ -115,7 +115,7 @@ func testNerdctlBridge(t *testing.T, e *harness.Env, image containerd.Image, n *
 	ids, addrs := []string{a.c.ID(), b.c.ID()}, []string{ipA, ipB}
 	present := strings.Join(n.leftovers(e, ids, addrs), "\n")
 	want := []string{"veth on the bridge", "host-local lease", "iptables-save: ", "libcni cache", "hook record"}
-	if rt == caisson {
+	if rt == caissonRuntime {
 		want = append(want, "network namespace holder process")
 	}
 	for _, w := range want {
@@ -131,7 +131,7 @@ func testNerdctlBridge(t *testing.T, e *harness.Env, image containerd.Image, n *
 
 // testNerdctlCycles creates, runs and removes a networked container with a published port
 // count times; each one has its address, and nothing is left after them.
-func testNerdctlCycles(t *testing.T, e *harness.Env, image containerd.Image, n *nerdctlNet, rt nerdRuntime, count int) {
+func testNerdctlCycles(t *testing.T, e *harness.Env, image containerd.Image, n *nerdctlNet, rt testRuntime, count int) {
 	ctx := e.Context(t)
 	port := freePort(t)
 	ports := []cni.PortMapping{{HostPort: int32(port), ContainerPort: 80, Protocol: "tcp", HostIP: "127.0.0.1"}}
@@ -139,7 +139,7 @@ func testNerdctlCycles(t *testing.T, e *harness.Env, image containerd.Image, n *
 	start := time.Now()
 	for i := range count {
 		id := n.id(fmt.Sprintf("cycle-%s-%d", rt.name, i))
-		nc := &nerdContainer{c: newNerdContainer(t, e, image, rt, id, oci.WithProcessArgs("busybox", "ip", "-4", "-o", "addr", "show", "dev", "eth0"),
+		nc := &nerdContainer{c: newContainerOn(t, e, image, rt, id, oci.WithProcessArgs("busybox", "ip", "-4", "-o", "addr", "show", "dev", "eth0"),
 			n.withNetwork("bridge", ports))}
 		nc.start(t, ctx)
 		select {
@@ -164,7 +164,7 @@ func testNerdctlCycles(t *testing.T, e *harness.Env, image containerd.Image, n *
 
 // testNerdctlBadHooks: a createRuntime hook after nerdctl's that fails, hangs or is
 // missing fails the create, and nerdctl's postStop undoes its network.
-func testNerdctlBadHooks(t *testing.T, e *harness.Env, image containerd.Image, n *nerdctlNet, rt nerdRuntime) {
+func testNerdctlBadHooks(t *testing.T, e *harness.Env, image containerd.Image, n *nerdctlNet, rt testRuntime) {
 	ctx := e.Context(t)
 	dir := t.TempDir()
 	failing := filepath.Join(dir, "failing-hook")
@@ -184,7 +184,7 @@ func testNerdctlBadHooks(t *testing.T, e *harness.Env, image containerd.Image, n
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			id := n.id("bad-" + tc.name + "-" + rt.name)
-			c := newNerdContainer(t, e, image, rt, id, oci.WithProcessArgs("true"), n.withNetwork("bridge", nil, tc.hook))
+			c := newContainerOn(t, e, image, rt, id, oci.WithProcessArgs("true"), n.withNetwork("bridge", nil, tc.hook))
 			start := time.Now()
 			task, err := c.NewTask(ctx, cio.NullIO)
 			if err == nil {
@@ -194,7 +194,7 @@ func testNerdctlBadHooks(t *testing.T, e *harness.Env, image containerd.Image, n
 			t.Logf("create failed after %s: %v", time.Since(start).Round(time.Millisecond), err)
 			// runc 1.1 names the hook by its index only.
 			says := []string{"hook #1"}
-			if rt == caisson {
+			if rt == caissonRuntime {
 				says = append([]string{"createRuntime hook #1"}, tc.says...)
 			}
 			for _, s := range says {

@@ -397,14 +397,14 @@ func shellWords(s string) []string {
 	return words
 }
 
-// nerdRuntime is a runtime the nerdctl tests run under, with its snapshotter.
-type nerdRuntime struct {
+// testRuntime is a runtime a test runs containers under, with its snapshotter.
+type testRuntime struct {
 	name, runtime, snapshotter string
 }
 
 var (
-	runcControl = nerdRuntime{"runc", "io.containerd.runc.v2", "overlayfs"}
-	caisson     = nerdRuntime{"caisson", runtimeName, snapshotter}
+	runcControl    = testRuntime{"runc", "io.containerd.runc.v2", "overlayfs"}
+	caissonRuntime = testRuntime{"caisson", runtimeName, snapshotter}
 )
 
 // nerdContainer is a container of the nerdctl tests.
@@ -415,8 +415,9 @@ type nerdContainer struct {
 	output outputs
 }
 
-// newNerdContainer creates container id on rt with opts (its process, its network).
-func newNerdContainer(t *testing.T, e *harness.Env, image containerd.Image, rt nerdRuntime, id string, opts ...oci.SpecOpts) containerd.Container {
+// newContainerOn creates container id on rt, a busybox container with opts (its process,
+// its network); newContainer is newContainerOn(caissonRuntime).
+func newContainerOn(t *testing.T, e *harness.Env, image containerd.Image, rt testRuntime, id string, opts ...oci.SpecOpts) containerd.Container {
 	t.Helper()
 	ctx := e.Context(t)
 	c, err := e.Client.NewContainer(ctx, id,

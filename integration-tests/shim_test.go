@@ -68,18 +68,7 @@ func TestCtrRunShowsTheGuestKernel(t *testing.T) {
 // newContainer creates a container on the busybox image with the caisson runtime and snapshotter.
 func newContainer(t *testing.T, e *harness.Env, image containerd.Image, id string, opts ...oci.SpecOpts) containerd.Container {
 	t.Helper()
-	ctx := e.Context(t)
-	c, err := e.Client.NewContainer(ctx, id,
-		containerd.WithImage(image),
-		containerd.WithSnapshotter(snapshotter),
-		containerd.WithNewSnapshot(id+"-rootfs", image),
-		containerd.WithRuntime(runtimeName, nil),
-		containerd.WithNewSpec(append([]oci.SpecOpts{oci.WithImageConfig(image)}, opts...)...))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Delete(context.WithoutCancel(ctx), containerd.WithSnapshotCleanup) })
-	return c
+	return newContainerOn(t, e, image, caissonRuntime, id, opts...)
 }
 
 type outputs struct{ stdout, stderr syncBuffer }
