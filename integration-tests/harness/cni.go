@@ -74,6 +74,14 @@ func NewCNI(t testing.TB, dir string) *CNI {
 			},
 		}},
 	}
+	// The kubelet's usual chain: hostPort mappings (CRI port_mappings) by the portmap
+	// plugin, which does nothing for a pod without them.
+	if _, err := os.Stat(filepath.Join(bin, "portmap")); err == nil {
+		conf["plugins"] = append(conf["plugins"].([]any), map[string]any{
+			"type":         "portmap",
+			"capabilities": map[string]bool{"portMappings": true},
+		})
+	}
 	b2, _ := json.MarshalIndent(conf, "", "  ")
 	if err := os.MkdirAll(c.ConfDir, 0o755); err != nil {
 		t.Fatal(err)
