@@ -25,6 +25,31 @@ import (
 // ErrClosed is returned by Execute once the connection is gone (QEMU exited, or Close).
 var ErrClosed = fmt.Errorf("qmp connection closed: %w", errdefs.ErrUnavailable)
 
+// MaxLineBytes bounds one QMP message (one line). QEMU's replies to the commands the shim
+// sends (device_add, query-migrate, ...) and its events are a few KiB at most; the bound
+// keeps a QEMU that misbehaves, or output a guest manages to steer into the monitor,
+// from making the shim buffer a line without end. A longer line ends the connection.
+const MaxLineBytes = 1 << 20
+
+// errLineTooLong is why the connection ended when a line exceeded MaxLineBytes.
+var errLineTooLong = fmt.Errorf("qmp message longer than %d bytes: %w", MaxLineBytes, errdefs.ErrResourceExhausted)
+
+// readLine reads one line of at most MaxLineBytes (newline included) from br, whose
+// buffer must be smaller than that. Unlike bufio.Reader.ReadBytes it stops at the bound.
+func readLine(br *bufio.Reader) ([]byte, error) {
+	var line []byte
+	for {
+		frag, err := br.ReadSlice('\n')
+		if len(line)+len(frag) > MaxLineBytes {
+			return nil, errLineTooLong
+		}
+		line = append(line, frag...)
+		if err != bufio.ErrBufferFull {
+			return line, err
+		}
+	}
+}
+
 // Error is a command's error reply.
 type Error struct {
 	// Class is QMP's error class: GenericError, CommandNotFound, DeviceNotFound, ...
@@ -133,7 +158,7 @@ func New(ctx context.Context, conn net.Conn) (*Client, error) {
 	br := bufio.NewReader(conn)
 
 	stop := context.AfterFunc(ctx, func() { conn.SetReadDeadline(time.Unix(1, 0)) })
-	line, err := br.ReadBytes('\n')
+	line, err := readLine(br)
 	if !stop() {
 		err = errors.Join(ctx.Err(), err)
 	}
@@ -237,7 +262,7 @@ func (c *Client) read(br *bufio.Reader) {
 	var err error
 	for {
 		var line []byte
-		line, err = br.ReadBytes('\n')
+		line, err = readLine(br)
 		if len(line) > 0 {
 			c.handle(line)
 		}
@@ -245,9 +270,15 @@ func (c *Client) read(br *bufio.Reader) {
 			break
 		}
 	}
-	if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+	switch {
+	case errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed):
 		err = ErrClosed
-	} else {
+	case errors.Is(err, errLineTooLong):
+		// Nothing after an oversized line can be trusted to start a message: the
+		// connection is over, and QEMU must not block writing into it.
+		c.conn.Close()
+		err = fmt.Errorf("%w: %w", ErrClosed, err)
+	default:
 		err = fmt.Errorf("%w: %w", ErrClosed, err)
 	}
 	c.mu.Lock()

@@ -2,12 +2,15 @@ package qmp
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"os"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -346,5 +349,57 @@ func TestCloseDropsUnreadEvents(t *testing.T) {
 		case <-deadline:
 			t.Fatal("Events not closed after Close")
 		}
+	}
+}
+
+// floodLine writes one line of n bytes (no newline) to conn, in chunks, stopping early
+// when the peer closes: what a misbehaving QEMU does with an endless message.
+func floodLine(conn net.Conn, prefix string, n int) {
+	conn.Write([]byte(prefix))
+	chunk := bytes.Repeat([]byte("a"), 64<<10)
+	for sent := 0; sent < n; sent += len(chunk) {
+		if _, err := conn.Write(chunk); err != nil {
+			return
+		}
+	}
+}
+
+// A line longer than MaxLineBytes ends the connection with an error naming the limit,
+// instead of growing the shim's buffer for as long as the peer writes.
+func TestOversizedLineEndsTheConnection(t *testing.T) {
+	c, f := connect(t)
+	done := make(chan error, 1)
+	go func() { done <- c.Execute(context.Background(), "query-status", nil, nil) }()
+	f.next(t)
+	// Eight times the limit, then silence with the connection open: a reader without a
+	// bound would still be waiting for the newline.
+	go floodLine(f.conn, `{"return": "`, 8*MaxLineBytes)
+	select {
+	case err := <-done:
+		if !errdefs.IsResourceExhausted(err) || !errors.Is(err, ErrClosed) {
+			t.Fatalf("pending command: %v, want ErrClosed and ResourceExhausted", err)
+		}
+		if !strings.Contains(err.Error(), strconv.Itoa(MaxLineBytes)) {
+			t.Fatalf("error %q does not name the limit %d", err, MaxLineBytes)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a line 8 times MaxLineBytes long did not end the connection")
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("Done not closed")
+	}
+}
+
+// The greeting is bounded the same way.
+func TestOversizedGreeting(t *testing.T) {
+	cc, sc := socketpair(t)
+	go floodLine(sc, `{"QMP": "`, 8*MaxLineBytes)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := New(ctx, cc)
+	if !errdefs.IsResourceExhausted(err) {
+		t.Fatalf("New: %v, want ResourceExhausted", err)
 	}
 }
