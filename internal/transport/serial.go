@@ -35,6 +35,21 @@ func yamuxConfig() *yamux.Config {
 	return c
 }
 
+// hostYamuxConfig is the host's: the host never accepts a stream (the agent never
+// opens one; every connection is the shim's), yet yamux queues each stream the guest
+// opens, up to AcceptBacklog, and buffers up to a full receive window (256 KiB) of
+// what the guest writes into it. With the default backlog of 256, a compromised agent
+// could pin 64 MiB of the shim's memory. A backlog of one bounds that to one stream
+// (one window); yamux resets every further stream the guest opens as soon as it
+// arrives. Accepting and closing them would not do: a half-closed stream still
+// buffers the guest's writes until yamux's close timeout, for as many streams as the
+// guest cares to open.
+func hostYamuxConfig() *yamux.Config {
+	c := yamuxConfig()
+	c.AcceptBacklog = 1
+	return c
+}
+
 // DialSerial connects to the host end of the agent's virtio-serial port (the
 // unix socket of QEMU's chardev) and returns a Session over it.
 func DialSerial(ctx context.Context, socketPath string) (Session, error) {
@@ -73,7 +88,7 @@ func (s *serialSession) start() {
 		s.err = err
 		return
 	}
-	if s.ys, s.err = yamux.Client(bc, yamuxConfig()); s.err != nil {
+	if s.ys, s.err = yamux.Client(bc, hostYamuxConfig()); s.err != nil {
 		s.err = fmt.Errorf("start yamux client: %w", s.err)
 	}
 }
