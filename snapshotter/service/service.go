@@ -19,6 +19,7 @@ import (
 	"github.com/containerd/containerd/v2/core/diff"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"google.golang.org/grpc"
 )
@@ -76,29 +77,54 @@ func Serve(ctx context.Context, sn snapshots.Snapshotter, d Differ, address stri
 	return nil
 }
 
+// listen binds the socket with mode 0600 before it appears at address. Binding at address
+// and then chmod-ing it would leave a window in which the socket exists with the mode the
+// umask gives (anyone could connect and drive the snapshotter, and through it write
+// files as root). Setting the umask instead is process-wide: it would also apply to
+// whatever the snapshotter's other goroutines create meanwhile. So the socket is bound
+// in a fresh directory of mode 0700 beside address, which nobody but root can enter,
+// given its mode there, and renamed into place: it appears at address, atomically,
+// already 0600 (and a stale socket there is replaced in the same step).
 func listen(address string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(address), 0o711); err != nil {
+	dir := filepath.Dir(address)
+	if err := os.MkdirAll(dir, 0o711); err != nil {
 		return nil, err
 	}
 	if _, err := os.Lstat(address); err == nil {
 		if c, err := net.DialTimeout("unix", address, time.Second); err == nil {
 			c.Close()
-			return nil, fmt.Errorf("%s: another server is listening there", address)
-		}
-		if err := os.Remove(address); err != nil {
-			return nil, fmt.Errorf("remove stale socket: %w", err)
+			return nil, fmt.Errorf("%s: another server is listening there: %w", address, errdefs.ErrAlreadyExists)
 		}
 	}
-	l, err := net.Listen("unix", address)
+	private, err := os.MkdirTemp(dir, ".s") // mode 0700
 	if err != nil {
 		return nil, err
 	}
-	if err := os.Chmod(address, 0o600); err != nil {
+	defer os.RemoveAll(private)
+	tmp := filepath.Join(private, "s")
+	if len(tmp) > maxSocketPath {
+		return nil, fmt.Errorf("%s: the socket's temporary path %s is longer than a unix socket path may be (%d): %w",
+			address, tmp, maxSocketPath, errdefs.ErrInvalidArgument)
+	}
+	l, err := net.Listen("unix", tmp)
+	if err != nil {
+		return nil, err
+	}
+	// Close must not unlink tmp: the socket lives at address by then (Serve removes it).
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	if err := os.Chmod(tmp, 0o600); err != nil {
 		l.Close()
 		return nil, err
 	}
+	if err := os.Rename(tmp, address); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("move the socket into place: %w", err)
+	}
 	return l, nil
 }
+
+// maxSocketPath is the longest unix socket path Linux accepts.
+const maxSocketPath = 107
 
 // namespaceInterceptor makes the namespace of an incoming request (gRPC metadata)
 // the namespace of the calls made for it, such as reads from containerd's content
