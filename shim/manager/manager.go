@@ -18,9 +18,11 @@ import (
 
 	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
 	"github.com/containerd/containerd/api/types"
+	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
 	"github.com/containerd/containerd/v2/defaults"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/shim"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
 	"github.com/caisson-containers/caisson/shim/config"
@@ -81,6 +83,41 @@ func readBundleSpec(dir string) (*bundleSpec, error) {
 	return &s, nil
 }
 
+// configRecord is the file, in a container's bundle directory, that holds the
+// configuration path the container's start named (the ConfigPath runtime option). `shim
+// delete` (Stop) gets no runtime options, yet must find the pod's state under the
+// state_dir of that configuration: with the default configuration instead, a pod whose
+// shim died would leave its state behind whenever state_dir is not the default.
+const configRecord = "caisson-config-path"
+
+// recordConfigPath writes the ConfigPath of the runtime options in opts (an extension
+// of the bootstrap parameters, as containerd >= 2.3 sends them and shim/launch passes
+// the legacy start's) into dir. Without one, nothing is written: Stop then loads the
+// configuration from where the task service does without one too.
+func recordConfigPath(dir string, opts *bootapi.BootstrapParams) error {
+	var o runtimeoptions.Options
+	found, err := opts.FindExtension(&o)
+	if err != nil {
+		return fmt.Errorf("runtime options: %w: %w", errdefs.ErrInvalidArgument, err)
+	}
+	if !found || o.GetConfigPath() == "" {
+		return nil
+	}
+	if err := os.WriteFile(filepath.Join(dir, configRecord), []byte(o.GetConfigPath()), 0o600); err != nil {
+		return fmt.Errorf("record the runtime configuration path: %w", err)
+	}
+	return nil
+}
+
+// recordedConfigPath is the configuration path recordConfigPath wrote in dir, or "".
+func recordedConfigPath(dir string) string {
+	b, err := os.ReadFile(filepath.Join(dir, configRecord))
+	if err != nil {
+		return ""
+	}
+	return string(b)
+}
+
 // Start starts the shim that serves the container's pod, or returns the address
 // of the one already serving it.
 func (m *manager) Start(ctx context.Context, opts *bootapi.BootstrapParams) (_ *bootapi.BootstrapResult, retErr error) {
@@ -91,6 +128,9 @@ func (m *manager) Start(ctx context.Context, opts *bootapi.BootstrapParams) (_ *
 	id := opts.GetInstanceID()
 	spec, err := readBundleSpec(".")
 	if err != nil {
+		return nil, err
+	}
+	if err := recordConfigPath(".", opts); err != nil {
 		return nil, err
 	}
 	group := id
@@ -187,10 +227,15 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	if err != nil {
 		return status, err
 	}
-	cfg, _, err := config.Load("")
+	// The configuration the container started with: its state_dir is where the pod's
+	// state is.
+	cfg, file, err := config.Load(recordedConfigPath(cwd))
 	if err != nil {
 		// Cleanup must not fail on a config that became invalid; use the default state dir.
+		log.G(ctx).WithError(err).Warn("cleanup with the default configuration")
 		cfg = config.Default(config.DefaultArtifactsDir())
+	} else {
+		log.G(ctx).WithField("config", file).Debug("cleanup configuration")
 	}
 	group := id
 	spec, err := readBundleSpec(cwd)
