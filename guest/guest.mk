@@ -13,7 +13,7 @@ GUEST_MODULES_DEP := $(GUEST_BUILD_DIR)/depmod/lib/modules/$(GUEST_KERNEL_RELEAS
 # virtio-serial, or vsock) before it serves and not the other's; then, in the background,
 # disks and DAX pmem, the layers' filesystems and the pod's network.
 GUEST_MODULES ?= virtio_pci virtio_console vmw_vsock_virtio_transport \
-	virtio_blk virtio_pmem nd_pmem erofs overlay virtio_net virtio_rng
+	virtio_blk virtio_pmem nd_pmem erofs overlay virtio_net virtio_rng virtiofs
 GUEST_BUSYBOX ?= /bin/busybox
 
 # The agent is a static cgo binary: runc's libcontainer needs its nsenter constructor (C),

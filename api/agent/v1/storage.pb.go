@@ -30,6 +30,8 @@ const (
 	DeviceKind_DEVICE_KIND_BLOCK DeviceKind = 1
 	// A virtio-pmem device: its pages are the host file's page cache (DAX).
 	DeviceKind_DEVICE_KIND_PMEM DeviceKind = 2
+	// A virtio-fs device: a host directory that virtiofsd exports, found by its tag.
+	DeviceKind_DEVICE_KIND_VIRTIO_FS DeviceKind = 3
 )
 
 // Enum value maps for DeviceKind.
@@ -38,11 +40,13 @@ var (
 		0: "DEVICE_KIND_UNSPECIFIED",
 		1: "DEVICE_KIND_BLOCK",
 		2: "DEVICE_KIND_PMEM",
+		3: "DEVICE_KIND_VIRTIO_FS",
 	}
 	DeviceKind_value = map[string]int32{
 		"DEVICE_KIND_UNSPECIFIED": 0,
 		"DEVICE_KIND_BLOCK":       1,
 		"DEVICE_KIND_PMEM":        2,
+		"DEVICE_KIND_VIRTIO_FS":   3,
 	}
 )
 
@@ -84,7 +88,10 @@ type Device struct {
 	PciPath string `protobuf:"bytes,2,opt,name=pci_path,json=pciPath,proto3" json:"pci_path,omitempty"`
 	// serial is a virtio-blk disk's serial (at most 20 bytes). Used when pci_path
 	// is empty.
-	Serial        string `protobuf:"bytes,3,opt,name=serial,proto3" json:"serial,omitempty"`
+	Serial string `protobuf:"bytes,3,opt,name=serial,proto3" json:"serial,omitempty"`
+	// tag is a virtio-fs device's tag (DEVICE_KIND_VIRTIO_FS), what mount(2) takes
+	// as its source.
+	Tag           string `protobuf:"bytes,4,opt,name=tag,proto3" json:"tag,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -140,11 +147,18 @@ func (x *Device) GetSerial() string {
 	return ""
 }
 
+func (x *Device) GetTag() string {
+	if x != nil {
+		return x.Tag
+	}
+	return ""
+}
+
 type MountStorageRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	StorageId string                 `protobuf:"bytes,1,opt,name=storage_id,json=storageId,proto3" json:"storage_id,omitempty"`
 	Device    *Device                `protobuf:"bytes,2,opt,name=device,proto3" json:"device,omitempty"`
-	// fstype is "erofs" or "ext4".
+	// fstype is "erofs" or "ext4", or "virtiofs" for a virtio-fs device.
 	Fstype string `protobuf:"bytes,3,opt,name=fstype,proto3" json:"fstype,omitempty"`
 	// options are mount(8) options such as "ro". The agent adds "dax=always" for a
 	// pmem device when dax is set.
@@ -330,11 +344,12 @@ var File_github_com_caisson_containers_caisson_api_agent_v1_storage_proto protor
 
 const file_github_com_caisson_containers_caisson_api_agent_v1_storage_proto_rawDesc = "" +
 	"\n" +
-	"@github.com/caisson-containers/caisson/api/agent/v1/storage.proto\x12\x10caisson.agent.v1\x1a\x1bgoogle/protobuf/empty.proto\"m\n" +
+	"@github.com/caisson-containers/caisson/api/agent/v1/storage.proto\x12\x10caisson.agent.v1\x1a\x1bgoogle/protobuf/empty.proto\"\x7f\n" +
 	"\x06Device\x120\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x1c.caisson.agent.v1.DeviceKindR\x04kind\x12\x19\n" +
 	"\bpci_path\x18\x02 \x01(\tR\apciPath\x12\x16\n" +
-	"\x06serial\x18\x03 \x01(\tR\x06serial\"\xc9\x01\n" +
+	"\x06serial\x18\x03 \x01(\tR\x06serial\x12\x10\n" +
+	"\x03tag\x18\x04 \x01(\tR\x03tag\"\xc9\x01\n" +
 	"\x13MountStorageRequest\x12\x1d\n" +
 	"\n" +
 	"storage_id\x18\x01 \x01(\tR\tstorageId\x120\n" +
@@ -351,12 +366,13 @@ const file_github_com_caisson_containers_caisson_api_agent_v1_storage_proto_rawD
 	"devicePath\"6\n" +
 	"\x15UnmountStorageRequest\x12\x1d\n" +
 	"\n" +
-	"storage_id\x18\x01 \x01(\tR\tstorageId*V\n" +
+	"storage_id\x18\x01 \x01(\tR\tstorageId*q\n" +
 	"\n" +
 	"DeviceKind\x12\x1b\n" +
 	"\x17DEVICE_KIND_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11DEVICE_KIND_BLOCK\x10\x01\x12\x14\n" +
-	"\x10DEVICE_KIND_PMEM\x10\x022\xad\x01\n" +
+	"\x10DEVICE_KIND_PMEM\x10\x02\x12\x19\n" +
+	"\x15DEVICE_KIND_VIRTIO_FS\x10\x032\xad\x01\n" +
 	"\aStorage\x12V\n" +
 	"\x05Mount\x12%.caisson.agent.v1.MountStorageRequest\x1a&.caisson.agent.v1.MountStorageResponse\x12J\n" +
 	"\aUnmount\x12'.caisson.agent.v1.UnmountStorageRequest\x1a\x16.google.protobuf.EmptyB:Z8github.com/caisson-containers/caisson/api/agent/v1;agentb\x06proto3"

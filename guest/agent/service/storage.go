@@ -38,7 +38,7 @@ func (s storageService) Mount(ctx context.Context, req *agent.MountStorageReques
 	}
 	target, node, err := s.a.storages.Mount(ctx, storage.Request{
 		ID:      req.GetStorageId(),
-		Device:  storage.Device{PCIPath: dev.GetPciPath(), Serial: dev.GetSerial()},
+		Device:  storage.Device{PCIPath: dev.GetPciPath(), Serial: dev.GetSerial(), Tag: dev.GetTag()},
 		Fstype:  req.GetFstype(),
 		Options: req.GetOptions(),
 		DAX:     req.GetDax(),

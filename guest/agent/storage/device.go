@@ -24,9 +24,14 @@ type Device struct {
 	PCIPath string
 	// Serial is a virtio-blk disk's serial number (QEMU's serial= property).
 	Serial string
+	// Tag is a virtio-fs device's tag (storage VirtioFS only).
+	Tag string
 }
 
 func (d Device) String() string {
+	if d.Tag != "" {
+		return "virtiofs " + d.Tag
+	}
 	if d.PCIPath != "" {
 		return "pci " + d.PCIPath
 	}

@@ -21,6 +21,8 @@ import (
 const (
 	EROFS = "erofs"
 	Ext4  = "ext4"
+	// VirtioFS is a host directory shared through virtio-fs; its Device names the tag.
+	VirtioFS = "virtiofs"
 )
 
 // Request is one storage to mount.
@@ -108,8 +110,12 @@ func (m *Manager) Mount(ctx context.Context, req Request) (string, string, error
 		if req.DAX {
 			return "", "", fmt.Errorf("storage %s: dax is for erofs on pmem: %w", req.ID, errdefs.ErrInvalidArgument)
 		}
+	case VirtioFS:
+		if req.DAX || req.Device.Tag == "" {
+			return "", "", fmt.Errorf("storage %s: virtiofs needs a tag and no dax: %w", req.ID, errdefs.ErrInvalidArgument)
+		}
 	default:
-		return "", "", fmt.Errorf("storage %s: filesystem %q, want %q or %q: %w", req.ID, req.Fstype, EROFS, Ext4, errdefs.ErrInvalidArgument)
+		return "", "", fmt.Errorf("storage %s: filesystem %q, want %q, %q or %q: %w", req.ID, req.Fstype, EROFS, Ext4, VirtioFS, errdefs.ErrInvalidArgument)
 	}
 	if req.DAX {
 		data = append(data, "dax=always")
@@ -134,6 +140,9 @@ func (m *Manager) Mount(ctx context.Context, req Request) (string, string, error
 }
 
 func (m *Manager) mount(ctx context.Context, req Request, flags uintptr, data string) (*storage, error) {
+	if req.Fstype == VirtioFS {
+		return m.mountVirtioFS(ctx, req, flags, data)
+	}
 	start := time.Now()
 	dev, err := m.finder.Find(ctx, req.Device)
 	if err != nil {
@@ -152,6 +161,32 @@ func (m *Manager) mount(ctx context.Context, req Request, flags uintptr, data st
 	log.G(ctx).WithFields(log.Fields{"storage": req.ID, "device": dev, "fstype": req.Fstype, "dax": req.DAX,
 		"device_wait": found.Sub(start), "mount": time.Since(found)}).Debug("storage mounted")
 	return &storage{req: req, device: dev, target: target}, nil
+}
+
+// mountVirtioFS mounts the virtio-fs device tagged req.Device.Tag. The tag is
+// known to the kernel once the virtio device is probed, which may be a moment
+// after its module loaded: until ctx ends, ENOENT (no such tag) is retried.
+func (m *Manager) mountVirtioFS(ctx context.Context, req Request, flags uintptr, data string) (*storage, error) {
+	target := filepath.Join(m.root, req.ID)
+	if err := os.MkdirAll(target, 0o755); err != nil {
+		return nil, err
+	}
+	for {
+		err := unix.Mount(req.Device.Tag, target, VirtioFS, flags, data)
+		if err == nil {
+			return &storage{req: req, device: req.Device.Tag, target: target}, nil
+		}
+		if err != unix.ENOENT && err != unix.ENODEV {
+			os.Remove(target)
+			return nil, fmt.Errorf("storage %s: mount virtiofs tag %q -o %q: %v: %w", req.ID, req.Device.Tag, data, err, errdefs.ErrInvalidArgument)
+		}
+		select {
+		case <-ctx.Done():
+			os.Remove(target)
+			return nil, fmt.Errorf("storage %s: virtiofs tag %q did not appear (%v): %w", req.ID, req.Device.Tag, err, errdefs.ErrNotFound)
+		case <-time.After(m.finder.Poll):
+		}
+	}
 }
 
 // Unmount unmounts storage id. It fails while a rootfs uses it.
