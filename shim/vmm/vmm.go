@@ -214,6 +214,19 @@ type Config struct {
 	NICs []NIC
 	// Template, if set, makes this VM a template or starts it from one (see Template).
 	Template *Template
+	// SharedFS, if set, is a virtio-fs device backed by a vhost-user file system daemon
+	// (virtiofsd) the caller started. vhost-user needs the guest's RAM shared with the
+	// daemon, so the VM's memory is a shared memory file; it cannot be combined with
+	// Template, whose VMs map their memory privately.
+	SharedFS *SharedFS
+}
+
+// SharedFS is a virtio-fs device.
+type SharedFS struct {
+	// Socket is the daemon's vhost-user socket, listening before Start.
+	Socket string
+	// Tag is what the guest mounts (mount -t virtiofs TAG DIR), at most 36 bytes.
+	Tag string
 }
 
 // Template is a VM saved once it has booted and its agent is ready, which other VMs start

@@ -15,8 +15,9 @@ import (
 // ICH9 functions QEMU always adds; everything else is ours and fixed, so guest addresses
 // do not depend on the order of options.
 const (
-	agentSlot   = 0x02 // virtio-serial-pci or vhost-vsock-pci
-	balloonSlot = 0x03 // virtio-balloon-pci, with Config.FreePageReporting
+	agentSlot    = 0x02 // virtio-serial-pci or vhost-vsock-pci
+	balloonSlot  = 0x03 // virtio-balloon-pci, with Config.FreePageReporting
+	sharedFSSlot = 0x01 // vhost-user-fs-pci, with vmm.Config.SharedFS (00.0 is the host bridge, 1f the ICH9 functions)
 	// Root ports, one per disk on the command line, eight functions per slot from
 	// firstPortSlot.
 	firstPortSlot = 0x08
@@ -257,8 +258,15 @@ type cmdline struct {
 func (c cmdline) args() ([]string, error) {
 	cfg := c.vm
 	machine := "q35"
-	if c.vm.Template != nil {
+	var ram []string
+	switch {
+	case c.vm.Template != nil && c.vm.SharedFS != nil:
+		return nil, fmt.Errorf("a shared file system needs the guest's memory shared with virtiofsd, and a VM template's is private: %w", errdefs.ErrInvalidArgument)
+	case c.vm.Template != nil:
 		machine += ",memory-backend=" + templateRAM
+	case c.vm.SharedFS != nil:
+		machine += ",memory-backend=" + sharedRAM
+		ram = []string{"-object", fmt.Sprintf("memory-backend-memfd,id=%s,size=%dM,share=on", sharedRAM, cfg.MemoryMiB)}
 	}
 	a := []string{
 		"-name", "caisson,debug-threads=on",
@@ -269,6 +277,7 @@ func (c cmdline) args() ([]string, error) {
 		"-smp", strconv.Itoa(cfg.VCPUs),
 		"-m", fmt.Sprintf("size=%dM,slots=%d,maxmem=%dM", cfg.MemoryMiB, memorySlots, cfg.MaxMemoryMiB),
 	}
+	a = append(a, ram...)
 	switch c.accel {
 	case "kvm":
 		a = append(a, "-accel", "kvm", "-cpu", "host")
@@ -308,6 +317,16 @@ func (c cmdline) args() ([]string, error) {
 		)
 	case vmm.TransportVsock:
 		a = append(a, "-device", fmt.Sprintf("vhost-vsock-pci,id=agent-vsock,bus=pcie.0,addr=%s,guest-cid=%d", agentAddr, cfg.Agent.CID))
+	}
+
+	if fs := cfg.SharedFS; fs != nil {
+		if fs.Tag == "" || len(fs.Tag) > 36 || strings.ContainsAny(fs.Tag, ",=") {
+			return nil, fmt.Errorf("shared file system tag %q: want 1 to 36 bytes without ',' or '=': %w", fs.Tag, errdefs.ErrInvalidArgument)
+		}
+		a = append(a,
+			"-chardev", "socket,id=sharedfs,path="+optValue(fs.Socket),
+			"-device", fmt.Sprintf("vhost-user-fs-pci,id=sharedfs-dev,bus=pcie.0,addr=%02x.0,chardev=sharedfs,tag=%s", sharedFSSlot, fs.Tag),
+		)
 	}
 
 	if c.qemu.FreePageReporting {

@@ -28,6 +28,8 @@ import (
 const (
 	// templateRAM is the id of the guest RAM's backend in a template and the VMs made from it.
 	templateRAM = "guest-ram"
+	// sharedRAM is the shared memory backend of a VM with a shared file system.
+	sharedRAM = "guest-ram-shared"
 	// migrateSocketName is where a template VM sends its state (in the VM's state dir).
 	migrateSocketName = "migrate.sock"
 	// migrationTimeout bounds saving and loading a template's state.
