@@ -98,7 +98,24 @@ type Guest struct {
 	// looks. A Go duration string ("2s", "500ms"), 0 or at least MinCopiedMountRefreshInterval.
 	// Default 2s, as Kata's watchable bind mounts.
 	CopiedMountRefreshInterval Duration `toml:"copied_mount_refresh_interval"`
+	// SharedFS is how host bind mounts (Kubernetes volumes, `-v` of ctr and nerdctl) reach
+	// containers: "virtio-fs" (default) shares them through one virtiofsd per pod, writes
+	// landing on the host; "copy" copies their content into the VM at create (up to
+	// CopiedMountLimitBytes, read-only ones refreshed), and refuses writable ones, whose
+	// writes would never reach the host. Pods from a VM template (hypervisor.template)
+	// copy as with "copy": virtio-fs needs the guest's memory shared, a template VM's
+	// is private.
+	SharedFS string `toml:"shared_fs"`
+	// Virtiofsd is the virtio-fs daemon. Default /usr/lib/qemu/virtiofsd (Debian's
+	// qemu-system-common).
+	Virtiofsd string `toml:"virtiofsd"`
 }
+
+// Values of Guest.SharedFS.
+const (
+	SharedFSVirtio = "virtio-fs"
+	SharedFSCopy   = "copy"
+)
 
 // MinCopiedMountRefreshInterval bounds Guest.CopiedMountRefreshInterval from below.
 const MinCopiedMountRefreshInterval = 100 * time.Millisecond
@@ -137,6 +154,8 @@ func Default(artifactsDir string) Config {
 			Transport:                  "auto",
 			CopiedMountLimitBytes:      1 << 20,
 			CopiedMountRefreshInterval: Duration(2 * time.Second),
+			SharedFS:                   SharedFSVirtio,
+			Virtiofsd:                  "/usr/lib/qemu/virtiofsd",
 		},
 		Storage:        Storage{DAX: true, BlockDriver: "virtio-blk"},
 		PodAnnotations: []string{"hypervisor.vcpus", "hypervisor.memory_mib"},
@@ -220,6 +239,10 @@ func (c Config) Validate() error {
 		c.Guest.CopiedMountRefreshInterval > 0 && time.Duration(c.Guest.CopiedMountRefreshInterval) < MinCopiedMountRefreshInterval:
 		return bad("guest.copied_mount_refresh_interval", c.Guest.CopiedMountRefreshInterval,
 			fmt.Sprintf("want 0 (never) or at least %s", MinCopiedMountRefreshInterval))
+	case c.Guest.SharedFS != SharedFSVirtio && c.Guest.SharedFS != SharedFSCopy:
+		return bad("guest.shared_fs", c.Guest.SharedFS, "want virtio-fs or copy")
+	case c.Guest.SharedFS == SharedFSVirtio && !filepath.IsAbs(c.Guest.Virtiofsd):
+		return bad("guest.virtiofsd", c.Guest.Virtiofsd, "must be an absolute path")
 	case c.Storage.BlockDriver != "virtio-blk":
 		return bad("storage.block_driver", c.Storage.BlockDriver, "want virtio-blk")
 	}

@@ -57,9 +57,15 @@ kernel_params = {{q .Guest.KernelParams}}
 transport = {{q .Guest.Transport}}
 # All the guest kernel's messages on the console log (otherwise it boots quiet, which is faster).
 debug_console = {{.Guest.DebugConsole}}
-# Bind mounts of host files and trees (ConfigMaps, Secrets, service account tokens, emptyDirs)
-# holding at most this many bytes are copied into the VM at container create; larger ones
-# are refused. 0 refuses them all; at most 3145728. Writes stay in the VM.
+# How host bind mounts (Kubernetes volumes, -v of ctr and nerdctl) reach containers:
+# "virtio-fs" shares them through one virtiofsd per pod (writes land on the host); "copy"
+# copies them into the VM and refuses writable ones. Pods from a VM template always copy.
+shared_fs = {{q .Guest.SharedFS}}
+# The virtio-fs daemon (shared_fs = "virtio-fs").
+virtiofsd = {{q .Guest.Virtiofsd}}
+# Copied bind mounts (shared_fs = "copy", or a pod from a template) holding at most this many
+# bytes are copied into the VM at container create; larger ones are refused. 0 refuses them
+# all; at most 3145728.
 copied_mount_limit_bytes = {{.Guest.CopiedMountLimitBytes}}
 # How often the sources of copied mounts that every container mounts read-only are checked
 # for host-side changes (an updated ConfigMap or Secret, a rotated token), which are then

@@ -1,0 +1,162 @@
+package virtiofs
+
+import (
+	"context"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/caisson-containers/caisson/internal/testutil"
+)
+
+func startDaemon(t *testing.T) (*Daemon, string) {
+	t.Helper()
+	testutil.RequireRoot(t)
+	if _, err := os.Stat(DefaultBinary); err != nil {
+		t.Skipf("needs %s (make deps)", DefaultBinary)
+	}
+	dir := t.TempDir()
+	d, err := Start(context.Background(), Config{Dir: filepath.Join(dir, "shared"), Socket: filepath.Join(dir, "fs.sock"), Log: filepath.Join(dir, "virtiofsd.log")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d, dir
+}
+
+// TestShareAndClose: shares of a directory and a file show the host's content in the
+// shared directory; a read-only share cannot be written even by root on the host side;
+// Close stops virtiofsd and removes the shared directory, and every shared host path
+// keeps its content.
+func TestShareAndClose(t *testing.T) {
+	d, dir := startDaemon(t)
+	vol := filepath.Join(dir, "volume")
+	os.MkdirAll(filepath.Join(vol, "sub"), 0o755)
+	os.WriteFile(filepath.Join(vol, "sub", "data"), []byte("keep me"), 0o644)
+	file := filepath.Join(dir, "config")
+	os.WriteFile(file, []byte("a file"), 0o644)
+
+	if err := d.Share("c1", "c1-0", vol, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Share("c1", "c1-1", file, true); err != nil {
+		t.Fatal(err)
+	}
+	shared := filepath.Join(dir, "shared")
+	if b, err := os.ReadFile(filepath.Join(shared, "c1-0", "sub", "data")); err != nil || string(b) != "keep me" {
+		t.Fatalf("shared directory content: %q, %v", b, err)
+	}
+	if err := os.WriteFile(filepath.Join(shared, "c1-0", "new"), []byte("written through"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(vol, "new")); string(b) != "written through" {
+		t.Errorf("a write to the share did not reach the host path: %q", b)
+	}
+	if err := os.WriteFile(filepath.Join(shared, "c1-1"), []byte("no"), 0o644); !errorsIs(err, syscall.EROFS) {
+		t.Errorf("write to a read-only share: %v, want EROFS", err)
+	}
+
+	select {
+	case <-d.Done():
+		t.Fatalf("virtiofsd exited: %v", d.Err())
+	default:
+	}
+	if err := d.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(shared); !os.IsNotExist(err) {
+		t.Errorf("shared directory after Close: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "fs.sock")); !os.IsNotExist(err) {
+		t.Errorf("socket after Close: %v", err)
+	}
+	for p, want := range map[string]string{filepath.Join(vol, "sub", "data"): "keep me", file: "a file", filepath.Join(vol, "new"): "written through"} {
+		if b, err := os.ReadFile(p); err != nil || string(b) != want {
+			t.Errorf("%s after Close: %q, %v; want %q", p, b, err, want)
+		}
+	}
+	if mounted(t, dir) {
+		t.Error("mounts left under the test directory")
+	}
+}
+
+// TestUnmountProtectsSharedPaths: the cleanup of a pod whose shim died (Unmount, then
+// the pod's state directory removed) never deletes a shared host path.
+func TestUnmountProtectsSharedPaths(t *testing.T) {
+	d, dir := startDaemon(t)
+	vol := filepath.Join(dir, "volume")
+	os.MkdirAll(vol, 0o755)
+	os.WriteFile(filepath.Join(vol, "data"), []byte("precious"), 0o644)
+	if err := d.Share("c1", "c1-0", vol, false); err != nil {
+		t.Fatal(err)
+	}
+	d.cmd.Process.Kill() // the shim "died": nobody calls Close
+	<-d.Done()
+	if err := Unmount(filepath.Join(dir, "shared")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(filepath.Join(dir, "shared")); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(filepath.Join(vol, "data")); err != nil || string(b) != "precious" {
+		t.Fatalf("shared host path after the cleanup: %q, %v", b, err)
+	}
+	os.Remove(filepath.Join(dir, "fs.sock"))
+}
+
+func TestShareRejects(t *testing.T) {
+	d, dir := startDaemon(t)
+	defer d.Close(context.Background())
+	sock := filepath.Join(dir, "a.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, src, want string
+		kind            func(error) bool
+	}{
+		{"missing", filepath.Join(dir, "nope"), "does not exist", errdefs.IsNotFound},
+		{"socket", sock, "is a socket, which a VM cannot share", errdefs.IsInvalidArgument},
+		{"fifo", fifo, "is a FIFO, which a VM cannot share", errdefs.IsInvalidArgument},
+		{"char device", "/dev/null", "is a character device", errdefs.IsInvalidArgument},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := d.Share("c", "c-"+tc.name, tc.src, false)
+			if err == nil || !strings.Contains(err.Error(), tc.want) || !tc.kind(err) {
+				t.Fatalf("Share(%s) = %v, want %q", tc.src, err, tc.want)
+			}
+			if _, err := os.Lstat(filepath.Join(dir, "shared", "c-"+tc.name)); !os.IsNotExist(err) {
+				t.Errorf("a refused share left its target: %v", err)
+			}
+		})
+	}
+	if err := d.Share("c", "../escape", dir, false); !errdefs.IsInvalidArgument(err) {
+		t.Errorf("a name outside the shared directory: %v", err)
+	}
+}
+
+func mounted(t *testing.T, dir string) bool {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Contains(string(b), " "+dir)
+}
+
+func errorsIs(err error, target syscall.Errno) bool {
+	var pe *os.PathError
+	if e, ok := err.(*os.PathError); ok {
+		pe = e
+	}
+	return pe != nil && pe.Err == target
+}
