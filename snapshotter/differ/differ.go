@@ -53,6 +53,7 @@ type Differ struct {
 	layers   []LayerWriter
 	fallback diff.Applier
 	comparer diff.Comparer
+	limits   tarerofs.Limits
 }
 
 // New returns a differ that reads layers from store and writes them into the
@@ -60,6 +61,14 @@ type Differ struct {
 // comparer (may be nil) computes diffs.
 func New(store content.Store, layers []LayerWriter, fallback diff.Applier, comparer diff.Comparer) *Differ {
 	return &Differ{store: store, layers: layers, fallback: fallback, comparer: comparer}
+}
+
+// WithLimits sets the bounds of one layer (tarerofs.Limits; zero fields keep their
+// defaults) and returns d. A layer beyond them fails to apply with
+// errdefs.ErrInvalidArgument: it is not handed to the fallback, which has no such bounds.
+func (d *Differ) WithLimits(l tarerofs.Limits) *Differ {
+	d.limits = l
+	return d
 }
 
 var (
@@ -140,7 +149,7 @@ func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, config di
 	defer processor.Close()
 	digester := digest.Canonical.Digester()
 	rc := &countingReader{r: io.TeeReader(processor, digester.Hash())}
-	if err := tarerofs.Write(ctx, rc, f, tarerofs.Options{TempDir: dir}); err != nil {
+	if err := tarerofs.Write(ctx, rc, f, tarerofs.Options{TempDir: dir, Limits: d.limits}); err != nil {
 		return ocispec.Descriptor{}, err
 	}
 	// Whatever follows the end-of-archive marker is part of the diff id too.

@@ -21,6 +21,17 @@
 // Hardlinks are kept: go-erofs v0.3.1's Writer has no way to give two names one
 // inode, so Write patches the finished image's directory entries (hardlink.go).
 //
+// A layer comes from whoever built the image, so what it may ask of the host is bounded
+// (Limits): a regular file's declared size (a sparse entry declares its logical size,
+// and go-erofs writes every byte of it, holes included, twice: spool then image), the
+// sum of those sizes, a path's depth, the number of entries the image gets (implied
+// parent directories included), and xattrs: a name longer than the kernel's
+// XATTR_NAME_MAX (255), a value longer than EROFS can record (65535 bytes: its
+// e_value_size is 16 bits, one below the kernel's XATTR_SIZE_MAX), or more xattr bytes on
+// one inode than its 16-bit i_xattr_icount can describe. go-erofs truncates those
+// lengths silently, which would make a corrupt image. Each is an
+// errdefs.ErrInvalidArgument naming the entry.
+//
 // What go-erofs v0.3.1 cannot write is an errdefs.ErrNotImplemented naming the
 // entry, so that a caller can fall back to another unpack path: an entry that
 // replaces another non-directory of the same layer, or a whiteout of one (it
@@ -61,7 +72,64 @@ type Options struct {
 	// TempDir holds go-erofs's spool file (unlinked as soon as it is created)
 	// while the image is written. Empty means os.TempDir().
 	TempDir string
+	// Limits bound what the layer may ask for; zero fields take their defaults.
+	Limits Limits
 }
+
+// Limits bound one layer. A zero field means its default.
+type Limits struct {
+	// MaxFileSize bounds a regular file's declared size. Default DefaultMaxFileSize.
+	MaxFileSize int64
+	// MaxLayerSize bounds the sum of the regular files' declared sizes. Default
+	// DefaultMaxLayerSize.
+	MaxLayerSize int64
+	// MaxDepth bounds the number of elements of an entry's path. Default DefaultMaxDepth.
+	MaxDepth int
+	// MaxEntries bounds the image's entries: the tar's, whiteouts and the parent
+	// directories a tar leaves implied. Default DefaultMaxEntries.
+	MaxEntries int
+}
+
+const (
+	// DefaultMaxFileSize is 64 GiB: more than any file of an image seen in practice
+	// (large model weights included), far less than a sparse entry can declare.
+	DefaultMaxFileSize = 64 << 30
+	// DefaultMaxLayerSize is 256 GiB of file data in one layer.
+	DefaultMaxLayerSize = 256 << 30
+	// DefaultMaxDepth is 1024 path elements: a path any deeper is longer than the
+	// kernel's PATH_MAX (4096 bytes) already, so no tool could open it by name.
+	DefaultMaxDepth = 1024
+	// DefaultMaxEntries is a million entries: a large layer holds a few hundred
+	// thousand files; each entry costs the writer memory until the image is written.
+	DefaultMaxEntries = 1_000_000
+)
+
+func (l Limits) withDefaults() Limits {
+	if l.MaxFileSize <= 0 {
+		l.MaxFileSize = DefaultMaxFileSize
+	}
+	if l.MaxLayerSize <= 0 {
+		l.MaxLayerSize = DefaultMaxLayerSize
+	}
+	if l.MaxDepth <= 0 {
+		l.MaxDepth = DefaultMaxDepth
+	}
+	if l.MaxEntries <= 0 {
+		l.MaxEntries = DefaultMaxEntries
+	}
+	return l
+}
+
+const (
+	// maxXattrName is the kernel's XATTR_NAME_MAX.
+	maxXattrName = 255
+	// maxXattrValue is what an EROFS xattr entry's 16-bit e_value_size records
+	// (the kernel's XATTR_SIZE_MAX, 65536, does not fit).
+	maxXattrValue = 1<<16 - 1
+	// maxXattrArea is the largest inline xattr area an inode's 16-bit
+	// i_xattr_icount describes: a 12-byte header and 65534 4-byte units.
+	maxXattrArea = 12 + 4*(1<<16-2)
+)
 
 // File is where Write writes the image: an *os.File opened for reading and writing.
 type File interface {
@@ -84,7 +152,8 @@ func Write(ctx context.Context, r io.Reader, out File, opts Options) (retErr err
 			w.Close()
 		}
 	}()
-	c := &converter{w: w, kinds: map[string]kind{"/": kindDir}, types: map[string]byte{}, canon: map[string]string{}, nlink: map[string]uint32{}}
+	c := &converter{w: w, limits: opts.Limits.withDefaults(), kinds: map[string]kind{"/": kindDir}, types: map[string]byte{},
+		canon: map[string]string{}, nlink: map[string]uint32{}, xattrs: map[string]map[string]int{}}
 	tr := tar.NewReader(r)
 	for {
 		if err := ctx.Err(); err != nil {
@@ -99,6 +168,9 @@ func Write(ctx context.Context, r io.Reader, out File, opts Options) (retErr err
 		}
 		if err := c.add(hdr, tr); err != nil {
 			return err
+		}
+		if n := len(c.kinds); n > c.limits.MaxEntries {
+			return fmt.Errorf("tar entry %q: the layer has more than %d entries: %w", hdr.Name, c.limits.MaxEntries, errdefs.ErrInvalidArgument)
 		}
 	}
 	for p, n := range c.nlink {
@@ -127,7 +199,13 @@ const (
 )
 
 type converter struct {
-	w *erofs.Writer
+	w      *erofs.Writer
+	limits Limits
+	// size is the sum of the regular files' declared sizes so far.
+	size int64
+	// xattrs holds, per inode (its first path), the encoded size of each xattr set
+	// on it: hardlink entries add to their target's.
+	xattrs map[string]map[string]int
 	// kinds records every path of the image so far ("/a/b"), implicit parent
 	// directories included.
 	kinds map[string]kind
@@ -141,7 +219,7 @@ type converter struct {
 }
 
 func (c *converter) add(hdr *tar.Header, data io.Reader) error {
-	p, err := clean(hdr.Name)
+	p, err := clean(hdr.Name, c.limits.MaxDepth)
 	if err != nil {
 		return err
 	}
@@ -171,6 +249,9 @@ func (c *converter) add(hdr *tar.Header, data io.Reader) error {
 			err = c.w.Mkdir(p, mode.Perm())
 		}
 	case tar.TypeReg:
+		if err := c.checkSize(hdr); err != nil {
+			return err
+		}
 		err = c.file(p, data)
 	case tar.TypeSymlink:
 		k = kindSymlink
@@ -224,7 +305,7 @@ func (c *converter) meta(hdr *tar.Header, p string, mode fs.FileMode) error {
 	}
 	for k, v := range hdr.PAXRecords {
 		if name, ok := strings.CutPrefix(k, "SCHILY.xattr."); ok {
-			if err := c.w.Setxattr(p, name, v); err != nil {
+			if err := c.setxattr(hdr.Name, p, name, v); err != nil {
 				return err
 			}
 		}
@@ -232,12 +313,50 @@ func (c *converter) meta(hdr *tar.Header, p string, mode fs.FileMode) error {
 	return nil
 }
 
+// checkSize refuses a regular file whose declared size, or the layer's sum of them,
+// is beyond the limits, before any of its data is written.
+func (c *converter) checkSize(hdr *tar.Header) error {
+	if hdr.Size > c.limits.MaxFileSize {
+		return fmt.Errorf("tar entry %q declares %d bytes, more than the %d a file of a layer may have: %w",
+			hdr.Name, hdr.Size, c.limits.MaxFileSize, errdefs.ErrInvalidArgument)
+	}
+	c.size += hdr.Size
+	if c.size > c.limits.MaxLayerSize {
+		return fmt.Errorf("tar entry %q: the layer's files declare more than %d bytes in all: %w",
+			hdr.Name, c.limits.MaxLayerSize, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// setxattr sets xattr name on p for the tar entry called entry, after checking that
+// the inode's xattrs still fit the area EROFS can describe (checkXattrs has checked
+// each name and value already).
+func (c *converter) setxattr(entry, p, name, value string) error {
+	sizes := c.xattrs[p]
+	if sizes == nil {
+		sizes = map[string]int{}
+		c.xattrs[p] = sizes
+	}
+	// go-erofs's encoding: a 4-byte entry header, the name (less a known prefix:
+	// counting all of it errs on the safe side) and the value, padded to 4 bytes.
+	sizes[name] = (4 + len(name) + len(value) + 3) &^ 3
+	area := 12
+	for _, n := range sizes {
+		area += n
+	}
+	if area > maxXattrArea {
+		return fmt.Errorf("tar entry %q: the xattrs of %q take %d bytes, more than the %d an EROFS inode can hold: %w",
+			entry, strings.TrimPrefix(p, "/"), area, maxXattrArea, errdefs.ErrInvalidArgument)
+	}
+	return c.w.Setxattr(p, name, value)
+}
+
 // whiteout converts an OCI whiteout entry p (base name base) to its overlay form.
 func (c *converter) whiteout(name, p, base string) error {
 	dir := path.Dir(p)
 	if base == opaqueMarker {
 		// parents() made sure dir is a directory.
-		return c.w.Setxattr(dir, opaqueXattr, "y")
+		return c.setxattr(name, dir, opaqueXattr, "y")
 	}
 	target := strings.TrimPrefix(base, whiteoutPrefix)
 	if target == "" || target == "." || target == ".." {
@@ -257,7 +376,7 @@ func (c *converter) whiteout(name, p, base string) error {
 // hardlink adds the hardlink entry p: a placeholder of its target's type now,
 // its directory entry pointed at the target's inode once the image is written.
 func (c *converter) hardlink(hdr *tar.Header, p string) error {
-	t, err := clean(hdr.Linkname)
+	t, err := clean(hdr.Linkname, c.limits.MaxDepth)
 	if err != nil {
 		return fmt.Errorf("tar entry %q: hardlink target: %w", hdr.Name, err)
 	}
@@ -336,14 +455,20 @@ func (c *converter) parents(name, p string) error {
 
 // clean maps a tar name to an absolute path inside the layer ("/" is its root).
 // Leading slashes are dropped, as every tar tool does; a name that leaves the
-// root once cleaned, or has an element longer than Linux allows, is an error.
-func clean(name string) (string, error) {
+// root once cleaned, has an element longer than Linux allows, or more than
+// maxDepth elements, is an error.
+func clean(name string, maxDepth int) (string, error) {
 	rel := path.Clean(strings.TrimLeft(name, "/"))
 	if rel == ".." || strings.HasPrefix(rel, "../") {
 		return "", fmt.Errorf("tar entry %q leaves the layer's root: %w", name, errdefs.ErrInvalidArgument)
 	}
 	if rel == "." {
 		return "/", nil
+	}
+	// Before anything walks the path element by element (parents is quadratic in
+	// its depth).
+	if d := strings.Count(rel, "/") + 1; d > maxDepth {
+		return "", fmt.Errorf("tar entry %q: a path %d elements deep (at most %d): %w", truncName(name), d, maxDepth, errdefs.ErrInvalidArgument)
 	}
 	for _, e := range strings.Split(rel, "/") {
 		if len(e) > maxNameLen {
@@ -353,12 +478,28 @@ func clean(name string) (string, error) {
 	return "/" + rel, nil
 }
 
-// checkXattrs refuses xattrs go-erofs v0.3.1 cannot encode.
+// truncName shortens a name for an error message: a hostile one may be a MiB long.
+func truncName(name string) string {
+	const keep = 200
+	if len(name) <= keep {
+		return name
+	}
+	return fmt.Sprintf("%s...(%d bytes)", name[:keep], len(name))
+}
+
+// checkXattrs refuses xattrs go-erofs v0.3.1 cannot encode, and those it would
+// encode truncated.
 func checkXattrs(hdr *tar.Header) error {
-	for k := range hdr.PAXRecords {
+	for k, v := range hdr.PAXRecords {
 		name, ok := strings.CutPrefix(k, "SCHILY.xattr.")
 		if !ok {
 			continue
+		}
+		switch {
+		case len(name) > maxXattrName:
+			return fmt.Errorf("tar entry %q: an xattr name of %d bytes (at most %d): %w", hdr.Name, len(name), maxXattrName, errdefs.ErrInvalidArgument)
+		case len(v) > maxXattrValue:
+			return fmt.Errorf("tar entry %q: xattr %q has a value of %d bytes (at most %d): %w", hdr.Name, name, len(v), maxXattrValue, errdefs.ErrInvalidArgument)
 		}
 		switch {
 		case strings.HasPrefix(name, "user."), strings.HasPrefix(name, "trusted."), strings.HasPrefix(name, "security."):
