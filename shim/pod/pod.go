@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -26,6 +27,7 @@ import (
 	"github.com/caisson-containers/caisson/shim/network"
 	"github.com/caisson-containers/caisson/shim/rootfs"
 	"github.com/caisson-containers/caisson/shim/template"
+	"github.com/caisson-containers/caisson/shim/virtiofs"
 	"github.com/caisson-containers/caisson/shim/vmm"
 	"github.com/caisson-containers/caisson/shim/vmm/qemu"
 )
@@ -162,6 +164,12 @@ type Pod struct {
 
 	mu       sync.Mutex
 	storages map[string]*attached // by host file
+
+	// fs shares host paths with the guest (nil: guest.shared_fs is copy, or a template
+	// VM); sharedGuest is where the guest mounts them.
+	fs          *virtiofs.Daemon
+	sharedGuest string
+	stopping    atomic.Bool
 }
 
 // Start boots the VM and waits for its agent; on error nothing is left behind.
@@ -171,6 +179,11 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	}
 	defer func() {
 		if retErr != nil {
+			// Never through a share of a host path (see Stop).
+			if err := virtiofs.Unmount(filepath.Join(o.StateDir, SharedDirName)); err != nil {
+				log.G(ctx).WithError(err).Error("pod state left in place: the shared directory is still mounted")
+				return
+			}
 			os.RemoveAll(o.StateDir)
 		}
 	}()
@@ -228,6 +241,20 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	}
 	vcfg, qcfg := vmConfig(cfg, o.StateDir)
 	vcfg.Disks, vcfg.NICs = disks, nics
+	var fs *virtiofs.Daemon
+	if SharesHostPaths(cfg) {
+		var err error
+		if fs, vcfg.SharedFS, err = startShared(ctx, cfg, o.StateDir); err != nil {
+			return nil, fmt.Errorf("shared directory: %w", err)
+		}
+		defer func() {
+			if fs != nil {
+				if err := fs.Close(context.WithoutCancel(ctx)); err != nil {
+					log.G(ctx).WithError(err).Warn("shared directory cleanup")
+				}
+			}
+		}()
+	}
 	vm, err := startVM(ctx, cfg, vcfg, qcfg)
 	if err != nil {
 		return nil, err
@@ -235,8 +262,11 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	if net != nil {
 		net.CloseTaps() // QEMU holds them now: the taps go when it exits
 	}
-	p := &Pod{cfg: cfg, stateDir: o.StateDir, vm: vm, net: net, storages: map[string]*attached{}}
-	net = nil // p.Stop cleans it from here on
+	p := &Pod{cfg: cfg, stateDir: o.StateDir, vm: vm, net: net, fs: fs, storages: map[string]*attached{}}
+	net, fs = nil, nil // p.Stop cleans them from here on
+	if p.fs != nil {
+		go p.watchShared(context.WithoutCancel(ctx))
+	}
 	defer func() {
 		if retErr != nil {
 			p.Stop(context.WithoutCancel(ctx))
@@ -257,6 +287,9 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	go func() {
 		defer close(mounted)
 		mountErr = p.mountBootDisks(ctx, disks, devs)
+		if mountErr == nil && p.fs != nil {
+			mountErr = p.mountShared(ctx)
+		}
 	}()
 	created := time.Now()
 	_, err = p.Sandbox.Create(ctx, &agent.CreateSandboxRequest{
@@ -372,6 +405,7 @@ func (p *Pod) ConsoleLog() string { return filepath.Join(p.stateDir, "console.lo
 // Stop tears the pod down: asks the agent to destroy the sandbox (best effort),
 // stops the VM and removes the state directory. It is safe to call twice.
 func (p *Pod) Stop(ctx context.Context) error {
+	p.stopping.Store(true)
 	if p.client != nil {
 		dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		if _, err := p.Sandbox.Destroy(dctx, &agent.DestroySandboxRequest{}); err != nil {
@@ -393,6 +427,16 @@ func (p *Pod) Stop(ctx context.Context) error {
 		if nerr := p.net.Close(); nerr != nil {
 			err = errors.Join(err, fmt.Errorf("pod network: %w", nerr))
 		}
+	}
+	if p.fs != nil {
+		if ferr := p.fs.Close(ctx); ferr != nil {
+			err = errors.Join(err, fmt.Errorf("shared directory: %w", ferr))
+		}
+	}
+	// Whatever happened above, nothing shared may be under the state directory when
+	// it is removed: a share is a host path (a volume), not the pod's.
+	if uerr := virtiofs.Unmount(filepath.Join(p.stateDir, SharedDirName)); uerr != nil {
+		return errors.Join(err, uerr)
 	}
 	if rerr := os.RemoveAll(p.stateDir); rerr != nil {
 		err = errors.Join(err, rerr)

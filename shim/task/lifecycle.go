@@ -2,6 +2,7 @@ package task
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strconv"
@@ -72,12 +73,16 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	guest, copied, sources, err := guestSpec(spec, cfg.Guest.CopiedMountLimitBytes)
+	gspec, binds, err := guestSpec(spec, cfg.Guest.CopiedMountLimitBytes, pod.SharesHostPaths(cfg))
 	if err != nil {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
 	}
+	guest, err := json.Marshal(gspec)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
 	sio := stdio.Config{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal}
-	req := &agent.CreateContainerRequest{ContainerId: r.ID, Spec: guest, Stdio: sio.Agent(), CopiedMounts: copied}
+	req := &agent.CreateContainerRequest{ContainerId: r.ID, Spec: guest, Stdio: sio.Agent(), CopiedMounts: binds.copied}
 	if n := proto.Size(req); n > maxCreateRequest {
 		return nil, errgrpc.ToGRPCf(errdefs.ErrInvalidArgument,
 			"container %s: its copied bind mounts and spec take %d bytes, over the %d a request into the VM can carry", r.ID, n, maxCreateRequest)
@@ -128,8 +133,26 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}()
 
 	req.Rootfs = rfs
+	if len(binds.shared) > 0 {
+		// Shared host paths (volumes) go through the pod's shared directory; the spec
+		// names their guest paths.
+		if err := shareBinds(pd, r.ID, gspec, binds.shared); err != nil {
+			return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
+		}
+		defer func() {
+			if retErr != nil {
+				pd.Unshare(r.ID)
+			}
+		}()
+		if req.Spec, err = json.Marshal(gspec); err != nil {
+			return nil, errgrpc.ToGRPC(err)
+		}
+	}
+	releaseAll := func(ctx context.Context) error {
+		return errors.Join(release(ctx), pd.Unshare(r.ID))
+	}
 	copies := s.copyWatcher()
-	copies.add(r.ID, sources)
+	copies.add(r.ID, binds.sources)
 	defer func() {
 		if retErr != nil {
 			copies.remove(r.ID)
@@ -154,7 +177,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		return nil, errgrpc.ToGRPC(fmt.Errorf("attach stdio: %w", err))
 	}
 
-	c := &container{id: r.ID, bundle: r.Bundle, init: p, releaseRootfs: release, hooks: ch, execs: map[string]*process{}}
+	c := &container{id: r.ID, bundle: r.Bundle, init: p, releaseRootfs: releaseAll, hooks: ch, execs: map[string]*process{}}
 	s.mu.Lock()
 	s.containers[r.ID] = c
 	s.mu.Unlock()

@@ -12,6 +12,7 @@ import (
 	"github.com/opencontainers/runtime-spec/specs-go"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/shim/pod"
 )
 
 // Guest paths the agent's Sandbox.Create provides (api/agent/v1/sandbox.proto).
@@ -43,14 +44,32 @@ func readSpec(bundle string) (*specs.Spec, error) {
 	return &s, nil
 }
 
+// hostBinds is what guestSpec decided for the spec's host bind mounts.
+type hostBinds struct {
+	// copied are the CopiedMounts the agent makes the sources of (copy mode), and
+	// sources what the copy watcher needs of them.
+	copied  []*agent.CopiedMount
+	sources []copiedSource
+	// shared are mounts whose host source the pod shares with the guest (virtio-fs):
+	// the shim shares each and points the guest spec's mount at it before sending it.
+	shared []sharedBind
+}
+
+// sharedBind is a guest spec mount whose source is a host path to share.
+type sharedBind struct {
+	index    int // in the guest spec's Mounts
+	source   string
+	readonly bool
+}
+
 // guestSpec rewrites what in a host spec refers to the host: bind mounts of the
 // CRI's pod files become the sandbox's guest files; /dev/termination-log is
-// dropped; other host bind mounts are copied (see copyTree; at most limit bytes
-// each) and returned as the CopiedMounts that the agent makes their sources,
-// with what the copy watcher needs of them, and what cannot be copied is
-// refused; namespace paths, which name host objects, are dropped, and so are the hooks,
+// dropped; other host bind mounts are shared (share: virtio-fs, the shim shares
+// them before the spec is sent) or else copied (see copyTree; at most limit bytes
+// each; a writable one, whose writes would never reach the host, is refused);
+// namespace paths, which name host objects, are dropped, and so are the hooks,
 // which the shim runs on the host (hooks.go).
-func guestSpec(s *specs.Spec, limit int64) ([]byte, []*agent.CopiedMount, []copiedSource, error) {
+func guestSpec(s *specs.Spec, limit int64, share bool) (*specs.Spec, hostBinds, error) {
 	g := *s
 	g.Root = &specs.Root{Path: "rootfs", Readonly: s.Root != nil && s.Root.Readonly}
 	g.Hooks = nil
@@ -68,10 +87,7 @@ func guestSpec(s *specs.Spec, limit int64) ([]byte, []*agent.CopiedMount, []copi
 		g.Linux = &l
 	}
 	g.Mounts = nil
-	var (
-		copied  []*agent.CopiedMount
-		sources []copiedSource
-	)
+	var binds hostBinds
 	for _, m := range s.Mounts {
 		if !isBind(m) {
 			g.Mounts = append(g.Mounts, m)
@@ -87,18 +103,46 @@ func guestSpec(s *specs.Spec, limit int64) ([]byte, []*agent.CopiedMount, []copi
 			// container writes to its own /dev instead.
 			continue
 		}
+		if share {
+			binds.shared = append(binds.shared, sharedBind{index: len(g.Mounts), source: m.Source, readonly: isReadonly(m)})
+			g.Mounts = append(g.Mounts, m)
+			continue
+		}
+		if !isReadonly(m) {
+			return nil, binds, fmt.Errorf("bind mount of host path %q at %q is writable, and this pod copies host paths into its VM "+
+				"(guest.shared_fs = \"copy\", or a pod from a VM template): its writes would never reach the host; "+
+				"mount it read-only, or share it (guest.shared_fs = \"virtio-fs\", without hypervisor.template): %w",
+				m.Source, m.Destination, errdefs.ErrInvalidArgument)
+		}
 		files, sig, err := copyTree(m.Source, limit)
 		if err != nil {
-			return nil, nil, nil, fmt.Errorf("bind mount of host path %q at %q cannot be copied into the Caisson VM, which shares no filesystem with the host: %w",
+			return nil, binds, fmt.Errorf("bind mount of host path %q at %q cannot be copied into the Caisson VM: %w",
 				m.Source, m.Destination, err)
 		}
 		key := filepath.Clean(m.Source)
-		copied = append(copied, &agent.CopiedMount{MountIndex: uint32(len(g.Mounts)), Key: key, Files: files})
-		sources = append(sources, copiedSource{key: key, readonly: isReadonly(m), sig: sig})
+		binds.copied = append(binds.copied, &agent.CopiedMount{MountIndex: uint32(len(g.Mounts)), Key: key, Files: files})
+		binds.sources = append(binds.sources, copiedSource{key: key, readonly: true, sig: sig})
 		g.Mounts = append(g.Mounts, m)
 	}
-	b, err := json.Marshal(&g)
-	return b, copied, sources, err
+	return &g, binds, nil
+}
+
+// shareBinds shares the host paths of binds with the pod's guest for container id
+// and points g's mounts at them. On error nothing stays shared.
+func shareBinds(pd *pod.Pod, id string, g *specs.Spec, binds []sharedBind) (retErr error) {
+	defer func() {
+		if retErr != nil {
+			pd.Unshare(id)
+		}
+	}()
+	for n, b := range binds {
+		guest, err := pd.Share(id, n, b.source, b.readonly)
+		if err != nil {
+			return fmt.Errorf("bind mount of host path %q at %q: %w", b.source, g.Mounts[b.index].Destination, err)
+		}
+		g.Mounts[b.index].Source = guest
+	}
+	return nil
 }
 
 // isReadonly reports whether a mount's options, the last of "ro" and "rw" winning, make it read-only.
