@@ -252,6 +252,8 @@ type cmdline struct {
 	disks     []coldDisk
 	// restoreFD is the descriptor of the template's saved state (Template.Restore), 0 if none.
 	restoreFD int
+	// consoleFD is the descriptor of the pipe the guest console goes to (console.go).
+	consoleFD int
 }
 
 // args builds QEMU's command line.
@@ -301,7 +303,8 @@ func (c cmdline) args() ([]string, error) {
 	}
 
 	a = append(a,
-		"-chardev", "file,id=console,path="+optValue(cfg.ConsoleLog),
+		// QEMU opens the pipe again through /dev/fd: a file chardev takes a path.
+		"-chardev", fmt.Sprintf("file,id=console,path=/dev/fd/%d", c.consoleFD),
 		"-serial", "chardev:console",
 		"-chardev", "socket,id=qmp,server=on,wait=off,path="+optValue(c.qmpSocket),
 		"-mon", "chardev=qmp,mode=control",

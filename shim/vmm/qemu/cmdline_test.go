@@ -24,7 +24,7 @@ func option(args []string, flag string) []string {
 
 func TestCmdline(t *testing.T) {
 	base := vmm.Config{
-		Kernel: "/k", StateDir: "/s", ConsoleLog: "/s/con,sole.log",
+		Kernel: "/k", StateDir: "/s", ConsoleLog: "/s/console.log",
 		VCPUs: 2, MemoryMiB: 512, MaxMemoryMiB: 4096,
 		Agent: vmm.AgentChannel{Transport: vmm.TransportSerial},
 	}
@@ -46,7 +46,7 @@ func TestCmdline(t *testing.T) {
 				"-append":  {"console=ttyS0 panic=-1 swiotlb=noforce pcie_ports=compat cryptomgr.notests i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1 quiet"},
 				"-sandbox": {"on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"},
 				"-chardev": {
-					"file,id=console,path=/s/con,,sole.log",
+					"file,id=console,path=/dev/fd/7",
 					"socket,id=qmp,server=on,wait=off,path=/s/qmp.sock",
 					"socket,id=agent,server=on,wait=off,path=/s/agent.sock",
 				},
@@ -88,7 +88,7 @@ func TestCmdline(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := cmdline{vm: base, accel: "tcg", qmpSocket: "/s/qmp.sock", agentSock: "/s/agent.sock"}
+			c := cmdline{vm: base, accel: "tcg", qmpSocket: "/s/qmp.sock", agentSock: "/s/agent.sock", consoleFD: 7}
 			c.vm.KernelParams = []string{"quiet"}
 			if tc.change != nil {
 				tc.change(&c)

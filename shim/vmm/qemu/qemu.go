@@ -3,7 +3,8 @@
 // QEMU runs in its own process group with an empty environment, -sandbox on with every
 // restriction QEMU offers (obsolete, elevateprivileges, spawn, resourcecontrol: deny), and
 // dies with the shim (Pdeathsig). Its own output goes to qemu.log in the state dir and is
-// quoted when it fails; the guest console goes to the console log. The shim controls it
+// quoted when it fails; the guest console goes through a pipe to the console log, which
+// the shim keeps under ConsoleLogMax bytes (console.go). The shim controls it
 // over QMP (qmp.sock); the agent channel is a virtio-serial port whose host end is
 // agent.sock, or vhost-vsock.
 //
@@ -92,9 +93,10 @@ type VM struct {
 	unplug      map[string]chan struct{} // device id -> closed on DEVICE_DELETED
 	ejected     map[string]bool          // devices the guest removed without DetachDisk
 
-	done       chan struct{}
-	eventsDone chan struct{}
-	stopCh     chan struct{} // closed when Stop begins: device waits give up
+	done        chan struct{}
+	eventsDone  chan struct{}
+	consoleDone chan struct{} // closed once the console log has QEMU's last output
+	stopCh      chan struct{} // closed when Stop begins: device waits give up
 }
 
 var _ vmm.VM = (*VM)(nil)
@@ -178,6 +180,7 @@ func New(cfg vmm.Config, qcfg Config) (*VM, error) {
 		ejected:     map[string]bool{},
 		done:        make(chan struct{}),
 		eventsDone:  make(chan struct{}),
+		consoleDone: make(chan struct{}),
 		stopCh:      make(chan struct{}),
 	}
 	if t := cfg.Template; t != nil {
@@ -313,6 +316,8 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 		v.mu.Unlock()
 		v.nextDev = i + 1
 	}
+	// The console pipe (below) is QEMU's last extra descriptor.
+	cl.consoleFD = firstNICFD + len(extra)
 	args, err := cl.args()
 	if err != nil {
 		return err
@@ -332,6 +337,19 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 		return err
 	}
 	defer stderr.Close()
+	// The guest console goes through a pipe into a bounded log (console.go); QEMU
+	// writing the file itself would let the guest fill /run.
+	consoleR, consoleW, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	defer consoleW.Close() // QEMU has its own copy once started
+	consoleLog, err := os.OpenFile(v.cfg.ConsoleLog, os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600)
+	if err != nil {
+		consoleR.Close()
+		return err
+	}
+	extra = append(extra, consoleW)
 
 	cmd := exec.Command(bin, args...)
 	cmd.Env = []string{} // not nil: nothing of the shim's environment
@@ -349,8 +367,11 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 	startErr := make(chan error, 1)
 	go v.run(cmd, startErr)
 	if err := <-startErr; err != nil {
+		consoleR.Close()
+		consoleLog.Close()
 		return fmt.Errorf("starting qemu: %w", err)
 	}
+	go copyConsole(consoleR, consoleLog, v.consoleDone)
 
 	defer func() {
 		if retErr == nil {
@@ -433,6 +454,13 @@ func (v *VM) run(cmd *exec.Cmd, started chan<- error) {
 		case <-v.eventsDone:
 		case <-time.After(eventDrain):
 		}
+	}
+
+	// QEMU's last console output (a panic's trace) is in the log before Done: the
+	// pipe ends with QEMU, whose process group is dead by now.
+	select {
+	case <-v.consoleDone:
+	case <-time.After(eventDrain):
 	}
 
 	v.mu.Lock()
