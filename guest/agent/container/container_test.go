@@ -393,6 +393,7 @@ func TestBadInput(t *testing.T) {
 		id   string
 		spec func() *specs.Spec
 		want func(error) bool
+		says string // the error names it
 	}{
 		{name: "duplicate id", id: "good", spec: func() *specs.Spec { return testSpec(rootfs, "true") }, want: errdefs.IsAlreadyExists},
 		{name: "relative cwd", id: "relcwd", spec: func() *specs.Spec {
@@ -404,11 +405,21 @@ func TestBadInput(t *testing.T) {
 		{name: "no such command in PATH", id: "nocmd", spec: func() *specs.Spec { return testSpec(rootfs, "nope") }, want: errdefs.IsNotFound},
 		{name: "not executable", id: "noexec", spec: func() *specs.Spec { return testSpec(rootfs, "/etc/secret") }, want: errdefs.IsNotFound},
 		{name: "bad id", id: "../x", spec: func() *specs.Spec { return testSpec(rootfs, "true") }, want: errdefs.IsInvalidArgument},
+		{name: "unknown capability", id: "cap", spec: func() *specs.Spec {
+			s := testSpec(rootfs, "true")
+			s.Process.Capabilities = &specs.LinuxCapabilities{Bounding: []string{"CAP_CHOWN", "CAP_NO_SUCH_THING"}}
+			return s
+		}, want: errdefs.IsInvalidArgument, says: "CAP_NO_SUCH_THING"},
+		{name: "sysctl outside the container's namespaces", id: "sysctl", spec: func() *specs.Spec {
+			s := testSpec(rootfs, "true")
+			s.Linux.Sysctl = map[string]string{"vm.swappiness": "10"}
+			return s
+		}, want: errdefs.IsInvalidArgument, says: "vm.swappiness"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := tc.spec()
 			_, err := rt.Create(ctx, CreateOpts{ID: tc.id, Spec: s, Rootfs: s.Root.Path})
-			if !tc.want(err) {
+			if !tc.want(err) || !strings.Contains(fmt.Sprint(err), tc.says) {
 				t.Fatalf("err = %v", err)
 			}
 			t.Log(err)

@@ -17,6 +17,7 @@ import (
 	"github.com/containerd/log"
 	_ "github.com/opencontainers/cgroups/devices" // device rules: cgroup v1 files, v2 eBPF
 	"github.com/opencontainers/runc/libcontainer"
+	"github.com/opencontainers/runc/libcontainer/configs/validate"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/caisson-containers/caisson/guest/agent/reaper"
@@ -103,6 +104,12 @@ func (r *Runtime) Create(ctx context.Context, opts CreateOpts) (_ *Container, re
 	cfg, err := libcontainerConfig(opts.ID, opts.Spec, opts.Rootfs, path.Join(r.cgroupParent, opts.ID))
 	if err != nil {
 		return nil, err
+	}
+	// libcontainer.Create validates the configuration too, but its errors carry no
+	// errdefs kind, so a spec no kernel can run (a sysctl outside the container's
+	// namespaces, a namespace path that is not one) would reach the kubelet as Unknown.
+	if err := validate.Validate(cfg); err != nil {
+		return nil, fmt.Errorf("container %s: %v: %w", opts.ID, err, errdefs.ErrInvalidArgument)
 	}
 	lp, err := libcontainerProcess(opts.Spec.Process, true)
 	if err != nil {

@@ -6,6 +6,7 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/runc/libcontainer"
+	"github.com/opencontainers/runc/libcontainer/capabilities"
 	"github.com/opencontainers/runc/libcontainer/configs"
 	"github.com/opencontainers/runc/libcontainer/specconv"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -52,6 +53,36 @@ func checkProcess(p *specs.Process) error {
 	}
 	if p.Cwd == "" || !path.IsAbs(p.Cwd) {
 		return fmt.Errorf("process cwd %q is not an absolute path: %w", p.Cwd, errdefs.ErrInvalidArgument)
+	}
+	return checkCapabilities(p.Capabilities)
+}
+
+// knownCapabilities are the capability names libcontainer knows, whether or not the
+// guest kernel has them.
+var knownCapabilities = func() map[string]bool {
+	m := map[string]bool{}
+	for _, c := range capabilities.KnownCapabilities() {
+		m[c] = true
+	}
+	return m
+}()
+
+// checkCapabilities rejects a capability name that no kernel has, such as a typo in a
+// pod's securityContext.capabilities.add. libcontainer (like runc, which Kubernetes
+// nodes run) would only log a warning in the guest, where nobody reads it, and run
+// the container without the capability it asked for. A known capability the guest
+// kernel lacks is still left to libcontainer to drop: the CRI's "ALL" lists the
+// host's capabilities, which may be newer than the guest kernel.
+func checkCapabilities(c *specs.LinuxCapabilities) error {
+	if c == nil {
+		return nil
+	}
+	for _, set := range [][]string{c.Bounding, c.Effective, c.Inheritable, c.Permitted, c.Ambient} {
+		for _, name := range set {
+			if !knownCapabilities[name] {
+				return fmt.Errorf("unknown capability %q: %w", name, errdefs.ErrInvalidArgument)
+			}
+		}
 	}
 	return nil
 }
