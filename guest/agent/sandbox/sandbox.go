@@ -168,11 +168,17 @@ func (s *Sandbox) ContainerDeleted(pid int) {
 	}
 }
 
+// PodPIDNamespace is the PID namespace path with which the shim asks for the pod's
+// PID namespace (the CRI's NamespaceMode_POD, whose host path names the pause
+// container's): the one of the pod's first container (api/agent/v1/containers.proto).
+const PodPIDNamespace = "pod"
+
 // AdjustSpec rewrites a container's spec from the host's view to the guest's:
 //   - the network, IPC and UTS namespaces are the pod's (without a sandbox, new ones),
 //     also for a container the host would run in its own (hostNetwork, hostIPC): the
 //     VM is the pod's host;
-//   - the PID namespace is the pod's first container's when the pod shares one;
+//   - the PID namespace is the pod's first container's when the pod shares one or the
+//     spec's PID namespace path is PodPIDNamespace;
 //   - other namespace paths (the host's) are dropped: the container gets new ones;
 //   - bind mounts of /etc/hosts, /etc/resolv.conf, /etc/hostname and /dev/shm come from
 //     the pod's files; any other bind mount whose source is not in the guest is an error
@@ -195,6 +201,7 @@ func (s *Sandbox) AdjustSpec(spec *specs.Spec) error {
 		}
 		for i := range spec.Linux.Namespaces {
 			ns := &spec.Linux.Namespaces[i]
+			joinPod := ns.Type == specs.PIDNamespace && ns.Path == PodPIDNamespace
 			ns.Path = ""
 			switch ns.Type {
 			case specs.NetworkNamespace:
@@ -210,9 +217,18 @@ func (s *Sandbox) AdjustSpec(spec *specs.Spec) error {
 					ns.Path = s.nsPath("uts")
 				}
 			case specs.PIDNamespace:
-				if s.created && s.cfg.SharePID && s.pidHolder != 0 {
-					ns.Path = fmt.Sprintf("/proc/%d/ns/pid", s.pidHolder)
+				if !joinPod && !(s.created && s.cfg.SharePID) {
+					break // a PID namespace of its own (CRI's NamespaceMode_CONTAINER)
 				}
+				if s.pidHolder == 0 {
+					if joinPod {
+						// The CRI's pod PID namespace is the sandbox (pause) container's;
+						// without it, a new one would silently isolate this container.
+						return fmt.Errorf("the spec joins the pod's PID namespace, but the pod's first container, which holds it, is gone: %w", errdefs.ErrFailedPrecondition)
+					}
+					break // the first container of a shared-PID pod: it makes the namespace
+				}
+				ns.Path = fmt.Sprintf("/proc/%d/ns/pid", s.pidHolder)
 			}
 		}
 	}

@@ -156,4 +156,22 @@ func TestCreateNetwork(t *testing.T) {
 	if err := s.AdjustSpec(bad); !errdefs.IsInvalidArgument(err) {
 		t.Errorf("bind of a host directory: %v, want InvalidArgument", err)
 	}
+
+	// The CRI's pod PID namespace (the shim's "pod" path) is the first container's;
+	// a container with a PID namespace of its own keeps it.
+	pidSpec := func(path string) *specs.Spec {
+		return &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.PIDNamespace, Path: path}}}}
+	}
+	if err := s.AdjustSpec(pidSpec(PodPIDNamespace)); !errdefs.IsFailedPrecondition(err) {
+		t.Errorf("the pod's PID namespace without its holder: %v, want FailedPrecondition", err)
+	}
+	s.ContainerCreated(4242)
+	joined := pidSpec(PodPIDNamespace)
+	if err := s.AdjustSpec(joined); err != nil || joined.Linux.Namespaces[0].Path != "/proc/4242/ns/pid" {
+		t.Errorf("the pod's PID namespace: %q, %v", joined.Linux.Namespaces[0].Path, err)
+	}
+	own := pidSpec("")
+	if err := s.AdjustSpec(own); err != nil || own.Linux.Namespaces[0].Path != "" {
+		t.Errorf("a PID namespace of its own: %q, %v", own.Linux.Namespaces[0].Path, err)
+	}
 }
