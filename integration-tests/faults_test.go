@@ -3,6 +3,7 @@ package integration
 import (
 	"bytes"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"syscall"
@@ -12,6 +13,7 @@ import (
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/cio"
 	"github.com/containerd/containerd/v2/pkg/oci"
+	"github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/caisson-containers/caisson/integration-tests/harness"
 )
@@ -122,4 +124,69 @@ func TestGuestCrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitNoQEMU(t, e)
+}
+
+// kill -9 of the shim of a container with a shared volume (a writable host directory):
+// the cleanup of the dead shim's pod (containerd's `shim delete`) detaches the share
+// before it removes the pod's state, so the volume keeps all its data, and no mount or
+// virtiofsd of the pod is left.
+func TestShimKilledWithVolume(t *testing.T) {
+	e := harness.Start(t, harness.Options{})
+	image := e.ImportBusybox(t)
+	ctx := e.Context(t)
+	vol := t.TempDir()
+	if err := os.WriteFile(filepath.Join(vol, "precious"), []byte("keep"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c := newContainer(t, e, image, "orphan-vol",
+		oci.WithMounts([]specs.Mount{{Type: "bind", Source: vol, Destination: "/vol", Options: []string{"rbind", "rw"}}}),
+		oci.WithProcessArgs("sh", "-c", "echo from-guest > /vol/written && sleep 100000"))
+	var o outputs
+	task, exit := startTask(t, ctx, c, &o)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if b, _ := os.ReadFile(filepath.Join(vol, "written")); string(b) == "from-guest\n" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the container's write did not reach the volume")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	syscall.Kill(shimPid(t, "orphan-vol"), syscall.SIGKILL)
+	select {
+	case <-exit:
+	case <-time.After(30 * time.Second):
+		t.Fatal("containerd did not report the task's exit after its shim was killed")
+	}
+	task.Delete(ctx)
+	if err := c.Delete(ctx, containerd.WithSnapshotCleanup); err != nil {
+		t.Fatal(err)
+	}
+	waitNoQEMU(t, e)
+	deadline = time.Now().Add(20 * time.Second)
+	for {
+		entries, _ := os.ReadDir(e.StateDir)
+		left := 0
+		for _, en := range entries {
+			if en.Name() != "probes" {
+				left++
+			}
+		}
+		if left == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pod state left in %s", e.StateDir)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	for name, want := range map[string]string{"precious": "keep", "written": "from-guest\n"} {
+		if b, err := os.ReadFile(filepath.Join(vol, name)); err != nil || string(b) != want {
+			t.Errorf("volume file %s after the cleanup: %q, %v; want %q", name, b, err, want)
+		}
+	}
+	if out, _ := exec.Command("pgrep", "-f", "virtiofsd.*"+e.StateDir).Output(); len(bytes.TrimSpace(out)) > 0 {
+		t.Errorf("virtiofsd left: %s", out)
+	}
 }

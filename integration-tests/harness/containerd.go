@@ -267,7 +267,9 @@ func (e *Env) QEMUs() []string {
 	entries, _ := os.ReadDir("/proc")
 	for _, en := range entries {
 		b, err := os.ReadFile(filepath.Join("/proc", en.Name(), "cmdline"))
-		if err == nil && bytes.Contains(b, []byte("qemu")) && bytes.Contains(b, []byte(e.StateDir)) {
+		// QEMU itself: not virtiofsd, which Debian installs under /usr/lib/qemu.
+		argv0, _, _ := bytes.Cut(b, []byte{0})
+		if err == nil && bytes.HasPrefix([]byte(filepath.Base(string(argv0))), []byte("qemu-system")) && bytes.Contains(b, []byte(e.StateDir)) {
 			pids = append(pids, en.Name())
 		}
 	}

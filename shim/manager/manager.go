@@ -24,9 +24,12 @@ import (
 	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/hooks"
 	"github.com/caisson-containers/caisson/shim/pod"
+	"github.com/caisson-containers/caisson/shim/virtiofs"
 	"github.com/caisson-containers/caisson/version"
 )
 
@@ -271,11 +274,35 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 			log.G(ctx).WithError(err).Warn("removing the pod cgroup of a dead shim")
 		}
 	}
+	// The dead shim's poststop hooks did not run (nerdctl's network teardown, say): run
+	// them, as runc's delete does for a container whose runtime died.
+	runPoststop(ctx, id, cwd)
+	// A share of a host path (a volume) under the state directory must go before the
+	// directory: removing through it would delete the volume's data.
+	if err := virtiofs.Unmount(filepath.Join(stateDir, pod.SharedDirName)); err != nil {
+		return status, fmt.Errorf("pod state %s left in place: %w", stateDir, err)
+	}
 	if err := os.RemoveAll(stateDir); err != nil {
 		return status, fmt.Errorf("remove pod state %s: %w", stateDir, err)
 	}
 	log.G(ctx).WithField("state", stateDir).Info("cleaned up after a dead shim")
 	return status, nil
+}
+
+// runPoststop runs the poststop hooks of the container whose bundle is bundle.
+func runPoststop(ctx context.Context, id, bundle string) {
+	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
+	if err != nil {
+		return
+	}
+	var s specs.Spec
+	if err := json.Unmarshal(b, &s); err != nil || len(hooks.Of(s.Hooks, hooks.Poststop)) == 0 {
+		return
+	}
+	st := specs.State{Version: s.Version, ID: id, Status: specs.StateStopped, Bundle: bundle, Annotations: s.Annotations}
+	if err := hooks.RunAll(ctx, hooks.Poststop, hooks.Of(s.Hooks, hooks.Poststop), st); err != nil {
+		log.G(ctx).WithError(err).Warn("poststop hook of a dead shim's container failed")
+	}
 }
 
 // vmProcesses are the QEMU processes whose command line names stateDir.
