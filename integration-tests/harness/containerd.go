@@ -276,6 +276,20 @@ func (e *Env) QEMUs() []string {
 	return pids
 }
 
+// Virtiofsds are the pids of this environment's pods' virtiofsd (guest.shared_fs).
+func (e *Env) Virtiofsds() []string {
+	var pids []string
+	entries, _ := os.ReadDir("/proc")
+	for _, en := range entries {
+		b, err := os.ReadFile(filepath.Join("/proc", en.Name(), "cmdline"))
+		argv0, _, _ := bytes.Cut(b, []byte{0})
+		if err == nil && filepath.Base(string(argv0)) == "virtiofsd" && bytes.Contains(b, []byte(e.StateDir)) {
+			pids = append(pids, en.Name())
+		}
+	}
+	return pids
+}
+
 // Context is a context in the test namespace, ending with the test.
 func (e *Env) Context(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), Namespace), 10*time.Minute)
