@@ -7,3 +7,24 @@ test-cri: binaries guest ## CRI tests (root): pod lifecycle, networking, streami
 .PHONY: bench-cri
 bench-cri: ## CRI pod start (RunPodSandbox -> first app container Running), median of 10: caisson vs runc, and vs a bare guest boot
 	$(GO) test -count=1 -run '^$$' -bench '^BenchmarkCRIPodStart$$' -benchtime 10x -timeout 30m ./integration-tests/
+
+# critest, cri-tools' CRI validation suite, is a Go test binary: built from the module
+# proxy's copy of cri-tools (about 35 s once its modules are downloaded).
+CRITEST_VERSION := v1.37.0
+CRITEST_FOCUS   ?=
+
+CRITEST_STAMP   := $(TOOLS_DIR)/.critest-$(CRITEST_VERSION)
+
+$(CRITEST_STAMP):
+	$(GO) mod download sigs.k8s.io/cri-tools@$(CRITEST_VERSION)
+	cd "$$($(GO) env GOMODCACHE)/sigs.k8s.io/cri-tools@$(CRITEST_VERSION)" && \
+		GOFLAGS=-mod=mod $(GO) test -c -o $(TOOLS_DIR)/critest ./cmd/critest
+	rm -f $(TOOLS_DIR)/.critest-* && touch $@
+
+.PHONY: test-critest
+test-critest: binaries guest $(CRITEST_STAMP) ## critest (CRI validation, root) with runc as the control then Caisson; results in _output/critest (CRITEST_FOCUS=regexp for a subset)
+	CAISSON_CRITEST_FOCUS='$(CRITEST_FOCUS)' $(GO) test -count=1 -timeout 150m -run '^TestCritest$$' -v ./integration-tests/critest/
+
+.PHONY: bench-volumes
+bench-volumes: ## Shared volumes (virtio-fs) against the rootfs disk in one pod: 256 MiB sequential write/read, 10,000 files; and an idle pod's memory shared vs copied
+	$(GO) test -count=1 -run '^$$' -bench '^BenchmarkCRI(VolumeIO|PodMemorySharedFS)$$' -benchtime 1x -timeout 30m ./integration-tests/
