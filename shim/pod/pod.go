@@ -155,6 +155,10 @@ type Pod struct {
 	leaveCgroup func() error
 	session     transport.Session
 	client      *ttrpc.Client
+	// calls puts deadlines on the agent's calls and tells whether the guest answers.
+	calls *deadlines
+	// killed is set by Kill: the VM was ended on purpose, its processes by SIGKILL.
+	killed atomic.Bool
 
 	Sandbox    agent.SandboxService
 	Containers agent.ContainersClient
@@ -330,7 +334,8 @@ func (p *Pod) connect(ctx context.Context) error {
 		return err
 	}
 	p.session = s
-	c, err := transport.OpenTTRPC(ctx, s)
+	p.calls = &deadlines{}
+	c, err := transport.OpenTTRPC(ctx, s, ttrpc.WithUnaryClientInterceptor(p.calls.intercept))
 	if err != nil {
 		return p.bootError(err)
 	}
@@ -443,6 +448,34 @@ func (p *Pod) Stop(ctx context.Context) error {
 	}
 	return err
 }
+
+// Kill ends the VM at once, without a word to the guest: for a guest that does not answer
+// (a SIGKILL it cannot be asked to deliver). Its processes die with it, as if SIGKILLed
+// (Killed says so). Calls to the agent in flight, Wait among them, end. Stop is still
+// needed to release the rest (network, cgroup, state directory).
+func (p *Pod) Kill(ctx context.Context) error {
+	p.killed.Store(true)
+	// A context already over makes vm.Stop skip its graceful quit (QMP, which a stopped
+	// QEMU would not answer) and go straight to SIGKILL, which even a stopped QEMU obeys.
+	kctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	cancel()
+	err := p.vm.Stop(kctx)
+	// After the VM is gone, so that a Wait that fails with the client finds Done closed.
+	if p.client != nil {
+		p.client.Close()
+	}
+	if p.session != nil {
+		p.session.Close()
+	}
+	return err
+}
+
+// Killed reports whether Kill ended the VM.
+func (p *Pod) Killed() bool { return p.killed.Load() }
+
+// Silent reports whether the guest ran out of the deadline of the last call to it that
+// ended: it has not answered since.
+func (p *Pod) Silent() bool { return p.calls != nil && p.calls.silent() }
 
 // StateDir is where the pod id of namespace ns keeps its VM's state under
 // root. Unix socket paths are limited to 107 bytes and CRI ids are 64

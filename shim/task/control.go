@@ -2,6 +2,7 @@ package task
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"time"
 
@@ -13,7 +14,9 @@ import (
 	ptypes "github.com/containerd/containerd/v2/pkg/protobuf/types"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
 	"github.com/containerd/typeurl/v2"
+	"golang.org/x/sys/unix"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/shim/pod"
@@ -174,8 +177,41 @@ func (s *service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*ptypes.Emp
 	if err != nil {
 		return nil, err
 	}
+	select {
+	case <-pd.Done():
+		// Every process of the pod ended with its VM (watchPod reports them).
+		return nil, errgrpc.ToGRPCf(errdefs.ErrNotFound, "process %s of %s: the pod's VM has ended", idOr(r.ExecID, r.ID), r.ID)
+	default:
+	}
+	sigkill := r.Signal == uint32(unix.SIGKILL)
+	if sigkill && pd.Silent() {
+		// The guest missed a deadline and has not answered since: a SIGKILL does not wait
+		// for it again.
+		return s.killSilentPod(ctx, pd, r.ID)
+	}
 	if _, err := pd.Containers.Signal(ctx, &agent.SignalRequest{ContainerId: r.ID, ExecId: r.ExecID, Signal: r.Signal, All: r.All}); err != nil {
+		if pd.Silent() {
+			if sigkill {
+				return s.killSilentPod(ctx, pd, r.ID)
+			}
+			return nil, errgrpc.ToGRPC(fmt.Errorf("signal %d to %s of %s: the guest did not answer within %s: %w",
+				r.Signal, idOr(r.ExecID, r.ID), r.ID, pod.SignalTimeout, errdefs.ErrUnavailable))
+		}
 		return nil, agentErr("signal", err)
+	}
+	return empty, nil
+}
+
+// killSilentPod delivers a SIGKILL the guest cannot be asked to deliver: it kills the VM,
+// and with it every process of the pod (not only the one the SIGKILL was for: a guest that
+// does not answer runs nothing the shim can reach). watchPod reports each process exited
+// as SIGKILLed. containerd's next calls find the processes stopped, and its delete and
+// shutdown release the rest.
+func (s *service) killSilentPod(ctx context.Context, pd *pod.Pod, id string) (*ptypes.Empty, error) {
+	log.G(ctx).WithField("container", id).WithField("qemu_pid", pd.Pid()).
+		Error("the guest does not answer: killing the pod's VM to deliver a SIGKILL; every container of the pod exits")
+	if err := pd.Kill(ctx); err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("kill the VM of a guest that does not answer: %w", err))
 	}
 	return empty, nil
 }

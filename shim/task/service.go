@@ -37,6 +37,10 @@ import (
 // vmExitCode is the exit status of processes whose VM ended under them.
 const vmExitCode = 255
 
+// killedExitCode is the exit status of processes whose VM the shim killed to deliver a
+// SIGKILL (killSilentPod): 128+9, what runc reports for a process SIGKILL ended.
+const killedExitCode = 128 + uint32(unix.SIGKILL)
+
 var _ = shim.TTRPCService(&service{})
 
 // NewTaskService returns the task service; containerd's shim package serves it.
@@ -172,17 +176,30 @@ func (s *service) watchPod(p *pod.Pod) {
 	if s.currentPod() != p {
 		return // stopped on purpose
 	}
-	reason := p.Err()
-	log.G(s.context).WithError(reason).Error("the pod's VM ended; every container in it exits")
+	code := uint32(vmExitCode)
+	if p.Killed() {
+		code = killedExitCode
+		log.G(s.context).Info("the pod's VM was killed; every container in it exits")
+	} else {
+		log.G(s.context).WithError(p.Err()).Error("the pod's VM ended; every container in it exits")
+	}
 	s.mu.Lock()
 	var procs []*process
 	for _, c := range s.containers {
 		procs = append(procs, c.all()...)
 	}
 	s.mu.Unlock()
+	// At once: each exit waits (bounded) for its output to drain.
+	at := time.Now()
+	var wg sync.WaitGroup
 	for _, pr := range procs {
-		s.exited(pr, vmExitCode, time.Now())
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.exited(pr, code, at)
+		}()
 	}
+	wg.Wait()
 }
 
 // exited records a process's exit and publishes it, once.
@@ -204,6 +221,9 @@ func (s *service) exited(p *process, code uint32, at time.Time) {
 func (s *service) watchExit(pd *pod.Pod, p *process) {
 	resp, err := pd.Containers.Wait(s.context, &agent.WaitRequest{ContainerId: p.containerID, ExecId: p.execID})
 	if err != nil {
+		if pd.Killed() {
+			return // the shim killed the VM: watchPod reports it
+		}
 		select {
 		case <-pd.Done():
 			// watchPod reports it.
