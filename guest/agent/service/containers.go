@@ -134,9 +134,12 @@ func (s containersService) Signal(ctx context.Context, req *agent.SignalRequest)
 		return nil, err
 	}
 	sig := unix.Signal(req.GetSignal())
-	if req.GetAll() && req.GetExecId() == "" {
+	switch {
+	case req.GetAll() && req.GetExecId() == "":
 		err = c.Kill(ctx, sig, true)
-	} else {
+	case req.GetExecId() != "" && sig == unix.SIGKILL:
+		err = killTree(p)
+	default:
 		err = p.Signal(sig)
 	}
 	if err != nil {
