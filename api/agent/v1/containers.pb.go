@@ -160,8 +160,10 @@ type CreateContainerRequest struct {
 	// the root filesystem is rootfs.
 	//
 	// Namespaces: every container of the pod runs in the pod's network, IPC and
-	// UTS namespaces, which are the guest's own, whatever the spec says about
-	// those three; each container gets its own mount namespace; and its own PID
+	// UTS namespaces, which are the guest's own, whatever paths the spec gives
+	// those three; a spec without a PID or an IPC namespace (the host's: hostPID,
+	// hostIPC) is refused once the sandbox exists, as the guest's are not the
+	// host's; each container gets its own mount namespace; and its own PID
 	// namespace, unless the sandbox shares PID (CreateSandboxRequest.share_pid)
 	// or the spec's PID namespace has the path "pod": then it joins the PID
 	// namespace of the pod's first container. Host namespace paths mean nothing

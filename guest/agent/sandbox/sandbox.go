@@ -174,9 +174,9 @@ func (s *Sandbox) ContainerDeleted(pid int) {
 const PodPIDNamespace = "pod"
 
 // AdjustSpec rewrites a container's spec from the host's view to the guest's:
-//   - the network, IPC and UTS namespaces are the pod's (without a sandbox, new ones),
-//     also for a container the host would run in its own (hostNetwork, hostIPC): the
-//     VM is the pod's host;
+//   - a spec that shares the host's PID or IPC namespace (hostPID, hostIPC) is refused:
+//     the guest's are not the host's (refuseHostNamespaces);
+//   - the network, IPC and UTS namespaces are the pod's (without a sandbox, new ones);
 //   - the PID namespace is the pod's first container's when the pod shares one or the
 //     spec's PID namespace path is PodPIDNamespace;
 //   - other namespace paths (the host's) are dropped: the container gets new ones;
@@ -193,6 +193,9 @@ func (s *Sandbox) AdjustSpec(spec *specs.Spec) error {
 	if spec.Linux != nil {
 		spec.Linux.MountLabel = ""
 		if s.created {
+			if err := refuseHostNamespaces(spec.Linux.Namespaces); err != nil {
+				return err
+			}
 			for _, t := range []specs.LinuxNamespaceType{specs.NetworkNamespace, specs.IPCNamespace, specs.UTSNamespace} {
 				if !hasNamespace(spec.Linux.Namespaces, t) {
 					spec.Linux.Namespaces = append(spec.Linux.Namespaces, specs.LinuxNamespace{Type: t})
@@ -261,6 +264,24 @@ func (s *Sandbox) AdjustSpec(spec *specs.Spec) error {
 func AdjustProcess(p *specs.Process) {
 	p.ApparmorProfile = ""
 	p.SelinuxLabel = ""
+}
+
+// refuseHostNamespaces refuses a spec without a PID or an IPC namespace: it shares the
+// host's (a CRI pod with hostPID or hostIPC, `nerdctl run --pid host` or `--ipc host`).
+// The VM has its own kernel, so no namespace of the guest is the host's: such a
+// container would run, but see the VM's processes or IPC objects where it expects the
+// node's (a node agent reading /proc, a process sharing memory with a host daemon).
+// The shim refuses the host network namespace the same way (shim/task/spec.go).
+func refuseHostNamespaces(nss []specs.LinuxNamespace) error {
+	if !hasNamespace(nss, specs.PIDNamespace) {
+		return fmt.Errorf("the spec shares the host's PID namespace (hostPID: true, --pid host), but a Caisson container runs in a VM with its own kernel, which cannot see the host's processes; use another runtime class for it: %w",
+			errdefs.ErrInvalidArgument)
+	}
+	if !hasNamespace(nss, specs.IPCNamespace) {
+		return fmt.Errorf("the spec shares the host's IPC namespace (hostIPC: true, --ipc host), but a Caisson container runs in a VM with its own kernel, which cannot share the host's IPC objects; use another runtime class for it: %w",
+			errdefs.ErrInvalidArgument)
+	}
+	return nil
 }
 
 func hasNamespace(nss []specs.LinuxNamespace, t specs.LinuxNamespaceType) bool {

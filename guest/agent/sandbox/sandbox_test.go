@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -141,13 +142,23 @@ func TestCreateNetwork(t *testing.T) {
 	}
 	hostNet := &specs.Spec{
 		Process: &specs.Process{ApparmorProfile: "cri-containerd.apparmor.d", SelinuxLabel: "system_u:system_r:container_t"},
-		Linux:   &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.PIDNamespace}, {Type: specs.MountNamespace}}},
+		Linux:   &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.PIDNamespace}, {Type: specs.IPCNamespace}, {Type: specs.MountNamespace}}},
 	}
 	if err := s.AdjustSpec(hostNet); err != nil {
 		t.Fatal(err)
 	}
-	if len(hostNet.Linux.Namespaces) != 5 || hostNet.Linux.Namespaces[2].Path != s.nsPath("net") {
-		t.Errorf("a hostNetwork container's namespaces: %v", hostNet.Linux.Namespaces)
+	if len(hostNet.Linux.Namespaces) != 5 || hostNet.Linux.Namespaces[3].Path != s.nsPath("net") || hostNet.Linux.Namespaces[1].Path != s.nsPath("ipc") {
+		t.Errorf("a container without network and UTS namespaces: %v", hostNet.Linux.Namespaces)
+	}
+	// The host's PID and IPC namespaces (hostPID, hostIPC) are refused, naming the field.
+	for want, nss := range map[string][]specs.LinuxNamespace{
+		"hostPID": {{Type: specs.IPCNamespace}, {Type: specs.MountNamespace}},
+		"hostIPC": {{Type: specs.PIDNamespace}, {Type: specs.MountNamespace}},
+	} {
+		err := s.AdjustSpec(&specs.Spec{Linux: &specs.Linux{Namespaces: nss}})
+		if !errdefs.IsInvalidArgument(err) || !strings.Contains(fmt.Sprint(err), want) {
+			t.Errorf("%s: %v, want InvalidArgument naming it", want, err)
+		}
 	}
 	if hostNet.Process.ApparmorProfile != "" || hostNet.Process.SelinuxLabel != "" {
 		t.Errorf("host security labels kept: %+v", hostNet.Process)
@@ -160,7 +171,7 @@ func TestCreateNetwork(t *testing.T) {
 	// The CRI's pod PID namespace (the shim's "pod" path) is the first container's;
 	// a container with a PID namespace of its own keeps it.
 	pidSpec := func(path string) *specs.Spec {
-		return &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.PIDNamespace, Path: path}}}}
+		return &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.PIDNamespace, Path: path}, {Type: specs.IPCNamespace}}}}
 	}
 	if err := s.AdjustSpec(pidSpec(PodPIDNamespace)); !errdefs.IsFailedPrecondition(err) {
 		t.Errorf("the pod's PID namespace without its holder: %v, want FailedPrecondition", err)
