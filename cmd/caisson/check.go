@@ -19,6 +19,8 @@ Exits non-zero when Caisson cannot run here.`,
 		configFlag,
 		&cli.StringFlag{Name: "state-root", Value: "/var/lib/caisson", Usage: "where Caisson keeps its data; its free space is reported"},
 		&cli.DurationFlag{Name: "probe-timeout", Value: accel.DefaultTimeout, Usage: "how long a probe guest may take before its accelerator counts as hung"},
+		&cli.StringFlag{Name: "containerd-address", Value: "/run/containerd/containerd.sock", Usage: "containerd's socket: its version is checked against the snapshotter's mount_mode (\"\" skips)"},
+		&cli.StringFlag{Name: "snapshotter-config", Value: "/etc/caisson/snapshotter.toml", Usage: "caisson-snapshotter's configuration file"},
 	},
 	Action: func(c *cli.Context) error {
 		cfg, err := loadConfig(c)
@@ -29,6 +31,9 @@ Exits non-zero when Caisson cannot run here.`,
 			Config:       cfg,
 			StateRoot:    c.String("state-root"),
 			ProbeTimeout: c.Duration("probe-timeout"),
+
+			ContainerdAddress: c.String("containerd-address"),
+			SnapshotterConfig: c.String("snapshotter-config"),
 		})
 		hostcheck.Print(os.Stdout, results, verdict)
 		if !verdict.CanRun {

@@ -59,6 +59,11 @@ type Options struct {
 	ProbeTimeout time.Duration
 	// Cache remembers accelerator probes for this boot; nil probes every time.
 	Cache *accel.Cache
+	// ContainerdAddress is containerd's socket, whose version is checked against
+	// SnapshotterConfig's mount_mode; "" skips the check.
+	ContainerdAddress string
+	// SnapshotterConfig is caisson-snapshotter's configuration file.
+	SnapshotterConfig string
 }
 
 // Run runs every probe and returns the results in report order and the verdict.
@@ -110,6 +115,9 @@ func Run(ctx context.Context, o Options) ([]Result, Verdict) {
 	results = append(results, hostFeatures(ctx)...)
 	results = append(results, tools()...)
 	results = append(results, cgroupVersion(), diskSpace(o.StateRoot))
+	if o.ContainerdAddress != "" {
+		results = append(results, containerdStatus(ctx, o.ContainerdAddress, o.SnapshotterConfig))
+	}
 
 	// The transport is the one pods will use, not the best the host offers: the pod path
 	// (shim/pod) speaks virtio-serial only, and config.Validate refuses
