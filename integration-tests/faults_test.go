@@ -66,7 +66,13 @@ func TestShimKilled(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitNoQEMU(t, e)
-	// containerd cleans up after a dead shim asynchronously (it runs `shim delete`).
+	waitNoPodState(t, e)
+}
+
+// waitNoPodState waits for containerd's cleanup after a dead shim, which it runs
+// asynchronously (`shim delete`), to remove the pod's state.
+func waitNoPodState(t *testing.T, e *harness.Env) {
+	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		var left []string
@@ -164,23 +170,7 @@ func TestShimKilledWithVolume(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitNoQEMU(t, e)
-	deadline = time.Now().Add(20 * time.Second)
-	for {
-		entries, _ := os.ReadDir(e.StateDir)
-		left := 0
-		for _, en := range entries {
-			if en.Name() != "probes" {
-				left++
-			}
-		}
-		if left == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("pod state left in %s", e.StateDir)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	waitNoPodState(t, e)
 	for name, want := range map[string]string{"precious": "keep", "written": "from-guest\n"} {
 		if b, err := os.ReadFile(filepath.Join(vol, name)); err != nil || string(b) != want {
 			t.Errorf("volume file %s after the cleanup: %q, %v; want %q", name, b, err, want)
