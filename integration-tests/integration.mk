@@ -21,6 +21,9 @@ $(CRITEST_STAMP):
 		GOFLAGS=-mod=mod $(GO) test -c -o $(TOOLS_DIR)/critest ./cmd/critest
 	rm -f $(TOOLS_DIR)/.critest-* && touch $@
 
+.PHONY: critest
+critest: $(CRITEST_STAMP) ## Build cri-tools' critest $(CRITEST_VERSION) into _output/tools from the Go module proxy
+
 .PHONY: test-critest
 test-critest: binaries guest $(CRITEST_STAMP) ## critest (CRI validation, root) with runc as the control then Caisson; results in _output/critest (CRITEST_FOCUS=regexp for a subset)
 	CAISSON_CRITEST_FOCUS='$(CRITEST_FOCUS)' $(GO) test -count=1 -timeout 150m -run '^TestCritest$$' -v ./integration-tests/critest/
