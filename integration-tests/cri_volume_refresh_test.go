@@ -52,6 +52,11 @@ func TestCRIVolumeRefresh(t *testing.T) {
 	pod := c.RunPod(t, podCfg, harness.Handler)
 	// The container's pid 1 holds /etc/cfg/key open on fd 3 from the start.
 	cfg := harness.ContainerConfig("app", image, "sh", "-c", "exec 3</etc/cfg/key; exec sleep 100000")
+	// A PID namespace of its own, as the kubelet asks by default (the CRI's default, POD,
+	// would make the pause process its pid 1).
+	cfg.Linux.SecurityContext = &runtime.LinuxContainerSecurityContext{
+		NamespaceOptions: &runtime.NamespaceOption{Pid: runtime.NamespaceMode_CONTAINER},
+	}
 	cfg.Mounts = []*runtime.Mount{
 		{HostPath: cm, ContainerPath: "/etc/cfg", Readonly: true},
 		{HostPath: token, ContainerPath: "/var/run/token", Readonly: true},
