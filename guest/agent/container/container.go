@@ -7,6 +7,7 @@ import (
 	"sync"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 	"github.com/opencontainers/cgroups"
 	"github.com/opencontainers/runc/libcontainer"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -185,6 +186,25 @@ func (c *Container) Kill(ctx context.Context, sig unix.Signal, all bool) error {
 		}
 	}
 	return nil
+}
+
+// killAllOnInitExit kills what is left of a container that shares a PID namespace once
+// its init exits, as containerd's runc shim does (runc.ShouldKillAllOnExit). With a
+// PID namespace of its own, the kernel kills every process in it when its init dies;
+// in a shared one (the CRI's pod PID namespace) a child the init left behind lives on,
+// reparented to the namespace's init, and keeps the container's stdout and stderr
+// open: they never reach EOF, so the exit is never reported and StopContainer waits.
+func (c *Container) killAllOnInitExit(ctx context.Context) {
+	<-c.init.exited
+	pids, err := c.lc.Processes()
+	if err != nil {
+		return // the container was destroyed, and its cgroup with it
+	}
+	for _, pid := range pids {
+		if err := unix.Kill(pid, unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
+			log.G(ctx).WithError(err).WithFields(log.Fields{"id": c.id, "pid": pid}).Warn("kill a process the container's init left behind")
+		}
+	}
 }
 
 // Pids lists the pids of the container's processes (the agent's PID namespace), each

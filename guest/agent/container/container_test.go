@@ -446,3 +446,27 @@ func TestBadInput(t *testing.T) {
 	}
 	_ = errors.Is
 }
+
+// TestSharedPIDNamespaceInitExit: a container in another's PID namespace (the CRI's pod
+// PID namespace) whose init exits leaving a child behind has that child killed, so its
+// streams reach EOF and its exit is reported, as on runc.
+func TestSharedPIDNamespaceInitExit(t *testing.T) {
+	rt := newTestRuntime(t)
+	holder, _ := run(t, rt, "holder", testSpec(busyboxRootfs(t), "sleep", "1000"), Stdio{})
+	s := testSpec(busyboxRootfs(t), "sh", "-c", "sleep 1000 & echo started")
+	for i := range s.Linux.Namespaces {
+		if s.Linux.Namespaces[i].Type == specs.PIDNamespace {
+			s.Linux.Namespaces[i].Path = fmt.Sprintf("/proc/%d/ns/pid", holder.Init().Pid())
+		}
+	}
+	c, o := run(t, rt, "joiner", s, Stdio{Stdout: true})
+	wait(t, c.Init())
+	select {
+	case <-o.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("stdout did not reach EOF: the child the init left behind still holds it")
+	}
+	if got := o.stdout.String(); got != "started\n" {
+		t.Errorf("stdout %q", got)
+	}
+}

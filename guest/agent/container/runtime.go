@@ -17,6 +17,7 @@ import (
 	"github.com/containerd/log"
 	_ "github.com/opencontainers/cgroups/devices" // device rules: cgroup v1 files, v2 eBPF
 	"github.com/opencontainers/runc/libcontainer"
+	"github.com/opencontainers/runc/libcontainer/configs"
 	"github.com/opencontainers/runc/libcontainer/configs/validate"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
@@ -140,6 +141,9 @@ func (r *Runtime) Create(ctx context.Context, opts CreateOpts) (_ *Container, re
 	}
 	log.G(ctx).WithFields(log.Fields{"libcontainer_create": created.Sub(start), "init_process": time.Since(created)}).Debug("container init process waits for start")
 	c = &Container{id: opts.ID, runtime: r, lc: lc, spec: opts.Spec, init: p, execs: map[string]*Process{}}
+	if !cfg.Namespaces.IsPrivate(configs.NEWPID) {
+		go c.killAllOnInitExit(ctx)
+	}
 	r.mu.Lock()
 	r.containers[opts.ID] = c
 	r.mu.Unlock()
