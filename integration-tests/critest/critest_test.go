@@ -50,8 +50,32 @@ var skipped = []struct{ re, why string }{
 }
 
 // expected are the specs whose caisson result is allowed to differ from runc's, with
-// the reason docs/cri.md gives.
-var expected = []struct{ re, why string }{}
+// the reason docs/cri.md gives. A flaky one may also come out the same.
+var expected = []struct {
+	re, why string
+	flaky   bool
+}{
+	{re: `NamespaceOption runtime should support (HostPID|HostIpc is true|HostNetwork is true)$`,
+		why: "VM: refused with InvalidArgument naming hostPID/hostIPC/hostNetwork; the pod's VM has its own kernel, none of whose namespaces is the node's"},
+	{re: `runtime should support portforward in host network$`,
+		why: "VM: needs a hostNetwork pod (refused)"},
+	{re: `bucket runtime should support (Privileged is true|adding capability)$`,
+		why: "VM: `brctl addbr` needs the bridge module, which the guest initramfs does not carry (kernel modules for privileged containers: issue 13 item 2, not done)"},
+	{re: `mount with 'rshared' should support propagation from host to container and vice versa$`,
+		why: "VM: a host bind mount is copied into the guest; mounts made on the host later never reach it, nor the container's on the host"},
+	{re: `mount with 'rslave' should support propagation from host to container$`,
+		why: "VM: a host bind mount is copied into the guest; mounts made on the host later never reach it"},
+	{re: `should support non-recursive readonly mounts$`,
+		why: "VM: the copy of a host path has no submounts, so a non-recursive ro mount makes the host's submount (a tmpfs) read-only too"},
+	{re: `NamespaceOption runtime should support PodPID$`,
+		why: "bug (open): the pod shares the PID namespace (the It passes), but StopPodSandbox never finishes stopping the app container (containerd waits for its exit until the 5-minute deadline)"},
+	{re: `(Networking runtime should support networking runtime should support port mapping with (only container port|host port and container port)|Streaming runtime should support streaming interfaces runtime should support portforward|Multiple Containers \[Conformance\] when running multiple containers in a pod should support network) \[Conformance\]$|Multiple Containers \[Conformance\] when running multiple containers in a pod should support network$`,
+		why: "bug (open): the It passes, but StopPodSandbox of a pod whose container runs the web server look-alike (busybox httpd behind a shell) never gets that container's exit and fails at critest's 5-minute deadline"},
+	{re: `Container Mount Readonly runtime should support readonly mounts should (support recursive readonly mounts|reject a recursive readonly mount with .*)$`,
+		why: "containerd: it reports recursive read-only mounts as supported only for a handler it can ask (`runc features`); for caisson it reports none, so critest skips (Caisson applies `rro`: libcontainer)"},
+	{re: `runtime should support removing stopped container \[Conformance\]$`, flaky: true,
+		why: "TCG timing: StopContainer's SIGTERM reaches `top` (PID 1) before it installs its handler, so it is ignored, and critest's 60 s wait ends just as containerd's 60 s timeout sends SIGKILL"},
+}
 
 type specResult struct {
 	State   string
@@ -185,14 +209,14 @@ func compare(t *testing.T, control, subject map[string]specResult) string {
 	for _, n := range names {
 		cs, ss := control[n].State, subject[n].State
 		why := ""
-		exp := expectedWhy(n)
+		exp, flaky := expectedWhy(n)
 		switch {
 		case cs != ss && exp == "":
 			t.Errorf("%q: %s on runc, %s on caisson, not an expected difference; caisson's failure: %s", n, cmp.Or(cs, "absent"), cmp.Or(ss, "absent"), firstLine(subject[n].Failure))
 			why = "UNEXPECTED: " + firstLine(subject[n].Failure)
 		case cs != ss:
 			why = exp
-		case exp != "" && cs != "skipped":
+		case exp != "" && cs != "skipped" && !flaky:
 			t.Errorf("%q is an expected difference (%s) but is %s on both: remove it from the list", n, exp, cs)
 		}
 		fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", n, cmp.Or(cs, "absent"), cmp.Or(ss, "absent"), why)
@@ -200,13 +224,13 @@ func compare(t *testing.T, control, subject map[string]specResult) string {
 	return b.String()
 }
 
-func expectedWhy(name string) string {
+func expectedWhy(name string) (why string, flaky bool) {
 	for _, e := range expected {
 		if regexp.MustCompile(e.re).MatchString(name) {
-			return e.why
+			return e.why, e.flaky
 		}
 	}
-	return ""
+	return "", false
 }
 
 func firstLine(s string) string {
