@@ -30,7 +30,7 @@ step "building critest (cri-tools' CRI validation suite, from the Go module prox
 make --no-print-directory critest
 # TestCritest (integration-tests/critest) runs critest with runc then Caisson. The whole
 # suite took 33 minutes under TCG on 2 shared cores in 2026-12 (make test-critest), most
-# of it StopPodSandbox deadlines of web-server pods (an open bug, docs/cri.md); here, a
+# of it StopPodSandbox deadlines of web-server pods (fixed since, docs/cri.md); here, a
 # subset of 51 specs that took 1 minute on runc and about 6 on Caisson: pod and
 # container basics, sysctls, DNS and hostname, streaming exec, namespaces, the security
 # context and read-only mounts.

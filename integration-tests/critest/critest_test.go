@@ -67,8 +67,6 @@ var expected = []struct {
 		why: "VM: a host bind mount is copied into the guest; mounts made on the host later never reach it"},
 	{re: `should support non-recursive readonly mounts$`,
 		why: "VM: the copy of a host path has no submounts, so a non-recursive ro mount makes the host's submount (a tmpfs) read-only too"},
-	{re: `(Networking runtime should support networking runtime should support port mapping with (only container port|host port and container port)|Streaming runtime should support streaming interfaces runtime should support portforward|Multiple Containers \[Conformance\] when running multiple containers in a pod should support network) \[Conformance\]$|Multiple Containers \[Conformance\] when running multiple containers in a pod should support network$`,
-		why: "bug (open): the It passes, but StopPodSandbox of a pod whose container runs the web server look-alike (busybox httpd behind a shell) never gets that container's exit and fails at critest's 5-minute deadline"},
 	{re: `Container Mount Readonly runtime should support readonly mounts should (support recursive readonly mounts|reject a recursive readonly mount with .*)$`,
 		why: "containerd: it reports recursive read-only mounts as supported only for a handler it can ask (`runc features`); for caisson it reports none, so critest skips (Caisson applies `rro`: libcontainer)"},
 	{re: `runtime should support removing stopped container \[Conformance\]$`, flaky: true,
