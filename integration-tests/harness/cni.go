@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -44,6 +45,15 @@ func NewCNI(t testing.TB, dir string) *CNI {
 	// Saved before anything of the network exists, put back after the bridge is gone
 	// (cleanups run last first), and checked: every test that networks pods shows
 	// that it leaves the host's forwarding as it found it.
+	hadPortmap := portmapChains()
+	t.Cleanup(func() {
+		// Registered first, so it runs after the pods and the bridge are gone.
+		if !hadPortmap {
+			if err := removePortmapChains(); err != nil {
+				t.Errorf("remove the portmap plugin's iptables chains: %v", err)
+			}
+		}
+	})
 	saved := Forwarding()
 	t.Cleanup(func() {
 		if err := saved.Restore(); err != nil {
@@ -181,4 +191,40 @@ func (s Sysctls) Diff(now Sysctls) string {
 		}
 	}
 	return strings.Join(d, "; ")
+}
+
+// The portmap plugin's top-level nat chains, and the jumps to them it adds to the
+// built-in chains. portmap never removes them (every pod with a hostPort shares
+// them); an environment that brought them removes them once its pods are gone and
+// no rule of another's is in them.
+var portmapJumps = [][]string{
+	{"PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "CNI-HOSTPORT-DNAT"},
+	{"OUTPUT", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "CNI-HOSTPORT-DNAT"},
+	{"POSTROUTING", "-m", "comment", "--comment", "CNI portfwd requiring masquerade", "-j", "CNI-HOSTPORT-MASQ"},
+}
+
+func portmapChains() bool {
+	return exec.Command("iptables", "-w", "-t", "nat", "-S", "CNI-HOSTPORT-DNAT").Run() == nil
+}
+
+func removePortmapChains() error {
+	out, err := exec.Command("iptables", "-w", "-t", "nat", "-S", "CNI-HOSTPORT-DNAT").Output()
+	if err != nil {
+		return nil // never created
+	}
+	if strings.Contains(string(out), "-A CNI-HOSTPORT-DNAT") {
+		return nil // another environment's pods still map ports
+	}
+	for _, j := range portmapJumps {
+		exec.Command("iptables", append([]string{"-w", "-t", "nat", "-D"}, j...)...).Run()
+	}
+	var errs []error
+	for _, chain := range []string{"CNI-HOSTPORT-DNAT", "CNI-HOSTPORT-MASQ", "CNI-HOSTPORT-SETMARK"} {
+		for _, op := range []string{"-F", "-X"} {
+			if out, err := exec.Command("iptables", "-w", "-t", "nat", op, chain).CombinedOutput(); err != nil && op == "-X" {
+				errs = append(errs, fmt.Errorf("iptables -X %s: %v: %s", chain, err, out))
+			}
+		}
+	}
+	return errors.Join(errs...)
 }
