@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bytes"
+	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -54,7 +55,14 @@ func TestShimKilled(t *testing.T) {
 	if len(e.QEMUs()) != 1 {
 		t.Fatal("no VM")
 	}
-	syscall.Kill(shimPid(t, "orphan"), syscall.SIGKILL)
+	killShim(t, ctx, e, c, task, exit)
+}
+
+// killShim kills the shim of c with SIGKILL, waits for containerd to report the task's
+// exit, deletes task and container, and waits for the VM and the pod's state to go.
+func killShim(t *testing.T, ctx context.Context, e *harness.Env, c containerd.Container, task containerd.Task, exit <-chan containerd.ExitStatus) {
+	t.Helper()
+	syscall.Kill(shimPid(t, c.ID()), syscall.SIGKILL)
 	select {
 	case st := <-exit:
 		t.Logf("task exited %d after its shim was killed", st.ExitCode())
@@ -159,18 +167,7 @@ func TestShimKilledWithVolume(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	syscall.Kill(shimPid(t, "orphan-vol"), syscall.SIGKILL)
-	select {
-	case <-exit:
-	case <-time.After(30 * time.Second):
-		t.Fatal("containerd did not report the task's exit after its shim was killed")
-	}
-	task.Delete(ctx)
-	if err := c.Delete(ctx, containerd.WithSnapshotCleanup); err != nil {
-		t.Fatal(err)
-	}
-	waitNoQEMU(t, e)
-	waitNoPodState(t, e)
+	killShim(t, ctx, e, c, task, exit)
 	for name, want := range map[string]string{"precious": "keep", "written": "from-guest\n"} {
 		if b, err := os.ReadFile(filepath.Join(vol, name)); err != nil || string(b) != want {
 			t.Errorf("volume file %s after the cleanup: %q, %v; want %q", name, b, err, want)
