@@ -68,6 +68,8 @@ type manager struct {
 func (m *manager) Name() string { return m.name }
 
 type bundleSpec struct {
+	Version     string            `json:"ociVersion,omitempty"`
+	Hooks       *specs.Hooks      `json:"hooks,omitempty"`
 	Annotations map[string]string `json:"annotations,omitempty"`
 	Linux       *struct {
 		CgroupsPath string `json:"cgroupsPath,omitempty"`
@@ -276,7 +278,9 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	}
 	// The dead shim's poststop hooks did not run (nerdctl's network teardown, say): run
 	// them, as runc's delete does for a container whose runtime died.
-	runPoststop(ctx, id, cwd)
+	if spec != nil {
+		runPoststop(ctx, id, cwd, spec)
+	}
 	// A share of a host path (a volume) under the state directory must go before the
 	// directory: removing through it would delete the volume's data.
 	if err := virtiofs.Unmount(filepath.Join(stateDir, pod.SharedDirName)); err != nil {
@@ -290,17 +294,13 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 }
 
 // runPoststop runs the poststop hooks of the container whose bundle is bundle.
-func runPoststop(ctx context.Context, id, bundle string) {
-	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
-	if err != nil {
-		return
-	}
-	var s specs.Spec
-	if err := json.Unmarshal(b, &s); err != nil || len(hooks.Of(s.Hooks, hooks.Poststop)) == 0 {
+func runPoststop(ctx context.Context, id, bundle string, s *bundleSpec) {
+	hs := hooks.Of(s.Hooks, hooks.Poststop)
+	if len(hs) == 0 {
 		return
 	}
 	st := specs.State{Version: s.Version, ID: id, Status: specs.StateStopped, Bundle: bundle, Annotations: s.Annotations}
-	if err := hooks.RunAll(ctx, hooks.Poststop, hooks.Of(s.Hooks, hooks.Poststop), st); err != nil {
+	if err := hooks.RunAll(ctx, hooks.Poststop, hs, st); err != nil {
 		log.G(ctx).WithError(err).Warn("poststop hook of a dead shim's container failed")
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
@@ -90,5 +91,54 @@ func TestRecordConfigPathWithoutOptions(t *testing.T) {
 				t.Fatalf("recorded %q, want nothing", p)
 			}
 		})
+	}
+}
+
+// After a shim crash, `shim delete` runs the container's poststop hooks (nerdctl's
+// network teardown), with the container's state on their stdin, as runc's delete does.
+func TestStopRunsPoststopHooksOfADeadShim(t *testing.T) {
+	if os.Getenv(config.EnvPath) != "" {
+		t.Skipf("%s is set: the test writes its own configuration", config.EnvPath)
+	}
+	stateRoot := filepath.Join(t.TempDir(), "state")
+	cfgPath := filepath.Join(t.TempDir(), "caisson.toml")
+	if err := os.WriteFile(cfgPath, []byte("state_dir = \""+stateRoot+"\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "state.json")
+	hook := filepath.Join(t.TempDir(), "hook")
+	if err := os.WriteFile(hook, []byte("#!/bin/sh\ncat > "+out+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	spec := `{"ociVersion": "1.1.0", "hooks": {"poststop": [{"path": "` + hook + `"}]}}`
+	if err := os.WriteFile(filepath.Join(dir, "config.json"), []byte(spec), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Chdir(dir)
+	params := &bootapi.BootstrapParams{InstanceID: "c1", Namespace: "default"}
+	if err := params.AddExtension(&runtimeoptions.Options{ConfigPath: cfgPath}); err != nil {
+		t.Fatal(err)
+	}
+	if err := recordConfigPath(dir, params); err != nil {
+		t.Fatal(err)
+	}
+	stateDir := pod.StateDir(stateRoot, "default", "c1")
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+
+	ctx := namespaces.WithNamespace(context.Background(), "default")
+	if _, err := New("io.containerd.caisson.v2").Stop(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatalf("the poststop hook did not run: %v", err)
+	}
+	for _, want := range []string{`"id":"c1"`, `"status":"stopped"`, `"bundle":"` + dir + `"`} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("the hook's state %s lacks %s", b, want)
+		}
 	}
 }
