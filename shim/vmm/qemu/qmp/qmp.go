@@ -3,12 +3,16 @@
 //
 // New reads QEMU's greeting and negotiates capabilities; Execute sends a command with a
 // unique id and waits for the reply with that id; asynchronous events (DEVICE_DELETED,
-// SHUTDOWN, ...) arrive on Events in the order QEMU sent them, however slowly the caller
-// reads them. A failed command returns an *Error carrying QMP's error class and text.
+// SHUTDOWN, ...) arrive on Events in the order QEMU sent them. Reading them never blocks
+// the connection, and what waits to be read is bounded: identical events in a row are
+// coalesced into one (Event.Count), and beyond MaxQueuedEvents new ones are dropped and
+// counted (Dropped). A failed command returns an *Error carrying QMP's error class and
+// text.
 package qmp
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -30,6 +34,13 @@ var ErrClosed = fmt.Errorf("qmp connection closed: %w", errdefs.ErrUnavailable)
 // keeps a QEMU that misbehaves, or output a guest manages to steer into the monitor,
 // from making the shim buffer a line without end. A longer line ends the connection.
 const MaxLineBytes = 1 << 20
+
+// MaxQueuedEvents bounds the events received and not yet delivered on Events. QEMU sends
+// some events once per guest action (BLOCK_IO_ERROR for every failed request of a guest
+// writing to a full disk); identical ones in a row take one place (Event.Count), and a
+// reader that keeps up never sees the bound. Beyond it new events are dropped and
+// counted, so that the reader never blocks and the queue never grows without end.
+const MaxQueuedEvents = 1024
 
 // errLineTooLong is why the connection ended when a line exceeded MaxLineBytes.
 var errLineTooLong = fmt.Errorf("qmp message longer than %d bytes: %w", MaxLineBytes, errdefs.ErrResourceExhausted)
@@ -75,7 +86,10 @@ func (e *Error) Unwrap() error {
 type Event struct {
 	Name      string
 	Data      json.RawMessage
-	Timestamp time.Time
+	Timestamp time.Time // of the first, if Count > 1
+	// Count is how many identical events (same name and data) QEMU sent in a row that
+	// this one stands for: 1 unless the reader fell behind a burst.
+	Count int
 }
 
 // Version is QEMU's version from the greeting.
@@ -135,10 +149,11 @@ type Client struct {
 	pending map[string]chan reply
 	readErr error
 
-	queue  chan struct{} // wakes the event pump
-	events []Event       // not yet delivered, guarded by mu
-	out    chan Event
-	done   chan struct{} // closed when the reader stops
+	queue   chan struct{} // wakes the event pump
+	events  []Event       // not yet delivered, guarded by mu, at most MaxQueuedEvents
+	dropped uint64        // events dropped on a full queue, guarded by mu
+	out     chan Event
+	done    chan struct{} // closed when the reader stops
 
 	closeOnce sync.Once
 	closed    chan struct{} // closed by Close: undelivered events are dropped
@@ -189,8 +204,16 @@ func (c *Client) Version() Version { return c.version }
 
 // Events delivers QEMU's events in order. It is closed after the connection ends and
 // every event received before has been delivered (or Close dropped them). Events that
-// nobody reads are kept, without limit, until Close.
+// nobody reads are kept until Close, coalesced and at most MaxQueuedEvents of them (see
+// Dropped).
 func (c *Client) Events() <-chan Event { return c.out }
+
+// Dropped is how many events were dropped because MaxQueuedEvents were waiting to be read.
+func (c *Client) Dropped() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.dropped
+}
 
 // Done is closed when the connection has ended.
 func (c *Client) Done() <-chan struct{} { return c.done }
@@ -300,13 +323,11 @@ func (c *Client) handle(line []byte) {
 	}
 	switch {
 	case m.Event != "":
-		ev := Event{Name: m.Event, Data: m.Data}
+		ev := Event{Name: m.Event, Data: m.Data, Count: 1}
 		if m.Timestamp != nil {
 			ev.Timestamp = time.Unix(m.Timestamp.Seconds, m.Timestamp.Microseconds*1000)
 		}
-		c.mu.Lock()
-		c.events = append(c.events, ev)
-		c.mu.Unlock()
+		c.queueEvent(ev)
 		c.wake()
 	case m.ID != nil:
 		var id string
@@ -328,6 +349,25 @@ func (c *Client) handle(line []byte) {
 	}
 }
 
+// queueEvent queues ev for the pump: coalesced into the last queued event if identical,
+// dropped if the queue is full.
+func (c *Client) queueEvent(ev Event) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if n := len(c.events); n > 0 {
+		last := &c.events[n-1]
+		if last.Name == ev.Name && bytes.Equal(last.Data, ev.Data) {
+			last.Count++
+			return
+		}
+	}
+	if len(c.events) >= MaxQueuedEvents {
+		c.dropped++
+		return
+	}
+	c.events = append(c.events, ev)
+}
+
 func (c *Client) wake() {
 	select {
 	case c.queue <- struct{}{}:
@@ -335,24 +375,26 @@ func (c *Client) wake() {
 	}
 }
 
-// pump delivers queued events on out, without ever blocking the reader.
+// pump delivers queued events on out, one at a time (an event stays in the queue, where
+// the next identical ones coalesce into it, until its turn), without ever blocking the
+// reader.
 func (c *Client) pump() {
 	defer close(c.out)
 	for {
 		c.mu.Lock()
-		evs := c.events
-		c.events = nil
-		c.mu.Unlock()
-		for _, ev := range evs {
+		if len(c.events) > 0 {
+			ev := c.events[0]
+			c.events[0] = Event{}
+			c.events = c.events[1:]
+			c.mu.Unlock()
 			select {
 			case c.out <- ev:
 			case <-c.closed:
 				return
 			}
-		}
-		if len(evs) > 0 {
 			continue
 		}
+		c.mu.Unlock()
 		select {
 		case <-c.queue:
 		case <-c.done:

@@ -403,3 +403,71 @@ func TestOversizedGreeting(t *testing.T) {
 		t.Fatalf("New: %v, want ResourceExhausted", err)
 	}
 }
+
+// A QEMU that floods events nobody reads neither blocks the connection nor grows the
+// queue past MaxQueuedEvents: a burst of identical events takes one place (Count), and
+// distinct events beyond the bound are dropped and counted, in order otherwise.
+func TestEventFloodIsBounded(t *testing.T) {
+	c, f := connect(t)
+	const same, distinct = 100000, 3 * MaxQueuedEvents
+	var b bytes.Buffer
+	for range same {
+		b.WriteString(`{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "BLOCK_IO_ERROR", "data": {"node-name": "blk0-node", "operation": "write", "action": "report", "nospace": true}}` + "\n")
+	}
+	for i := range distinct {
+		fmt.Fprintf(&b, `{"event": "DEVICE_DELETED", "data": {"device": "d%d"}}`+"\n", i)
+	}
+	go f.conn.Write(b.Bytes())
+	// Once the reply comes, everything before it has been read.
+	done := make(chan error, 1)
+	go func() { done <- c.Execute(context.Background(), "query-status", nil, nil) }()
+	f.reply(t, f.next(t), `"return": {}`)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("unread events blocked a reply")
+	}
+	c.mu.Lock()
+	queued := len(c.events)
+	c.mu.Unlock()
+	if queued > MaxQueuedEvents {
+		t.Fatalf("%d events queued, more than %d", queued, MaxQueuedEvents)
+	}
+	// The pump may hold one event it is delivering, outside the queue.
+	if d, max := c.Dropped(), uint64(distinct+1-MaxQueuedEvents); d == 0 || d > max {
+		t.Fatalf("Dropped() = %d, want 1 to %d", d, max)
+	}
+	// The connection ends; Events delivers what was queued, then closes.
+	f.conn.Close()
+	var blockErrs, blockEvents int
+	next := 0
+	for ev := range c.Events() {
+		switch ev.Name {
+		case "BLOCK_IO_ERROR":
+			if next > 0 {
+				t.Fatalf("BLOCK_IO_ERROR after DEVICE_DELETED d%d", next-1)
+			}
+			blockErrs += ev.Count
+			blockEvents++
+		case "DEVICE_DELETED":
+			var data struct{ Device string }
+			json.Unmarshal(ev.Data, &data)
+			if data.Device != fmt.Sprintf("d%d", next) || ev.Count != 1 {
+				t.Fatalf("event %d: %s %s x%d, want d%d", next, ev.Name, ev.Data, ev.Count, next)
+			}
+			next++
+		default:
+			t.Fatalf("unexpected event %s", ev.Name)
+		}
+	}
+	// One may have been on its way out while the rest of the burst coalesced.
+	if blockErrs != same || blockEvents > 2 {
+		t.Fatalf("%d BLOCK_IO_ERROR in %d events, want %d in at most 2", blockErrs, blockEvents, same)
+	}
+	if got := uint64(next) + c.Dropped(); got != distinct {
+		t.Fatalf("%d delivered + %d dropped, want %d", next, c.Dropped(), distinct)
+	}
+}
