@@ -197,7 +197,7 @@ func diskDevice(d vmm.Disk, n int, size int64) (backend, map[string]any, vmm.Dis
 			"node-name": node,
 			"read-only": d.ReadOnly,
 			"file": map[string]any{
-				"driver":    "file",
+				"driver":    fileDriver(d.Path),
 				"filename":  d.Path,
 				"read-only": d.ReadOnly,
 			},
@@ -217,6 +217,10 @@ func diskDevice(d vmm.Disk, n int, size int64) (backend, map[string]any, vmm.Dis
 				"id":     id,
 				"drive":  node,
 				"serial": id,
+				// The guest gets an I/O error where the host fails (a full disk
+				// included) instead of the whole VM pausing (diskerr.go).
+				"werror": "report",
+				"rerror": "report",
 			}, addr
 	}
 }

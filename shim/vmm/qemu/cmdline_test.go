@@ -200,9 +200,9 @@ func TestCmdlineDisks(t *testing.T) {
 		t.Errorf("object b: %v", b)
 	}
 	want := []map[string]any{
-		{"driver": "virtio-blk-pci", "id": "blk0", "drive": "blk0-node", "bus": "rp0", "serial": "blk0"},
+		{"driver": "virtio-blk-pci", "id": "blk0", "drive": "blk0-node", "bus": "rp0", "serial": "blk0", "werror": "report", "rerror": "report"},
 		{"driver": "virtio-pmem-pci", "id": "pmem1", "memdev": "pmem1-mem", "bus": "rp9"},
-		{"driver": "virtio-blk-pci", "id": "blk2", "drive": "blk2-node", "bus": "rp2", "serial": "blk2"},
+		{"driver": "virtio-blk-pci", "id": "blk2", "drive": "blk2-node", "bus": "rp2", "serial": "blk2", "werror": "report", "rerror": "report"},
 	}
 	if len(devices) != len(want) {
 		t.Fatalf("devices %v", devices)

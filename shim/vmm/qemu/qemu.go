@@ -92,6 +92,7 @@ type VM struct {
 	nextDev     int
 	unplug      map[string]chan struct{} // device id -> closed on DEVICE_DELETED
 	ejected     map[string]bool          // devices the guest removed without DetachDisk
+	diskErrs    diskErrors
 
 	done        chan struct{}
 	eventsDone  chan struct{}
@@ -538,7 +539,15 @@ func (v *VM) events(c *qmp.Client) {
 			v.mu.Lock()
 			v.panicked = true
 			v.mu.Unlock()
+		case "BLOCK_IO_ERROR":
+			v.onBlockIOError(ev)
+		case "STOP":
+			// Asks QEMU why, and may wait before resuming: not in this loop.
+			go v.onStop(c)
 		}
+	}
+	if n := c.Dropped(); n > 0 {
+		log.L.WithField("dropped", n).Warn("qemu sent more events than the shim could queue")
 	}
 }
 
