@@ -77,17 +77,19 @@ func (p *Pod) watchShared(ctx context.Context) {
 // SharesHostPaths reports whether this pod shares host paths through virtio-fs.
 func (p *Pod) SharesHostPaths() bool { return p.fs != nil }
 
-// Share makes the host path src visible to the guest for owner (a container id) and
-// returns its guest path; n numbers owner's shares. Unshare(owner) undoes it.
-func (p *Pod) Share(owner string, n int, src string, readonly bool) (string, error) {
+// Share makes the host path src visible to the guest for owner (a container id),
+// with access, and returns its guest path and, for a read-only share, the mounts below
+// it (virtiofs.Daemon.Share); n numbers owner's shares. Unshare(owner) undoes it.
+func (p *Pod) Share(owner string, n int, src string, access virtiofs.Access) (string, []virtiofs.Submount, error) {
 	if p.fs == nil {
-		return "", fmt.Errorf("this pod shares no host paths (guest.shared_fs): %w", errdefs.ErrFailedPrecondition)
+		return "", nil, fmt.Errorf("this pod shares no host paths (guest.shared_fs): %w", errdefs.ErrFailedPrecondition)
 	}
 	name := fmt.Sprintf("%s-%d", owner, n)
-	if err := p.fs.Share(owner, name, src, readonly); err != nil {
-		return "", err
+	subs, err := p.fs.Share(owner, name, src, access)
+	if err != nil {
+		return "", nil, err
 	}
-	return path.Join(p.sharedGuest, name), nil
+	return path.Join(p.sharedGuest, name), subs, nil
 }
 
 // Unshare removes owner's shares from the shared directory.

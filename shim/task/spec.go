@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/containerd/errdefs"
@@ -13,6 +15,7 @@ import (
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/shim/pod"
+	"github.com/caisson-containers/caisson/shim/virtiofs"
 )
 
 // Guest paths the agent's Sandbox.Create provides (api/agent/v1/sandbox.proto).
@@ -57,9 +60,9 @@ type hostBinds struct {
 
 // sharedBind is a guest spec mount whose source is a host path to share.
 type sharedBind struct {
-	index    int // in the guest spec's Mounts
-	source   string
-	readonly bool
+	index  int // in the guest spec's Mounts
+	source string
+	access virtiofs.Access
 }
 
 // guestSpec rewrites what in a host spec refers to the host: bind mounts of the
@@ -104,7 +107,7 @@ func guestSpec(s *specs.Spec, limit int64, share bool) (*specs.Spec, hostBinds, 
 			continue
 		}
 		if share {
-			binds.shared = append(binds.shared, sharedBind{index: len(g.Mounts), source: m.Source, readonly: isReadonly(m)})
+			binds.shared = append(binds.shared, sharedBind{index: len(g.Mounts), source: m.Source, access: mountAccess(m)})
 			g.Mounts = append(g.Mounts, m)
 			continue
 		}
@@ -128,29 +131,76 @@ func guestSpec(s *specs.Spec, limit int64, share bool) (*specs.Spec, hostBinds, 
 }
 
 // shareBinds shares the host paths of binds with the pod's guest for container id
-// and points g's mounts at them. On error nothing stays shared.
+// and points g's mounts at them. A read-only (not recursively) share's submounts are
+// mounted again, each right after it: in the guest they would appear under the
+// container's read-only mount, read-only too, where runc leaves them as they are on
+// the host. On error nothing stays shared.
 func shareBinds(pd *pod.Pod, id string, g *specs.Spec, binds []sharedBind) (retErr error) {
 	defer func() {
 		if retErr != nil {
 			pd.Unshare(id)
 		}
 	}()
+	below := map[int][]specs.Mount{}
 	for n, b := range binds {
-		guest, err := pd.Share(id, n, b.source, b.readonly)
+		m := &g.Mounts[b.index]
+		guest, subs, err := pd.Share(id, n, b.source, b.access)
 		if err != nil {
-			return fmt.Errorf("bind mount of host path %q at %q: %w", b.source, g.Mounts[b.index].Destination, err)
+			return fmt.Errorf("bind mount of host path %q at %q: %w", b.source, m.Destination, err)
 		}
-		g.Mounts[b.index].Source = guest
+		m.Source = guest
+		for _, sub := range subs {
+			below[b.index] = append(below[b.index], submount(*m, sub))
+		}
 	}
+	if len(below) == 0 {
+		return nil
+	}
+	mounts := make([]specs.Mount, 0, len(g.Mounts))
+	for i, m := range g.Mounts {
+		mounts = append(mounts, m)
+		mounts = append(mounts, below[i]...)
+	}
+	g.Mounts = mounts
 	return nil
 }
 
-// isReadonly reports whether a mount's options, the last of "ro" and "rw" winning, make it read-only.
+// submount is the mount of sub, below the shared mount m, with m's options but
+// for its own read-only flag.
+func submount(m specs.Mount, sub virtiofs.Submount) specs.Mount {
+	opts := slices.DeleteFunc(slices.Clone(m.Options), func(o string) bool { return o == "ro" || o == "rw" || o == "rro" })
+	if sub.ReadOnly {
+		opts = append(opts, "ro")
+	} else {
+		opts = append(opts, "rw")
+	}
+	return specs.Mount{
+		Destination: path.Join(m.Destination, sub.Path),
+		Type:        m.Type,
+		Source:      path.Join(m.Source, sub.Path),
+		Options:     opts,
+	}
+}
+
+// mountAccess is how a container may use a shared bind mount, from its options.
+func mountAccess(m specs.Mount) virtiofs.Access {
+	switch {
+	case slices.Contains(m.Options, "rro"):
+		return virtiofs.RecursiveReadOnly
+	case isReadonly(m):
+		return virtiofs.ReadOnly
+	}
+	return virtiofs.ReadWrite
+}
+
+// isReadonly reports whether a mount's options, the last of "ro" and "rw" winning, make
+// it read-only; "rro" (recursive read-only, which the CRI never combines with "rw")
+// does too.
 func isReadonly(m specs.Mount) bool {
 	ro := false
 	for _, o := range m.Options {
 		switch o {
-		case "ro":
+		case "ro", "rro":
 			ro = true
 		case "rw":
 			ro = false

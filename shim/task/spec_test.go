@@ -9,6 +9,8 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/caisson-containers/caisson/shim/virtiofs"
 )
 
 func TestPodNetNS(t *testing.T) {
@@ -82,7 +84,7 @@ func TestGuestSpecBinds(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []sharedBind{{index: 2, source: filepath.Join(dir, "cm"), readonly: true}, {index: 3, source: dir}}
+	want := []sharedBind{{index: 2, source: filepath.Join(dir, "cm"), access: virtiofs.ReadOnly}, {index: 3, source: dir}}
 	if !reflect.DeepEqual(binds.shared, want) || len(binds.copied) != 0 {
 		t.Errorf("shared binds %+v, copied %d; want %+v", binds.shared, len(binds.copied), want)
 	}
@@ -103,5 +105,47 @@ func TestGuestSpecBinds(t *testing.T) {
 	}
 	if len(binds.copied) != 1 || binds.copied[0].MountIndex != 2 || len(binds.shared) != 0 {
 		t.Errorf("copy mode: copied %+v, shared %+v", binds.copied, binds.shared)
+	}
+}
+
+// TestMountAccess: the CRI's options for a host path ("ro", "rro", "rw") become the
+// share's access; the last of "ro" and "rw" wins, as in runc.
+func TestMountAccess(t *testing.T) {
+	for _, tc := range []struct {
+		opts []string
+		want virtiofs.Access
+	}{
+		{[]string{"rbind", "rprivate", "rw"}, virtiofs.ReadWrite},
+		{[]string{"rbind", "rprivate", "ro"}, virtiofs.ReadOnly},
+		{[]string{"rbind", "rprivate", "rro"}, virtiofs.RecursiveReadOnly},
+		{[]string{"rbind", "ro", "rw"}, virtiofs.ReadWrite},
+		{[]string{"rbind"}, virtiofs.ReadWrite},
+	} {
+		if got := mountAccess(specs.Mount{Options: tc.opts}); got != tc.want {
+			t.Errorf("mountAccess(%v) = %v, want %v", tc.opts, got, tc.want)
+		}
+	}
+}
+
+// TestSubmount: a submount of a read-only share is mounted at its place below the
+// container's mount, with the share's options but for its own read-only flag.
+func TestSubmount(t *testing.T) {
+	m := specs.Mount{Type: "bind", Source: "/run/caisson/storage/shared/c-0", Destination: "/data",
+		Options: []string{"rbind", "rslave", "ro"}}
+	for _, tc := range []struct {
+		sub  virtiofs.Submount
+		want specs.Mount
+	}{
+		{virtiofs.Submount{Path: "tmp"}, specs.Mount{Type: "bind", Source: "/run/caisson/storage/shared/c-0/tmp",
+			Destination: "/data/tmp", Options: []string{"rbind", "rslave", "rw"}}},
+		{virtiofs.Submount{Path: "a/b", ReadOnly: true}, specs.Mount{Type: "bind", Source: "/run/caisson/storage/shared/c-0/a/b",
+			Destination: "/data/a/b", Options: []string{"rbind", "rslave", "ro"}}},
+	} {
+		if got := submount(m, tc.sub); !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("submount(%+v) = %+v, want %+v", tc.sub, got, tc.want)
+		}
+	}
+	if !reflect.DeepEqual(m.Options, []string{"rbind", "rslave", "ro"}) {
+		t.Errorf("the share's own options changed: %v", m.Options)
 	}
 }

@@ -23,6 +23,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
+	"sort"
 	"strings"
 	"sync"
 	"syscall"
@@ -30,6 +32,7 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -158,19 +161,37 @@ func (d *Daemon) Done() <-chan struct{} { return d.done }
 // Err says why virtiofsd exited (after Done).
 func (d *Daemon) Err() error { return d.err }
 
-// Share bind-mounts the host path src at name in the shared directory for owner
-// (read-only if readonly) and returns name. src must be a directory or a regular
-// file: a socket, FIFO or device cannot cross into a VM.
-func (d *Daemon) Share(owner, name, src string, readonly bool) (retErr error) {
+// Access is how the guest may use a share.
+type Access int
+
+const (
+	ReadWrite Access = iota
+	// ReadOnly makes the share's top mount read-only; mounts below it in the host
+	// path keep their own flags (a container's non-recursive "ro").
+	ReadOnly
+	// RecursiveReadOnly makes the share and every mount below it read-only ("rro").
+	RecursiveReadOnly
+)
+
+// Share bind-mounts the host path src, with the mounts below it, at name in the
+// shared directory for owner, with access, and returns name. src must be a
+// directory or a regular file: a socket, FIFO or device cannot cross into a VM.
+//
+// For a ReadOnly share it also returns the mounts below its top, by path relative to
+// it, parents first: in the guest a mount below a virtio-fs share appears when first
+// looked up, with the flags of the mount it is looked up through, so a container's
+// read-only bind would make them read-only too; the shim mounts each in the
+// container itself (shim/task).
+func (d *Daemon) Share(owner, name, src string, access Access) (submounts []Submount, retErr error) {
 	if filepath.Base(name) != name || name == "." || name == ".." {
-		return fmt.Errorf("shared name %q: %w", name, errdefs.ErrInvalidArgument)
+		return nil, fmt.Errorf("shared name %q: %w", name, errdefs.ErrInvalidArgument)
 	}
 	fi, err := os.Stat(src)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("host path %q does not exist: %w", src, errdefs.ErrNotFound)
+			return nil, fmt.Errorf("host path %q does not exist: %w", src, errdefs.ErrNotFound)
 		}
-		return fmt.Errorf("host path %q: %w", src, err)
+		return nil, fmt.Errorf("host path %q: %w", src, err)
 	}
 	target := filepath.Join(d.cfg.Dir, name)
 	switch m := fi.Mode(); {
@@ -182,11 +203,11 @@ func (d *Daemon) Share(owner, name, src string, readonly bool) (retErr error) {
 			f.Close()
 		}
 	default:
-		return fmt.Errorf("host path %q is a %s, which a VM cannot share (only directories and regular files): %w",
+		return nil, fmt.Errorf("host path %q is a %s, which a VM cannot share (only directories and regular files): %w",
 			src, modeName(m), errdefs.ErrInvalidArgument)
 	}
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer func() {
 		if retErr != nil {
@@ -194,19 +215,65 @@ func (d *Daemon) Share(owner, name, src string, readonly bool) (retErr error) {
 		}
 	}()
 	if err := unix.Mount(src, target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
-		return fmt.Errorf("bind %s into the shared directory: %w", src, err)
+		return nil, fmt.Errorf("bind %s into the shared directory: %w", src, err)
 	}
-	if readonly {
-		// The guest could ignore a read-only mount of its own: the host mount is
-		// read-only too, so virtiofsd cannot write through it.
-		if err := unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+	if err := restrict(target, access); err != nil {
+		unix.Unmount(target, unix.MNT_DETACH)
+		return nil, fmt.Errorf("make the share of %s read-only: %w", src, err)
+	}
+	if access == ReadOnly {
+		if submounts, err = submountsOf(target); err != nil {
 			unix.Unmount(target, unix.MNT_DETACH)
-			return fmt.Errorf("make the share of %s read-only: %w", src, err)
+			return nil, fmt.Errorf("mounts below the share of %s: %w", src, err)
 		}
 	}
 	d.mu.Lock()
 	d.shares[owner] = append(d.shares[owner], name)
 	d.mu.Unlock()
+	return submounts, nil
+}
+
+// Submount is a mount below the top of a share.
+type Submount struct {
+	Path     string // relative to the share
+	ReadOnly bool
+}
+
+// submountsOf lists the mounts strictly below target, parents first.
+func submountsOf(target string) ([]Submount, error) {
+	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(target))
+	if err != nil {
+		return nil, err
+	}
+	// Paths sort parents first; mounts stacked on one path keep their order, the
+	// top one last, and only it is seen.
+	sort.SliceStable(infos, func(i, j int) bool { return infos[i].Mountpoint < infos[j].Mountpoint })
+	var subs []Submount
+	for _, m := range infos {
+		rel, err := filepath.Rel(target, m.Mountpoint)
+		if err != nil || rel == "." {
+			continue
+		}
+		sub := Submount{Path: rel, ReadOnly: slices.Contains(strings.Split(m.Options, ","), "ro")}
+		if n := len(subs); n > 0 && subs[n-1].Path == rel {
+			subs[n-1] = sub
+			continue
+		}
+		subs = append(subs, sub)
+	}
+	return subs, nil
+}
+
+// restrict makes the share at target as read-only as access says. The guest could
+// ignore a read-only mount of its own: the host mount is read-only too, so virtiofsd
+// cannot write through it.
+func restrict(target string, access Access) error {
+	switch access {
+	case ReadOnly:
+		return unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, "")
+	case RecursiveReadOnly:
+		return unix.MountSetattr(-1, target, unix.AT_RECURSIVE, &unix.MountAttr{Attr_set: unix.MOUNT_ATTR_RDONLY})
+	}
 	return nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"syscall"
 	"testing"
@@ -40,10 +41,10 @@ func TestShareAndClose(t *testing.T) {
 	file := filepath.Join(dir, "config")
 	os.WriteFile(file, []byte("a file"), 0o644)
 
-	if err := d.Share("c1", "c1-0", vol, false); err != nil {
+	if _, err := d.Share("c1", "c1-0", vol, ReadWrite); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.Share("c1", "c1-1", file, true); err != nil {
+	if _, err := d.Share("c1", "c1-1", file, ReadOnly); err != nil {
 		t.Fatal(err)
 	}
 	shared := filepath.Join(dir, "shared")
@@ -91,7 +92,7 @@ func TestUnmountProtectsSharedPaths(t *testing.T) {
 	vol := filepath.Join(dir, "volume")
 	os.MkdirAll(vol, 0o755)
 	os.WriteFile(filepath.Join(vol, "data"), []byte("precious"), 0o644)
-	if err := d.Share("c1", "c1-0", vol, false); err != nil {
+	if _, err := d.Share("c1", "c1-0", vol, ReadWrite); err != nil {
 		t.Fatal(err)
 	}
 	d.cmd.Process.Kill() // the shim "died": nobody calls Close
@@ -131,7 +132,7 @@ func TestShareRejects(t *testing.T) {
 		{"char device", "/dev/null", "is a character device", errdefs.IsInvalidArgument},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			err := d.Share("c", "c-"+tc.name, tc.src, false)
+			_, err := d.Share("c", "c-"+tc.name, tc.src, ReadWrite)
 			if err == nil || !strings.Contains(err.Error(), tc.want) || !tc.kind(err) {
 				t.Fatalf("Share(%s) = %v, want %q", tc.src, err, tc.want)
 			}
@@ -140,7 +141,7 @@ func TestShareRejects(t *testing.T) {
 			}
 		})
 	}
-	if err := d.Share("c", "../escape", dir, false); !errdefs.IsInvalidArgument(err) {
+	if _, err := d.Share("c", "../escape", dir, ReadWrite); !errdefs.IsInvalidArgument(err) {
 		t.Errorf("a name outside the shared directory: %v", err)
 	}
 }
@@ -159,4 +160,68 @@ func errorsIs(err error, target syscall.Errno) bool {
 		pe = e
 	}
 	return pe != nil && pe.Err == target
+}
+
+// TestShareAccess: a host path with a tmpfs mounted below it, shared with each access:
+// read-write leaves both writable; read-only makes the top read-only and leaves the
+// tmpfs writable (a non-recursive "ro", as runc's); recursive read-only makes both
+// read-only. The host path itself stays writable in every case.
+func TestShareAccess(t *testing.T) {
+	d, dir := startDaemon(t)
+	defer d.Close(context.Background())
+	vol := filepath.Join(dir, "volume")
+	sub := filepath.Join(vol, "tmpfs")
+	if err := os.MkdirAll(sub, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount("tmpfs", sub, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Unmount(sub, syscall.MNT_DETACH)
+
+	for _, tc := range []struct {
+		name         string
+		access       Access
+		topRO, subRO bool
+	}{
+		{"rw", ReadWrite, false, false},
+		{"ro", ReadOnly, true, false},
+		{"rro", RecursiveReadOnly, true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			name := "c-" + tc.name
+			subs, err := d.Share("c", name, vol, tc.access)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Only a non-recursive read-only share names its submounts: the
+			// container mounts them again, writable as on the host.
+			var want []Submount
+			if tc.access == ReadOnly {
+				want = []Submount{{Path: "tmpfs"}}
+			}
+			if !reflect.DeepEqual(subs, want) {
+				t.Errorf("submounts %+v, want %+v", subs, want)
+			}
+			shared := filepath.Join(dir, "shared", name)
+			for _, w := range []struct {
+				path string
+				ro   bool
+			}{{filepath.Join(shared, "top-"+tc.name), tc.topRO}, {filepath.Join(shared, "tmpfs", "sub-"+tc.name), tc.subRO}} {
+				err := os.WriteFile(w.path, []byte("x"), 0o644)
+				if w.ro && !errorsIs(err, syscall.EROFS) {
+					t.Errorf("write %s: %v, want EROFS", w.path, err)
+				}
+				if !w.ro && err != nil {
+					t.Errorf("write %s: %v, want it writable", w.path, err)
+				}
+			}
+		})
+	}
+	if err := d.Unshare("c"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(sub, "host"), []byte("x"), 0o644); err != nil {
+		t.Errorf("the host's tmpfs after the shares: %v", err)
+	}
 }
