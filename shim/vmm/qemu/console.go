@@ -18,15 +18,32 @@ const (
 	// ConsoleLogMax bounds the console log file: the head, the marker that says how
 	// much was dropped, and up to twice the tail.
 	ConsoleLogMax = consoleHead + markerLen + 2*consoleTail
+
+	// qemuLogHead and qemuLogTail are the same for QEMU's own output (qemu.log): its
+	// start-up complaints and its last words. A guest may make QEMU print on every
+	// occurrence of some device error, so it is bounded like the console.
+	qemuLogHead = 16 << 10
+	qemuLogTail = 16 << 10
+	// QEMULogMax bounds qemu.log.
+	QEMULogMax = qemuLogHead + qemuMarkerLen + 2*qemuLogTail
 )
 
-// markerLen is the length of every dropped-bytes marker: fixed (the count is padded
-// to 20 digits, enough for any int64), so that the tail starts at the same offset
-// each time.
-const markerLen = 65
+// markerLen and qemuMarkerLen are the lengths of every dropped-bytes marker of the
+// console and of qemu.log: fixed (the count is padded to 20 digits, enough for any
+// int64), so that the tail starts at the same offset each time.
+const (
+	markerLen     = 65
+	qemuMarkerLen = 62
+)
 
-func marker(dropped int64) string {
-	return fmt.Sprintf("\n[caisson: %20d bytes of console output dropped]\n", dropped)
+// Names of the output each log keeps, in its marker.
+const (
+	consoleOutput = "console output"
+	qemuOutput    = "qemu output"
+)
+
+func marker(what string, dropped int64) string {
+	return fmt.Sprintf("\n[caisson: %20d bytes of %s dropped]\n", dropped, what)
 }
 
 // consoleLog is the guest console's log file, of at most ConsoleLogMax bytes. The guest
@@ -37,16 +54,22 @@ func marker(dropped int64) string {
 // (in order, the middle left out).
 type consoleLog struct {
 	f         *os.File
-	head      int64 // bytes kept from the start
-	tail      int64 // least bytes of the latest output kept
-	size      int64 // of the file
-	tailStart int64 // where the latest output begins: head, or after the marker
+	what      string // what it logs, for the marker
+	head      int64  // bytes kept from the start
+	tail      int64  // least bytes of the latest output kept
+	size      int64  // of the file
+	tailStart int64  // where the latest output begins: head, or after the marker
 	dropped   int64
 	buf       []byte // scratch for compact
 }
 
 func newConsoleLog(f *os.File, head, tail int64) *consoleLog {
-	return &consoleLog{f: f, head: head, tail: tail, tailStart: head}
+	return newBoundedLog(f, consoleOutput, head, tail)
+}
+
+// newBoundedLog is a log like the console's of another output, what.
+func newBoundedLog(f *os.File, what string, head, tail int64) *consoleLog {
+	return &consoleLog{f: f, what: what, head: head, tail: tail, tailStart: head}
 }
 
 // Write appends p to the log, dropping from the middle what exceeds the bound. It
@@ -88,7 +111,7 @@ func (c *consoleLog) compact() error {
 	if _, err := c.f.ReadAt(c.buf, keepFrom); err != nil && err != io.EOF {
 		return err
 	}
-	m := marker(c.dropped)
+	m := marker(c.what, c.dropped)
 	if _, err := c.f.WriteAt([]byte(m), c.head); err != nil {
 		return err
 	}
@@ -103,12 +126,21 @@ func (c *consoleLog) compact() error {
 // copyConsole copies the console pipe r into the log f until QEMU (the only other
 // holder of the pipe) has closed it, then closes both and done.
 func copyConsole(r, f *os.File, done chan<- struct{}) {
+	copyLog(r, newConsoleLog(f, consoleHead, consoleTail), done)
+}
+
+// copyQEMULog copies QEMU's stdout and stderr pipe r into qemu.log, f, like copyConsole.
+func copyQEMULog(r, f *os.File, done chan<- struct{}) {
+	copyLog(r, newBoundedLog(f, qemuOutput, qemuLogHead, qemuLogTail), done)
+}
+
+func copyLog(r *os.File, l *consoleLog, done chan<- struct{}) {
 	defer close(done)
 	defer r.Close()
-	defer f.Close()
-	if _, err := io.Copy(newConsoleLog(f, consoleHead, consoleTail), r); err != nil {
-		log.L.WithError(err).WithField("path", f.Name()).Warn("console log")
-		// Keep the pipe drained: the guest must not stall on a full console.
+	defer l.f.Close()
+	if _, err := io.Copy(l, r); err != nil {
+		log.L.WithError(err).WithField("path", l.f.Name()).Warn("log of qemu's output")
+		// Keep the pipe drained: neither QEMU nor the guest may stall on it.
 		io.Copy(io.Discard, r)
 	}
 }

@@ -127,3 +127,53 @@ func TestConsoleFlood(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// QEMU's own output (qemu.log) is bounded like the console: a flood through the pipe
+// QEMU writes to leaves at most QEMULogMax bytes, its start and its end, and the pipe is
+// drained to its end.
+func TestQEMULogFlood(t *testing.T) {
+	if got := len(marker(qemuOutput, 0)); got != qemuMarkerLen {
+		t.Fatalf("qemu.log marker is %d bytes, qemuMarkerLen %d", got, qemuMarkerLen)
+	}
+	if got := len(marker(consoleOutput, 0)); got != markerLen {
+		t.Fatalf("console marker is %d bytes, markerLen %d", got, markerLen)
+	}
+	path := filepath.Join(t.TempDir(), "qemu.log")
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go copyQEMULog(r, f, done)
+	const first, last = "qemu-system-x86_64: first words\n", "qemu-system-x86_64: last words\n"
+	w.WriteString(first)
+	line := []byte("qemu-system-x86_64: virtio: zero sized buffers are not allowed\n")
+	for written := 0; written < 8<<20; written += len(line) {
+		if _, err := w.Write(line); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w.WriteString(last)
+	w.Close()
+	<-done
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) > QEMULogMax {
+		t.Fatalf("after 8 MiB qemu.log holds %d bytes, more than %d", len(got), QEMULogMax)
+	}
+	if !bytes.HasPrefix(got, []byte(first)) || !bytes.HasSuffix(got, []byte(last)) {
+		t.Fatal("qemu.log lost QEMU's first or last words")
+	}
+	if !bytes.Contains(got, []byte("bytes of qemu output dropped]")) {
+		t.Fatal("qemu.log does not say what it dropped")
+	}
+	if tl := tail(path); !strings.HasSuffix(tl, strings.TrimSpace(last)) {
+		t.Fatalf("tail quotes %q, want QEMU's last words", tl)
+	}
+}

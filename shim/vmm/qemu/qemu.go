@@ -2,9 +2,10 @@
 //
 // QEMU runs in its own process group with an empty environment, -sandbox on with every
 // restriction QEMU offers (obsolete, elevateprivileges, spawn, resourcecontrol: deny), and
-// dies with the shim (Pdeathsig). Its own output goes to qemu.log in the state dir and is
-// quoted when it fails; the guest console goes through a pipe to the console log, which
-// the shim keeps under ConsoleLogMax bytes (console.go). The shim controls it
+// dies with the shim (Pdeathsig). Its own output goes through a pipe to qemu.log in the
+// state dir, kept under QEMULogMax bytes, and is quoted when it fails; the guest console
+// goes through a pipe to the console log, which the shim keeps under ConsoleLogMax
+// bytes (console.go). The shim controls it
 // over QMP (qmp.sock); the agent channel is a virtio-serial port whose host end is
 // agent.sock, or vhost-vsock.
 //
@@ -97,6 +98,7 @@ type VM struct {
 	done        chan struct{}
 	eventsDone  chan struct{}
 	consoleDone chan struct{} // closed once the console log has QEMU's last output
+	stderrDone  chan struct{} // closed once qemu.log has QEMU's last output
 	stopCh      chan struct{} // closed when Stop begins: device waits give up
 }
 
@@ -182,6 +184,7 @@ func New(cfg vmm.Config, qcfg Config) (*VM, error) {
 		done:        make(chan struct{}),
 		eventsDone:  make(chan struct{}),
 		consoleDone: make(chan struct{}),
+		stderrDone:  make(chan struct{}),
 		stopCh:      make(chan struct{}),
 	}
 	if t := cfg.Template; t != nil {
@@ -333,21 +336,32 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 			v.removeFiles()
 		}
 	}()
-	stderr, err := os.OpenFile(v.stderrLog, os.O_CREATE|os.O_WRONLY|os.O_TRUNC|os.O_APPEND, 0o600)
+	// QEMU's output goes through a pipe into a bounded log, like the console: a guest
+	// may make QEMU print on every occurrence of some device error.
+	stderrLog, err := os.OpenFile(v.stderrLog, os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600)
 	if err != nil {
 		return err
 	}
-	defer stderr.Close()
+	stderrR, stderr, err := os.Pipe()
+	if err != nil {
+		stderrLog.Close()
+		return err
+	}
+	defer stderr.Close() // QEMU has its own copy once started
 	// The guest console goes through a pipe into a bounded log (console.go); QEMU
 	// writing the file itself would let the guest fill /run.
 	consoleR, consoleW, err := os.Pipe()
 	if err != nil {
+		stderrR.Close()
+		stderrLog.Close()
 		return err
 	}
 	defer consoleW.Close() // QEMU has its own copy once started
 	consoleLog, err := os.OpenFile(v.cfg.ConsoleLog, os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600)
 	if err != nil {
 		consoleR.Close()
+		stderrR.Close()
+		stderrLog.Close()
 		return err
 	}
 	extra = append(extra, consoleW)
@@ -370,9 +384,13 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 	if err := <-startErr; err != nil {
 		consoleR.Close()
 		consoleLog.Close()
+		stderrR.Close()
+		stderrLog.Close()
+		close(v.stderrDone)
 		return fmt.Errorf("starting qemu: %w", err)
 	}
 	go copyConsole(consoleR, consoleLog, v.consoleDone)
+	go copyQEMULog(stderrR, stderrLog, v.stderrDone)
 
 	defer func() {
 		if retErr == nil {
@@ -461,6 +479,11 @@ func (v *VM) run(cmd *exec.Cmd, started chan<- error) {
 	// pipe ends with QEMU, whose process group is dead by now.
 	select {
 	case <-v.consoleDone:
+	case <-time.After(eventDrain):
+	}
+	// And QEMU's last words are in qemu.log, which the exit error quotes.
+	select {
+	case <-v.stderrDone:
 	case <-time.After(eventDrain):
 	}
 
