@@ -339,10 +339,15 @@ func parentIsShim(pid int) bool {
 
 // Info describes the runtime to containerd (`-info`).
 func (m *manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeInfo, error) {
+	feat, err := marshalFeatures()
+	if err != nil {
+		return nil, err
+	}
 	return &types.RuntimeInfo{
 		Name:        m.name,
 		Version:     &types.RuntimeVersion{Version: version.Version, Revision: version.Revision},
 		Annotations: map[string]string{allowMountsAnnotation: allowMountsValue()},
+		Features:    feat,
 	}, nil
 }
 
