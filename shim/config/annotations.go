@@ -70,9 +70,41 @@ func (c Config) WithAnnotations(annotations map[string]string) (Config, error) {
 		if err := overrides[key](&out, annotations[a]); err != nil {
 			return Config{}, fmt.Errorf("annotation %s=%q: %v: %w", a, annotations[a], err, errdefs.ErrInvalidArgument)
 		}
+		if err := out.checkLimits(); err != nil {
+			return Config{}, fmt.Errorf("annotation %s=%q: %w", a, annotations[a], err)
+		}
 	}
 	if err := out.Validate(); err != nil {
 		return Config{}, fmt.Errorf("after pod annotations: %w", err)
+	}
+	return out, nil
+}
+
+// checkLimits says which of the VM's size limits c exceeds, naming it.
+func (c Config) checkLimits() error {
+	h := c.Hypervisor
+	switch {
+	case h.VCPUs > h.MaxVCPUs:
+		return fmt.Errorf("%d vCPUs, above this host's hypervisor.max_vcpus = %d: %w", h.VCPUs, h.MaxVCPUs, errdefs.ErrInvalidArgument)
+	case h.MemoryMiB > h.MaxMemoryMiB:
+		return fmt.Errorf("%d MiB of memory, above this host's hypervisor.max_memory_mib = %d: %w", h.MemoryMiB, h.MaxMemoryMiB, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// WithPodResources returns c with the VM grown by what the pod itself asks for besides
+// the guest's own needs (the CRI's sandbox memory and CPU annotations), which source
+// names in errors. A VM that would exceed hypervisor.max_vcpus or max_memory_mib is an
+// InvalidArgument error naming source and the limit.
+func (c Config) WithPodResources(source string, memoryMiB, vcpus int) (Config, error) {
+	if memoryMiB < 0 || vcpus < 0 {
+		return Config{}, fmt.Errorf("%s: negative resources: %w", source, errdefs.ErrInvalidArgument)
+	}
+	out := c
+	out.Hypervisor.MemoryMiB += memoryMiB
+	out.Hypervisor.VCPUs += vcpus
+	if err := out.checkLimits(); err != nil {
+		return Config{}, fmt.Errorf("pod resources %s make the VM too large: %w", source, err)
 	}
 	return out, nil
 }

@@ -13,11 +13,13 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
 
 	"github.com/caisson-containers/caisson/internal/tomlconfig"
 )
@@ -54,6 +56,14 @@ type Hypervisor struct {
 	VCPUs int `toml:"vcpus"`
 	// MemoryMiB is a VM's memory in MiB. Default 512; at least MinMemoryMiB.
 	MemoryMiB int `toml:"memory_mib"`
+	// MaxVCPUs bounds VCPUs, also after a pod's annotations and its CRI resources grew
+	// it: a pod asking for more is refused. Default: the host's CPUs (as Kata's
+	// default_maxvcpus).
+	MaxVCPUs int `toml:"max_vcpus"`
+	// MaxMemoryMiB bounds MemoryMiB, also after a pod's annotations and its CRI
+	// resources grew it: a pod asking for more is refused (the scheduler sees the pod's
+	// requests, not a VM size an annotation chose). Default: the host's memory.
+	MaxMemoryMiB int `toml:"max_memory_mib"`
 	// HotplugSlots is how many devices (layers, disks) can be hot-plugged into a running VM. Default 16.
 	HotplugSlots int `toml:"hotplug_slots"`
 	// TCGTranslationCacheMiB bounds TCG's translation cache, most of a TCG VM's host memory. Default 128:
@@ -136,6 +146,17 @@ type Storage struct {
 // MinMemoryMiB is the least memory a VM can be given: the guest kernel and agent need it.
 const MinMemoryMiB = 128
 
+// hostCPUs and hostMemoryMiB are the host's, for the defaults of the VM size limits.
+func hostCPUs() int { return runtime.NumCPU() }
+
+func hostMemoryMiB() int {
+	var si unix.Sysinfo_t
+	if err := unix.Sysinfo(&si); err != nil {
+		return 0 // Validate then says max_memory_mib must be set
+	}
+	return int(uint64(si.Totalram) * uint64(si.Unit) >> 20)
+}
+
 // Default returns the defaults, with guest artifacts in artifactsDir.
 func Default(artifactsDir string) Config {
 	return Config{
@@ -145,6 +166,8 @@ func Default(artifactsDir string) Config {
 			Accelerator:            "auto",
 			VCPUs:                  1,
 			MemoryMiB:              512,
+			MaxVCPUs:               hostCPUs(),
+			MaxMemoryMiB:           hostMemoryMiB(),
 			HotplugSlots:           16,
 			TCGTranslationCacheMiB: 128,
 		},
@@ -217,8 +240,16 @@ func (c Config) Validate() error {
 		return bad("hypervisor.accelerator", c.Hypervisor.Accelerator, "want auto, kvm or tcg")
 	case c.Hypervisor.VCPUs < 1 || c.Hypervisor.VCPUs > 255:
 		return bad("hypervisor.vcpus", c.Hypervisor.VCPUs, "want 1 to 255")
+	case c.Hypervisor.MaxVCPUs < 1 || c.Hypervisor.MaxVCPUs > 255:
+		return bad("hypervisor.max_vcpus", c.Hypervisor.MaxVCPUs, "want 1 to 255")
+	case c.Hypervisor.MaxMemoryMiB < MinMemoryMiB:
+		return bad("hypervisor.max_memory_mib", c.Hypervisor.MaxMemoryMiB, fmt.Sprintf("a VM needs at least %d MiB", MinMemoryMiB))
+	case c.Hypervisor.VCPUs > c.Hypervisor.MaxVCPUs:
+		return bad("hypervisor.vcpus", c.Hypervisor.VCPUs, fmt.Sprintf("above hypervisor.max_vcpus = %d", c.Hypervisor.MaxVCPUs))
 	case c.Hypervisor.MemoryMiB < MinMemoryMiB:
 		return bad("hypervisor.memory_mib", c.Hypervisor.MemoryMiB, fmt.Sprintf("a VM needs at least %d MiB", MinMemoryMiB))
+	case c.Hypervisor.MemoryMiB > c.Hypervisor.MaxMemoryMiB:
+		return bad("hypervisor.memory_mib", c.Hypervisor.MemoryMiB, fmt.Sprintf("above hypervisor.max_memory_mib = %d", c.Hypervisor.MaxMemoryMiB))
 	case c.Hypervisor.HotplugSlots < 0 || c.Hypervisor.HotplugSlots > 90:
 		return bad("hypervisor.hotplug_slots", c.Hypervisor.HotplugSlots, "want 0 to 90 (slots of up to three PCI bridges)")
 	case c.Hypervisor.TCGTranslationCacheMiB < 1:

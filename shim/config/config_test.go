@@ -135,11 +135,13 @@ func TestVsockTransportNotImplemented(t *testing.T) {
 
 func TestWithAnnotations(t *testing.T) {
 	base := Default("/g")
+	base.Hypervisor.MaxVCPUs, base.Hypervisor.MaxMemoryMiB = 4, 4096
 	for _, tc := range []struct {
 		name        string
 		annotations map[string]string
 		want        func(c Config) bool
 		wantErr     bool
+		mention     []string // in the error
 	}{
 		{name: "none", annotations: map[string]string{"other": "x"}, want: func(c Config) bool { return reflect.DeepEqual(c, base) }},
 		{name: "allowed", annotations: map[string]string{AnnotationPrefix + "hypervisor.vcpus": "2", AnnotationPrefix + "hypervisor.memory_mib": "1024"},
@@ -148,6 +150,14 @@ func TestWithAnnotations(t *testing.T) {
 		{name: "never overridable", annotations: map[string]string{AnnotationPrefix + "guest.kernel": "/evil"}, wantErr: true},
 		{name: "bad value", annotations: map[string]string{AnnotationPrefix + "hypervisor.vcpus": "many"}, wantErr: true},
 		{name: "below minimum", annotations: map[string]string{AnnotationPrefix + "hypervisor.memory_mib": "16"}, wantErr: true},
+		{name: "memory above max", annotations: map[string]string{AnnotationPrefix + "hypervisor.memory_mib": "4097"},
+			wantErr: true, mention: []string{AnnotationPrefix + "hypervisor.memory_mib", "hypervisor.max_memory_mib = 4096"}},
+		{name: "memory at max", annotations: map[string]string{AnnotationPrefix + "hypervisor.memory_mib": "4096"},
+			want: func(c Config) bool { return c.Hypervisor.MemoryMiB == 4096 }},
+		{name: "vcpus above max", annotations: map[string]string{AnnotationPrefix + "hypervisor.vcpus": "5"},
+			wantErr: true, mention: []string{AnnotationPrefix + "hypervisor.vcpus", "hypervisor.max_vcpus = 4"}},
+		{name: "vcpus at max", annotations: map[string]string{AnnotationPrefix + "hypervisor.vcpus": "4"},
+			want: func(c Config) bool { return c.Hypervisor.VCPUs == 4 }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := base.WithAnnotations(tc.annotations)
@@ -155,11 +165,65 @@ func TestWithAnnotations(t *testing.T) {
 				if !errdefs.IsInvalidArgument(err) {
 					t.Fatalf("error %v, want InvalidArgument", err)
 				}
+				for _, m := range tc.mention {
+					if !strings.Contains(err.Error(), m) {
+						t.Errorf("error %q does not mention %q", err, m)
+					}
+				}
 				return
 			}
 			if err != nil || !tc.want(got) {
 				t.Fatalf("got %+v, %v", got, err)
 			}
 		})
+	}
+}
+
+// The VM size limits: defaults from the host, a configuration above them refused naming
+// the key, and a pod's CRI resources that would grow the VM past them refused naming
+// their source and the limit.
+func TestVMSizeLimits(t *testing.T) {
+	d := Default("/g")
+	if d.Hypervisor.MaxVCPUs < 1 || d.Hypervisor.MaxMemoryMiB < MinMemoryMiB {
+		t.Fatalf("default limits %d vCPUs, %d MiB", d.Hypervisor.MaxVCPUs, d.Hypervisor.MaxMemoryMiB)
+	}
+	for _, tc := range []struct {
+		name    string
+		change  func(h *Hypervisor)
+		mention string
+	}{
+		{"vcpus above max_vcpus", func(h *Hypervisor) { h.MaxVCPUs, h.VCPUs = 2, 3 }, "hypervisor.vcpus = 3: above hypervisor.max_vcpus = 2"},
+		{"memory above max_memory_mib", func(h *Hypervisor) { h.MaxMemoryMiB, h.MemoryMiB = 1024, 2048 }, "hypervisor.memory_mib = 2048: above hypervisor.max_memory_mib = 1024"},
+		{"max_vcpus zero", func(h *Hypervisor) { h.MaxVCPUs = 0 }, "hypervisor.max_vcpus = 0"},
+		{"max_memory_mib below the minimum", func(h *Hypervisor) { h.MaxMemoryMiB = 64 }, "hypervisor.max_memory_mib = 64"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := Default("/g")
+			tc.change(&c.Hypervisor)
+			err := c.Validate()
+			if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), tc.mention) {
+				t.Fatalf("Validate: %v, want InvalidArgument mentioning %q", err, tc.mention)
+			}
+		})
+	}
+
+	c := Default("/g")
+	c.Hypervisor.MaxVCPUs, c.Hypervisor.MaxMemoryMiB = 2, 1024
+	got, err := c.WithPodResources("io.kubernetes.cri.sandbox-memory=536870912", 512, 1)
+	if err != nil || got.Hypervisor.MemoryMiB != 1024 || got.Hypervisor.VCPUs != 2 {
+		t.Fatalf("resources up to the limits: %+v, %v", got.Hypervisor, err)
+	}
+	for _, tc := range []struct {
+		name         string
+		mem, vcpus   int
+		mentionLimit string
+	}{
+		{"memory", 513, 0, "hypervisor.max_memory_mib = 1024"},
+		{"vcpus", 0, 2, "hypervisor.max_vcpus = 2"},
+	} {
+		_, err := c.WithPodResources("SOURCE", tc.mem, tc.vcpus)
+		if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "SOURCE") || !strings.Contains(err.Error(), tc.mentionLimit) {
+			t.Errorf("%s above the limit: %v, want InvalidArgument naming SOURCE and %q", tc.name, err, tc.mentionLimit)
+		}
 	}
 }

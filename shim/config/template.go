@@ -37,6 +37,11 @@ accelerator = {{q .Hypervisor.Accelerator}}
 vcpus = {{.Hypervisor.VCPUs}}
 # At least 128.
 memory_mib = {{.Hypervisor.MemoryMiB}}
+# The largest VM a pod may get: vcpus and memory_mib after the pod's annotations and its CRI
+# resources (sandbox CPU and memory) grew them. A pod asking for more is refused, with an error
+# naming what asked and the limit. The defaults printed are this host's CPUs and memory.
+max_vcpus = {{.Hypervisor.MaxVCPUs}}
+max_memory_mib = {{.Hypervisor.MaxMemoryMiB}}
 # Devices that can be hot-plugged into a running VM (slots of PCI bridges, 30 each; at most 90).
 hotplug_slots = {{.Hypervisor.HotplugSlots}}
 # Bounds TCG's translation cache, most of a TCG VM's host memory. Unused under KVM.
