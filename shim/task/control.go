@@ -8,14 +8,12 @@ import (
 
 	eventstypes "github.com/containerd/containerd/api/events"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
-	runcoptions "github.com/containerd/containerd/api/types/runc/options"
 	"github.com/containerd/containerd/api/types/task"
 	"github.com/containerd/containerd/v2/pkg/protobuf"
 	ptypes "github.com/containerd/containerd/v2/pkg/protobuf/types"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
-	"github.com/containerd/typeurl/v2"
 	"golang.org/x/sys/unix"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
@@ -216,6 +214,11 @@ func (s *service) killSilentPod(ctx context.Context, pd *pod.Pod, id string) (*p
 	return empty, nil
 }
 
+// Pids reports the pod's QEMU as the container's one host process (see taskPid): the
+// container's processes are in the guest, and the pids the agent would list are numbers
+// of the guest's PID namespace that containerd and its clients would read as host pids
+// (containerd's CRI reads /proc/PID/fd of each for its metrics; docker top runs ps on
+// them). The agent is not asked. `ctr task exec ... ps` lists the guest's.
 func (s *service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.PidsResponse, error) {
 	if _, err := s.container(r.ID); err != nil {
 		return nil, err
@@ -224,23 +227,12 @@ func (s *service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.Pi
 	if err != nil {
 		return nil, err
 	}
-	resp, err := pd.Containers.Pids(ctx, &agent.PidsRequest{ContainerId: r.ID})
-	if err != nil {
-		return nil, agentErr("pids", err)
+	select {
+	case <-pd.Done():
+		return nil, errgrpc.ToGRPCf(errdefs.ErrNotFound, "container %s: the pod's VM has ended", r.ID)
+	default:
 	}
-	var out []*task.ProcessInfo
-	for _, p := range resp.GetProcesses() {
-		pi := &task.ProcessInfo{Pid: p.GetPid()}
-		if p.GetExecId() != "" {
-			a, err := typeurl.MarshalAnyToProto(&runcoptions.ProcessDetails{ExecID: p.GetExecId()})
-			if err != nil {
-				return nil, err
-			}
-			pi.Info = a
-		}
-		out = append(out, pi)
-	}
-	return &taskAPI.PidsResponse{Processes: out}, nil
+	return &taskAPI.PidsResponse{Processes: []*task.ProcessInfo{{Pid: taskPid(pd)}}}, nil
 }
 
 func (s *service) Checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskRequest) (*ptypes.Empty, error) {

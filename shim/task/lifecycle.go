@@ -159,7 +159,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		}
 	}()
 	created := time.Now()
-	resp, err := pd.Containers.Create(ctx, req)
+	_, err = pd.Containers.Create(ctx, req)
 	if err != nil {
 		return nil, agentErr("create container in the guest", err)
 	}
@@ -171,7 +171,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		}
 	}()
 	p := newProcess(r.ID, "", sio)
-	p.pid = resp.GetPid()
+	p.pid = taskPid(pd) // never resp's: see taskPid
 	p.io, err = stdio.Attach(ctx, pd.Session(), r.ID, "", sio)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("attach stdio: %w", err))
@@ -269,25 +269,21 @@ func (s *service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	if pd == nil {
 		return nil, errgrpc.ToGRPCf(errdefs.ErrUnavailable, "the pod's VM is not running")
 	}
-	var pid uint32
 	if r.ExecID == "" {
 		if err := c.hooks.run(ctx, hooks.StartContainer, specs.StateCreated, s.hookPid()); err != nil {
 			return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
 		}
 		started := time.Now()
-		resp, err := pd.Containers.Start(ctx, &agent.StartContainerRequest{ContainerId: r.ID})
-		if err != nil {
+		if _, err := pd.Containers.Start(ctx, &agent.StartContainerRequest{ContainerId: r.ID}); err != nil {
 			return nil, agentErr("start container", err)
 		}
-		pid = resp.GetPid()
 		log.G(ctx).WithField("container", r.ID).WithField("took", time.Since(started)).Debug("container started in the guest")
 	} else {
-		resp, err := pd.Exec.Start(ctx, &agent.StartExecRequest{ContainerId: r.ID, ExecId: r.ExecID})
-		if err != nil {
+		if _, err := pd.Exec.Start(ctx, &agent.StartExecRequest{ContainerId: r.ID, ExecId: r.ExecID}); err != nil {
 			return nil, agentErr("start exec", err)
 		}
-		pid = resp.GetPid()
 	}
+	pid := taskPid(pd) // never the agent's: see taskPid
 	p.mu.Lock()
 	p.pid = pid
 	p.mu.Unlock()

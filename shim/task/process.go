@@ -7,8 +7,34 @@ import (
 
 	"github.com/containerd/containerd/api/types/task"
 
+	"github.com/caisson-containers/caisson/shim/pod"
 	"github.com/caisson-containers/caisson/shim/stdio"
 )
+
+// taskPid is the pid containerd is told for every process of the pod (Create, Start,
+// exec starts, State, Pids, events): QEMU's, a host process this shim started and
+// reaps, never a pid the agent reports.
+//
+// The agent's pids are numbers in the guest's PID namespace, chosen by a guest that may
+// be compromised, and containerd and the tools around it act on a task's pid as a host
+// pid: containerd 1.7's CRI bind-mounts /proc/PID/ns/net of a pod's sandbox task with a
+// user namespace and runs CNI in it; the CRI (1.7 to 2.4) writes /proc/PID/ns/{net,ipc,
+// uts,pid} of the sandbox task into its containers' specs and hands the pid to NRI
+// plugins; 2.x's ListPodSandboxMetrics reads /proc/PID/fd of each of a container's
+// Pids; nerdctl joins /proc/PID/ns/net for --net container:ID, and docker top runs ps
+// on them. A guest reporting pid 1, or the pid of any host process, would point each of
+// those at that process. QEMU's pid points them at the process that is the pod on the
+// host (Kata Containers reports its hypervisor's pid for the same reason): a signal sent
+// to it ends the pod, and its network namespace is the shim's (containerd's). That last
+// point means a CRI that takes a pod's network namespace from its sandbox task's pid
+// (containerd 1.7 for a pod with a user namespace; 2.4 makes that namespace itself) would
+// get the host's: such pods are not supported (docs/security.md). 0 before the VM starts.
+func taskPid(pd *pod.Pod) uint32 {
+	if pd == nil {
+		return 0
+	}
+	return uint32(pd.Pid())
+}
 
 // process is a container's init process or an exec'd one, as the shim tracks it.
 type process struct {

@@ -27,6 +27,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
 	"golang.org/x/sys/unix"
+	"golang.org/x/time/rate"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/shim/config"
@@ -237,21 +238,87 @@ func (s *service) watchExit(pd *pod.Pod, p *process) {
 	s.exited(p, resp.GetExit().GetExitStatus(), resp.GetExit().GetExitedAt().AsTime())
 }
 
+// forwardOOM publishes the guest's OOM events as containerd's TaskOOM, through oomFilter:
+// the guest may be compromised, and what it says about containers is not to be trusted.
 func (s *service) forwardOOM(p *pod.Pod) {
 	stream, err := p.Containers.Events(s.context, &agent.EventsRequest{})
 	if err != nil {
 		log.G(s.context).WithError(err).Warn("cannot watch the guest's OOM events")
 		return
 	}
+	f := newOOMFilter(s.owns)
 	for {
 		e, err := stream.Recv()
 		if err != nil {
 			return
 		}
-		if e.GetOom() != nil {
+		if e.GetOom() != nil && f.allow(s.context, e.GetContainerId()) {
 			s.send(&eventstypes.TaskOOM{ContainerID: e.GetContainerId()})
 		}
 	}
+}
+
+// owns reports whether id is a container this shim created (in its pod) and has not
+// deleted.
+func (s *service) owns(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.containers[id]
+	return ok
+}
+
+const (
+	// oomEventRate and oomEventBurst bound the TaskOOM events one container may cause:
+	// a real OOM kill is an event of the guest kernel, a few per second at most, and a
+	// guest that makes up more would flood containerd's event bus (and whoever watches it).
+	oomEventRate  = rate.Limit(5)
+	oomEventBurst = 10
+	// oomWarnInterval spaces the warnings about dropped events.
+	oomWarnInterval = time.Minute
+)
+
+// oomFilter passes the guest's OOM events that may be published: only for containers
+// this shim created in this pod (a compromised guest could otherwise report OOM kills
+// of any container on the host, of any pod or namespace, to containerd and the kubelet),
+// and at most oomEventRate per container. Others are dropped, with a warning at most
+// every oomWarnInterval that counts them.
+type oomFilter struct {
+	owns    func(id string) bool
+	limits  map[string]*rate.Limiter
+	dropped int
+	warn    rate.Sometimes
+}
+
+func newOOMFilter(owns func(string) bool) *oomFilter {
+	return &oomFilter{owns: owns, limits: map[string]*rate.Limiter{}, warn: rate.Sometimes{Interval: oomWarnInterval}}
+}
+
+// allow reports whether an OOM event of container id is to be published.
+func (f *oomFilter) allow(ctx context.Context, id string) bool {
+	var why string
+	switch {
+	case !f.owns(id):
+		// Also forgets a deleted container's limiter: ids are not reused while it lives.
+		delete(f.limits, id)
+		why = "for a container that is not this pod's"
+	default:
+		l, ok := f.limits[id]
+		if !ok {
+			l = rate.NewLimiter(oomEventRate, oomEventBurst)
+			f.limits[id] = l
+		}
+		if l.Allow() {
+			return true
+		}
+		why = "beyond the rate a container can cause"
+	}
+	f.dropped++
+	f.warn.Do(func() {
+		log.G(ctx).WithField("container", id).WithField("dropped", f.dropped).
+			Warnf("dropping OOM events the guest sent %s (the guest may be compromised)", why)
+		f.dropped = 0
+	})
+	return false
 }
 
 func (s *service) send(e any) {
