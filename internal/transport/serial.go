@@ -88,7 +88,9 @@ func (s *serialSession) start() {
 		s.err = err
 		return
 	}
-	if s.ys, s.err = yamux.Client(bc, hostYamuxConfig()); s.err != nil {
+	// The guest's frames reach yamux through the ping limiter (pinglimit.go).
+	conn := &limitedConn{Reader: newPingLimiter(bc), Writer: bc, Closer: bc}
+	if s.ys, s.err = yamux.Client(conn, hostYamuxConfig()); s.err != nil {
 		s.err = fmt.Errorf("start yamux client: %w", s.err)
 	}
 }
