@@ -71,9 +71,6 @@ type bundleSpec struct {
 	Version     string            `json:"ociVersion,omitempty"`
 	Hooks       *specs.Hooks      `json:"hooks,omitempty"`
 	Annotations map[string]string `json:"annotations,omitempty"`
-	Linux       *struct {
-		CgroupsPath string `json:"cgroupsPath,omitempty"`
-	} `json:"linux,omitempty"`
 }
 
 func readBundleSpec(dir string) (*bundleSpec, error) {
@@ -269,12 +266,11 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 		log.G(ctx).WithField("pid", pid).Warn("killing the VM of a dead shim")
 		syscall.Kill(pid, syscall.SIGKILL)
 	}
-	// The VM of a CRI pod was in its sandbox container's cgroup (shim/pod).
-	if spec != nil && spec.Linux != nil && spec.Annotations["io.kubernetes.cri.container-type"] == "sandbox" {
-		waitGone(vms, 5*time.Second)
-		if err := pod.RemoveCgroup(spec.Linux.CgroupsPath); err != nil {
-			log.G(ctx).WithError(err).Warn("removing the pod cgroup of a dead shim")
-		}
+	// The VM's cgroup, whichever it was (its path is recorded in the pod's state), once
+	// the VM has gone: its processes must have left it.
+	waitGone(vms, 5*time.Second)
+	if err := pod.RemoveCgroup(ctx, stateDir); err != nil {
+		log.G(ctx).WithError(err).Warn("removing the pod cgroup of a dead shim")
 	}
 	// The dead shim's poststop hooks did not run (nerdctl's network teardown, say): run
 	// them, as runc's delete does for a container whose runtime died.

@@ -2,65 +2,264 @@ package pod
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
+	"time"
 
-	"github.com/containerd/cgroups/v3"
-	"github.com/containerd/cgroups/v3/cgroup1"
-	"github.com/containerd/cgroups/v3/cgroup2"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
-	"github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/opencontainers/cgroups"
+	"github.com/opencontainers/cgroups/manager"
+	"github.com/opencontainers/cgroups/systemd"
+
+	"github.com/caisson-containers/caisson/shim/config"
 )
 
-// joinCgroup puts the VM's QEMU into path, the cgroup the CRI gave the pod's
-// sandbox container (below the pod's cgroup parent): the VM is what runs the
-// pod, so the kubelet's pod accounting and PodSandboxStats must see it. It
-// returns how to remove the cgroup once QEMU has exited.
+// A pod's host processes, its QEMU and its virtiofsd, run in one cgroup with memory and
+// CPU limits, so that the kernel bounds what a runaway VM (a guest driving QEMU's heap,
+// TCG's translation cache, virtiofsd's buffers) takes from the host:
 //
-// Only the cgroupfs layout is placed; a systemd driver path ("slice:prefix:name")
-// is left alone, with a warning.
-func joinCgroup(ctx context.Context, path string, pid int) (func() error, error) {
-	if strings.Contains(path, ":") {
-		log.G(ctx).WithField("cgroup", path).Warn("systemd cgroup paths are not supported yet: the VM stays in the shim's cgroup")
-		return func() error { return nil }, nil
-	}
-	if cgroups.Mode() == cgroups.Unified {
-		m, err := cgroup2.NewManager("/sys/fs/cgroup", path, &cgroup2.Resources{})
-		if err != nil {
-			return nil, fmt.Errorf("create pod cgroup %s: %w", path, err)
+//   - a CRI pod's: the cgroup the CRI gave its sandbox container, below the pod's cgroup
+//     parent, where the kubelet accounts for the pod (and its own pod-level limit, the
+//     pod's limits plus the RuntimeClass overhead, applies above ours);
+//   - a lone container's (ctr, nerdctl): the cgroupsPath its client gave it (ctr's
+//     /NAMESPACE/ID, nerdctl's), or, with none, one of Caisson's own, DefaultCgroupParent
+//     (or caisson.slice on a host run by systemd) and the pod's state directory's name.
+//
+// A path is a cgroupfs path ("/kubepods/burstable/pod.../ID") or a systemd one
+// ("kubepods-burstable-pod....slice:cri-containerd:ID"), converted and applied as runc
+// applies a container's (github.com/opencontainers/cgroups, runc's own cgroup code): on
+// cgroup v1 and v2, the systemd ones through a transient scope. containerd's runc shim
+// leaves the container's cgroup to runc; this shim is its own runc.
+//
+// The path is recorded in the pod's state directory (cgroupRecord) before the cgroup is
+// made, so that the cleanup of a dead shim (`shim delete`, RemoveCgroup) finds it.
+
+// DefaultCgroupParent is the cgroupfs parent of the cgroups the shim makes for pods
+// whose task names none. It is left in place, as containerd's /NAMESPACE parents are.
+const DefaultCgroupParent = "/caisson"
+
+// defaultSlice is the same on a host run by systemd: caisson.slice:caisson:NAME makes
+// the scope caisson-NAME.scope in caisson.slice.
+const defaultSlice = "caisson.slice"
+
+// VMOverheadMiB is what a pod's processes may take on the host besides the guest's RAM
+// and TCG's translation cache: QEMU's own heap, device state and I/O buffers, the page
+// cache of the disks it reads (reclaimable: the limit makes the kernel reclaim it, not
+// kill), and the pod's virtiofsd. An idle pod's QEMU takes about 285 MiB PSS with 512 MiB
+// of guest RAM, most of it the guest's pages and TCG's cache (contrib/kubernetes).
+const VMOverheadMiB = 256
+
+// defaultTCGCacheMiB is QEMU's own translation cache size, when tb-size is not given.
+const defaultTCGCacheMiB = 1024
+
+// cpuPeriod is the CFS period of the CPU limit (the kernel's default), in µs.
+const cpuPeriod = 100000
+
+// cgroupRecord is the file in the pod's state directory holding its cgroup's path.
+const cgroupRecord = "cgroup"
+
+// cgroupLimits are the limits of a pod's cgroup, from the VM's size in cfg (after the
+// pod's annotations, and grown by the CRI's sandbox resources: shim/task's podConfig):
+//
+//   - memory: the guest's RAM (hypervisor.memory_mib), plus TCG's translation cache
+//     (tcg_translation_cache_mib, QEMU's 1 GiB if 0; unless accelerator = kvm), plus
+//     VMOverheadMiB. Swap is not limited (the hosts Caisson runs on have none, as the
+//     kubelet wants);
+//   - CPU: a CFS quota of vcpus + 1 CPUs: one thread per vCPU, and one for QEMU's main
+//     loop, its I/O and virtiofsd.
+func cgroupLimits(cfg config.Config) *cgroups.Resources {
+	mib := int64(cfg.Hypervisor.MemoryMiB) + VMOverheadMiB
+	if cfg.Hypervisor.Accelerator != "kvm" {
+		tb := cfg.Hypervisor.TCGTranslationCacheMiB
+		if tb <= 0 {
+			tb = defaultTCGCacheMiB
 		}
-		if err := m.AddProc(uint64(pid)); err != nil {
-			m.Delete()
-			return nil, fmt.Errorf("move the VM into pod cgroup %s: %w", path, err)
-		}
-		return m.Delete, nil
+		mib += int64(tb)
 	}
-	cg, err := cgroup1.New(cgroup1.StaticPath(path), &specs.LinuxResources{})
-	if err != nil {
-		return nil, fmt.Errorf("create pod cgroup %s: %w", path, err)
+	vcpus := max(cfg.Hypervisor.VCPUs, 1)
+	return &cgroups.Resources{
+		Memory:    mib << 20,
+		CpuQuota:  int64(vcpus+1) * cpuPeriod,
+		CpuPeriod: cpuPeriod,
+		// QEMU needs /dev/kvm, /dev/net/tun and the vhost devices: device rules are the
+		// host's, not a container's.
+		SkipDevices: true,
 	}
-	if err := cg.Add(cgroup1.Process{Pid: pid}); err != nil {
-		cg.Delete()
-		return nil, fmt.Errorf("move the VM into pod cgroup %s: %w", path, err)
-	}
-	return cg.Delete, nil
 }
 
-// RemoveCgroup removes a pod cgroup left by a VM whose shim died (shim delete).
-func RemoveCgroup(path string) error {
-	if path == "" || strings.Contains(path, ":") {
+// defaultCgroupPath is the cgroup of a pod whose task names none: one of Caisson's own,
+// named for the pod's state directory (unique per namespace and pod).
+func defaultCgroupPath(stateDir string) string {
+	name := filepath.Base(stateDir)
+	if systemd.IsRunningSystemd() {
+		return defaultSlice + ":caisson:" + name
+	}
+	return DefaultCgroupParent + "/" + name
+}
+
+// cgroupConfig is path as runc's cgroup code takes it (runc's specconv does the same):
+// "slice:prefix:name" for the systemd driver, a cgroupfs path otherwise.
+func cgroupConfig(path string, res *cgroups.Resources) (*cgroups.Cgroup, error) {
+	if res == nil {
+		res = &cgroups.Resources{SkipDevices: true}
+	}
+	if !strings.Contains(path, ":") {
+		if path == "" {
+			return nil, fmt.Errorf("empty cgroup path: %w", errdefs.ErrInvalidArgument)
+		}
+		return &cgroups.Cgroup{Path: path, Resources: res}, nil
+	}
+	parts := strings.Split(path, ":")
+	if len(parts) != 3 || parts[2] == "" {
+		return nil, fmt.Errorf("cgroup path %q: a systemd cgroup path is slice:prefix:name: %w", path, errdefs.ErrInvalidArgument)
+	}
+	if parts[0] != "" {
+		if _, err := systemd.ExpandSlice(parts[0]); err != nil {
+			return nil, fmt.Errorf("cgroup path %q: %w: %w", path, errdefs.ErrInvalidArgument, err)
+		}
+	}
+	return &cgroups.Cgroup{Parent: parts[0], ScopePrefix: parts[1], Name: parts[2], Systemd: true, Resources: res}, nil
+}
+
+// newCgroupManager is runc's cgroup manager for path: cgroupfs or systemd, v1 or v2.
+func newCgroupManager(path string, res *cgroups.Resources) (cgroups.Manager, error) {
+	c, err := cgroupConfig(path, res)
+	if err != nil {
+		return nil, err
+	}
+	m, err := manager.New(c)
+	if err != nil {
+		if c.Systemd && !systemd.IsRunningSystemd() {
+			return nil, fmt.Errorf("cgroup path %q is a systemd one, and systemd does not run on this host: %w", path, errdefs.ErrFailedPrecondition)
+		}
+		return nil, fmt.Errorf("cgroup %q: %w", path, err)
+	}
+	return m, nil
+}
+
+// cgroupDir is the directory of m's cgroup that tells which processes it holds: the
+// memory controller's on v1 (the library's Exists and GetAllPids look at the devices
+// controller's, which SkipDevices leaves alone).
+func cgroupDir(m cgroups.Manager) string {
+	if cgroups.IsCgroup2UnifiedMode() {
+		return m.Path("")
+	}
+	return m.Path("memory")
+}
+
+// vmCgroup is the cgroup of a pod's processes.
+type vmCgroup struct {
+	path    string
+	limits  *cgroups.Resources
+	m       cgroups.Manager
+	applied bool // made, limited and holding a process
+}
+
+// newCgroup prepares the pod's cgroup (o.Cgroup, or the shim's own) and records its
+// path in the pod's state directory. The cgroup itself is made by the first add: a
+// systemd scope cannot be made empty. One that exists already must hold no process:
+// limits meant for a VM must not land on whatever runs there (runc refuses a busy
+// cgroup the same way).
+func newCgroup(cfg config.Config, o Options) (*vmCgroup, error) {
+	path := o.Cgroup
+	if path == "" {
+		path = defaultCgroupPath(o.StateDir)
+	}
+	limits := cgroupLimits(cfg)
+	m, err := newCgroupManager(path, limits)
+	if err != nil {
+		return nil, err
+	}
+	if dir := cgroupDir(m); cgroups.PathExists(dir) {
+		if pids, err := cgroups.GetAllPids(dir); err == nil && len(pids) > 0 {
+			return nil, fmt.Errorf("cgroup %q for the pod's VM already holds processes %v: %w", path, pids, errdefs.ErrFailedPrecondition)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(o.StateDir, cgroupRecord), []byte(path), 0o600); err != nil {
+		return nil, fmt.Errorf("record the pod's cgroup: %w", err)
+	}
+	return &vmCgroup{path: path, limits: limits, m: m}, nil
+}
+
+// add moves pid (with all its threads) into the cgroup, making it and setting its
+// limits first if need be. Processes pid forks later are born there.
+func (c *vmCgroup) add(pid int) error {
+	if c.applied {
+		// Not the manager's AddPid: it writes to the devices controller's cgroup too,
+		// which SkipDevices did not make.
+		for _, dir := range c.m.GetPaths() {
+			if !cgroups.PathExists(dir) {
+				continue
+			}
+			if err := cgroups.WriteCgroupProc(dir, pid); err != nil {
+				return fmt.Errorf("move process %d into cgroup %q: %w", pid, c.path, err)
+			}
+		}
 		return nil
 	}
-	if cgroups.Mode() == cgroups.Unified {
-		m, err := cgroup2.Load(path)
-		if err != nil {
-			return nil
+	if err := c.m.Apply(pid); err != nil {
+		return fmt.Errorf("create cgroup %q with process %d: %w", c.path, pid, err)
+	}
+	c.applied = true
+	if err := c.m.Set(c.limits); err != nil {
+		return fmt.Errorf("limit cgroup %q: %w", c.path, err)
+	}
+	return nil
+}
+
+// remove removes the cgroup once the pod's processes, ended by the caller, have left it,
+// and the record. A nil cgroup is none.
+func (c *vmCgroup) remove(ctx context.Context) error {
+	if c == nil {
+		return nil
+	}
+	return removeCgroup(ctx, c.m, c.path)
+}
+
+// cgroupDrainTimeout bounds the wait for the pod's ended processes to leave its cgroup.
+const cgroupDrainTimeout = 10 * time.Second
+
+func removeCgroup(ctx context.Context, m cgroups.Manager, path string) error {
+	// The processes were killed and reaped (QEMU) or are exiting (virtiofsd's
+	// sandboxed child, which dies with its parent): the kernel removes them
+	// from the cgroup a moment later.
+	deadline := time.Now().Add(cgroupDrainTimeout)
+	for dir := cgroupDir(m); cgroups.PathExists(dir); {
+		pids, err := cgroups.GetAllPids(dir)
+		if err != nil || len(pids) == 0 {
+			break
 		}
-		return m.Delete()
+		if time.Now().After(deadline) {
+			return fmt.Errorf("cgroup %q left in place: processes %v still in it: %w", path, pids, errdefs.ErrFailedPrecondition)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
-	cg, err := cgroup1.Load(cgroup1.StaticPath(path))
+	if err := m.Destroy(); err != nil {
+		return fmt.Errorf("remove cgroup %q: %w", path, err)
+	}
+	log.G(ctx).WithField("cgroup", path).Debug("pod cgroup removed")
+	return nil
+}
+
+// RemoveCgroup removes the cgroup of the pod whose state directory is stateDir, left
+// by a VM whose shim died (`shim delete`), once the VM's processes are gone. Nothing
+// recorded: the pod made none.
+func RemoveCgroup(ctx context.Context, stateDir string) error {
+	b, err := os.ReadFile(filepath.Join(stateDir, cgroupRecord))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
 	if err != nil {
-		return nil // not there
+		return err
 	}
-	return cg.Delete()
+	path := string(b)
+	m, err := newCgroupManager(path, nil)
+	if err != nil {
+		return err
+	}
+	return removeCgroup(ctx, m, path)
 }

@@ -50,8 +50,10 @@ type Options struct {
 	// veths is connected to a guest NIC with the veth's MAC, addresses, routes and MTU
 	// (see package shim/network). Empty: the guest has loopback only.
 	NetNS string
-	// Cgroup is the cgroup the CRI gave the pod's sandbox container; the VM's QEMU
-	// is placed there so that the pod's accounting sees it. Empty: not placed.
+	// Cgroup is the cgroup the pod's QEMU and virtiofsd run in, with the VM's limits
+	// (cgroup.go): the one the CRI gave the pod's sandbox container, so that the pod's
+	// accounting sees the VM, or a lone container's cgroupsPath. Empty: one of the
+	// shim's own.
 	Cgroup string
 	// DNS and Hosts fill the guest's resolv.conf and /etc/hosts (besides localhost).
 	DNS   *agent.DNS
@@ -151,10 +153,10 @@ type Pod struct {
 	stateDir string
 	vm       vmm.VM
 	net      *network.Network
-	// leaveCgroup removes the pod cgroup the VM was placed in, once it has exited.
-	leaveCgroup func() error
-	session     transport.Session
-	client      *ttrpc.Client
+	// cgroup holds QEMU and virtiofsd; removed by Stop once they have exited.
+	cgroup  *vmCgroup
+	session transport.Session
+	client  *ttrpc.Client
 	// calls puts deadlines on the agent's calls and tells whether the guest answers.
 	calls *deadlines
 	// killed is set by Kill: the VM was ended on purpose, its processes by SIGKILL.
@@ -245,9 +247,18 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	}
 	vcfg, qcfg := vmConfig(cfg, o.StateDir)
 	vcfg.Disks, vcfg.NICs = disks, nics
+	// Removed after virtiofsd and QEMU have exited (deferred before them).
+	cg, err := newCgroup(cfg, o)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err := cg.remove(context.WithoutCancel(ctx)); err != nil {
+			log.G(ctx).WithError(err).Warn("pod cgroup cleanup")
+		}
+	}()
 	var fs *virtiofs.Daemon
 	if SharesHostPaths(cfg) {
-		var err error
 		if fs, vcfg.SharedFS, err = startShared(ctx, cfg, o.StateDir); err != nil {
 			return nil, fmt.Errorf("shared directory: %w", err)
 		}
@@ -258,6 +269,10 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 				}
 			}
 		}()
+		// Before QEMU connects: virtiofsd forks its sandboxed child then.
+		if err := cg.add(fs.Pid()); err != nil {
+			return nil, err
+		}
 	}
 	vm, err := startVM(ctx, cfg, vcfg, qcfg)
 	if err != nil {
@@ -266,8 +281,8 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	if net != nil {
 		net.CloseTaps() // QEMU holds them now: the taps go when it exits
 	}
-	p := &Pod{cfg: cfg, stateDir: o.StateDir, vm: vm, net: net, fs: fs, storages: map[string]*attached{}}
-	net, fs = nil, nil // p.Stop cleans them from here on
+	p := &Pod{cfg: cfg, stateDir: o.StateDir, vm: vm, net: net, fs: fs, cgroup: cg, storages: map[string]*attached{}}
+	net, fs, cg = nil, nil, nil // p.Stop cleans them from here on
 	if p.fs != nil {
 		go p.watchShared(context.WithoutCancel(ctx))
 	}
@@ -276,10 +291,10 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 			p.Stop(context.WithoutCancel(ctx))
 		}
 	}()
-	if o.Cgroup != "" {
-		if p.leaveCgroup, err = joinCgroup(ctx, o.Cgroup, vm.Pid()); err != nil {
-			return nil, err
-		}
+	// QEMU's allocations before this (its start, the guest's first pages) stay charged
+	// where the shim is.
+	if err := p.cgroup.add(vm.Pid()); err != nil {
+		return nil, err
 	}
 	if err := p.connect(ctx); err != nil {
 		return nil, err
@@ -423,11 +438,6 @@ func (p *Pod) Stop(ctx context.Context) error {
 		p.session.Close()
 	}
 	err := p.vm.Stop(ctx)
-	if p.leaveCgroup != nil {
-		if cerr := p.leaveCgroup(); cerr != nil {
-			err = errors.Join(err, fmt.Errorf("pod cgroup: %w", cerr))
-		}
-	}
 	if p.net != nil {
 		if nerr := p.net.Close(); nerr != nil {
 			err = errors.Join(err, fmt.Errorf("pod network: %w", nerr))
@@ -437,6 +447,10 @@ func (p *Pod) Stop(ctx context.Context) error {
 		if ferr := p.fs.Close(ctx); ferr != nil {
 			err = errors.Join(err, fmt.Errorf("shared directory: %w", ferr))
 		}
+	}
+	// After QEMU and virtiofsd have exited.
+	if cerr := p.cgroup.remove(ctx); cerr != nil {
+		err = errors.Join(err, fmt.Errorf("pod cgroup: %w", cerr))
 	}
 	// Whatever happened above, nothing shared may be under the state directory when
 	// it is removed: a share is a host path (a volume), not the pod's.

@@ -226,6 +226,7 @@ const (
 	annotationContainerType = "io.kubernetes.cri.container-type"
 	annotationSandboxID     = "io.kubernetes.cri.sandbox-id"
 	containerTypeSandbox    = "sandbox"
+	containerTypeContainer  = "container"
 	annotationSandboxMemory = "io.kubernetes.cri.sandbox-memory"
 	annotationSandboxQuota  = "io.kubernetes.cri.sandbox-cpu-quota"
 	annotationSandboxPeriod = "io.kubernetes.cri.sandbox-cpu-period"
@@ -318,10 +319,12 @@ func podNameResolution(s *specs.Spec) (*agent.DNS, []*agent.HostEntry, error) {
 	return dns, hosts, nil
 }
 
-// podCgroup is the cgroup a CRI sandbox container is given, below the pod's
-// cgroup parent: where the pod's VM belongs. Other containers give none.
+// podCgroup is the cgroup of the pod's VM, for the container that starts the pod: a
+// CRI sandbox container's, below the pod's cgroup parent, or a lone container's (ctr's
+// /NAMESPACE/ID, nerdctl's); "" lets the shim make one (shim/pod). A CRI pod's other
+// containers start no VM: theirs is not the VM's.
 func podCgroup(s *specs.Spec) string {
-	if s.Annotations[annotationContainerType] != containerTypeSandbox || s.Linux == nil {
+	if s.Linux == nil || s.Annotations[annotationContainerType] == containerTypeContainer {
 		return ""
 	}
 	return s.Linux.CgroupsPath
