@@ -1,6 +1,8 @@
 # The guest image: kernel, initramfs, and the static caisson-agent that is its /init.
 # Outputs: $(GUEST_DIR)/vmlinuz, $(GUEST_DIR)/initramfs.cpio.lz4 (and debug/ for guest-debug;
-# LZ4-compressed despite the name, which the shim's configuration uses).
+# LZ4-compressed despite the name, which the shim's configuration uses), and
+# $(GUEST_DIR)/modules.erofs, every module of the kernel, which the shim attaches to each
+# pod VM beside the kernel for the guest to load on demand (see docs/guest.md).
 # Everything is rebuilt only when an input changes, and the same inputs give the same bytes.
 
 GUEST_KERNEL_DIR := $(GUEST_DIR)/kernel
@@ -29,7 +31,7 @@ AGENT_LDFLAGS := -s -w -buildid= -linkmode external -extldflags '-static' \
 	-X $(PKG)/guest/agent/service.Version=$(AGENT_VERSION)
 
 .PHONY: guest
-guest: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initramfs.cpio.lz4 ## Build the guest kernel and initramfs (agent as /init, no shell)
+guest: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initramfs.cpio.lz4 $(GUEST_DIR)/modules.erofs ## Build the guest kernel, initramfs (agent as /init, no shell) and modules image
 
 .PHONY: guest-debug
 guest-debug: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/debug/initramfs.cpio.lz4 ## Build the debug initramfs (adds busybox) into _output/guest/debug
@@ -70,6 +72,12 @@ $(GUEST_DIR)/debug/initramfs.cpio.lz4: $(BIN_DIR)/caisson-agent $(GUEST_MODULES_
 	@mkdir -p $(dir $@)
 	$(GUEST_MKINITRAMFS) -busybox $(GUEST_BUSYBOX) -o $@
 	@echo "debug initramfs: $$(stat -c %s $@) bytes"
+
+# The kernel's whole module tree with depmod's files, as a read-only EROFS (2 MiB-aligned
+# for virtio-pmem); the initramfs carries only GUEST_MODULES.
+GUEST_MODIMAGE_SRCS := $(wildcard guest/modimage/*.go guest/mkmodules/*.go guest/initramfs/modsig.go)
+$(GUEST_DIR)/modules.erofs: $(GUEST_MODULES_DEP) $(GUEST_MODIMAGE_SRCS) guest/guest.mk
+	$(GO) run ./guest/mkmodules -dir $(dir $(GUEST_MODULES_DEP)) -release $(GUEST_KERNEL_RELEASE) -o $@
 
 # Comparisons in the same run, e.g.
 # make bench-guest GUEST_BENCH_ARGS="-guest.compare-initramfs old=/tmp/old.cpio.gz -guest.compare-params 'notests=cryptomgr.notests'"

@@ -6,15 +6,22 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
 
 	"github.com/opencontainers/runc/libcontainer"
 	_ "github.com/opencontainers/runc/libcontainer/nsenter"
 
 	"github.com/caisson-containers/caisson/guest/agent"
+	"github.com/caisson-containers/caisson/guest/agent/modprobe"
 )
 
 func init() {
+	// The kernel runs /sbin/modprobe, a link to this binary, to load a module it needs
+	// (request_module): answer as modprobe, and exit.
+	if filepath.Base(os.Args[0]) == modprobe.Name {
+		os.Exit(modprobe.Main(os.Args[1:]))
+	}
 	// libcontainer starts every container process as "/proc/self/exe init": the nsenter
 	// constructor has set up the namespaces before the Go runtime started; this finishes
 	// the container's setup and execs its process. It does not return.

@@ -73,6 +73,9 @@ func run(ctx context.Context) error {
 		return fmt.Errorf("base mounts: %w", err)
 	}
 	tl.Mark("mounts")
+	if err := boot.SetModprobe(); err != nil {
+		return err
+	}
 	if err := boot.AttachConsole(); err != nil {
 		return fmt.Errorf("console: %w", err)
 	}

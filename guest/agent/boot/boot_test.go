@@ -4,10 +4,14 @@ import (
 	"context"
 	"errors"
 	"maps"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/caisson-containers/caisson/guest/initramfs/moddep"
 )
@@ -156,5 +160,38 @@ func TestTimeline(t *testing.T) {
 	tl.MarkAt("exec", 1900*time.Millisecond)
 	if got, want := tl.String(), "exec=1900 main=2100(+200) mounts=2130(+30)"; got != want {
 		t.Errorf("got %q, want %q", got, want)
+	}
+}
+
+func TestStaticNodes(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("mknod needs root")
+	}
+	dir := t.TempDir()
+	devname := filepath.Join(dir, "modules.devname")
+	if err := os.WriteFile(devname, []byte("# Device nodes\ntun net/tun c10:200\nloop loop-control c10:237\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dev := filepath.Join(dir, "dev")
+	if err := os.MkdirAll(dev, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// One node is there already: it is kept.
+	if err := os.WriteFile(filepath.Join(dev, "loop-control"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	n, err := staticNodes(devname, dev)
+	if err != nil || n != 1 {
+		t.Fatalf("made %d, %v; want 1", n, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(filepath.Join(dev, "net/tun"), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFCHR || unix.Major(st.Rdev) != 10 || unix.Minor(st.Rdev) != 200 || st.Mode&0o777 != 0o666 {
+		t.Errorf("net/tun: mode %o rdev %d:%d", st.Mode, unix.Major(st.Rdev), unix.Minor(st.Rdev))
+	}
+	if n, err := staticNodes(filepath.Join(dir, "none"), dev); n != 0 || err != nil {
+		t.Errorf("no modules.devname: %d, %v", n, err)
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 
+	"github.com/caisson-containers/caisson/guest/agent/modprobe"
 	"github.com/caisson-containers/caisson/guest/initramfs/moddep"
 )
 
@@ -113,14 +114,4 @@ func readGraph(dir string) (*moddep.Graph, error) {
 	return moddep.Parse(f)
 }
 
-func loadModule(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil && !errors.Is(err, unix.EEXIST) {
-		return fmt.Errorf("load module %s: %w", filepath.Base(path), err)
-	}
-	return nil
-}
+func loadModule(path string) error { return modprobe.Insmod(path, "") }

@@ -2,6 +2,7 @@ package service
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -9,6 +10,7 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/guest/agent/boot"
 	"github.com/caisson-containers/caisson/guest/agent/storage"
 )
 
@@ -45,6 +47,14 @@ func (s storageService) Mount(ctx context.Context, req *agent.MountStorageReques
 	})
 	if err != nil {
 		return nil, err
+	}
+	if req.GetStorageId() == boot.ModulesStorageID {
+		if err := boot.UseModulesImage(ctx, target); err != nil {
+			if uerr := s.a.storages.Unmount(ctx, req.GetStorageId()); uerr != nil {
+				return nil, errors.Join(err, uerr)
+			}
+			return nil, err
+		}
 	}
 	return &agent.MountStorageResponse{MountPoint: target, DevicePath: node}, nil
 }

@@ -145,3 +145,6 @@ func (g *Graph) WriteSubset(w io.Writer, paths []string) error {
 	_, err := io.WriteString(w, b.String())
 	return err
 }
+
+// Len is the number of modules in the graph.
+func (g *Graph) Len() int { return len(g.deps) }
