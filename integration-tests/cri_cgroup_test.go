@@ -14,12 +14,16 @@ import (
 
 // The pod's VM runs in the cgroup the CRI gave its sandbox container, below the pod's
 // cgroup parent, so the pod's accounting (PodSandboxStats, the kubelet's) includes the
-// VM; the cgroup goes with the pod.
+// VM, and QEMU and virtiofsd are limited there to the VM's size: the pod's resources
+// (256 MiB, one CPU) and the VM's own (docs/security.md); the cgroup goes with the pod.
 func TestCRIPodVMInPodCgroup(t *testing.T) {
 	c := harness.StartCRI(t, harness.Options{})
 	ctx := c.Ctx(t)
 	parent := harness.CgroupParent(t, "vmcg")
-	podCfg := c.PodConfig("vmcg", func(p *runtime.PodSandboxConfig) { p.Linux.CgroupParent = parent })
+	podCfg := c.PodConfig("vmcg", func(p *runtime.PodSandboxConfig) {
+		p.Linux.CgroupParent = parent
+		p.Linux.Resources = &runtime.LinuxContainerResources{MemoryLimitInBytes: 256 << 20, CpuPeriod: 100000, CpuQuota: 100000}
+	})
 	pod := c.RunPod(t, podCfg, harness.Handler)
 
 	qemus := c.QEMUs()
@@ -34,6 +38,8 @@ func TestCRIPodVMInPodCgroup(t *testing.T) {
 	if !strings.Contains(string(cg), ":"+want+"\n") {
 		t.Fatalf("QEMU's cgroups:\n%swant %s", cg, want)
 	}
+	memory, quota := vmLimits(c.Config, 256, 1)
+	checkVMCgroup(t, append(qemus, c.Virtiofsds()...), want, memory, quota)
 
 	st, err := c.Runtime.PodSandboxStats(ctx, &runtime.PodSandboxStatsRequest{PodSandboxId: pod})
 	if err != nil {
