@@ -46,6 +46,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"path"
 	"strings"
 
@@ -292,6 +293,10 @@ func (c *converter) meta(hdr *tar.Header, p string, mode fs.FileMode) error {
 		if err := c.w.Chmod(p, mode); err != nil {
 			return err
 		}
+	}
+	// EROFS records 32-bit ids; go-erofs would truncate a larger one (1<<32 to root's 0).
+	if uint64(hdr.Uid) > math.MaxUint32 || uint64(hdr.Gid) > math.MaxUint32 {
+		return fmt.Errorf("tar entry %q: owner %d:%d does not fit EROFS's 32-bit ids: %w", hdr.Name, hdr.Uid, hdr.Gid, errdefs.ErrInvalidArgument)
 	}
 	if err := c.w.Chown(p, hdr.Uid, hdr.Gid); err != nil {
 		return err
