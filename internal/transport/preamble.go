@@ -60,6 +60,10 @@ func ReadPreamble(r io.Reader) (*agent.Preamble, error) {
 		if p.GetStdio().GetContainerId() == "" || p.GetStdio().GetStream() == agent.StreamKind_STREAM_KIND_UNSPECIFIED {
 			return nil, fmt.Errorf("stdio preamble needs a container id and a stream: %w", errdefs.ErrInvalidArgument)
 		}
+		// proto3 enums are open: an unknown number decodes without error.
+		if _, ok := agent.StreamKind_name[int32(p.GetStdio().GetStream())]; !ok {
+			return nil, fmt.Errorf("stdio preamble: stream kind %d: %w", p.GetStdio().GetStream(), errdefs.ErrInvalidArgument)
+		}
 	default:
 		return nil, fmt.Errorf("preamble kind %v: %w", p.GetKind(), errdefs.ErrInvalidArgument)
 	}
