@@ -180,7 +180,19 @@ type CreateContainerRequest struct {
 	// copied: the agent writes each into a guest directory and makes it the
 	// source of spec.mounts[mount_index]. Together they keep the request well
 	// below ttrpc's message limit.
-	CopiedMounts  []*CopiedMount `protobuf:"bytes,5,rep,name=copied_mounts,json=copiedMounts,proto3" json:"copied_mounts,omitempty"`
+	CopiedMounts []*CopiedMount `protobuf:"bytes,5,rep,name=copied_mounts,json=copiedMounts,proto3" json:"copied_mounts,omitempty"`
+	// block_devices are host block devices of spec.linux.devices that the shim
+	// attached to the VM (read-only when the container may only read them). The
+	// agent finds each disk and gives spec.linux.devices[device_index] the guest
+	// disk's major:minor, and so every device cgroup rule that names the host's
+	// major:minor of that entry exactly. The entry's path, file mode, uid and gid
+	// are the container's.
+	BlockDevices []*BlockDevice `protobuf:"bytes,6,rep,name=block_devices,json=blockDevices,proto3" json:"block_devices,omitempty"`
+	// guest_devices adds the device nodes of the guest's /dev to spec.linux.devices,
+	// as containerd's WithHostDevices adds the host's for a privileged container:
+	// the shim drops the host's, which mean nothing in the VM. Entries of the spec
+	// keep their paths.
+	GuestDevices  bool `protobuf:"varint,7,opt,name=guest_devices,json=guestDevices,proto3" json:"guest_devices,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -250,6 +262,75 @@ func (x *CreateContainerRequest) GetCopiedMounts() []*CopiedMount {
 	return nil
 }
 
+func (x *CreateContainerRequest) GetBlockDevices() []*BlockDevice {
+	if x != nil {
+		return x.BlockDevices
+	}
+	return nil
+}
+
+func (x *CreateContainerRequest) GetGuestDevices() bool {
+	if x != nil {
+		return x.GuestDevices
+	}
+	return false
+}
+
+// BlockDevice is a host block device attached to the VM for a container.
+type BlockDevice struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// device_index is the entry's index in the spec's linux.devices.
+	DeviceIndex uint32 `protobuf:"varint,1,opt,name=device_index,json=deviceIndex,proto3" json:"device_index,omitempty"`
+	// device locates the disk (DEVICE_KIND_BLOCK).
+	Device        *Device `protobuf:"bytes,2,opt,name=device,proto3" json:"device,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BlockDevice) Reset() {
+	*x = BlockDevice{}
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BlockDevice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BlockDevice) ProtoMessage() {}
+
+func (x *BlockDevice) ProtoReflect() protoreflect.Message {
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BlockDevice.ProtoReflect.Descriptor instead.
+func (*BlockDevice) Descriptor() ([]byte, []int) {
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *BlockDevice) GetDeviceIndex() uint32 {
+	if x != nil {
+		return x.DeviceIndex
+	}
+	return 0
+}
+
+func (x *BlockDevice) GetDevice() *Device {
+	if x != nil {
+		return x.Device
+	}
+	return nil
+}
+
 // CopiedMount is the content of a host bind mount source. Mounts of the pod with
 // the same key share one guest copy: the first container's request writes it,
 // later ones use it as it is (with what the pod wrote to it) and ignore their
@@ -268,7 +349,7 @@ type CopiedMount struct {
 
 func (x *CopiedMount) Reset() {
 	*x = CopiedMount{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[3]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -280,7 +361,7 @@ func (x *CopiedMount) String() string {
 func (*CopiedMount) ProtoMessage() {}
 
 func (x *CopiedMount) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[3]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -293,7 +374,7 @@ func (x *CopiedMount) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CopiedMount.ProtoReflect.Descriptor instead.
 func (*CopiedMount) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{3}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *CopiedMount) GetMountIndex() uint32 {
@@ -336,7 +417,7 @@ type CopiedFile struct {
 
 func (x *CopiedFile) Reset() {
 	*x = CopiedFile{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[4]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -348,7 +429,7 @@ func (x *CopiedFile) String() string {
 func (*CopiedFile) ProtoMessage() {}
 
 func (x *CopiedFile) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[4]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -361,7 +442,7 @@ func (x *CopiedFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CopiedFile.ProtoReflect.Descriptor instead.
 func (*CopiedFile) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{4}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *CopiedFile) GetPath() string {
@@ -419,7 +500,7 @@ type UpdateCopiedMountRequest struct {
 
 func (x *UpdateCopiedMountRequest) Reset() {
 	*x = UpdateCopiedMountRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[5]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -431,7 +512,7 @@ func (x *UpdateCopiedMountRequest) String() string {
 func (*UpdateCopiedMountRequest) ProtoMessage() {}
 
 func (x *UpdateCopiedMountRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[5]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -444,7 +525,7 @@ func (x *UpdateCopiedMountRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateCopiedMountRequest.ProtoReflect.Descriptor instead.
 func (*UpdateCopiedMountRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{5}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *UpdateCopiedMountRequest) GetKey() string {
@@ -470,7 +551,7 @@ type CreateContainerResponse struct {
 
 func (x *CreateContainerResponse) Reset() {
 	*x = CreateContainerResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[6]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -482,7 +563,7 @@ func (x *CreateContainerResponse) String() string {
 func (*CreateContainerResponse) ProtoMessage() {}
 
 func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[6]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -495,7 +576,7 @@ func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateContainerResponse.ProtoReflect.Descriptor instead.
 func (*CreateContainerResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{6}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *CreateContainerResponse) GetPid() uint32 {
@@ -514,7 +595,7 @@ type StartContainerRequest struct {
 
 func (x *StartContainerRequest) Reset() {
 	*x = StartContainerRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[7]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -526,7 +607,7 @@ func (x *StartContainerRequest) String() string {
 func (*StartContainerRequest) ProtoMessage() {}
 
 func (x *StartContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[7]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -539,7 +620,7 @@ func (x *StartContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerRequest.ProtoReflect.Descriptor instead.
 func (*StartContainerRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{7}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *StartContainerRequest) GetContainerId() string {
@@ -558,7 +639,7 @@ type StartContainerResponse struct {
 
 func (x *StartContainerResponse) Reset() {
 	*x = StartContainerResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[8]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -570,7 +651,7 @@ func (x *StartContainerResponse) String() string {
 func (*StartContainerResponse) ProtoMessage() {}
 
 func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[8]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -583,7 +664,7 @@ func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerResponse.ProtoReflect.Descriptor instead.
 func (*StartContainerResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{8}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *StartContainerResponse) GetPid() uint32 {
@@ -605,7 +686,7 @@ type SignalRequest struct {
 
 func (x *SignalRequest) Reset() {
 	*x = SignalRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[9]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -617,7 +698,7 @@ func (x *SignalRequest) String() string {
 func (*SignalRequest) ProtoMessage() {}
 
 func (x *SignalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[9]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -630,7 +711,7 @@ func (x *SignalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalRequest.ProtoReflect.Descriptor instead.
 func (*SignalRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{9}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SignalRequest) GetContainerId() string {
@@ -671,7 +752,7 @@ type WaitRequest struct {
 
 func (x *WaitRequest) Reset() {
 	*x = WaitRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[10]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -683,7 +764,7 @@ func (x *WaitRequest) String() string {
 func (*WaitRequest) ProtoMessage() {}
 
 func (x *WaitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[10]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -696,7 +777,7 @@ func (x *WaitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitRequest.ProtoReflect.Descriptor instead.
 func (*WaitRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{10}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *WaitRequest) GetContainerId() string {
@@ -722,7 +803,7 @@ type WaitResponse struct {
 
 func (x *WaitResponse) Reset() {
 	*x = WaitResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[11]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -734,7 +815,7 @@ func (x *WaitResponse) String() string {
 func (*WaitResponse) ProtoMessage() {}
 
 func (x *WaitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[11]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -747,7 +828,7 @@ func (x *WaitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitResponse.ProtoReflect.Descriptor instead.
 func (*WaitResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{11}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *WaitResponse) GetExit() *ExitStatus {
@@ -766,7 +847,7 @@ type DeleteContainerRequest struct {
 
 func (x *DeleteContainerRequest) Reset() {
 	*x = DeleteContainerRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[12]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -778,7 +859,7 @@ func (x *DeleteContainerRequest) String() string {
 func (*DeleteContainerRequest) ProtoMessage() {}
 
 func (x *DeleteContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[12]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -791,7 +872,7 @@ func (x *DeleteContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteContainerRequest.ProtoReflect.Descriptor instead.
 func (*DeleteContainerRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{12}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DeleteContainerRequest) GetContainerId() string {
@@ -810,7 +891,7 @@ type DeleteContainerResponse struct {
 
 func (x *DeleteContainerResponse) Reset() {
 	*x = DeleteContainerResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[13]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -822,7 +903,7 @@ func (x *DeleteContainerResponse) String() string {
 func (*DeleteContainerResponse) ProtoMessage() {}
 
 func (x *DeleteContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[13]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -835,7 +916,7 @@ func (x *DeleteContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteContainerResponse.ProtoReflect.Descriptor instead.
 func (*DeleteContainerResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{13}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *DeleteContainerResponse) GetExit() *ExitStatus {
@@ -856,7 +937,7 @@ type UpdateContainerRequest struct {
 
 func (x *UpdateContainerRequest) Reset() {
 	*x = UpdateContainerRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[14]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -868,7 +949,7 @@ func (x *UpdateContainerRequest) String() string {
 func (*UpdateContainerRequest) ProtoMessage() {}
 
 func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[14]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -881,7 +962,7 @@ func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateContainerRequest.ProtoReflect.Descriptor instead.
 func (*UpdateContainerRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{14}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *UpdateContainerRequest) GetContainerId() string {
@@ -907,7 +988,7 @@ type StatsRequest struct {
 
 func (x *StatsRequest) Reset() {
 	*x = StatsRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[15]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -919,7 +1000,7 @@ func (x *StatsRequest) String() string {
 func (*StatsRequest) ProtoMessage() {}
 
 func (x *StatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[15]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -932,7 +1013,7 @@ func (x *StatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsRequest.ProtoReflect.Descriptor instead.
 func (*StatsRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{15}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StatsRequest) GetContainerId() string {
@@ -953,7 +1034,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[16]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -965,7 +1046,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[16]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -978,7 +1059,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{16}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *StatsResponse) GetMetrics() *anypb.Any {
@@ -997,7 +1078,7 @@ type PidsRequest struct {
 
 func (x *PidsRequest) Reset() {
 	*x = PidsRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[17]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1009,7 +1090,7 @@ func (x *PidsRequest) String() string {
 func (*PidsRequest) ProtoMessage() {}
 
 func (x *PidsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[17]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1022,7 +1103,7 @@ func (x *PidsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PidsRequest.ProtoReflect.Descriptor instead.
 func (*PidsRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{17}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *PidsRequest) GetContainerId() string {
@@ -1043,7 +1124,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[18]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1055,7 +1136,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[18]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1068,7 +1149,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{18}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -1094,7 +1175,7 @@ type PidsResponse struct {
 
 func (x *PidsResponse) Reset() {
 	*x = PidsResponse{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[19]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1106,7 +1187,7 @@ func (x *PidsResponse) String() string {
 func (*PidsResponse) ProtoMessage() {}
 
 func (x *PidsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[19]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1119,7 +1200,7 @@ func (x *PidsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PidsResponse.ProtoReflect.Descriptor instead.
 func (*PidsResponse) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{19}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PidsResponse) GetProcesses() []*ProcessInfo {
@@ -1138,7 +1219,7 @@ type PauseRequest struct {
 
 func (x *PauseRequest) Reset() {
 	*x = PauseRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[20]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1150,7 +1231,7 @@ func (x *PauseRequest) String() string {
 func (*PauseRequest) ProtoMessage() {}
 
 func (x *PauseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[20]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1163,7 +1244,7 @@ func (x *PauseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseRequest.ProtoReflect.Descriptor instead.
 func (*PauseRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{20}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *PauseRequest) GetContainerId() string {
@@ -1182,7 +1263,7 @@ type ResumeRequest struct {
 
 func (x *ResumeRequest) Reset() {
 	*x = ResumeRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[21]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1194,7 +1275,7 @@ func (x *ResumeRequest) String() string {
 func (*ResumeRequest) ProtoMessage() {}
 
 func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[21]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1207,7 +1288,7 @@ func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRequest.ProtoReflect.Descriptor instead.
 func (*ResumeRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{21}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ResumeRequest) GetContainerId() string {
@@ -1225,7 +1306,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[22]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1237,7 +1318,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[22]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1250,7 +1331,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{22}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{23}
 }
 
 type Event struct {
@@ -1267,7 +1348,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[23]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1279,7 +1360,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[23]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1292,7 +1373,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{23}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Event) GetContainerId() string {
@@ -1344,7 +1425,7 @@ type OOMEvent struct {
 
 func (x *OOMEvent) Reset() {
 	*x = OOMEvent{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[24]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1356,7 +1437,7 @@ func (x *OOMEvent) String() string {
 func (*OOMEvent) ProtoMessage() {}
 
 func (x *OOMEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[24]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1369,14 +1450,14 @@ func (x *OOMEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OOMEvent.ProtoReflect.Descriptor instead.
 func (*OOMEvent) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{24}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescGZIP(), []int{25}
 }
 
 var File_github_com_caisson_containers_caisson_api_agent_v1_containers_proto protoreflect.FileDescriptor
 
 const file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDesc = "" +
 	"\n" +
-	"Cgithub.com/caisson-containers/caisson/api/agent/v1/containers.proto\x12\x10caisson.agent.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a>github.com/caisson-containers/caisson/api/agent/v1/types.proto\"\xbf\x01\n" +
+	"Cgithub.com/caisson-containers/caisson/api/agent/v1/containers.proto\x12\x10caisson.agent.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a@github.com/caisson-containers/caisson/api/agent/v1/storage.proto\x1a>github.com/caisson-containers/caisson/api/agent/v1/types.proto\"\xbf\x01\n" +
 	"\x06Rootfs\x123\n" +
 	"\x05lower\x18\x01 \x03(\v2\x1d.caisson.agent.v1.StoragePathR\x05lower\x123\n" +
 	"\x05upper\x18\x02 \x01(\v2\x1d.caisson.agent.v1.StoragePathR\x05upper\x121\n" +
@@ -1385,13 +1466,18 @@ const file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_r
 	"\vStoragePath\x12\x1d\n" +
 	"\n" +
 	"storage_id\x18\x01 \x01(\tR\tstorageId\x12\x12\n" +
-	"\x04path\x18\x02 \x01(\tR\x04path\"\xf4\x01\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\"\xdd\x02\n" +
 	"\x16CreateContainerRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x12\n" +
 	"\x04spec\x18\x02 \x01(\fR\x04spec\x120\n" +
 	"\x06rootfs\x18\x03 \x01(\v2\x18.caisson.agent.v1.RootfsR\x06rootfs\x12-\n" +
 	"\x05stdio\x18\x04 \x01(\v2\x17.caisson.agent.v1.StdioR\x05stdio\x12B\n" +
-	"\rcopied_mounts\x18\x05 \x03(\v2\x1d.caisson.agent.v1.CopiedMountR\fcopiedMounts\"t\n" +
+	"\rcopied_mounts\x18\x05 \x03(\v2\x1d.caisson.agent.v1.CopiedMountR\fcopiedMounts\x12B\n" +
+	"\rblock_devices\x18\x06 \x03(\v2\x1d.caisson.agent.v1.BlockDeviceR\fblockDevices\x12#\n" +
+	"\rguest_devices\x18\a \x01(\bR\fguestDevices\"b\n" +
+	"\vBlockDevice\x12!\n" +
+	"\fdevice_index\x18\x01 \x01(\rR\vdeviceIndex\x120\n" +
+	"\x06device\x18\x02 \x01(\v2\x18.caisson.agent.v1.DeviceR\x06device\"t\n" +
 	"\vCopiedMount\x12\x1f\n" +
 	"\vmount_index\x18\x01 \x01(\rR\n" +
 	"mountIndex\x12\x10\n" +
@@ -1481,83 +1567,87 @@ func file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_ra
 	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescData
 }
 
-var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_goTypes = []any{
 	(*Rootfs)(nil),                   // 0: caisson.agent.v1.Rootfs
 	(*StoragePath)(nil),              // 1: caisson.agent.v1.StoragePath
 	(*CreateContainerRequest)(nil),   // 2: caisson.agent.v1.CreateContainerRequest
-	(*CopiedMount)(nil),              // 3: caisson.agent.v1.CopiedMount
-	(*CopiedFile)(nil),               // 4: caisson.agent.v1.CopiedFile
-	(*UpdateCopiedMountRequest)(nil), // 5: caisson.agent.v1.UpdateCopiedMountRequest
-	(*CreateContainerResponse)(nil),  // 6: caisson.agent.v1.CreateContainerResponse
-	(*StartContainerRequest)(nil),    // 7: caisson.agent.v1.StartContainerRequest
-	(*StartContainerResponse)(nil),   // 8: caisson.agent.v1.StartContainerResponse
-	(*SignalRequest)(nil),            // 9: caisson.agent.v1.SignalRequest
-	(*WaitRequest)(nil),              // 10: caisson.agent.v1.WaitRequest
-	(*WaitResponse)(nil),             // 11: caisson.agent.v1.WaitResponse
-	(*DeleteContainerRequest)(nil),   // 12: caisson.agent.v1.DeleteContainerRequest
-	(*DeleteContainerResponse)(nil),  // 13: caisson.agent.v1.DeleteContainerResponse
-	(*UpdateContainerRequest)(nil),   // 14: caisson.agent.v1.UpdateContainerRequest
-	(*StatsRequest)(nil),             // 15: caisson.agent.v1.StatsRequest
-	(*StatsResponse)(nil),            // 16: caisson.agent.v1.StatsResponse
-	(*PidsRequest)(nil),              // 17: caisson.agent.v1.PidsRequest
-	(*ProcessInfo)(nil),              // 18: caisson.agent.v1.ProcessInfo
-	(*PidsResponse)(nil),             // 19: caisson.agent.v1.PidsResponse
-	(*PauseRequest)(nil),             // 20: caisson.agent.v1.PauseRequest
-	(*ResumeRequest)(nil),            // 21: caisson.agent.v1.ResumeRequest
-	(*EventsRequest)(nil),            // 22: caisson.agent.v1.EventsRequest
-	(*Event)(nil),                    // 23: caisson.agent.v1.Event
-	(*OOMEvent)(nil),                 // 24: caisson.agent.v1.OOMEvent
-	(*Stdio)(nil),                    // 25: caisson.agent.v1.Stdio
-	(*ExitStatus)(nil),               // 26: caisson.agent.v1.ExitStatus
-	(*anypb.Any)(nil),                // 27: google.protobuf.Any
-	(*timestamppb.Timestamp)(nil),    // 28: google.protobuf.Timestamp
-	(*emptypb.Empty)(nil),            // 29: google.protobuf.Empty
+	(*BlockDevice)(nil),              // 3: caisson.agent.v1.BlockDevice
+	(*CopiedMount)(nil),              // 4: caisson.agent.v1.CopiedMount
+	(*CopiedFile)(nil),               // 5: caisson.agent.v1.CopiedFile
+	(*UpdateCopiedMountRequest)(nil), // 6: caisson.agent.v1.UpdateCopiedMountRequest
+	(*CreateContainerResponse)(nil),  // 7: caisson.agent.v1.CreateContainerResponse
+	(*StartContainerRequest)(nil),    // 8: caisson.agent.v1.StartContainerRequest
+	(*StartContainerResponse)(nil),   // 9: caisson.agent.v1.StartContainerResponse
+	(*SignalRequest)(nil),            // 10: caisson.agent.v1.SignalRequest
+	(*WaitRequest)(nil),              // 11: caisson.agent.v1.WaitRequest
+	(*WaitResponse)(nil),             // 12: caisson.agent.v1.WaitResponse
+	(*DeleteContainerRequest)(nil),   // 13: caisson.agent.v1.DeleteContainerRequest
+	(*DeleteContainerResponse)(nil),  // 14: caisson.agent.v1.DeleteContainerResponse
+	(*UpdateContainerRequest)(nil),   // 15: caisson.agent.v1.UpdateContainerRequest
+	(*StatsRequest)(nil),             // 16: caisson.agent.v1.StatsRequest
+	(*StatsResponse)(nil),            // 17: caisson.agent.v1.StatsResponse
+	(*PidsRequest)(nil),              // 18: caisson.agent.v1.PidsRequest
+	(*ProcessInfo)(nil),              // 19: caisson.agent.v1.ProcessInfo
+	(*PidsResponse)(nil),             // 20: caisson.agent.v1.PidsResponse
+	(*PauseRequest)(nil),             // 21: caisson.agent.v1.PauseRequest
+	(*ResumeRequest)(nil),            // 22: caisson.agent.v1.ResumeRequest
+	(*EventsRequest)(nil),            // 23: caisson.agent.v1.EventsRequest
+	(*Event)(nil),                    // 24: caisson.agent.v1.Event
+	(*OOMEvent)(nil),                 // 25: caisson.agent.v1.OOMEvent
+	(*Stdio)(nil),                    // 26: caisson.agent.v1.Stdio
+	(*Device)(nil),                   // 27: caisson.agent.v1.Device
+	(*ExitStatus)(nil),               // 28: caisson.agent.v1.ExitStatus
+	(*anypb.Any)(nil),                // 29: google.protobuf.Any
+	(*timestamppb.Timestamp)(nil),    // 30: google.protobuf.Timestamp
+	(*emptypb.Empty)(nil),            // 31: google.protobuf.Empty
 }
 var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_depIdxs = []int32{
 	1,  // 0: caisson.agent.v1.Rootfs.lower:type_name -> caisson.agent.v1.StoragePath
 	1,  // 1: caisson.agent.v1.Rootfs.upper:type_name -> caisson.agent.v1.StoragePath
 	1,  // 2: caisson.agent.v1.Rootfs.work:type_name -> caisson.agent.v1.StoragePath
 	0,  // 3: caisson.agent.v1.CreateContainerRequest.rootfs:type_name -> caisson.agent.v1.Rootfs
-	25, // 4: caisson.agent.v1.CreateContainerRequest.stdio:type_name -> caisson.agent.v1.Stdio
-	3,  // 5: caisson.agent.v1.CreateContainerRequest.copied_mounts:type_name -> caisson.agent.v1.CopiedMount
-	4,  // 6: caisson.agent.v1.CopiedMount.files:type_name -> caisson.agent.v1.CopiedFile
-	4,  // 7: caisson.agent.v1.UpdateCopiedMountRequest.files:type_name -> caisson.agent.v1.CopiedFile
-	26, // 8: caisson.agent.v1.WaitResponse.exit:type_name -> caisson.agent.v1.ExitStatus
-	26, // 9: caisson.agent.v1.DeleteContainerResponse.exit:type_name -> caisson.agent.v1.ExitStatus
-	27, // 10: caisson.agent.v1.StatsResponse.metrics:type_name -> google.protobuf.Any
-	18, // 11: caisson.agent.v1.PidsResponse.processes:type_name -> caisson.agent.v1.ProcessInfo
-	28, // 12: caisson.agent.v1.Event.timestamp:type_name -> google.protobuf.Timestamp
-	24, // 13: caisson.agent.v1.Event.oom:type_name -> caisson.agent.v1.OOMEvent
-	2,  // 14: caisson.agent.v1.Containers.Create:input_type -> caisson.agent.v1.CreateContainerRequest
-	7,  // 15: caisson.agent.v1.Containers.Start:input_type -> caisson.agent.v1.StartContainerRequest
-	9,  // 16: caisson.agent.v1.Containers.Signal:input_type -> caisson.agent.v1.SignalRequest
-	10, // 17: caisson.agent.v1.Containers.Wait:input_type -> caisson.agent.v1.WaitRequest
-	12, // 18: caisson.agent.v1.Containers.Delete:input_type -> caisson.agent.v1.DeleteContainerRequest
-	14, // 19: caisson.agent.v1.Containers.Update:input_type -> caisson.agent.v1.UpdateContainerRequest
-	15, // 20: caisson.agent.v1.Containers.Stats:input_type -> caisson.agent.v1.StatsRequest
-	17, // 21: caisson.agent.v1.Containers.Pids:input_type -> caisson.agent.v1.PidsRequest
-	20, // 22: caisson.agent.v1.Containers.Pause:input_type -> caisson.agent.v1.PauseRequest
-	21, // 23: caisson.agent.v1.Containers.Resume:input_type -> caisson.agent.v1.ResumeRequest
-	22, // 24: caisson.agent.v1.Containers.Events:input_type -> caisson.agent.v1.EventsRequest
-	5,  // 25: caisson.agent.v1.Containers.UpdateCopiedMount:input_type -> caisson.agent.v1.UpdateCopiedMountRequest
-	6,  // 26: caisson.agent.v1.Containers.Create:output_type -> caisson.agent.v1.CreateContainerResponse
-	8,  // 27: caisson.agent.v1.Containers.Start:output_type -> caisson.agent.v1.StartContainerResponse
-	29, // 28: caisson.agent.v1.Containers.Signal:output_type -> google.protobuf.Empty
-	11, // 29: caisson.agent.v1.Containers.Wait:output_type -> caisson.agent.v1.WaitResponse
-	13, // 30: caisson.agent.v1.Containers.Delete:output_type -> caisson.agent.v1.DeleteContainerResponse
-	29, // 31: caisson.agent.v1.Containers.Update:output_type -> google.protobuf.Empty
-	16, // 32: caisson.agent.v1.Containers.Stats:output_type -> caisson.agent.v1.StatsResponse
-	19, // 33: caisson.agent.v1.Containers.Pids:output_type -> caisson.agent.v1.PidsResponse
-	29, // 34: caisson.agent.v1.Containers.Pause:output_type -> google.protobuf.Empty
-	29, // 35: caisson.agent.v1.Containers.Resume:output_type -> google.protobuf.Empty
-	23, // 36: caisson.agent.v1.Containers.Events:output_type -> caisson.agent.v1.Event
-	29, // 37: caisson.agent.v1.Containers.UpdateCopiedMount:output_type -> google.protobuf.Empty
-	26, // [26:38] is the sub-list for method output_type
-	14, // [14:26] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	26, // 4: caisson.agent.v1.CreateContainerRequest.stdio:type_name -> caisson.agent.v1.Stdio
+	4,  // 5: caisson.agent.v1.CreateContainerRequest.copied_mounts:type_name -> caisson.agent.v1.CopiedMount
+	3,  // 6: caisson.agent.v1.CreateContainerRequest.block_devices:type_name -> caisson.agent.v1.BlockDevice
+	27, // 7: caisson.agent.v1.BlockDevice.device:type_name -> caisson.agent.v1.Device
+	5,  // 8: caisson.agent.v1.CopiedMount.files:type_name -> caisson.agent.v1.CopiedFile
+	5,  // 9: caisson.agent.v1.UpdateCopiedMountRequest.files:type_name -> caisson.agent.v1.CopiedFile
+	28, // 10: caisson.agent.v1.WaitResponse.exit:type_name -> caisson.agent.v1.ExitStatus
+	28, // 11: caisson.agent.v1.DeleteContainerResponse.exit:type_name -> caisson.agent.v1.ExitStatus
+	29, // 12: caisson.agent.v1.StatsResponse.metrics:type_name -> google.protobuf.Any
+	19, // 13: caisson.agent.v1.PidsResponse.processes:type_name -> caisson.agent.v1.ProcessInfo
+	30, // 14: caisson.agent.v1.Event.timestamp:type_name -> google.protobuf.Timestamp
+	25, // 15: caisson.agent.v1.Event.oom:type_name -> caisson.agent.v1.OOMEvent
+	2,  // 16: caisson.agent.v1.Containers.Create:input_type -> caisson.agent.v1.CreateContainerRequest
+	8,  // 17: caisson.agent.v1.Containers.Start:input_type -> caisson.agent.v1.StartContainerRequest
+	10, // 18: caisson.agent.v1.Containers.Signal:input_type -> caisson.agent.v1.SignalRequest
+	11, // 19: caisson.agent.v1.Containers.Wait:input_type -> caisson.agent.v1.WaitRequest
+	13, // 20: caisson.agent.v1.Containers.Delete:input_type -> caisson.agent.v1.DeleteContainerRequest
+	15, // 21: caisson.agent.v1.Containers.Update:input_type -> caisson.agent.v1.UpdateContainerRequest
+	16, // 22: caisson.agent.v1.Containers.Stats:input_type -> caisson.agent.v1.StatsRequest
+	18, // 23: caisson.agent.v1.Containers.Pids:input_type -> caisson.agent.v1.PidsRequest
+	21, // 24: caisson.agent.v1.Containers.Pause:input_type -> caisson.agent.v1.PauseRequest
+	22, // 25: caisson.agent.v1.Containers.Resume:input_type -> caisson.agent.v1.ResumeRequest
+	23, // 26: caisson.agent.v1.Containers.Events:input_type -> caisson.agent.v1.EventsRequest
+	6,  // 27: caisson.agent.v1.Containers.UpdateCopiedMount:input_type -> caisson.agent.v1.UpdateCopiedMountRequest
+	7,  // 28: caisson.agent.v1.Containers.Create:output_type -> caisson.agent.v1.CreateContainerResponse
+	9,  // 29: caisson.agent.v1.Containers.Start:output_type -> caisson.agent.v1.StartContainerResponse
+	31, // 30: caisson.agent.v1.Containers.Signal:output_type -> google.protobuf.Empty
+	12, // 31: caisson.agent.v1.Containers.Wait:output_type -> caisson.agent.v1.WaitResponse
+	14, // 32: caisson.agent.v1.Containers.Delete:output_type -> caisson.agent.v1.DeleteContainerResponse
+	31, // 33: caisson.agent.v1.Containers.Update:output_type -> google.protobuf.Empty
+	17, // 34: caisson.agent.v1.Containers.Stats:output_type -> caisson.agent.v1.StatsResponse
+	20, // 35: caisson.agent.v1.Containers.Pids:output_type -> caisson.agent.v1.PidsResponse
+	31, // 36: caisson.agent.v1.Containers.Pause:output_type -> google.protobuf.Empty
+	31, // 37: caisson.agent.v1.Containers.Resume:output_type -> google.protobuf.Empty
+	24, // 38: caisson.agent.v1.Containers.Events:output_type -> caisson.agent.v1.Event
+	31, // 39: caisson.agent.v1.Containers.UpdateCopiedMount:output_type -> google.protobuf.Empty
+	28, // [28:40] is the sub-list for method output_type
+	16, // [16:28] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_init() }
@@ -1565,8 +1655,9 @@ func file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_in
 	if File_github_com_caisson_containers_caisson_api_agent_v1_containers_proto != nil {
 		return
 	}
+	file_github_com_caisson_containers_caisson_api_agent_v1_storage_proto_init()
 	file_github_com_caisson_containers_caisson_api_agent_v1_types_proto_init()
-	file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[23].OneofWrappers = []any{
+	file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes[24].OneofWrappers = []any{
 		(*Event_Oom)(nil),
 	}
 	type x struct{}
@@ -1575,7 +1666,7 @@ func file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_in
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDesc), len(file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   25,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

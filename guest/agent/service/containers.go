@@ -83,6 +83,9 @@ func (s containersService) Create(ctx context.Context, req *agent.CreateContaine
 	if err := a.sandbox.AdjustSpec(&spec); err != nil {
 		return nil, fmt.Errorf("container %s: %w", id, err)
 	}
+	if err := a.containerDevices(ctx, &spec, req); err != nil {
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
 	if req.GetRootfs() == nil {
 		return nil, fmt.Errorf("container %s has no rootfs: %w", id, errdefs.ErrInvalidArgument)
 	}
