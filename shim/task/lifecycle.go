@@ -77,12 +77,16 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err != nil {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
 	}
+	devs, err := hostDevices.guestDevices(gspec)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
+	}
 	guest, err := json.Marshal(gspec)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
 	sio := stdio.Config{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal}
-	req := &agent.CreateContainerRequest{ContainerId: r.ID, Spec: guest, Stdio: sio.Agent(), CopiedMounts: binds.copied}
+	req := &agent.CreateContainerRequest{ContainerId: r.ID, Spec: guest, Stdio: sio.Agent(), CopiedMounts: binds.copied, GuestDevices: devs.guestDevices}
 	if n := proto.Size(req); n > maxCreateRequest {
 		return nil, errgrpc.ToGRPCf(errdefs.ErrInvalidArgument,
 			"container %s: its copied bind mounts and spec take %d bytes, over the %d a request into the VM can carry", r.ID, n, maxCreateRequest)
@@ -148,8 +152,19 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 			return nil, errgrpc.ToGRPC(err)
 		}
 	}
+	releaseDevices := func(context.Context) error { return nil }
+	if len(devs.blocks) > 0 {
+		if req.BlockDevices, releaseDevices, err = pd.AttachBlockDevices(ctx, r.ID, devs.blocks); err != nil {
+			return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
+		}
+		defer func() {
+			if retErr != nil {
+				releaseDevices(context.WithoutCancel(ctx))
+			}
+		}()
+	}
 	releaseAll := func(ctx context.Context) error {
-		return errors.Join(release(ctx), pd.Unshare(r.ID))
+		return errors.Join(release(ctx), pd.Unshare(r.ID), releaseDevices(ctx))
 	}
 	copies := s.copyWatcher()
 	copies.add(r.ID, binds.sources)
