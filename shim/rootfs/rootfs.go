@@ -242,6 +242,15 @@ func (p *Plan) parseOverlay(m mount.Mount) error {
 	if (p.Upper == nil) != (p.Work == nil) {
 		return invalid("overlay needs both upperdir and workdir, or neither")
 	}
+	// What overlayfs would refuse in the guest, at the first container start.
+	if u, w := p.Upper, p.Work; u != nil {
+		if u.Device != w.Device {
+			return invalid("upperdir (device %d) and workdir (device %d) must be on one device", u.Device, w.Device)
+		}
+		if within(u.Path, w.Path) || within(w.Path, u.Path) {
+			return invalid("upperdir %q and workdir %q must be separate directories", u.Path, w.Path)
+		}
+	}
 	// The agent creates upper and work; no other directory may be asked for.
 	for _, r := range mkdirs {
 		if !refIn(r, p.Upper, p.Work) {
@@ -359,6 +368,11 @@ func (p *Plan) checkLower(refs []Ref) ([]Ref, error) {
 		}
 	}
 	return refs, nil
+}
+
+// within reports whether the device directory b is a or inside it ("" is the root).
+func within(a, b string) bool {
+	return a == "" || a == b || strings.HasPrefix(b, a+"/")
 }
 
 func refIn(r Ref, refs ...*Ref) bool {
