@@ -132,3 +132,9 @@ type Info struct {
 	// Modules counts the modules of each release (its modules.dep's lines).
 	Modules map[string]int
 }
+
+// Beside is where the modules image of the guest kernel at kernel is: FileName in the
+// kernel's directory, where `make guest` and the installation put it.
+func Beside(kernel string) string {
+	return filepath.Join(filepath.Dir(kernel), FileName)
+}

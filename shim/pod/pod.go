@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -247,6 +248,10 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	}
 	vcfg, qcfg := vmConfig(cfg, o.StateDir)
 	vcfg.Disks, vcfg.NICs = disks, nics
+	modules, withModules := modulesDisk(ctx, cfg, len(disks), len(nics))
+	if withModules {
+		vcfg.Disks = append(slices.Clip(disks), modules)
+	}
 	// Removed after virtiofsd and QEMU have exited (deferred before them).
 	cg, err := newCgroup(cfg, o)
 	if err != nil {
@@ -310,6 +315,14 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 			mountErr = p.mountShared(ctx)
 		}
 	}()
+	modulesMounted := make(chan struct{})
+	go func() {
+		defer close(modulesMounted)
+		if withModules {
+			p.mountModules(ctx, modules)
+		}
+	}()
+	defer func() { <-modulesMounted }()
 	created := time.Now()
 	_, err = p.Sandbox.Create(ctx, &agent.CreateSandboxRequest{
 		SandboxId:  o.ID,

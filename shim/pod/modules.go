@@ -1,0 +1,85 @@
+package pod
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
+
+	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/guest/modimage"
+	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/vmm"
+	"github.com/caisson-containers/caisson/shim/vmm/qemu"
+)
+
+// The guest kernel's modules image (guest/modimage: every module of the kernel, beside
+// it) is attached to every pod VM, read-only, and mounted by the agent on
+// /lib/modules/$(uname -r), so that the guest kernel loads a module the initramfs does not
+// carry when something in the pod needs it (a bridge, a tun device, a VLAN, netfilter).
+// Without the image the VM boots all the same and has the initramfs's modules only.
+const (
+	// modulesDiskID is the image's disk in the VM.
+	modulesDiskID = "kernel-modules"
+	// modulesStorageID is the storage id the agent knows the image by (the agent's
+	// boot.ModulesStorageID).
+	modulesStorageID = "kernel-modules"
+)
+
+// modulesDisk is the modules image of cfg's guest kernel as a disk of a VM that has
+// others disks and NICs already: on virtio-pmem with DAX when storage.dax allows it (its
+// pages in the host's page cache, shared by every VM), else virtio-blk. It is false,
+// with a warning, when there is no image or no room for it.
+func modulesDisk(ctx context.Context, cfg config.Config, disks, nics int) (vmm.Disk, bool) {
+	path := modimage.Beside(cfg.Guest.Kernel)
+	st, err := os.Stat(path)
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("no kernel modules image beside the guest kernel: the pod's VM loads only its initramfs's modules (build it with `make guest`)")
+		return vmm.Disk{}, false
+	}
+	// A VM made from a template gets its disks hot-plugged (the template has none), into
+	// its hot-plug slots; others have them on the command line.
+	room := qemu.MaxColdDisks - disks
+	if cfg.Hypervisor.Template {
+		room = cfg.Hypervisor.HotplugSlots - disks - nics
+	}
+	if room < 1 {
+		log.G(ctx).WithField("disks", disks).Warn("no slot left for the kernel modules image: the pod's VM loads only its initramfs's modules")
+		return vmm.Disk{}, false
+	}
+	kind := vmm.Block
+	if cfg.Storage.DAX && st.Size() > 0 && st.Size()%vmm.PMEMAlignment == 0 {
+		kind = vmm.PMEM
+	}
+	return vmm.Disk{ID: modulesDiskID, Path: path, ReadOnly: true, Kind: kind}, true
+}
+
+// mountModules has the agent mount the modules image attached as disk. A failure is
+// logged, not returned: the pod runs without modules on demand.
+func (p *Pod) mountModules(ctx context.Context, disk vmm.Disk) {
+	start := time.Now()
+	err := func() error {
+		addr, err := p.vm.Address(disk.ID)
+		if err != nil {
+			return err
+		}
+		dev := &agent.Device{Kind: agent.DeviceKind_DEVICE_KIND_BLOCK, PciPath: string(addr.PCIPath)}
+		if disk.Kind == vmm.PMEM {
+			dev.Kind = agent.DeviceKind_DEVICE_KIND_PMEM
+		}
+		if _, err := p.storage.Mount(ctx, &agent.MountStorageRequest{
+			StorageId: modulesStorageID, Device: dev, Fstype: "erofs", Options: []string{"ro"}, Dax: disk.Kind == vmm.PMEM,
+		}); err != nil {
+			return fmt.Errorf("mount in the guest: %w", errgrpc.ToNative(err))
+		}
+		return nil
+	}()
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("image", disk.Path).Warn("kernel modules image: the pod's VM loads only its initramfs's modules")
+		return
+	}
+	log.G(ctx).WithFields(log.Fields{"image": disk.Path, "kind": disk.Kind, "took": time.Since(start)}).Debug("kernel modules image mounted")
+}
