@@ -253,14 +253,22 @@ func (s *service) podConfig(ctx context.Context, r *taskAPI.CreateTaskRequest, s
 	if err != nil {
 		return config.Config{}, err
 	}
-	// The CRI's pod resources grow the VM beyond what the guest itself needs.
+	// The CRI's pod resources grow the VM beyond what the guest itself needs, up to the
+	// host's hypervisor.max_memory_mib and max_vcpus.
 	if v, err := strconv.ParseInt(spec.Annotations[annotationSandboxMemory], 10, 64); err == nil && v > 0 {
-		cfg.Hypervisor.MemoryMiB += int((v + (1<<20 - 1)) >> 20)
+		src := annotationSandboxMemory + "=" + spec.Annotations[annotationSandboxMemory]
+		if cfg, err = cfg.WithPodResources(src, int((v+(1<<20-1))>>20), 0); err != nil {
+			return config.Config{}, err
+		}
 	}
 	quota, qerr := strconv.ParseInt(spec.Annotations[annotationSandboxQuota], 10, 64)
 	period, perr := strconv.ParseInt(spec.Annotations[annotationSandboxPeriod], 10, 64)
 	if qerr == nil && perr == nil && quota > 0 && period > 0 {
-		cfg.Hypervisor.VCPUs += int((quota + period - 1) / period)
+		src := fmt.Sprintf("%s=%d/%s=%d", annotationSandboxQuota, quota, annotationSandboxPeriod, period)
+		var err error
+		if cfg, err = cfg.WithPodResources(src, 0, int((quota+period-1)/period)); err != nil {
+			return config.Config{}, err
+		}
 	}
 	return cfg, cfg.Validate()
 }
