@@ -134,6 +134,11 @@ func (h deviceHost) guestDevices(g *specs.Spec) (devicePlan, error) {
 			} else if err != nil {
 				return plan, fmt.Errorf("device %s (block %d:%d): %w", d.Path, d.Major, d.Minor, err)
 			}
+			// A disk without media (a loop device with no file) would never appear in the
+			// guest, whose agent waits for a disk with a size.
+			if size, err := os.ReadFile(filepath.Join(h.SysDev, "block", fmt.Sprintf("%d:%d", d.Major, d.Minor), "size")); err == nil && strings.TrimSpace(string(size)) == "0" {
+				return plan, fmt.Errorf("device %s (block %d:%d, the host's %s) has no media (0 bytes): %w", d.Path, d.Major, d.Minor, node, errdefs.ErrFailedPrecondition)
+			}
 			plan.blocks = append(plan.blocks, pod.BlockDevice{Index: len(devs), Path: node, ReadOnly: !allows(rules, d, 'w')})
 		case "c", "u":
 			if _, ok := guestChar[[2]int64{d.Major, d.Minor}]; !ok {

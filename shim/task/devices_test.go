@@ -20,7 +20,7 @@ func TestGuestDevices(t *testing.T) {
 	}
 	sys := t.TempDir()
 	for class, devs := range map[string]map[string]string{
-		"block": {"7:0": "loop0"},
+		"block": {"7:0": "loop0", "7:1": "loop1"},
 		"char":  {"10:232": "kvm", "1:3": "null"},
 	} {
 		for num, name := range devs {
@@ -32,6 +32,10 @@ func TestGuestDevices(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+	}
+	// loop1 has no file: size 0.
+	if err := os.WriteFile(filepath.Join(sys, "block", "7:1", "size"), []byte("0\n"), 0o644); err != nil {
+		t.Fatal(err)
 	}
 	h := deviceHost{SysDev: sys}
 	i64 := func(v int64) *int64 { return &v }
@@ -94,6 +98,11 @@ func TestGuestDevices(t *testing.T) {
 		devices: []specs.LinuxDevice{{Path: "/dev/xvdc", Type: "b", Major: 7, Minor: 99}},
 		err:     errdefs.ErrNotFound,
 		says:    "device /dev/xvdc (block 7:99)",
+	}, {
+		name:    "block device without media",
+		devices: []specs.LinuxDevice{{Path: "/dev/xvdc", Type: "b", Major: 7, Minor: 1}},
+		err:     errdefs.ErrFailedPrecondition,
+		says:    "device /dev/xvdc (block 7:1, the host's /dev/loop1) has no media",
 	}, {
 		name:         "privileged: the host's devices go, the asked-for one stays",
 		devices:      []specs.LinuxDevice{{Path: "/dev/mynull", Type: "c", Major: 1, Minor: 3}, xvdb, null},
