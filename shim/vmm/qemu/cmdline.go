@@ -242,6 +242,9 @@ type coldDisk struct {
 	n    int
 	port port
 	size int64
+	// fd is the descriptor of the disk's file in a jailed QEMU (0: QEMU opens the path):
+	// a Block disk's goes into fd set fd (-add-fd).
+	fd int
 }
 
 // cmdline is everything args needs beyond the configs.
@@ -258,6 +261,11 @@ type cmdline struct {
 	restoreFD int
 	// consoleFD is the descriptor of the pipe the guest console goes to (console.go).
 	consoleFD int
+	// jailed: QEMU runs in a jail (jailed.go) and opens no path of the shim's.
+	jailed bool
+	// sharedFSFD is the descriptor of a connection to the virtio-fs daemon (a jailed
+	// QEMU cannot reach its socket's path); 0: QEMU connects to SharedFS.Socket.
+	sharedFSFD int
 }
 
 // args builds QEMU's command line.
@@ -306,9 +314,17 @@ func (c cmdline) args() ([]string, error) {
 		a = append(a, "-initrd", cfg.Initramfs)
 	}
 
+	// QEMU opens the pipe again through /dev/fd: a file chardev takes a path. A jailed
+	// QEMU may not (the pipe is the shim's, mode 0600): it takes it from an fd set.
+	// append=on: QEMU truncates the file it opens otherwise, and ftruncate of the pipe
+	// it dups from the set fails.
+	console := fmt.Sprintf("/dev/fd/%d", c.consoleFD)
+	if c.jailed {
+		a = append(a, "-add-fd", fmt.Sprintf("fd=%d,set=%d", c.consoleFD, c.consoleFD))
+		console = fmt.Sprintf("/dev/fdset/%d,append=on", c.consoleFD)
+	}
 	a = append(a,
-		// QEMU opens the pipe again through /dev/fd: a file chardev takes a path.
-		"-chardev", fmt.Sprintf("file,id=console,path=/dev/fd/%d", c.consoleFD),
+		"-chardev", "file,id=console,path="+console,
 		"-serial", "chardev:console",
 		"-chardev", "socket,id=qmp,server=on,wait=off,path="+optValue(c.qmpSocket),
 		"-mon", "chardev=qmp,mode=control",
@@ -330,8 +346,12 @@ func (c cmdline) args() ([]string, error) {
 		if fs.Tag == "" || len(fs.Tag) > 36 || strings.ContainsAny(fs.Tag, ",=") {
 			return nil, fmt.Errorf("shared file system tag %q: want 1 to 36 bytes without ',' or '=': %w", fs.Tag, errdefs.ErrInvalidArgument)
 		}
+		chardev := "socket,id=sharedfs,path=" + optValue(fs.Socket)
+		if c.sharedFSFD != 0 {
+			chardev = "socket,id=sharedfs,fd=" + strconv.Itoa(c.sharedFSFD)
+		}
 		a = append(a,
-			"-chardev", "socket,id=sharedfs,path="+optValue(fs.Socket),
+			"-chardev", chardev,
 			"-device", fmt.Sprintf("vhost-user-fs-pci,id=sharedfs-dev,bus=pcie.0,addr=%02x.0,chardev=sharedfs,tag=%s", sharedFSSlot, fs.Tag),
 		)
 	}
@@ -356,6 +376,12 @@ func (c cmdline) args() ([]string, error) {
 		a = append(a, "-device", jsonArg(bridge(i).device()))
 	}
 	for _, d := range c.disks {
+		if d.fd != 0 {
+			if d.disk.Kind == vmm.Block {
+				a = append(a, "-add-fd", fmt.Sprintf("fd=%d,set=%d", d.fd, d.fd))
+			}
+			d.disk.Path = jailedPath(d.disk, d.fd, d.fd)
+		}
 		be, dev, _ := diskDevices(d.disk, d.n, d.port.place(), d.size)
 		a = append(a, be.option, jsonArg(be.args), "-device", jsonArg(dev))
 	}

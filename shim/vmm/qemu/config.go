@@ -22,6 +22,9 @@ type Config struct {
 	// AccelCacheDir keeps the results of the accelerator probe (see package accel) for
 	// the current host boot, so that only the first VM pays for it. Empty: no cache.
 	AccelCacheDir string `toml:"accel_cache_dir"`
+	// Jail, if set, runs QEMU as an unprivileged user in a mount namespace holding only
+	// its files (jailed.go). Nil: QEMU runs as the shim's user, confined by -sandbox only.
+	Jail *Jail `toml:"-"`
 }
 
 const defaultBinary = "qemu-system-x86_64"

@@ -89,12 +89,38 @@ func (v *VM) attach(ctx context.Context, c *qmp.Client, d vmm.Disk) (vmm.DiskAdd
 	}
 	n := v.nextDev
 	v.nextDev++
-	be, dev, addr := diskDevices(d, n, v.slots[s], st.Size())
 
 	// Not ctx: a command QEMU ran after the caller gave up would leave a device or a
 	// backend nobody knows about. QMP commands return at once unless QEMU is stuck.
 	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), qmpTimeout)
 	defer cancel()
+	qd := d // what QEMU opens
+	var fdset int
+	var releaseFD bool // the fd set is QEMU's to close when attach returns
+	if v.jailed() {
+		f, err := v.openDisk(d)
+		if err != nil {
+			return vmm.DiskAddress{}, err
+		}
+		var fd int
+		fdset, fd, err = addFD(qctx, c, f)
+		f.Close() // QEMU has its own
+		if err != nil {
+			return vmm.DiskAddress{}, fmt.Errorf("disk %q: passing its file to qemu: %w", d.ID, err)
+		}
+		qd.Path = jailedPath(d, fdset, fd)
+		releaseFD = true
+		defer func() {
+			// A PMEM backend opened the file again through /proc/self/fd; a
+			// Block backend uses the set until it is deleted (DetachDisk).
+			if releaseFD {
+				if err := removeFD(qctx, c, fdset); err != nil {
+					log.G(ctx).WithError(err).WithField("disk", d.ID).Warn("closing qemu's descriptor of a disk")
+				}
+			}
+		}()
+	}
+	be, dev, addr := diskDevices(qd, n, v.slots[s], st.Size())
 	if err := c.Execute(qctx, be.command, be.args, nil); err != nil {
 		return vmm.DiskAddress{}, fmt.Errorf("disk %q: %w", d.ID, err)
 	}
@@ -107,6 +133,10 @@ func (v *VM) attach(ctx context.Context, c *qmp.Client, d vmm.Disk) (vmm.DiskAdd
 	v.mu.Lock()
 	v.used[s] = true
 	v.disks[d.ID] = &disk{Disk: d, file: st, devID: dev["id"].(string), slot: s, addr: addr, backend: be}
+	if d.Kind == vmm.Block && releaseFD {
+		v.disks[d.ID].fdset = &fdset
+		releaseFD = false // kept until DetachDisk
+	}
 	v.mu.Unlock()
 	log.G(ctx).WithField("disk", d.ID).WithField("pci", addr.PCIPath).Debug("disk attached")
 	return addr, nil
@@ -157,6 +187,11 @@ func (v *VM) DetachDisk(ctx context.Context, id string) error {
 	defer cancel()
 	if err := c.Execute(qctx, d.backend.del, d.backend.delArgs, nil); err != nil {
 		return fmt.Errorf("disk %q: removing its backend: %w", id, err)
+	}
+	if d.fdset != nil {
+		if err := removeFD(qctx, c, *d.fdset); err != nil {
+			log.G(ctx).WithError(err).WithField("disk", id).Warn("closing qemu's descriptor of a disk")
+		}
 	}
 	v.mu.Lock()
 	delete(v.disks, id)

@@ -43,6 +43,7 @@ import (
 
 	"github.com/caisson-containers/caisson/shim/vmm"
 	"github.com/caisson-containers/caisson/shim/vmm/qemu/accel"
+	"github.com/caisson-containers/caisson/shim/vmm/qemu/jail"
 	"github.com/caisson-containers/caisson/shim/vmm/qemu/qmp"
 )
 
@@ -112,6 +113,8 @@ type disk struct {
 	slot    int // index in VM.slots
 	addr    vmm.DiskAddress
 	backend backend
+	// fdset is the QEMU fd set a jailed QEMU opens a Block disk's file from (nil: none).
+	fdset *int
 	// gone is set once device_del was accepted, and closed by DEVICE_DELETED.
 	gone chan struct{}
 }
@@ -168,6 +171,19 @@ func New(cfg vmm.Config, qcfg Config) (*VM, error) {
 	}
 	if qcfg.Path == "" {
 		qcfg.Path = defaultBinary
+	}
+	if j := qcfg.Jail; j != nil {
+		j := *j // the caller's stays as it was
+		if j.User != "" {
+			var err error
+			if j.UID, j.GID, err = jail.LookupUser(j.User); err != nil {
+				return nil, err
+			}
+		}
+		if j.UID == 0 || j.GID == 0 {
+			return nil, fmt.Errorf("jail user %d:%d: QEMU must not run as root: %w", j.UID, j.GID, errdefs.ErrInvalidArgument)
+		}
+		qcfg.Jail = &j
 	}
 	if qcfg.TCGTranslationCacheMiB < 0 {
 		return nil, fmt.Errorf("tcg translation cache %d MiB: %w", qcfg.TCGTranslationCacheMiB, errdefs.ErrInvalidArgument)
@@ -283,7 +299,7 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 		return err
 	}
 	cl := cmdline{vm: v.cfg, accel: string(acc), qemu: v.qcfg, qmpSocket: v.qmpSocket, agentSock: v.agentSocket,
-		bridges: bridgesFor(v.cfg.HotplugSlots)}
+		bridges: bridgesFor(v.cfg.HotplugSlots), jailed: v.jailed()}
 	extra := nicFiles(v.cfg.NICs)
 	if v.restoring() {
 		state, err := v.openTemplateState()
@@ -304,6 +320,26 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 			v.nextDev = 0
 		}
 	}()
+	// A jailed QEMU gets descriptors instead of paths (jailed.go); the shim's copies
+	// close once QEMU has its own.
+	var passed []*os.File
+	defer func() {
+		for _, f := range passed {
+			f.Close()
+		}
+	}()
+	pass := func(f *os.File) int {
+		passed = append(passed, f)
+		extra = append(extra, f)
+		return firstNICFD + len(extra) - 1
+	}
+	if fs := v.cfg.SharedFS; fs != nil && v.jailed() {
+		f, err := dialSharedFS(fs.Socket)
+		if err != nil {
+			return err
+		}
+		cl.sharedFSFD = pass(f)
+	}
 	cl.ports = len(v.coldDisks())
 	for i, d := range v.coldDisks() {
 		st, err := v.checkDisk(d)
@@ -312,10 +348,22 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 		}
 		size := st.Size()
 		p := port(i)
-		cl.disks = append(cl.disks, coldDisk{disk: d, n: i, port: p, size: size})
+		cd := coldDisk{disk: d, n: i, port: p, size: size}
+		if v.jailed() {
+			f, err := v.openDisk(d)
+			if err != nil {
+				return err
+			}
+			cd.fd = pass(f)
+		}
+		cl.disks = append(cl.disks, cd)
 		be, dev, addr := diskDevices(d, i, v.slots[i], size)
 		v.mu.Lock()
 		v.disks[d.ID] = &disk{Disk: d, file: st, devID: dev["id"].(string), slot: i, addr: addr, backend: be}
+		if d.Kind == vmm.Block && cd.fd != 0 {
+			fdset := cd.fd // the set is named after the descriptor (cmdline.go)
+			v.disks[d.ID].fdset = &fdset
+		}
 		v.used[i] = true
 		v.mu.Unlock()
 		v.nextDev = i + 1
@@ -366,18 +414,27 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 	}
 	extra = append(extra, consoleW)
 
-	cmd := exec.Command(bin, args...)
-	cmd.Env = []string{} // not nil: nothing of the shim's environment
-	cmd.Dir = v.cfg.StateDir
+	var cmd *exec.Cmd
+	if v.jailed() {
+		if err := v.prepareJail(); err != nil {
+			return fmt.Errorf("qemu jail: %w", err)
+		}
+		if cmd, err = v.jailCommand(bin, args, string(acc)); err != nil {
+			return fmt.Errorf("qemu jail: %w", err)
+		}
+	} else {
+		cmd = exec.Command(bin, args...)
+		cmd.Env = []string{} // not nil: nothing of the shim's environment
+		cmd.Dir = v.cfg.StateDir
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
 	cmd.Stdout = stderr
 	cmd.Stderr = stderr
 	cmd.ExtraFiles = extra
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Setpgid: true,
-		// Kill QEMU if the shim dies. The kernel sends it when the thread that
-		// forked QEMU exits, so run keeps that thread until QEMU is reaped.
-		Pdeathsig: syscall.SIGKILL,
-	}
+	cmd.SysProcAttr.Setpgid = true
+	// Kill QEMU if the shim dies. The kernel sends it when the thread that forked
+	// QEMU exits, so run keeps that thread until QEMU is reaped.
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 	log.G(ctx).WithField("args", args).Debug("starting qemu")
 	startErr := make(chan error, 1)
 	go v.run(cmd, startErr)
@@ -389,6 +446,10 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 		close(v.stderrDone)
 		return fmt.Errorf("starting qemu: %w", err)
 	}
+	// QEMU has its own copies: the pipes must end when QEMU does, for the exit path
+	// (run) to see its last output at once.
+	stderr.Close()
+	consoleW.Close()
 	go copyConsole(consoleR, consoleLog, v.consoleDone)
 	go copyQEMULog(stderrR, stderrLog, v.stderrDone)
 
@@ -467,24 +528,26 @@ func (v *VM) run(cmd *exec.Cmd, started chan<- error) {
 	v.mu.Lock()
 	hadQMP := v.qmp != nil
 	v.mu.Unlock()
+	// One deadline for the three waits below (Done is closed, closes, never blocks).
+	drain, cancelDrain := context.WithTimeout(context.Background(), eventDrain)
+	defer cancelDrain()
+	drained := drain.Done()
 	if hadQMP {
 		// QEMU sends SHUTDOWN before it exits; let the event loop see it.
 		select {
 		case <-v.eventsDone:
-		case <-time.After(eventDrain):
+		case <-drained:
 		}
 	}
 
-	// QEMU's last console output (a panic's trace) is in the log before Done: the
-	// pipe ends with QEMU, whose process group is dead by now.
-	select {
-	case <-v.consoleDone:
-	case <-time.After(eventDrain):
-	}
-	// And QEMU's last words are in qemu.log, which the exit error quotes.
-	select {
-	case <-v.stderrDone:
-	case <-time.After(eventDrain):
+	// QEMU's last console output (a panic's trace) is in the log before Done, and its
+	// last words in qemu.log, which the exit error quotes: the pipes end with QEMU,
+	// whose process group is dead by now.
+	for _, ch := range []chan struct{}{v.consoleDone, v.stderrDone} {
+		select {
+		case <-ch:
+		case <-drained:
+		}
 	}
 
 	v.mu.Lock()
@@ -648,8 +711,8 @@ func (v *VM) kill() {
 // removeFiles removes the sockets and logs the VM created in the state dir (not the
 // console log, which is the caller's).
 func (v *VM) removeFiles() {
-	for _, p := range []string{v.qmpSocket, v.agentSocket, v.stderrLog} {
-		os.Remove(p)
+	for _, p := range []string{v.qmpSocket, v.agentSocket, v.stderrLog, v.jailRoot()} {
+		os.Remove(p) // the jail root is an empty directory on the host
 	}
 }
 

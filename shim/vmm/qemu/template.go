@@ -191,6 +191,12 @@ func (v *VM) SaveTemplate(ctx context.Context) (retErr error) {
 	}
 	defer os.Remove(sock)
 	defer l.Close()
+	if j := v.qcfg.Jail; j != nil {
+		// Connecting takes write permission on the socket.
+		if err := os.Chown(sock, int(j.UID), int(j.GID)); err != nil {
+			return err
+		}
+	}
 	copied := make(chan error, 1)
 	go func() {
 		conn, err := l.Accept()

@@ -17,8 +17,11 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"runtime"
+	"strconv"
+	"strings"
 	"syscall"
 
 	"github.com/containerd/errdefs"
@@ -70,6 +73,31 @@ type Spec struct {
 	// Parent is the pid whose death kills the program (the caller sets Pdeathsig; a
 	// change of user clears it, so the jail sets it again and checks the parent lives).
 	Parent int `json:"parent"`
+}
+
+// LookupUser resolves whom a jail runs as: a user name (with its primary group, from the
+// host's user database) or "UID:GID". Root is refused.
+func LookupUser(name string) (uid, gid uint32, err error) {
+	var u, g uint64
+	if us, gs, ok := strings.Cut(name, ":"); ok {
+		var err1, err2 error
+		u, err1 = strconv.ParseUint(us, 10, 32)
+		g, err2 = strconv.ParseUint(gs, 10, 32)
+		if err1 != nil || err2 != nil {
+			return 0, 0, fmt.Errorf("jail user %q: want a user name or UID:GID: %w", name, errdefs.ErrInvalidArgument)
+		}
+	} else {
+		usr, err := user.Lookup(name)
+		if err != nil {
+			return 0, 0, fmt.Errorf("jail user %q: %v (make deps creates caisson-qemu): %w", name, err, errdefs.ErrNotFound)
+		}
+		u, _ = strconv.ParseUint(usr.Uid, 10, 32)
+		g, _ = strconv.ParseUint(usr.Gid, 10, 32)
+	}
+	if u == 0 || g == 0 {
+		return 0, 0, fmt.Errorf("jail user %q: is root, whom the jail is to keep QEMU from being: %w", name, errdefs.ErrInvalidArgument)
+	}
+	return uint32(u), uint32(g), nil
 }
 
 // Validate checks what the jail builder would otherwise fail on later.

@@ -125,3 +125,22 @@ func TestSpecErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestLookupUser(t *testing.T) {
+	if uid, gid, err := LookupUser("61234:61235"); err != nil || uid != 61234 || gid != 61235 {
+		t.Fatalf("61234:61235: %d %d %v", uid, gid, err)
+	}
+	if uid, gid, err := LookupUser("nobody"); err != nil || uid == 0 || gid == 0 {
+		t.Fatalf("nobody: %d %d %v", uid, gid, err)
+	}
+	for name, is := range map[string]func(error) bool{
+		"root":                 errdefs.IsInvalidArgument,
+		"0:0":                  errdefs.IsInvalidArgument,
+		"5:x":                  errdefs.IsInvalidArgument,
+		"no-such-user-caisson": errdefs.IsNotFound,
+	} {
+		if _, _, err := LookupUser(name); !is(err) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}

@@ -19,8 +19,11 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"runtime"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -232,6 +235,29 @@ func (c *Client) Close() error {
 // Execute runs command with args (marshalled to JSON; nil for none) and, if result is not
 // nil, unmarshals the reply's "return" into it. A QMP error reply is an *Error.
 func (c *Client) Execute(ctx context.Context, command string, args, result any) error {
+	return c.execute(ctx, command, args, result, nil)
+}
+
+// ExecuteWithFile is Execute sending f's descriptor along with the command (SCM_RIGHTS),
+// as QMP's add-fd and getfd take it. The connection must be a unix socket.
+func (c *Client) ExecuteWithFile(ctx context.Context, command string, args, result any, f *os.File) error {
+	sc, err := f.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("%s: %w", command, err)
+	}
+	var rights []byte
+	if err := sc.Control(func(fd uintptr) { rights = syscall.UnixRights(int(fd)) }); err != nil {
+		return fmt.Errorf("%s: %w", command, err)
+	}
+	if _, ok := c.conn.(*net.UnixConn); !ok {
+		return fmt.Errorf("%s: passing a descriptor needs a unix socket: %w", command, errdefs.ErrNotImplemented)
+	}
+	// f must stay open until the message is sent.
+	defer runtime.KeepAlive(f)
+	return c.execute(ctx, command, args, result, rights)
+}
+
+func (c *Client) execute(ctx context.Context, command string, args, result any, rights []byte) error {
 	c.mu.Lock()
 	if c.readErr != nil {
 		err := c.readErr
@@ -256,7 +282,11 @@ func (c *Client) Execute(ctx context.Context, command string, args, result any) 
 	}
 	b = append(b, '\n')
 	c.wmu.Lock()
-	_, err = c.conn.Write(b)
+	if rights != nil {
+		_, _, err = c.conn.(*net.UnixConn).WriteMsgUnix(b, rights, nil)
+	} else {
+		_, err = c.conn.Write(b)
+	}
 	c.wmu.Unlock()
 	if err != nil {
 		forget()
