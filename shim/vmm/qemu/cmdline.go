@@ -376,13 +376,13 @@ func (c cmdline) args() ([]string, error) {
 		a = append(a, "-device", jsonArg(bridge(i).device()))
 	}
 	for _, d := range c.disks {
+		be, dev, _ := diskDevices(d.disk, d.n, d.port.place(), d.size)
 		if d.fd != 0 {
 			if d.disk.Kind == vmm.Block {
 				a = append(a, "-add-fd", fmt.Sprintf("fd=%d,set=%d", d.fd, d.fd))
 			}
-			d.disk.Path = jailedPath(d.disk, d.fd, d.fd)
+			be.openedAs(jailedPath(d.disk, d.fd, d.fd))
 		}
-		be, dev, _ := diskDevices(d.disk, d.n, d.port.place(), d.size)
 		a = append(a, be.option, jsonArg(be.args), "-device", jsonArg(dev))
 	}
 	return a, nil

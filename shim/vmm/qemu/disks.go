@@ -94,7 +94,7 @@ func (v *VM) attach(ctx context.Context, c *qmp.Client, d vmm.Disk) (vmm.DiskAdd
 	// backend nobody knows about. QMP commands return at once unless QEMU is stuck.
 	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), qmpTimeout)
 	defer cancel()
-	qd := d // what QEMU opens
+	qpath := "" // what a jailed QEMU opens instead of d.Path
 	var fdset int
 	var releaseFD bool // the fd set is QEMU's to close when attach returns
 	if v.jailed() {
@@ -108,7 +108,7 @@ func (v *VM) attach(ctx context.Context, c *qmp.Client, d vmm.Disk) (vmm.DiskAdd
 		if err != nil {
 			return vmm.DiskAddress{}, fmt.Errorf("disk %q: passing its file to qemu: %w", d.ID, err)
 		}
-		qd.Path = jailedPath(d, fdset, fd)
+		qpath = jailedPath(d, fdset, fd)
 		releaseFD = true
 		defer func() {
 			// A PMEM backend opened the file again through /proc/self/fd; a
@@ -120,7 +120,10 @@ func (v *VM) attach(ctx context.Context, c *qmp.Client, d vmm.Disk) (vmm.DiskAdd
 			}
 		}()
 	}
-	be, dev, addr := diskDevices(qd, n, v.slots[s], st.Size())
+	be, dev, addr := diskDevices(d, n, v.slots[s], st.Size())
+	if qpath != "" {
+		be.openedAs(qpath)
+	}
 	if err := c.Execute(qctx, be.command, be.args, nil); err != nil {
 		return vmm.DiskAddress{}, fmt.Errorf("disk %q: %w", d.ID, err)
 	}

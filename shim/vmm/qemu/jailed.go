@@ -156,6 +156,16 @@ func jailedPath(d vmm.Disk, fdset, fd int) string {
 	return fmt.Sprintf("/dev/fdset/%d", fdset)
 }
 
+// openedAs makes the backend open path (a jailed QEMU's /dev/fdset/N or /proc/self/fd/N)
+// instead of the disk's host path, which chose its driver (fileDriver).
+func (b backend) openedAs(path string) {
+	if f, ok := b.args["file"].(map[string]any); ok {
+		f["filename"] = path
+	} else {
+		b.args["mem-path"] = path
+	}
+}
+
 // addFD hands f to QEMU in a new fd set and returns the set's id and QEMU's descriptor.
 func addFD(ctx context.Context, c *qmp.Client, f *os.File) (fdset, fd int, err error) {
 	var r struct {
