@@ -197,3 +197,38 @@ func TestLZ4Legacy(t *testing.T) {
 		})
 	}
 }
+
+func TestModules(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	for _, m := range []string{"a.ko", "b.ko", "c.ko", "d-e.ko.xz"} {
+		write("mods/kernel/"+m, "module "+m)
+	}
+	a, err := Build(Image{
+		Agent: write("agent", "agent"), KernelRelease: "6.1.0-test", ModulesDir: filepath.Join(dir, "mods"),
+		ModulesDep: write("modules.dep", testDep), Modules: []string{"b", "d_e"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	if _, err := a.WriteTo(&buf); err != nil {
+		t.Fatal(err)
+	}
+	release, names, err := Modules(&buf)
+	if err != nil || release != "6.1.0-test" || !slices.Equal(names, []string{"b", "c", "d_e"}) {
+		t.Errorf("Modules: %q %v %v; want 6.1.0-test [b c d_e]", release, names, err)
+	}
+	if _, _, err := Modules(bytes.NewReader([]byte("not lz4"))); err == nil {
+		t.Error("Modules of garbage: no error")
+	}
+}

@@ -112,6 +112,7 @@ func Run(ctx context.Context, o Options) ([]Result, Verdict) {
 	}
 
 	results = append(results, guestArtifacts(o.Config)...)
+	results = append(results, guestModules(o.Config)...)
 	results = append(results, hostFeatures(ctx)...)
 	results = append(results, tools()...)
 	results = append(results, cgroupVersion(), diskSpace(o.StateRoot))

@@ -36,7 +36,7 @@ func TestVerdictFollowsTheProbes(t *testing.T) {
 	t.Log("\n" + buf.String())
 
 	m := byItem(results)
-	for _, item := range []string{"qemu", "kvm", "tcg", "vhost-vsock", "guest-kernel", "guest-initrd", "loop", "erofs", "overlay", "tun", "mkfs.erofs", "mkfs.ext4", "cgroup", "disk"} {
+	for _, item := range []string{"qemu", "kvm", "tcg", "vhost-vsock", "guest-kernel", "guest-initrd", "guest-preload", "guest-modules", "loop", "erofs", "overlay", "tun", "mkfs.erofs", "mkfs.ext4", "cgroup", "disk"} {
 		if _, ok := m[item]; !ok {
 			t.Errorf("no %s line", item)
 		}

@@ -1,12 +1,22 @@
 package pod
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
+	"github.com/sirupsen/logrus"
+
+	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/guest/modimage"
+	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/vmm"
 	"github.com/caisson-containers/caisson/shim/vmm/qemu"
@@ -56,4 +66,87 @@ func TestModulesDisk(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestModulesImage boots pod VMs with the guest's modules image, without one, and with
+// one for another kernel: the first has it mounted when Start returns; the others start
+// all the same, with a warning naming what is wrong.
+func TestModulesImage(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.RequireBinary(t, "qemu-system-x86_64")
+	guest := testutil.RequireGuest(t)
+	if _, err := os.Stat(modimage.Beside(guest.Kernel)); err != nil {
+		t.Skipf("needs the modules image (make guest): %v", err)
+	}
+	// A directory with the guest's kernel and initramfs, and no modules image (yet).
+	other := t.TempDir()
+	for _, f := range []string{guest.Kernel, guest.Initramfs} {
+		if err := os.Symlink(f, filepath.Join(other, filepath.Base(f))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stateRoot := testutil.ShortTempDir(t)
+	start := func(t *testing.T, dir string) (*Pod, string) {
+		cfg := config.Default(dir)
+		cfg.StateDir = stateRoot
+		var logs bytes.Buffer
+		l := logrus.New()
+		l.SetOutput(&logs)
+		ctx, cancel := context.WithTimeout(log.WithLogger(context.Background(), logrus.NewEntry(l)), 2*time.Minute)
+		defer cancel()
+		p, err := Start(ctx, cfg, Options{ID: "modules", StateDir: StateDir(stateRoot, "test", "modules"), Hostname: "modules"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { p.Stop(context.Background()) })
+		return p, logs.String()
+	}
+	mountedAgain := func(t *testing.T, p *Pod) error {
+		_, err := p.storage.Mount(context.Background(), &agent.MountStorageRequest{
+			StorageId: modulesStorageID, Fstype: "erofs", Options: []string{"ro"},
+			Device: &agent.Device{Kind: agent.DeviceKind_DEVICE_KIND_BLOCK, Serial: "none"},
+		})
+		return errgrpc.ToNative(err)
+	}
+
+	t.Run("present", func(t *testing.T) {
+		p, logs := start(t, filepath.Dir(guest.Kernel))
+		if _, err := p.vm.Address(modulesDiskID); err != nil {
+			t.Fatalf("the modules image is not attached: %v", err)
+		}
+		if err := mountedAgain(t, p); !errdefs.IsAlreadyExists(err) {
+			t.Errorf("the modules image is not mounted when Start returns (a second mount: %v)", err)
+		}
+		if strings.Contains(logs, "modules image") && strings.Contains(logs, "level=warning") {
+			t.Errorf("a warning about the modules image:\n%s", logs)
+		}
+	})
+	t.Run("missing", func(t *testing.T) {
+		p, logs := start(t, other)
+		if _, err := p.vm.Address(modulesDiskID); !errdefs.IsNotFound(err) {
+			t.Errorf("a modules disk without an image: %v", err)
+		}
+		if !strings.Contains(logs, "no kernel modules image beside the guest kernel") {
+			t.Errorf("no warning:\n%s", logs)
+		}
+	})
+	t.Run("another kernel's", func(t *testing.T) {
+		tree := t.TempDir()
+		if err := os.WriteFile(filepath.Join(tree, "modules.dep"), []byte("kernel/x.ko:\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := modimage.Build(context.Background(), modimage.Image{Dir: tree, Release: "0.0.0-other"}, modimage.Beside(filepath.Join(other, "vmlinuz"))); err != nil {
+			t.Fatal(err)
+		}
+		p, logs := start(t, other)
+		if _, err := p.vm.Address(modulesDiskID); err != nil {
+			t.Errorf("the modules image is not attached: %v", err)
+		}
+		if !strings.Contains(logs, "0.0.0-other") || !strings.Contains(logs, "kernel modules image: the pod's VM loads only") {
+			t.Errorf("no warning naming the image's kernel:\n%s", logs)
+		}
+		if err := mountedAgain(t, p); errdefs.IsAlreadyExists(err) {
+			t.Error("the image of another kernel stays mounted")
+		}
+	})
 }
