@@ -83,9 +83,11 @@ func TestJailed(t *testing.T) {
 		if !strings.HasPrefix(string(status), "Name:\tqemu-system-x86") {
 			t.Errorf("pid %d is not qemu:\n%s", pid, status)
 		}
-		host, _ := os.Readlink("/proc/self/ns/mnt")
-		if ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", pid)); err != nil || ns == host {
-			t.Errorf("qemu's mount namespace %s (%v), the host's %s", ns, err, host)
+		for _, kind := range []string{"mnt", "pid", "net"} {
+			host, _ := os.Readlink("/proc/self/ns/" + kind)
+			if ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/%s", pid, kind)); err != nil || ns == host {
+				t.Errorf("qemu's %s namespace %s (%v), the host's %s", kind, ns, err, host)
+			}
 		}
 		// What QEMU sees from its root: what it was given.
 		if _, err := os.Stat(fmt.Sprintf("/proc/%d/root%s", pid, planted)); !os.IsNotExist(err) {

@@ -38,8 +38,8 @@ const specEnv = "CAISSON_JAIL_SPEC"
 const (
 	// Bind bind-mounts Source (a file, directory, socket or device node) at Target.
 	Bind = "bind"
-	// Proc mounts a procfs at Target on which the program sees only its own uid's
-	// processes (hidepid=invisible).
+	// Proc mounts a procfs of the jail's pid namespace at Target, on which the
+	// program sees only its own user's processes (hidepid=invisible).
 	Proc = "proc"
 )
 
@@ -71,7 +71,7 @@ type Spec struct {
 	// Argv is the program and its arguments; Argv[0] is an absolute path in the jail.
 	Argv []string `json:"argv"`
 	// Parent is the pid whose death kills the program (the caller sets Pdeathsig; a
-	// change of user clears it, so the jail sets it again and checks the parent lives).
+	// change of user clears it, so the jail sets it again).
 	Parent int `json:"parent"`
 }
 
@@ -135,9 +135,14 @@ func Command(s Spec) (*exec.Cmd, error) {
 		Path: "/proc/self/exe",
 		Args: []string{Arg0},
 		Env:  []string{specEnv + "=" + string(b)},
-		// A mount namespace of its own (mounts made in it stay in it) and an IPC
-		// namespace (no System V IPC with host processes).
-		SysProcAttr: &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNS | syscall.CLONE_NEWIPC},
+		// A mount namespace of its own (mounts made in it stay in it); a pid namespace
+		// (every jailed program runs as the same user: in its own pid namespace it
+		// cannot name, signal or ptrace another); a network namespace with nothing but
+		// a loopback that is down (descriptors it is given, a tap, a unix socket, still
+		// work; the host's network, its abstract unix sockets included, is out of
+		// reach); IPC and UTS namespaces.
+		SysProcAttr: &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNS | syscall.CLONE_NEWPID |
+			syscall.CLONE_NEWNET | syscall.CLONE_NEWIPC | syscall.CLONE_NEWUTS},
 	}
 	return cmd, nil
 }
@@ -234,7 +239,10 @@ func enter() error {
 	if err := unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(unix.SIGKILL), 0, 0, 0); err != nil {
 		return fmt.Errorf("pdeathsig: %w", err)
 	}
-	if s.Parent != 0 && os.Getppid() != s.Parent {
+	// In its own pid namespace the program's parent is out of sight (getppid is 0): a
+	// parent that died between the change of user and here, a few system calls, goes
+	// unnoticed. With a visible parent, check.
+	if ppid := os.Getppid(); ppid != 0 && s.Parent != 0 && ppid != s.Parent {
 		return fmt.Errorf("parent %d gone", s.Parent)
 	}
 	if s.Dir != "" {

@@ -41,7 +41,9 @@ func TestJail(t *testing.T) {
 	}
 	script := strings.Join([]string{
 		"grep -E '^(Uid|Gid|Groups|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs):' /proc/self/status",
-		"readlink /proc/self/ns/mnt",
+		"readlink /proc/self/ns/mnt /proc/self/ns/pid /proc/self/ns/net",
+		"echo pid $$",
+		"ls /proc | grep -c '^[0-9]'",
 		"cat " + given,
 		"cat " + secret + " 2>/dev/null && echo SECRET-READ",
 		"echo x > " + given + " 2>/dev/null && echo GIVEN-WRITTEN",
@@ -91,12 +93,18 @@ func TestJail(t *testing.T) {
 			t.Errorf("jailed program's output has %q", bad)
 		}
 	}
-	host, err := os.Readlink("/proc/self/ns/mnt")
-	if err != nil {
-		t.Fatal(err)
+	for _, ns := range []string{"mnt", "pid", "net"} {
+		host, err := os.Readlink("/proc/self/ns/" + ns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(got, host) {
+			t.Errorf("jailed program in the host's %s namespace %s", ns, host)
+		}
 	}
-	if strings.Contains(got, host) {
-		t.Errorf("jailed program in the host's mount namespace %s", host)
+	// Pid 1 of its own pid namespace, it sees its own processes only (itself, grep, ls).
+	if !strings.Contains(got, "pid 1\n") {
+		t.Errorf("jailed program is not pid 1 of its own pid namespace")
 	}
 	// Nothing of the jail is left mounted on the host.
 	if ents, err := os.ReadDir(root); err != nil || len(ents) != 0 {
