@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs Caisson from a built checkout (`make binaries guest`) onto this host:
 #   $PREFIX/bin (default /usr/local/bin): containerd-shim-caisson-v2, caisson-snapshotter, caisson
-#   /usr/share/caisson: the guest kernel and initramfs
+#   /usr/share/caisson: the guest kernel, initramfs and modules image
 #   /etc/caisson/config.toml (runtime, from `caisson config default`), /etc/caisson/snapshotter.toml
 #   /etc/systemd/system: caisson-snapshotter.service and a containerd.service drop-in
 #   /etc/containerd/config.toml from contrib/containerd/config.toml, only if there is none;
@@ -18,7 +18,7 @@ enable=false
 [[ ${1:-} == --enable ]] && enable=true
 
 step() { printf '\033[1m>> %s\033[0m\n' "$*"; }
-for f in bin/containerd-shim-caisson-v2 bin/caisson-snapshotter bin/caisson _output/guest/vmlinuz _output/guest/initramfs.cpio.lz4; do
+for f in bin/containerd-shim-caisson-v2 bin/caisson-snapshotter bin/caisson _output/guest/vmlinuz _output/guest/initramfs.cpio.lz4 _output/guest/modules.erofs; do
 	[[ -e $f ]] || { echo "missing $f: run \`make binaries guest\` first" >&2; exit 1; }
 done
 
@@ -36,9 +36,11 @@ step "binaries into $PREFIX/bin"
 install -d "$DESTDIR$PREFIX/bin"
 install -m 0755 bin/containerd-shim-caisson-v2 bin/caisson-snapshotter bin/caisson "$DESTDIR$PREFIX/bin/"
 
-step "guest kernel and initramfs into /usr/share/caisson"
+step "guest kernel, initramfs and modules image into /usr/share/caisson"
 install -D -m 0644 _output/guest/vmlinuz "$DESTDIR/usr/share/caisson/vmlinuz"
 install -D -m 0644 _output/guest/initramfs.cpio.lz4 "$DESTDIR/usr/share/caisson/initramfs.cpio.lz4"
+# Beside the kernel: the shim attaches it to every pod VM (docs/guest.md).
+install -D -m 0644 _output/guest/modules.erofs "$DESTDIR/usr/share/caisson/modules.erofs"
 
 step "configuration"
 tmp=$(mktemp -d)

@@ -262,7 +262,7 @@ func TestContribInstall(t *testing.T) {
 	t.Logf("install.sh:\n%s", out)
 	for _, f := range []string{
 		"usr/local/bin/containerd-shim-caisson-v2", "usr/local/bin/caisson-snapshotter", "usr/local/bin/caisson",
-		"usr/share/caisson/vmlinuz", "usr/share/caisson/initramfs.cpio.lz4",
+		"usr/share/caisson/vmlinuz", "usr/share/caisson/initramfs.cpio.lz4", "usr/share/caisson/modules.erofs",
 		"etc/caisson/config.toml", "etc/caisson/snapshotter.toml", "etc/containerd/config.toml",
 		"etc/systemd/system/caisson-snapshotter.service", "etc/systemd/system/containerd.service.d/caisson.conf",
 	} {
