@@ -15,6 +15,9 @@ make --no-print-directory check
 step "unit tests"
 go test -short -count=1 ./...
 
+step "fuzzing, 30 s per target"
+FUZZTIME=30s hack/fuzz.sh
+
 if [[ $(id -u) != 0 ]] || ! command -v qemu-system-x86_64 >/dev/null; then
 	step "not root or no QEMU: root and integration tests skipped"
 	exit 0
