@@ -2,6 +2,7 @@ package task
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
+	"github.com/containerd/ttrpc"
 	"golang.org/x/sys/unix"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
@@ -188,17 +190,28 @@ func (s *service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*ptypes.Emp
 		return s.killSilentPod(ctx, pd, r.ID)
 	}
 	if _, err := pd.Containers.Signal(ctx, &agent.SignalRequest{ContainerId: r.ID, ExecId: r.ExecID, Signal: r.Signal, All: r.All}); err != nil {
-		if pd.Silent() {
+		switch {
+		case pd.Silent() || lostGuest(err):
 			if sigkill {
 				return s.killSilentPod(ctx, pd, r.ID)
 			}
-			return nil, errgrpc.ToGRPC(fmt.Errorf("signal %d to %s of %s: the guest did not answer within %s: %w",
-				r.Signal, idOr(r.ExecID, r.ID), r.ID, pod.SignalTimeout, errdefs.ErrUnavailable))
+			why := fmt.Sprintf("did not answer within %s", pod.SignalTimeout)
+			if !pd.Silent() {
+				why = "broke its connection"
+			}
+			return nil, errgrpc.ToGRPC(fmt.Errorf("signal %d to %s of %s: the guest %s: %w",
+				r.Signal, idOr(r.ExecID, r.ID), r.ID, why, errdefs.ErrUnavailable))
 		}
 		return nil, agentErr("signal", err)
 	}
 	return empty, nil
 }
+
+// lostGuest reports whether err says that the connection to the agent is gone (the
+// guest closed it, or broke it with bytes that are not the protocol) rather than being
+// an answer of the agent. Nothing more can be asked of such a guest: a SIGKILL is then
+// delivered as to a silent one, by ending the VM.
+func lostGuest(err error) bool { return errors.Is(err, ttrpc.ErrClosed) }
 
 // killSilentPod delivers a SIGKILL the guest cannot be asked to deliver: it kills the VM,
 // and with it every process of the pod (not only the one the SIGKILL was for: a guest that
