@@ -1,6 +1,7 @@
 package transport
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -137,6 +138,19 @@ func (s *serialSession) Close() error {
 		s.ys.Close()
 	}
 	return err
+}
+
+// GuestHandshake runs the guest's side of the serial handshake (handshake.go) over a
+// port just opened, and returns the reader yamux is then to read the port through: it
+// holds what the handshake read past its last frame; yamux writes to port. ListenSerial
+// does this in its first Accept; agents that drive yamux themselves call it (the
+// hostile agent of the tests, integration-tests/hostile).
+func GuestHandshake(port io.ReadWriter) (io.Reader, error) {
+	br := bufio.NewReader(port)
+	if err := guestHandshake(br, port); err != nil {
+		return nil, err
+	}
+	return br, nil
 }
 
 // ListenSerial runs the guest (yamux server) side over the agent's port and
