@@ -260,6 +260,12 @@ func (c *converter) add(hdr *tar.Header, data io.Reader) error {
 	case tar.TypeLink:
 		return c.hardlink(hdr, p)
 	case tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
+		// EROFS keeps a device number in 32 bits, as the kernel's new_encode_dev: a 12-bit
+		// major, a 20-bit minor. A larger one would be truncated (4096:0 to 0:0, a whiteout).
+		if hdr.Typeflag != tar.TypeFifo && (uint64(hdr.Devmajor) > 0xfff || uint64(hdr.Devminor) > 0xfffff) {
+			return fmt.Errorf("tar entry %q: device %d:%d does not fit EROFS's 12-bit major and 20-bit minor: %w",
+				hdr.Name, hdr.Devmajor, hdr.Devminor, errdefs.ErrInvalidArgument)
+		}
 		typ := map[byte]uint32{tar.TypeChar: unix.S_IFCHR, tar.TypeBlock: unix.S_IFBLK, tar.TypeFifo: unix.S_IFIFO}[hdr.Typeflag]
 		err = c.w.Mknod(p, uint16(typ), uint32(unix.Mkdev(uint32(hdr.Devmajor), uint32(hdr.Devminor))))
 	case tar.TypeXGlobalHeader:
