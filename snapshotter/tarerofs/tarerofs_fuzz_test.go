@@ -351,8 +351,12 @@ func checkContent(t *testing.T, layer []byte, img fs.FS) {
 		if int64(st.UID) != int64(hdr.Uid) || int64(st.GID) != int64(hdr.Gid) {
 			t.Errorf("%s: owner %d:%d, want %d:%d", p, st.UID, st.GID, hdr.Uid, hdr.Gid)
 		}
-		if typ != tar.TypeSymlink && st.Mode.Perm() != fs.FileMode(hdr.Mode).Perm() {
-			t.Errorf("%s: permissions %v, want %v", p, st.Mode.Perm(), fs.FileMode(hdr.Mode).Perm())
+		const modeBits = fs.ModePerm | fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky
+		if got, want := st.Mode&modeBits, hdr.FileInfo().Mode()&modeBits; typ != tar.TypeSymlink && got != want {
+			t.Errorf("%s: mode bits %v, want %v", p, got, want)
+		}
+		if int64(st.Mtime) != hdr.ModTime.Unix() {
+			t.Errorf("%s: mtime %d, want %d", p, int64(st.Mtime), hdr.ModTime.Unix())
 		}
 		for k, v := range hdr.PAXRecords {
 			if name, ok := strings.CutPrefix(k, "SCHILY.xattr."); ok && st.Xattrs[name] != v {
