@@ -1,16 +1,13 @@
 // Package virtiofs shares host directories with a pod's VM through virtio-fs:
 // one virtiofsd per pod exports the pod's shared directory, and each host path a
-// container bind-mounts (a Kubernetes volume, a `-v` of ctr or nerdctl) is
-// bind-mounted into that directory on the host, where the guest finds it under
-// the virtio-fs mount. Writes land on the host; host changes reach the guest.
+// container bind-mounts (a Kubernetes volume, a `-v` of ctr or nerdctl) is mounted
+// into that directory, where the guest finds it under the virtio-fs mount. Writes
+// land on the host; host changes reach the guest.
 //
-// The shared directory is a shared mount of itself: virtiofsd, sandboxed in a
-// mount namespace of its own (-o sandbox=namespace, which makes its mounts
-// slaves of the host's), then sees the bind mounts made after it started.
-//
-// Nothing of a shared path may be deleted through the shared directory: Close
-// (and Unmount, for a shim that died) detach every mount under it before its
-// directory is removed.
+// The shares are mounted in virtiofsd's own mount namespace, not the host's
+// (mountns.go): on the host the shared directory holds only empty placeholders, so
+// removing it never reaches a shared path, and a shared host path carries no host
+// mount that would keep it busy.
 package virtiofs
 
 import (
@@ -57,6 +54,9 @@ type Daemon struct {
 	cmd  *exec.Cmd
 	done chan struct{}
 	err  error // why virtiofsd exited, after done
+	// sandboxPid is virtiofsd's child, in whose mount namespace the shares are (0
+	// until the first share).
+	sandboxPid int
 
 	mu     sync.Mutex
 	shares map[string][]string // names in Dir, by owner
@@ -80,15 +80,6 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 			os.RemoveAll(cfg.Dir)
 		}
 	}()
-	// A shared mount of itself: mounts made under it later propagate to virtiofsd's
-	// namespace.
-	if err := unix.Mount(cfg.Dir, cfg.Dir, "", unix.MS_BIND, ""); err != nil {
-		return nil, fmt.Errorf("bind shared directory %s: %w", cfg.Dir, err)
-	}
-	if err := unix.Mount("", cfg.Dir, "", unix.MS_SHARED, ""); err != nil {
-		return nil, fmt.Errorf("make %s a shared mount: %w", cfg.Dir, err)
-	}
-
 	// The shim listens, virtiofsd serves the listener it inherits: the socket exists
 	// before QEMU dials it, with no wait for virtiofsd to create it.
 	os.Remove(cfg.Socket)
@@ -186,15 +177,23 @@ func (d *Daemon) Share(owner, name, src string, access Access) (submounts []Subm
 	if filepath.Base(name) != name || name == "." || name == ".." {
 		return nil, fmt.Errorf("shared name %q: %w", name, errdefs.ErrInvalidArgument)
 	}
-	fi, err := os.Stat(src)
+	// The copy of src's mounts is made first and its type checked then: src
+	// cannot turn into something else in between.
+	tree, err := unix.OpenTree(unix.AT_FDCWD, src, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC|unix.AT_RECURSIVE)
 	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
+		if err == unix.ENOENT {
 			return nil, fmt.Errorf("host path %q does not exist: %w", src, errdefs.ErrNotFound)
 		}
 		return nil, fmt.Errorf("host path %q: %w", src, err)
 	}
+	defer unix.Close(tree)
+	var st unix.Stat_t
+	if err := unix.Fstat(tree, &st); err != nil {
+		return nil, fmt.Errorf("host path %q: %w", src, err)
+	}
+	fi := fileMode(st.Mode)
 	target := filepath.Join(d.cfg.Dir, name)
-	switch m := fi.Mode(); {
+	switch m := fi; {
 	case m.IsDir():
 		err = os.Mkdir(target, 0o700)
 	case m.IsRegular():
@@ -214,16 +213,12 @@ func (d *Daemon) Share(owner, name, src string, access Access) (submounts []Subm
 			os.Remove(target)
 		}
 	}()
-	if err := unix.Mount(src, target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
-		return nil, fmt.Errorf("bind %s into the shared directory: %w", src, err)
-	}
-	if err := restrict(target, access); err != nil {
-		unix.Unmount(target, unix.MNT_DETACH)
-		return nil, fmt.Errorf("make the share of %s read-only: %w", src, err)
+	if err := d.attach(tree, src, name, access); err != nil {
+		return nil, err
 	}
 	if access == ReadOnly {
-		if submounts, err = submountsOf(target); err != nil {
-			unix.Unmount(target, unix.MNT_DETACH)
+		if submounts, err = d.submountsOf(name); err != nil {
+			d.detach(name)
 			return nil, fmt.Errorf("mounts below the share of %s: %w", src, err)
 		}
 	}
@@ -239,9 +234,16 @@ type Submount struct {
 	ReadOnly bool
 }
 
-// submountsOf lists the mounts strictly below target, parents first.
-func submountsOf(target string) ([]Submount, error) {
-	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(target))
+// submountsOf lists the mounts strictly below the share name, parents first.
+func (d *Daemon) submountsOf(name string) ([]Submount, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/mountinfo", d.sandboxPid))
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	// Mount points as virtiofsd's sandbox sees them, from its root: the shared directory.
+	target := "/" + name
+	infos, err := mountinfo.GetMountsFromReader(f, mountinfo.PrefixFilter(target))
 	if err != nil {
 		return nil, err
 	}
@@ -264,19 +266,6 @@ func submountsOf(target string) ([]Submount, error) {
 	return subs, nil
 }
 
-// restrict makes the share at target as read-only as access says. The guest could
-// ignore a read-only mount of its own: the host mount is read-only too, so virtiofsd
-// cannot write through it.
-func restrict(target string, access Access) error {
-	switch access {
-	case ReadOnly:
-		return unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, "")
-	case RecursiveReadOnly:
-		return unix.MountSetattr(-1, target, unix.AT_RECURSIVE, &unix.MountAttr{Attr_set: unix.MOUNT_ATTR_RDONLY})
-	}
-	return nil
-}
-
 // Unshare removes owner's shares (the host paths themselves are untouched).
 func (d *Daemon) Unshare(owner string) error {
 	d.mu.Lock()
@@ -285,12 +274,11 @@ func (d *Daemon) Unshare(owner string) error {
 	d.mu.Unlock()
 	var errs []error
 	for _, n := range names {
-		target := filepath.Join(d.cfg.Dir, n)
-		if err := unix.Unmount(target, unix.MNT_DETACH); err != nil && err != unix.EINVAL && err != unix.ENOENT {
-			errs = append(errs, fmt.Errorf("unmount %s: %w", target, err))
-			continue // never remove what may still be the host's data
+		if err := d.detach(n); err != nil {
+			errs = append(errs, fmt.Errorf("unmount share %s: %w", n, err))
 		}
-		if err := os.Remove(target); err != nil && !errors.Is(err, os.ErrNotExist) {
+		// The host's placeholder is empty whatever happened in virtiofsd's namespace.
+		if err := os.Remove(filepath.Join(d.cfg.Dir, n)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}
 	}
@@ -315,7 +303,9 @@ func (d *Daemon) Close(ctx context.Context) error {
 
 // Unmount detaches the shared directory dir and every mount under it, so that
 // removing dir cannot reach a shared host path. For Close, and for the cleanup
-// of a pod whose shim died.
+// of a pod whose shim died. The shares themselves are never in the host's
+// namespace (mountns.go); this undoes what a shim of an earlier version mounted
+// there, and refuses if anything is still mounted below dir.
 func Unmount(dir string) error {
 	for {
 		// The self-bind and the shares under it go at once (MNT_DETACH takes the
@@ -341,6 +331,27 @@ func Unmount(dir string) error {
 		}
 	}
 	return nil
+}
+
+// fileMode is the type of a stat's mode, as os.FileMode.
+func fileMode(mode uint32) os.FileMode {
+	switch mode & unix.S_IFMT {
+	case unix.S_IFDIR:
+		return os.ModeDir
+	case unix.S_IFREG:
+		return 0
+	case unix.S_IFSOCK:
+		return os.ModeSocket
+	case unix.S_IFIFO:
+		return os.ModeNamedPipe
+	case unix.S_IFCHR:
+		return os.ModeDevice | os.ModeCharDevice
+	case unix.S_IFBLK:
+		return os.ModeDevice
+	case unix.S_IFLNK:
+		return os.ModeSymlink
+	}
+	return os.ModeIrregular
 }
 
 func modeName(m os.FileMode) string {

@@ -26,6 +26,12 @@ func startDaemon(t *testing.T) (*Daemon, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// virtiofsd sets up its sandbox once QEMU connects; a connection stands in for it.
+	conn, err := net.Dial("unix", filepath.Join(dir, "fs.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
 	return d, dir
 }
 
@@ -48,16 +54,24 @@ func TestShareAndClose(t *testing.T) {
 		t.Fatal(err)
 	}
 	shared := filepath.Join(dir, "shared")
-	if b, err := os.ReadFile(filepath.Join(shared, "c1-0", "sub", "data")); err != nil || string(b) != "keep me" {
+	// The host sees empty placeholders, no mount; virtiofsd's namespace the shares.
+	if mounted(t, dir) {
+		t.Error("a share is mounted in the host's namespace")
+	}
+	if ents, _ := os.ReadDir(filepath.Join(shared, "c1-0")); len(ents) != 0 {
+		t.Errorf("the host's placeholder holds %v", ents)
+	}
+	c10, c11 := sharePath(t, d, "c1-0"), sharePath(t, d, "c1-1")
+	if b, err := os.ReadFile(filepath.Join(c10, "sub", "data")); err != nil || string(b) != "keep me" {
 		t.Fatalf("shared directory content: %q, %v", b, err)
 	}
-	if err := os.WriteFile(filepath.Join(shared, "c1-0", "new"), []byte("written through"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(c10, "new"), []byte("written through"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if b, _ := os.ReadFile(filepath.Join(vol, "new")); string(b) != "written through" {
 		t.Errorf("a write to the share did not reach the host path: %q", b)
 	}
-	if err := os.WriteFile(filepath.Join(shared, "c1-1"), []byte("no"), 0o644); !errorsIs(err, syscall.EROFS) {
+	if err := os.WriteFile(c11, []byte("no"), 0o644); !errorsIs(err, syscall.EROFS) {
 		t.Errorf("write to a read-only share: %v, want EROFS", err)
 	}
 
@@ -146,6 +160,51 @@ func TestShareRejects(t *testing.T) {
 	}
 }
 
+// TestSharedPathStaysFree: a host path whose submount is shared can be unmounted and
+// removed by the host while the share exists (the kubelet tearing down a volume, as
+// critest does with runc's containers still running), since the host's namespace holds
+// no mount of the share.
+func TestSharedPathStaysFree(t *testing.T) {
+	d, dir := startDaemon(t)
+	defer d.Close(context.Background())
+	vol := filepath.Join(dir, "volume")
+	sub := filepath.Join(vol, "tmpfs")
+	if err := os.MkdirAll(sub, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount("tmpfs", sub, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(sub, "f"), []byte("on the tmpfs"), 0o644)
+	if _, err := d.Share("c", "c-0", vol, ReadOnly); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Unmount(sub, syscall.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(vol); err != nil {
+		t.Fatalf("remove the shared host path while shared: %v", err)
+	}
+	// As with runc's container mounts, the kernel detached the share's copy of the
+	// tmpfs with the directory it was on.
+	if _, err := os.Stat(filepath.Join(sharePath(t, d, "c-0"), "tmpfs", "f")); !os.IsNotExist(err) {
+		t.Errorf("the share after the host removed its path: %v", err)
+	}
+	if err := d.Unshare("c"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// sharePath is where the test reaches a share: in virtiofsd's namespace.
+func sharePath(t *testing.T, d *Daemon, name string) string {
+	t.Helper()
+	p, err := d.Path(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
 func mounted(t *testing.T, dir string) bool {
 	b, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
@@ -203,7 +262,7 @@ func TestShareAccess(t *testing.T) {
 			if !reflect.DeepEqual(subs, want) {
 				t.Errorf("submounts %+v, want %+v", subs, want)
 			}
-			shared := filepath.Join(dir, "shared", name)
+			shared := sharePath(t, d, name)
 			for _, w := range []struct {
 				path string
 				ro   bool
