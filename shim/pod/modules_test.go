@@ -5,6 +5,8 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -149,4 +151,68 @@ func TestModulesImage(t *testing.T) {
 			t.Error("the image of another kernel stays mounted")
 		}
 	})
+}
+
+// BenchmarkPodStartModules: Start to the agent's sandbox and boot disks ready, for a pod
+// whose first container has one layer, with the modules image attached and mounted and
+// without one (the kernel and initramfs alone in another directory), alternated in one run.
+// Reports the medians and their ratio.
+func BenchmarkPodStartModules(b *testing.B) {
+	testutil.RequireRoot(b)
+	testutil.RequireBinary(b, "qemu-system-x86_64")
+	guest := testutil.RequireGuest(b)
+	if _, err := os.Stat(modimage.Beside(guest.Kernel)); err != nil {
+		b.Skipf("needs the modules image (make guest): %v", err)
+	}
+	without := b.TempDir()
+	for _, f := range []string{guest.Kernel, guest.Initramfs} {
+		if err := os.Symlink(f, filepath.Join(without, filepath.Base(f))); err != nil {
+			b.Fatal(err)
+		}
+	}
+	dir := b.TempDir()
+	layer := erofsLayer(b, dir)
+	stateRoot := testutil.ShortTempDir(b)
+	ctx := log.WithLogger(context.Background(), logrus.NewEntry(logrus.New()))
+	log.G(ctx).Logger.SetLevel(logrus.ErrorLevel)
+	start := func(guestDir string, i int) time.Duration {
+		cfg := config.Default(guestDir)
+		cfg.StateDir = stateRoot
+		rw := filepath.Join(dir, "rw"+strconv.Itoa(i)+".ext4")
+		plan := rootfsPlan(b, layer, rw)
+		t0 := time.Now()
+		p, err := Start(ctx, cfg, Options{ID: "bench", StateDir: StateDir(stateRoot, "bench", strconv.Itoa(i)), Hostname: "bench", Rootfs: plan})
+		took := time.Since(t0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := p.Stop(context.Background()); err != nil {
+			b.Fatal(err)
+		}
+		os.Remove(rw)
+		return took
+	}
+	start(filepath.Dir(guest.Kernel), -1) // QEMU, kernel and image in the page cache
+	var with, bare []time.Duration
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if i%2 == 0 {
+			with = append(with, start(filepath.Dir(guest.Kernel), 2*i))
+			bare = append(bare, start(without, 2*i+1))
+		} else {
+			bare = append(bare, start(without, 2*i))
+			with = append(with, start(filepath.Dir(guest.Kernel), 2*i+1))
+		}
+	}
+	mw, mb := median(with), median(bare)
+	b.ReportMetric(mw.Seconds(), "with-modules-s")
+	b.ReportMetric(mb.Seconds(), "without-s")
+	b.ReportMetric(float64(mw)/float64(mb), "with/without")
+	b.ReportMetric(0, "ns/op")
+}
+
+func median(ds []time.Duration) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2]
 }

@@ -20,7 +20,7 @@ import (
 
 // erofsLayer builds an EROFS layer holding one file, padded for virtio-pmem as the
 // snapshotter pads layers.
-func erofsLayer(t *testing.T, dir string) string {
+func erofsLayer(t testing.TB, dir string) string {
 	t.Helper()
 	mkfs := testutil.RequireBinary(t, "mkfs.erofs")
 	src := filepath.Join(dir, "src")
@@ -41,7 +41,7 @@ func erofsLayer(t *testing.T, dir string) string {
 }
 
 // rootfsPlan is a snapshotter's mounts for a container of one layer (docs/mounts.md, shape A).
-func rootfsPlan(t *testing.T, layer, rw string) *rootfs.Plan {
+func rootfsPlan(t testing.TB, layer, rw string) *rootfs.Plan {
 	t.Helper()
 	p, err := rootfs.Parse([]mount.Mount{
 		{Type: "mkfs/ext4", Source: rw, Options: []string{"X-containerd.mkfs.fs=ext4", "X-containerd.mkfs.size=" + strconv.Itoa(64<<20), "rw", "loop"}},
