@@ -64,14 +64,22 @@ func (p *Pod) AttachBlockDevices(ctx context.Context, id string, devs []BlockDev
 		}
 		attached = append(attached, disk.ID)
 		log.G(ctx).WithFields(log.Fields{"device": d.Path, "disk": disk.ID, "readonly": d.ReadOnly, "took": time.Since(start)}).Debug("block device hot-plugged")
-		// The PCI path is the stable address; the serial is the fallback the API allows.
-		dev := &agent.Device{Kind: agent.DeviceKind_DEVICE_KIND_BLOCK, PciPath: string(addr.PCIPath)}
-		if dev.PciPath == "" {
-			dev.Serial = addr.Serial
-		}
-		out = append(out, &agent.BlockDevice{DeviceIndex: uint32(d.Index), Device: dev})
+		out = append(out, &agent.BlockDevice{DeviceIndex: uint32(d.Index), Device: agentDevice(addr, vmm.Block)})
 	}
 	return out, release, nil
+}
+
+// agentDevice is how the agent finds an attached disk: by its PCI path, the stable
+// address, or else by the serial, the fallback the API allows.
+func agentDevice(addr vmm.DiskAddress, kind vmm.DiskKind) *agent.Device {
+	dev := &agent.Device{Kind: agent.DeviceKind_DEVICE_KIND_BLOCK, PciPath: string(addr.PCIPath)}
+	if dev.PciPath == "" {
+		dev.Serial = addr.Serial
+	}
+	if kind == vmm.PMEM {
+		dev.Kind = agent.DeviceKind_DEVICE_KIND_PMEM
+	}
+	return dev
 }
 
 // blockDeviceID names container id's disk for its spec device index: unique in the

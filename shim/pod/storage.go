@@ -98,14 +98,7 @@ func (p *Pod) acquire(ctx context.Context, d rootfs.Device) (string, error) {
 // mount has the agent mount an attached disk as storage disk.ID.
 func (p *Pod) mount(ctx context.Context, d rootfs.Device, disk vmm.Disk, addr vmm.DiskAddress) error {
 	start := time.Now()
-	// The PCI path is the stable address; the serial is the fallback the API allows.
-	dev := &agent.Device{Kind: agent.DeviceKind_DEVICE_KIND_BLOCK, PciPath: string(addr.PCIPath)}
-	if dev.PciPath == "" {
-		dev.Serial = addr.Serial
-	}
-	if disk.Kind == vmm.PMEM {
-		dev.Kind = agent.DeviceKind_DEVICE_KIND_PMEM
-	}
+	dev := agentDevice(addr, disk.Kind)
 	var opts []string
 	if d.ReadOnly {
 		opts = append(opts, "ro")
