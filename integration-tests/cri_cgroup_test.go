@@ -1,8 +1,10 @@
 package integration
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -16,10 +18,31 @@ import (
 // cgroup parent, so the pod's accounting (PodSandboxStats, the kubelet's) includes the
 // VM, and QEMU and virtiofsd are limited there to the VM's size: the pod's resources
 // (256 MiB, one CPU) and the VM's own (docs/security.md); the cgroup goes with the pod.
+// runc's pod, the control, has its pause process in the same place.
 func TestCRIPodVMInPodCgroup(t *testing.T) {
 	c := harness.StartCRI(t, harness.Options{})
 	ctx := c.Ctx(t)
 	parent := harness.CgroupParent(t, "vmcg")
+	t.Run("runc", func(t *testing.T) {
+		podCfg := c.PodConfig("vmcg-runc", func(p *runtime.PodSandboxConfig) { p.Linux.CgroupParent = parent })
+		pod := c.RunPod(t, podCfg, harness.RuncHandler)
+		st, err := c.Runtime.PodSandboxStatus(ctx, &runtime.PodSandboxStatusRequest{PodSandboxId: pod, Verbose: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var info struct {
+			Pid int `json:"pid"`
+		}
+		if err := json.Unmarshal([]byte(st.GetInfo()["info"]), &info); err != nil || info.Pid == 0 {
+			t.Fatalf("no pid in pod %s's status info (%v)", pod, err)
+		}
+		want := filepath.Join(parent, pod)
+		if got := cgroupOf(t, strconv.Itoa(info.Pid)); got != want {
+			t.Errorf("runc's pause process in cgroup %s, want %s", got, want)
+		}
+		c.RemovePod(t, pod)
+		waitCgroupGone(t, want)
+	})
 	podCfg := c.PodConfig("vmcg", func(p *runtime.PodSandboxConfig) {
 		p.Linux.CgroupParent = parent
 		p.Linux.Resources = &runtime.LinuxContainerResources{MemoryLimitInBytes: 256 << 20, CpuPeriod: 100000, CpuQuota: 100000}
