@@ -256,3 +256,87 @@ func TestCgroupLifecycle(t *testing.T) {
 		t.Errorf("RemoveCgroup without a record: %v", err)
 	}
 }
+
+// descendants are pid's children, theirs, and so on.
+func descendants(pid int) []int {
+	var out []int
+	tasks, _ := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/task")
+	for _, task := range tasks {
+		b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/task/" + task.Name() + "/children")
+		for _, f := range strings.Fields(string(b)) {
+			if c, err := strconv.Atoi(f); err == nil {
+				out = append(out, c)
+				out = append(out, descendants(c)...)
+			}
+		}
+	}
+	return out
+}
+
+// A pod's QEMU, its virtiofsd and the sandboxed child virtiofsd forks when QEMU
+// connects run in the pod's cgroup, with the VM's limits; Stop removes it. A VM that
+// fails after it joined (its guest panics at boot) leaves no cgroup either.
+func TestPodCgroup(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.RequireBinary(t, "qemu-system-x86_64")
+	guest := testutil.RequireGuest(t)
+	if systemd.IsRunningSystemd() {
+		t.Skip("the shim's own cgroups are systemd scopes here: this test drives cgroupfs")
+	}
+	cfg := config.Default(filepath.Dir(guest.Kernel))
+	cfg.StateDir = testutil.ShortTempDir(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+
+	t.Run("running", func(t *testing.T) {
+		stateDir := StateDir(cfg.StateDir, "test", "cg")
+		want := DefaultCgroupParent + "/" + filepath.Base(stateDir)
+		p, err := Start(ctx, cfg, Options{ID: "cg", StateDir: stateDir, Hostname: "cg"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer p.Stop(context.Background())
+		pids := []int{p.Pid()}
+		if SharesHostPaths(cfg) {
+			kids := descendants(p.fs.Pid())
+			if len(kids) == 0 {
+				t.Error("virtiofsd forked no sandboxed child")
+			}
+			pids = append(pids, p.fs.Pid())
+			pids = append(pids, kids...)
+		}
+		for _, pid := range pids {
+			if got := procCgroup(t, pid); got != want {
+				t.Errorf("process %d (%s) in cgroup %s, want %s", pid, qemuCmdline(t, pid)[:20], got, want)
+			}
+		}
+		if got := readInt(t, memoryLimitFile(want)); got != cgroupLimits(cfg).Memory {
+			t.Errorf("memory limit %d, want %d", got, cgroupLimits(cfg).Memory)
+		}
+		if err := p.Stop(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(memoryLimitFile(want)); !os.IsNotExist(err) {
+			t.Errorf("cgroup %s after Stop: %v", want, err)
+		}
+	})
+
+	t.Run("guest panics at boot", func(t *testing.T) {
+		bad := cfg
+		bad.Guest.KernelParams = "rdinit=/nonexistent"
+		stateDir := StateDir(cfg.StateDir, "test", "cgbad")
+		want := DefaultCgroupParent + "/" + filepath.Base(stateDir)
+		p, err := Start(ctx, bad, Options{ID: "cgbad", StateDir: stateDir, Hostname: "cgbad"})
+		if err == nil {
+			p.Stop(context.Background())
+			t.Fatal("a pod whose guest has no init started")
+		}
+		t.Logf("Start: %v", err)
+		if _, err := os.Stat(memoryLimitFile(want)); !os.IsNotExist(err) {
+			t.Errorf("cgroup %s after a failed Start: %v", want, err)
+		}
+		if _, err := os.Stat(stateDir); !os.IsNotExist(err) {
+			t.Errorf("state dir after a failed Start: %v", err)
+		}
+	})
+}
