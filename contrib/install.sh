@@ -4,6 +4,7 @@
 #   /usr/share/caisson: the guest kernel, initramfs and modules image
 #   /etc/caisson/config.toml (runtime, from `caisson config default`), /etc/caisson/snapshotter.toml
 #   /etc/systemd/system: caisson-snapshotter.service and a containerd.service drop-in
+#   the system user caisson-qemu, whom QEMU's jail runs as (not with DESTDIR)
 #   /etc/containerd/config.toml from contrib/containerd/config.toml, only if there is none;
 #     otherwise the snippet goes to /etc/containerd/caisson.toml for you to merge.
 # Existing configuration files are never overwritten. DESTDIR installs into a staging root
@@ -54,6 +55,17 @@ if [[ -e $DESTDIR/etc/containerd/config.toml ]]; then
 	echo "   /etc/containerd/config.toml exists: merge /etc/containerd/caisson.toml into it (docs/cri.md)"
 else
 	config /etc/containerd/config.toml contrib/containerd/config.toml
+fi
+
+# QEMU's jail runs as this system user (hypervisor.jailer.user in /etc/caisson/config.toml).
+step "the jail's user caisson-qemu"
+if [[ -n $DESTDIR ]]; then
+	echo "   not created in a DESTDIR install: useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin caisson-qemu"
+elif getent passwd caisson-qemu >/dev/null; then
+	echo "   present"
+else
+	useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin caisson-qemu
+	echo "   created"
 fi
 
 step "systemd units"

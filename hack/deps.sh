@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Makes a fresh Debian 12 machine ready to build, test and run Caisson. Idempotent.
-# Changes nothing outside this checkout except Debian packages (and Go's module and build
-# caches):
+# Changes nothing outside this checkout except Debian packages, one system user (and Go's
+# module and build caches):
 #   - apt packages Caisson needs, installed only if missing;
+#   - the system user caisson-qemu (no home, no shell, no password), whom the runtime's
+#     jailer runs each VM's QEMU as (hypervisor.jailer, docs/security.md);
 #   - into TOOLS_DIR (default _output/tools, git-ignored): containerd, ctr and
 #     containerd-shim-runc-v2 at the version go.mod pins, and the CNI plugins.
 set -euo pipefail
@@ -78,6 +80,17 @@ if ((${#missing[@]})); then
 	fi
 else
 	step "Debian packages: every file present"
+fi
+
+# --- the jail's user ------------------------------------------------------------------------
+# QEMU runs as this user (hypervisor.jailer.user), in a mount namespace holding only its files.
+jail_user=caisson-qemu
+if getent passwd "$jail_user" >/dev/null; then
+	step "jail user $jail_user: present"
+else
+	[[ $(id -u) == 0 ]] || { echo "the jail user $jail_user is missing (run as root to create it)" >&2; exit 1; }
+	step "creating the system user $jail_user (QEMU's jail)"
+	useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$jail_user"
 fi
 
 # --- containerd, from the version go.mod pins ------------------------------------------------

@@ -78,7 +78,23 @@ type Hypervisor struct {
 	// template's unchanged memory through the host's page cache, and with it the guest
 	// kernel's address layout. Default false, as in Kata Containers (enable_template).
 	Template bool `toml:"template"`
+	// Jailer confines each VM's QEMU beyond its seccomp filter (-sandbox on).
+	Jailer Jailer `toml:"jailer"`
 }
+
+// Jailer runs QEMU as an unprivileged user, without capabilities and with no_new_privs, in a
+// mount namespace of its own that holds only its files (shim/vmm/qemu/jail), as
+// Firecracker's jailer does.
+type Jailer struct {
+	// Enabled jails every VM's QEMU. Default true.
+	Enabled bool `toml:"enabled"`
+	// User is whom QEMU runs as: a user name (with its primary group) or "UID:GID", never
+	// root. Default "caisson-qemu", a system user `make deps` (hack/deps.sh) creates.
+	User string `toml:"user"`
+}
+
+// DefaultJailUser is the jail's default user.
+const DefaultJailUser = "caisson-qemu"
 
 // Guest configures what runs inside the VM.
 type Guest struct {
@@ -170,6 +186,7 @@ func Default(artifactsDir string) Config {
 			MaxMemoryMiB:           hostMemoryMiB(),
 			HotplugSlots:           16,
 			TCGTranslationCacheMiB: 128,
+			Jailer:                 Jailer{Enabled: true, User: DefaultJailUser},
 		},
 		Guest: Guest{
 			Kernel:                     filepath.Join(artifactsDir, "vmlinuz"),
@@ -252,6 +269,8 @@ func (c Config) Validate() error {
 		return bad("hypervisor.memory_mib", c.Hypervisor.MemoryMiB, fmt.Sprintf("above hypervisor.max_memory_mib = %d", c.Hypervisor.MaxMemoryMiB))
 	case c.Hypervisor.HotplugSlots < 0 || c.Hypervisor.HotplugSlots > 90:
 		return bad("hypervisor.hotplug_slots", c.Hypervisor.HotplugSlots, "want 0 to 90 (slots of up to three PCI bridges)")
+	case c.Hypervisor.Jailer.Enabled && c.Hypervisor.Jailer.User == "":
+		return bad("hypervisor.jailer.user", `""`, "want a user name or UID:GID")
 	case c.Hypervisor.TCGTranslationCacheMiB < 1:
 		return bad("hypervisor.tcg_translation_cache_mib", c.Hypervisor.TCGTranslationCacheMiB, "want at least 1")
 	case !filepath.IsAbs(c.Guest.Kernel):

@@ -101,6 +101,19 @@ func TestLoad(t *testing.T) {
 		{name: "copied mount refresh as a number", path: write("p.toml", "[guest]\ncopied_mount_refresh_interval = 2\n"),
 			wantErr: "guest.copied_mount_refresh_interval = 2ns"}, // an integer is nanoseconds
 		{name: "unknown pod annotation key", path: write("h.toml", "pod_annotations = [\"guest.kernel\"]\n"), wantErr: "not a key pods can override"},
+		{name: "jailer without a user", path: write("jailer-nouser.toml", "[hypervisor.jailer]\nuser = \"\"\n"), wantErr: "hypervisor.jailer.user"},
+		{name: "jailer off", path: write("jailer-off.toml", "[hypervisor.jailer]\nenabled = false\nuser = \"\"\n"),
+			check: func(t *testing.T, c Config) {
+				if c.Hypervisor.Jailer.Enabled {
+					t.Fatal("jailer still enabled")
+				}
+			}},
+		{name: "jailer on by default", path: write("jailer-default.toml", "[hypervisor]\nvcpus = 1\n"),
+			check: func(t *testing.T, c Config) {
+				if j := c.Hypervisor.Jailer; !j.Enabled || j.User != DefaultJailUser {
+					t.Fatalf("jailer %+v", j)
+				}
+			}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Setenv(EnvPath, tc.env)

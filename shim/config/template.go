@@ -51,6 +51,13 @@ tcg_translation_cache_mib = {{.Hypervisor.TCGTranslationCacheMiB}}
 # has the same guest kernel address layout.
 template = {{.Hypervisor.Template}}
 
+[hypervisor.jailer]
+# Run each VM's QEMU as an unprivileged user, without capabilities, in a mount namespace holding
+# only its files (kernel, initramfs, the VM's state directory; disks are passed as descriptors).
+enabled = {{.Hypervisor.Jailer.Enabled}}
+# A user name (with its primary group) or "UID:GID", never root. make deps creates caisson-qemu.
+user = {{q .Hypervisor.Jailer.User}}
+
 [guest]
 kernel = {{q .Guest.Kernel}}
 # Its /init is caisson-agent.

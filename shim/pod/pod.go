@@ -106,6 +106,7 @@ func vmConfig(cfg config.Config, stateDir string) (vmm.Config, qemu.Config) {
 			Path:                   cfg.Hypervisor.Path,
 			TCGTranslationCacheMiB: cfg.Hypervisor.TCGTranslationCacheMiB,
 			AccelCacheDir:          filepath.Join(cfg.StateDir, "probes"),
+			Jail:                   jailOf(cfg),
 		}
 }
 
