@@ -471,3 +471,80 @@ func TestEventFloodIsBounded(t *testing.T) {
 		t.Fatalf("%d delivered + %d dropped, want %d", next, c.Dropped(), distinct)
 	}
 }
+
+// ExecuteWithFile sends the file's descriptor with the command, in the same message, as
+// QEMU's add-fd expects it.
+func TestExecuteWithFile(t *testing.T) {
+	cc, sc := socketpair(t)
+	go func() {
+		sc.Write([]byte(greeting + "\n"))
+	}()
+	type result struct {
+		c   *Client
+		err error
+	}
+	res := make(chan result, 1)
+	go func() {
+		c, err := New(context.Background(), cc)
+		res <- result{c, err}
+	}()
+	us := sc.(*net.UnixConn)
+	readReq := func() (map[string]any, []byte) {
+		buf := make([]byte, 4096)
+		oob := make([]byte, syscall.CmsgSpace(4))
+		n, oobn, _, _, err := us.ReadMsgUnix(buf, oob)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m map[string]any
+		if err := json.Unmarshal(bytes.TrimSpace(buf[:n]), &m); err != nil {
+			t.Fatalf("%q: %v", buf[:n], err)
+		}
+		return m, oob[:oobn]
+	}
+	reply := func(req map[string]any, body string) {
+		id, _ := json.Marshal(req["id"])
+		fmt.Fprintf(sc, `{%s, "id": %s}`+"\n", body, id)
+	}
+	req, _ := readReq()
+	reply(req, `"return": {}`)
+	r := <-res
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	defer r.c.Close()
+
+	f, err := os.CreateTemp(t.TempDir(), "disk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	f.WriteString("disk content")
+	done := make(chan error, 1)
+	var got struct {
+		FD int `json:"fd"`
+	}
+	go func() { done <- r.c.ExecuteWithFile(context.Background(), "add-fd", nil, &got, f) }()
+	req, oob := readReq()
+	if req["execute"] != "add-fd" {
+		t.Fatalf("request %v", req)
+	}
+	msgs, err := syscall.ParseSocketControlMessage(oob)
+	if err != nil || len(msgs) != 1 {
+		t.Fatalf("control messages %v, %v", msgs, err)
+	}
+	fds, err := syscall.ParseUnixRights(&msgs[0])
+	if err != nil || len(fds) != 1 {
+		t.Fatalf("rights %v, %v", fds, err)
+	}
+	passed := os.NewFile(uintptr(fds[0]), "passed")
+	defer passed.Close()
+	b := make([]byte, 12)
+	if _, err := passed.ReadAt(b, 0); err != nil || string(b) != "disk content" {
+		t.Fatalf("the passed descriptor reads %q (%v)", b, err)
+	}
+	reply(req, `"return": {"fdset-id": 0, "fd": 42}`)
+	if err := <-done; err != nil || got.FD != 42 {
+		t.Fatalf("ExecuteWithFile: %v, fd %d", err, got.FD)
+	}
+}
