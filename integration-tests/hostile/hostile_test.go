@@ -50,6 +50,8 @@ const (
 	killBound = pod.SignalTimeout + 10*time.Second + slack
 	// drainTimeout is shim/task's wait for a process's output after its exit.
 	drainTimeout = 5 * time.Second
+	// runcID is the runc container that runs beside the hostile pods.
+	runcID = "runc-neighbour"
 )
 
 // hostileCase is one behaviour and what the shim must make of it.
@@ -82,6 +84,8 @@ func TestHostileGuest(t *testing.T) {
 		c.Hypervisor.Accelerator = "tcg" // no accelerator probe: it would run the fake
 		c.Hypervisor.Template = false
 		c.Guest.SharedFS = "copy" // no virtiofsd: the fake has no vhost-user device
+		// The fake's WrongIDs reports OOM kills of the runc container (fakeqemu).
+		c.Guest.KernelParams = "hostile.others=" + runcID
 	}})
 	ctx := e.Context(t)
 	image := e.ImportBusybox(t)
@@ -91,16 +95,13 @@ func TestHostileGuest(t *testing.T) {
 	if err := image.Unpack(ctx, "overlayfs"); err != nil {
 		t.Fatal(err)
 	}
-	runcC := newContainer(t, e, image, "runc-neighbour", "io.containerd.runc.v2", "overlayfs")
+	runcC := newContainer(t, e, image, runcID, "io.containerd.runc.v2", "overlayfs")
 	runcTask, err := runcC.NewTask(ctx, cio.NullIO)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { runcTask.Delete(context.WithoutCancel(ctx), containerd.WithProcessKill) })
 	if err := runcTask.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(filepath.Dir(fake), "wrong-ids"), []byte(runcC.ID()+"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	oom := watchOOM(t, e)

@@ -25,10 +25,12 @@ import (
 // on them. A guest reporting pid 1, or the pid of any host process, would point each of
 // those at that process. QEMU's pid points them at the process that is the pod on the
 // host (Kata Containers reports its hypervisor's pid for the same reason): a signal sent
-// to it ends the pod, and its network namespace is the shim's (containerd's). That last
-// point means a CRI that takes a pod's network namespace from its sandbox task's pid
-// (containerd 1.7 for a pod with a user namespace; 2.4 makes that namespace itself) would
-// get the host's: such pods are not supported (docs/security.md). 0 before the VM starts.
+// to it ends the pod, and /proc/PID/ns are QEMU's: with the jailer (the default) network,
+// mount and PID namespaces of its own that hold nothing of the host's, without it the
+// shim's. So a CRI that takes a pod's network namespace from its sandbox task's pid
+// (containerd 1.7 for a pod with a user namespace; 2.4 makes that namespace itself)
+// gets the jail's empty one, or, unjailed, the host's: such pods are not supported
+// (docs/security.md). 0 before the VM starts.
 func taskPid(pd *pod.Pod) uint32 {
 	if pd == nil {
 		return 0

@@ -5,7 +5,9 @@
 //
 // The behaviour is the pod's: the state directory of a pod ends with its id (see
 // shim/pod.StateDir), and a test names its container after the behaviour. The ids
-// WrongIDs names are in the file "wrong-ids" beside this binary, one a line.
+// WrongIDs names come from the kernel command line (guest.kernel_params), as
+// hostile.others=ID,ID. Nothing else is read from the host: the shim may run this
+// binary in its jail, which holds only the binary and the VM's files.
 package main
 
 import (
@@ -23,6 +25,9 @@ import (
 	"github.com/caisson-containers/caisson/integration-tests/hostile/hostileagent"
 )
 
+// OthersParam is the kernel parameter naming the ids WrongIDs reports.
+const OthersParam = "hostile.others"
+
 func main() {
 	if err := run(os.Args[1:]); err != nil {
 		fmt.Fprintln(os.Stderr, "fakeqemu:", err)
@@ -32,11 +37,20 @@ func main() {
 
 func run(args []string) error {
 	var qmpPath, agentPath string
+	var others []string
 	for i := 0; i < len(args); i++ {
 		switch args[i] {
 		case "-version", "--version":
 			fmt.Println("QEMU emulator version 7.2.0 (fakeqemu)")
 			return nil
+		case "-append":
+			if i+1 < len(args) {
+				for _, f := range strings.Fields(args[i+1]) {
+					if v, ok := strings.CutPrefix(f, OthersParam+"="); ok {
+						others = strings.Split(v, ",")
+					}
+				}
+			}
 		case "-chardev":
 			if i+1 >= len(args) {
 				return fmt.Errorf("-chardev without a value")
@@ -59,12 +73,6 @@ func run(args []string) error {
 		return err
 	}
 	fmt.Fprintf(os.Stderr, "fakeqemu: behaviour %s\n", b)
-	var others []string
-	if exe, err := os.Executable(); err == nil {
-		if data, err := os.ReadFile(filepath.Join(filepath.Dir(exe), "wrong-ids")); err == nil {
-			others = strings.Fields(string(data))
-		}
-	}
 
 	qmpL, err := net.Listen("unix", qmpPath)
 	if err != nil {
