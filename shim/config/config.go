@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -32,7 +33,8 @@ const EnvPath = "CAISSON_CONFIG"
 
 // Config is the runtime's configuration. Each field's default is in Default.
 type Config struct {
-	// StateDir holds per-VM state: sockets, console logs, QEMU logs. Default /run/caisson.
+	// StateDir holds per-VM state: sockets, console logs, QEMU logs. Default /run/caisson;
+	// at most MaxStateDirLen bytes.
 	StateDir string `toml:"state_dir"`
 	// LogLevel is the shim's log level: trace, debug, info, warn or error. Default info.
 	LogLevel string `toml:"log_level"`
@@ -159,6 +161,11 @@ type Storage struct {
 	BlockDriver string `toml:"block_driver"`
 }
 
+// MaxStateDirLen bounds StateDir: a pod's longest socket path below it is 53 bytes more
+// (shim/pod.StateDir's directory of at most 38 bytes, then vm/agent.sock), and a unix
+// socket path is at most 107 bytes.
+const MaxStateDirLen = 107 - 53
+
 // MinMemoryMiB is the least memory a VM can be given: the guest kernel and agent need it.
 const MinMemoryMiB = 128
 
@@ -251,6 +258,8 @@ func (c Config) Validate() error {
 	switch {
 	case !filepath.IsAbs(c.StateDir):
 		return bad("state_dir", c.StateDir, "must be an absolute path")
+	case len(c.StateDir) > MaxStateDirLen:
+		return bad("state_dir", c.StateDir, fmt.Sprintf("longer than %d bytes: a pod's sockets below it would exceed the 107 bytes of a unix socket path", MaxStateDirLen))
 	case !slices.Contains([]string{"trace", "debug", "info", "warn", "error"}, c.LogLevel):
 		return bad("log_level", c.LogLevel, "want trace, debug, info, warn or error")
 	case !slices.Contains([]string{"auto", "kvm", "tcg"}, c.Hypervisor.Accelerator):
@@ -271,6 +280,15 @@ func (c Config) Validate() error {
 		return bad("hypervisor.hotplug_slots", c.Hypervisor.HotplugSlots, "want 0 to 90 (slots of up to three PCI bridges)")
 	case c.Hypervisor.Jailer.Enabled && c.Hypervisor.Jailer.User == "":
 		return bad("hypervisor.jailer.user", `""`, "want a user name or UID:GID")
+	case c.Hypervisor.Jailer.Enabled && strings.Contains(c.Hypervisor.Jailer.User, ":"):
+		// A name is looked up when the VM starts (the user may be created after the
+		// configuration is written); UID:GID needs no lookup to be checked now.
+		u, g, _ := strings.Cut(c.Hypervisor.Jailer.User, ":")
+		uid, err1 := strconv.ParseUint(u, 10, 32)
+		gid, err2 := strconv.ParseUint(g, 10, 32)
+		if err1 != nil || err2 != nil || uid == 0 || gid == 0 {
+			return bad("hypervisor.jailer.user", c.Hypervisor.Jailer.User, "want a user name or UID:GID, neither of them 0 (root)")
+		}
 	case c.Hypervisor.TCGTranslationCacheMiB < 1:
 		return bad("hypervisor.tcg_translation_cache_mib", c.Hypervisor.TCGTranslationCacheMiB, "want at least 1")
 	case !filepath.IsAbs(c.Guest.Kernel):

@@ -11,6 +11,7 @@ import (
 	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 
+	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/pod"
 )
@@ -34,7 +35,7 @@ func TestStopCleansTheStateDirOfTheStartConfig(t *testing.T) {
 	if os.Getenv(config.EnvPath) != "" {
 		t.Skipf("%s is set: the test needs the default configuration to differ from its own", config.EnvPath)
 	}
-	stateRoot := filepath.Join(t.TempDir(), "state")
+	stateRoot := filepath.Join(testutil.ShortTempDir(t), "state") // state_dir is bounded (sockets)
 	cfgPath := filepath.Join(t.TempDir(), "caisson.toml")
 	if err := os.WriteFile(cfgPath, []byte("state_dir = \""+stateRoot+"\"\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -100,7 +101,7 @@ func TestStopRunsPoststopHooksOfADeadShim(t *testing.T) {
 	if os.Getenv(config.EnvPath) != "" {
 		t.Skipf("%s is set: the test writes its own configuration", config.EnvPath)
 	}
-	stateRoot := filepath.Join(t.TempDir(), "state")
+	stateRoot := filepath.Join(testutil.ShortTempDir(t), "state") // state_dir is bounded (sockets)
 	cfgPath := filepath.Join(t.TempDir(), "caisson.toml")
 	if err := os.WriteFile(cfgPath, []byte("state_dir = \""+stateRoot+"\"\n"), 0o600); err != nil {
 		t.Fatal(err)

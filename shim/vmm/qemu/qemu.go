@@ -221,7 +221,7 @@ func New(cfg vmm.Config, qcfg Config) (*VM, error) {
 		v.slots = append(v.slots, hotSlot(i))
 	}
 	v.used = make([]bool, len(v.slots))
-	if len(v.qmpSocket) > maxSocketPath {
+	if len(v.qmpSocket) > maxSocketPath || len(v.agentSocket) > maxSocketPath {
 		return nil, fmt.Errorf("state dir %q too long for a unix socket path: %w", cfg.StateDir, errdefs.ErrInvalidArgument)
 	}
 	return v, nil
