@@ -77,7 +77,9 @@ func TestSystemdCgroupDirectory(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		dir = m.Path("memory")
+		if dir = m.Path("memory"); dir == "" {
+			t.Skip("no cgroup v1 memory hierarchy mounted")
+		}
 	}
 	if !strings.HasSuffix(dir, "/"+want) {
 		t.Errorf("cgroup directory %s, want .../%s", dir, want)
