@@ -690,10 +690,14 @@ func TestVsockNeedsVhost(t *testing.T) {
 func TestShimDeathKillsQEMU(t *testing.T) {
 	if dir := os.Getenv("CAISSON_TEST_SHIM_STATE"); dir != "" {
 		// The child: start a VM, say its pid, and wait to be killed.
+		var qcfg Config
+		if os.Getenv("CAISSON_TEST_SHIM_JAIL") != "" {
+			qcfg.Jail = testJail
+		}
 		vm, err := New(vmm.Config{
 			Kernel: os.Getenv("CAISSON_TEST_SHIM_KERNEL"), Initramfs: os.Getenv("CAISSON_TEST_SHIM_INITRAMFS"),
 			Accelerator: "tcg", StateDir: dir,
-		}, Config{})
+		}, qcfg)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -706,12 +710,23 @@ func TestShimDeathKillsQEMU(t *testing.T) {
 		t.Fatal("not killed")
 	}
 	g := newTestGuest(t)
+	// A jailed QEMU too: its change of user cleared the parent-death signal, which the
+	// jail sets again.
+	for _, jailed := range []bool{false, true} {
+		t.Run(fmt.Sprintf("jailed=%v", jailed), func(t *testing.T) { shimDeathKillsQEMU(t, g, jailed) })
+	}
+}
+
+func shimDeathKillsQEMU(t *testing.T, g testGuest, jailed bool) {
 	cmd := exec.Command(os.Args[0], "-test.run=^TestShimDeathKillsQEMU$", "-test.v")
 	cmd.Env = append(os.Environ(),
 		"CAISSON_TEST_SHIM_STATE="+testutil.ShortTempDir(t),
 		"CAISSON_TEST_SHIM_KERNEL="+g.kernel,
 		"CAISSON_TEST_SHIM_INITRAMFS="+g.initramfs,
 	)
+	if jailed {
+		cmd.Env = append(cmd.Env, "CAISSON_TEST_SHIM_JAIL=1")
+	}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
