@@ -51,11 +51,9 @@ func TestCRIBlockDevices(t *testing.T) {
 			if out, _, _ := c.Exec(t, id, "stat", "-c", "%F %a %u %g", "/dev/xvdb"); strings.TrimSpace(out) != want {
 				t.Errorf("/dev/xvdb in the container: %q, want %q", out, want)
 			}
-			if out, errOut, code := c.Exec(t, id, "sh", "-c", "printf "+data+" | dd of=/dev/xvdb bs=512 count=1 conv=sync,fsync"); code != 0 {
-				t.Fatalf("write through /dev/xvdb: exit %d: %s%s", code, out, errOut)
-			}
-			if out, errOut, _ := c.Exec(t, id, "sh", "-c", "dd if=/dev/xvdb bs=512 count=1 2>/dev/null | head -c "+fmt.Sprint(len(data))); out != data {
-				t.Errorf("read back through /dev/xvdb: %q (%s), want %q", out, errOut, data)
+			writeDevice(t, c, id, "/dev/xvdb", data)
+			if out := readDevice(t, c, id, "/dev/xvdb", len(data)); out != data {
+				t.Errorf("read back through /dev/xvdb: %q, want %q", out, data)
 			}
 			if vm {
 				if !qemuHolds(t, c, podID, loop) {
@@ -75,19 +73,14 @@ func TestCRIBlockDevices(t *testing.T) {
 				t.Errorf("the host file after the container is removed starts with %q, want %q", b, data)
 			}
 			if vm {
-				if qemuHolds(t, c, podID, loop) {
-					t.Errorf("QEMU still holds %s after the container was removed", loop)
-				}
-				if now := partitions(t, c, watch); !slices.Equal(now, disksBefore) {
-					t.Errorf("the VM's disks after the container was removed: %v, before: %v", now, disksBefore)
-				}
+				expectDetached(t, c, podID, watch, loop, disksBefore, "the container was removed")
 			}
 
 			ro := harness.ContainerConfig("ro", image, "sleep", "3600")
 			ro.Devices = []*runtime.Device{{ContainerPath: "/dev/xvdb", HostPath: loop, Permissions: "r"}}
 			id = c.StartContainer(t, podID, cfg, ro)
-			if out, errOut, _ := c.Exec(t, id, "sh", "-c", "dd if=/dev/xvdb bs=512 count=1 2>/dev/null | head -c "+fmt.Sprint(len(data))); out != data {
-				t.Errorf("read through a read-only /dev/xvdb: %q (%s), want %q", out, errOut, data)
+			if out := readDevice(t, c, id, "/dev/xvdb", len(data)); out != data {
+				t.Errorf("read through a read-only /dev/xvdb: %q, want %q", out, data)
 			}
 			if out, errOut, code := c.Exec(t, id, "dd", "if=/dev/zero", "of=/dev/xvdb", "bs=512", "count=1"); code == 0 {
 				t.Errorf("a write to a read-only /dev/xvdb succeeded: %s%s", out, errOut)
@@ -103,8 +96,8 @@ func TestCRIBlockDevices(t *testing.T) {
 			if b := readHead(t, file, len(data)); b != data {
 				t.Errorf("the host file after the read-only container starts with %q, want %q", b, data)
 			}
-			if vm && qemuHolds(t, c, podID, loop) {
-				t.Errorf("QEMU still holds %s after the read-only container was removed", loop)
+			if vm {
+				expectDetached(t, c, podID, watch, loop, disksBefore, "the read-only container was removed")
 			}
 		})
 	}
@@ -197,12 +190,7 @@ func TestCRIBlockDevicesBadInput(t *testing.T) {
 					}
 					expectSays(t, err, tc.words)
 					if vm {
-						if qemuHolds(t, c, podID, loop) {
-							t.Errorf("QEMU holds %s after the failure", loop)
-						}
-						if now := partitions(t, c, watch); !slices.Equal(now, disksBefore) {
-							t.Errorf("the VM's disks after the failure: %v, before: %v", now, disksBefore)
-						}
+						expectDetached(t, c, podID, watch, loop, disksBefore, "the failure")
 					}
 				})
 			}
@@ -305,8 +293,9 @@ func TestCRIPrivilegedDevices(t *testing.T) {
 			}
 			// The volume, at its container path.
 			data := "privileged-" + handler
-			if out, errOut, code := c.Exec(t, id, "sh", "-c", "printf "+data+" | dd of=/dev/xvdb bs=512 count=1 conv=sync,fsync && dd if=/dev/xvdb bs=512 count=1 2>/dev/null | head -c "+fmt.Sprint(len(data))); code != 0 || out != data {
-				t.Errorf("write and read /dev/xvdb: exit %d, %q (%s), want %q", code, out, errOut, data)
+			writeDevice(t, c, id, "/dev/xvdb", data)
+			if out := readDevice(t, c, id, "/dev/xvdb", len(data)); out != data {
+				t.Errorf("read back through /dev/xvdb: %q, want %q", out, data)
 			}
 		})
 	}
@@ -347,6 +336,31 @@ func newLoopDevice(t *testing.T) (dev, file string) {
 		}
 	})
 	return dev, file
+}
+
+// expectDetached fails the test unless the pod's VM has the disks it had before (as its
+// container watch sees them) and its QEMU no longer holds the host device dev.
+func expectDetached(t *testing.T, c *harness.CRI, podID, watch, dev string, before []string, after string) {
+	t.Helper()
+	if qemuHolds(t, c, podID, dev) {
+		t.Errorf("QEMU still holds %s after %s", dev, after)
+	}
+	if now := partitions(t, c, watch); !slices.Equal(now, before) {
+		t.Errorf("the VM's disks after %s: %v, before: %v", after, now, before)
+	}
+}
+
+// writeDevice writes data (no shell metacharacters) at the start of a device in the
+// container, synced to it.
+func writeDevice(t *testing.T, c *harness.CRI, id, dev, data string) {
+	t.Helper()
+	execOK(t, c, id, "sh", "-c", fmt.Sprintf("printf %s | dd of=%s bs=512 count=1 conv=sync,fsync", data, dev))
+}
+
+// readDevice reads the first n bytes of a device in the container.
+func readDevice(t *testing.T, c *harness.CRI, id, dev string, n int) string {
+	t.Helper()
+	return execOK(t, c, id, "sh", "-c", fmt.Sprintf("dd if=%s bs=512 count=1 2>/dev/null | head -c %d", dev, n))
 }
 
 // readHead reads the first n bytes of a host file.
