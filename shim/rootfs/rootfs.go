@@ -314,7 +314,7 @@ func (p *Plan) ref(s string) (Ref, error) {
 		return Ref{}, invalid("%q names mount %d of %d device mounts", s, n, len(p.Devices))
 	}
 	sub := strings.TrimPrefix(m[2], "/")
-	if sub != "" && (path.Clean(sub) != sub || sub == ".." || strings.HasPrefix(sub, "../")) {
+	if sub != "" && (path.Clean(sub) != sub || path.IsAbs(sub) || sub == ".." || strings.HasPrefix(sub, "../")) {
 		return Ref{}, invalid("%q: sub-directory %q is not a clean relative path", s, sub)
 	}
 	return Ref{Device: n, Path: sub}, nil
