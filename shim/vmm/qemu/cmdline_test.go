@@ -249,3 +249,41 @@ func TestHotSlots(t *testing.T) {
 		t.Error("no slots need a bridge")
 	}
 }
+
+// A jailed QEMU opens none of the shim's paths: a Block disk comes from an fd set, a PMEM
+// disk through /proc/self/fd, the console from an fd set (appended to, never truncated),
+// and the virtio-fs daemon as a connected descriptor.
+func TestCmdlineJailed(t *testing.T) {
+	c := cmdline{
+		vm: vmm.Config{Kernel: "/k", VCPUs: 1, MemoryMiB: 512, MaxMemoryMiB: 1024, Agent: vmm.AgentChannel{Transport: vmm.TransportSerial},
+			SharedFS: &vmm.SharedFS{Socket: "/s/fs.sock", Tag: "shared"}},
+		accel: "tcg", qmpSocket: "/q", agentSock: "/a", ports: 2,
+		disks: []coldDisk{
+			{disk: vmm.Disk{ID: "a", Path: "/l.erofs", ReadOnly: true, Kind: vmm.Block}, n: 0, port: 0, fd: 5},
+			{disk: vmm.Disk{ID: "b", Path: "/p.erofs", ReadOnly: true, Kind: vmm.PMEM}, n: 1, port: 1, size: 2 << 20, fd: 6},
+		},
+		sharedFSFD: 4, consoleFD: 7, jailed: true,
+	}
+	args, err := c.args()
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := strings.Join(args, " ")
+	for _, want := range []string{
+		"-add-fd fd=7,set=7", "file,id=console,path=/dev/fdset/7,append=on",
+		"-add-fd fd=5,set=5", `"filename":"/dev/fdset/5"`, `"driver":"file"`,
+		`"mem-path":"/proc/self/fd/6"`, "socket,id=sharedfs,fd=4",
+	} {
+		if !strings.Contains(all, want) {
+			t.Errorf("jailed command line lacks %q:\n%s", want, all)
+		}
+	}
+	for _, path := range []string{"/l.erofs", "/p.erofs", "/s/fs.sock", "/dev/fd/"} {
+		if strings.Contains(all, path) {
+			t.Errorf("jailed command line names %s", path)
+		}
+	}
+	if n := strings.Count(all, "-add-fd"); n != 2 {
+		t.Errorf("%d -add-fd options, want 2 (the console and the Block disk)", n)
+	}
+}
