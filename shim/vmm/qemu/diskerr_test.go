@@ -158,3 +158,33 @@ func TestFullHostDisk(t *testing.T) {
 		}
 	})
 }
+
+// Disk errors are all counted; the log gets the first at once, then one line per
+// diskErrorLogEvery for the same device (counting those in between), and at once for
+// another device.
+func TestDiskErrorsRateLimited(t *testing.T) {
+	var d diskErrors
+	t0 := time.Unix(1700000000, 0)
+	blk0 := blockIOError{NodeName: "blk0-node", Operation: "write", Action: "report"}
+	steps := []struct {
+		ev           blockIOError
+		n            uint64
+		at           time.Duration
+		wantUnlogged uint64 // after the step: 0 if it was logged
+	}{
+		{blk0, 1, 0, 0},
+		{blk0, 3, time.Second, 3},
+		{blk0, 1, 2 * time.Second, 4},
+		{blk0, 1, diskErrorLogEvery + time.Second, 0},
+		{blk0, 1, diskErrorLogEvery + 2*time.Second, 1},
+		{blockIOError{NodeName: "blk1-node"}, 1, diskErrorLogEvery + 3*time.Second, 0},
+	}
+	var total uint64
+	for i, s := range steps {
+		d.record(s.ev, s.n, t0.Add(s.at))
+		total += s.n
+		if d.unlogged != s.wantUnlogged || d.total != total {
+			t.Fatalf("step %d: %d unlogged, %d total; want %d, %d", i, d.unlogged, d.total, s.wantUnlogged, total)
+		}
+	}
+}
