@@ -59,8 +59,6 @@ var expected = []struct {
 		why: "VM: refused with InvalidArgument naming hostPID/hostIPC/hostNetwork; the pod's VM has its own kernel, none of whose namespaces is the node's"},
 	{re: `runtime should support portforward in host network$`,
 		why: "VM: needs a hostNetwork pod (refused)"},
-	{re: `bucket runtime should support (Privileged is true|adding capability)$`,
-		why: "VM: `brctl addbr` needs the bridge module, which the guest initramfs does not carry (kernel modules for privileged containers: issue 13 item 2, not done)"},
 	{re: `mount with 'rshared' should support propagation from host to container and vice versa$`,
 		why: "VM: a host path is shared into the guest (virtio-fs) as a private recursive bind: mounts made on the host later never reach the guest, nor the container's the host (docs/volumes.md)"},
 	{re: `mount with 'rslave' should support propagation from host to container$`,
