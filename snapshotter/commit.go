@@ -4,14 +4,23 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"strings"
+	"syscall"
 
-	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/containerd/v2/pkg/archive"
+	continuityfs "github.com/containerd/continuity/fs"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+
+	"github.com/caisson-containers/caisson/snapshotter/ext4read"
+	"github.com/caisson-containers/caisson/snapshotter/layer"
+	"github.com/caisson-containers/caisson/snapshotter/tarerofs"
 )
 
 // Commit turns the active snapshot key into the committed snapshot name: a layer
@@ -116,50 +125,155 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 
 // buildLayer builds dst from the /upper directory of id's writable image, or an
 // empty layer if the image was never created. The caller holds lockID(id).
+//
+// The writable image is a Caisson guest's file system: it is read in userspace
+// (package ext4read), never mounted, so the host kernel's ext4 driver never
+// parses it. Its /upper becomes a tar stream that the same writer as the
+// differ's (tarerofs, with a layer's limits) turns into the EROFS image.
 func (s *Snapshotter) buildLayer(ctx context.Context, id, dst string) (retErr error) {
 	if s.cfg.HostMounts {
-		// The writes are in the host upper directory. (A Caisson container's are
-		// not: the shim gives the VM an image of its own, docs/mounts.md.)
+		// The writes are in the host upper directory, which the host's overlay
+		// wrote. (A Caisson container's are not: the shim gives the VM an image
+		// of its own, docs/mounts.md.)
 		return s.builder.Build(ctx, s.upperPath(id), dst)
 	}
-	rw := s.writablePath(id)
-	mnt := filepath.Join(s.root, "mnt", id)
+	w, err := s.openWritable(ctx, id)
+	if err != nil {
+		return err
+	}
+	defer w.Close()
+	if w.upper == nil {
+		// Never activated, or no upper directory: nothing was written; the
+		// layer is empty.
+		return s.builder.Build(ctx, filepath.Join(s.root, "empty"), dst)
+	}
+	fsys, upper := w.fs, w.upper
+	if s.builder.FS == layer.Ext4 {
+		return s.buildStaged(ctx, id, fsys, upper, dst)
+	}
 
-	if err := os.Mkdir(mnt, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+	tmp := dst + layer.TempSuffix
+	if err := os.Remove(tmp); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	out, err := os.OpenFile(tmp, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
+	if err != nil {
 		return err
 	}
 	defer func() {
-		if err := os.Remove(mnt); err != nil && retErr == nil {
-			retErr = fmt.Errorf("remove commit mount point: %w", err)
+		out.Close()
+		if retErr != nil {
+			os.Remove(tmp)
+			if errors.Is(retErr, syscall.ENOSPC) {
+				retErr = fmt.Errorf("%w (%w)", retErr, errdefs.ErrResourceExhausted)
+			}
 		}
 	}()
-
-	if _, err := os.Stat(rw); errors.Is(err, os.ErrNotExist) {
-		// Never activated: nothing was written; the layer is empty.
-		return s.builder.Build(ctx, filepath.Join(s.root, "empty"), dst)
-	} else if err != nil {
+	err = pipeTar(ctx, fsys, upper, ext4read.TarOptions{Format: ext4read.FormatOverlay}, func(r io.Reader) error {
+		return tarerofs.Write(ctx, r, out, tarerofs.Options{TempDir: s.snapshotDir(id)})
+	})
+	if errdefs.IsNotImplemented(err) {
+		// What go-erofs cannot write (POSIX ACLs): mkfs.erofs can, from a
+		// staged tree.
+		log.G(ctx).WithError(err).Info("commit: building the layer from a staged tree")
+		out.Close()
+		os.Remove(tmp)
+		return s.buildStaged(ctx, id, fsys, upper, dst)
+	}
+	if err != nil {
+		return fmt.Errorf("writable image: %w", err)
+	}
+	if err := layer.Pad(out, s.cfg.DAXAlignment); err != nil {
 		return err
 	}
-	// noload: read the image as it is even if its journal was not replayed.
-	m := mount.Mount{Type: "ext4", Source: rw, Options: []string{"ro", "loop", "noload"}}
-	if err := m.Mount(mnt); err != nil {
-		return fmt.Errorf("mount writable image: %w", err)
+	if err := out.Sync(); err != nil {
+		return fmt.Errorf("sync layer image: %w", err)
 	}
-	defer func() {
-		if err := mount.UnmountAll(mnt, 0); err != nil && retErr == nil {
-			retErr = fmt.Errorf("unmount writable image: %w", err)
-		}
-	}()
-	src := filepath.Join(mnt, "upper")
-	fi, err := os.Lstat(src)
-	switch {
-	case errors.Is(err, os.ErrNotExist):
-		// Formatted but no upper directory was ever made: an empty layer.
-		return s.builder.Build(ctx, filepath.Join(s.root, "empty"), dst)
-	case err != nil:
+	if err := out.Close(); err != nil {
 		return err
-	case !fi.IsDir():
-		return fmt.Errorf("writable image's upper is not a directory: %w", errdefs.ErrFailedPrecondition)
 	}
-	return s.builder.Build(ctx, src, dst)
+	if err := os.Rename(tmp, dst); err != nil {
+		return fmt.Errorf("rename layer image: %w", err)
+	}
+	return layer.SyncDir(filepath.Dir(dst))
 }
+
+// buildStaged builds the layer with the builder (mkfs.ext4 for layer_filesystem
+// "ext4", or mkfs.erofs for what go-erofs cannot write) from a tree staged in the
+// snapshot's directory and removed afterwards. The tree is unpacked from the
+// image's tar by containerd's archive code, as any image layer is unpacked (names
+// confined to the staging directory); the trusted.* xattrs it leaves out (the
+// overlay's own: opaque markers, redirects) are set afterwards from the image.
+func (s *Snapshotter) buildStaged(ctx context.Context, id string, fsys *ext4read.FS, upper *ext4read.Inode, dst string) (retErr error) {
+	// A crashed commit's staging directory is removed by the retry, or by
+	// Cleanup (the suffix).
+	stage := filepath.Join(s.snapshotDir(id), "stage"+layer.TempSuffix)
+	if err := os.RemoveAll(stage); err != nil {
+		return err
+	}
+	if err := os.Mkdir(stage, 0o755); err != nil {
+		return err
+	}
+	defer func() {
+		if err := os.RemoveAll(stage); err != nil && retErr == nil {
+			retErr = err
+		}
+	}()
+	err := pipeTar(ctx, fsys, upper, ext4read.TarOptions{Format: ext4read.FormatOverlay}, func(r io.Reader) error {
+		_, err := archive.Apply(ctx, stage, r)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("writable image: %w", err)
+	}
+	if err := fsys.Walk(ctx, upper, func(p string, in *ext4read.Inode) error {
+		xattrs, err := fsys.Xattrs(in)
+		if err != nil {
+			return fmt.Errorf("%s: %w", p, err)
+		}
+		for name, v := range xattrs {
+			if !strings.HasPrefix(name, "trusted.") || in.Type() == ext4read.TypeSocket {
+				continue
+			}
+			target, err := continuityfs.RootPath(stage, p)
+			if err != nil {
+				return err
+			}
+			if err := unix.Lsetxattr(target, name, v, 0); err != nil {
+				return fmt.Errorf("%s: set %s: %w", p, name, err)
+			}
+		}
+		return nil
+	}); err != nil {
+		return fmt.Errorf("writable image: %w", err)
+	}
+	return s.builder.Build(ctx, stage, dst)
+}
+
+// pipeTar runs ext4read.WriteTar of dir into consume's reader. consume must
+// read the tar to its end-of-archive marker; the error returned names the
+// entry when reading the image failed.
+func pipeTar(ctx context.Context, fsys *ext4read.FS, dir *ext4read.Inode, opts ext4read.TarOptions, consume func(io.Reader) error) error {
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		err := ext4read.WriteTar(ctx, fsys, dir, pw, opts)
+		pw.CloseWithError(err)
+		done <- err
+	}()
+	err := consume(pr)
+	if err == nil {
+		// What follows the end-of-archive marker (tar padding), so the
+		// writer finishes.
+		_, err = io.Copy(io.Discard, pr)
+	}
+	pr.CloseWithError(errConsumerDone)
+	werr := <-done
+	if werr != nil && !errors.Is(werr, errConsumerDone) {
+		// The image's error names the entry; the consumer's is its echo.
+		return werr
+	}
+	return err
+}
+
+var errConsumerDone = errors.New("tar consumer stopped")

@@ -13,11 +13,15 @@
 // snapshot it cannot write exactly (see snapshotter.WriteLayer and package
 // tarerofs: a layer replacing its own entries, for one) goes to a fallback applier (containerd's
 // mount-manager applier, as the "walking" differ uses) when one is given.
-// Comparing is left to a comparer (containerd's walking differ).
+// Comparing an active Caisson snapshot reads its writable image in userspace
+// (DiffWriter, package ext4read), never mounting it; other mounts are left to a
+// comparer (containerd's walking differ).
 package differ
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"fmt"
 	"io"
 	"os"
@@ -27,11 +31,15 @@ import (
 	"github.com/containerd/containerd/v2/core/diff"
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/pkg/archive/compression"
+	"github.com/containerd/containerd/v2/pkg/epoch"
+	"github.com/containerd/containerd/v2/pkg/labels"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/caisson-containers/caisson/snapshotter/ext4read"
 	"github.com/caisson-containers/caisson/snapshotter/tarerofs"
 )
 
@@ -159,12 +167,178 @@ func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, config di
 	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Size: rc.n, Digest: digester.Digest()}, nil
 }
 
-// Compare hands to the comparer.
+// DiffWriter is what the differ needs of a snapshotter to compare without
+// mounting (*snapshotter.Snapshotter): WriteDiff writes the uncompressed OCI diff
+// of the active snapshot whose mounts are mounts, or returns
+// errdefs.ErrNotImplemented, before writing anything, for mounts it does not read
+// that way.
+type DiffWriter interface {
+	WriteDiff(ctx context.Context, mounts []mount.Mount, w io.Writer, opts ext4read.TarOptions) error
+}
+
+// Compare computes the diff of upper over lower. An active Caisson snapshot
+// (upper) is read by its snapshotter's DiffWriter: its writable image is a
+// guest's file system, which is never mounted on the host; the upper directory
+// of an overlay already is the diff, so lower is not read. Everything else goes
+// to the comparer.
 func (d *Differ) Compare(ctx context.Context, lower, upper []mount.Mount, opts ...diff.Opt) (ocispec.Descriptor, error) {
+	for _, lw := range d.layers {
+		dw, ok := lw.(DiffWriter)
+		if !ok || !lw.Owns(upper) {
+			continue
+		}
+		desc, err := d.compare(ctx, dw, upper, opts...)
+		if !errdefs.IsNotImplemented(err) {
+			return desc, err
+		}
+		log.G(ctx).WithError(err).Debug("caisson-diff: comparing with containerd's differ")
+	}
 	if d.comparer == nil {
 		return ocispec.Descriptor{}, fmt.Errorf("compare: %w", errdefs.ErrNotImplemented)
 	}
 	return d.comparer.Compare(ctx, lower, upper, opts...)
+}
+
+// compare writes dw's diff of upper into the content store, compressed as the
+// options ask, as containerd's differs do (plugins/diff/erofs, walking).
+func (d *Differ) compare(ctx context.Context, dw DiffWriter, upper []mount.Mount, opts ...diff.Opt) (_ ocispec.Descriptor, retErr error) {
+	var config diff.Config
+	for _, o := range opts {
+		if err := o(&config); err != nil {
+			return ocispec.Descriptor{}, err
+		}
+	}
+	if tm := epoch.FromContext(ctx); tm != nil && config.SourceDateEpoch == nil {
+		config.SourceDateEpoch = tm
+	}
+	compressionType := compression.Uncompressed
+	if config.Compressor != nil {
+		if config.MediaType == "" {
+			return ocispec.Descriptor{}, fmt.Errorf("media type must be explicitly specified when using custom compressor: %w", errdefs.ErrInvalidArgument)
+		}
+	} else {
+		if config.MediaType == "" {
+			config.MediaType = ocispec.MediaTypeImageLayerGzip
+		}
+		switch config.MediaType {
+		case ocispec.MediaTypeImageLayer:
+		case ocispec.MediaTypeImageLayerGzip:
+			compressionType = compression.Gzip
+		case ocispec.MediaTypeImageLayerZstd:
+			compressionType = compression.Zstd
+		default:
+			return ocispec.Descriptor{}, fmt.Errorf("unsupported diff media type: %v: %w", config.MediaType, errdefs.ErrNotImplemented)
+		}
+	}
+	topts := ext4read.TarOptions{Format: ext4read.FormatOCI, MaxModTime: config.SourceDateEpoch}
+
+	// Nothing is written to the content store for mounts dw does not take.
+	probe := &lazyWriter{}
+	newRef := config.Reference == ""
+	if newRef {
+		config.Reference = uniqueRef()
+	}
+	var cw content.Writer
+	defer func() {
+		if cw != nil && retErr != nil {
+			cw.Close()
+			if newRef {
+				if err := d.store.Abort(ctx, config.Reference); err != nil {
+					log.G(ctx).WithError(err).WithField("ref", config.Reference).Warn("failed to delete diff upload")
+				}
+			}
+		}
+	}()
+	var (
+		dgstr      = digest.SHA256.Digester()
+		compressed io.WriteCloser
+	)
+	probe.open = func() (io.Writer, error) {
+		var err error
+		cw, err = d.store.Writer(ctx, content.WithRef(config.Reference), content.WithDescriptor(ocispec.Descriptor{MediaType: config.MediaType}))
+		if err != nil {
+			return nil, fmt.Errorf("failed to open writer: %w", err)
+		}
+		if !newRef {
+			if err := cw.Truncate(0); err != nil {
+				return nil, err
+			}
+		}
+		switch {
+		case config.Compressor != nil:
+			compressed, err = config.Compressor(cw, config.MediaType)
+		case compressionType != compression.Uncompressed:
+			compressed, err = compression.CompressStream(cw, compressionType)
+		default:
+			return io.MultiWriter(cw, dgstr.Hash()), nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("failed to get compressed stream: %w", err)
+		}
+		return io.MultiWriter(compressed, dgstr.Hash()), nil
+	}
+	if err := dw.WriteDiff(ctx, upper, probe, topts); err != nil {
+		if compressed != nil {
+			compressed.Close()
+		}
+		return ocispec.Descriptor{}, err
+	}
+	if cw == nil {
+		// WriteDiff always writes a tar (at least its end marker).
+		return ocispec.Descriptor{}, fmt.Errorf("diff wrote nothing")
+	}
+	if compressed != nil {
+		if err := compressed.Close(); err != nil {
+			return ocispec.Descriptor{}, fmt.Errorf("failed to write compressed diff: %w", err)
+		}
+	}
+	if config.Labels == nil {
+		config.Labels = map[string]string{}
+	}
+	config.Labels[labels.LabelUncompressed] = dgstr.Digest().String()
+	dgst := cw.Digest()
+	if err := cw.Commit(ctx, 0, dgst, content.WithLabels(config.Labels)); err != nil && !errdefs.IsAlreadyExists(err) {
+		return ocispec.Descriptor{}, fmt.Errorf("failed to commit: %w", err)
+	}
+	cw.Close()
+	cw = nil
+	info, err := d.store.Info(ctx, dgst)
+	if err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("failed to get info from content store: %w", err)
+	}
+	if _, ok := info.Labels[labels.LabelUncompressed]; !ok {
+		if info.Labels == nil {
+			info.Labels = map[string]string{}
+		}
+		info.Labels[labels.LabelUncompressed] = config.Labels[labels.LabelUncompressed]
+		if _, err := d.store.Update(ctx, info, "labels."+labels.LabelUncompressed); err != nil {
+			return ocispec.Descriptor{}, fmt.Errorf("error setting uncompressed label: %w", err)
+		}
+	}
+	return ocispec.Descriptor{MediaType: config.MediaType, Size: info.Size, Digest: info.Digest}, nil
+}
+
+// lazyWriter opens its destination at the first write.
+type lazyWriter struct {
+	open func() (io.Writer, error)
+	w    io.Writer
+}
+
+func (l *lazyWriter) Write(p []byte) (int, error) {
+	if l.w == nil {
+		w, err := l.open()
+		if err != nil {
+			return 0, err
+		}
+		l.w = w
+	}
+	return l.w.Write(p)
+}
+
+func uniqueRef() string {
+	var b [3]byte
+	rand.Read(b[:]) // a failure only makes the name less unique
+	return fmt.Sprintf("%d-%s", time.Now().UnixNano(), base64.URLEncoding.EncodeToString(b[:]))
 }
 
 type countingReader struct {
