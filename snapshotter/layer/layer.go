@@ -3,11 +3,12 @@
 // fallback for hosts without EROFS, a journal-less ext4. The image is padded with
 // zeros to the DAX alignment so it can back a virtio-pmem device as it is.
 //
-// This is the Commit path for layers that Caisson's differ (snapshotter/differ)
-// did not write straight from their tar: the layer's content is staged as a
-// directory — the upper directory of the snapshot's writable ext4 image, where
-// containerd's differ unpacked it — and mkfs.erofs reads that tree (Debian 12's
-// mkfs.erofs 1.5 cannot read a tar: no --tar). The cost is a second write and
+// Commit uses it for trees on the host: an empty layer, a host upper directory
+// (mount_mode "host"), and a tree staged from a writable image (read in userspace,
+// never mounted: snapshotter/ext4read) that go-erofs cannot write or that becomes
+// an ext4 layer; other writable images go through tarerofs, as Apply does. mkfs
+// reads a directory (Debian 12's mkfs.erofs 1.5 cannot read a tar: no --tar).
+// Measured when every Commit took this path: the cost is a second write and
 // read of the layer's data and, while a layer is being committed, up to twice its
 // size on disk. Measured (BenchmarkUnpack, 5 layers, 313 MiB, 20k files): 1.7x the
 // time of containerd's overlayfs snapshotter, where Caisson's differ takes 0.32x.
