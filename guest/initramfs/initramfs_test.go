@@ -27,9 +27,10 @@ kernel/y.ko: kernel/x.ko
 kernel/z.ko: kernel/missing.ko
 `
 
-func TestBuildDeterministic(t *testing.T) {
-	dir := t.TempDir()
-	write := func(name, content string) string {
+// writer returns a function that writes a file under dir, with its directories, and
+// returns its path.
+func writer(t *testing.T, dir string) func(name, content string) string {
+	return func(name, content string) string {
 		p := filepath.Join(dir, name)
 		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 			t.Fatal(err)
@@ -39,6 +40,11 @@ func TestBuildDeterministic(t *testing.T) {
 		}
 		return p
 	}
+}
+
+func TestBuildDeterministic(t *testing.T) {
+	dir := t.TempDir()
+	write := writer(t, dir)
 	img := Image{
 		Agent:         write("agent", "the agent"),
 		KernelRelease: "6.1.0-test",
@@ -200,16 +206,7 @@ func TestLZ4Legacy(t *testing.T) {
 
 func TestModules(t *testing.T) {
 	dir := t.TempDir()
-	write := func(name, content string) string {
-		p := filepath.Join(dir, name)
-		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
+	write := writer(t, dir)
 	for _, m := range []string{"a.ko", "b.ko", "c.ko", "d-e.ko.xz"} {
 		write("mods/kernel/"+m, "module "+m)
 	}

@@ -2,16 +2,13 @@ package pod
 
 import (
 	"context"
-	"fmt"
 	"os"
-	"time"
 
-	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 
-	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/guest/modimage"
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/rootfs"
 	"github.com/caisson-containers/caisson/shim/vmm"
 	"github.com/caisson-containers/caisson/shim/vmm/qemu"
 )
@@ -21,18 +18,15 @@ import (
 // /lib/modules/$(uname -r), so that the guest kernel loads a module the initramfs does not
 // carry when something in the pod needs it (a bridge, a tun device, a VLAN, netfilter).
 // Without the image the VM boots all the same and has the initramfs's modules only.
-const (
-	// modulesDiskID is the image's disk in the VM.
-	modulesDiskID = "kernel-modules"
-	// modulesStorageID is the storage id the agent knows the image by (the agent's
-	// boot.ModulesStorageID).
-	modulesStorageID = "kernel-modules"
-)
+
+// modulesDiskID is the image's disk in the VM and its storage id in the guest, which the
+// agent knows the image by (its boot.ModulesStorageID).
+const modulesDiskID = "kernel-modules"
 
 // modulesDisk is the modules image of cfg's guest kernel as a disk of a VM that has
-// others disks and NICs already: on virtio-pmem with DAX when storage.dax allows it and the
-// VM boots with it (its pages in the host's page cache, shared by every VM), else virtio-blk. It is false,
-// with a warning, when there is no image or no room for it.
+// other disks and NICs already: on virtio-pmem with DAX when storage.dax allows it and the
+// VM boots with it (its pages in the host's page cache, shared by every VM), else
+// virtio-blk. It is false, with a warning, when there is no image or no room for it.
 func modulesDisk(ctx context.Context, cfg config.Config, disks, nics int) (vmm.Disk, bool) {
 	path := modimage.Beside(cfg.Guest.Kernel)
 	st, err := os.Stat(path)
@@ -63,26 +57,11 @@ func modulesDisk(ctx context.Context, cfg config.Config, disks, nics int) (vmm.D
 // mountModules has the agent mount the modules image attached as disk. A failure is
 // logged, not returned: the pod runs without modules on demand.
 func (p *Pod) mountModules(ctx context.Context, disk vmm.Disk) {
-	start := time.Now()
-	err := func() error {
-		addr, err := p.vm.Address(disk.ID)
-		if err != nil {
-			return err
-		}
-		dev := &agent.Device{Kind: agent.DeviceKind_DEVICE_KIND_BLOCK, PciPath: string(addr.PCIPath)}
-		if disk.Kind == vmm.PMEM {
-			dev.Kind = agent.DeviceKind_DEVICE_KIND_PMEM
-		}
-		if _, err := p.storage.Mount(ctx, &agent.MountStorageRequest{
-			StorageId: modulesStorageID, Device: dev, Fstype: "erofs", Options: []string{"ro"}, Dax: disk.Kind == vmm.PMEM,
-		}); err != nil {
-			return fmt.Errorf("mount in the guest: %w", errgrpc.ToNative(err))
-		}
-		return nil
-	}()
+	addr, err := p.vm.Address(disk.ID)
+	if err == nil {
+		err = p.mount(ctx, rootfs.Device{Source: disk.Path, FSType: "erofs", ReadOnly: true}, disk, addr)
+	}
 	if err != nil {
 		log.G(ctx).WithError(err).WithField("image", disk.Path).Warn("kernel modules image: the pod's VM loads only its initramfs's modules")
-		return
 	}
-	log.G(ctx).WithFields(log.Fields{"image": disk.Path, "kind": disk.Kind, "took": time.Since(start)}).Debug("kernel modules image mounted")
 }

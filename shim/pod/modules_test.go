@@ -105,7 +105,7 @@ func TestModulesImage(t *testing.T) {
 	}
 	mountedAgain := func(t *testing.T, p *Pod) error {
 		_, err := p.storage.Mount(context.Background(), &agent.MountStorageRequest{
-			StorageId: modulesStorageID, Fstype: "erofs", Options: []string{"ro"},
+			StorageId: modulesDiskID, Fstype: "erofs", Options: []string{"ro"},
 			Device: &agent.Device{Kind: agent.DeviceKind_DEVICE_KIND_BLOCK, Serial: "none"},
 		})
 		return errgrpc.ToNative(err)
