@@ -23,7 +23,9 @@ import (
 //
 // Mounts that are not an active snapshot of this snapshotter in template mode
 // are errdefs.ErrNotImplemented, before anything is written: host mounts' upper
-// directories are the host's and any differ may read them.
+// directories are the host's and any differ may read them. No other error is
+// ErrNotImplemented: an image this reader cannot read must not go to a differ
+// that would mount it.
 func (s *Snapshotter) WriteDiff(ctx context.Context, mounts []mount.Mount, w io.Writer, opts ext4read.TarOptions) error {
 	if s.cfg.HostMounts {
 		return fmt.Errorf("host mounts: the upper directory is a host directory: %w", errdefs.ErrNotImplemented)
@@ -60,7 +62,7 @@ func (s *Snapshotter) WriteDiff(ctx context.Context, mounts []mount.Mount, w io.
 
 	img, err := s.openWritable(ctx, id)
 	if err != nil {
-		return fmt.Errorf("snapshot %q: %w", key, err)
+		return taken(fmt.Errorf("snapshot %q: %w", key, err))
 	}
 	defer img.Close()
 	if img.upper == nil {
@@ -68,7 +70,18 @@ func (s *Snapshotter) WriteDiff(ctx context.Context, mounts []mount.Mount, w io.
 		return tar.NewWriter(w).Close()
 	}
 	if err := ext4read.WriteTar(ctx, img.fs, img.upper, w, opts); err != nil {
-		return fmt.Errorf("snapshot %q: writable image: %w", key, err)
+		return taken(fmt.Errorf("snapshot %q: writable image: %w", key, err))
 	}
 	return nil
+}
+
+// taken makes err, an error about a snapshot WriteDiff has taken, anything but
+// errdefs.ErrNotImplemented, which would send the differ on to a comparer that
+// mounts the image: a feature the reader does not read (one a guest can set)
+// is errdefs.ErrFailedPrecondition here, with the same message.
+func taken(err error) error {
+	if errdefs.IsNotImplemented(err) {
+		return fmt.Errorf("%s: %w", err.Error(), errdefs.ErrFailedPrecondition)
+	}
+	return err
 }

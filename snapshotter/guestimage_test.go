@@ -381,16 +381,22 @@ func TestCommitAndDiffOfHostileImage(t *testing.T) {
 		name string
 		hurt func(t *testing.T, img string)
 		want string
+		// malformed: InvalidArgument (else a feature the reader does not read)
+		malformed bool
 	}{
 		{"directory loop", func(t *testing.T, img string) { debugfsW(t, img, "link /upper /upper/dir/loop") },
-			"dir/loop: ext4 image: directory inode"},
+			"dir/loop: ext4 image: directory inode", true},
 		{"a file claiming 1 TiB", func(t *testing.T, img string) { debugfsW(t, img, "sif /upper/sparse size 0x10000000000") },
-			"sparse: a file of 1099511627776 bytes"},
+			"sparse: a file of 1099511627776 bytes", true},
 		{"truncated", func(t *testing.T, img string) {
 			if err := os.Truncate(img, 64<<20); err != nil {
 				t.Fatal(err)
 			}
-		}, "ext4 image:"},
+		}, "ext4 image:", true},
+		// A feature the reader does not read, which a guest can set: the diff
+		// must fail, not go on to a comparer that mounts the image.
+		{"an unread feature", func(t *testing.T, img string) { debugfsW(t, img, "feature inline_data") },
+			"incompat features", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := newHarness(t, t.TempDir())
@@ -421,18 +427,22 @@ func TestCommitAndDiffOfHostileImage(t *testing.T) {
 				t.Fatal(err)
 			}
 
-			d := differ.New(h.cs, []differ.LayerWriter{sn}, nil, nil)
+			mounting := &refusingComparer{}
+			d := differ.New(h.cs, []differ.LayerWriter{sn}, nil, mounting)
 			_, err = d.Compare(h.ctx, nil, mounts, diff.WithMediaType(ocispec.MediaTypeImageLayer))
-			if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), tc.want) {
-				t.Errorf("diff: %v, want InvalidArgument holding %q", err, tc.want)
+			if err == nil || errdefs.IsNotImplemented(err) || !strings.Contains(err.Error(), tc.want) || (tc.malformed && !errdefs.IsInvalidArgument(err)) {
+				t.Errorf("diff: %v, want an error (InvalidArgument if malformed, never NotImplemented) holding %q", err, tc.want)
+			}
+			if mounting.called {
+				t.Error("the diff went on to a comparer that mounts the image")
 			}
 			if st, err := h.cs.ListStatuses(h.ctx); err != nil || len(st) != 0 {
 				t.Errorf("ingests left in the content store: %v %v", st, err)
 			}
 
 			err = sn.Commit(h.ctx, "committed", "ctr")
-			if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), tc.want) {
-				t.Errorf("commit: %v, want InvalidArgument holding %q", err, tc.want)
+			if err == nil || !strings.Contains(err.Error(), tc.want) || (tc.malformed && !errdefs.IsInvalidArgument(err)) {
+				t.Errorf("commit: %v, want an error (InvalidArgument if malformed) holding %q", err, tc.want)
 			}
 			if info, err := sn.Stat(h.ctx, "ctr"); err != nil || info.Kind != snapshots.KindActive {
 				t.Errorf("after the failed commit: %v %v, want the snapshot active", info.Kind, err)
@@ -460,6 +470,15 @@ func TestCommitAndDiffOfHostileImage(t *testing.T) {
 			}
 		})
 	}
+}
+
+// refusingComparer stands for a comparer that would mount the image: it records
+// a call and refuses.
+type refusingComparer struct{ called bool }
+
+func (c *refusingComparer) Compare(context.Context, []mount.Mount, []mount.Mount, ...diff.Opt) (ocispec.Descriptor, error) {
+	c.called = true
+	return ocispec.Descriptor{}, errdefs.ErrUnavailable
 }
 
 func debugfsW(t *testing.T, img, req string) {
