@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -172,9 +173,10 @@ func (s *Snapshotter) buildLayer(ctx context.Context, id, dst string) (retErr er
 	err = pipeTar(ctx, fsys, upper, ext4read.TarOptions{Format: ext4read.FormatOverlay}, func(r io.Reader) error {
 		return tarerofs.Write(ctx, r, out, tarerofs.Options{TempDir: s.snapshotDir(id)})
 	})
-	if errdefs.IsNotImplemented(err) {
+	var rerr *readError
+	if errdefs.IsNotImplemented(err) && !errors.As(err, &rerr) {
 		// What go-erofs cannot write (POSIX ACLs): mkfs.erofs can, from a
-		// staged tree.
+		// staged tree. (What the reader cannot read fails below.)
 		log.G(ctx).WithError(err).Info("commit: building the layer from a staged tree")
 		out.Close()
 		os.Remove(tmp)
@@ -235,11 +237,13 @@ func (s *Snapshotter) buildStaged(ctx context.Context, id string, fsys *ext4read
 			if !strings.HasPrefix(name, "trusted.") || in.Type() == ext4read.TypeSocket {
 				continue
 			}
-			target, err := continuityfs.RootPath(stage, p)
+			// The entry itself, not what it links to: only its parents are
+			// resolved (inside the staging directory).
+			parent, err := continuityfs.RootPath(stage, path.Dir(p))
 			if err != nil {
 				return err
 			}
-			if err := unix.Lsetxattr(target, name, v, 0); err != nil {
+			if err := unix.Lsetxattr(filepath.Join(parent, path.Base(p)), name, v, 0); err != nil {
 				return fmt.Errorf("%s: set %s: %w", p, name, err)
 			}
 		}
@@ -271,9 +275,15 @@ func pipeTar(ctx context.Context, fsys *ext4read.FS, dir *ext4read.Inode, opts e
 	werr := <-done
 	if werr != nil && !errors.Is(werr, errConsumerDone) {
 		// The image's error names the entry; the consumer's is its echo.
-		return werr
+		return &readError{werr}
 	}
 	return err
 }
 
 var errConsumerDone = errors.New("tar consumer stopped")
+
+// readError is an error of reading the writable image (not of writing the layer).
+type readError struct{ err error }
+
+func (e *readError) Error() string { return e.err.Error() }
+func (e *readError) Unwrap() error { return e.err }

@@ -242,6 +242,8 @@ func FillUpper(t testing.TB, root string, fill Fill) {
 	}
 	fr.Close()
 	must(t, os.Symlink("small", filepath.Join(u, "fastlink")))
+	// An xattr on a symlink itself (overlayfs puts trusted.overlay.* there).
+	must(t, unix.Lsetxattr(filepath.Join(u, "fastlink"), "trusted.overlay.origin", []byte{0, 0xfb, 1}, 0))
 	must(t, os.Symlink("/"+strings.Repeat("long-target/", 30), filepath.Join(u, "slowlink")))
 	must(t, os.Link(filepath.Join(u, "small"), filepath.Join(u, "dir/hardlink")))
 	must(t, unix.Mknod(filepath.Join(u, "whiteout"), unix.S_IFCHR, 0))
