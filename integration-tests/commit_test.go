@@ -63,7 +63,15 @@ md5sum big
 func TestCommitContainerWrites(t *testing.T) {
 	e := harness.Start(t, harness.Options{})
 	image := e.ImportBusybox(t)
-	ctx := e.Context(t)
+	// A lease, as nerdctl commit takes one: the diff, the committed snapshot
+	// and the one prepared over it are referenced by nothing else until the
+	// checking container is, and containerd's garbage collector runs after
+	// every deletion.
+	ctx, done, err := e.Client.WithLease(e.Context(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { done(context.WithoutCancel(ctx)) })
 	if err := image.Unpack(ctx, runcControl.snapshotter); err != nil {
 		t.Fatalf("unpack into %s for runc: %v", runcControl.snapshotter, err)
 	}
