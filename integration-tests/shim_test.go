@@ -191,8 +191,9 @@ func TestTaskLifecycle(t *testing.T) {
 	}
 	// The layers are attached devices: with DAX (the default), the two EROFS layers are
 	// virtio-pmem devices and the writable image a virtio-blk disk; the overlay's lower
-	// and upper directories are the storages the shim named after those files.
-	checkDevices(t, ctx, task, 2, 1)
+	// and upper directories are the storages the shim named after those files. (The
+	// third pmem device is the guest's kernel modules image, docs/guest.md.)
+	checkDevices(t, ctx, task, 2+1, 1)
 	if n := strings.Count(root, "/run/caisson/storage/"); n != 4 { // 2 lowers, upper, work
 		t.Errorf("overlay names %d storage directories, want 4: %s", n, root)
 	}
@@ -331,7 +332,7 @@ func TestLayersOnVirtioBlkWithoutDAX(t *testing.T) {
 	c := newContainer(t, e, image, "nodax", oci.WithProcessArgs("sleep", "100000"))
 	var o outputs
 	task, _ := startTask(t, ctx, c, &o)
-	checkDevices(t, ctx, task, 0, 3)
+	checkDevices(t, ctx, task, 0, 3+1) // and the kernel modules image
 	out, code := execIn(t, ctx, task, "layer", false, "cat", "/etc/caisson-layer")
 	if code != 0 || strings.TrimSpace(out) != "second layer" {
 		t.Fatalf("reading the top layer: %q (%d)", out, code)
