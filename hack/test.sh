@@ -34,10 +34,10 @@ make --no-print-directory critest
 # TestCritest (integration-tests/critest) runs critest with runc then Caisson. The whole
 # suite took 33 minutes under TCG on 2 shared cores in 2026-12 (make test-critest), most
 # of it StopPodSandbox deadlines of web-server pods (fixed since, docs/cri.md); here, a
-# subset of 51 specs that took 1 minute on runc and about 6 on Caisson: pod and
+# subset of 54 specs that took 1 minute on runc and about 7 on Caisson: pod and
 # container basics, sysctls, DNS and hostname, streaming exec, namespaces, the security
-# context and read-only mounts.
-export CAISSON_CRITEST_FOCUS='PodSandbox runtime should support (basic operations|sysctls)|Container runtime should support basic operations on container runtime should support (creating|starting|stopping|execSync)|Networking runtime should support networking runtime should support (DNS config|set hostname)|Streaming runtime should support streaming interfaces runtime should support exec|Security Context (NamespaceOption|bucket|SeccompProfilePath|NoNewPrivs)|Container Mount Readonly'
+# context (privileged containers included), read-only mounts and mount propagation.
+export CAISSON_CRITEST_FOCUS='PodSandbox runtime should support (basic operations|sysctls)|Container runtime should support basic operations on container runtime should support (creating|starting|stopping|execSync)|Networking runtime should support networking runtime should support (DNS config|set hostname)|Streaming runtime should support streaming interfaces runtime should support exec|Security Context (NamespaceOption|bucket|SeccompProfilePath|NoNewPrivs)|Container Mount (Readonly|Propagation)'
 step "root and integration tests (QEMU under $(bin/caisson check 2>/dev/null | awk '/^verdict/ {for (i=1;i<=NF;i++) if ($i=="accelerator") print $(i+1)}' | tr -d ,))"
 # -p 1: the packages' QEMU guests would otherwise compete for 2 cores and time out.
 go test -count=1 -p 1 -timeout 45m -tags seccomp ./...
