@@ -51,25 +51,8 @@ func (s *Snapshotter) WriteLayer(ctx context.Context, mounts []mount.Mount, sync
 	unlock := s.lockID(id)
 	defer unlock()
 
-	var key string
-	if err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		ids, err := storage.IDMap(ctx)
-		if err != nil {
-			return err
-		}
-		var known bool
-		if key, known = ids[id]; !known {
-			return fmt.Errorf("snapshot id %s: %w", id, errdefs.ErrNotFound)
-		}
-		_, info, _, err := storage.GetInfo(ctx, key)
-		if err != nil {
-			return err
-		}
-		if info.Kind != snapshots.KindActive {
-			return fmt.Errorf("snapshot %q is not active: %w", key, errdefs.ErrFailedPrecondition)
-		}
-		return nil
-	}); err != nil {
+	key, err := s.activeKey(ctx, id)
+	if err != nil {
 		return err
 	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("key", key).WithField("id", id))
@@ -202,4 +185,28 @@ func (s *Snapshotter) appliedLayer(id string) (bool, error) {
 		}
 	}
 	return true, nil
+}
+
+// activeKey is the key of the active snapshot id, which the caller has locked.
+func (s *Snapshotter) activeKey(ctx context.Context, id string) (string, error) {
+	var key string
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		ids, err := storage.IDMap(ctx)
+		if err != nil {
+			return err
+		}
+		var known bool
+		if key, known = ids[id]; !known {
+			return fmt.Errorf("snapshot id %s: %w", id, errdefs.ErrNotFound)
+		}
+		_, info, _, err := storage.GetInfo(ctx, key)
+		if err != nil {
+			return err
+		}
+		if info.Kind != snapshots.KindActive {
+			return fmt.Errorf("snapshot %q is not active: %w", key, errdefs.ErrFailedPrecondition)
+		}
+		return nil
+	})
+	return key, err
 }

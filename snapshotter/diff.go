@@ -7,8 +7,6 @@ import (
 	"io"
 
 	"github.com/containerd/containerd/v2/core/mount"
-	"github.com/containerd/containerd/v2/core/snapshots"
-	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
@@ -36,25 +34,8 @@ func (s *Snapshotter) WriteDiff(ctx context.Context, mounts []mount.Mount, w io.
 	}
 	unlock := s.lockID(id)
 	defer unlock()
-	var key string
-	if err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		ids, err := storage.IDMap(ctx)
-		if err != nil {
-			return err
-		}
-		var known bool
-		if key, known = ids[id]; !known {
-			return fmt.Errorf("snapshot id %s: %w", id, errdefs.ErrNotFound)
-		}
-		_, info, _, err := storage.GetInfo(ctx, key)
-		if err != nil {
-			return err
-		}
-		if info.Kind != snapshots.KindActive {
-			return fmt.Errorf("snapshot %q is not active: %w", key, errdefs.ErrFailedPrecondition)
-		}
-		return nil
-	}); err != nil {
+	key, err := s.activeKey(ctx, id)
+	if err != nil {
 		return err
 	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("key", key).WithField("id", id))

@@ -167,14 +167,7 @@ func TestShareRejects(t *testing.T) {
 func TestSharedPathStaysFree(t *testing.T) {
 	d, dir := startDaemon(t)
 	defer d.Close(context.Background())
-	vol := filepath.Join(dir, "volume")
-	sub := filepath.Join(vol, "tmpfs")
-	if err := os.MkdirAll(sub, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Mount("tmpfs", sub, "tmpfs", 0, "size=1m"); err != nil {
-		t.Fatal(err)
-	}
+	vol, sub := volumeWithTmpfs(t, dir)
 	os.WriteFile(filepath.Join(sub, "f"), []byte("on the tmpfs"), 0o644)
 	if _, err := d.Share("c", "c-0", vol, ReadOnly); err != nil {
 		t.Fatal(err)
@@ -193,6 +186,22 @@ func TestSharedPathStaysFree(t *testing.T) {
 	if err := d.Unshare("c"); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// volumeWithTmpfs makes dir/volume with a tmpfs mounted at its "tmpfs", unmounted
+// when the test ends.
+func volumeWithTmpfs(t *testing.T, dir string) (vol, sub string) {
+	t.Helper()
+	vol = filepath.Join(dir, "volume")
+	sub = filepath.Join(vol, "tmpfs")
+	if err := os.MkdirAll(sub, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount("tmpfs", sub, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Unmount(sub, syscall.MNT_DETACH) })
+	return vol, sub
 }
 
 // sharePath is where the test reaches a share: in virtiofsd's namespace.
@@ -228,15 +237,7 @@ func errorsIs(err error, target syscall.Errno) bool {
 func TestShareAccess(t *testing.T) {
 	d, dir := startDaemon(t)
 	defer d.Close(context.Background())
-	vol := filepath.Join(dir, "volume")
-	sub := filepath.Join(vol, "tmpfs")
-	if err := os.MkdirAll(sub, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Mount("tmpfs", sub, "tmpfs", 0, "size=1m"); err != nil {
-		t.Fatal(err)
-	}
-	defer syscall.Unmount(sub, syscall.MNT_DETACH)
+	vol, sub := volumeWithTmpfs(t, dir)
 
 	for _, tc := range []struct {
 		name         string
