@@ -80,6 +80,13 @@ func guestSpec(s *specs.Spec, limit int64, share bool) (*specs.Spec, hostBinds, 
 		l := *s.Linux
 		l.Namespaces = nil
 		for _, ns := range s.Linux.Namespaces {
+			if ns.Type == specs.UserNamespace {
+				// The runtime's features (shim/manager) offer none, so containerd 2.x's
+				// CRI refuses such pods itself; 1.7's asks nothing, and would run CNI in
+				// /proc/<task pid>/ns/net, the namespace of QEMU's pid.
+				return nil, hostBinds{}, fmt.Errorf("a user namespace (CRI user namespaces, Kubernetes hostUsers: false) "+
+					"is not supported by Caisson: the pod's VM is its isolation: %w", errdefs.ErrNotImplemented)
+			}
 			if ns.Type == specs.PIDNamespace && ns.Path != "" {
 				ns.Path = podPIDNamespace
 			} else {

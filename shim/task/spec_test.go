@@ -149,3 +149,15 @@ func TestSubmount(t *testing.T) {
 		t.Errorf("the share's own options changed: %v", m.Options)
 	}
 }
+
+// TestGuestSpecRefusesUserNamespaces: containerd 1.7's CRI does not ask the runtime's
+// features before it gives a pod a user namespace; the shim refuses it by name.
+func TestGuestSpecRefusesUserNamespaces(t *testing.T) {
+	s := &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{
+		{Type: specs.PIDNamespace}, {Type: specs.UserNamespace},
+	}}}
+	_, _, err := guestSpec(s, 1<<20, true)
+	if !errdefs.IsNotImplemented(err) || !strings.Contains(err.Error(), "user namespace") {
+		t.Fatalf("guestSpec with a user namespace: %v", err)
+	}
+}
