@@ -7,15 +7,21 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"time"
 
 	contentapi "github.com/containerd/containerd/api/services/content/v1"
+	leasesapi "github.com/containerd/containerd/api/services/leases/v1"
 	"github.com/containerd/containerd/v2/core/content/proxy"
+	"github.com/containerd/containerd/v2/core/diff"
 	"github.com/containerd/containerd/v2/core/diff/apply"
+	"github.com/containerd/containerd/v2/core/leases"
+	leasesproxy "github.com/containerd/containerd/v2/core/leases/proxy"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/mount/manager"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/plugins/diff/walking"
 	"github.com/containerd/log"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	bolt "go.etcd.io/bbolt"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -28,9 +34,27 @@ import (
 // applies every mount list it is given, as the built-in plugin does.
 type Remote struct {
 	*Differ
-	conn *grpc.ClientConn
-	db   *bolt.DB
-	mm   io.Closer
+	conn   *grpc.ClientConn
+	leases leases.Manager
+	db     *bolt.DB
+	mm     io.Closer
+}
+
+// diffLeaseTTL is how long a diff Remote writes stays in the content store for its
+// caller to reference it (an image's manifest, a commit), as containerd's unpack
+// leases do.
+const diffLeaseTTL = time.Hour
+
+// Compare writes the diff under a lease of its own that expires after diffLeaseTTL.
+// containerd gives a proxy differ the caller's namespace but not its lease, so the
+// content would be referenced by nothing until the caller uses it, and containerd's
+// garbage collector, which runs after every deletion, could remove it in between.
+func (r *Remote) Compare(ctx context.Context, lower, upper []mount.Mount, opts ...diff.Opt) (ocispec.Descriptor, error) {
+	l, err := r.leases.Create(ctx, leases.WithRandomID(), leases.WithExpiration(diffLeaseTTL))
+	if err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("lease for the diff: %w", err)
+	}
+	return r.Differ.Compare(leases.WithLease(ctx, l.ID), lower, upper, opts...)
 }
 
 // NewRemote returns a Remote that dials containerd at containerdAddress (a unix
@@ -53,6 +77,7 @@ func NewRemote(ctx context.Context, containerdAddress, stateDir, allowedRoot str
 	}
 	r.conn = conn
 	cs := proxy.NewContentStore(contentapi.NewContentClient(conn))
+	r.leases = leasesproxy.NewLeaseManager(leasesapi.NewLeasesClient(conn))
 
 	targets := filepath.Join(stateDir, "t")
 	if err := os.MkdirAll(targets, 0o700); err != nil {
