@@ -7,13 +7,16 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/cio"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/oci"
+	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/caisson-containers/caisson/integration-tests/harness"
@@ -62,6 +65,12 @@ func TestShimKilled(t *testing.T) {
 // exit, deletes task and container, and waits for the VM and the pod's state to go.
 func killShim(t *testing.T, ctx context.Context, e *harness.Env, c containerd.Container, task containerd.Task, exit <-chan containerd.ExitStatus) {
 	t.Helper()
+	ns, _ := namespaces.Namespace(ctx)
+	address, err := shim.ReadAddress(filepath.Join(e.Dir, "state", "io.containerd.runtime.v2.task", ns, c.ID(), "address"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	socket := strings.TrimPrefix(address, "unix://")
 	syscall.Kill(shimPid(t, c.ID()), syscall.SIGKILL)
 	select {
 	case st := <-exit:
@@ -75,6 +84,15 @@ func killShim(t *testing.T, ctx context.Context, e *harness.Env, c containerd.Co
 	}
 	waitNoQEMU(t, e)
 	waitNoPodState(t, e)
+	// The dead shim could not remove its socket; its cleanup (shim delete) does.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if _, err := os.Stat(socket); os.IsNotExist(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the dead shim's socket %s is left", socket)
+		}
+	}
 }
 
 // waitNoPodState waits for containerd's cleanup after a dead shim, which it runs

@@ -150,6 +150,11 @@ func (m *manager) Start(ctx context.Context, opts *bootapi.BootstrapParams) (_ *
 	if err != nil {
 		return nil, err
 	}
+	// Recorded in the bundle (where containerd 1.7 also writes it), for Stop to
+	// remove a dead shim's socket.
+	if err := os.WriteFile(addressFile, []byte(address), 0o600); err != nil {
+		return nil, err
+	}
 	socket, err := shim.NewSocket(address)
 	if err != nil {
 		if !shim.SocketEaddrinuse(err) {
@@ -229,6 +234,7 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	if err != nil {
 		return status, err
 	}
+	defer removeDeadSocket(ctx, filepath.Join(cwd, addressFile))
 	// The configuration the container started with: its state_dir is where the pod's
 	// state is.
 	cfg, file, err := config.Load(recordedConfigPath(cwd))
@@ -287,6 +293,21 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	}
 	log.G(ctx).WithField("state", stateDir).Info("cleaned up after a dead shim")
 	return status, nil
+}
+
+// addressFile, in a container's bundle, holds the address of its pod's shim.
+const addressFile = "address"
+
+// removeDeadSocket removes the socket named in file if no shim listens on it any
+// more: a shim killed with SIGKILL could not remove it itself.
+func removeDeadSocket(ctx context.Context, file string) {
+	address, err := shim.ReadAddress(file)
+	if err != nil || shim.CanConnect(address) {
+		return
+	}
+	if err := shim.RemoveSocket(address); err != nil {
+		log.G(ctx).WithError(err).WithField("address", address).Warn("removing a dead shim's socket")
+	}
 }
 
 // runPoststop runs the poststop hooks of the container whose bundle is bundle.
