@@ -106,7 +106,7 @@ func waitCgroupGone(t *testing.T, path string) {
 				break
 			}
 			if time.Now().After(deadline) {
-				t.Errorf("cgroup %s left after the task was deleted", dir)
+				t.Errorf("cgroup %s left after its VM was removed", dir)
 				break
 			}
 			time.Sleep(100 * time.Millisecond)

@@ -7,7 +7,6 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
@@ -75,19 +74,7 @@ func TestCRIPodVMInPodCgroup(t *testing.T) {
 	c.RemovePod(t, pod)
 	// The shim removes the pod cgroup while it shuts down, which containerd asks
 	// of it in the background after RemovePodSandbox has returned.
-	deadline := time.Now().Add(20 * time.Second)
-	for _, dir := range cgroupDirs(want) {
-		for {
-			if _, err := os.Stat(dir); err != nil {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("pod cgroup %s left after the pod was removed", dir)
-				break
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-	}
+	waitCgroupGone(t, want)
 }
 
 // cgroupDirs are path's directories in every mounted hierarchy.

@@ -37,32 +37,23 @@ func TestJailed(t *testing.T) {
 	}
 
 	stateDir := testutil.ShortTempDir(t)
-	cfg := vmm.Config{
-		Kernel: g.kernel, Initramfs: g.initramfs, Accelerator: "tcg", StateDir: stateDir,
+	// Registered first, so it runs after the VM's Stop.
+	t.Cleanup(func() {
+		if files := stateFiles(t, stateDir); len(files) != 1 || files[0] != "console.log" {
+			t.Errorf("state dir after Stop holds %v, want only console.log", files)
+		}
+	})
+	vm := startVMWith(t, g, vmm.Config{
+		StateDir: stateDir,
 		Disks: []vmm.Disk{
 			{ID: "cold", Path: cold, ReadOnly: true, Kind: vmm.Block},
 			{ID: "cold-pmem", Path: cold, ReadOnly: true, Kind: vmm.PMEM},
 			{ID: "rw", Path: rw, Kind: vmm.Block},
 		},
 		HotplugSlots: 2,
-	}
-	vm, err := New(cfg, Config{Jail: testJail})
-	if err != nil {
-		t.Fatal(err)
-	}
+	}, Config{Jail: testJail})
 	ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
 	defer cancel()
-	if err := vm.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := vm.Stop(context.Background()); err != nil {
-			t.Errorf("stop: %v", err)
-		}
-		if files := stateFiles(t, stateDir); len(files) != 1 || files[0] != "console.log" {
-			t.Errorf("state dir after Stop holds %v, want only console.log", files)
-		}
-	})
 	pid := vm.Pid()
 	sh := dialGuest(t, vm.Endpoint(), bootTimeout)
 

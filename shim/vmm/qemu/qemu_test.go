@@ -30,13 +30,19 @@ const bootTimeout = 2 * time.Minute
 // startVM starts a TCG VM on the test guest and registers its Stop.
 func startVM(t testing.TB, g testGuest, cfg vmm.Config) *VM {
 	t.Helper()
+	return startVMWith(t, g, cfg, Config{})
+}
+
+// startVMWith is startVM with QEMU's own configuration (a jail).
+func startVMWith(t testing.TB, g testGuest, cfg vmm.Config, qcfg Config) *VM {
+	t.Helper()
 	cfg.Kernel = g.kernel
 	cfg.Initramfs = g.initramfs
 	cfg.Accelerator = "tcg"
 	if cfg.StateDir == "" {
 		cfg.StateDir = testutil.ShortTempDir(t)
 	}
-	vm, err := New(cfg, Config{})
+	vm, err := New(cfg, qcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
