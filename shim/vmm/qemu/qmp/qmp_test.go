@@ -249,17 +249,7 @@ func TestEvents(t *testing.T) {
 	for i := range n {
 		f.send(t, fmt.Sprintf(`{"timestamp": {"seconds": 1700000000, "microseconds": %d}, "event": "DEVICE_DELETED", "data": {"device": "d%d"}}`, i, i))
 	}
-	done := make(chan error, 1)
-	go func() { done <- c.Execute(context.Background(), "query-status", nil, nil) }()
-	f.reply(t, f.next(t), `"return": {}`)
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("unread events blocked a reply")
-	}
+	executeDespiteEvents(t, c, f, 5*time.Second)
 	for i := range n {
 		select {
 		case ev := <-c.Events():
@@ -419,17 +409,7 @@ func TestEventFloodIsBounded(t *testing.T) {
 	}
 	go f.conn.Write(b.Bytes())
 	// Once the reply comes, everything before it has been read.
-	done := make(chan error, 1)
-	go func() { done <- c.Execute(context.Background(), "query-status", nil, nil) }()
-	f.reply(t, f.next(t), `"return": {}`)
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("unread events blocked a reply")
-	}
+	executeDespiteEvents(t, c, f, 30*time.Second)
 	c.mu.Lock()
 	queued := len(c.events)
 	c.mu.Unlock()
@@ -546,5 +526,22 @@ func TestExecuteWithFile(t *testing.T) {
 	reply(req, `"return": {"fdset-id": 0, "fd": 42}`)
 	if err := <-done; err != nil || got.FD != 42 {
 		t.Fatalf("ExecuteWithFile: %v, fd %d", err, got.FD)
+	}
+}
+
+// executeDespiteEvents runs a command while events wait unread, and fails the test if
+// its reply does not come within timeout.
+func executeDespiteEvents(t *testing.T, c *Client, f *fakeQEMU, timeout time.Duration) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- c.Execute(context.Background(), "query-status", nil, nil) }()
+	f.reply(t, f.next(t), `"return": {}`)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(timeout):
+		t.Fatal("unread events blocked a reply")
 	}
 }
