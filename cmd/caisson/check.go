@@ -5,7 +5,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/caisson-containers/caisson/internal/hostcheck"
+	"github.com/caisson-containers/caisson/cmd/caisson/hostcheck"
 	"github.com/caisson-containers/caisson/shim/vmm/qemu/accel"
 )
 

@@ -7,8 +7,8 @@ import (
 	"github.com/containerd/log"
 
 	"github.com/caisson-containers/caisson/guest/modimage"
+	"github.com/caisson-containers/caisson/internal/rootfs"
 	"github.com/caisson-containers/caisson/shim/config"
-	"github.com/caisson-containers/caisson/shim/rootfs"
 	"github.com/caisson-containers/caisson/shim/vmm"
 	"github.com/caisson-containers/caisson/shim/vmm/qemu"
 )

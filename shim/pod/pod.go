@@ -23,10 +23,10 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/internal/rootfs"
 	"github.com/caisson-containers/caisson/internal/transport"
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/network"
-	"github.com/caisson-containers/caisson/shim/rootfs"
 	"github.com/caisson-containers/caisson/shim/template"
 	"github.com/caisson-containers/caisson/shim/virtiofs"
 	"github.com/caisson-containers/caisson/shim/vmm"

@@ -13,9 +13,9 @@ import (
 
 	"github.com/containerd/containerd/v2/core/mount"
 
+	"github.com/caisson-containers/caisson/internal/rootfs"
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
-	"github.com/caisson-containers/caisson/shim/rootfs"
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
 

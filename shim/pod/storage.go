@@ -15,7 +15,7 @@ import (
 	"github.com/containerd/log"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
-	"github.com/caisson-containers/caisson/shim/rootfs"
+	"github.com/caisson-containers/caisson/internal/rootfs"
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
 

@@ -21,10 +21,10 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/internal/rootfs"
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/hooks"
 	"github.com/caisson-containers/caisson/shim/pod"
-	"github.com/caisson-containers/caisson/shim/rootfs"
 	"github.com/caisson-containers/caisson/shim/stdio"
 )
 

@@ -12,8 +12,8 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/docker/go-units"
 
+	"github.com/caisson-containers/caisson/internal/rootfs"
 	"github.com/caisson-containers/caisson/internal/tomlconfig"
-	"github.com/caisson-containers/caisson/shim/rootfs"
 )
 
 // Layer filesystems a committed layer can be built as.

@@ -9,7 +9,7 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/errdefs"
 
-	"github.com/caisson-containers/caisson/shim/rootfs"
+	"github.com/caisson-containers/caisson/internal/rootfs"
 )
 
 // FuzzDecode decodes and resolves arbitrary TOML. Neither may panic; a refusal is an

@@ -1,7 +1,9 @@
-// Package rootfs turns the mounts a snapshotter returns for a container into
-// what the shim hands the VM: the files to attach as devices, and how the agent
-// builds the rootfs from them. It implements the shim's column of
-// docs/mounts.md (contract 2); nothing here mounts anything on the host.
+// Package rootfs is the mount contract (docs/mounts.md, contract 2) between
+// the snapshotter and the shim: the overlay options a rootfs may carry into
+// the guest, and the parser that turns the mounts a snapshotter returns for a
+// container into what the shim hands the VM (the files to attach as devices,
+// and how the agent builds the rootfs from them). Both sides import it, so
+// neither imports the other; nothing here mounts anything on the host.
 package rootfs
 
 import (
