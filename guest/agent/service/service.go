@@ -17,6 +17,7 @@ import (
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/guest/agent/container"
+	"github.com/caisson-containers/caisson/guest/agent/copies"
 	"github.com/caisson-containers/caisson/guest/agent/reaper"
 	"github.com/caisson-containers/caisson/guest/agent/sandbox"
 	"github.com/caisson-containers/caisson/guest/agent/storage"
@@ -47,7 +48,7 @@ type Agent struct {
 	runtime  *container.Runtime
 	storages *storage.Manager
 	sandbox  *sandbox.Sandbox
-	copies   *sandbox.Copies // of host bind mount sources
+	copies   *copies.Store // of host bind mount sources
 	events   *broker
 
 	mu     sync.Mutex
@@ -83,7 +84,7 @@ func New(cfg Config, r *reaper.Reaper) (*Agent, error) {
 		runtime:  rt,
 		storages: st,
 		sandbox:  sandbox.New(filepath.Join(cfg.Root, "sandbox")),
-		copies:   sandbox.NewCopies(filepath.Join(cfg.Root, "mounts")),
+		copies:   copies.New(filepath.Join(cfg.Root, "mounts")),
 		events:   newBroker(),
 		rootfs:   map[string]*storage.MountedRootfs{},
 		stdio:    map[stdioKey]bool{},

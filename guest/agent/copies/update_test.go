@@ -1,4 +1,4 @@
-package sandbox
+package copies
 
 import (
 	"bytes"
@@ -225,9 +225,9 @@ func TestUpdateTreeSteps(t *testing.T) {
 	}
 }
 
-func TestCopiesUpdate(t *testing.T) {
+func TestStoreUpdate(t *testing.T) {
 	ctx := context.Background()
-	c := NewCopies(filepath.Join(t.TempDir(), "mounts"))
+	c := New(filepath.Join(t.TempDir(), "mounts"))
 	if err := c.Update("/host/cm", []File{{Mode: tDir}}); !errdefs.IsNotFound(err) {
 		t.Fatalf("update of a key nobody holds: %v, want NotFound", err)
 	}

@@ -1,4 +1,4 @@
-package sandbox
+package copies
 
 import (
 	"bytes"
@@ -18,7 +18,7 @@ import (
 
 // Update brings the copy of key to files, the source's new content (see
 // UpdateTree). A key no container holds is NotFound.
-func (c *Copies) Update(key string, files []File) error {
+func (c *Store) Update(key string, files []File) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	cp, ok := c.copies[key]

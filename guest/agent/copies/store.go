@@ -1,4 +1,9 @@
-package sandbox
+// Package copies keeps the guest's copies of the host paths a container bind-mounts
+// when the pod does not share them (guest.shared_fs = "copy", or a pod from a VM
+// template): the shim sends each source's tree (shim/copies), the agent writes it once
+// per pod, updates it in place when the source changes, and removes it with the last
+// container that mounts it.
+package copies
 
 import (
 	"context"
@@ -23,9 +28,9 @@ type File struct {
 	Link     string
 }
 
-// Copies keeps the guest copies of host bind mount sources, one per key in the
+// Store keeps the guest copies of host bind mount sources, one per key in the
 // pod, shared by the containers that mount it, and removed with the last of them.
-type Copies struct {
+type Store struct {
 	dir string
 
 	mu     sync.Mutex
@@ -39,14 +44,14 @@ type copied struct {
 	refs int
 }
 
-// NewCopies returns copies kept under dir.
-func NewCopies(dir string) *Copies {
-	return &Copies{dir: dir, copies: map[string]*copied{}, users: map[string][]string{}}
+// New returns a store of copies kept under dir.
+func New(dir string) *Store {
+	return &Store{dir: dir, copies: map[string]*copied{}, users: map[string][]string{}}
 }
 
 // Acquire returns the guest path of the copy of key for container id: the
 // existing one, or files written anew. Release gives it back.
-func (c *Copies) Acquire(id, key string, files []File) (string, error) {
+func (c *Store) Acquire(id, key string, files []File) (string, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	cp, ok := c.copies[key]
@@ -69,7 +74,7 @@ func (c *Copies) Acquire(id, key string, files []File) (string, error) {
 }
 
 // Release gives back every copy container id acquired, removing those no other uses.
-func (c *Copies) Release(ctx context.Context, id string) {
+func (c *Store) Release(ctx context.Context, id string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, key := range c.users[id] {

@@ -1,4 +1,4 @@
-package sandbox
+package copies
 
 import (
 	"context"
@@ -76,9 +76,9 @@ func TestWriteTree(t *testing.T) {
 	}
 }
 
-func TestCopiesShared(t *testing.T) {
+func TestStoreShared(t *testing.T) {
 	ctx := context.Background()
-	c := NewCopies(filepath.Join(t.TempDir(), "mounts"))
+	c := New(filepath.Join(t.TempDir(), "mounts"))
 	tree := []File{{Mode: unix.S_IFDIR | 0o755}}
 	a, err := c.Acquire("c1", "/host/empty-dir", tree)
 	if err != nil {
