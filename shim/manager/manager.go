@@ -29,6 +29,7 @@ import (
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/hooks"
 	"github.com/caisson-containers/caisson/shim/pod"
+	"github.com/caisson-containers/caisson/shim/podid"
 	"github.com/caisson-containers/caisson/shim/virtiofs"
 	"github.com/caisson-containers/caisson/version"
 )
@@ -51,10 +52,6 @@ func allowMountsValue() string {
 	}
 	return strings.Join(v, ",")
 }
-
-// groupAnnotations put containers in the same shim: a CRI pod's containers share
-// their sandbox's shim, and so its VM.
-var groupAnnotations = []string{"io.caisson.group", "io.kubernetes.cri.sandbox-id"}
 
 // New returns the shim manager for the runtime called name.
 func New(name string) shim.Shim {
@@ -135,13 +132,8 @@ func (m *manager) Start(ctx context.Context, opts *bootapi.BootstrapParams) (_ *
 	if err := recordConfigPath(".", opts); err != nil {
 		return nil, err
 	}
-	group := id
-	for _, a := range groupAnnotations {
-		if g := spec.Annotations[a]; g != "" {
-			group = g
-			break
-		}
-	}
+	// The pod's containers share its shim, and so its VM.
+	group := podid.ID(id, spec.Annotations)
 	socketDir := opts.GetSocketDir()
 	if socketDir == "" {
 		socketDir = filepath.Join(defaults.DefaultStateDir, "s")
@@ -235,27 +227,22 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 		return status, err
 	}
 	defer removeDeadSocket(ctx, filepath.Join(cwd, addressFile))
-	// The configuration the container started with: its state_dir is where the pod's
-	// state is.
-	cfg, file, err := config.Load(recordedConfigPath(cwd))
+	var annotations map[string]string
+	spec, err := readBundleSpec(cwd)
+	if err == nil {
+		annotations = spec.Annotations
+	}
+	// The pod under the configuration the container started with: its state_dir is
+	// where the pod's state is.
+	p, err := podid.Of(ns, id, annotations, recordedConfigPath(cwd))
 	if err != nil {
 		// Cleanup must not fail on a config that became invalid; use the default state dir.
 		log.G(ctx).WithError(err).Warn("cleanup with the default configuration")
-		cfg = config.Default(config.DefaultArtifactsDir())
+		p = podid.WithConfig(ns, id, annotations, config.Default(config.DefaultArtifactsDir()))
 	} else {
-		log.G(ctx).WithField("config", file).Debug("cleanup configuration")
+		log.G(ctx).WithField("config", p.ConfigFile).Debug("cleanup configuration")
 	}
-	group := id
-	spec, err := readBundleSpec(cwd)
-	if err == nil {
-		for _, a := range groupAnnotations {
-			if g := spec.Annotations[a]; g != "" {
-				group = g
-				break
-			}
-		}
-	}
-	stateDir := pod.StateDir(cfg.StateDir, ns, group)
+	stateDir := p.StateDir
 	if _, err := os.Stat(stateDir); err != nil {
 		return status, nil
 	}

@@ -13,7 +13,6 @@ import (
 
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
-	"github.com/caisson-containers/caisson/shim/pod"
 )
 
 // bundle makes a container bundle directory (an OCI config.json with annotations) and
@@ -55,7 +54,7 @@ func TestStopCleansTheStateDirOfTheStartConfig(t *testing.T) {
 	}
 
 	// A dead shim's pod state: no QEMU runs for it.
-	stateDir := pod.StateDir(stateRoot, "k8s.io", "pod1")
+	stateDir := filepath.Join(stateRoot, "k8s.io-pod1") // shim/podid
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +123,7 @@ func TestStopRunsPoststopHooksOfADeadShim(t *testing.T) {
 	if err := recordConfigPath(dir, params); err != nil {
 		t.Fatal(err)
 	}
-	stateDir := pod.StateDir(stateRoot, "default", "c1")
+	stateDir := filepath.Join(stateRoot, "default-c1") // shim/podid
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
