@@ -268,8 +268,31 @@ type cmdline struct {
 	sharedFSFD int
 }
 
-// args builds QEMU's command line.
+// args builds QEMU's command line: the machine, the kernel, the console and QMP, the
+// agent's channel, the shared file system, the other devices and the disks.
 func (c cmdline) args() ([]string, error) {
+	a, err := c.machineArgs()
+	if err != nil {
+		return nil, err
+	}
+	a = append(a, c.kernelArgs()...)
+	a = append(a, c.consoleArgs()...)
+	a = append(a, c.agentArgs()...)
+	fs, err := c.sharedFSArgs()
+	if err != nil {
+		return nil, err
+	}
+	a = append(a, fs...)
+	devices, err := c.deviceArgs()
+	if err != nil {
+		return nil, err
+	}
+	a = append(a, devices...)
+	return append(a, c.diskArgs()...), nil
+}
+
+// machineArgs are the machine, its CPUs and memory, and the accelerator.
+func (c cmdline) machineArgs() ([]string, error) {
 	cfg := c.vm
 	machine := "q35"
 	var ram []string
@@ -304,16 +327,25 @@ func (c cmdline) args() ([]string, error) {
 	default:
 		return nil, fmt.Errorf("accelerator %q: want kvm or tcg: %w", c.accel, errdefs.ErrInvalidArgument)
 	}
+	return a, nil
+}
 
+// kernelArgs are the guest kernel, its parameters and the initramfs.
+func (c cmdline) kernelArgs() []string {
 	params := baseKernelParams
-	if len(cfg.KernelParams) > 0 {
-		params += " " + strings.Join(cfg.KernelParams, " ")
+	if len(c.vm.KernelParams) > 0 {
+		params += " " + strings.Join(c.vm.KernelParams, " ")
 	}
-	a = append(a, "-kernel", cfg.Kernel, "-append", params)
-	if cfg.Initramfs != "" {
-		a = append(a, "-initrd", cfg.Initramfs)
+	a := []string{"-kernel", c.vm.Kernel, "-append", params}
+	if c.vm.Initramfs != "" {
+		a = append(a, "-initrd", c.vm.Initramfs)
 	}
+	return a
+}
 
+// consoleArgs are the guest's serial console, into the console pipe, and the QMP socket.
+func (c cmdline) consoleArgs() []string {
+	var a []string
 	// QEMU opens the pipe again through /dev/fd: a file chardev takes a path. A jailed
 	// QEMU may not (the pipe is the shim's, mode 0600): it takes it from an fd set.
 	// append=on: QEMU truncates the file it opens otherwise, and ftruncate of the pipe
@@ -323,58 +355,76 @@ func (c cmdline) args() ([]string, error) {
 		a = append(a, "-add-fd", fmt.Sprintf("fd=%d,set=%d", c.consoleFD, c.consoleFD))
 		console = fmt.Sprintf("/dev/fdset/%d,append=on", c.consoleFD)
 	}
-	a = append(a,
+	return append(a,
 		"-chardev", "file,id=console,path="+console,
 		"-serial", "chardev:console",
 		"-chardev", "socket,id=qmp,server=on,wait=off,path="+optValue(c.qmpSocket),
 		"-mon", "chardev=qmp,mode=control",
 	)
+}
 
+// agentArgs are the agent's channel: a virtio-serial port or a vsock device.
+func (c cmdline) agentArgs() []string {
 	agentAddr := fmt.Sprintf("%02x.0", agentSlot)
-	switch cfg.Agent.Transport {
+	switch c.vm.Agent.Transport {
 	case vmm.TransportSerial:
-		a = append(a,
-			"-device", "virtio-serial-pci,id=agent-serial,bus=pcie.0,addr="+agentAddr,
-			"-chardev", "socket,id=agent,server=on,wait=off,path="+optValue(c.agentSock),
-			"-device", "virtserialport,bus=agent-serial.0,chardev=agent,name="+vmm.AgentPortName,
-		)
+		return []string{
+			"-device", "virtio-serial-pci,id=agent-serial,bus=pcie.0,addr=" + agentAddr,
+			"-chardev", "socket,id=agent,server=on,wait=off,path=" + optValue(c.agentSock),
+			"-device", "virtserialport,bus=agent-serial.0,chardev=agent,name=" + vmm.AgentPortName,
+		}
 	case vmm.TransportVsock:
-		a = append(a, "-device", fmt.Sprintf("vhost-vsock-pci,id=agent-vsock,bus=pcie.0,addr=%s,guest-cid=%d", agentAddr, cfg.Agent.CID))
+		return []string{"-device", fmt.Sprintf("vhost-vsock-pci,id=agent-vsock,bus=pcie.0,addr=%s,guest-cid=%d", agentAddr, c.vm.Agent.CID)}
 	}
+	return nil
+}
 
-	if fs := cfg.SharedFS; fs != nil {
-		if fs.Tag == "" || len(fs.Tag) > 36 || strings.ContainsAny(fs.Tag, ",=") {
-			return nil, fmt.Errorf("shared file system tag %q: want 1 to 36 bytes without ',' or '=': %w", fs.Tag, errdefs.ErrInvalidArgument)
-		}
-		chardev := "socket,id=sharedfs,path=" + optValue(fs.Socket)
-		if c.sharedFSFD != 0 {
-			chardev = "socket,id=sharedfs,fd=" + strconv.Itoa(c.sharedFSFD)
-		}
-		a = append(a,
-			"-chardev", chardev,
-			"-device", fmt.Sprintf("vhost-user-fs-pci,id=sharedfs-dev,bus=pcie.0,addr=%02x.0,chardev=sharedfs,tag=%s", sharedFSSlot, fs.Tag),
-		)
+// sharedFSArgs are the virtio-fs device of vmm.Config.SharedFS, if any.
+func (c cmdline) sharedFSArgs() ([]string, error) {
+	fs := c.vm.SharedFS
+	if fs == nil {
+		return nil, nil
 	}
+	if fs.Tag == "" || len(fs.Tag) > 36 || strings.ContainsAny(fs.Tag, ",=") {
+		return nil, fmt.Errorf("shared file system tag %q: want 1 to 36 bytes without ',' or '=': %w", fs.Tag, errdefs.ErrInvalidArgument)
+	}
+	chardev := "socket,id=sharedfs,path=" + optValue(fs.Socket)
+	if c.sharedFSFD != 0 {
+		chardev = "socket,id=sharedfs,fd=" + strconv.Itoa(c.sharedFSFD)
+	}
+	return []string{
+		"-chardev", chardev,
+		"-device", fmt.Sprintf("vhost-user-fs-pci,id=sharedfs-dev,bus=pcie.0,addr=%02x.0,chardev=sharedfs,tag=%s", sharedFSSlot, fs.Tag),
+	}, nil
+}
 
+// deviceArgs are the balloon, the NICs, the template's restore, and the root ports and
+// bridges disks plug into.
+func (c cmdline) deviceArgs() ([]string, error) {
+	var a []string
 	if c.qemu.FreePageReporting {
 		a = append(a, "-device", fmt.Sprintf("virtio-balloon-pci,id=balloon,bus=pcie.0,addr=%02x.0,free-page-reporting=on", balloonSlot))
 	}
-
-	nics, err := nicArgs(cfg.NICs, c.restoreFD != 0)
+	nics, err := nicArgs(c.vm.NICs, c.restoreFD != 0)
 	if err != nil {
 		return nil, err
 	}
 	a = append(a, nics...)
-	if cfg.Template != nil {
-		a = append(a, templateArgs(cfg, c.restoreFD)...)
+	if c.vm.Template != nil {
+		a = append(a, templateArgs(c.vm, c.restoreFD)...)
 	}
-
 	for i := range c.ports {
 		a = append(a, "-device", jsonArg(port(i).device()))
 	}
 	for i := range c.bridges {
 		a = append(a, "-device", jsonArg(bridge(i).device()))
 	}
+	return a, nil
+}
+
+// diskArgs are the disks on the command line, each behind its root port.
+func (c cmdline) diskArgs() []string {
+	var a []string
 	for _, d := range c.disks {
 		be, dev, _ := diskDevices(d.disk, d.n, d.port.place(), d.size)
 		if d.fd != 0 {
@@ -385,5 +435,5 @@ func (c cmdline) args() ([]string, error) {
 		}
 		a = append(a, be.option, jsonArg(be.args), "-device", jsonArg(dev))
 	}
-	return a, nil
+	return a
 }
