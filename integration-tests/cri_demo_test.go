@@ -15,6 +15,7 @@ import (
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
 	caissonpod "github.com/caisson-containers/caisson/shim/pod"
+	"github.com/caisson-containers/caisson/shim/vmm/hypervisor"
 )
 
 // TestDemo is the quickstart's walkthrough (hack/demo.sh runs it with -test.v and shows
@@ -140,7 +141,11 @@ func TestDemo(t *testing.T) {
 		var err error
 		quiet := logrus.New() // the demo prints its own lines (the TCG warning was the first pod's)
 		quiet.SetLevel(logrus.ErrorLevel)
-		if dir, err = caissonpod.Template(log.WithLogger(c.Ctx(t), logrus.NewEntry(quiet)), tc); err != nil {
+		hv, err := hypervisor.New(tc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if dir, err = caissonpod.Template(log.WithLogger(c.Ctx(t), logrus.NewEntry(quiet)), tc, hv); err != nil {
 			t.Fatal(err)
 		}
 	})

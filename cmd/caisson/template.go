@@ -12,6 +12,7 @@ import (
 
 	"github.com/caisson-containers/caisson/shim/pod"
 	"github.com/caisson-containers/caisson/shim/template"
+	"github.com/caisson-containers/caisson/shim/vmm/hypervisor"
 )
 
 var templateCommand = &cli.Command{
@@ -30,7 +31,11 @@ var templateCommand = &cli.Command{
 				ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 				defer stop()
 				start := time.Now()
-				dir, err := pod.Template(ctx, cfg)
+				hv, err := hypervisor.New(cfg)
+				if err != nil {
+					return err
+				}
+				dir, err := pod.Template(ctx, cfg, hv)
 				if err != nil {
 					return err
 				}

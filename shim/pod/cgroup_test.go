@@ -293,7 +293,7 @@ func TestPodCgroup(t *testing.T) {
 	t.Run("running", func(t *testing.T) {
 		stateDir := StateDir(cfg.StateDir, "test", "cg")
 		want := DefaultCgroupParent + "/" + filepath.Base(stateDir)
-		p, err := Start(ctx, cfg, Options{ID: "cg", StateDir: stateDir, Hostname: "cg"})
+		p, _, err := Start(ctx, cfg, Options{ID: "cg", StateDir: stateDir, Hostname: "cg", Hypervisor: qemuOf(t, cfg)})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -328,7 +328,7 @@ func TestPodCgroup(t *testing.T) {
 		bad.Guest.KernelParams = "rdinit=/nonexistent"
 		stateDir := StateDir(cfg.StateDir, "test", "cgbad")
 		want := DefaultCgroupParent + "/" + filepath.Base(stateDir)
-		p, err := Start(ctx, bad, Options{ID: "cgbad", StateDir: stateDir, Hostname: "cgbad"})
+		p, _, err := Start(ctx, bad, Options{ID: "cgbad", StateDir: stateDir, Hostname: "cgbad", Hypervisor: qemuOf(t, bad)})
 		if err == nil {
 			p.Stop(context.Background())
 			t.Fatal("a pod whose guest has no init started")

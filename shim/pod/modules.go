@@ -10,7 +10,6 @@ import (
 	"github.com/caisson-containers/caisson/internal/rootfs"
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/vmm"
-	"github.com/caisson-containers/caisson/shim/vmm/qemu"
 )
 
 // The guest kernel's modules image (guest/modimage: every module of the kernel, beside
@@ -26,8 +25,9 @@ const modulesDiskID = "kernel-modules"
 // modulesDisk is the modules image of cfg's guest kernel as a disk of a VM that has
 // other disks and NICs already: on virtio-pmem with DAX when storage.dax allows it and the
 // VM boots with it (its pages in the host's page cache, shared by every VM), else
-// virtio-blk. It is false, with a warning, when there is no image or no room for it.
-func modulesDisk(ctx context.Context, cfg config.Config, disks, nics int) (vmm.Disk, bool) {
+// virtio-blk. It is false, with a warning, when there is no image or no room for it
+// (maxBoot: how many disks the VMM boots a VM with, vmm.Hypervisor's MaxBootDisks).
+func modulesDisk(ctx context.Context, cfg config.Config, maxBoot, disks, nics int) (vmm.Disk, bool) {
 	path := modimage.Beside(cfg.Guest.Kernel)
 	st, err := os.Stat(path)
 	if err != nil {
@@ -36,7 +36,7 @@ func modulesDisk(ctx context.Context, cfg config.Config, disks, nics int) (vmm.D
 	}
 	// A VM made from a template gets its disks hot-plugged (the template has none), into
 	// its hot-plug slots; others have them on the command line.
-	room := qemu.MaxColdDisks - disks
+	room := maxBoot - disks
 	if cfg.Hypervisor.Template {
 		room = cfg.Hypervisor.HotplugSlots - disks - nics
 	}

@@ -21,8 +21,10 @@ import (
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/vmm"
-	"github.com/caisson-containers/caisson/shim/vmm/qemu"
 )
+
+// testMaxBoot is the hypervisor's MaxBootDisks in TestModulesDisk.
+const testMaxBoot = 32
 
 func TestModulesDisk(t *testing.T) {
 	ctx := context.Background()
@@ -43,7 +45,7 @@ func TestModulesDisk(t *testing.T) {
 		{name: "not aligned", size: vmm.PMEMAlignment + 4096, dax: true, want: true, kind: vmm.Block},
 		{name: "template with a slot left", size: vmm.PMEMAlignment, dax: true, template: true, disks: 10, nics: 5, want: true, kind: vmm.Block},
 		{name: "template without", size: vmm.PMEMAlignment, dax: true, template: true, disks: 11, nics: 5},
-		{name: "command line full", size: vmm.PMEMAlignment, dax: true, disks: qemu.MaxColdDisks},
+		{name: "command line full", size: vmm.PMEMAlignment, dax: true, disks: testMaxBoot},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			os.Remove(image)
@@ -59,7 +61,7 @@ func TestModulesDisk(t *testing.T) {
 			cfg.Storage.DAX = tc.dax
 			cfg.Hypervisor.Template = tc.template
 			cfg.Hypervisor.HotplugSlots = 16
-			d, ok := modulesDisk(ctx, cfg, tc.disks, tc.nics)
+			d, ok := modulesDisk(ctx, cfg, testMaxBoot, tc.disks, tc.nics)
 			if ok != tc.want {
 				t.Fatalf("attached %v, want %v", ok, tc.want)
 			}
@@ -96,7 +98,7 @@ func TestModulesImage(t *testing.T) {
 		l.SetOutput(&logs)
 		ctx, cancel := context.WithTimeout(log.WithLogger(context.Background(), logrus.NewEntry(l)), 2*time.Minute)
 		defer cancel()
-		p, err := Start(ctx, cfg, Options{ID: "modules", StateDir: StateDir(stateRoot, "test", "modules"), Hostname: "modules"})
+		p, _, err := Start(ctx, cfg, Options{ID: "modules", StateDir: StateDir(stateRoot, "test", "modules"), Hostname: "modules", Hypervisor: qemuOf(t, cfg)})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -189,7 +191,7 @@ func BenchmarkPodStartModules(b *testing.B) {
 				rw := filepath.Join(dir, "rw"+strconv.Itoa(i)+".ext4")
 				plan := rootfsPlan(b, layer, rw)
 				t0 := time.Now()
-				p, err := Start(ctx, cfg, Options{ID: "bench", StateDir: StateDir(stateRoot, "bench", strconv.Itoa(i)), Hostname: "bench", Rootfs: plan})
+				p, _, err := Start(ctx, cfg, Options{ID: "bench", StateDir: StateDir(stateRoot, "bench", strconv.Itoa(i)), Hostname: "bench", Rootfs: plan, Hypervisor: qemuOf(b, cfg)})
 				took := time.Since(t0)
 				if err != nil {
 					b.Fatal(err)

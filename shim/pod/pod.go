@@ -30,7 +30,6 @@ import (
 	"github.com/caisson-containers/caisson/shim/template"
 	"github.com/caisson-containers/caisson/shim/virtiofs"
 	"github.com/caisson-containers/caisson/shim/vmm"
-	"github.com/caisson-containers/caisson/shim/vmm/qemu"
 )
 
 // BootTimeout bounds how long the agent may take to answer after QEMU starts:
@@ -60,10 +59,19 @@ type Options struct {
 	DNS   *agent.DNS
 	Hosts []*agent.HostEntry
 	// Rootfs is the rootfs of the pod's first container (for a CRI pod, the pause
-	// container), if known: the VM boots with its devices attached (no hot-plug) and
-	// the agent mounts them while it creates the sandbox. AttachRootfs of the same
-	// plan then finds them ready.
+	// container), if known: the VM boots with its devices attached (no hot-plug), the
+	// agent mounts them while it creates the sandbox, and Start returns it attached.
 	Rootfs *rootfs.Plan
+	// Hypervisor makes the pod's VM (required).
+	Hypervisor vmm.Hypervisor
+}
+
+// Rootfs is a container's rootfs attached to the pod: the agent's description of it for
+// Containers.Create, and Release, which detaches what only it used (call it once the
+// container is gone from the guest). The zero Rootfs is none.
+type Rootfs struct {
+	Agent   *agent.Rootfs
+	Release func(context.Context) error
 }
 
 // TemplatesDir is where, under the runtime's state dir, the VM templates are kept
@@ -79,7 +87,7 @@ func entropy() []byte {
 }
 
 // vmConfig is the VM of a pod whose state is in stateDir, without its disks and NICs.
-func vmConfig(cfg config.Config, stateDir string) (vmm.Config, qemu.Config) {
+func vmConfig(cfg config.Config, stateDir string) vmm.Config {
 	params := []string{transport.CmdlineKey + "=" + transport.Endpoint{Kind: transport.Serial}.String()}
 	// Every console line costs the boot time under TCG (an emulated UART): print the
 	// kernel's messages only when asked.
@@ -92,45 +100,40 @@ func vmConfig(cfg config.Config, stateDir string) (vmm.Config, qemu.Config) {
 		params = append(params, cfg.Guest.KernelParams)
 	}
 	return vmm.Config{
-			Kernel:       cfg.Guest.Kernel,
-			Initramfs:    cfg.Guest.Initramfs,
-			KernelParams: params,
-			VCPUs:        cfg.Hypervisor.VCPUs,
-			MemoryMiB:    cfg.Hypervisor.MemoryMiB,
-			Accelerator:  cfg.Hypervisor.Accelerator,
-			StateDir:     filepath.Join(stateDir, "vm"),
-			ConsoleLog:   filepath.Join(stateDir, "console.log"),
-			Agent:        vmm.AgentChannel{Transport: vmm.TransportSerial},
-			HotplugSlots: cfg.Hypervisor.HotplugSlots,
-		}, qemu.Config{
-			Path:                   cfg.Hypervisor.Path,
-			TCGTranslationCacheMiB: cfg.Hypervisor.TCGTranslationCacheMiB,
-			AccelCacheDir:          filepath.Join(cfg.StateDir, "probes"),
-			Jail:                   jailOf(cfg),
-		}
+		Kernel:       cfg.Guest.Kernel,
+		Initramfs:    cfg.Guest.Initramfs,
+		KernelParams: params,
+		VCPUs:        cfg.Hypervisor.VCPUs,
+		MemoryMiB:    cfg.Hypervisor.MemoryMiB,
+		Accelerator:  cfg.Hypervisor.Accelerator,
+		StateDir:     filepath.Join(stateDir, "vm"),
+		ConsoleLog:   filepath.Join(stateDir, "console.log"),
+		Agent:        vmm.AgentChannel{Transport: vmm.TransportSerial},
+		HotplugSlots: cfg.Hypervisor.HotplugSlots,
+	}
 }
 
-// Template returns the VM template of cfg's pod VMs (hypervisor.template), making it if
-// there is none yet.
-func Template(ctx context.Context, cfg config.Config) (string, error) {
-	vcfg, qcfg := vmConfig(cfg, "")
+// Template returns the VM template of cfg's pod VMs on hv (hypervisor.template), making
+// it if there is none yet.
+func Template(ctx context.Context, cfg config.Config, hv vmm.Hypervisor) (string, error) {
+	vcfg := vmConfig(cfg, "")
 	vcfg.StateDir, vcfg.ConsoleLog = "", ""
-	return template.Get(ctx, TemplatesRoot(cfg), vcfg, qcfg)
+	return template.Get(ctx, TemplatesRoot(cfg), hv, vcfg)
 }
 
 // startVM starts the pod's VM: booted, or from its template (hypervisor.template). A
 // template removed under the start (`caisson template remove`, or a newer guest image's
 // first pod) is made again, once.
-func startVM(ctx context.Context, cfg config.Config, vcfg vmm.Config, qcfg qemu.Config) (*qemu.VM, error) {
+func startVM(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, vcfg vmm.Config) (vmm.VM, error) {
 	for attempt := 0; ; attempt++ {
 		if cfg.Hypervisor.Template {
-			dir, err := Template(ctx, cfg)
+			dir, err := Template(ctx, cfg, hv)
 			if err != nil {
 				return nil, err
 			}
 			vcfg.Template = &vmm.Template{Dir: dir, Restore: true}
 		}
-		vm, err := qemu.New(vcfg, qcfg)
+		vm, err := hv.New(vcfg)
 		if err != nil {
 			return nil, err
 		}
@@ -180,10 +183,14 @@ type Pod struct {
 	stopping    atomic.Bool
 }
 
-// Start boots the VM and waits for its agent; on error nothing is left behind.
-func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr error) {
+// Start boots the VM and waits for its agent, and returns the pod with the rootfs of its
+// first container (o.Rootfs) attached; on error nothing is left behind.
+func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, _ Rootfs, retErr error) {
+	if o.Hypervisor == nil {
+		return nil, Rootfs{}, fmt.Errorf("pod %s: no hypervisor: %w", o.ID, errdefs.ErrInvalidArgument)
+	}
 	if err := os.MkdirAll(o.StateDir, 0o700); err != nil {
-		return nil, err
+		return nil, Rootfs{}, err
 	}
 	defer func() {
 		if retErr != nil {
@@ -196,7 +203,7 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 		}
 	}()
 	if cfg.Guest.Transport == "vsock" {
-		return nil, fmt.Errorf("guest.transport = vsock is not supported by this shim yet (no vhost-vsock host to test it on): %w", errdefs.ErrNotImplemented)
+		return nil, Rootfs{}, fmt.Errorf("guest.transport = vsock is not supported by this shim yet (no vhost-vsock host to test it on): %w", errdefs.ErrNotImplemented)
 	}
 	// The boot disks (mkfs of the writable image) and the network are prepared at once.
 	var (
@@ -222,9 +229,9 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 			}
 		}
 		if netErr != nil {
-			return nil, fmt.Errorf("pod network: %w", netErr)
+			return nil, Rootfs{}, fmt.Errorf("pod network: %w", netErr)
 		}
-		return nil, diskErr
+		return nil, Rootfs{}, diskErr
 	}
 	if net != nil {
 		defer func() {
@@ -247,16 +254,16 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 			routes = append(routes, &agent.Route{Destination: r.Destination, Gateway: r.Gateway, Device: r.Device, Source: r.Source})
 		}
 	}
-	vcfg, qcfg := vmConfig(cfg, o.StateDir)
+	vcfg := vmConfig(cfg, o.StateDir)
 	vcfg.Disks, vcfg.NICs = disks, nics
-	modules, withModules := modulesDisk(ctx, cfg, len(disks), len(nics))
+	modules, withModules := modulesDisk(ctx, cfg, o.Hypervisor.MaxBootDisks(), len(disks), len(nics))
 	if withModules {
 		vcfg.Disks = append(slices.Clip(disks), modules)
 	}
 	// Removed after virtiofsd and QEMU have exited (deferred before them).
 	cg, err := newCgroup(cfg, o)
 	if err != nil {
-		return nil, err
+		return nil, Rootfs{}, err
 	}
 	defer func() {
 		if err := cg.remove(context.WithoutCancel(ctx)); err != nil {
@@ -266,7 +273,7 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	var fs *virtiofs.Daemon
 	if SharesHostPaths(cfg) {
 		if fs, vcfg.SharedFS, err = startShared(ctx, cfg, o.StateDir); err != nil {
-			return nil, fmt.Errorf("shared directory: %w", err)
+			return nil, Rootfs{}, fmt.Errorf("shared directory: %w", err)
 		}
 		defer func() {
 			if fs != nil {
@@ -277,12 +284,12 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 		}()
 		// Before QEMU connects: virtiofsd forks its sandboxed child then.
 		if err := cg.add(fs.Pid()); err != nil {
-			return nil, err
+			return nil, Rootfs{}, err
 		}
 	}
-	vm, err := startVM(ctx, cfg, vcfg, qcfg)
+	vm, err := startVM(ctx, cfg, o.Hypervisor, vcfg)
 	if err != nil {
-		return nil, err
+		return nil, Rootfs{}, err
 	}
 	if net != nil {
 		net.CloseTaps() // QEMU holds them now: the taps go when it exits
@@ -300,10 +307,10 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	// QEMU's allocations before this (its start, the guest's first pages) stay charged
 	// where the shim is.
 	if err := p.cgroup.add(vm.Pid()); err != nil {
-		return nil, err
+		return nil, Rootfs{}, err
 	}
 	if err := p.connect(ctx); err != nil {
-		return nil, err
+		return nil, Rootfs{}, err
 	}
 	// The sandbox and the boot disks' storages do not depend on each other: the agent
 	// sets both up at once, and the round trips overlap.
@@ -337,13 +344,13 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, retErr er
 	})
 	<-mounted
 	if err != nil {
-		return nil, fmt.Errorf("create sandbox in the guest: %w", errgrpc.ToNative(err))
+		return nil, Rootfs{}, fmt.Errorf("create sandbox in the guest: %w", errgrpc.ToNative(err))
 	}
 	log.G(ctx).WithField("took", time.Since(created)).Debug("sandbox created in the guest")
 	if mountErr != nil {
-		return nil, mountErr
+		return nil, Rootfs{}, mountErr
 	}
-	return p, nil
+	return p, p.bootRootfs(o.Rootfs), nil
 }
 
 // connect dials the agent and waits until it serves, or the VM dies, or the boot timeout.

@@ -17,7 +17,18 @@ import (
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/vmm"
+	"github.com/caisson-containers/caisson/shim/vmm/hypervisor"
 )
+
+// qemuOf is the hypervisor the shim would give a pod of cfg.
+func qemuOf(t testing.TB, cfg config.Config) vmm.Hypervisor {
+	t.Helper()
+	hv, err := hypervisor.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return hv
+}
 
 // erofsLayer builds an EROFS layer holding one file, padded for virtio-pmem as the
 // snapshotter pads layers.
@@ -83,9 +94,9 @@ func qemuCmdline(t *testing.T, pid int) []byte {
 
 // TestBootDisks drives a pod whose first container's rootfs is known at start: the VM
 // boots with those disks (on QEMU's command line, formatted first), the agent has
-// mounted them when Start returns, AttachRootfs of the same plan takes them without a
-// hot-plug, a second container's writable disk is hot-plugged, and releasing both
-// rootfs detaches what only they used. A boot disk the guest cannot mount fails Start
+// mounted them when Start returns them as the first container's rootfs, a second
+// container's writable disk is hot-plugged by AttachRootfs, and releasing both rootfs
+// detaches what only they used. A boot disk the guest cannot mount fails Start
 // and leaves nothing behind.
 func TestBootDisks(t *testing.T) {
 	testutil.RequireRoot(t)
@@ -100,14 +111,14 @@ func TestBootDisks(t *testing.T) {
 	defer cancel()
 
 	t.Run("cold-plugged", func(t *testing.T) {
-		first := rootfsPlan(t, layer, filepath.Join(dir, "rw1.ext4"))
+		plan := rootfsPlan(t, layer, filepath.Join(dir, "rw1.ext4"))
 		stateDir := StateDir(cfg.StateDir, "test", "cold")
-		p, err := Start(ctx, cfg, Options{ID: "cold", StateDir: stateDir, Hostname: "cold", Rootfs: first})
+		p, first, err := Start(ctx, cfg, Options{ID: "cold", StateDir: stateDir, Hostname: "cold", Rootfs: plan, Hypervisor: qemuOf(t, cfg)})
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer p.Stop(context.Background())
-		// Nothing is hot-plugged before AttachRootfs: what QEMU holds open now, it
+		// Nothing is hot-plugged: what QEMU holds open now, it
 		// was started with (a jailed QEMU gets its disks as descriptors, so its
 		// command line names none).
 		for _, f := range []string{layer, filepath.Join(dir, "rw1.ext4")} {
@@ -122,9 +133,9 @@ func TestBootDisks(t *testing.T) {
 			t.Fatalf("%d storages mounted after Start, want the first container's 2", n)
 		}
 
-		rfs, release, err := p.AttachRootfs(ctx, first)
-		if err != nil {
-			t.Fatal(err)
+		rfs := first.Agent
+		if rfs == nil {
+			t.Fatal("Start returned no rootfs for the first container")
 		}
 		if len(rfs.Lower) != 1 || rfs.Upper == nil || rfs.Upper.StorageId == rfs.Lower[0].StorageId {
 			t.Fatalf("rootfs %v: want one lower and an upper on another storage", rfs)
@@ -136,20 +147,21 @@ func TestBootDisks(t *testing.T) {
 		// A later container: the shared layer gets another reference, its own
 		// writable image is hot-plugged.
 		second := rootfsPlan(t, layer, filepath.Join(dir, "rw2.ext4"))
-		rfs2, release2, err := p.AttachRootfs(ctx, second)
+		attached, err := p.AttachRootfs(ctx, second)
 		if err != nil {
 			t.Fatal(err)
 		}
+		rfs2 := attached.Agent
 		if rfs2.Lower[0].StorageId != rfs.Lower[0].StorageId {
 			t.Errorf("the shared layer is storage %s for the second container, %s for the first", rfs2.Lower[0].StorageId, rfs.Lower[0].StorageId)
 		}
 		if _, err := p.vm.Address(storageID(filepath.Join(dir, "rw2.ext4"))); err != nil {
 			t.Errorf("second writable disk: %v", err)
 		}
-		if err := release2(ctx); err != nil {
+		if err := attached.Release(ctx); err != nil {
 			t.Fatal(err)
 		}
-		if err := release(ctx); err != nil {
+		if err := first.Release(ctx); err != nil {
 			t.Fatal(err)
 		}
 		// The writable disks were detached; the pmem layer stays parked (QEMU cannot unplug it).
@@ -179,7 +191,7 @@ func TestBootDisks(t *testing.T) {
 			t.Fatal(err)
 		}
 		stateDir := StateDir(cfg.StateDir, "test", "bad")
-		p, err := Start(ctx, cfg, Options{ID: "bad", StateDir: stateDir, Hostname: "bad", Rootfs: rootfsPlan(t, bad, filepath.Join(dir, "rw3.ext4"))})
+		p, _, err := Start(ctx, cfg, Options{ID: "bad", StateDir: stateDir, Hostname: "bad", Rootfs: rootfsPlan(t, bad, filepath.Join(dir, "rw3.ext4")), Hypervisor: qemuOf(t, cfg)})
 		if err == nil {
 			p.Stop(context.Background())
 			t.Fatal("Start with an unmountable boot disk succeeded")

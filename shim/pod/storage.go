@@ -25,21 +25,14 @@ type attached struct {
 	refs int
 }
 
-// AttachRootfs attaches the plan's devices (sharing those already attached),
-// has the agent mount them, and returns the rootfs for Containers.Create and a
-// release function that undoes it. On error, nothing stays attached.
-func (p *Pod) AttachRootfs(ctx context.Context, plan *rootfs.Plan) (_ *agent.Rootfs, release func(context.Context) error, retErr error) {
+// AttachRootfs attaches the plan's devices (sharing those already attached) and has the
+// agent mount them, for a container after the pod's first. On error, nothing stays
+// attached.
+func (p *Pod) AttachRootfs(ctx context.Context, plan *rootfs.Plan) (_ Rootfs, retErr error) {
 	var acquired []string
-	releaseAll := func(ctx context.Context) error {
-		var errs []error
-		for i := len(acquired) - 1; i >= 0; i-- {
-			errs = append(errs, p.release(ctx, acquired[i]))
-		}
-		return errors.Join(errs...)
-	}
 	defer func() {
 		if retErr != nil {
-			if err := releaseAll(context.WithoutCancel(ctx)); err != nil {
+			if err := p.releaseAll(context.WithoutCancel(ctx), acquired); err != nil {
 				log.G(ctx).WithError(err).Warn("releasing rootfs devices after a failed attach")
 			}
 		}
@@ -48,11 +41,35 @@ func (p *Pod) AttachRootfs(ctx context.Context, plan *rootfs.Plan) (_ *agent.Roo
 	for i, d := range plan.Devices {
 		id, err := p.acquire(ctx, d)
 		if err != nil {
-			return nil, nil, fmt.Errorf("rootfs device %s: %w", d.Source, err)
+			return Rootfs{}, fmt.Errorf("rootfs device %s: %w", d.Source, err)
 		}
 		acquired = append(acquired, d.Source)
 		ids[i] = id
 	}
+	return p.rootfsOf(plan, ids, acquired), nil
+}
+
+// bootRootfs is the first container's rootfs, whose devices the VM booted with and the
+// agent has mounted (mountBootDisks): it takes a reference on each.
+func (p *Pod) bootRootfs(plan *rootfs.Plan) Rootfs {
+	if plan == nil {
+		return Rootfs{}
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ids := make([]string, len(plan.Devices))
+	sources := make([]string, len(plan.Devices))
+	for i, d := range plan.Devices {
+		a := p.storages[d.Source]
+		a.refs++
+		ids[i], sources[i] = a.id, d.Source
+	}
+	return p.rootfsOf(plan, ids, sources)
+}
+
+// rootfsOf is plan's rootfs on the storages ids (one per plan device), released by
+// dropping the references taken on sources.
+func (p *Pod) rootfsOf(plan *rootfs.Plan, ids, sources []string) Rootfs {
 	ref := func(r *rootfs.Ref) *agent.StoragePath {
 		if r == nil {
 			return nil
@@ -63,7 +80,16 @@ func (p *Pod) AttachRootfs(ctx context.Context, plan *rootfs.Plan) (_ *agent.Roo
 	for i := range plan.Lower {
 		rfs.Lower = append(rfs.Lower, ref(&plan.Lower[i]))
 	}
-	return rfs, releaseAll, nil
+	return Rootfs{Agent: rfs, Release: func(ctx context.Context) error { return p.releaseAll(ctx, sources) }}
+}
+
+// releaseAll drops the references taken on sources, last first.
+func (p *Pod) releaseAll(ctx context.Context, sources []string) error {
+	var errs []error
+	for i := len(sources) - 1; i >= 0; i-- {
+		errs = append(errs, p.release(ctx, sources[i]))
+	}
+	return errors.Join(errs...)
 }
 
 // acquire attaches and mounts d, or takes another reference on it (a disk the
@@ -138,8 +164,8 @@ func bootDisks(ctx context.Context, plan *rootfs.Plan, dax bool) ([]vmm.Disk, []
 }
 
 // mountBootDisks has the agent mount the disks the VM booted with, all at once.
-// Each becomes a storage with no reference yet: the first container's
-// AttachRootfs takes them.
+// Each becomes a storage with no reference yet: the first container's rootfs
+// (bootRootfs) takes them.
 func (p *Pod) mountBootDisks(ctx context.Context, disks []vmm.Disk, devs []rootfs.Device) error {
 	errs := make([]error, len(disks))
 	var wg sync.WaitGroup

@@ -118,25 +118,26 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 			return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
 		}
 	}
-	pd, err := s.ensurePod(ctx, r.ID, pod.Options{
+	pd, rfs, err := s.ensurePod(ctx, r.ID, pod.Options{
 		ID: podID(r.ID, spec), Hostname: hostname(r.ID, spec), NetNS: netns, DNS: dns, Hosts: hosts,
 		Cgroup: podCgroup(spec), Rootfs: plan,
 	}, cfg)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-
-	rfs, release, err := pd.AttachRootfs(ctx, plan)
-	if err != nil {
-		return nil, errgrpc.ToGRPC(err)
+	if rfs.Agent == nil { // a later container: the pod was running
+		if rfs, err = pd.AttachRootfs(ctx, plan); err != nil {
+			return nil, errgrpc.ToGRPC(err)
+		}
 	}
+	release := rfs.Release
 	defer func() {
 		if retErr != nil {
 			release(context.WithoutCancel(ctx))
 		}
 	}()
 
-	req.Rootfs = rfs
+	req.Rootfs = rfs.Agent
 	if len(binds.shared) > 0 {
 		// Shared host paths (volumes) go through the pod's shared directory; the spec
 		// names their guest paths.

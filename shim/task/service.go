@@ -33,6 +33,7 @@ import (
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/netns"
 	"github.com/caisson-containers/caisson/shim/pod"
+	"github.com/caisson-containers/caisson/shim/vmm/hypervisor"
 )
 
 // vmExitCode is the exit status of processes whose VM ended under them.
@@ -111,20 +112,26 @@ func (s *service) process(id, execID string) (*container, *process, error) {
 	return c, p, nil
 }
 
-// ensurePod returns the running pod, starting it for the first container.
-func (s *service) ensurePod(ctx context.Context, id string, o pod.Options, cfg config.Config) (*pod.Pod, error) {
+// ensurePod returns the running pod, starting it for the first container, whose rootfs
+// (o.Rootfs) it then returns attached; for a later container the Rootfs is zero.
+func (s *service) ensurePod(ctx context.Context, id string, o pod.Options, cfg config.Config) (*pod.Pod, pod.Rootfs, error) {
 	s.podMu.Lock()
 	defer s.podMu.Unlock()
 	if s.pod != nil {
-		return s.pod, nil
+		return s.pod, pod.Rootfs{}, nil
 	}
+	hv, err := hypervisor.New(cfg)
+	if err != nil {
+		return nil, pod.Rootfs{}, err
+	}
+	o.Hypervisor = hv
 	ns, _ := namespaces.Namespace(ctx)
 	o.StateDir = pod.StateDir(cfg.StateDir, ns, o.ID)
 	log.G(ctx).WithField("pod", o.ID).Info("starting pod VM")
 	start := time.Now()
-	p, err := pod.Start(ctx, cfg, o)
+	p, rfs, err := pod.Start(ctx, cfg, o)
 	if err != nil {
-		return nil, err
+		return nil, pod.Rootfs{}, err
 	}
 	log.G(ctx).WithField("pod", o.ID).WithField("qemu_pid", p.Pid()).WithField("took", time.Since(start)).Info("pod VM ready")
 	s.pod, s.cfg = p, cfg
@@ -132,7 +139,7 @@ func (s *service) ensurePod(ctx context.Context, id string, o pod.Options, cfg c
 		time.Duration(cfg.Guest.CopiedMountRefreshInterval), cfg.Guest.CopiedMountLimitBytes)
 	go s.watchPod(p)
 	go s.forwardOOM(p)
-	return p, nil
+	return p, rfs, nil
 }
 
 // currentPod returns the running pod, if any.

@@ -5,7 +5,8 @@
 // A template is a directory under the root holding the guest's memory file and the saved
 // device state (vmm.TemplateMemory, vmm.TemplateState), and shape.json, what it was made
 // from. Its name is a hash of the shape and of the identity (inode, size, mtime) of the
-// kernel, initramfs and QEMU binary, so that a rebuilt guest image gets a new template.
+// kernel, initramfs and VMM binary (vmm.Hypervisor's Identity), so that a rebuilt guest
+// image gets a new template.
 // A template whose files changed is removed by the next Get that sees it (and all of them
 // by RemoveAll: `caisson template remove`); VMs still running from one keep their mapping
 // of the removed memory file.
@@ -31,11 +32,11 @@ import (
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/internal/transport"
 	"github.com/caisson-containers/caisson/shim/vmm"
-	"github.com/caisson-containers/caisson/shim/vmm/qemu"
 )
 
-// format changes when what a template holds or how it is made does.
-const format = 1
+// format changes when what a template holds or how it is made does (2: the VMM's
+// identity from vmm.Hypervisor).
+const format = 2
 
 // readyTimeout bounds the template VM's boot to its agent answering with its drivers loaded.
 const readyTimeout = 2 * time.Minute
@@ -43,19 +44,19 @@ const readyTimeout = 2 * time.Minute
 // shape is what a template and the VMs made from it share. Its JSON is the template's
 // shape.json and, hashed, its name.
 type shape struct {
-	Format       int      `json:"format"`
-	Kernel       file     `json:"kernel"`
-	Initramfs    file     `json:"initramfs"`
-	QEMU         file     `json:"qemu"`
-	KernelParams []string `json:"kernel_params"`
-	VCPUs        int      `json:"vcpus"`
-	MemoryMiB    int      `json:"memory_mib"`
-	MaxMemoryMiB int      `json:"max_memory_mib"`
-	HotplugSlots int      `json:"hotplug_slots"`
-	Accelerator  string   `json:"accelerator"`
-	TCGCacheMiB  int      `json:"tcg_translation_cache_mib"`
-	// FreePageReporting adds a device, which the VMs made from it must have too.
-	FreePageReporting bool `json:"free_page_reporting"`
+	Format    int  `json:"format"`
+	Kernel    file `json:"kernel"`
+	Initramfs file `json:"initramfs"`
+	// VMM, VMMBinary and VMMSettings are the hypervisor's identity (vmm.Identity).
+	VMM          string            `json:"vmm"`
+	VMMBinary    file              `json:"vmm_binary"`
+	VMMSettings  map[string]string `json:"vmm_settings,omitempty"`
+	KernelParams []string          `json:"kernel_params"`
+	VCPUs        int               `json:"vcpus"`
+	MemoryMiB    int               `json:"memory_mib"`
+	MaxMemoryMiB int               `json:"max_memory_mib"`
+	HotplugSlots int               `json:"hotplug_slots"`
+	Accelerator  string            `json:"accelerator"`
 }
 
 // file is a file's path and identity.
@@ -74,19 +75,19 @@ func identify(path string) (file, error) {
 	return file{Path: path, Inode: st.Ino, Size: st.Size, Mtime: st.Mtim.Nano()}, nil
 }
 
-// Get returns the directory of the template for VMs like cfg (no disks, no NICs, serial
-// agent channel), making it first if there is none: a VM is booted with cfg, saved once
-// its agent answers with its drivers loaded, and stopped. Concurrent Gets of one shape,
-// in any process, make it once. The caller starts its VM with
-// vmm.Template{Dir: dir, Restore: true} and otherwise the same cfg and qcfg.
-func Get(ctx context.Context, root string, cfg vmm.Config, qcfg qemu.Config) (string, error) {
+// Get returns the directory of the template for VMs like cfg on hv (no disks, no NICs,
+// serial agent channel), making it first if there is none: a VM is booted with cfg,
+// saved once its agent answers with its drivers loaded, and stopped. Concurrent Gets of
+// one shape, in any process, make it once. The caller starts its VM on hv with
+// vmm.Template{Dir: dir, Restore: true} and otherwise the same cfg.
+func Get(ctx context.Context, root string, hv vmm.Hypervisor, cfg vmm.Config) (string, error) {
 	if len(cfg.Disks) > 0 || len(cfg.NICs) > 0 || cfg.Template != nil {
 		return "", fmt.Errorf("template of a VM with disks, NICs or a template: %w", errdefs.ErrInvalidArgument)
 	}
 	if cfg.Agent.Transport != "" && cfg.Agent.Transport != vmm.TransportSerial {
 		return "", fmt.Errorf("templates need the serial agent channel: %w", errdefs.ErrNotImplemented)
 	}
-	sh, err := shapeOf(cfg, qcfg)
+	sh, err := shapeOf(hv, cfg)
 	if err != nil {
 		return "", err
 	}
@@ -116,7 +117,7 @@ func Get(ctx context.Context, root string, cfg vmm.Config, qcfg qemu.Config) (st
 	}
 	removeStale(ctx, root, name, sh)
 	start := time.Now()
-	if err := build(ctx, dir, b, cfg, qcfg); err != nil {
+	if err := build(ctx, hv, dir, b, cfg); err != nil {
 		return "", fmt.Errorf("make VM template: %w", err)
 	}
 	log.G(ctx).WithField("template", dir).WithField("took", time.Since(start)).Info("VM template made")
@@ -129,15 +130,15 @@ func Ready(dir string) bool {
 	return err == nil
 }
 
-func shapeOf(cfg vmm.Config, qcfg qemu.Config) (shape, error) {
+func shapeOf(hv vmm.Hypervisor, cfg vmm.Config) (shape, error) {
 	sh := shape{Format: format, KernelParams: cfg.KernelParams, VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB,
-		MaxMemoryMiB: cfg.MaxMemoryMiB, HotplugSlots: cfg.HotplugSlots, Accelerator: cfg.Accelerator, TCGCacheMiB: qcfg.TCGTranslationCacheMiB,
-		FreePageReporting: qcfg.FreePageReporting}
-	bin, err := qcfg.Binary()
+		MaxMemoryMiB: cfg.MaxMemoryMiB, HotplugSlots: cfg.HotplugSlots, Accelerator: cfg.Accelerator}
+	id, err := hv.Identity()
 	if err != nil {
 		return shape{}, err
 	}
-	if sh.QEMU, err = identify(bin); err != nil {
+	sh.VMM, sh.VMMSettings = id.VMM, id.Settings
+	if sh.VMMBinary, err = identify(id.Binary); err != nil {
 		return shape{}, err
 	}
 	if sh.Kernel, err = identify(cfg.Kernel); err != nil {
@@ -170,7 +171,7 @@ func flock(ctx context.Context, f *os.File) error {
 }
 
 // removeStale removes the templates in root made from the same kernel, initramfs or
-// QEMU paths as sh when those files have changed since, and the leftovers of makes that
+// VMM binary paths as sh when those files have changed since, and the leftovers of makes that
 // died (their lock is free: we hold ours, theirs we try).
 func removeStale(ctx context.Context, root, keep string, sh shape) {
 	entries, err := os.ReadDir(root)
@@ -196,8 +197,8 @@ func removeStale(ctx context.Context, root, keep string, sh shape) {
 		if json.Unmarshal(b, &old) != nil {
 			continue
 		}
-		if changed(old.Kernel, sh.Kernel) || changed(old.Initramfs, sh.Initramfs) || changed(old.QEMU, sh.QEMU) || old.Format != sh.Format {
-			log.G(ctx).WithField("template", filepath.Join(root, name)).Info("removing a VM template whose guest image or QEMU changed")
+		if changed(old.Kernel, sh.Kernel) || changed(old.Initramfs, sh.Initramfs) || changed(old.VMMBinary, sh.VMMBinary) || old.Format != sh.Format {
+			log.G(ctx).WithField("template", filepath.Join(root, name)).Info("removing a VM template whose guest image or VMM changed")
 			os.RemoveAll(filepath.Join(root, name)) // not its lock file: see RemoveAll
 		}
 	}
@@ -206,7 +207,7 @@ func removeStale(ctx context.Context, root, keep string, sh shape) {
 func changed(old, cur file) bool { return old.Path == cur.Path && old != cur }
 
 // build boots the template VM in dir.tmp, saves it, and renames dir.tmp to dir.
-func build(ctx context.Context, dir string, shapeJSON []byte, cfg vmm.Config, qcfg qemu.Config) (retErr error) {
+func build(ctx context.Context, hv vmm.Hypervisor, dir string, shapeJSON []byte, cfg vmm.Config) (retErr error) {
 	tmp := dir + ".tmp"
 	os.RemoveAll(tmp)
 	if err := os.MkdirAll(tmp, 0o700); err != nil {
@@ -220,7 +221,7 @@ func build(ctx context.Context, dir string, shapeJSON []byte, cfg vmm.Config, qc
 	cfg.Template = &vmm.Template{Dir: tmp}
 	cfg.StateDir = filepath.Join(tmp, "vm")
 	cfg.ConsoleLog = filepath.Join(tmp, "console.log")
-	vm, err := qemu.New(cfg, qcfg)
+	vm, err := hv.New(cfg)
 	if err != nil {
 		return err
 	}
@@ -261,7 +262,7 @@ func build(ctx context.Context, dir string, shapeJSON []byte, cfg vmm.Config, qc
 	return os.Rename(tmp, dir)
 }
 
-func vmDone(vm *qemu.VM) bool {
+func vmDone(vm vmm.VM) bool {
 	select {
 	case <-vm.Done():
 		return true

@@ -14,9 +14,20 @@ import (
 
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/internal/transport"
+	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/vmm"
-	"github.com/caisson-containers/caisson/shim/vmm/qemu"
+	"github.com/caisson-containers/caisson/shim/vmm/hypervisor"
 )
+
+// testHypervisor is the shim's QEMU with its default settings.
+func testHypervisor(t *testing.T) vmm.Hypervisor {
+	t.Helper()
+	hv, err := hypervisor.New(config.Config{StateDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return hv
+}
 
 // testConfig is the VM config of a template of the real guest, whose initramfs is a copy
 // the test can change.
@@ -40,6 +51,7 @@ func testConfig(t *testing.T) vmm.Config {
 // from it.
 func TestGet(t *testing.T) {
 	cfg := testConfig(t)
+	hv := testHypervisor(t)
 	root := testutil.ShortTempDir(t)
 	ctx := context.Background()
 
@@ -47,7 +59,7 @@ func TestGet(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range dirs {
 		wg.Go(func() {
-			d, err := Get(ctx, root, cfg, qemu.Config{})
+			d, err := Get(ctx, root, hv, cfg)
 			if err != nil {
 				t.Error(err)
 			}
@@ -66,7 +78,7 @@ func TestGet(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d, err := Get(ctx, root, cfg, qemu.Config{}); err != nil || d != dirs[0] {
+	if d, err := Get(ctx, root, hv, cfg); err != nil || d != dirs[0] {
 		t.Fatalf("second Get: %s %v", d, err)
 	}
 	if st2, err := os.Stat(state); err != nil || !st2.ModTime().Equal(st1.ModTime()) {
@@ -80,7 +92,7 @@ func TestGet(t *testing.T) {
 	vmCfg := cfg
 	vmCfg.StateDir = testutil.ShortTempDir(t)
 	vmCfg.Template = &vmm.Template{Dir: dirs[0], Restore: true}
-	vm, err := qemu.New(vmCfg, qemu.Config{})
+	vm, err := hv.New(vmCfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,7 +114,7 @@ func TestGet(t *testing.T) {
 	if err := os.Chtimes(cfg.Initramfs, later, later); err != nil {
 		t.Fatal(err)
 	}
-	d, err := Get(ctx, root, cfg, qemu.Config{})
+	d, err := Get(ctx, root, hv, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -119,6 +131,7 @@ func TestGet(t *testing.T) {
 
 func TestGetErrors(t *testing.T) {
 	cfg := testConfig(t)
+	hv := testHypervisor(t)
 	root := t.TempDir()
 	ctx := context.Background()
 	for _, tc := range []struct {
@@ -133,7 +146,7 @@ func TestGetErrors(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			c := cfg
 			tc.adjust(&c)
-			if _, err := Get(ctx, root, c, qemu.Config{}); !errors.Is(err, tc.want) {
+			if _, err := Get(ctx, root, hv, c); !errors.Is(err, tc.want) {
 				t.Fatalf("got %v, want %v", err, tc.want)
 			}
 		})
@@ -143,7 +156,7 @@ func TestGetErrors(t *testing.T) {
 		c.KernelParams = append(c.KernelParams, "rdinit=/nonexistent") // no init: the kernel panics, QEMU exits
 		ctx, cancel := context.WithTimeout(ctx, time.Minute)
 		defer cancel()
-		if _, err := Get(ctx, root, c, qemu.Config{}); err == nil {
+		if _, err := Get(ctx, root, hv, c); err == nil {
 			t.Fatal("a template of a guest that cannot start")
 		}
 		if n := countTemplates(t, root); n != 0 {
@@ -160,12 +173,13 @@ func TestGetErrors(t *testing.T) {
 // with the VM stopped and nothing left.
 func TestGetGivesUp(t *testing.T) {
 	cfg := testConfig(t)
+	hv := testHypervisor(t)
 	root := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second) // a boot takes longer
 	defer cancel()
 	done := make(chan error, 1)
 	go func() {
-		_, err := Get(ctx, root, cfg, qemu.Config{})
+		_, err := Get(ctx, root, hv, cfg)
 		done <- err
 	}()
 	select {

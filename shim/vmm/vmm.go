@@ -2,6 +2,12 @@
 // that a VMM implementation (QEMU today, in package shim/vmm/qemu) satisfies, and the plain
 // types that describe a VM and the devices attached to it.
 //
+// A Hypervisor is one VMM configured once (its binary, its own settings): it makes VMs
+// (New) and says what they depend on besides their Config (Identity), which a VM saved
+// as a template (VM.SaveTemplate) shares with the VMs started from it. The shim reaches
+// a VMM through these two interfaces only: a second VMM is a second implementation of
+// them, beside QEMU's.
+//
 // The interface is deliberately small. A VM is configured once (Config), started once
 // (Start), has disks attached and detached while it runs (AttachDisk, DetachDisk), and ends
 // either because the shim stops it (Stop) or because it dies on its own (Done, Wait).
@@ -9,7 +15,7 @@
 //
 // # Lifecycle
 //
-//	vm, _ := qemu.New(cfg, qemu.Config{})
+//	vm, _ := hv.New(cfg)                           // hv: e.g. qemu.NewHypervisor(shimConfig)
 //	if err := vm.Start(ctx); err != nil { ... }   // nothing is left behind on error
 //	defer vm.Stop(ctx)                             // idempotent, also after the VM died
 //	go func() { <-vm.Done(); err := vm.Wait() ... }() // err says why the VM ended
@@ -37,6 +43,29 @@ import (
 	"fmt"
 	"strings"
 )
+
+// Hypervisor makes the VMs of one VMM, configured once.
+type Hypervisor interface {
+	// New checks cfg, applies its defaults and returns a VM that is not started yet.
+	New(cfg Config) (VM, error)
+	// Identity is what the VMs New makes depend on besides their Config. A template is
+	// restored only by a hypervisor of the same identity (see Template).
+	Identity() (Identity, error)
+	// MaxBootDisks is how many Config.Disks a VM may boot with.
+	MaxBootDisks() int
+}
+
+// Identity is what a VMM's VMs depend on besides their Config: a template made by one
+// VMM, or by one build or setting of it, cannot be restored by another.
+type Identity struct {
+	// VMM names the implementation, e.g. "qemu".
+	VMM string `json:"vmm"`
+	// Binary is the VMM's executable: a template made by it is stale once the file
+	// changes (a new build of the VMM).
+	Binary string `json:"binary"`
+	// Settings are the VMM's own settings that change the VM (devices, caches).
+	Settings map[string]string `json:"settings,omitempty"`
+}
 
 // PMEMAlignment is the size a PMEM disk's file must be a multiple of.
 const PMEMAlignment = 2 << 20
@@ -78,6 +107,10 @@ type VM interface {
 	Wait() error
 	// Pid is the VMM process id (0 before Start).
 	Pid() int
+	// SaveTemplate saves a running template VM (Config.Template without Restore) into
+	// its Template.Dir, leaving it paused: the caller stops it. The guest should be
+	// idle (its agent ready), since the VMs started from it resume where it was.
+	SaveTemplate(ctx context.Context) error
 }
 
 // Transport is how the host reaches the guest agent.
