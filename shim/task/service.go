@@ -33,6 +33,7 @@ import (
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/netns"
 	"github.com/caisson-containers/caisson/shim/pod"
+	"github.com/caisson-containers/caisson/shim/vmm"
 	"github.com/caisson-containers/caisson/shim/vmm/hypervisor"
 )
 
@@ -54,6 +55,7 @@ func NewTaskService(ctx context.Context, publisher shim.Publisher, sd shutdown.S
 		shutdown:   sd,
 		events:     make(chan any, 128),
 		containers: map[string]*container{},
+		hypervisor: hypervisor.New,
 	}
 	go s.forward(ctx)
 	if address, err := shim.ReadAddress("address"); err == nil {
@@ -71,6 +73,10 @@ type service struct {
 	publisher shim.Publisher
 	shutdown  shutdown.Service
 	events    chan any
+
+	// hypervisor makes the VMM of a pod's configuration (shim/vmm/hypervisor.New; tests
+	// set a fake).
+	hypervisor func(config.Config) (vmm.Hypervisor, error)
 
 	mu         sync.Mutex
 	containers map[string]*container
@@ -120,7 +126,7 @@ func (s *service) ensurePod(ctx context.Context, id string, o pod.Options, cfg c
 	if s.pod != nil {
 		return s.pod, pod.Rootfs{}, nil
 	}
-	hv, err := hypervisor.New(cfg)
+	hv, err := s.hypervisor(cfg)
 	if err != nil {
 		return nil, pod.Rootfs{}, err
 	}
