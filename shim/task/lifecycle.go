@@ -167,11 +167,11 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	releaseAll := func(ctx context.Context) error {
 		return errors.Join(release(ctx), pd.Unshare(r.ID), releaseDevices(ctx))
 	}
-	copies := s.copyWatcher()
-	copies.add(r.ID, binds.sources)
+	w := s.copyWatcher()
+	w.Add(r.ID, binds.sources)
 	defer func() {
 		if retErr != nil {
-			copies.remove(r.ID)
+			w.Remove(r.ID)
 		}
 	}()
 	created := time.Now()
@@ -364,7 +364,7 @@ func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		// After the container is gone from the guest, as runc runs them after its process
 		// has exited; the pod's network namespace is still there for them.
 		c.hooks.poststop(ctx, s.hookPid())
-		s.copyWatcher().remove(r.ID)
+		s.copyWatcher().Remove(r.ID)
 		for _, e := range c.all() {
 			e.closeIO()
 		}

@@ -31,6 +31,7 @@ import (
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/copies"
 	"github.com/caisson-containers/caisson/shim/netns"
 	"github.com/caisson-containers/caisson/shim/pod"
 	"github.com/caisson-containers/caisson/shim/vmm"
@@ -84,7 +85,7 @@ type service struct {
 	podMu  sync.Mutex
 	pod    *pod.Pod
 	cfg    config.Config
-	copies *copyWatcher // of the pod's copied mounts
+	copies *copies.Watcher // of the pod's copied mounts
 	// hookNS holds the network namespace whose pid the pod's OCI hooks get (hooks.go),
 	// once a container has hooks; for a pod whose first container asked for a network
 	// namespace of its own, the one its NICs come from.
@@ -141,7 +142,7 @@ func (s *service) ensurePod(ctx context.Context, id string, o pod.Options, cfg c
 	}
 	log.G(ctx).WithField("pod", o.ID).WithField("qemu_pid", p.Pid()).WithField("took", time.Since(start)).Info("pod VM ready")
 	s.pod, s.cfg = p, cfg
-	s.copies = newCopyWatcher(s.context, p.Containers, p.Done(),
+	s.copies = copies.NewWatcher(s.context, p.Containers, p.Done(),
 		time.Duration(cfg.Guest.CopiedMountRefreshInterval), cfg.Guest.CopiedMountLimitBytes)
 	go s.watchPod(p)
 	go s.forwardOOM(p)
@@ -156,7 +157,7 @@ func (s *service) currentPod() *pod.Pod {
 }
 
 // copyWatcher returns the running pod's copy watcher (nil without a pod).
-func (s *service) copyWatcher() *copyWatcher {
+func (s *service) copyWatcher() *copies.Watcher {
 	s.podMu.Lock()
 	defer s.podMu.Unlock()
 	return s.copies
@@ -166,11 +167,11 @@ func (s *service) copyWatcher() *copyWatcher {
 // (after the VM, whose network is torn down in that namespace).
 func (s *service) stopPod(ctx context.Context) {
 	s.podMu.Lock()
-	p, copies, ns := s.pod, s.copies, s.hookNS
+	p, w, ns := s.pod, s.copies, s.hookNS
 	s.pod, s.copies, s.hookNS = nil, nil, nil
 	s.podMu.Unlock()
-	if copies != nil {
-		copies.close()
+	if w != nil {
+		w.Close()
 	}
 	if p != nil {
 		if err := p.Stop(ctx); err != nil {

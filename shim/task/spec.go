@@ -14,6 +14,7 @@ import (
 	"github.com/opencontainers/runtime-spec/specs-go"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/shim/copies"
 	"github.com/caisson-containers/caisson/shim/pod"
 	"github.com/caisson-containers/caisson/shim/virtiofs"
 )
@@ -52,7 +53,7 @@ type hostBinds struct {
 	// copied are the CopiedMounts the agent makes the sources of (copy mode), and
 	// sources what the copy watcher needs of them.
 	copied  []*agent.CopiedMount
-	sources []copiedSource
+	sources []copies.Source
 	// shared are mounts whose host source the pod shares with the guest (virtio-fs):
 	// the shim shares each and points the guest spec's mount at it before sending it.
 	shared []sharedBind
@@ -68,7 +69,7 @@ type sharedBind struct {
 // guestSpec rewrites what in a host spec refers to the host: bind mounts of the
 // CRI's pod files become the sandbox's guest files; /dev/termination-log is
 // dropped; other host bind mounts are shared (share: virtio-fs, the shim shares
-// them before the spec is sent) or else copied (see copyTree; at most limit bytes
+// them before the spec is sent) or else copied (see copies.Tree; at most limit bytes
 // each; a writable one, whose writes would never reach the host, is refused);
 // namespace paths, which name host objects, are dropped, and so are the hooks,
 // which the shim runs on the host (hooks.go).
@@ -124,14 +125,14 @@ func guestSpec(s *specs.Spec, limit int64, share bool) (*specs.Spec, hostBinds, 
 				"mount it read-only, or share it (guest.shared_fs = \"virtio-fs\", without hypervisor.template): %w",
 				m.Source, m.Destination, errdefs.ErrInvalidArgument)
 		}
-		files, sig, err := copyTree(m.Source, limit)
+		files, sig, err := copies.Tree(m.Source, limit)
 		if err != nil {
 			return nil, binds, fmt.Errorf("bind mount of host path %q at %q cannot be copied into the Caisson VM: %w",
 				m.Source, m.Destination, err)
 		}
 		key := filepath.Clean(m.Source)
 		binds.copied = append(binds.copied, &agent.CopiedMount{MountIndex: uint32(len(g.Mounts)), Key: key, Files: files})
-		binds.sources = append(binds.sources, copiedSource{key: key, readonly: true, sig: sig})
+		binds.sources = append(binds.sources, copies.Source{Key: key, ReadOnly: true, Sig: sig})
 		g.Mounts = append(g.Mounts, m)
 	}
 	return &g, binds, nil

@@ -1,4 +1,4 @@
-package task
+package copies
 
 import (
 	"net"
@@ -109,7 +109,7 @@ func TestCopyTree(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			src := filepath.Join(t.TempDir(), "src")
 			tc.make(t, src)
-			files, _, err := copyTree(src, tc.limit)
+			files, _, err := Tree(src, tc.limit)
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) || !errdefs.IsInvalidArgument(err) {
 					t.Fatalf("error %v, want an invalid argument saying %q", err, tc.wantErr)

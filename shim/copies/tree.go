@@ -1,4 +1,9 @@
-package task
+// Package copies is the shim's side of copied mounts: a host path a container
+// bind-mounts, when the pod does not share host paths with its VM (guest.shared_fs =
+// "copy", or a pod from a VM template), is read here (Tree) and sent with the
+// container's create; the agent keeps the guest's copy (guest/agent/copies). A Watcher
+// sends the source again when it changes on the host.
+package copies
 
 import (
 	"crypto/sha256"
@@ -15,14 +20,14 @@ import (
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 )
 
-// copyTree reads the bind mount source src, a regular file or a tree of regular
+// Tree reads the bind mount source src, a regular file or a tree of regular
 // files, directories and symbolic links (not followed), as CopiedFiles, parents
 // before children, the root first with an empty path, and the signature of what
 // it read (see treeSignature), taken before the content. The content of its
 // files and the targets of its links together may not exceed limit bytes (an
 // *overLimitError); sockets, devices and fifos are refused. Errors name the path
 // and the reason.
-func copyTree(src string, limit int64) ([]*agent.CopiedFile, signature, error) {
+func Tree(src string, limit int64) ([]*agent.CopiedFile, Signature, error) {
 	var (
 		files []*agent.CopiedFile
 		size  int64 // content bytes so far; past limit, only counted
@@ -47,10 +52,10 @@ func copyTree(src string, limit int64) ([]*agent.CopiedFile, signature, error) {
 		return nil
 	})
 	if err != nil {
-		return nil, signature{}, err
+		return nil, Signature{}, err
 	}
 	if size > limit {
-		return nil, signature{}, &overLimitError{path: root, size: size, limit: limit}
+		return nil, Signature{}, &overLimitError{path: root, size: size, limit: limit}
 	}
 	return files, sig, nil
 }
@@ -68,14 +73,14 @@ func (e *overLimitError) Error() string {
 
 func (e *overLimitError) Unwrap() error { return errdefs.ErrInvalidArgument }
 
-// signature sums up what a tree looks like without reading its files: the path
+// Signature sums up what a tree looks like without reading its files: the path
 // the source resolves to, and each entry's path, type, mode, owner, size,
 // modification and change times, inode and link target. A file written, a link
 // swapped, an entry added, removed or replaced changes it.
-type signature [sha256.Size]byte
+type Signature [sha256.Size]byte
 
-// treeSignature returns the signature of src, as copyTree would take it.
-func treeSignature(src string) (signature, error) {
+// treeSignature returns the signature of src, as Tree would take it.
+func treeSignature(src string) (Signature, error) {
 	_, sig, err := walkTree(src, func(treeEntry) error { return nil })
 	return sig, err
 }
@@ -93,10 +98,10 @@ type treeEntry struct {
 // followed), refuses what cannot be copied, and calls fn for each entry,
 // returning the resolved root and the tree's signature. Errors wrap
 // errdefs.ErrInvalidArgument.
-func walkTree(src string, fn func(treeEntry) error) (string, signature, error) {
+func walkTree(src string, fn func(treeEntry) error) (string, Signature, error) {
 	root, err := filepath.EvalSymlinks(src)
 	if err != nil {
-		return "", signature{}, fmt.Errorf("cannot read %s: %w: %w", src, err, errdefs.ErrInvalidArgument)
+		return "", Signature{}, fmt.Errorf("cannot read %s: %w: %w", src, err, errdefs.ErrInvalidArgument)
 	}
 	h := sha256.New()
 	h.Write([]byte(root))
@@ -133,9 +138,9 @@ func walkTree(src string, fn func(treeEntry) error) (string, signature, error) {
 		return fn(e)
 	})
 	if err != nil {
-		return "", signature{}, fmt.Errorf("%w: %w", err, errdefs.ErrInvalidArgument)
+		return "", Signature{}, fmt.Errorf("%w: %w", err, errdefs.ErrInvalidArgument)
 	}
-	var sig signature
+	var sig Signature
 	h.Sum(sig[:0])
 	return root, sig, nil
 }

@@ -1,4 +1,4 @@
-package task
+package copies
 
 import (
 	"context"
@@ -14,19 +14,19 @@ import (
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 )
 
-// copyUpdater is the agent call the watcher makes (agent.ContainersClient has it).
-type copyUpdater interface {
+// Updater is the agent call the watcher makes (agent.ContainersClient has it).
+type Updater interface {
 	UpdateCopiedMount(context.Context, *agent.UpdateCopiedMountRequest) (*emptypb.Empty, error)
 }
 
-// copiedSource is a host bind mount source a container had copied into the guest.
-type copiedSource struct {
-	key      string // the host path: CopiedMount.key
-	readonly bool   // the container mounts it read-only
-	sig      signature
+// Source is a host bind mount source a container had copied into the guest.
+type Source struct {
+	Key      string // the host path: CopiedMount.key
+	ReadOnly bool   // the container mounts it read-only
+	Sig      Signature
 }
 
-// copyWatcher carries host-side changes of the pod's copied mounts into the
+// Watcher carries host-side changes of the pod's copied mounts into the
 // guest, as Kata's watchable bind mounts do: one goroutine per pod checks, every
 // interval, the signature of each watched source (metadata only; see
 // treeSignature) and, when it changed, copies the source again and sends it to
@@ -38,10 +38,10 @@ type copiedSource struct {
 // the live one, which the pod writes: it is never refreshed again, so the
 // host's content never overwrites the pod's writes. A source stops being
 // watched when the last container using it is deleted; the goroutine runs only
-// while some source is watched, and ends with the pod (close, or its VM's end).
+// while some source is watched, and ends with the pod (Close, or its VM's end).
 // A nil watcher watches nothing.
-type copyWatcher struct {
-	agent    copyUpdater
+type Watcher struct {
+	agent    Updater
 	interval time.Duration // 0: never
 	limit    int64
 	podDone  <-chan struct{}
@@ -64,16 +64,16 @@ type watchedSource struct {
 	key      string
 	refs     int
 	writable bool      // some container mounted it writable: never refreshed
-	sig      signature // of the content the guest holds
+	sig      Signature // of the content the guest holds
 
 	// What went wrong last, so that a lasting problem is logged once.
 	failures int
 	warned   string
 }
 
-// newCopyWatcher returns the watcher of a pod whose agent is a and which ends with podDone.
-func newCopyWatcher(ctx context.Context, a copyUpdater, podDone <-chan struct{}, interval time.Duration, limit int64) *copyWatcher {
-	return &copyWatcher{
+// NewWatcher returns the watcher of a pod whose agent is a and which ends with podDone.
+func NewWatcher(ctx context.Context, a Updater, podDone <-chan struct{}, interval time.Duration, limit int64) *Watcher {
+	return &Watcher{
 		agent: a, interval: interval, limit: limit, podDone: podDone,
 		log:     log.G(ctx),
 		sources: map[string]*watchedSource{},
@@ -81,10 +81,10 @@ func newCopyWatcher(ctx context.Context, a copyUpdater, podDone <-chan struct{},
 	}
 }
 
-// add records the sources container id has copied, before the guest creates
-// it (remove undoes it if that fails). When it returns, no refresh of a source
+// Add records the sources container id has copied, before the guest creates
+// it (Remove undoes it if that fails). When it returns, no refresh of a source
 // the container mounts writable is under way, nor will be.
-func (w *copyWatcher) add(id string, srcs []copiedSource) {
+func (w *Watcher) Add(id string, srcs []Source) {
 	if w == nil || w.interval == 0 || len(srcs) == 0 {
 		return
 	}
@@ -95,20 +95,20 @@ func (w *copyWatcher) add(id string, srcs []copiedSource) {
 	}
 	madeWritable := false
 	for _, s := range srcs {
-		ws, ok := w.sources[s.key]
+		ws, ok := w.sources[s.Key]
 		if !ok {
 			// The guest will hold what this container's request carries: a
 			// container that shares an existing copy does not change it.
-			ws = &watchedSource{key: s.key, sig: s.sig}
-			w.sources[s.key] = ws
+			ws = &watchedSource{key: s.Key, sig: s.Sig}
+			w.sources[s.Key] = ws
 		}
 		ws.refs++
-		if !s.readonly {
+		if !s.ReadOnly {
 			// Even for a new entry: a refresh of an earlier one of the same key
 			// may still be in flight.
 			ws.writable, madeWritable = true, true
 		}
-		w.users[id] = append(w.users[id], s.key)
+		w.users[id] = append(w.users[id], s.Key)
 	}
 	if w.stop == nil && w.watching() {
 		ctx, cancel := context.WithCancel(context.Background())
@@ -122,9 +122,9 @@ func (w *copyWatcher) add(id string, srcs []copiedSource) {
 	}
 }
 
-// remove forgets the sources of container id, deleted; with the last watched
-// source, the poller ends (remove returns once it has).
-func (w *copyWatcher) remove(id string) {
+// Remove forgets the sources of container id, deleted; with the last watched
+// source, the poller ends (Remove returns once it has).
+func (w *Watcher) Remove(id string) {
 	if w == nil {
 		return
 	}
@@ -147,8 +147,8 @@ func (w *copyWatcher) remove(id string) {
 	}
 }
 
-// close stops the poller for good (the pod stops) and waits for it.
-func (w *copyWatcher) close() {
+// Close stops the poller for good (the pod stops) and waits for it.
+func (w *Watcher) Close() {
 	w.mu.Lock()
 	w.closed = true
 	done := w.done
@@ -163,7 +163,7 @@ func (w *copyWatcher) close() {
 }
 
 // watching reports whether some source is watched. w.mu is held.
-func (w *copyWatcher) watching() bool {
+func (w *Watcher) watching() bool {
 	for _, ws := range w.sources {
 		if !ws.writable {
 			return true
@@ -172,7 +172,7 @@ func (w *copyWatcher) watching() bool {
 	return false
 }
 
-func (w *copyWatcher) run(ctx context.Context, done chan struct{}) {
+func (w *Watcher) run(ctx context.Context, done chan struct{}) {
 	defer close(done)
 	t := time.NewTicker(w.interval)
 	defer t.Stop()
@@ -189,7 +189,7 @@ func (w *copyWatcher) run(ctx context.Context, done chan struct{}) {
 }
 
 // poll refreshes every watched source whose signature changed.
-func (w *copyWatcher) poll(ctx context.Context) {
+func (w *Watcher) poll(ctx context.Context) {
 	for _, ws := range w.due() {
 		if ctx.Err() != nil {
 			return
@@ -206,7 +206,7 @@ func (w *copyWatcher) poll(ctx context.Context) {
 }
 
 // due returns the watched sources.
-func (w *copyWatcher) due() []*watchedSource {
+func (w *Watcher) due() []*watchedSource {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	var out []*watchedSource
@@ -223,7 +223,7 @@ const updateTimeout = 30 * time.Second
 
 // refresh copies ws into the guest again if its signature changed. Only the
 // poller's goroutine calls it, so ws.sig and the failure fields are its own.
-func (w *copyWatcher) refresh(ctx context.Context, ws *watchedSource) {
+func (w *Watcher) refresh(ctx context.Context, ws *watchedSource) {
 	logger := w.log.WithField("source", ws.key)
 	sig, err := treeSignature(ws.key)
 	if err == nil && sig == ws.sig {
@@ -233,7 +233,7 @@ func (w *copyWatcher) refresh(ctx context.Context, ws *watchedSource) {
 	start := time.Now()
 	var files []*agent.CopiedFile
 	if err == nil {
-		files, sig, err = copyTree(ws.key, w.limit)
+		files, sig, err = Tree(ws.key, w.limit)
 	}
 	if err == nil {
 		rctx, cancel := context.WithTimeout(ctx, updateTimeout)

@@ -1,4 +1,4 @@
-package task
+package copies
 
 import (
 	"bytes"
@@ -90,13 +90,13 @@ func kubeletVolume(t *testing.T, dir, ts string, keys map[string]string) {
 }
 
 // sourceOf is what Create gives the watcher for a mount of src.
-func sourceOf(t *testing.T, src string, readonly bool) copiedSource {
+func sourceOf(t *testing.T, src string, readonly bool) Source {
 	t.Helper()
-	_, sig, err := copyTree(src, 1<<20)
+	_, sig, err := Tree(src, 1<<20)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return copiedSource{key: src, readonly: readonly, sig: sig}
+	return Source{Key: src, ReadOnly: readonly, Sig: sig}
 }
 
 // fileData returns the content of path in a copied tree.
@@ -116,19 +116,19 @@ func TestCopyWatcherPoll(t *testing.T) {
 		name string
 		// setup makes the sources and adds containers; change changes the host;
 		// check checks what reached the agent at the poll after change.
-		run func(t *testing.T, w *copyWatcher, a *fakeAgent, dir string, logs *bytes.Buffer)
+		run func(t *testing.T, w *Watcher, a *fakeAgent, dir string, logs *bytes.Buffer)
 	}{
-		{name: "nothing changed", run: func(t *testing.T, w *copyWatcher, a *fakeAgent, dir string, _ *bytes.Buffer) {
+		{name: "nothing changed", run: func(t *testing.T, w *Watcher, a *fakeAgent, dir string, _ *bytes.Buffer) {
 			kubeletVolume(t, dir, "..1", map[string]string{"key": "v1"})
-			w.add("c1", []copiedSource{sourceOf(t, dir, true)})
+			w.Add("c1", []Source{sourceOf(t, dir, true)})
 			w.poll(ctx)
 			if c := a.take(); len(c) != 0 {
 				t.Fatalf("%d updates of an unchanged source", len(c))
 			}
 		}},
-		{name: "kubelet update", run: func(t *testing.T, w *copyWatcher, a *fakeAgent, dir string, _ *bytes.Buffer) {
+		{name: "kubelet update", run: func(t *testing.T, w *Watcher, a *fakeAgent, dir string, _ *bytes.Buffer) {
 			kubeletVolume(t, dir, "..1", map[string]string{"key": "v1", "gone": "x"})
-			w.add("c1", []copiedSource{sourceOf(t, dir, true)})
+			w.Add("c1", []Source{sourceOf(t, dir, true)})
 			kubeletVolume(t, dir, "..2", map[string]string{"key": "v2", "added": "y"})
 			w.poll(ctx)
 			c := a.take()
@@ -150,11 +150,11 @@ func TestCopyWatcherPoll(t *testing.T) {
 				t.Fatalf("%d updates after the source settled", len(c))
 			}
 		}},
-		{name: "file rewritten with the same size and mtime", run: func(t *testing.T, w *copyWatcher, a *fakeAgent, dir string, _ *bytes.Buffer) {
+		{name: "file rewritten with the same size and mtime", run: func(t *testing.T, w *Watcher, a *fakeAgent, dir string, _ *bytes.Buffer) {
 			f := filepath.Join(dir, "token")
 			write(t, f, "aaaa")
 			st, _ := os.Stat(f)
-			w.add("c1", []copiedSource{sourceOf(t, f, true)})
+			w.Add("c1", []Source{sourceOf(t, f, true)})
 			write(t, f, "bbbb")
 			os.Chtimes(f, st.ModTime(), st.ModTime())
 			w.poll(ctx)
@@ -162,13 +162,13 @@ func TestCopyWatcherPoll(t *testing.T) {
 				t.Fatalf("updates %v, want one with bbbb", c)
 			}
 		}},
-		{name: "writable source never refreshed", run: func(t *testing.T, w *copyWatcher, a *fakeAgent, dir string, _ *bytes.Buffer) {
+		{name: "writable source never refreshed", run: func(t *testing.T, w *Watcher, a *fakeAgent, dir string, _ *bytes.Buffer) {
 			ro, rw := filepath.Join(dir, "ro"), filepath.Join(dir, "rw")
 			mkdir(t, ro)
 			mkdir(t, rw)
 			// c1 mounts both read-only; c2 mounts rw writable: the pod writes its copy.
-			w.add("c1", []copiedSource{sourceOf(t, ro, true), sourceOf(t, rw, true)})
-			w.add("c2", []copiedSource{sourceOf(t, rw, false)})
+			w.Add("c1", []Source{sourceOf(t, ro, true), sourceOf(t, rw, true)})
+			w.Add("c2", []Source{sourceOf(t, rw, false)})
 			write(t, filepath.Join(ro, "f"), "x")
 			write(t, filepath.Join(rw, "f"), "x")
 			w.poll(ctx)
@@ -177,16 +177,16 @@ func TestCopyWatcherPoll(t *testing.T) {
 				t.Fatalf("updates %v, want one of %s only", c, ro)
 			}
 			// It stays unwatched when the writer is gone: the copy holds what it wrote.
-			w.remove("c2")
+			w.Remove("c2")
 			write(t, filepath.Join(rw, "g"), "x")
 			w.poll(ctx)
 			if c := a.take(); len(c) != 0 {
 				t.Fatalf("updates %v of a source a container wrote", c)
 			}
 		}},
-		{name: "over the limit, then back under", run: func(t *testing.T, w *copyWatcher, a *fakeAgent, dir string, logs *bytes.Buffer) {
+		{name: "over the limit, then back under", run: func(t *testing.T, w *Watcher, a *fakeAgent, dir string, logs *bytes.Buffer) {
 			write(t, filepath.Join(dir, "a"), "1234")
-			w.add("c1", []copiedSource{sourceOf(t, dir, true)})
+			w.Add("c1", []Source{sourceOf(t, dir, true)})
 			write(t, filepath.Join(dir, "b"), strings.Repeat("x", 100)) // limit 64
 			w.poll(ctx)
 			w.poll(ctx)
@@ -209,9 +209,9 @@ func TestCopyWatcherPoll(t *testing.T) {
 				t.Fatalf("updates %v, want one once back under the limit", c)
 			}
 		}},
-		{name: "agent failure retried", run: func(t *testing.T, w *copyWatcher, a *fakeAgent, dir string, logs *bytes.Buffer) {
+		{name: "agent failure retried", run: func(t *testing.T, w *Watcher, a *fakeAgent, dir string, logs *bytes.Buffer) {
 			write(t, filepath.Join(dir, "a"), "1")
-			w.add("c1", []copiedSource{sourceOf(t, dir, true)})
+			w.Add("c1", []Source{sourceOf(t, dir, true)})
 			write(t, filepath.Join(dir, "a"), "2")
 			a.fail(errdefs.ErrUnavailable)
 			w.poll(ctx)
@@ -229,17 +229,17 @@ func TestCopyWatcherPoll(t *testing.T) {
 				t.Fatalf("%d updates, want one that succeeds and none after", len(c))
 			}
 		}},
-		{name: "forgotten with its last container", run: func(t *testing.T, w *copyWatcher, a *fakeAgent, dir string, _ *bytes.Buffer) {
+		{name: "forgotten with its last container", run: func(t *testing.T, w *Watcher, a *fakeAgent, dir string, _ *bytes.Buffer) {
 			write(t, filepath.Join(dir, "a"), "1")
-			w.add("c1", []copiedSource{sourceOf(t, dir, true)})
-			w.add("c2", []copiedSource{sourceOf(t, dir, true)})
-			w.remove("c1")
+			w.Add("c1", []Source{sourceOf(t, dir, true)})
+			w.Add("c2", []Source{sourceOf(t, dir, true)})
+			w.Remove("c1")
 			write(t, filepath.Join(dir, "a"), "2")
 			w.poll(ctx)
 			if c := a.take(); len(c) != 1 {
 				t.Fatalf("%d updates while c2 uses it, want 1", len(c))
 			}
-			w.remove("c2")
+			w.Remove("c2")
 			write(t, filepath.Join(dir, "a"), "3")
 			w.poll(ctx)
 			if c := a.take(); len(c) != 0 {
@@ -254,8 +254,8 @@ func TestCopyWatcherPoll(t *testing.T) {
 			l.Formatter = &logrus.TextFormatter{DisableTimestamp: true}
 			a := newFakeAgent()
 			// An hour: the poller goroutine never ticks; the test polls.
-			w := newCopyWatcher(log.WithLogger(ctx, logrus.NewEntry(l)), a, nil, time.Hour, 64)
-			t.Cleanup(w.close)
+			w := NewWatcher(log.WithLogger(ctx, logrus.NewEntry(l)), a, nil, time.Hour, 64)
+			t.Cleanup(w.Close)
 			tc.run(t, w, a, t.TempDir(), &logs)
 		})
 	}
@@ -270,12 +270,12 @@ func TestCopyWatcherGoroutine(t *testing.T) {
 	write(t, filepath.Join(dir, "a"), "1")
 	a := newFakeAgent()
 	podDone := make(chan struct{})
-	w := newCopyWatcher(ctx, a, podDone, 10*time.Millisecond, 1<<20)
+	w := NewWatcher(ctx, a, podDone, 10*time.Millisecond, 1<<20)
 
 	waitPollers(t, 0, "before anything is watched")
-	w.add("rw", []copiedSource{sourceOf(t, dir+"/a", false)})
+	w.Add("rw", []Source{sourceOf(t, dir+"/a", false)})
 	waitPollers(t, 0, "for a writable source only")
-	w.add("c1", []copiedSource{sourceOf(t, dir, true)})
+	w.Add("c1", []Source{sourceOf(t, dir, true)})
 	waitPollers(t, 1, "for a watched source")
 	write(t, filepath.Join(dir, "a"), "2")
 	select {
@@ -283,22 +283,22 @@ func TestCopyWatcherGoroutine(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatal("the change never reached the agent")
 	}
-	w.remove("c1") // returns when the poller has ended
+	w.Remove("c1") // returns when the poller has ended
 	waitPollers(t, 0, "after the last watched source went")
-	w.add("c2", []copiedSource{sourceOf(t, dir, true)})
+	w.Add("c2", []Source{sourceOf(t, dir, true)})
 	waitPollers(t, 1, "again")
-	w.close()
+	w.Close()
 	waitPollers(t, 0, "after close")
-	w.add("c3", []copiedSource{sourceOf(t, dir, true)})
+	w.Add("c3", []Source{sourceOf(t, dir, true)})
 	waitPollers(t, 0, "after close and add")
 
 	// The VM ends under a running poller.
-	w = newCopyWatcher(ctx, a, podDone, 10*time.Millisecond, 1<<20)
-	w.add("c1", []copiedSource{sourceOf(t, dir, true)})
+	w = NewWatcher(ctx, a, podDone, 10*time.Millisecond, 1<<20)
+	w.Add("c1", []Source{sourceOf(t, dir, true)})
 	waitPollers(t, 1, "for a watched source")
 	close(podDone)
 	waitPollers(t, 0, "after the pod's VM ended")
-	w.close()
+	w.Close()
 }
 
 // waitPollers waits (a minute at most) until n copy watcher goroutines run: one
@@ -323,7 +323,7 @@ func pollers() int {
 	buf := make([]byte, 1<<20)
 	buf = buf[:runtime.Stack(buf, true)]
 	// A poller that has not run yet shows as a wrapper of add: count by creator.
-	return strings.Count(string(buf), "created by github.com/caisson-containers/caisson/shim/task.(*copyWatcher).add ")
+	return strings.Count(string(buf), "created by github.com/caisson-containers/caisson/shim/copies.(*Watcher).Add ")
 }
 
 // BenchmarkTreeSignature measures what the poller does at each interval for an
@@ -352,7 +352,7 @@ func BenchmarkTreeSignature(b *testing.B) {
 	}
 	var sig, cp time.Duration
 	for b.Loop() {
-		cp = measure(func() error { _, _, err := copyTree(dir, 1<<20); return err })
+		cp = measure(func() error { _, _, err := Tree(dir, 1<<20); return err })
 		sig = measure(func() error { _, err := treeSignature(dir); return err })
 	}
 	b.ReportMetric(float64(sig)/float64(cp), "sig/copy")
