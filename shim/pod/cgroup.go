@@ -151,7 +151,42 @@ func cgroupDir(m cgroups.Manager) string {
 	return m.Path("memory")
 }
 
-// vmCgroup is the cgroup of a pod's processes.
+// Cgroup is the cgroup a pod's host processes (the VMM, virtiofsd) run in.
+type Cgroup interface {
+	// Add moves pid, with all its threads, into the cgroup; processes it forks later
+	// are born there.
+	Add(pid int) error
+	// Remove removes the cgroup once the pod's processes, ended by the caller, have
+	// left it.
+	Remove(ctx context.Context) error
+}
+
+// CgroupFunc makes the cgroup of a pod that Start starts with cfg and o (o.Cgroup is its
+// path, if the task named one), before any of its processes runs.
+type CgroupFunc func(cfg config.Config, o Options) (Cgroup, error)
+
+// HostCgroup is the cgroup a pod's processes run in on a host: o.Cgroup or one of the
+// shim's own, with the VM's limits (cgroupLimits), recorded in the pod's state
+// directory for RemoveCgroup. Making it needs root (or a delegated cgroup tree).
+func HostCgroup(cfg config.Config, o Options) (Cgroup, error) {
+	c, err := newCgroup(cfg, o)
+	if err != nil {
+		return nil, err // not a typed nil in the interface
+	}
+	return c, nil
+}
+
+// NoCgroup leaves a pod's processes in the shim's own cgroup, without the VM's limits:
+// for a pod on a VMM with no process of its own to bound (a test's fake), started by a
+// user who may not make cgroups.
+func NoCgroup(config.Config, Options) (Cgroup, error) { return noCgroup{}, nil }
+
+type noCgroup struct{}
+
+func (noCgroup) Add(int) error                { return nil }
+func (noCgroup) Remove(context.Context) error { return nil }
+
+// vmCgroup is the cgroup of a pod's processes on the host.
 type vmCgroup struct {
 	path    string
 	limits  *cgroups.Resources
@@ -185,9 +220,9 @@ func newCgroup(cfg config.Config, o Options) (*vmCgroup, error) {
 	return &vmCgroup{path: path, limits: limits, m: m}, nil
 }
 
-// add moves pid (with all its threads) into the cgroup, making it and setting its
+// Add moves pid (with all its threads) into the cgroup, making it and setting its
 // limits first if need be. Processes pid forks later are born there.
-func (c *vmCgroup) add(pid int) error {
+func (c *vmCgroup) Add(pid int) error {
 	if c.applied {
 		// Not the manager's AddPid: it writes to the devices controller's cgroup too,
 		// which SkipDevices did not make.
@@ -211,12 +246,8 @@ func (c *vmCgroup) add(pid int) error {
 	return nil
 }
 
-// remove removes the cgroup once the pod's processes, ended by the caller, have left it,
-// and the record. A nil cgroup is none.
-func (c *vmCgroup) remove(ctx context.Context) error {
-	if c == nil {
-		return nil
-	}
+// Remove removes the cgroup once the pod's processes, ended by the caller, have left it.
+func (c *vmCgroup) Remove(ctx context.Context) error {
 	return removeCgroup(ctx, c.m, c.path)
 }
 

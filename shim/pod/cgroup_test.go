@@ -202,10 +202,10 @@ func TestCgroupLifecycle(t *testing.T) {
 		t.Fatalf("default cgroup %s, want %s", cg.path, want)
 	}
 	a, b := sleep(), sleep()
-	if err := cg.add(a.Process.Pid); err != nil {
+	if err := cg.Add(a.Process.Pid); err != nil {
 		t.Fatal(err)
 	}
-	if err := cg.add(b.Process.Pid); err != nil {
+	if err := cg.Add(b.Process.Pid); err != nil {
 		t.Fatal(err)
 	}
 	for _, cmd := range []*exec.Cmd{a, b} {
@@ -231,7 +231,7 @@ func TestCgroupLifecycle(t *testing.T) {
 
 	kill(a)
 	kill(b)
-	if err := cg.remove(ctx); err != nil {
+	if err := cg.Remove(ctx); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(memoryLimitFile(want)); !os.IsNotExist(err) {
@@ -244,7 +244,7 @@ func TestCgroupLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := sleep()
-	if err := cg.add(c.Process.Pid); err != nil {
+	if err := cg.Add(c.Process.Pid); err != nil {
 		t.Fatal(err)
 	}
 	go func() { time.Sleep(100 * time.Millisecond); kill(c) }() // the VM killed while cleanup waits

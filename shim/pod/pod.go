@@ -55,6 +55,9 @@ type Options struct {
 	// accounting sees the VM, or a lone container's cgroupsPath. Empty: one of the
 	// shim's own.
 	Cgroup string
+	// NewCgroup makes the cgroup the pod's host processes run in. Nil: HostCgroup;
+	// NoCgroup for a pod on a test's fake VMM run without root.
+	NewCgroup CgroupFunc
 	// DNS and Hosts fill the guest's resolv.conf and /etc/hosts (besides localhost).
 	DNS   *agent.DNS
 	Hosts []*agent.HostEntry
@@ -159,7 +162,7 @@ type Pod struct {
 	vm       vmm.VM
 	net      *network.Network
 	// cgroup holds QEMU and virtiofsd; removed by Stop once they have exited.
-	cgroup  *vmCgroup
+	cgroup  Cgroup
 	session transport.Session
 	client  *ttrpc.Client
 	// calls puts deadlines on the agent's calls and tells whether the guest answers.
@@ -261,12 +264,19 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, _ Rootfs,
 		vcfg.Disks = append(slices.Clip(disks), modules)
 	}
 	// Removed after virtiofsd and QEMU have exited (deferred before them).
-	cg, err := newCgroup(cfg, o)
+	cgroupOf := o.NewCgroup
+	if cgroupOf == nil {
+		cgroupOf = HostCgroup
+	}
+	cg, err := cgroupOf(cfg, o)
 	if err != nil {
 		return nil, Rootfs{}, err
 	}
 	defer func() {
-		if err := cg.remove(context.WithoutCancel(ctx)); err != nil {
+		if cg == nil {
+			return
+		}
+		if err := cg.Remove(context.WithoutCancel(ctx)); err != nil {
 			log.G(ctx).WithError(err).Warn("pod cgroup cleanup")
 		}
 	}()
@@ -283,7 +293,7 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, _ Rootfs,
 			}
 		}()
 		// Before QEMU connects: virtiofsd forks its sandboxed child then.
-		if err := cg.add(fs.Pid()); err != nil {
+		if err := cg.Add(fs.Pid()); err != nil {
 			return nil, Rootfs{}, err
 		}
 	}
@@ -306,7 +316,7 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, _ Rootfs,
 	}()
 	// QEMU's allocations before this (its start, the guest's first pages) stay charged
 	// where the shim is.
-	if err := p.cgroup.add(vm.Pid()); err != nil {
+	if err := p.cgroup.Add(vm.Pid()); err != nil {
 		return nil, Rootfs{}, err
 	}
 	if err := p.connect(ctx); err != nil {
@@ -470,7 +480,7 @@ func (p *Pod) Stop(ctx context.Context) error {
 		}
 	}
 	// After QEMU and virtiofsd have exited.
-	if cerr := p.cgroup.remove(ctx); cerr != nil {
+	if cerr := p.cgroup.Remove(ctx); cerr != nil {
 		err = errors.Join(err, fmt.Errorf("pod cgroup: %w", cerr))
 	}
 	// Whatever happened above, nothing shared may be under the state directory when
