@@ -13,12 +13,8 @@ import (
 
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
-	"github.com/caisson-containers/caisson/guest/initramfs"
 	"github.com/caisson-containers/caisson/integration-tests/harness"
-	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
-	"github.com/caisson-containers/caisson/shim/vmm"
-	"github.com/caisson-containers/caisson/shim/vmm/qemu"
 )
 
 func medianOf(ds []time.Duration) time.Duration {
@@ -117,14 +113,7 @@ func podStart(b *testing.B, c *harness.CRI, handler, image string, i int) (time.
 // busybox initramfs whose /init powers off at once, and returns QEMU start → exit.
 func bareBoot(b *testing.B, c *harness.CRI, initrd string) time.Duration {
 	b.Helper()
-	h := c.Config.Hypervisor
-	vm, err := qemu.New(vmm.Config{Kernel: c.Config.Guest.Kernel, Initramfs: initrd, Accelerator: h.Accelerator,
-		VCPUs: h.VCPUs, MemoryMiB: h.MemoryMiB, StateDir: testutil.ShortTempDir(b), KernelParams: []string{"quiet"}},
-		// The shim's accelerator probe cache: the probe is not part of a boot.
-		qemu.Config{Path: h.Path, TCGTranslationCacheMiB: h.TCGTranslationCacheMiB, AccelCacheDir: filepath.Join(c.Config.StateDir, "probes")})
-	if err != nil {
-		b.Fatal(err)
-	}
+	vm := newBareVM(b, c, initrd, "")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	start := time.Now()
@@ -157,22 +146,7 @@ func BenchmarkCRIPodStart(b *testing.B) {
 	// before the timed ones makes it.
 	made, _ := podStart(b, c, templateHandler, imgCaisson, -1)
 
-	a := initramfs.NewArchive()
-	if err := a.CopyFile("bin/busybox", 0o755, testutil.RequireBinary(b, "busybox")); err != nil {
-		b.Fatal(err)
-	}
-	if err := a.File("init", 0o755, []byte("#!/bin/busybox sh\n/bin/busybox poweroff -f\n")); err != nil {
-		b.Fatal(err)
-	}
-	initrd := filepath.Join(b.TempDir(), "bare.cpio.gz")
-	f, err := os.Create(initrd)
-	if err != nil {
-		b.Fatal(err)
-	}
-	if _, err := a.WriteTo(f); err != nil {
-		b.Fatal(err)
-	}
-	f.Close()
+	initrd := bareInitramfs(b, "/bin/busybox poweroff -f")
 
 	var ours, fromTemplate, runc, bare []time.Duration
 	phases := make([][]time.Duration, len(phaseNames))

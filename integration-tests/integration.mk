@@ -31,3 +31,10 @@ test-critest: binaries guest $(CRITEST_STAMP) ## critest (CRI validation, root) 
 .PHONY: bench-volumes
 bench-volumes: ## Shared volumes (virtio-fs) against the rootfs disk in one pod: 256 MiB sequential write/read, 10,000 files; and an idle pod's memory shared vs copied
 	$(GO) test -count=1 -run '^$$' -bench '^BenchmarkCRI(VolumeIO|PodMemorySharedFS)$$' -benchtime 1x -timeout 30m ./integration-tests/
+
+# Density: how many idle pods this machine holds and what each costs (issue 15).
+DENSITY_PODS ?= 100
+
+.PHONY: bench-density
+bench-density: ## DENSITY_PODS idle CRI pods (default 100), booted then from a template: host memory and PSS per pod (TCG cache apart), idle CPU per pod over 30 s, first/last pod start, exec latency, removal; against a bare guest
+	DENSITY_PODS=$(DENSITY_PODS) $(GO) test -count=1 -run '^$$' -bench '^BenchmarkCRIDensity$$' -benchtime 1x -timeout 240m ./integration-tests/

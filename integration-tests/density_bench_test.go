@@ -1,0 +1,653 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"text/tabwriter"
+	"time"
+
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/caisson-containers/caisson/guest/initramfs"
+	"github.com/caisson-containers/caisson/integration-tests/harness"
+	"github.com/caisson-containers/caisson/internal/testutil"
+	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/pod"
+	"github.com/caisson-containers/caisson/shim/template"
+	"github.com/caisson-containers/caisson/shim/vmm"
+	"github.com/caisson-containers/caisson/shim/vmm/qemu"
+)
+
+// Parameters of BenchmarkCRIDensity.
+const (
+	// densityPodsEnv sets how many pods each runtime configuration starts (default 100).
+	densityPodsEnv     = "DENSITY_PODS"
+	densityDefaultPods = 100
+	// densitySettle is how long the pods (and the bare guest) idle after the last start
+	// before their memory is read and their CPU counted: long enough for the guest's
+	// boot-time work (deferred initcalls, the agent's first timers) to be over.
+	densitySettle = 10 * time.Second
+	// densityWindow is the span over which idle CPU is counted. /proc counts CPU time in
+	// 10 ms ticks: over 30 s, a resolution of 0.03 % of a core.
+	densityWindow = 30 * time.Second
+	// densityExecs execs run in random pods while all run; each must finish within
+	// densityExecLimit (issue 15: every pod stays responsive).
+	densityExecs     = 10
+	densityExecLimit = 2 * time.Second
+	// densityReserve is the host memory the benchmark never starts a pod into: below
+	// it plus twice the last pod's cost, it stops starting pods (the machine is shared
+	// and has no swap).
+	densityReserve = 3 << 30
+)
+
+// densityPodCount is DENSITY_PODS, or the default.
+func densityPodCount(b *testing.B) int {
+	s := os.Getenv(densityPodsEnv)
+	if s == "" {
+		return densityDefaultPods
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 1 {
+		b.Fatalf("%s=%q: want a number of pods, at least 1", densityPodsEnv, s)
+	}
+	return n
+}
+
+// densityPod is one idle pod: a sandbox and one sleeping container, and its host
+// processes.
+type densityPod struct {
+	id, ctr string
+	// start is RunPodSandbox → the app container Running.
+	start      time.Duration
+	shim, qemu int
+	virtiofsd  []int
+}
+
+// podMemory is one pod's PSS, split by what holds it.
+type podMemory struct {
+	// tcg is QEMU's TCG translation cache (see qemuMemory), ram the guest's RAM as
+	// QEMU maps it, qemu the rest of QEMU (its heap, libraries, device state).
+	tcg, ram, qemu  int64
+	shim, virtiofsd int64
+}
+
+func (m podMemory) total() int64 { return m.tcg + m.ram + m.qemu + m.shim + m.virtiofsd }
+
+// podCPU is one pod's CPU use over the idle window, in % of one core, by process.
+type podCPU struct{ qemu, shim, virtiofsd float64 }
+
+func (c podCPU) total() float64 { return c.qemu + c.shim + c.virtiofsd }
+
+// densityResult is what one runtime configuration's run measured.
+type densityResult struct {
+	name string
+	// wanted pods, and those started before the memory guard stopped (stopped says why).
+	wanted  int
+	pods    []densityPod
+	stopped string
+	// hostPerPod is how much lower MemAvailable is once the pods settled than before
+	// the first pod and after the last one's removal (their mean), over the pods.
+	hostPerPod float64
+	mem        []podMemory
+	cpu        []podCPU
+	execMax    time.Duration
+	removeAll  time.Duration
+	// templateMade is the start of the pod that made the template, templateFile what the
+	// template's memory file holds (once per node and VM shape); template runs only.
+	templateMade time.Duration
+	templateFile int64
+}
+
+// bareResult is the baseline guest: the pod VM's kernel, CPUs, memory and accelerator
+// with a trivial init instead of the agent.
+type bareResult struct {
+	boot time.Duration // QEMU start → the init powered the VM off, median of 3
+	cpu  float64       // % of one core while idle, over densityWindow
+	mem  podMemory     // QEMU's only
+}
+
+// BenchmarkCRIDensity (make bench-density) starts DENSITY_PODS idle pods (default 100)
+// one after another through the CRI of the harness's containerd, each a pause sandbox and
+// one `sleep` container of the test busybox image, first booted and then from a VM
+// template (hypervisor.template), removing all between. While they all run it reports,
+// for each configuration:
+//   - host memory per pod: MemAvailable's drop over the number of pods, once they settled,
+//     from the mean of its readings before the first pod and after the last removal;
+//   - PSS per pod (median), split: TCG's translation cache, the guest's RAM, the rest of
+//     QEMU, the shim, virtiofsd (if any);
+//   - idle CPU per pod over 30 s, as % of one core (median and max, and the median of each
+//     process kind);
+//   - the first and the last pod's start (RunPodSandbox → container Running), their ratio;
+//   - the slowest of 10 execs (ExecSync `true`) in random pods: over 2 s fails the
+//     benchmark, since every pod must stay responsive;
+//   - the time to stop and remove them all; then nothing of them may be left.
+//
+// Against a baseline measured in the same run (the machine is shared, so only same-run
+// ratios mean much): a bare guest of the same kernel and VM shape whose init does nothing.
+// The pods' start, idle CPU and PSS are reported over its boot, idle CPU and PSS.
+//
+// Before each pod it checks the host's MemAvailable: under 3 GiB plus twice the last
+// pod's cost, it starts no more pods, measures those that run, and fails.
+func BenchmarkCRIDensity(b *testing.B) {
+	n := densityPodCount(b)
+	c := harness.StartCRI(b, harness.Options{Handlers: map[string]func(*config.Config){
+		templateHandler: func(c *config.Config) { c.Hypervisor.Template = true },
+	}})
+	image := c.Pull(b, c.BusyboxRef, harness.Handler)
+	// The sandbox image too: the first RunPodSandbox would pull it, and the first pod's
+	// start would count the pull.
+	c.Pull(b, c.PauseRef, harness.Handler)
+
+	bare := measureBare(b, c)
+	var results []densityResult
+	for _, handler := range []string{harness.Handler, templateHandler} {
+		results = append(results, runDensity(b, c, handler, image, n))
+	}
+
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(bare.boot.Seconds(), "bare-boot-s")
+	b.ReportMetric(bare.cpu, "bare-idle-cpu-%")
+	b.ReportMetric(mib(bare.mem.total()), "bare-PSS-MiB")
+	for _, r := range results {
+		reportDensity(b, r, bare)
+	}
+	fmt.Print(densityTable(c, n, bare, results))
+	for _, r := range results {
+		if r.stopped != "" {
+			b.Errorf("%s: %s", r.name, r.stopped)
+		}
+	}
+}
+
+// runDensity starts n pods with the handler, measures them, removes them and checks
+// that nothing of them is left.
+func runDensity(b *testing.B, c *harness.CRI, handler, image string, n int) densityResult {
+	b.Helper()
+	r := densityResult{name: "booted", wanted: n}
+	if handler == templateHandler {
+		r.name = "template"
+		// The first pod of a VM shape on the node makes its template, once: a pod
+		// before the measured ones makes it, and its memory file is node overhead.
+		p := startDensityPod(b, c, handler, image, "density-template-maker")
+		r.templateMade = p.start
+		c.RemovePod(b, p.id)
+		// Its VM must be gone before the host's memory is read.
+		if left := densityLeftovers(c, []densityPod{p}); len(left) > 0 {
+			b.Fatalf("after removing the pod that made the template, left behind:\n  %s", strings.Join(left, "\n  "))
+		}
+		infos, err := template.List(pod.TemplatesRoot(c.Config))
+		if err != nil || len(infos) != 1 {
+			b.Fatalf("templates after the first template pod: %v %v", infos, err)
+		}
+		r.templateFile = infos[0].Resident
+	}
+
+	before := memAvailable(b)
+	// The first pod's cost is not known yet: assume the most its QEMU could touch, the
+	// VM's memory and TCG's translation cache.
+	last := int64(c.Config.Hypervisor.MemoryMiB+c.Config.Hypervisor.TCGTranslationCacheMiB) << 20
+	for i := range n {
+		avail := memAvailable(b)
+		if avail < densityReserve+2*last {
+			r.stopped = fmt.Sprintf("stopped after %d of %d pods: MemAvailable %.0f MiB is under 3 GiB + 2 × the last pod's %.0f MiB",
+				i, n, mib(avail), mib(last))
+			break
+		}
+		r.pods = append(r.pods, startDensityPod(b, c, handler, image, fmt.Sprintf("density-%s-%03d", r.name, i)))
+		last = max(avail-memAvailable(b), 0)
+	}
+	if len(r.pods) == 0 {
+		b.Fatalf("%s: no pod started: %s", r.name, r.stopped)
+	}
+	time.Sleep(densitySettle)
+	running := memAvailable(b)
+	for i := range r.pods {
+		findPodProcesses(b, c, &r.pods[i])
+		r.mem = append(r.mem, podMemoryOf(b, c, r.pods[i]))
+	}
+	r.cpu = idleCPU(b, r.pods)
+	r.execMax = execRandom(b, c, r.pods)
+
+	start := time.Now()
+	for _, p := range r.pods {
+		c.RemovePod(b, p.id)
+	}
+	r.removeAll = time.Since(start)
+	if left := densityLeftovers(c, r.pods); len(left) > 0 {
+		b.Fatalf("%s: after removing %d pods, left behind:\n  %s", r.name, len(r.pods), strings.Join(left, "\n  "))
+	}
+	// The machine is shared: other work moves MemAvailable while the pods run. Against
+	// the mean of the readings before the first pod and after the last one's removal,
+	// drift that is steady over the run cancels.
+	after := memAvailable(b)
+	r.hostPerPod = (float64(before+after)/2 - float64(running)) / float64(len(r.pods))
+	return r
+}
+
+// startDensityPod runs a pod with one sleeping container and waits for it to run.
+func startDensityPod(b *testing.B, c *harness.CRI, handler, image, name string) densityPod {
+	b.Helper()
+	ctx := c.Ctx(b)
+	cfg := c.PodConfig(name, nil)
+	if err := os.MkdirAll(cfg.LogDirectory, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	start := time.Now()
+	resp, err := c.Runtime.RunPodSandbox(ctx, &runtime.RunPodSandboxRequest{Config: cfg, RuntimeHandler: handler})
+	if err != nil {
+		b.Fatalf("RunPodSandbox %s (%s): %v", name, handler, err)
+	}
+	ctr, err := c.CreateContainer(ctx, resp.PodSandboxId, cfg, harness.ContainerConfig("app", image, "sleep", "100000"))
+	if err != nil {
+		b.Fatalf("CreateContainer in %s (%s): %v", name, handler, err)
+	}
+	if _, err := c.Runtime.StartContainer(ctx, &runtime.StartContainerRequest{ContainerId: ctr}); err != nil {
+		b.Fatalf("StartContainer in %s (%s): %v", name, handler, err)
+	}
+	st, err := c.Runtime.ContainerStatus(ctx, &runtime.ContainerStatusRequest{ContainerId: ctr})
+	took := time.Since(start)
+	if err != nil || st.Status.State != runtime.ContainerState_CONTAINER_RUNNING {
+		b.Fatalf("app container of %s (%s) after StartContainer: %v %v", name, handler, st.GetStatus(), err)
+	}
+	return densityPod{id: resp.PodSandboxId, ctr: ctr, start: took}
+}
+
+// findPodProcesses finds the pod's shim (started with the sandbox's id) and, below it,
+// its QEMU and virtiofsd.
+func findPodProcesses(b *testing.B, c *harness.CRI, p *densityPod) {
+	b.Helper()
+	p.shim = shimPid(b, p.id)
+	for _, s := range c.QEMUs() {
+		if pid, _ := strconv.Atoi(s); harness.DescendsFrom(pid, p.shim) {
+			p.qemu = pid
+		}
+	}
+	if p.qemu == 0 {
+		b.Fatalf("pod %s: no QEMU below its shim %d", p.id, p.shim)
+	}
+	for _, s := range c.Virtiofsds() {
+		if pid, _ := strconv.Atoi(s); harness.DescendsFrom(pid, p.shim) {
+			p.virtiofsd = append(p.virtiofsd, pid)
+		}
+	}
+}
+
+// qemuMemory splits a QEMU's PSS into TCG's translation cache, the guest's RAM and
+// the rest, from /proc/PID/smaps.
+//
+// TCG's translation cache: QEMU 7.2 (tcg/region.c, alloc_code_gen_buffer_anon) maps its
+// code buffer as one anonymous PROT_READ|WRITE|EXEC private mapping of tb-size (the
+// shim's tcg_translation_cache_mib), then makes the last page of each of its regions
+// a guard page (PROT_NONE), which splits it into several "rwxp" mappings with 4 KiB
+// "---p" ones between. On this host, a pod's QEMU has no other executable anonymous
+// mapping (its code is file-backed r-xp), and the rwxp mappings plus the guard pages
+// between them add up to exactly tb-size, which is how they were identified (QEMU
+// 7.2.x, x86_64, Debian 12): the test fails if they do not, so a QEMU that maps its
+// cache another way (split-wx, a memfd) is noticed rather than misreported. Under KVM
+// there is no such mapping.
+//
+// The guest's RAM is the mapping of exactly the VM's memory size: anonymous (booted
+// with guest.shared_fs = copy), a shared memfd (virtio-fs, the default) or a private
+// mapping of the template's memory file.
+func qemuMemory(b *testing.B, pid int, memoryMiB, tbSizeMiB int) (tcg, ram, rest int64) {
+	b.Helper()
+	maps, err := harness.Smaps(pid)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var tcgSpan uint64
+	for i, m := range maps {
+		switch {
+		case m.Perms == "rwxp" && m.Path == "":
+			tcg += m.PSS
+			tcgSpan += m.Size
+			// The guard page after a region.
+			if i+1 < len(maps) && maps[i+1].Perms == "---p" && maps[i+1].Path == "" && maps[i+1].Size == 4096 {
+				tcgSpan += 4096
+			}
+		case m.Size == uint64(memoryMiB)<<20 && ram == 0:
+			ram = m.PSS
+		default:
+			rest += m.PSS
+		}
+	}
+	if tbSizeMiB > 0 && tcgSpan != uint64(tbSizeMiB)<<20 {
+		b.Fatalf("QEMU %d: its rwx anonymous mappings span %d bytes, not tb-size (%d MiB): TCG's translation cache is not where this benchmark looks for it", pid, tcgSpan, tbSizeMiB)
+	}
+	return tcg, ram, rest
+}
+
+func podMemoryOf(b *testing.B, c *harness.CRI, p densityPod) podMemory {
+	b.Helper()
+	var m podMemory
+	h := c.Config.Hypervisor
+	m.tcg, m.ram, m.qemu = qemuMemory(b, p.qemu, h.MemoryMiB, h.TCGTranslationCacheMiB)
+	m.shim = pss(b, p.shim)
+	for _, v := range p.virtiofsd {
+		m.virtiofsd += pss(b, v)
+	}
+	return m
+}
+
+// idleCPU counts the CPU time each pod's processes use over densityWindow (a pod
+// without a shim, as the bare guest, counts QEMU's only).
+func idleCPU(b *testing.B, pods []densityPod) []podCPU {
+	b.Helper()
+	read := func() [][3]float64 {
+		var out [][3]float64
+		for _, p := range pods {
+			var t [3]float64
+			t[0] = cpuSeconds(b, p.qemu)
+			if p.shim != 0 {
+				t[1] = cpuSeconds(b, p.shim)
+			}
+			for _, v := range p.virtiofsd {
+				t[2] += cpuSeconds(b, v)
+			}
+			out = append(out, t)
+		}
+		return out
+	}
+	start := time.Now()
+	t0 := read()
+	time.Sleep(densityWindow)
+	t1 := read()
+	window := time.Since(start).Seconds()
+	pct := func(d float64) float64 { return 100 * d / window }
+	cpu := make([]podCPU, len(pods))
+	for i := range pods {
+		cpu[i] = podCPU{qemu: pct(t1[i][0] - t0[i][0]), shim: pct(t1[i][1] - t0[i][1]), virtiofsd: pct(t1[i][2] - t0[i][2])}
+	}
+	return cpu
+}
+
+func cpuSeconds(b *testing.B, pid int) float64 {
+	b.Helper()
+	s, err := harness.CPUSeconds(pid)
+	if err != nil {
+		b.Fatalf("CPU time of %d: %v", pid, err)
+	}
+	return s
+}
+
+func memAvailable(b *testing.B) int64 {
+	b.Helper()
+	m, err := harness.MemAvailable()
+	if err != nil {
+		b.Fatal(err)
+	}
+	return m
+}
+
+// execRandom runs `true` in the containers of random pods while all run, and returns
+// the slowest; one over densityExecLimit fails the benchmark.
+func execRandom(b *testing.B, c *harness.CRI, pods []densityPod) time.Duration {
+	b.Helper()
+	ctx := c.Ctx(b)
+	var slowest time.Duration
+	for range densityExecs {
+		p := pods[rand.IntN(len(pods))]
+		start := time.Now()
+		resp, err := c.Runtime.ExecSync(ctx, &runtime.ExecSyncRequest{ContainerId: p.ctr, Cmd: []string{"true"}, Timeout: 60})
+		took := time.Since(start)
+		if err != nil || resp.ExitCode != 0 {
+			b.Fatalf("ExecSync true in pod %s: %v (exit %d, %s)", p.id, err, resp.GetExitCode(), resp.GetStderr())
+		}
+		if took > densityExecLimit {
+			b.Fatalf("ExecSync true in pod %s took %v with %d pods running: over %v, the pod is not responsive", p.id, took, len(pods), densityExecLimit)
+		}
+		slowest = max(slowest, took)
+	}
+	return slowest
+}
+
+// densityLeftovers is what the removed pods left: the harness's leftover checks (QEMU,
+// mounts, loop devices, pod state, network namespaces, veths), and their shims and
+// virtiofsd, each with harness.LeftoverGrace to finish stopping.
+func densityLeftovers(c *harness.CRI, pods []densityPod) []string {
+	left := c.Leftovers()
+	deadline := time.Now().Add(harness.LeftoverGrace)
+	for {
+		var procs []string
+		for _, p := range pods {
+			for _, s := range shimPids(p.id) {
+				procs = append(procs, "shim "+s+" of pod "+p.id)
+			}
+		}
+		for _, v := range c.Virtiofsds() {
+			procs = append(procs, "virtiofsd "+v)
+		}
+		if len(procs) == 0 || time.Now().After(deadline) {
+			return append(left, procs...)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// measureBare boots the baseline guest: three boots to power-off for its boot time, then
+// one that stays idle, for its CPU over densityWindow and its PSS.
+func measureBare(b *testing.B, c *harness.CRI) bareResult {
+	b.Helper()
+	var r bareResult
+	off := bareInitramfs(b, "/bin/busybox poweroff -f")
+	var boots []time.Duration
+	for range 3 {
+		boots = append(boots, bareBoot(b, c, off))
+	}
+	r.boot = medianOf(boots)
+
+	// The idle guest says it is up on its console, then sleeps.
+	const ready = "caisson-bare-guest-idle"
+	idle := bareInitramfs(b, "/bin/busybox mount -t devtmpfs dev /dev\n"+
+		"echo "+ready+" >/dev/ttyS0\n"+
+		"exec /bin/busybox sleep 2147483647")
+	console := filepath.Join(b.TempDir(), "console.log")
+	vm := newBareVM(b, c, idle, console)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := vm.Start(ctx); err != nil {
+		b.Fatal(err)
+	}
+	defer vm.Stop(context.Background())
+	for {
+		if out, _ := os.ReadFile(console); strings.Contains(string(out), ready) {
+			break
+		}
+		select {
+		case <-vm.Done():
+			out, _ := os.ReadFile(console)
+			b.Fatalf("the idle bare guest ended: %v\n%s", vm.Wait(), out)
+		case <-ctx.Done():
+			b.Fatal("the idle bare guest did not come up within 2 minutes")
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	time.Sleep(densitySettle)
+	h := c.Config.Hypervisor
+	r.mem.tcg, r.mem.ram, r.mem.qemu = qemuMemory(b, vm.Pid(), h.MemoryMiB, h.TCGTranslationCacheMiB)
+	r.cpu = idleCPU(b, []densityPod{{qemu: vm.Pid()}})[0].qemu
+	return r
+}
+
+func mib(n int64) float64 { return float64(n) / (1 << 20) }
+
+func medianFloat(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+// medianBy is the median of f over xs.
+func medianBy[T any](xs []T, f func(T) float64) float64 {
+	v := make([]float64, len(xs))
+	for i, x := range xs {
+		v[i] = f(x)
+	}
+	return medianFloat(v)
+}
+
+func reportDensity(b *testing.B, r densityResult, bare bareResult) {
+	m := func(name string, v float64) { b.ReportMetric(v, r.name+"-"+name) }
+	m("pods", float64(len(r.pods)))
+	m("host-MiB/pod", r.hostPerPod/(1<<20))
+	m("PSS-MiB/pod", medianBy(r.mem, func(p podMemory) float64 { return mib(p.total()) }))
+	m("tcg-PSS-MiB/pod", medianBy(r.mem, func(p podMemory) float64 { return mib(p.tcg) }))
+	m("guest-RAM-PSS-MiB/pod", medianBy(r.mem, func(p podMemory) float64 { return mib(p.ram) }))
+	m("qemu-other-PSS-MiB/pod", medianBy(r.mem, func(p podMemory) float64 { return mib(p.qemu) }))
+	m("shim-PSS-MiB/pod", medianBy(r.mem, func(p podMemory) float64 { return mib(p.shim) }))
+	m("virtiofsd-PSS-MiB/pod", medianBy(r.mem, func(p podMemory) float64 { return mib(p.virtiofsd) }))
+	m("idle-cpu-%/pod", medianBy(r.cpu, podCPU.total))
+	m("idle-cpu-max-%", slices.Max(cpuTotals(r.cpu)))
+	m("qemu-cpu-%/pod", medianBy(r.cpu, func(c podCPU) float64 { return c.qemu }))
+	m("shim-cpu-%/pod", medianBy(r.cpu, func(c podCPU) float64 { return c.shim }))
+	m("virtiofsd-cpu-%/pod", medianBy(r.cpu, func(c podCPU) float64 { return c.virtiofsd }))
+	first, last := r.pods[0].start, r.pods[len(r.pods)-1].start
+	m("first-start-s", first.Seconds())
+	m("last-start-s", last.Seconds())
+	m("last/first-start", float64(last)/float64(first))
+	m("exec-max-s", r.execMax.Seconds())
+	m("remove-all-s", r.removeAll.Seconds())
+	m("start-vs-bare-boot", float64(first)/float64(bare.boot))
+	if bare.cpu > 0 {
+		m("idle-cpu-vs-bare", medianBy(r.cpu, podCPU.total)/bare.cpu)
+	}
+	m("PSS-vs-bare", medianBy(r.mem, func(p podMemory) float64 { return float64(p.total()) })/float64(bare.mem.total()))
+	m("host-mem-vs-bare-PSS", r.hostPerPod/float64(bare.mem.total()))
+	if r.name == "template" {
+		m("made-template-start-s", r.templateMade.Seconds())
+		m("template-file-MiB", mib(r.templateFile))
+	}
+}
+
+func cpuTotals(cpu []podCPU) []float64 {
+	v := make([]float64, len(cpu))
+	for i, c := range cpu {
+		v[i] = c.total()
+	}
+	return v
+}
+
+// densityTable is the readable report: one column per configuration, the bare guest's
+// baseline beside.
+func densityTable(c *harness.CRI, n int, bare bareResult, rs []densityResult) string {
+	var sb strings.Builder
+	h := c.Config.Hypervisor
+	fmt.Fprintf(&sb, "\ndensity: %d idle pods wanted per configuration (%s), one sleeping busybox container each; VM %d vCPU, %d MiB, accelerator %s, TCG cache bound %d MiB; medians over the pods unless said\n",
+		n, densityPodsEnv, h.VCPUs, h.MemoryMiB, h.Accelerator, h.TCGTranslationCacheMiB)
+	w := tabwriter.NewWriter(&sb, 0, 0, 2, ' ', tabwriter.AlignRight)
+	row := func(label string, f func(r densityResult) string, baseline string) {
+		fmt.Fprintf(w, "%s\t", label)
+		for _, r := range rs {
+			fmt.Fprintf(w, "%s\t", f(r))
+		}
+		fmt.Fprintf(w, "%s\t\n", baseline)
+	}
+	med := func(f func(podMemory) int64) func(densityResult) string {
+		return func(r densityResult) string {
+			return fmt.Sprintf("%.1f", medianBy(r.mem, func(p podMemory) float64 { return mib(f(p)) }))
+		}
+	}
+	cpu := func(f func(podCPU) float64) func(densityResult) string {
+		return func(r densityResult) string { return fmt.Sprintf("%.2f", medianBy(r.cpu, f)) }
+	}
+	header := func(r densityResult) string { return r.name }
+	row("", header, "bare guest")
+	row("pods running", func(r densityResult) string { return strconv.Itoa(len(r.pods)) }, "1")
+	row("host memory per pod, MiB (MemAvailable drop / pods)", func(r densityResult) string { return fmt.Sprintf("%.1f", r.hostPerPod/(1<<20)) }, "")
+	row("PSS per pod, MiB", med(podMemory.total), fmt.Sprintf("%.1f", mib(bare.mem.total())))
+	row("  QEMU: TCG translation cache", med(func(p podMemory) int64 { return p.tcg }), fmt.Sprintf("%.1f", mib(bare.mem.tcg)))
+	row("  QEMU: guest RAM", med(func(p podMemory) int64 { return p.ram }), fmt.Sprintf("%.1f", mib(bare.mem.ram)))
+	row("  QEMU: the rest", med(func(p podMemory) int64 { return p.qemu }), fmt.Sprintf("%.1f", mib(bare.mem.qemu)))
+	row("  shim", med(func(p podMemory) int64 { return p.shim }), "")
+	row("  virtiofsd", med(func(p podMemory) int64 { return p.virtiofsd }), "")
+	row("pod PSS / bare guest PSS", func(r densityResult) string {
+		return fmt.Sprintf("%.2f", medianBy(r.mem, func(p podMemory) float64 { return float64(p.total()) })/float64(bare.mem.total()))
+	}, "")
+	row("idle CPU per pod over 30 s, % of a core", cpu(podCPU.total), fmt.Sprintf("%.2f", bare.cpu))
+	row("  max over the pods", func(r densityResult) string { return fmt.Sprintf("%.2f", slices.Max(cpuTotals(r.cpu))) }, "")
+	row("  QEMU", cpu(func(c podCPU) float64 { return c.qemu }), "")
+	row("  shim", cpu(func(c podCPU) float64 { return c.shim }), "")
+	row("  virtiofsd", cpu(func(c podCPU) float64 { return c.virtiofsd }), "")
+	row("pod idle CPU / bare guest's", func(r densityResult) string {
+		if bare.cpu == 0 {
+			return "bare used none"
+		}
+		return fmt.Sprintf("%.1f", medianBy(r.cpu, podCPU.total)/bare.cpu)
+	}, "")
+	row("first pod start, s (bare: boot)", func(r densityResult) string { return fmt.Sprintf("%.2f", r.pods[0].start.Seconds()) }, fmt.Sprintf("%.2f", bare.boot.Seconds()))
+	row("last pod start, s", func(r densityResult) string { return fmt.Sprintf("%.2f", r.pods[len(r.pods)-1].start.Seconds()) }, "")
+	row("last / first", func(r densityResult) string {
+		return fmt.Sprintf("%.2f", float64(r.pods[len(r.pods)-1].start)/float64(r.pods[0].start))
+	}, "")
+	row("first pod start / bare boot", func(r densityResult) string { return fmt.Sprintf("%.2f", float64(r.pods[0].start)/float64(bare.boot)) }, "")
+	row("slowest of 10 execs, s (limit 2)", func(r densityResult) string { return fmt.Sprintf("%.2f", r.execMax.Seconds()) }, "")
+	row("remove all pods, s", func(r densityResult) string { return fmt.Sprintf("%.1f", r.removeAll.Seconds()) }, "")
+	row("the template's start and memory file", func(r densityResult) string {
+		if r.name != "template" {
+			return "-"
+		}
+		return fmt.Sprintf("%.2f s, %.0f MiB", r.templateMade.Seconds(), mib(r.templateFile))
+	}, "")
+	w.Flush()
+	for _, r := range rs {
+		var starts []string
+		for _, p := range r.pods {
+			starts = append(starts, fmt.Sprintf("%.1f", p.start.Seconds()))
+		}
+		fmt.Fprintf(&sb, "%s pods' start, s, in order: %s\n", r.name, strings.Join(starts, " "))
+	}
+	for _, r := range rs {
+		if r.stopped != "" {
+			fmt.Fprintf(&sb, "%s: %s\n", r.name, r.stopped)
+		}
+	}
+	return sb.String()
+}
+
+// bareInitramfs is a busybox initramfs whose /init runs script.
+func bareInitramfs(b *testing.B, script string) string {
+	b.Helper()
+	a := initramfs.NewArchive()
+	if err := a.CopyFile("bin/busybox", 0o755, testutil.RequireBinary(b, "busybox")); err != nil {
+		b.Fatal(err)
+	}
+	if err := a.Dir("dev", 0o755); err != nil {
+		b.Fatal(err)
+	}
+	if err := a.File("init", 0o755, []byte("#!/bin/busybox sh\n"+script+"\n")); err != nil {
+		b.Fatal(err)
+	}
+	p := filepath.Join(b.TempDir(), "bare.cpio.gz")
+	f, err := os.Create(p)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := a.WriteTo(f); err != nil {
+		b.Fatal(err)
+	}
+	return p
+}
+
+// newBareVM is a VM of the pod VM's kernel, CPUs, memory and accelerator booting initrd
+// (see bareInitramfs) instead of the agent's, its console into console ("" for the
+// default, in its state directory).
+func newBareVM(b *testing.B, c *harness.CRI, initrd, console string) *qemu.VM {
+	b.Helper()
+	h := c.Config.Hypervisor
+	vm, err := qemu.New(vmm.Config{Kernel: c.Config.Guest.Kernel, Initramfs: initrd, Accelerator: h.Accelerator,
+		VCPUs: h.VCPUs, MemoryMiB: h.MemoryMiB, StateDir: testutil.ShortTempDir(b), KernelParams: []string{"quiet"}, ConsoleLog: console},
+		// The shim's accelerator probe cache: the probe is not part of a boot.
+		qemu.Config{Path: h.Path, TCGTranslationCacheMiB: h.TCGTranslationCacheMiB, AccelCacheDir: filepath.Join(c.Config.StateDir, "probes")})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return vm
+}

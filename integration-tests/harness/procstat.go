@@ -1,0 +1,114 @@
+package harness
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/prometheus/procfs"
+)
+
+// MemAvailable is the host's MemAvailable (/proc/meminfo) in bytes: what the kernel
+// estimates it can give new work without swapping.
+func MemAvailable() (int64, error) {
+	fs, err := procfs.NewDefaultFS()
+	if err != nil {
+		return 0, err
+	}
+	mi, err := fs.Meminfo()
+	if err != nil {
+		return 0, err
+	}
+	if mi.MemAvailable == nil {
+		return 0, fmt.Errorf("/proc/meminfo has no MemAvailable")
+	}
+	return int64(*mi.MemAvailable) << 10, nil
+}
+
+// CPUSeconds is the CPU time (user and system, all threads) process pid has used.
+// /proc/PID/stat counts it in clock ticks (USER_HZ, 100 a second): 10 ms resolution.
+func CPUSeconds(pid int) (float64, error) {
+	p, err := procfs.NewProc(pid)
+	if err != nil {
+		return 0, err
+	}
+	st, err := p.Stat()
+	if err != nil {
+		return 0, err
+	}
+	return st.CPUTime(), nil
+}
+
+// DescendsFrom reports whether process pid is ancestor or one of its descendants.
+func DescendsFrom(pid, ancestor int) bool {
+	for pid > 1 {
+		if pid == ancestor {
+			return true
+		}
+		p, err := procfs.NewProc(pid)
+		if err != nil {
+			return false
+		}
+		st, err := p.Stat()
+		if err != nil {
+			return false
+		}
+		pid = st.PPID
+	}
+	return false
+}
+
+// Mapping is one mapping of a process's /proc/PID/smaps.
+type Mapping struct {
+	// Size is the mapping's length in bytes.
+	Size uint64
+	// Perms are its permissions as smaps shows them, e.g. "rwxp".
+	Perms string
+	// Path is the mapped file, "" for an anonymous mapping, or a pseudo-path such as
+	// "[heap]" or "/memfd:name (deleted)".
+	Path string
+	// PSS is its proportional set size in bytes.
+	PSS int64
+}
+
+// Smaps lists the mappings of process pid with their PSS.
+func Smaps(pid int) ([]Mapping, error) {
+	data, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "smaps"))
+	if err != nil {
+		return nil, err
+	}
+	var maps []Mapping
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	for sc.Scan() {
+		line := sc.Text()
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		if !strings.HasSuffix(f[0], ":") && len(f) >= 5 { // start-end perms offset dev inode [path]
+			var lo, hi uint64
+			if _, err := fmt.Sscanf(f[0], "%x-%x", &lo, &hi); err != nil {
+				return nil, fmt.Errorf("smaps of %d: %q: %w", pid, line, err)
+			}
+			m := Mapping{Size: hi - lo, Perms: f[1]}
+			if len(f) > 5 {
+				// The path may hold spaces: it is everything after the inode.
+				m.Path = strings.Join(f[5:], " ")
+			}
+			maps = append(maps, m)
+			continue
+		}
+		if f[0] == "Pss:" && len(maps) > 0 {
+			kb, err := strconv.ParseInt(f[1], 10, 64)
+			if err != nil {
+				return nil, fmt.Errorf("smaps of %d: %q: %w", pid, line, err)
+			}
+			maps[len(maps)-1].PSS = kb << 10
+		}
+	}
+	return maps, sc.Err()
+}
