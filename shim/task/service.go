@@ -3,8 +3,14 @@
 //
 // The first container created starts the VM (for a CRI pod, the pause
 // container); the pod's other containers, grouped into this shim by their
-// sandbox id, join it. When the last container is deleted and containerd asks
-// the shim to shut down, the VM is stopped.
+// group or CRI sandbox (shim/podid), join it. When the last container is
+// deleted and containerd asks the shim to shut down, the VM is stopped.
+//
+// Create (create.go) checks the request and hands it to one step, newContainer:
+// the spec is translated for the guest once (translate, spec.go), the pod is
+// started with the container's rootfs or the rootfs attached to the running pod,
+// host paths are shared or copied (shim/copies), devices attached, and the agent
+// creates the container; each step's undoing runs if a later one fails.
 package task
 
 import (
@@ -18,7 +24,6 @@ import (
 	eventstypes "github.com/containerd/containerd/api/events"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/containerd/v2/core/runtime"
-	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/protobuf"
 	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/containerd/v2/pkg/shutdown"
@@ -119,26 +124,25 @@ func (s *service) process(id, execID string) (*container, *process, error) {
 	return c, p, nil
 }
 
-// ensurePod returns the running pod, starting it for the first container, whose rootfs
-// (o.Rootfs) it then returns attached; for a later container the Rootfs is zero.
-func (s *service) ensurePod(ctx context.Context, id string, o pod.Options, cfg config.Config) (*pod.Pod, pod.Rootfs, error) {
+// ensurePod returns the running pod, or starts it for the pod's first container with o
+// and cfg. started says whether it did: then the container's rootfs (o.Rootfs) is
+// returned attached, on the VM's boot disks.
+func (s *service) ensurePod(ctx context.Context, o pod.Options, cfg config.Config) (_ *pod.Pod, _ pod.Rootfs, started bool, _ error) {
 	s.podMu.Lock()
 	defer s.podMu.Unlock()
 	if s.pod != nil {
-		return s.pod, pod.Rootfs{}, nil
+		return s.pod, pod.Rootfs{}, false, nil
 	}
 	hv, err := s.hypervisor(cfg)
 	if err != nil {
-		return nil, pod.Rootfs{}, err
+		return nil, pod.Rootfs{}, false, err
 	}
 	o.Hypervisor = hv
-	ns, _ := namespaces.Namespace(ctx)
-	o.StateDir = pod.StateDir(cfg.StateDir, ns, o.ID)
 	log.G(ctx).WithField("pod", o.ID).Info("starting pod VM")
 	start := time.Now()
 	p, rfs, err := pod.Start(ctx, cfg, o)
 	if err != nil {
-		return nil, pod.Rootfs{}, err
+		return nil, pod.Rootfs{}, false, err
 	}
 	log.G(ctx).WithField("pod", o.ID).WithField("qemu_pid", p.Pid()).WithField("took", time.Since(start)).Info("pod VM ready")
 	s.pod, s.cfg = p, cfg
@@ -146,7 +150,7 @@ func (s *service) ensurePod(ctx context.Context, id string, o pod.Options, cfg c
 		time.Duration(cfg.Guest.CopiedMountRefreshInterval), cfg.Guest.CopiedMountLimitBytes)
 	go s.watchPod(p)
 	go s.forwardOOM(p)
-	return p, rfs, nil
+	return p, rfs, true, nil
 }
 
 // currentPod returns the running pod, if any.

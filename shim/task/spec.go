@@ -14,7 +14,9 @@ import (
 	"github.com/opencontainers/runtime-spec/specs-go"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/copies"
+	"github.com/caisson-containers/caisson/shim/hooks"
 	"github.com/caisson-containers/caisson/shim/pod"
 	"github.com/caisson-containers/caisson/shim/virtiofs"
 )
@@ -46,6 +48,43 @@ func readSpec(bundle string) (*specs.Spec, error) {
 		return nil, fmt.Errorf("decode OCI spec: %v: %w", err, errdefs.ErrInvalidArgument)
 	}
 	return &s, nil
+}
+
+// guestContainer is what a container's host spec becomes in its pod's VM (translate).
+type guestContainer struct {
+	spec    *specs.Spec // the guest's spec
+	binds   hostBinds   // its host bind mounts: copied, or shared
+	devices devicePlan  // its linux.devices: attached to the VM, or the guest's own
+	// pod is what the spec says of the pod, for the pod's first container: its hostname,
+	// the host network namespace its NICs come from ("" for a new one, which the hooks
+	// may fill: hooks.go), its name resolution and its VM's cgroup.
+	pod pod.Options
+}
+
+// translate is the one reading of a container's host spec s for its pod's VM run with
+// cfg: the guest spec (guestSpec) and its devices (guestDevices), and what the pod takes
+// from it. A spec Caisson cannot run is refused, the error naming the container and why.
+func translate(id string, s *specs.Spec, cfg config.Config) (*guestContainer, error) {
+	netns, err := podNetNS(s)
+	if err != nil {
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
+	if err := hooks.Validate(s.Hooks); err != nil {
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
+	g := &guestContainer{}
+	if g.spec, g.binds, err = guestSpec(s, cfg.Guest.CopiedMountLimitBytes, pod.SharesHostPaths(cfg)); err != nil {
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
+	if g.devices, err = hostDevices.guestDevices(g.spec); err != nil {
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
+	dns, hosts, err := podNameResolution(s)
+	if err != nil {
+		return nil, err
+	}
+	g.pod = pod.Options{Hostname: hostname(id, s), NetNS: netns, DNS: dns, Hosts: hosts, Cgroup: podCgroup(s)}
+	return g, nil
 }
 
 // hostBinds is what guestSpec decided for the spec's host bind mounts.
@@ -232,7 +271,6 @@ func isBind(m specs.Mount) bool {
 // CRI annotations (containerd's pkg/cri/annotations), read without importing the CRI.
 const (
 	annotationContainerType = "io.kubernetes.cri.container-type"
-	annotationSandboxID     = "io.kubernetes.cri.sandbox-id"
 	containerTypeSandbox    = "sandbox"
 	containerTypeContainer  = "container"
 	annotationSandboxMemory = "io.kubernetes.cri.sandbox-memory"
@@ -240,17 +278,6 @@ const (
 	annotationSandboxPeriod = "io.kubernetes.cri.sandbox-cpu-period"
 	annotationHostname      = "io.kubernetes.cri.sandbox-name"
 )
-
-// podID is the id of the pod a container belongs to: its sandbox's, or its own.
-func podID(id string, s *specs.Spec) string {
-	if s.Annotations[annotationContainerType] == containerTypeSandbox {
-		return id
-	}
-	if sb := s.Annotations[annotationSandboxID]; sb != "" {
-		return sb
-	}
-	return id
-}
 
 func hostname(id string, s *specs.Spec) string {
 	if s.Hostname != "" {
