@@ -10,6 +10,8 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/pod"
 	"github.com/caisson-containers/caisson/shim/virtiofs"
 )
 
@@ -159,5 +161,73 @@ func TestGuestSpecRefusesUserNamespaces(t *testing.T) {
 	_, _, err := guestSpec(s, 1<<20, true)
 	if !errdefs.IsNotImplemented(err) || !strings.Contains(err.Error(), "user namespace") {
 		t.Fatalf("guestSpec with a user namespace: %v", err)
+	}
+}
+
+// translate is the one reading of a spec: what the pod takes from it, and refusals
+// that name the container.
+func TestTranslate(t *testing.T) {
+	cfg := config.Default("/usr/share/caisson")
+	cni := specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: "/var/run/netns/cni-1"}
+	for _, tc := range []struct {
+		name     string
+		spec     specs.Spec
+		wantPod  pod.Options
+		wantErr  string
+		wantKind func(error) bool
+	}{
+		{
+			name: "CRI sandbox",
+			spec: specs.Spec{Hostname: "web-0", Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{cni}, CgroupsPath: "kubepods-pod1.slice:cri:sb1"},
+				Annotations: map[string]string{annotationContainerType: containerTypeSandbox}},
+			wantPod: pod.Options{Hostname: "web-0", NetNS: cni.Path, Cgroup: "kubepods-pod1.slice:cri:sb1"},
+		},
+		{
+			// A CRI container's cgroup is not its VM's: it joins its sandbox's.
+			name: "CRI container",
+			spec: specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{cni}, CgroupsPath: "kubepods-pod1.slice:cri:c1"},
+				Annotations: map[string]string{annotationContainerType: containerTypeContainer}},
+			wantPod: pod.Options{Hostname: "0123456789ab", NetNS: cni.Path},
+		},
+		{
+			name:    "lone container asking for a network namespace",
+			spec:    specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.NetworkNamespace}}, CgroupsPath: "/default/c1"}},
+			wantPod: pod.Options{Hostname: "0123456789ab", Cgroup: "/default/c1"},
+		},
+		{
+			name:    "host network",
+			spec:    specs.Spec{Linux: &specs.Linux{}},
+			wantErr: "container 0123456789abcdef: the spec shares the host's network namespace", wantKind: errdefs.IsInvalidArgument,
+		},
+		{
+			name:    "user namespace",
+			spec:    specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.NetworkNamespace}, {Type: specs.UserNamespace}}}},
+			wantErr: "container 0123456789abcdef: a user namespace", wantKind: errdefs.IsNotImplemented,
+		},
+		{
+			name: "a hook without a path",
+			spec: specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.NetworkNamespace}}},
+				Hooks: &specs.Hooks{CreateRuntime: []specs.Hook{{}}}},
+			wantErr: "container 0123456789abcdef: ", wantKind: errdefs.IsInvalidArgument,
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g, err := translate("0123456789abcdef", &tc.spec, cfg)
+			if tc.wantErr != "" {
+				if err == nil || !strings.HasPrefix(err.Error(), tc.wantErr) || !tc.wantKind(err) {
+					t.Fatalf("translate: %v; want an error starting %q of the right kind", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(g.pod, tc.wantPod) {
+				t.Errorf("pod options %+v, want %+v", g.pod, tc.wantPod)
+			}
+			if g.spec.Hooks != nil || g.spec.Root.Path != "rootfs" {
+				t.Errorf("guest spec not translated: hooks %+v, root %+v", g.spec.Hooks, g.spec.Root)
+			}
+		})
 	}
 }
