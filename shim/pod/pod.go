@@ -11,16 +11,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/containerd/errdefs"
-	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
-	"google.golang.org/protobuf/types/known/timestamppb"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/internal/rootfs"
@@ -29,12 +25,13 @@ import (
 	"github.com/caisson-containers/caisson/shim/network"
 	"github.com/caisson-containers/caisson/shim/template"
 	"github.com/caisson-containers/caisson/shim/virtiofs"
+	"github.com/caisson-containers/caisson/shim/vmboot"
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
 
-// BootTimeout bounds how long the agent may take to answer after QEMU starts:
+// BootTimeout bounds how long the agent may take to answer after the VMM starts:
 // a few seconds under TCG on a loaded machine, well under one with KVM.
-const BootTimeout = 60 * time.Second
+const BootTimeout = vmboot.DefaultTimeout
 
 // Options describe the pod being started.
 type Options struct {
@@ -124,34 +121,6 @@ func Template(ctx context.Context, cfg config.Config, hv vmm.Hypervisor) (string
 	return template.Get(ctx, TemplatesRoot(cfg), hv, vcfg)
 }
 
-// startVM starts the pod's VM: booted, or from its template (hypervisor.template). A
-// template removed under the start (`caisson template remove`, or a newer guest image's
-// first pod) is made again, once.
-func startVM(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, vcfg vmm.Config) (vmm.VM, error) {
-	for attempt := 0; ; attempt++ {
-		if cfg.Hypervisor.Template {
-			dir, err := Template(ctx, cfg, hv)
-			if err != nil {
-				return nil, err
-			}
-			vcfg.Template = &vmm.Template{Dir: dir, Restore: true}
-		}
-		vm, err := hv.New(vcfg)
-		if err != nil {
-			return nil, err
-		}
-		err = vm.Start(ctx)
-		if err == nil {
-			return vm, nil
-		}
-		if vcfg.Template != nil && attempt == 0 && !template.Ready(vcfg.Template.Dir) {
-			log.G(ctx).WithError(err).WithField("template", vcfg.Template.Dir).Warn("the VM template went away under the pod's start; making it again")
-			continue
-		}
-		return nil, fmt.Errorf("start VM: %w", err)
-	}
-}
-
 // TemplatesRoot is where cfg's VM templates are kept.
 func TemplatesRoot(cfg config.Config) string { return filepath.Join(cfg.StateDir, TemplatesDir) }
 
@@ -184,238 +153,6 @@ type Pod struct {
 	fs          *virtiofs.Daemon
 	sharedGuest string
 	stopping    atomic.Bool
-}
-
-// Start boots the VM and waits for its agent, and returns the pod with the rootfs of its
-// first container (o.Rootfs) attached; on error nothing is left behind.
-func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, _ Rootfs, retErr error) {
-	if o.Hypervisor == nil {
-		return nil, Rootfs{}, fmt.Errorf("pod %s: no hypervisor: %w", o.ID, errdefs.ErrInvalidArgument)
-	}
-	if err := os.MkdirAll(o.StateDir, 0o700); err != nil {
-		return nil, Rootfs{}, err
-	}
-	defer func() {
-		if retErr != nil {
-			// Never through a share of a host path (see Stop).
-			if err := virtiofs.Unmount(filepath.Join(o.StateDir, SharedDirName)); err != nil {
-				log.G(ctx).WithError(err).Error("pod state left in place: the shared directory is still mounted")
-				return
-			}
-			os.RemoveAll(o.StateDir)
-		}
-	}()
-	if cfg.Guest.Transport == "vsock" {
-		return nil, Rootfs{}, fmt.Errorf("guest.transport = vsock is not supported by this shim yet (no vhost-vsock host to test it on): %w", errdefs.ErrNotImplemented)
-	}
-	// The boot disks (mkfs of the writable image) and the network are prepared at once.
-	var (
-		disks   []vmm.Disk
-		devs    []rootfs.Device
-		diskErr error
-		formed  = make(chan struct{})
-	)
-	go func() {
-		defer close(formed)
-		disks, devs, diskErr = bootDisks(ctx, o.Rootfs, cfg.Storage.DAX)
-	}()
-	var net *network.Network
-	var netErr error
-	if o.NetNS != "" {
-		net, netErr = network.Setup(o.NetNS)
-	}
-	<-formed
-	if err := errors.Join(netErr, diskErr); err != nil {
-		if net != nil {
-			if cerr := net.Close(); cerr != nil {
-				log.G(ctx).WithError(cerr).Warn("pod network cleanup")
-			}
-		}
-		if netErr != nil {
-			return nil, Rootfs{}, fmt.Errorf("pod network: %w", netErr)
-		}
-		return nil, Rootfs{}, diskErr
-	}
-	if net != nil {
-		defer func() {
-			if retErr != nil && net != nil {
-				if err := net.Close(); err != nil {
-					log.G(ctx).WithError(err).Warn("pod network cleanup")
-				}
-			}
-		}()
-	}
-	var nics []vmm.NIC
-	var ifaces []*agent.Interface
-	var routes []*agent.Route
-	if net != nil {
-		for i, n := range net.Interfaces {
-			nics = append(nics, vmm.NIC{ID: fmt.Sprintf("nic%d", i), MAC: n.MAC.String(), Tap: n.Tap})
-			ifaces = append(ifaces, &agent.Interface{Name: n.Name, Mac: n.MAC.String(), Mtu: uint32(n.MTU), Addresses: n.Addresses})
-		}
-		for _, r := range net.Routes {
-			routes = append(routes, &agent.Route{Destination: r.Destination, Gateway: r.Gateway, Device: r.Device, Source: r.Source})
-		}
-	}
-	vcfg := vmConfig(cfg, o.StateDir)
-	vcfg.Disks, vcfg.NICs = disks, nics
-	modules, withModules := modulesDisk(ctx, cfg, o.Hypervisor.MaxBootDisks(), len(disks), len(nics))
-	if withModules {
-		vcfg.Disks = append(slices.Clip(disks), modules)
-	}
-	// Removed after virtiofsd and QEMU have exited (deferred before them).
-	cgroupOf := o.NewCgroup
-	if cgroupOf == nil {
-		cgroupOf = HostCgroup
-	}
-	cg, err := cgroupOf(cfg, o)
-	if err != nil {
-		return nil, Rootfs{}, err
-	}
-	defer func() {
-		if cg == nil {
-			return
-		}
-		if err := cg.Remove(context.WithoutCancel(ctx)); err != nil {
-			log.G(ctx).WithError(err).Warn("pod cgroup cleanup")
-		}
-	}()
-	var fs *virtiofs.Daemon
-	if SharesHostPaths(cfg) {
-		if fs, vcfg.SharedFS, err = startShared(ctx, cfg, o.StateDir); err != nil {
-			return nil, Rootfs{}, fmt.Errorf("shared directory: %w", err)
-		}
-		defer func() {
-			if fs != nil {
-				if err := fs.Close(context.WithoutCancel(ctx)); err != nil {
-					log.G(ctx).WithError(err).Warn("shared directory cleanup")
-				}
-			}
-		}()
-		// Before QEMU connects: virtiofsd forks its sandboxed child then.
-		if err := cg.Add(fs.Pid()); err != nil {
-			return nil, Rootfs{}, err
-		}
-	}
-	vm, err := startVM(ctx, cfg, o.Hypervisor, vcfg)
-	if err != nil {
-		return nil, Rootfs{}, err
-	}
-	if net != nil {
-		net.CloseTaps() // QEMU holds them now: the taps go when it exits
-	}
-	p := &Pod{cfg: cfg, stateDir: o.StateDir, vm: vm, net: net, fs: fs, cgroup: cg, storages: map[string]*attached{}}
-	net, fs, cg = nil, nil, nil // p.Stop cleans them from here on
-	if p.fs != nil {
-		go p.watchShared(context.WithoutCancel(ctx))
-	}
-	defer func() {
-		if retErr != nil {
-			p.Stop(context.WithoutCancel(ctx))
-		}
-	}()
-	// QEMU's allocations before this (its start, the guest's first pages) stay charged
-	// where the shim is.
-	if err := p.cgroup.Add(vm.Pid()); err != nil {
-		return nil, Rootfs{}, err
-	}
-	if err := p.connect(ctx); err != nil {
-		return nil, Rootfs{}, err
-	}
-	// The sandbox and the boot disks' storages do not depend on each other: the agent
-	// sets both up at once, and the round trips overlap.
-	var mountErr error
-	mounted := make(chan struct{})
-	go func() {
-		defer close(mounted)
-		mountErr = p.mountBootDisks(ctx, disks, devs)
-		if mountErr == nil && p.fs != nil {
-			mountErr = p.mountShared(ctx)
-		}
-	}()
-	modulesMounted := make(chan struct{})
-	go func() {
-		defer close(modulesMounted)
-		if withModules {
-			p.mountModules(ctx, modules)
-		}
-	}()
-	defer func() { <-modulesMounted }()
-	created := time.Now()
-	_, err = p.Sandbox.Create(ctx, &agent.CreateSandboxRequest{
-		SandboxId:  o.ID,
-		Hostname:   o.Hostname,
-		Interfaces: ifaces,
-		Routes:     routes,
-		Dns:        o.DNS,
-		Hosts:      o.Hosts,
-		Time:       timestamppb.Now(),
-		Entropy:    entropy(),
-	})
-	<-mounted
-	if err != nil {
-		return nil, Rootfs{}, fmt.Errorf("create sandbox in the guest: %w", errgrpc.ToNative(err))
-	}
-	log.G(ctx).WithField("took", time.Since(created)).Debug("sandbox created in the guest")
-	if mountErr != nil {
-		return nil, Rootfs{}, mountErr
-	}
-	return p, p.bootRootfs(o.Rootfs), nil
-}
-
-// connect dials the agent and waits until it serves, or the VM dies, or the boot timeout.
-func (p *Pod) connect(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, BootTimeout)
-	defer cancel()
-	go func() {
-		select {
-		case <-p.vm.Done():
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	ep := p.vm.Endpoint()
-	s, err := transport.DialSerial(ctx, ep.Path)
-	if err != nil {
-		return err
-	}
-	p.session = s
-	p.calls = &deadlines{}
-	c, err := transport.OpenTTRPC(ctx, s, ttrpc.WithUnaryClientInterceptor(p.calls.intercept))
-	if err != nil {
-		return p.bootError(err)
-	}
-	p.client = c
-	p.Sandbox = agent.NewSandboxClient(c)
-	p.Containers = agent.NewContainersClient(c)
-	p.Exec = agent.NewExecClient(c)
-	p.IO = agent.NewIOClient(c)
-	p.storage = agent.NewStorageClient(c)
-	check, err := p.Sandbox.Check(ctx, &agent.CheckRequest{})
-	if err != nil {
-		return p.bootError(err)
-	}
-	v, err := p.Sandbox.Version(ctx, &agent.VersionRequest{})
-	if err != nil {
-		return fmt.Errorf("agent version: %w", errgrpc.ToNative(err))
-	}
-	if v.GetApiVersion() != agent.APIVersion {
-		return fmt.Errorf("the guest agent (%s) speaks API %q, this shim %q: rebuild the guest image (make guest): %w",
-			v.GetAgentVersion(), v.GetApiVersion(), agent.APIVersion, errdefs.ErrFailedPrecondition)
-	}
-	log.G(ctx).WithFields(log.Fields{
-		"agent": v.GetAgentVersion(), "kernel": v.GetKernelRelease(), "guest_uptime": time.Duration(check.GetUptimeNs()),
-	}).Debug("agent ready")
-	return nil
-}
-
-func (p *Pod) bootError(err error) error {
-	select {
-	case <-p.vm.Done():
-		return fmt.Errorf("VM ended while booting: %w (console: %s)", p.vm.Wait(), p.ConsoleLog())
-	default:
-	}
-	return fmt.Errorf("agent did not answer within %s: %w (console: %s)", BootTimeout, err, p.ConsoleLog())
 }
 
 // Session is the transport session, for stdio connections.
@@ -454,7 +191,8 @@ func (p *Pod) Interfaces() []string {
 func (p *Pod) ConsoleLog() string { return filepath.Join(p.stateDir, "console.log") }
 
 // Stop tears the pod down: asks the agent to destroy the sandbox (best effort),
-// stops the VM and removes the state directory. It is safe to call twice.
+// stops the VM and removes the state directory. It is safe to call twice, and on a
+// pod whose Start failed half-way (Start's own cleanup).
 func (p *Pod) Stop(ctx context.Context) error {
 	p.stopping.Store(true)
 	if p.client != nil {
@@ -468,7 +206,10 @@ func (p *Pod) Stop(ctx context.Context) error {
 	if p.session != nil {
 		p.session.Close()
 	}
-	err := p.vm.Stop(ctx)
+	var err error
+	if p.vm != nil { // nil: a Start that failed before the VM
+		err = p.vm.Stop(ctx)
+	}
 	if p.net != nil {
 		if nerr := p.net.Close(); nerr != nil {
 			err = errors.Join(err, fmt.Errorf("pod network: %w", nerr))
@@ -480,8 +221,10 @@ func (p *Pod) Stop(ctx context.Context) error {
 		}
 	}
 	// After QEMU and virtiofsd have exited.
-	if cerr := p.cgroup.Remove(ctx); cerr != nil {
-		err = errors.Join(err, fmt.Errorf("pod cgroup: %w", cerr))
+	if p.cgroup != nil {
+		if cerr := p.cgroup.Remove(ctx); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("pod cgroup: %w", cerr))
+		}
 	}
 	// Whatever happened above, nothing shared may be under the state directory when
 	// it is removed: a share is a host path (a volume), not the pod's.

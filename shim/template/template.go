@@ -25,12 +25,10 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
-	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 
-	agent "github.com/caisson-containers/caisson/api/agent/v1"
-	"github.com/caisson-containers/caisson/internal/transport"
+	"github.com/caisson-containers/caisson/shim/vmboot"
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
 
@@ -221,36 +219,23 @@ func build(ctx context.Context, hv vmm.Hypervisor, dir string, shapeJSON []byte,
 	cfg.Template = &vmm.Template{Dir: tmp}
 	cfg.StateDir = filepath.Join(tmp, "vm")
 	cfg.ConsoleLog = filepath.Join(tmp, "console.log")
-	vm, err := hv.New(cfg)
-	if err != nil {
-		return err
-	}
 	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
 	defer cancel()
-	if err := vm.Start(ctx); err != nil {
+	// Saved once the agent answers with its background start (drivers, cgroup
+	// controllers) over.
+	g, err := vmboot.Boot(ctx, hv, cfg, vmboot.Options{Timeout: readyTimeout, DevicesReady: true})
+	if err != nil {
+		return fmt.Errorf("template VM: %w", err)
+	}
+	defer g.VM.Stop(context.WithoutCancel(ctx))
+	// VMs made from the template connect afresh.
+	if err := g.Close(); err != nil {
+		log.G(ctx).WithError(err).Debug("hanging up on the template VM's agent")
+	}
+	if err := g.VM.SaveTemplate(ctx); err != nil {
 		return err
 	}
-	defer vm.Stop(context.WithoutCancel(ctx))
-	go func() {
-		select {
-		case <-vm.Done():
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	if err := waitReady(ctx, vm.Endpoint()); err != nil {
-		// Wait blocks until QEMU exits: ask it only of a VM that has ended.
-		if vmDone(vm) {
-			if e := vm.Wait(); e != nil {
-				return fmt.Errorf("template VM: %w", e)
-			}
-		}
-		return err
-	}
-	if err := vm.SaveTemplate(ctx); err != nil {
-		return err
-	}
-	if err := vm.Stop(ctx); err != nil {
+	if err := g.VM.Stop(ctx); err != nil {
 		return err
 	}
 	for _, f := range []string{"vm", "console.log"} {
@@ -260,32 +245,4 @@ func build(ctx context.Context, hv vmm.Hypervisor, dir string, shapeJSON []byte,
 		return err
 	}
 	return os.Rename(tmp, dir)
-}
-
-func vmDone(vm vmm.VM) bool {
-	select {
-	case <-vm.Done():
-		return true
-	default:
-		return false
-	}
-}
-
-// waitReady waits until the template VM's agent answers with its background start (drivers,
-// cgroup controllers) over, and hangs up: VMs made from the template connect afresh.
-func waitReady(ctx context.Context, ep vmm.Endpoint) error {
-	s, err := transport.DialSerial(ctx, ep.Path)
-	if err != nil {
-		return err
-	}
-	defer s.Close()
-	c, err := transport.OpenTTRPC(ctx, s)
-	if err != nil {
-		return fmt.Errorf("template VM's agent: %w", err)
-	}
-	defer c.Close()
-	if _, err := agent.NewSandboxClient(c).Check(ctx, &agent.CheckRequest{DevicesReady: true}); err != nil {
-		return fmt.Errorf("template VM's agent: %w", errgrpc.ToNative(err))
-	}
-	return nil
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/internal/transport"
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/vmboot"
 	"github.com/caisson-containers/caisson/shim/vmm"
 	"github.com/caisson-containers/caisson/shim/vmm/hypervisor"
 )
@@ -92,20 +93,15 @@ func TestGet(t *testing.T) {
 	vmCfg := cfg
 	vmCfg.StateDir = testutil.ShortTempDir(t)
 	vmCfg.Template = &vmm.Template{Dir: dirs[0], Restore: true}
-	vm, err := hv.New(vmCfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := vm.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	defer vm.Stop(ctx)
 	rctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	if err := waitReady(rctx, vm.Endpoint()); err != nil {
+	g, err := vmboot.Boot(rctx, hv, vmCfg, vmboot.Options{DevicesReady: true})
+	if err != nil {
 		t.Fatalf("VM made from the template: %v", err)
 	}
-	if err := vm.Stop(ctx); err != nil {
+	defer g.VM.Stop(ctx)
+	g.Close()
+	if err := g.VM.Stop(ctx); err != nil {
 		t.Fatal(err)
 	}
 
