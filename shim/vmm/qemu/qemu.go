@@ -121,72 +121,15 @@ type disk struct {
 
 // New checks cfg, applies its defaults and returns a VM that is not started yet.
 func New(cfg vmm.Config, qcfg Config) (*VM, error) {
-	if cfg.StateDir == "" {
-		return nil, fmt.Errorf("state dir not set: %w", errdefs.ErrInvalidArgument)
+	cfg, err := withDefaults(cfg)
+	if err != nil {
+		return nil, err
 	}
-	if cfg.Kernel == "" {
-		return nil, fmt.Errorf("kernel not set: %w", errdefs.ErrInvalidArgument)
+	if qcfg, err = qcfg.withDefaults(); err != nil {
+		return nil, err
 	}
-	if cfg.VCPUs == 0 {
-		cfg.VCPUs = 1
-	}
-	if cfg.MemoryMiB == 0 {
-		cfg.MemoryMiB = 512
-	}
-	if cfg.MaxMemoryMiB == 0 {
-		cfg.MaxMemoryMiB = cfg.MemoryMiB + 64<<10
-	}
-	if cfg.MaxMemoryMiB < cfg.MemoryMiB {
-		return nil, fmt.Errorf("max memory %d MiB below memory %d MiB: %w", cfg.MaxMemoryMiB, cfg.MemoryMiB, errdefs.ErrInvalidArgument)
-	}
-	if cfg.VCPUs < 0 || cfg.MemoryMiB < 0 || cfg.HotplugSlots < 0 {
-		return nil, fmt.Errorf("negative vcpus, memory or hot-plug slots: %w", errdefs.ErrInvalidArgument)
-	}
-	switch cfg.Accelerator {
-	case "":
-		cfg.Accelerator = string(accel.Auto)
-	case string(accel.Auto), string(accel.ModeKVM), string(accel.ModeTCG):
-	default:
-		return nil, fmt.Errorf("accelerator %q: want auto, kvm or tcg: %w", cfg.Accelerator, errdefs.ErrInvalidArgument)
-	}
-	if cfg.ConsoleLog == "" {
-		cfg.ConsoleLog = filepath.Join(cfg.StateDir, consoleLogName)
-	}
-	switch cfg.Agent.Transport {
-	case "":
-		cfg.Agent.Transport = vmm.TransportSerial
-	case vmm.TransportSerial:
-	case vmm.TransportVsock:
-		if cfg.Agent.CID < 3 {
-			return nil, fmt.Errorf("vsock cid %d: must be 3 or more: %w", cfg.Agent.CID, errdefs.ErrInvalidArgument)
-		}
-	default:
-		return nil, fmt.Errorf("agent transport %q: %w", cfg.Agent.Transport, errdefs.ErrInvalidArgument)
-	}
-	if n := len(cfg.Disks); n > MaxColdDisks {
-		return nil, fmt.Errorf("%d disks at start, at most %d: %w", n, MaxColdDisks, errdefs.ErrInvalidArgument)
-	}
-	if n := cfg.HotplugSlots; n > MaxHotplugSlots {
-		return nil, fmt.Errorf("%d hot-plug slots, at most %d: %w", n, MaxHotplugSlots, errdefs.ErrInvalidArgument)
-	}
-	if qcfg.Path == "" {
-		qcfg.Path = defaultBinary
-	}
-	if j := qcfg.Jail; j != nil {
-		j := *j // the caller's stays as it was
-		if j.User != "" {
-			var err error
-			if j.UID, j.GID, err = jail.LookupUser(j.User); err != nil {
-				return nil, err
-			}
-		}
-		if j.UID == 0 || j.GID == 0 {
-			return nil, fmt.Errorf("jail user %d:%d: QEMU must not run as root: %w", j.UID, j.GID, errdefs.ErrInvalidArgument)
-		}
-		qcfg.Jail = &j
-	}
-	if qcfg.TCGTranslationCacheMiB < 0 {
-		return nil, fmt.Errorf("tcg translation cache %d MiB: %w", qcfg.TCGTranslationCacheMiB, errdefs.ErrInvalidArgument)
+	if err := checkTemplate(cfg); err != nil {
+		return nil, err
 	}
 	v := &VM{
 		cfg:         cfg,
@@ -203,17 +146,6 @@ func New(cfg vmm.Config, qcfg Config) (*VM, error) {
 		stderrDone:  make(chan struct{}),
 		stopCh:      make(chan struct{}),
 	}
-	if t := cfg.Template; t != nil {
-		switch {
-		case t.Dir == "":
-			return nil, fmt.Errorf("template dir not set: %w", errdefs.ErrInvalidArgument)
-		case !t.Restore && (len(cfg.Disks) > 0 || len(cfg.NICs) > 0):
-			return nil, fmt.Errorf("a template VM has no disks or NICs (the VMs made from it get theirs): %w", errdefs.ErrInvalidArgument)
-		case t.Restore && len(cfg.Disks)+len(cfg.NICs) > cfg.HotplugSlots:
-			return nil, fmt.Errorf("%d disks and %d NICs for a VM started from a template, which hot-plugs them, but %d hot-plug slots: %w",
-				len(cfg.Disks), len(cfg.NICs), cfg.HotplugSlots, errdefs.ErrInvalidArgument)
-		}
-	}
 	for i := range v.coldDisks() {
 		v.slots = append(v.slots, port(i).place())
 	}
@@ -225,6 +157,109 @@ func New(cfg vmm.Config, qcfg Config) (*VM, error) {
 		return nil, fmt.Errorf("state dir %q too long for a unix socket path: %w", cfg.StateDir, errdefs.ErrInvalidArgument)
 	}
 	return v, nil
+}
+
+// withDefaults checks cfg and fills in its defaults.
+func withDefaults(cfg vmm.Config) (vmm.Config, error) {
+	if cfg.StateDir == "" {
+		return cfg, fmt.Errorf("state dir not set: %w", errdefs.ErrInvalidArgument)
+	}
+	if cfg.Kernel == "" {
+		return cfg, fmt.Errorf("kernel not set: %w", errdefs.ErrInvalidArgument)
+	}
+	if cfg.VCPUs == 0 {
+		cfg.VCPUs = 1
+	}
+	if cfg.MemoryMiB == 0 {
+		cfg.MemoryMiB = 512
+	}
+	if cfg.MaxMemoryMiB == 0 {
+		cfg.MaxMemoryMiB = cfg.MemoryMiB + 64<<10
+	}
+	if cfg.MaxMemoryMiB < cfg.MemoryMiB {
+		return cfg, fmt.Errorf("max memory %d MiB below memory %d MiB: %w", cfg.MaxMemoryMiB, cfg.MemoryMiB, errdefs.ErrInvalidArgument)
+	}
+	if cfg.VCPUs < 0 || cfg.MemoryMiB < 0 || cfg.HotplugSlots < 0 {
+		return cfg, fmt.Errorf("negative vcpus, memory or hot-plug slots: %w", errdefs.ErrInvalidArgument)
+	}
+	switch cfg.Accelerator {
+	case "":
+		cfg.Accelerator = string(accel.Auto)
+	case string(accel.Auto), string(accel.ModeKVM), string(accel.ModeTCG):
+	default:
+		return cfg, fmt.Errorf("accelerator %q: want auto, kvm or tcg: %w", cfg.Accelerator, errdefs.ErrInvalidArgument)
+	}
+	if cfg.ConsoleLog == "" {
+		cfg.ConsoleLog = filepath.Join(cfg.StateDir, consoleLogName)
+	}
+	if err := checkAgentChannel(&cfg.Agent); err != nil {
+		return cfg, err
+	}
+	if n := len(cfg.Disks); n > MaxColdDisks {
+		return cfg, fmt.Errorf("%d disks at start, at most %d: %w", n, MaxColdDisks, errdefs.ErrInvalidArgument)
+	}
+	if n := cfg.HotplugSlots; n > MaxHotplugSlots {
+		return cfg, fmt.Errorf("%d hot-plug slots, at most %d: %w", n, MaxHotplugSlots, errdefs.ErrInvalidArgument)
+	}
+	return cfg, nil
+}
+
+// checkAgentChannel checks a's transport, serial by default.
+func checkAgentChannel(a *vmm.AgentChannel) error {
+	switch a.Transport {
+	case "":
+		a.Transport = vmm.TransportSerial
+	case vmm.TransportSerial:
+	case vmm.TransportVsock:
+		if a.CID < 3 {
+			return fmt.Errorf("vsock cid %d: must be 3 or more: %w", a.CID, errdefs.ErrInvalidArgument)
+		}
+	default:
+		return fmt.Errorf("agent transport %q: %w", a.Transport, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// withDefaults checks c and fills in its defaults; a jail's user is looked up.
+func (c Config) withDefaults() (Config, error) {
+	if c.Path == "" {
+		c.Path = defaultBinary
+	}
+	if j := c.Jail; j != nil {
+		j := *j // the caller's stays as it was
+		if j.User != "" {
+			var err error
+			if j.UID, j.GID, err = jail.LookupUser(j.User); err != nil {
+				return c, err
+			}
+		}
+		if j.UID == 0 || j.GID == 0 {
+			return c, fmt.Errorf("jail user %d:%d: QEMU must not run as root: %w", j.UID, j.GID, errdefs.ErrInvalidArgument)
+		}
+		c.Jail = &j
+	}
+	if c.TCGTranslationCacheMiB < 0 {
+		return c, fmt.Errorf("tcg translation cache %d MiB: %w", c.TCGTranslationCacheMiB, errdefs.ErrInvalidArgument)
+	}
+	return c, nil
+}
+
+// checkTemplate checks a VM's template settings: a template VM has no devices of its
+// own, a VM from a template hot-plugs its own.
+func checkTemplate(cfg vmm.Config) error {
+	t := cfg.Template
+	switch {
+	case t == nil:
+		return nil
+	case t.Dir == "":
+		return fmt.Errorf("template dir not set: %w", errdefs.ErrInvalidArgument)
+	case !t.Restore && (len(cfg.Disks) > 0 || len(cfg.NICs) > 0):
+		return fmt.Errorf("a template VM has no disks or NICs (the VMs made from it get theirs): %w", errdefs.ErrInvalidArgument)
+	case t.Restore && len(cfg.Disks)+len(cfg.NICs) > cfg.HotplugSlots:
+		return fmt.Errorf("%d disks and %d NICs for a VM started from a template, which hot-plugs them, but %d hot-plug slots: %w",
+			len(cfg.Disks), len(cfg.NICs), cfg.HotplugSlots, errdefs.ErrInvalidArgument)
+	}
+	return nil
 }
 
 // Endpoint says how to reach the agent.
@@ -254,240 +289,6 @@ func (v *VM) Wait() error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	return v.exitErr
-}
-
-// Start launches QEMU with the cold-plugged disks and connects to its QMP socket.
-func (v *VM) Start(ctx context.Context) (retErr error) {
-	v.opMu.Lock()
-	defer v.opMu.Unlock()
-	v.mu.Lock()
-	tried := v.startCalled || v.stopping
-	v.startCalled = true
-	v.mu.Unlock()
-	if tried {
-		return fmt.Errorf("vm already started or stopped: %w", errdefs.ErrFailedPrecondition)
-	}
-	defer func() {
-		// Start is tried once. If QEMU never ran, nothing else closes Done.
-		v.mu.Lock()
-		defer v.mu.Unlock()
-		if retErr != nil && v.cmd == nil {
-			v.exitErr = &vmm.ExitError{Reason: "qemu did not start: " + retErr.Error()}
-			close(v.done)
-		}
-	}()
-
-	for _, f := range []struct{ what, path string }{{"kernel", v.cfg.Kernel}, {"initramfs", v.cfg.Initramfs}} {
-		if f.path == "" {
-			continue
-		}
-		if _, err := os.Stat(f.path); err != nil {
-			return fmt.Errorf("%s: %w: %w", f.what, errdefs.ErrNotFound, err)
-		}
-	}
-	bin, err := v.qcfg.Binary()
-	if err != nil {
-		return err
-	}
-
-	opts := accel.Options{QEMU: bin, Kernel: v.cfg.Kernel}
-	if v.qcfg.AccelCacheDir != "" {
-		opts.Cache = &accel.Cache{Dir: v.qcfg.AccelCacheDir}
-	}
-	acc, err := accel.Choose(ctx, accel.Mode(v.cfg.Accelerator), opts)
-	if err != nil {
-		return err
-	}
-	cl := cmdline{vm: v.cfg, accel: string(acc), qemu: v.qcfg, qmpSocket: v.qmpSocket, agentSock: v.agentSocket,
-		bridges: bridgesFor(v.cfg.HotplugSlots), jailed: v.jailed()}
-	extra := nicFiles(v.cfg.NICs)
-	if v.restoring() {
-		state, err := v.openTemplateState()
-		if err != nil {
-			return err
-		}
-		defer state.Close() // QEMU has its own copy once started
-		extra = append(extra, state)
-		cl.restoreFD = firstNICFD + len(extra) - 1
-	}
-	// Cold-plugged disk i gets port i and device number i.
-	defer func() {
-		if retErr != nil {
-			v.mu.Lock()
-			clear(v.disks)
-			clear(v.used)
-			v.mu.Unlock()
-			v.nextDev = 0
-		}
-	}()
-	// A jailed QEMU gets descriptors instead of paths (jailed.go); the shim's copies
-	// close once QEMU has its own.
-	var passed []*os.File
-	defer func() {
-		for _, f := range passed {
-			f.Close()
-		}
-	}()
-	pass := func(f *os.File) int {
-		passed = append(passed, f)
-		extra = append(extra, f)
-		return firstNICFD + len(extra) - 1
-	}
-	if fs := v.cfg.SharedFS; fs != nil && v.jailed() {
-		f, err := dialSharedFS(fs.Socket)
-		if err != nil {
-			return err
-		}
-		cl.sharedFSFD = pass(f)
-	}
-	cl.ports = len(v.coldDisks())
-	for i, d := range v.coldDisks() {
-		st, err := v.checkDisk(d)
-		if err != nil {
-			return err
-		}
-		size := st.Size()
-		p := port(i)
-		cd := coldDisk{disk: d, n: i, port: p, size: size}
-		if v.jailed() {
-			f, err := v.openDisk(d)
-			if err != nil {
-				return err
-			}
-			cd.fd = pass(f)
-		}
-		cl.disks = append(cl.disks, cd)
-		be, dev, addr := diskDevices(d, i, v.slots[i], size)
-		v.mu.Lock()
-		v.disks[d.ID] = &disk{Disk: d, file: st, devID: dev["id"].(string), slot: i, addr: addr, backend: be}
-		if d.Kind == vmm.Block && cd.fd != 0 {
-			fdset := cd.fd // the set is named after the descriptor (cmdline.go)
-			v.disks[d.ID].fdset = &fdset
-		}
-		v.used[i] = true
-		v.mu.Unlock()
-		v.nextDev = i + 1
-	}
-	// The console pipe (below) is QEMU's last extra descriptor.
-	cl.consoleFD = firstNICFD + len(extra)
-	args, err := cl.args()
-	if err != nil {
-		return err
-	}
-
-	if err := os.MkdirAll(v.cfg.StateDir, 0o700); err != nil {
-		return err
-	}
-	v.removeFiles() // leftovers of a crashed shim
-	defer func() {
-		if retErr != nil {
-			v.removeFiles()
-		}
-	}()
-	// QEMU's output goes through a pipe into a bounded log, like the console: a guest
-	// may make QEMU print on every occurrence of some device error.
-	stderrLog, err := os.OpenFile(v.stderrLog, os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	stderrR, stderr, err := os.Pipe()
-	if err != nil {
-		stderrLog.Close()
-		return err
-	}
-	defer stderr.Close() // QEMU has its own copy once started
-	// The guest console goes through a pipe into a bounded log (console.go); QEMU
-	// writing the file itself would let the guest fill /run.
-	consoleR, consoleW, err := os.Pipe()
-	if err != nil {
-		stderrR.Close()
-		stderrLog.Close()
-		return err
-	}
-	defer consoleW.Close() // QEMU has its own copy once started
-	consoleLog, err := os.OpenFile(v.cfg.ConsoleLog, os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600)
-	if err != nil {
-		consoleR.Close()
-		stderrR.Close()
-		stderrLog.Close()
-		return err
-	}
-	extra = append(extra, consoleW)
-
-	var cmd *exec.Cmd
-	if v.jailed() {
-		if err := v.prepareJail(); err != nil {
-			return fmt.Errorf("qemu jail: %w", err)
-		}
-		if cmd, err = v.jailCommand(bin, args, string(acc)); err != nil {
-			return fmt.Errorf("qemu jail: %w", err)
-		}
-	} else {
-		cmd = exec.Command(bin, args...)
-		cmd.Env = []string{} // not nil: nothing of the shim's environment
-		cmd.Dir = v.cfg.StateDir
-		cmd.SysProcAttr = &syscall.SysProcAttr{}
-	}
-	cmd.Stdout = stderr
-	cmd.Stderr = stderr
-	cmd.ExtraFiles = extra
-	cmd.SysProcAttr.Setpgid = true
-	// Kill QEMU if the shim dies. The kernel sends it when the thread that forked
-	// QEMU exits, so run keeps that thread until QEMU is reaped.
-	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
-	log.G(ctx).WithField("args", args).Debug("starting qemu")
-	startErr := make(chan error, 1)
-	go v.run(cmd, startErr)
-	if err := <-startErr; err != nil {
-		consoleR.Close()
-		consoleLog.Close()
-		stderrR.Close()
-		stderrLog.Close()
-		close(v.stderrDone)
-		return fmt.Errorf("starting qemu: %w", err)
-	}
-	// QEMU has its own copies: the pipes must end when QEMU does, for the exit path
-	// (run) to see its last output at once.
-	stderr.Close()
-	consoleW.Close()
-	go copyConsole(consoleR, consoleLog, v.consoleDone)
-	go copyQEMULog(stderrR, stderrLog, v.stderrDone)
-
-	defer func() {
-		if retErr == nil {
-			return
-		}
-		// If QEMU is exiting on its own (the monitor noticed first), its own words
-		// are the error; how the monitor noticed is noise.
-		select {
-		case <-v.done:
-		case <-time.After(exitGrace):
-			v.kill()
-			<-v.done
-			return
-		}
-		if e := v.Wait(); e != nil {
-			retErr = fmt.Errorf("starting qemu: %w", e)
-		}
-	}()
-
-	conn, err := v.dialQMP(ctx)
-	if err != nil {
-		return err
-	}
-	c, err := qmp.New(ctx, conn)
-	if err != nil {
-		return fmt.Errorf("qemu monitor: %w", err)
-	}
-	v.mu.Lock()
-	v.qmp = c
-	v.mu.Unlock()
-	go v.events(c)
-	log.G(ctx).WithField("pid", cmd.Process.Pid).Debug("qemu started")
-	if v.restoring() {
-		return v.restore(ctx, c, cl.restoreFD)
-	}
-	return nil
 }
 
 // dialQMP connects to QEMU's monitor socket as soon as QEMU has created it.
