@@ -1,6 +1,11 @@
 // Package pod is one Caisson VM as the shim sees it: the VM, the session to the
 // agent inside it, the agent's API clients, and the storages (layer and
 // writable images) attached to it, shared by the pod's containers.
+//
+// The VM comes from the vmm.Hypervisor the caller gives (Options.Hypervisor): the pod
+// knows the VMM through package vmm only, and boots the VM and reaches its agent
+// through package vmboot. Start attaches the first container's rootfs while the VM
+// boots (its disks on the VM's command line); AttachRootfs hot-plugs later ones'.
 package pod
 
 import (
@@ -164,7 +169,7 @@ func (p *Pod) Done() <-chan struct{} { return p.vm.Done() }
 // Err says why the VM ended (after Done).
 func (p *Pod) Err() error { return p.vm.Wait() }
 
-// Pid is QEMU's pid.
+// Pid is the VMM's process id.
 func (p *Pod) Pid() int { return p.vm.Pid() }
 
 // NetNS is the host network namespace the pod's NICs come from ("" if it has none).

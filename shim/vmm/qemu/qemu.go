@@ -1,4 +1,5 @@
-// Package qemu runs a pod's VM with QEMU (q35): it implements vmm.VM.
+// Package qemu runs a pod's VM with QEMU (q35): it implements vmm.Hypervisor
+// (NewHypervisor, from the shim's configuration) and vmm.VM.
 //
 // QEMU runs in its own process group with an empty environment, -sandbox on with every
 // restriction QEMU offers (obsolete, elevateprivileges, spawn, resourcecontrol: deny), and
