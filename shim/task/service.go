@@ -83,6 +83,9 @@ type service struct {
 	// hypervisor makes the VMM of a pod's configuration (shim/vmm/hypervisor.New; tests
 	// set a fake).
 	hypervisor func(config.Config) (vmm.Hypervisor, error)
+	// newCgroup makes the cgroup of a pod's host processes (nil: pod.HostCgroup; tests
+	// on a fake VMM without root set pod.NoCgroup).
+	newCgroup pod.CgroupFunc
 
 	mu         sync.Mutex
 	containers map[string]*container
@@ -137,7 +140,7 @@ func (s *service) ensurePod(ctx context.Context, o pod.Options, cfg config.Confi
 	if err != nil {
 		return nil, pod.Rootfs{}, false, err
 	}
-	o.Hypervisor = hv
+	o.Hypervisor, o.NewCgroup = hv, s.newCgroup
 	log.G(ctx).WithField("pod", o.ID).Info("starting pod VM")
 	start := time.Now()
 	p, rfs, err := pod.Start(ctx, cfg, o)
