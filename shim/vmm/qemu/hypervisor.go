@@ -15,19 +15,17 @@ type Hypervisor struct {
 
 var _ vmm.Hypervisor = (*Hypervisor)(nil)
 
-// NewHypervisor is the QEMU of cfg's pod VMs: its binary, translation cache, accelerator
-// probe cache and jail (hypervisor.*).
+// NewHypervisor is the QEMU of cfg's pod VMs: its binary, translation cache, free page
+// reporting, accelerator probe cache and jail (hypervisor.*).
 func NewHypervisor(cfg config.Config) vmm.Hypervisor {
 	return &Hypervisor{qcfg: Config{
 		Path:                   cfg.Hypervisor.Path,
 		TCGTranslationCacheMiB: cfg.Hypervisor.TCGTranslationCacheMiB,
+		FreePageReporting:      cfg.Hypervisor.FreePageReporting,
 		AccelCacheDir:          filepath.Join(cfg.StateDir, "probes"),
 		Jail:                   jailOf(cfg),
 	}}
 }
-
-// NewHypervisorWith is a QEMU of settings qcfg, for tests and tools that set them directly.
-func NewHypervisorWith(qcfg Config) *Hypervisor { return &Hypervisor{qcfg: qcfg} }
 
 // jailOf is how cfg's VMs' QEMU is jailed (hypervisor.jailer); nil: not at all.
 func jailOf(cfg config.Config) *Jail {
