@@ -124,6 +124,7 @@ type VM struct {
 	serving  sync.WaitGroup
 	disks    map[string]vmm.Disk // attached now, by id
 	hotplug  int                 // how many of them were hot-plugged
+	history  []vmm.Disk          // every disk booted with or hot-plugged, in order
 	events   []Event
 	err      error // Wait's, once done
 	done     chan struct{}
@@ -137,6 +138,13 @@ func (vm *VM) Events() []Event {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	return slices.Clone(vm.events)
+}
+
+// History returns every disk the VM booted with or had hot-plugged, in order.
+func (vm *VM) History() []vmm.Disk {
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	return slices.Clone(vm.history)
 }
 
 // Disks returns the disks attached now (booted with or hot-plugged), sorted by id.
@@ -223,6 +231,7 @@ func (vm *VM) Start(ctx context.Context) (retErr error) {
 	for _, d := range vm.cfg.Disks {
 		vm.disks[d.ID] = d
 	}
+	vm.history = append(vm.history, vm.cfg.Disks...)
 	vm.events = append(vm.events, "start")
 	vm.serving.Add(1)
 	go vm.serve(sctx, l)
@@ -308,6 +317,7 @@ func (vm *VM) AttachDisk(ctx context.Context, d vmm.Disk) (vmm.DiskAddress, erro
 		return vmm.DiskAddress{}, fmt.Errorf("fakevm: disk %s: %w", d.ID, err)
 	}
 	vm.disks[d.ID] = d
+	vm.history = append(vm.history, d)
 	vm.hotplug++
 	vm.events = append(vm.events, Event("attach "+d.ID))
 	return address(d), nil
