@@ -167,17 +167,8 @@ func connect(parent context.Context, vm vmm.VM, console string, o Options) (_ *G
 // ended), the boot took longer than timeout (ctx ended), or the agent refused; with the
 // end of the guest's console, where the guest says why.
 func bootError(parent, ctx context.Context, vm vmm.VM, timeout time.Duration, console string, err error) error {
-	// A guest that dies resets the agent's channel a moment before the VMM's exit is
-	// noticed: wait for it a little, so that the error says why the VM ended.
-	exit, cancel := context.WithTimeout(context.Background(), exitGrace)
-	defer cancel()
-	if ctx.Err() != nil {
-		cancel()
-	}
-	select {
-	case <-vm.Done():
+	if ended(ctx, vm) {
 		return fmt.Errorf("VM ended while booting: %w%s", vm.Wait(), consoleEnd(console))
-	case <-exit.Done():
 	}
 	tail := consoleEnd(console)
 	switch {
@@ -190,6 +181,26 @@ func bootError(parent, ctx context.Context, vm vmm.VM, timeout time.Duration, co
 		return fmt.Errorf("agent did not answer within %s: %w%s", timeout, err, tail)
 	}
 	return fmt.Errorf("agent: %w%s", err, tail)
+}
+
+// ended reports whether vm has ended. A guest that dies resets the agent's channel a
+// moment before the VMM's exit is noticed: unless ctx is over already (the VM's end
+// cancels it), wait a little for it, so that the error says why the VM ended.
+func ended(ctx context.Context, vm vmm.VM) bool {
+	select {
+	case <-vm.Done():
+		return true
+	default:
+	}
+	if ctx.Err() != nil {
+		return false
+	}
+	select {
+	case <-vm.Done():
+		return true
+	case <-time.After(exitGrace):
+		return false
+	}
 }
 
 // consoleEnd is the last lines of the console log at path, as an error's suffix naming
