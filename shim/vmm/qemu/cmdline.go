@@ -49,9 +49,20 @@ const (
 	// hot-plugs through ACPI (acpiphp), which needs no port driver. The kernel's crypto
 	// self-tests are skipped and the i8042 controller (a VM has no PS/2 devices) is not
 	// probed: under TCG the two took 0.35–0.5 s of every boot (guest/README.md, as Kata
-	// does).
+	// does). Then what an idle guest wakes up for (idleKernelParams).
 	baseKernelParams = "console=ttyS0 panic=-1 swiotlb=noforce pcie_ports=compat cryptomgr.notests" +
-		" i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1"
+		" i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1 " + idleKernelParams
+	// idleKernelParams keep an idle guest asleep: each wake-up of its vCPU costs the host
+	// about a millisecond of emulation under TCG, and QEMU's main loop wakes with it. The
+	// TSC is the clock and trusted (tsc=reliable, as Kata does: without it the kernel
+	// checks it against the HPET twice a second); no soft or NMI lockup detector (a timer
+	// every 4 s, and under TCG a stalled host thread is not a guest lockup); no proactive
+	// compaction, for which kcompactd woke twice a second and moved pages, touching
+	// host memory the guest did not need (5–15 MiB per VM); the per-CPU VM statistics
+	// are folded every 10 s instead of every second. Together they took an idle pod's
+	// guest from about 60 to under 10 wake-ups a second (docs/guest.md).
+	idleKernelParams = "tsc=reliable nowatchdog nmi_watchdog=0" +
+		" sysctl.vm.compaction_proactiveness=0 sysctl.vm.stat_interval=10"
 )
 
 // Names of the files Start creates in the state dir.

@@ -38,12 +38,13 @@ func TestCmdline(t *testing.T) {
 		{
 			name: "serial agent, tcg",
 			want: map[string][]string{
-				"-M":       {"q35"},
-				"-accel":   {"tcg"},
-				"-smp":     {"2"},
-				"-m":       {"size=512M,slots=4,maxmem=4096M"},
-				"-kernel":  {"/k"},
-				"-append":  {"console=ttyS0 panic=-1 swiotlb=noforce pcie_ports=compat cryptomgr.notests i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1 quiet"},
+				"-M":      {"q35"},
+				"-accel":  {"tcg"},
+				"-smp":    {"2"},
+				"-m":      {"size=512M,slots=4,maxmem=4096M"},
+				"-kernel": {"/k"},
+				"-append": {"console=ttyS0 panic=-1 swiotlb=noforce pcie_ports=compat cryptomgr.notests i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1" +
+					" tsc=reliable nowatchdog nmi_watchdog=0 sysctl.vm.compaction_proactiveness=0 sysctl.vm.stat_interval=10 quiet"},
 				"-sandbox": {"on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"},
 				"-chardev": {
 					"file,id=console,path=/dev/fd/7",
