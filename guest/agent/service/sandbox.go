@@ -84,6 +84,9 @@ func (s sandboxService) Check(ctx context.Context, req *agent.CheckRequest) (*ag
 		if err := s.a.devicesReady(ctx); err != nil {
 			return nil, err
 		}
+		// Only the shim's template maker asks for devices_ready: the template is saved
+		// after this, so its VMs start with the warm-up's state.
+		s.a.warmUp(ctx)
 	}
 	var ts unix.Timespec
 	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {

@@ -14,10 +14,14 @@ import (
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/reflect/protoregistry"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/guest/agent/container"
 	"github.com/caisson-containers/caisson/guest/agent/copies"
+	"github.com/caisson-containers/caisson/guest/agent/modprobe"
 	"github.com/caisson-containers/caisson/guest/agent/reaper"
 	"github.com/caisson-containers/caisson/guest/agent/sandbox"
 	"github.com/caisson-containers/caisson/guest/agent/storage"
@@ -50,6 +54,8 @@ type Agent struct {
 	sandbox  *sandbox.Sandbox
 	copies   *copies.Store // of host bind mount sources
 	events   *broker
+
+	warmOnce sync.Once
 
 	mu     sync.Mutex
 	rootfs map[string]*storage.MountedRootfs // by container id
@@ -134,6 +140,43 @@ func (a *Agent) devicesReady(ctx context.Context) error {
 	}
 	return nil
 }
+
+// warmUp, once, builds what the agent otherwise builds for a pod's first requests and
+// its first container (container.Runtime.WarmUp): the shim asks for it (Check with
+// devices_ready) before it saves a VM template. A warm-up that fails costs only speed.
+func (a *Agent) warmUp(ctx context.Context) {
+	a.warmOnce.Do(func() {
+		warmMessages()
+		// The container's process is the agent's binary called as modprobe without
+		// arguments: it prints its usage and exits (by its own name, it would take
+		// itself for the VM's init).
+		exe, err := os.Executable()
+		if err == nil {
+			_, err = a.runtime.WarmUp(ctx, exe, "/sbin/"+modprobe.Name)
+		}
+		if err != nil {
+			log.G(ctx).WithError(err).Warn("container runtime warm-up")
+		}
+	})
+}
+
+// warmMessages encodes and decodes every message of the agent's API once: protobuf
+// builds each message type's coders on its first use.
+func warmMessages() {
+	protoregistry.GlobalTypes.RangeMessages(func(mt protoreflect.MessageType) bool {
+		if mt.Descriptor().ParentFile().Package() != agentPackage {
+			return true
+		}
+		m := mt.New().Interface()
+		if b, err := proto.Marshal(m); err == nil {
+			_ = proto.Unmarshal(b, mt.New().Interface())
+		}
+		return true
+	})
+}
+
+// agentPackage is the protobuf package of the agent's API.
+const agentPackage = "caisson.agent.v1"
 
 func (a *Agent) process(containerID, execID string) (*container.Container, *container.Process, error) {
 	c, err := a.runtime.Get(containerID)

@@ -1,0 +1,47 @@
+package test
+
+import (
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	agent "github.com/caisson-containers/caisson/api/agent/v1"
+)
+
+// TestGuestWarmUp: a Check with devices_ready, as the shim sends before it saves a VM
+// template, runs the agent's warm-up container once in the real guest (its debug line on
+// the console, no warning), and the pod's containers run after it as before.
+func TestGuestWarmUp(t *testing.T) {
+	g := bootGuest(t, layerDisks(t), 0)
+	ctx := ctxT(t)
+	for i := 0; i < 2; i++ { // the second Check does not warm up again
+		if _, err := g.sandbox.Check(ctx, &agent.CheckRequest{DevicesReady: true}); err != nil {
+			t.Fatalf("Check with devices_ready: %v", err)
+		}
+	}
+	// The agent logs before it answers; the console file follows QEMU's output.
+	var console string
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		b, _ := os.ReadFile(g.console)
+		console = string(b)
+		if strings.Contains(console, "container runtime warmed up") || time.Now().After(deadline) {
+			break
+		}
+	}
+	if n := strings.Count(console, "container runtime warmed up"); n != 1 {
+		t.Errorf("the console has %d warm-ups, want 1:\n%s", n, tail(console, 3000))
+	}
+	if strings.Contains(console, "container runtime warm-up") {
+		t.Errorf("the warm-up failed:\n%s", tail(console, 3000))
+	}
+
+	if _, err := g.sandbox.Create(ctx, &agent.CreateSandboxRequest{SandboxId: "pod", Hostname: "pod"}); err != nil {
+		t.Fatal(err)
+	}
+	g.mountLayers(t)
+	r := g.run(t, "after-warm-up", testSpec("cat", "/etc/layer"))
+	if r.stdout != "top\n" || r.stderr != "" || r.exit != 0 {
+		t.Errorf("container after the warm-up: %+v", r)
+	}
+}
