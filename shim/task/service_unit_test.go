@@ -92,6 +92,7 @@ func newHarness(t *testing.T) *harness {
 		for i, vm := range h.hv.VMs() {
 			if vm.Running() {
 				t.Errorf("VM %d still runs after the shim's shutdown", i)
+				vm.Stop(context.Background())
 			}
 		}
 	})
@@ -366,7 +367,8 @@ func TestLifecycleOnFakeVM(t *testing.T) {
 }
 
 // shutdown is containerd's Shutdown once the pod's last container is deleted: the shim
-// ends (its pod with it), after it has published its events.
+// ends (its pod with it), after it has published its events. Call it only once every
+// container is deleted: otherwise the shim rightly goes on, and this waits for ever.
 func (h *harness) shutdown() {
 	h.t.Helper()
 	if _, err := h.s.Shutdown(h.ctx, &taskAPI.ShutdownRequest{}); err != nil {
@@ -594,7 +596,7 @@ func TestVMDeathEndsThePodsProcesses(t *testing.T) {
 			t.Errorf("Kill of %s after the VM's death: %v, want NotFound", id, err)
 		}
 		if _, err := h.s.Delete(h.ctx, &taskAPI.DeleteRequest{ID: id}); err != nil {
-			t.Errorf("Delete %s: %v", id, err)
+			t.Fatalf("Delete %s: %v", id, err)
 		}
 		if _, err := h.s.State(h.ctx, &taskAPI.StateRequest{ID: id}); !errdefs.IsNotFound(errgrpc.ToNative(err)) {
 			t.Errorf("State of %s after its delete: %v", id, err)

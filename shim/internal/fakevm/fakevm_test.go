@@ -44,6 +44,7 @@ func TestAgentOverTransport(t *testing.T) {
 	if err := vm.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { vm.Stop(ctx) })
 	sb, ctrs, st := dial(t, vm)
 	v, err := sb.Version(ctx, &agent.VersionRequest{})
 	if err != nil || v.GetApiVersion() != agent.APIVersion {

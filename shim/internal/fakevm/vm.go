@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"syscall"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -219,8 +220,10 @@ func (vm *VM) Start(ctx context.Context) (retErr error) {
 		return fmt.Errorf("fakevm: agent socket: %w", err)
 	}
 	// Sleeps until killed: what a VMM process is to the shim, a pid that lives as long
-	// as the VM.
+	// as the VM. A test that dies (a timeout, a panic) takes it along instead of leaving
+	// it on the machine.
 	cmd := exec.Command("sleep", "infinity")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		l.Close()
 		os.Remove(vm.Endpoint().Path)
@@ -434,4 +437,9 @@ func (vm *VM) Pid() int {
 // SaveTemplate is not modelled: pods of these tests boot.
 func (vm *VM) SaveTemplate(ctx context.Context) error {
 	return fmt.Errorf("fakevm: templates: %w", errdefs.ErrNotImplemented)
+}
+
+// Resize is not modelled: pods of these tests keep the size they boot with.
+func (vm *VM) Resize(ctx context.Context, want vmm.Size) (vmm.Size, error) {
+	return vmm.Size{}, fmt.Errorf("fakevm: resize: %w", errdefs.ErrNotImplemented)
 }
