@@ -13,9 +13,10 @@ GUEST_MODULES_DEP := $(GUEST_BUILD_DIR)/depmod/lib/modules/$(GUEST_KERNEL_RELEAS
 # Modules the image carries (their modules.dep closure comes along, without signatures,
 # with the image's own modules.dep). The agent loads its transport's channel (PCI and
 # virtio-serial, or vsock) before it serves and not the other's; then, in the background,
-# disks and DAX pmem, the layers' filesystems and the pod's network.
+# disks and DAX pmem, the layers' filesystems, the pod's network, and the balloon through
+# which the guest reports the memory it frees (hypervisor.free_page_reporting).
 GUEST_MODULES ?= virtio_pci virtio_console vmw_vsock_virtio_transport \
-	virtio_blk virtio_pmem nd_pmem erofs overlay virtio_net virtio_rng virtiofs
+	virtio_blk virtio_pmem nd_pmem erofs overlay virtio_net virtio_rng virtiofs virtio_balloon
 GUEST_BUSYBOX ?= /bin/busybox
 
 # The agent is a static cgo binary: runc's libcontainer needs its nsenter constructor (C),

@@ -92,6 +92,7 @@ func checkRunnable(t *testing.T, c config.Config) {
 	}, qemu.Config{
 		Path:                   c.Hypervisor.Path,
 		TCGTranslationCacheMiB: c.Hypervisor.TCGTranslationCacheMiB,
+		FreePageReporting:      c.Hypervisor.FreePageReporting,
 		AccelCacheDir:          filepath.Join(c.StateDir, "probes"),
 		Jail:                   j,
 	})

@@ -16,8 +16,9 @@ type Config struct {
 	// (1 GiB of address space in QEMU 7.2, touched as the guest runs code). Ignored with KVM.
 	TCGTranslationCacheMiB int `toml:"tcg_translation_cache_mib"`
 	// FreePageReporting adds a virtio-balloon device with free-page-reporting=on, through
-	// which a guest that loads virtio_balloon hands back the memory it freed (the kernel
-	// touches and frees tens of MiB while it boots). Default off.
+	// which a guest that loads virtio_balloon (Caisson's does, at boot) hands back the
+	// memory it freed: the kernel and the agent touch and free tens of MiB while they
+	// start. The shim's hypervisor.free_page_reporting (default true) sets it.
 	FreePageReporting bool `toml:"free_page_reporting"`
 	// AccelCacheDir keeps the results of the accelerator probe (see package accel) for
 	// the current host boot, so that only the first VM pays for it. Empty: no cache.

@@ -15,12 +15,13 @@ type Hypervisor struct {
 
 var _ vmm.Hypervisor = (*Hypervisor)(nil)
 
-// NewHypervisor is the QEMU of cfg's pod VMs: its binary, translation cache, accelerator
-// probe cache and jail (hypervisor.*).
+// NewHypervisor is the QEMU of cfg's pod VMs: its binary, translation cache, free page
+// reporting, accelerator probe cache and jail (hypervisor.*).
 func NewHypervisor(cfg config.Config) vmm.Hypervisor {
 	return &Hypervisor{qcfg: Config{
 		Path:                   cfg.Hypervisor.Path,
 		TCGTranslationCacheMiB: cfg.Hypervisor.TCGTranslationCacheMiB,
+		FreePageReporting:      cfg.Hypervisor.FreePageReporting,
 		AccelCacheDir:          filepath.Join(cfg.StateDir, "probes"),
 		Jail:                   jailOf(cfg),
 	}}
