@@ -111,6 +111,20 @@ type VM interface {
 	// its Template.Dir, leaving it paused: the caller stops it. The guest should be
 	// idle (its agent ready), since the VMs started from it resume where it was.
 	SaveTemplate(ctx context.Context) error
+	// Resize grows the running VM to want: memory by hot-plugging one more memory
+	// device (its size rounded up to the guest's memory block, so the VM may get more
+	// than asked for), vCPUs by hot-plugging the missing ones, up to Config.MaxVCPUs and
+	// Config.MaxMemoryMiB. It returns the VM's size after. The guest onlines the memory
+	// itself (the VMM's kernel parameters) but not the vCPUs: the caller has the guest
+	// agent online them (api/agent/v1 Resources.Resize). A VM only grows: want below the
+	// VM's current size in either is refused (InvalidArgument) and nothing changes.
+	Resize(ctx context.Context, want Size) (Size, error)
+}
+
+// Size is a VM's memory and vCPUs.
+type Size struct {
+	MemoryMiB int
+	VCPUs     int
 }
 
 // Transport is how the host reaches the guest agent.
@@ -220,8 +234,11 @@ type Config struct {
 	Initramfs string
 	// KernelParams are added to the kernel command line after the VMM's own.
 	KernelParams []string
-	// VCPUs is the number of virtual CPUs (default 1).
+	// VCPUs is the number of virtual CPUs the VM boots with (default 1).
 	VCPUs int
+	// MaxVCPUs is how many vCPUs the VM can have once Resize hot-plugged more (default
+	// VCPUs: none can be added).
+	MaxVCPUs int
 	// MemoryMiB is the guest's boot memory (default 512).
 	MemoryMiB int
 	// MaxMemoryMiB bounds boot memory plus everything hot-plugged into the guest's memory
@@ -267,7 +284,7 @@ type SharedFS struct {
 // unchanged pages shared through the host's page cache) and load its device state.
 //
 // A template and the VMs started from it must have the same kernel, initramfs, kernel
-// parameters, CPUs, memory, hot-plug slots and agent channel, and no disks or NICs of
+// parameters, CPUs, memory (and their maxima), hot-plug slots and agent channel, and no disks or NICs of
 // their own in the template: a VM started from one gets Config.Disks and Config.NICs
 // hot-plugged (into its hot-plug slots) before Start returns.
 type Template struct {

@@ -60,9 +60,12 @@ const (
 	// compaction, for which kcompactd woke twice a second and moved pages, touching
 	// host memory the guest did not need (5–15 MiB per VM); the per-CPU VM statistics
 	// are folded every 10 s instead of every second. Together they took an idle pod's
-	// guest from about 60 to under 10 wake-ups a second (docs/guest.md).
+	// guest from about 60 to under 10 wake-ups a second (docs/guest.md). Memory that
+	// Resize hot-plugs is onlined by the guest kernel as it arrives
+	// (memhp_default_state=online; into the normal zone, usable by the kernel too,
+	// since it is never unplugged).
 	idleKernelParams = "tsc=reliable nowatchdog nmi_watchdog=0" +
-		" sysctl.vm.compaction_proactiveness=0 sysctl.vm.stat_interval=10"
+		" sysctl.vm.compaction_proactiveness=0 sysctl.vm.stat_interval=10 memhp_default_state=online"
 )
 
 // Names of the files Start creates in the state dir.
@@ -322,7 +325,8 @@ func (c cmdline) machineArgs() ([]string, error) {
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
 		"-msg", "timestamp=on",
-		"-smp", strconv.Itoa(cfg.VCPUs),
+		// maxcpus: Resize hot-plugs vCPUs up to it (resize.go).
+		"-smp", fmt.Sprintf("%d,maxcpus=%d", cfg.VCPUs, cfg.MaxVCPUs),
 		"-m", fmt.Sprintf("size=%dM,slots=%d,maxmem=%dM", cfg.MemoryMiB, memorySlots, cfg.MaxMemoryMiB),
 	}
 	a = append(a, ram...)

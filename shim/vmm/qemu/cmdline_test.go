@@ -25,7 +25,7 @@ func option(args []string, flag string) []string {
 func TestCmdline(t *testing.T) {
 	base := vmm.Config{
 		Kernel: "/k", StateDir: "/s", ConsoleLog: "/s/console.log",
-		VCPUs: 2, MemoryMiB: 512, MaxMemoryMiB: 4096,
+		VCPUs: 2, MaxVCPUs: 4, MemoryMiB: 512, MaxMemoryMiB: 4096,
 		Agent: vmm.AgentChannel{Transport: vmm.TransportSerial},
 	}
 	for _, tc := range []struct {
@@ -40,11 +40,11 @@ func TestCmdline(t *testing.T) {
 			want: map[string][]string{
 				"-M":      {"q35"},
 				"-accel":  {"tcg"},
-				"-smp":    {"2"},
+				"-smp":    {"2,maxcpus=4"},
 				"-m":      {"size=512M,slots=4,maxmem=4096M"},
 				"-kernel": {"/k"},
 				"-append": {"console=ttyS0 panic=-1 swiotlb=noforce pcie_ports=compat cryptomgr.notests i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1" +
-					" tsc=reliable nowatchdog nmi_watchdog=0 sysctl.vm.compaction_proactiveness=0 sysctl.vm.stat_interval=10 quiet"},
+					" tsc=reliable nowatchdog nmi_watchdog=0 sysctl.vm.compaction_proactiveness=0 sysctl.vm.stat_interval=10 memhp_default_state=online quiet"},
 				"-sandbox": {"on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"},
 				"-chardev": {
 					"file,id=console,path=/dev/fd/7",

@@ -174,6 +174,12 @@ func withDefaults(cfg vmm.Config) (vmm.Config, error) {
 	if cfg.MemoryMiB == 0 {
 		cfg.MemoryMiB = 512
 	}
+	if cfg.MaxVCPUs == 0 {
+		cfg.MaxVCPUs = cfg.VCPUs
+	}
+	if cfg.MaxVCPUs < cfg.VCPUs {
+		return cfg, fmt.Errorf("max vcpus %d below vcpus %d: %w", cfg.MaxVCPUs, cfg.VCPUs, errdefs.ErrInvalidArgument)
+	}
 	if cfg.MaxMemoryMiB == 0 {
 		cfg.MaxMemoryMiB = cfg.MemoryMiB + 64<<10
 	}
