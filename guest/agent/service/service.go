@@ -21,6 +21,7 @@ import (
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/guest/agent/container"
 	"github.com/caisson-containers/caisson/guest/agent/copies"
+	"github.com/caisson-containers/caisson/guest/agent/hotplug"
 	"github.com/caisson-containers/caisson/guest/agent/modprobe"
 	"github.com/caisson-containers/caisson/guest/agent/reaper"
 	"github.com/caisson-containers/caisson/guest/agent/sandbox"
@@ -116,6 +117,7 @@ func (a *Agent) NewServer() (*ttrpc.Server, error) {
 	agent.RegisterContainersService(srv, containersService{a})
 	agent.RegisterExecService(srv, execService{a})
 	agent.RegisterIOService(srv, ioService{a})
+	agent.RegisterResourcesService(srv, hotplug.Service{})
 	return srv, nil
 }
 
