@@ -77,6 +77,12 @@ func unpinNamespaces(dir string) {
 // inNetns runs fn on a thread that is in the network namespace at path. The thread is
 // discarded afterwards.
 func inNetns(path string, fn func() error) error {
+	return inNamespace(path, unix.CLONE_NEWNET, fn)
+}
+
+// inNamespace runs fn on a thread that is in the namespace of type nstype (a CLONE_NEW*
+// flag) at path. The thread is discarded afterwards.
+func inNamespace(path string, nstype int, fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
@@ -86,11 +92,24 @@ func inNetns(path string, fn func() error) error {
 			return
 		}
 		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("enter network namespace: %w", err)
+		if err := unix.Setns(int(f.Fd()), nstype); err != nil {
+			errc <- fmt.Errorf("enter namespace %s: %w", path, err)
 			return
 		}
 		errc <- fn()
 	}()
 	return <-errc
+}
+
+// setHostname sets the host name of the UTS namespace pinned at path; "" leaves it.
+func setHostname(path, hostname string) error {
+	if hostname == "" {
+		return nil
+	}
+	return inNamespace(path, unix.CLONE_NEWUTS, func() error {
+		if err := unix.Sethostname([]byte(hostname)); err != nil {
+			return fmt.Errorf("set hostname: %w", err)
+		}
+		return nil
+	})
 }

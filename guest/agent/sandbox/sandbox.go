@@ -48,7 +48,9 @@ type Sandbox struct {
 
 	mu      sync.Mutex
 	created bool
-	cfg     Config
+	// prepared: the pod's namespaces are pinned already (Prepare), without a hostname.
+	prepared bool
+	cfg      Config
 	// pidHolder is the init pid of the pod's first container, whose PID namespace the
 	// others join when the pod shares one.
 	pidHolder int
@@ -69,11 +71,18 @@ func (s *Sandbox) Create(ctx context.Context, cfg Config) (retErr error) {
 	if s.created {
 		return fmt.Errorf("sandbox %s: %w", s.cfg.ID, errdefs.ErrAlreadyExists)
 	}
-	if err := os.MkdirAll(s.dir, 0o755); err != nil {
-		return err
-	}
-	if err := pinNamespaces(filepath.Join(s.dir, "ns"), cfg.Hostname); err != nil {
-		return err
+	if s.prepared {
+		if err := setHostname(s.nsPath("uts"), cfg.Hostname); err != nil {
+			s.teardown(ctx)
+			return err
+		}
+	} else {
+		if err := os.MkdirAll(s.dir, 0o755); err != nil {
+			return err
+		}
+		if err := pinNamespaces(filepath.Join(s.dir, "ns"), cfg.Hostname); err != nil {
+			return err
+		}
 	}
 	defer func() {
 		if retErr != nil {
@@ -99,6 +108,30 @@ func (s *Sandbox) Create(ctx context.Context, cfg Config) (retErr error) {
 	s.created = true
 	s.cfg = cfg
 	log.G(ctx).WithFields(log.Fields{"sandbox": cfg.ID, "interfaces": len(cfg.Ifaces), "share_pid": cfg.SharePID}).Info("sandbox created")
+	return nil
+}
+
+// Prepare creates and pins the pod's network, IPC and UTS namespaces ahead of Create,
+// which then only names the UTS one's host. A VM template's agent does, before the
+// template is saved: a new network namespace is much of a sandbox's creation (the
+// kernel sets up every protocol's per-namespace state, loopback and sysctl tables),
+// and every VM made from the template then finds it done. Like the rest of a
+// template's memory, the namespace's per-namespace random values (its hash mix) are
+// the same in each of those VMs, as the kernel's boot-time secrets already are.
+// Prepare does nothing once the sandbox is prepared or created.
+func (s *Sandbox) Prepare(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.created || s.prepared {
+		return nil
+	}
+	if err := os.MkdirAll(s.dir, 0o755); err != nil {
+		return err
+	}
+	if err := pinNamespaces(filepath.Join(s.dir, "ns"), ""); err != nil {
+		return err
+	}
+	s.prepared = true
 	return nil
 }
 
@@ -314,6 +347,7 @@ func (s *Sandbox) Destroy(ctx context.Context) {
 }
 
 func (s *Sandbox) teardown(ctx context.Context) {
+	s.prepared = false
 	_ = unix.Unmount(s.filePath("shm"), unix.MNT_DETACH)
 	unpinNamespaces(filepath.Join(s.dir, "ns"))
 	if err := os.RemoveAll(s.dir); err != nil {

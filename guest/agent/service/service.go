@@ -144,10 +144,14 @@ func (a *Agent) devicesReady(ctx context.Context) error {
 }
 
 // warmUp, once, builds what the agent otherwise builds for a pod's first requests and
-// its first container (container.Runtime.WarmUp): the shim asks for it (Check with
-// devices_ready) before it saves a VM template. A warm-up that fails costs only speed.
+// its first container: the pod's namespaces (sandbox.Prepare), protobuf's coders, and
+// what container.Runtime.WarmUp builds. The shim asks for it (Check with devices_ready)
+// before it saves a VM template. A warm-up that fails costs only speed.
 func (a *Agent) warmUp(ctx context.Context) {
 	a.warmOnce.Do(func() {
+		if err := a.sandbox.Prepare(ctx); err != nil {
+			log.G(ctx).WithError(err).Warn("pod namespaces ahead of the pod")
+		}
 		warmMessages()
 		// The container's process is the agent's binary called as modprobe without
 		// arguments: it prints its usage and exits (by its own name, it would take
