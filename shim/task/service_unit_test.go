@@ -58,7 +58,7 @@ type harness struct {
 func newHarness(t *testing.T) *harness {
 	t.Helper()
 	root := testutil.ShortTempDir(t) // state_dir is bounded (sockets)
-	h := &harness{t: t, hv: fakevm.New(), pub: &publisher{closed: make(chan struct{})}, dir: t.TempDir(), stateRoot: filepath.Join(root, "state")}
+	h := &harness{t: t, hv: fakevm.New(), pub: &publisher{published: make(chan struct{}), closed: make(chan struct{})}, dir: t.TempDir(), stateRoot: filepath.Join(root, "state")}
 	// No virtiofsd (copied mounts), no template: what a fake VMM runs without root.
 	cfgPath := filepath.Join(h.dir, "caisson.toml")
 	cfgText := fmt.Sprintf("state_dir = %q\n[guest]\nshared_fs = \"copy\"\n[hypervisor]\ntemplate = false\n", h.stateRoot)
@@ -231,16 +231,32 @@ func (h *harness) isGone(id string) {
 
 // publisher records the events the service publishes.
 type publisher struct {
-	mu     sync.Mutex
-	events []any
-	closed chan struct{} // by Close, once the service has published its last event
+	mu        sync.Mutex
+	events    []any
+	published chan struct{} // closed and replaced at each event
+	closed    chan struct{} // by Close, once the service has published its last event
 }
 
 func (p *publisher) Publish(ctx context.Context, topic string, e events.Event) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.events = append(p.events, e)
+	close(p.published)
+	p.published = make(chan struct{})
 	return nil
+}
+
+// waitFor returns once an event of type typ for container id was published.
+func (p *publisher) waitFor(id, typ string) {
+	for {
+		p.mu.Lock()
+		next := p.published
+		p.mu.Unlock()
+		if slices.Contains(p.topics(id), typ) {
+			return
+		}
+		<-next
+	}
 }
 
 func (p *publisher) Close() error {
@@ -664,5 +680,96 @@ func TestUnknownAndDuplicate(t *testing.T) {
 		if err := call(); !errdefs.IsNotFound(errgrpc.ToNative(err)) {
 			t.Errorf("%s of an unknown process: %v, want NotFound", name, err)
 		}
+	}
+}
+
+// execRequest is exec execID of container id running true.
+func execRequest(id, execID string) *taskAPI.ExecProcessRequest {
+	spec, _ := json.Marshal(specs.Process{Args: []string{"true"}, Cwd: "/"})
+	return &taskAPI.ExecProcessRequest{ID: id, ExecID: execID,
+		Spec: &anypb.Any{TypeUrl: "types.containerd.io/opencontainers/runtime-spec/1/Process", Value: spec}}
+}
+
+// An exec or a start the guest refuses, or whose stdio cannot be attached, fails with
+// the guest's error class and leaves nothing: no exec in the shim or the guest, the
+// container as it was.
+func TestExecAndStartFailures(t *testing.T) {
+	h := newHarness(t)
+	r, _ := h.createRequest("c1", nil)
+	h.mustCreate(r)
+
+	h.hv.Agent.Fail("Containers.Start", errdefs.ErrFailedPrecondition)
+	if _, err := h.s.Start(h.ctx, &taskAPI.StartRequest{ID: "c1"}); !errdefs.IsFailedPrecondition(errgrpc.ToNative(err)) {
+		t.Errorf("Start the guest refuses: %v, want its FailedPrecondition", err)
+	}
+	if got := h.status("c1", ""); got != task.Status_CREATED {
+		t.Errorf("status after a failed start %s, want created", got)
+	}
+	h.hv.Agent.Fail("Containers.Start", nil)
+	h.mustStart("c1", "")
+
+	for _, tc := range []struct {
+		name   string
+		inject func(*taskAPI.ExecProcessRequest)
+		class  func(error) bool
+	}{
+		{"agent create", func(*taskAPI.ExecProcessRequest) { h.hv.Agent.Fail("Exec.Create", errdefs.ErrResourceExhausted) }, errdefs.IsResourceExhausted},
+		{"stdio attach", func(r *taskAPI.ExecProcessRequest) { r.Stdout = "file://" + h.layer + "/log" }, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := execRequest("c1", "e-"+tc.name)
+			tc.inject(r)
+			_, err := h.s.Exec(h.ctx, r)
+			h.hv.Agent.Fail("Exec.Create", nil)
+			if err == nil {
+				t.Fatal("Exec succeeded")
+			}
+			if tc.class != nil && !tc.class(errgrpc.ToNative(err)) {
+				t.Errorf("Exec: %v, want the guest's error class", err)
+			}
+			if _, err := h.s.State(h.ctx, &taskAPI.StateRequest{ID: "c1", ExecID: r.ExecID}); !errdefs.IsNotFound(errgrpc.ToNative(err)) {
+				t.Errorf("State of the failed exec: %v, want NotFound", err)
+			}
+			if n := h.hv.Agent.Streams("c1", r.ExecID); n != 0 {
+				t.Errorf("%d stdio streams of the failed exec in the guest", n)
+			}
+			if err := h.hv.Agent.Exit("c1", r.ExecID, 0); !errdefs.IsNotFound(err) {
+				t.Errorf("the failed exec in the guest: %v, want it gone", err)
+			}
+		})
+	}
+	if got := h.status("c1", ""); got != task.Status_RUNNING {
+		t.Errorf("the container is %s after failed execs", got)
+	}
+	// The same exec id is free again.
+	if _, err := h.s.Exec(h.ctx, execRequest("c1", "e-stdio attach")); err != nil {
+		t.Errorf("Exec with a failed exec's id: %v", err)
+	}
+}
+
+// OOM events from the guest become TaskOOM for the pod's own containers only: a guest
+// may be compromised, and naming another container is dropped.
+func TestOOMEventsOfThePodsContainersOnly(t *testing.T) {
+	h := newHarness(t)
+	r, _ := h.createRequest("c1", nil)
+	h.mustCreate(r)
+	h.mustStart("c1", "")
+	h.hv.Agent.OOM("not-this-pods")
+	h.hv.Agent.OOM("c1")
+	// The guest's events come in order on one stream: once c1's is published, the other
+	// one was handled before it.
+	h.pub.waitFor("c1", "*events.TaskOOM")
+	h.stop()
+	if got := h.pub.topics("not-this-pods"); len(got) != 0 {
+		t.Errorf("events for a container of no pod of this shim: %q", got)
+	}
+	var ooms int
+	for _, e := range h.pub.topics("c1") {
+		if e == "*events.TaskOOM" {
+			ooms++
+		}
+	}
+	if ooms != 1 {
+		t.Errorf("events of c1 %q: want one TaskOOM", h.pub.topics("c1"))
 	}
 }
