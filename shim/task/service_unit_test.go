@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 
@@ -55,13 +56,17 @@ type harness struct {
 	layer     string // the image's one layer, shared by the containers
 }
 
-func newHarness(t *testing.T) *harness {
+func newHarness(t *testing.T) *harness { return newHarnessWith(t, "") }
+
+// newHarnessWith is newHarness with more settings of the configuration's [hypervisor]
+// table.
+func newHarnessWith(t *testing.T, hypervisor string) *harness {
 	t.Helper()
 	root := testutil.ShortTempDir(t) // state_dir is bounded (sockets)
 	h := &harness{t: t, hv: fakevm.New(), pub: &publisher{published: make(chan struct{}), closed: make(chan struct{})}, dir: t.TempDir(), stateRoot: filepath.Join(root, "state")}
 	// No virtiofsd (copied mounts), no template: what a fake VMM runs without root.
 	cfgPath := filepath.Join(h.dir, "caisson.toml")
-	cfgText := fmt.Sprintf("state_dir = %q\n[guest]\nshared_fs = \"copy\"\n[hypervisor]\ntemplate = false\n", h.stateRoot)
+	cfgText := fmt.Sprintf("state_dir = %q\n[guest]\nshared_fs = \"copy\"\n[hypervisor]\ntemplate = false\n%s\n", h.stateRoot, hypervisor)
 	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -115,6 +120,12 @@ func (h *harness) file(name string) string {
 // The image exists already, as after the mount manager formatted it.
 func (h *harness) createRequest(id string, annotations map[string]string) (*taskAPI.CreateTaskRequest, string) {
 	h.t.Helper()
+	return h.createRequestOn(id, annotations, h.layer)
+}
+
+// createRequestOn is createRequest with the rootfs on layer.
+func (h *harness) createRequestOn(id string, annotations map[string]string, layer string) (*taskAPI.CreateTaskRequest, string) {
+	h.t.Helper()
 	bundle := filepath.Join(h.dir, id)
 	if err := os.MkdirAll(bundle, 0o700); err != nil {
 		h.t.Fatal(err)
@@ -135,7 +146,7 @@ func (h *harness) createRequest(id string, annotations map[string]string) (*task
 		ID: id, Bundle: bundle, Options: h.options,
 		Rootfs: []*types.Mount{
 			{Type: "mkfs/ext4", Source: rw, Options: []string{"X-containerd.mkfs.fs=ext4", "X-containerd.mkfs.size=67108864", "rw", "loop"}},
-			{Type: "erofs", Source: h.layer, Options: []string{"ro", "loop"}},
+			{Type: "erofs", Source: layer, Options: []string{"ro", "loop"}},
 			{Type: "format/mkdir/overlay", Source: "overlay", Options: []string{
 				"X-containerd.mkdir.path={{ mount 0 }}/upper:0755", "X-containerd.mkdir.path={{ mount 0 }}/work:0755",
 				"upperdir={{ mount 0 }}/upper", "workdir={{ mount 0 }}/work", "lowerdir={{ mount 1 }}"}},
@@ -772,4 +783,42 @@ func TestOOMEventsOfThePodsContainersOnly(t *testing.T) {
 	if ooms != 1 {
 		t.Errorf("events of c1 %q: want one TaskOOM", h.pub.topics("c1"))
 	}
+}
+
+// A later container whose rootfs needs two new disks while the VM has a hot-plug slot for
+// one only: the second attach fails, and the first, attached and mounted for it, is
+// unmounted and detached again.
+func TestLaterCreateOutOfHotplugSlots(t *testing.T) {
+	h := newHarnessWith(t, "hotplug_slots = 1")
+	sbReq, _ := h.createRequest("sb", sandboxAnnotations("pod1"))
+	h.mustCreate(sbReq)
+	vm := h.vm()
+	disks, storages := attached(vm), h.hv.Agent.Storages()
+
+	r, _ := h.createRequestOn("c1", containerAnnotations("pod1"), h.file("other-layer.erofs"))
+	if _, err := h.s.Create(h.ctx, r); !errdefs.IsResourceExhausted(errgrpc.ToNative(err)) {
+		t.Fatalf("Create: %v, want the VM's ResourceExhausted", err)
+	}
+	h.isGone("c1")
+	var attaches, detaches int
+	for _, e := range vm.Events() {
+		switch {
+		case strings.HasPrefix(string(e), "attach "):
+			attaches++
+		case strings.HasPrefix(string(e), "detach "):
+			detaches++
+		}
+	}
+	if attaches != 1 || detaches != 1 {
+		t.Errorf("VM events %q: want the one disk attached for c1 detached again", vm.Events())
+	}
+	if got := attached(vm); !slices.Equal(got, disks) {
+		t.Errorf("attached %v, want %v as before", got, disks)
+	}
+	if got := h.hv.Agent.Storages(); !slices.Equal(got, storages) {
+		t.Errorf("storages %v, want %v as before", got, storages)
+	}
+	// The slot is free again: a container that needs one disk joins.
+	r, _ = h.createRequest("c2", containerAnnotations("pod1"))
+	h.mustCreate(r)
 }
