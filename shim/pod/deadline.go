@@ -37,8 +37,10 @@ var callTimeouts = map[string]time.Duration{
 	"/caisson.agent.v1.Containers/UpdateCopiedMount": SlowTimeout,
 	"/caisson.agent.v1.Sandbox/Create":               SlowTimeout,
 	"/caisson.agent.v1.Sandbox/SetNetwork":           SlowTimeout,
-	"/caisson.agent.v1.Storage/Mount":                SlowTimeout,
-	"/caisson.agent.v1.Storage/Unmount":              SlowTimeout,
+	// Resize waits for the guest to handle the hot-plug events.
+	"/caisson.agent.v1.Resources/Resize": SlowTimeout,
+	"/caisson.agent.v1.Storage/Mount":    SlowTimeout,
+	"/caisson.agent.v1.Storage/Unmount":  SlowTimeout,
 }
 
 // callTimeout is the deadline of method (0: none).

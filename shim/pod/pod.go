@@ -69,6 +69,11 @@ type Options struct {
 	Rootfs *rootfs.Plan
 	// Hypervisor makes the pod's VM (required).
 	Hypervisor vmm.Hypervisor
+	// BaseSize is the runtime configuration's VM size before the pod's additions (its
+	// annotations and CRI resources): a pod from a VM template (hypervisor.template)
+	// starts from the template made at this size and grows to cfg's, so that pods of
+	// every size share one template. Zero: cfg's size.
+	BaseSize vmm.Size
 }
 
 // Rootfs is a container's rootfs attached to the pod: the agent's description of it for
@@ -110,6 +115,10 @@ func vmConfig(cfg config.Config, stateDir string) vmm.Config {
 		KernelParams: params,
 		VCPUs:        cfg.Hypervisor.VCPUs,
 		MemoryMiB:    cfg.Hypervisor.MemoryMiB,
+		// Room to grow (Pod.Grow) up to the host's limits, and for PMEM disks, which
+		// take their size from the same address space.
+		MaxVCPUs:     cfg.Hypervisor.MaxVCPUs,
+		MaxMemoryMiB: cfg.Hypervisor.MaxMemoryMiB + 64<<10,
 		Accelerator:  cfg.Hypervisor.Accelerator,
 		StateDir:     filepath.Join(stateDir, "vm"),
 		ConsoleLog:   filepath.Join(stateDir, "console.log"),
@@ -158,6 +167,11 @@ type Pod struct {
 	fs          *virtiofs.Daemon
 	sharedGuest string
 	stopping    atomic.Bool
+
+	// base is Options.BaseSize; size the VM's size now (resize.go).
+	base   vmm.Size
+	sizeMu sync.Mutex
+	size   vmm.Size
 }
 
 // Session is the transport session, for stdio connections.

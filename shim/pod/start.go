@@ -50,10 +50,19 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, _ Rootfs,
 	}
 	vcfg := vmConfig(cfg, o.StateDir)
 	vcfg.Disks, vcfg.NICs = devs.bootDisks(), devs.nics
+	// A pod from a template starts at the template's size, and grows to its own before
+	// its sandbox is made; a booted one boots at its own.
+	p.base, p.size = baseSize(cfg, o), sizeOf(cfg)
+	if cfg.Hypervisor.Template {
+		vcfg.MemoryMiB, vcfg.VCPUs, p.size = p.base.MemoryMiB, p.base.VCPUs, p.base
+	}
 	if vcfg.SharedFS, err = p.startHelpers(ctx, o); err != nil {
 		return nil, Rootfs{}, err
 	}
 	if err := p.boot(ctx, o.Hypervisor, vcfg); err != nil {
+		return nil, Rootfs{}, err
+	}
+	if err := p.Grow(ctx, sizeOf(cfg)); err != nil {
 		return nil, Rootfs{}, err
 	}
 	if err := p.createSandbox(ctx, o, devs); err != nil {
@@ -193,7 +202,9 @@ func (p *Pod) boot(ctx context.Context, hv vmm.Hypervisor, vcfg vmm.Config) erro
 func bootVM(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, vcfg vmm.Config, o vmboot.Options) (*vmboot.Guest, error) {
 	for attempt := 0; ; attempt++ {
 		if cfg.Hypervisor.Template {
-			dir, err := Template(ctx, cfg, hv)
+			tcfg := cfg // the template's size: the VM's at its start
+			tcfg.Hypervisor.MemoryMiB, tcfg.Hypervisor.VCPUs = vcfg.MemoryMiB, vcfg.VCPUs
+			dir, err := Template(ctx, tcfg, hv)
 			if err != nil {
 				return nil, err
 			}

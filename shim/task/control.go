@@ -260,9 +260,15 @@ func (s *service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*pt
 	if err != nil {
 		return nil, err
 	}
+	// The VM grows first: the container's new limits must fit in it.
+	lim, err := s.growForUpdate(ctx, pd, r.ID, r.Resources.GetValue())
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
 	if _, err := pd.Containers.Update(ctx, &agent.UpdateContainerRequest{ContainerId: r.ID, Resources: r.Resources.GetValue()}); err != nil {
 		return nil, agentErr("update", err)
 	}
+	s.limits.set(r.ID, lim)
 	return empty, nil
 }
 

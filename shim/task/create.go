@@ -24,6 +24,7 @@ import (
 	"github.com/caisson-containers/caisson/shim/pod"
 	"github.com/caisson-containers/caisson/shim/podid"
 	"github.com/caisson-containers/caisson/shim/stdio"
+	"github.com/caisson-containers/caisson/shim/vmm"
 )
 
 // maxCreateRequest bounds a CreateContainerRequest, whose copied mounts can be
@@ -105,7 +106,7 @@ func (s *service) validateCreate(r *taskAPI.CreateTaskRequest) (createRequest, e
 // failure runs, last first: on error nothing of the container remains, nor the pod if
 // it was to be its first container.
 func (s *service) newContainer(ctx context.Context, r createRequest) (_ *container, retErr error) {
-	pc, err := s.podConfig(ctx, r)
+	pc, base, err := s.podConfig(ctx, r)
 	if err != nil {
 		return nil, err
 	}
@@ -113,6 +114,7 @@ func (s *service) newContainer(ctx context.Context, r createRequest) (_ *contain
 	if err != nil {
 		return nil, err
 	}
+	g.pod.BaseSize = base
 	req, err := createContainerRequest(r, g)
 	if err != nil {
 		return nil, err
@@ -135,6 +137,9 @@ func (s *service) newContainer(ctx context.Context, r createRequest) (_ *contain
 		return nil, err
 	}
 	undo.add(func(ctx context.Context) { rfs.Release(ctx) })
+	if r.spec.Linux != nil {
+		s.limits.set(r.id, limitsOf(r.spec.Linux.Resources))
+	}
 	req.Rootfs = rfs.Agent
 	releaseMounts, err := s.attachMounts(ctx, &undo, pd, r.id, g, req)
 	if err != nil {
@@ -282,27 +287,29 @@ func (s *service) createHooks(ctx context.Context, ch *containerHooks, specNetNS
 // podConfig is the pod the container starts (podid.Of) and its runtime configuration:
 // the file the runtime options name (or the default), with the allowed annotation
 // overrides, and the VM sized for the pod's resources when the CRI states them. A
-// container that joins the running pod gets the pod's configuration.
-func (s *service) podConfig(ctx context.Context, r createRequest) (podid.Pod, error) {
+// container that joins the running pod gets the pod's configuration. base is the VM's
+// size before the pod's annotations and resources (basePodSize).
+func (s *service) podConfig(ctx context.Context, r createRequest) (_ podid.Pod, base vmm.Size, _ error) {
 	if p := s.currentPod(); p != nil {
-		return podid.Pod{Config: s.cfg}, nil
+		return podid.Pod{Config: s.cfg}, p.Base(), nil
 	}
 	ns, _ := namespaces.Namespace(ctx)
 	pc, err := podid.Of(ns, r.id, r.spec.Annotations, r.configPath)
 	if err != nil {
-		return podid.Pod{}, err
+		return podid.Pod{}, vmm.Size{}, err
 	}
 	log.G(ctx).WithField("config", pc.ConfigFile).Debug("runtime configuration")
+	base = basePodSize(pc.Config)
 	cfg, err := pc.Config.WithAnnotations(r.spec.Annotations)
 	if err != nil {
-		return podid.Pod{}, err
+		return podid.Pod{}, vmm.Size{}, err
 	}
 	// The CRI's pod resources grow the VM beyond what the guest itself needs, up to the
 	// host's hypervisor.max_memory_mib and max_vcpus.
 	if v, err := strconv.ParseInt(r.spec.Annotations[annotationSandboxMemory], 10, 64); err == nil && v > 0 {
 		src := annotationSandboxMemory + "=" + r.spec.Annotations[annotationSandboxMemory]
 		if cfg, err = cfg.WithPodResources(src, int((v+(1<<20-1))>>20), 0); err != nil {
-			return podid.Pod{}, err
+			return podid.Pod{}, vmm.Size{}, err
 		}
 	}
 	quota, qerr := strconv.ParseInt(r.spec.Annotations[annotationSandboxQuota], 10, 64)
@@ -310,11 +317,11 @@ func (s *service) podConfig(ctx context.Context, r createRequest) (podid.Pod, er
 	if qerr == nil && perr == nil && quota > 0 && period > 0 {
 		src := fmt.Sprintf("%s=%d/%s=%d", annotationSandboxQuota, quota, annotationSandboxPeriod, period)
 		if cfg, err = cfg.WithPodResources(src, 0, int((quota+period-1)/period)); err != nil {
-			return podid.Pod{}, err
+			return podid.Pod{}, vmm.Size{}, err
 		}
 	}
 	pc.Config = cfg
-	return pc, cfg.Validate()
+	return pc, base, cfg.Validate()
 }
 
 func (s *service) containerCount() int {

@@ -89,6 +89,8 @@ type service struct {
 
 	mu         sync.Mutex
 	containers map[string]*container
+	// limits are the containers' resource limits, which the pod's VM must hold (resize.go).
+	limits podLimits
 
 	podMu  sync.Mutex
 	pod    *pod.Pod

@@ -33,8 +33,10 @@ import (
 )
 
 // format changes when what a template holds or how it is made does (2: the VMM's
-// identity from vmm.Hypervisor).
-const format = 2
+// identity from vmm.Hypervisor; 3: room for hot-plugged vCPUs and memory, which the
+// guest onlines, so that pods of every size start from the runtime configuration's
+// base size and grow).
+const format = 3
 
 // readyTimeout bounds the template VM's boot to its agent answering with its drivers loaded.
 const readyTimeout = 2 * time.Minute
@@ -50,11 +52,14 @@ type shape struct {
 	VMMBinary    file              `json:"vmm_binary"`
 	VMMSettings  map[string]string `json:"vmm_settings,omitempty"`
 	KernelParams []string          `json:"kernel_params"`
-	VCPUs        int               `json:"vcpus"`
-	MemoryMiB    int               `json:"memory_mib"`
-	MaxMemoryMiB int               `json:"max_memory_mib"`
-	HotplugSlots int               `json:"hotplug_slots"`
-	Accelerator  string            `json:"accelerator"`
+	// VCPUs and MemoryMiB are the size the VMs start at (the runtime configuration's,
+	// before a pod's additions); MaxVCPUs and MaxMemoryMiB how far they can grow.
+	VCPUs        int    `json:"vcpus"`
+	MaxVCPUs     int    `json:"max_vcpus"`
+	MemoryMiB    int    `json:"memory_mib"`
+	MaxMemoryMiB int    `json:"max_memory_mib"`
+	HotplugSlots int    `json:"hotplug_slots"`
+	Accelerator  string `json:"accelerator"`
 }
 
 // file is a file's path and identity.
@@ -129,7 +134,7 @@ func Ready(dir string) bool {
 }
 
 func shapeOf(hv vmm.Hypervisor, cfg vmm.Config) (shape, error) {
-	sh := shape{Format: format, KernelParams: cfg.KernelParams, VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB,
+	sh := shape{Format: format, KernelParams: cfg.KernelParams, VCPUs: cfg.VCPUs, MaxVCPUs: cfg.MaxVCPUs, MemoryMiB: cfg.MemoryMiB,
 		MaxMemoryMiB: cfg.MaxMemoryMiB, HotplugSlots: cfg.HotplugSlots, Accelerator: cfg.Accelerator}
 	id, err := hv.Identity()
 	if err != nil {
