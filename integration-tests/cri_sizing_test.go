@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"encoding/json"
 	"fmt"
 	"path/filepath"
 	"strconv"
@@ -48,6 +49,7 @@ func testSizing(t *testing.T, template bool) {
 	}})
 	image := c.Pull(t, c.BusyboxRef, harness.Handler)
 	base := c.Config.Hypervisor
+	runcUpdateControl(t, c)
 	sizes := []podSize{{"small", 0, 0}, {"medium", 256, 1}, {"large", 640, 2}}
 	cfgs := make([]*runtime.PodSandboxConfig, len(sizes))
 	pods := make([]string, len(sizes))
@@ -92,6 +94,11 @@ func testSizing(t *testing.T, template bool) {
 	grown := base.MemoryMiB + 512
 	checkGuestSize(t, c, small, "small, updated", grown, base.VCPUs+2)
 	checkMemoryMax(t, c, small, 512<<20)
+	// The pod's host cgroup follows: no other pod's VM has that size.
+	memory, _ := vmLimits(c.Config, 512, 2)
+	if limits := qemuMemoryLimits(t, c); !limits[memory] {
+		t.Errorf("no QEMU's cgroup has the grown VM's memory limit %d: %v", memory, limits)
+	}
 
 	// Above the host's maxima: refused, naming the limit; the pod is as it was.
 	for _, bad := range []struct {
@@ -152,4 +159,47 @@ func checkMemoryMax(t *testing.T, c *harness.CRI, id string, want int64) {
 	if strings.TrimSpace(out) != fmt.Sprint(want) {
 		t.Errorf("memory.max in the guest = %q %s, want %d", out, errOut, want)
 	}
+}
+
+// runcUpdateControl: under runc, the control, UpdateContainerResources raising a
+// container's limits is accepted and reaches its cgroup, as it does in a Caisson pod.
+func runcUpdateControl(t *testing.T, c *harness.CRI) {
+	t.Helper()
+	image := c.Pull(t, c.BusyboxRef, harness.RuncHandler)
+	cfg := c.PodConfig("size-runc", nil)
+	p := c.RunPod(t, cfg, harness.RuncHandler)
+	id := c.StartContainer(t, p, cfg, harness.ContainerConfig("sleeper", image, "sleep", "3600"))
+	if _, err := c.Runtime.UpdateContainerResources(c.Ctx(t), &runtime.UpdateContainerResourcesRequest{
+		ContainerId: id,
+		Linux:       &runtime.LinuxContainerResources{MemoryLimitInBytes: 512 << 20, CpuPeriod: 100000, CpuQuota: 200000},
+	}); err != nil {
+		t.Fatalf("runc: UpdateContainerResources: %v", err)
+	}
+	st, err := c.Runtime.ContainerStatus(c.Ctx(t), &runtime.ContainerStatusRequest{ContainerId: id, Verbose: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var info struct {
+		Pid int `json:"pid"`
+	}
+	if err := json.Unmarshal([]byte(st.GetInfo()["info"]), &info); err != nil || info.Pid == 0 {
+		t.Fatalf("runc: no pid in the container's status info (%v)", err)
+	}
+	pid := strconv.Itoa(info.Pid)
+	if got := cgroupFile(t, cgroupOf(t, pid), "memory", "memory.limit_in_bytes", "memory.max"); got != strconv.Itoa(512<<20) {
+		t.Errorf("runc: the container's memory limit %s after the update, want %d", got, 512<<20)
+	}
+	c.RemovePod(t, p)
+}
+
+// qemuMemoryLimits are the memory limits of the cgroups of the QEMUs running.
+func qemuMemoryLimits(t *testing.T, c *harness.CRI) map[int64]bool {
+	t.Helper()
+	limits := map[int64]bool{}
+	for _, pid := range c.QEMUs() {
+		v := cgroupFile(t, cgroupOf(t, pid), "memory", "memory.limit_in_bytes", "memory.max")
+		n, _ := strconv.ParseInt(v, 10, 64)
+		limits[n] = true
+	}
+	return limits
 }
