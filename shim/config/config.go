@@ -77,7 +77,8 @@ type Hypervisor struct {
 	// through which the guest (which loads virtio_balloon at boot) hands the host back the
 	// memory it frees in blocks of 2 MiB: what the kernel and the agent touch while they
 	// start and free again, and what a container's processes free when they exit. The
-	// balloon is never inflated. Default true.
+	// balloon is never inflated. Not in VMs of a template (hypervisor.template): QEMU 7.2
+	// would punch the pages they free out of the template's memory file. Default true.
 	FreePageReporting bool `toml:"free_page_reporting"`
 	// Template starts pod VMs from a template instead of booting them: a VM booted once
 	// per VM shape (kernel, initramfs, parameters, CPUs, memory, slots) and saved when its

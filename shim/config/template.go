@@ -46,7 +46,8 @@ max_memory_mib = {{.Hypervisor.MaxMemoryMiB}}
 hotplug_slots = {{.Hypervisor.HotplugSlots}}
 # Bounds TCG's translation cache, most of a TCG VM's host memory. Unused under KVM.
 tcg_translation_cache_mib = {{.Hypervisor.TCGTranslationCacheMiB}}
-# A virtio-balloon device with free page reporting: the guest hands back the memory it frees.
+# A virtio-balloon device with free page reporting: the guest hands back the memory it frees
+# (booted VMs only, not those of a template).
 free_page_reporting = {{.Hypervisor.FreePageReporting}}
 # Start pod VMs from a saved VM (one per VM shape, made on first use in state_dir/templates)
 # instead of booting them: faster starts, memory shared copy-on-write; every VM of a shape

@@ -16,7 +16,7 @@ import (
 // do not depend on the order of options.
 const (
 	agentSlot    = 0x02 // virtio-serial-pci or vhost-vsock-pci
-	balloonSlot  = 0x03 // virtio-balloon-pci, with Config.FreePageReporting
+	balloonSlot  = 0x03 // virtio-balloon-pci, with Config.FreePageReporting (not in template VMs)
 	sharedFSSlot = 0x01 // vhost-user-fs-pci, with vmm.Config.SharedFS (00.0 is the host bridge, 1f the ICH9 functions)
 	// Root ports, one per disk on the command line, eight functions per slot from
 	// firstPortSlot.
@@ -417,7 +417,12 @@ func (c cmdline) sharedFSArgs() ([]string, error) {
 // bridges disks plug into.
 func (c cmdline) deviceArgs() ([]string, error) {
 	var a []string
-	if c.qemu.FreePageReporting {
+	// Not in a template's VMs, the one that makes it or those restored from it: QEMU 7.2
+	// discards a reported page of file-backed RAM by punching it out of the file, even
+	// where the VM maps it privately, so a restored VM would zero pages of the template's
+	// memory file that every later VM of the template loads (they came up without the
+	// devices hot-plugged into them). The template's VMs share its unchanged pages anyway.
+	if c.qemu.FreePageReporting && c.vm.Template == nil {
 		a = append(a, "-device", fmt.Sprintf("virtio-balloon-pci,id=balloon,bus=pcie.0,addr=%02x.0,free-page-reporting=on", balloonSlot))
 	}
 	nics, err := nicArgs(c.vm.NICs, c.restoreFD != 0)

@@ -33,7 +33,9 @@ func TestCmdline(t *testing.T) {
 		change func(*cmdline)
 		want   map[string][]string // flag -> values that must all be present
 		absent []string            // flags that must not appear
-		err    func(error) bool
+		// notWant: flag -> a substring none of its values may hold
+		notWant map[string]string
+		err     func(error) bool
 	}{
 		{
 			name: "serial agent, tcg",
@@ -83,6 +85,24 @@ func TestCmdline(t *testing.T) {
 			want:   map[string][]string{"-device": {"virtio-balloon-pci,id=balloon,bus=pcie.0,addr=03.0,free-page-reporting=on"}},
 		},
 		{
+			// QEMU 7.2 would punch reported pages out of the template's memory file.
+			name: "no free page reporting in a template's VMs",
+			change: func(c *cmdline) {
+				c.qemu.FreePageReporting = true
+				c.vm.Template = &vmm.Template{Dir: "/t", Restore: true}
+				c.restoreFD = 9
+			},
+			notWant: map[string]string{"-device": "virtio-balloon-pci"},
+		},
+		{
+			name: "no free page reporting in the VM that makes a template",
+			change: func(c *cmdline) {
+				c.qemu.FreePageReporting = true
+				c.vm.Template = &vmm.Template{Dir: "/t"}
+			},
+			notWant: map[string]string{"-device": "virtio-balloon-pci"},
+		},
+		{
 			name:   "unknown accelerator",
 			change: func(c *cmdline) { c.accel = "hvf" },
 			err:    errdefs.IsInvalidArgument,
@@ -115,6 +135,13 @@ func TestCmdline(t *testing.T) {
 			for _, flag := range tc.absent {
 				if slices.Contains(args, flag) {
 					t.Errorf("unexpected %s in %q", flag, args)
+				}
+			}
+			for flag, sub := range tc.notWant {
+				for _, v := range option(args, flag) {
+					if strings.Contains(v, sub) {
+						t.Errorf("unexpected %s %q", flag, v)
+					}
 				}
 			}
 			for _, flag := range []string{"-nodefaults", "-no-user-config", "-nographic", "-no-reboot"} {

@@ -18,7 +18,8 @@ type Config struct {
 	// FreePageReporting adds a virtio-balloon device with free-page-reporting=on, through
 	// which a guest that loads virtio_balloon (Caisson's does, at boot) hands back the
 	// memory it freed: the kernel and the agent touch and free tens of MiB while they
-	// start. The shim's hypervisor.free_page_reporting (default true) sets it.
+	// start. The shim's hypervisor.free_page_reporting (default true) sets it. VMs of a
+	// template never get the device (cmdline.go's deviceArgs says why).
 	FreePageReporting bool `toml:"free_page_reporting"`
 	// AccelCacheDir keeps the results of the accelerator probe (see package accel) for
 	// the current host boot, so that only the first VM pays for it. Empty: no cache.
