@@ -171,26 +171,14 @@ func pss(b testing.TB, pid int) int64 {
 // read-write one of exactly the VM's memory size.
 func mappingPSS(b testing.TB, pid int, match func(size uint64, perms string) bool) int64 {
 	b.Helper()
-	data, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "smaps"))
+	maps, err := harness.Smaps(pid)
 	if err != nil {
 		b.Fatal(err)
 	}
-	var in bool
 	var total int64
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		if len(f) == 0 {
-			continue
-		}
-		if strings.Contains(f[0], "-") && len(f) >= 5 { // a mapping header: start-end perms offset dev inode [path]
-			var lo, hi uint64
-			fmt.Sscanf(f[0], "%x-%x", &lo, &hi)
-			in = len(f) == 5 && match(hi-lo, f[1])
-			continue
-		}
-		if in && f[0] == "Pss:" {
-			kb, _ := strconv.ParseInt(f[1], 10, 64)
-			total += kb << 10
+	for _, m := range maps {
+		if m.Path == "" && match(m.Size, m.Perms) {
+			total += m.PSS
 		}
 	}
 	return total
