@@ -3,6 +3,7 @@ package pod
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
@@ -61,6 +62,7 @@ func (p *Pod) Grow(ctx context.Context, want vmm.Size) error {
 	if err := p.raiseCgroup(want); err != nil {
 		return err
 	}
+	start := time.Now()
 	got, err := p.vm.Resize(ctx, want)
 	if got != (vmm.Size{}) {
 		p.size = got
@@ -73,12 +75,14 @@ func (p *Pod) Grow(ctx context.Context, want vmm.Size) error {
 			return err
 		}
 	}
+	plugged := time.Since(start)
 	resp, err := agent.NewResourcesClient(p.client).Resize(ctx, &agent.ResizeRequest{Vcpus: uint32(got.VCPUs), MemoryMib: uint64(got.MemoryMiB)})
 	if err != nil {
 		return fmt.Errorf("bring the pod's grown VM into use in the guest: %w", errgrpc.ToNative(err))
 	}
 	log.G(ctx).WithField("memory_mib", got.MemoryMiB).WithField("vcpus", got.VCPUs).
-		WithField("guest_mem_total_kib", resp.MemTotalKib).Info("pod VM grown")
+		WithField("guest_mem_total_kib", resp.MemTotalKib).WithField("hotplug", plugged).
+		WithField("took", time.Since(start)).Info("pod VM grown")
 	return nil
 }
 
