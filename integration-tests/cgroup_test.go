@@ -18,6 +18,7 @@ import (
 	"github.com/caisson-containers/caisson/integration-tests/harness"
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/pod"
+	"github.com/caisson-containers/caisson/shim/podid"
 )
 
 // cgroupOf is pid's cgroup: in the memory controller's hierarchy on cgroup v1, the
@@ -179,7 +180,7 @@ func TestTaskVMCgroup(t *testing.T) {
 		c := newContainer(t, e, image, id, oci.WithProcessArgs("sleep", "100000"), withCgroupsPath(""))
 		var o outputs
 		task, exit := startTask(t, ctx, c, &o)
-		want := pod.DefaultCgroupParent + "/" + filepath.Base(pod.StateDir(e.StateDir, harness.Namespace, id))
+		want := pod.DefaultCgroupParent + "/" + filepath.Base(podid.StateDir(e.StateDir, harness.Namespace, id))
 		checkVMCgroup(t, append(e.QEMUs(), e.Virtiofsds()...), want, memory, quota)
 		killShim(t, ctx, e, c, task, exit)
 		waitCgroupGone(t, want)

@@ -15,7 +15,7 @@ import (
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/caisson-containers/caisson/integration-tests/harness"
-	"github.com/caisson-containers/caisson/shim/pod"
+	"github.com/caisson-containers/caisson/shim/podid"
 )
 
 // TestCRIBlockDevices: a raw block volume (a CRI container's devices, as the kubelet
@@ -424,7 +424,7 @@ func guestDisk(t *testing.T, c *harness.CRI, id, node string) string {
 // qemuHolds reports whether the QEMU of the pod has the host file or device path open.
 func qemuHolds(t *testing.T, c *harness.CRI, podID, path string) bool {
 	t.Helper()
-	dir := []byte(pod.StateDir(c.StateDir, "k8s.io", podID))
+	dir := []byte(podid.StateDir(c.StateDir, "k8s.io", podID))
 	entries, _ := os.ReadDir("/proc")
 	found := false
 	for _, en := range entries {

@@ -36,6 +36,7 @@ import (
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/pod"
+	"github.com/caisson-containers/caisson/shim/podid"
 )
 
 const (
@@ -178,7 +179,7 @@ func runCase(t *testing.T, e *harness.Env, image containerd.Image, tc hostileCas
 	}
 	r.task = task
 	shim := processWith(t, "containerd-shim-caisson-v2", "-id\x00"+r.id+"\x00")
-	r.qemuPid = processWith(t, "qemu-system-x86_64", pod.StateDir(e.StateDir, harness.Namespace, r.id)+"/")
+	r.qemuPid = processWith(t, "qemu-system-x86_64", podid.StateDir(e.StateDir, harness.Namespace, r.id)+"/")
 	rss := watchRSS(t, shim)
 
 	exit, err := task.Wait(ctx)
@@ -239,7 +240,7 @@ func runCase(t *testing.T, e *harness.Env, image containerd.Image, tc hostileCas
 	}{{"shim", shim}, {"qemu", r.qemuPid}} {
 		waitFor(t, ctx, 30*time.Second, p.what+" to exit", func() bool { return syscall.Kill(p.pid, 0) != nil })
 	}
-	dir := pod.StateDir(e.StateDir, harness.Namespace, r.id)
+	dir := podid.StateDir(e.StateDir, harness.Namespace, r.id)
 	waitFor(t, ctx, 20*time.Second, "the pod's state to go", func() bool {
 		_, err := os.Stat(dir)
 		return os.IsNotExist(err)

@@ -169,7 +169,7 @@ type Storage struct {
 }
 
 // MaxStateDirLen bounds StateDir: a pod's longest socket path below it is 53 bytes more
-// (shim/pod.StateDir's directory of at most 38 bytes, then vm/agent.sock), and a unix
+// (shim/podid.StateDir's directory of at most 38 bytes, then vm/agent.sock), and a unix
 // socket path is at most 107 bytes.
 const MaxStateDirLen = 107 - 53
 

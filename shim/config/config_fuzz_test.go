@@ -9,7 +9,7 @@ import (
 	"github.com/containerd/errdefs"
 
 	"github.com/caisson-containers/caisson/shim/config"
-	"github.com/caisson-containers/caisson/shim/pod"
+	"github.com/caisson-containers/caisson/shim/podid"
 	"github.com/caisson-containers/caisson/shim/vmm"
 	"github.com/caisson-containers/caisson/shim/vmm/qemu"
 )
@@ -78,7 +78,7 @@ func checkRunnable(t *testing.T, c config.Config) {
 	if c.Hypervisor.Jailer.Enabled && strings.Contains(c.Hypervisor.Jailer.User, ":") {
 		j = &qemu.Jail{User: c.Hypervisor.Jailer.User}
 	}
-	stateDir := pod.StateDir(c.StateDir, strings.Repeat("n", 76), strings.Repeat("0123456789abcdef", 4))
+	stateDir := podid.StateDir(c.StateDir, strings.Repeat("n", 76), strings.Repeat("0123456789abcdef", 4))
 	_, err := qemu.New(vmm.Config{
 		Kernel:       c.Guest.Kernel,
 		Initramfs:    c.Guest.Initramfs,

@@ -17,6 +17,7 @@ import (
 
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/podid"
 )
 
 func TestCgroupConfig(t *testing.T) {
@@ -291,7 +292,7 @@ func TestPodCgroup(t *testing.T) {
 	defer cancel()
 
 	t.Run("running", func(t *testing.T) {
-		stateDir := StateDir(cfg.StateDir, "test", "cg")
+		stateDir := podid.StateDir(cfg.StateDir, "test", "cg")
 		want := DefaultCgroupParent + "/" + filepath.Base(stateDir)
 		p, _, err := Start(ctx, cfg, Options{ID: "cg", StateDir: stateDir, Hostname: "cg", Hypervisor: qemuOf(t, cfg)})
 		if err != nil {
@@ -326,7 +327,7 @@ func TestPodCgroup(t *testing.T) {
 	t.Run("guest panics at boot", func(t *testing.T) {
 		bad := cfg
 		bad.Guest.KernelParams = "rdinit=/nonexistent"
-		stateDir := StateDir(cfg.StateDir, "test", "cgbad")
+		stateDir := podid.StateDir(cfg.StateDir, "test", "cgbad")
 		want := DefaultCgroupParent + "/" + filepath.Base(stateDir)
 		p, _, err := Start(ctx, bad, Options{ID: "cgbad", StateDir: stateDir, Hostname: "cgbad", Hypervisor: qemuOf(t, bad)})
 		if err == nil {

@@ -20,6 +20,7 @@ import (
 	"github.com/caisson-containers/caisson/guest/modimage"
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/podid"
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
 
@@ -98,7 +99,7 @@ func TestModulesImage(t *testing.T) {
 		l.SetOutput(&logs)
 		ctx, cancel := context.WithTimeout(log.WithLogger(context.Background(), logrus.NewEntry(l)), 2*time.Minute)
 		defer cancel()
-		p, _, err := Start(ctx, cfg, Options{ID: "modules", StateDir: StateDir(stateRoot, "test", "modules"), Hostname: "modules", Hypervisor: qemuOf(t, cfg)})
+		p, _, err := Start(ctx, cfg, Options{ID: "modules", StateDir: podid.StateDir(stateRoot, "test", "modules"), Hostname: "modules", Hypervisor: qemuOf(t, cfg)})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -191,7 +192,7 @@ func BenchmarkPodStartModules(b *testing.B) {
 				rw := filepath.Join(dir, "rw"+strconv.Itoa(i)+".ext4")
 				plan := rootfsPlan(b, layer, rw)
 				t0 := time.Now()
-				p, _, err := Start(ctx, cfg, Options{ID: "bench", StateDir: StateDir(stateRoot, "bench", strconv.Itoa(i)), Hostname: "bench", Rootfs: plan, Hypervisor: qemuOf(b, cfg)})
+				p, _, err := Start(ctx, cfg, Options{ID: "bench", StateDir: podid.StateDir(stateRoot, "bench", strconv.Itoa(i)), Hostname: "bench", Rootfs: plan, Hypervisor: qemuOf(b, cfg)})
 				took := time.Since(t0)
 				if err != nil {
 					b.Fatal(err)

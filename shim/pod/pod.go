@@ -11,7 +11,6 @@ package pod
 import (
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"os"
@@ -283,15 +282,3 @@ func (p *Pod) Killed() bool { return p.killed.Load() }
 // Silent reports whether the guest ran out of the deadline of the last call to it that
 // ended: it has not answered since.
 func (p *Pod) Silent() bool { return p.calls != nil && p.calls.silent() }
-
-// StateDir is where the pod id of namespace ns keeps its VM's state under
-// root. Unix socket paths are limited to 107 bytes and CRI ids are 64
-// characters, so a long id is shortened, keeping a hash of all of it.
-func StateDir(root, ns, id string) string {
-	name := ns + "-" + id
-	if len(name) > 32 {
-		h := sha256.Sum256([]byte(ns + "/" + id))
-		name = fmt.Sprintf("%.12s-%.12s-%x", ns, id, h[:6])
-	}
-	return filepath.Join(root, name)
-}

@@ -16,6 +16,7 @@ import (
 	"github.com/caisson-containers/caisson/internal/rootfs"
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/podid"
 	"github.com/caisson-containers/caisson/shim/vmm"
 	"github.com/caisson-containers/caisson/shim/vmm/hypervisor"
 )
@@ -112,7 +113,7 @@ func TestBootDisks(t *testing.T) {
 
 	t.Run("cold-plugged", func(t *testing.T) {
 		plan := rootfsPlan(t, layer, filepath.Join(dir, "rw1.ext4"))
-		stateDir := StateDir(cfg.StateDir, "test", "cold")
+		stateDir := podid.StateDir(cfg.StateDir, "test", "cold")
 		p, first, err := Start(ctx, cfg, Options{ID: "cold", StateDir: stateDir, Hostname: "cold", Rootfs: plan, Hypervisor: qemuOf(t, cfg)})
 		if err != nil {
 			t.Fatal(err)
@@ -190,7 +191,7 @@ func TestBootDisks(t *testing.T) {
 		if err := os.Truncate(bad, vmm.PMEMAlignment); err != nil {
 			t.Fatal(err)
 		}
-		stateDir := StateDir(cfg.StateDir, "test", "bad")
+		stateDir := podid.StateDir(cfg.StateDir, "test", "bad")
 		p, _, err := Start(ctx, cfg, Options{ID: "bad", StateDir: stateDir, Hostname: "bad", Rootfs: rootfsPlan(t, bad, filepath.Join(dir, "rw3.ext4")), Hypervisor: qemuOf(t, cfg)})
 		if err == nil {
 			p.Stop(context.Background())

@@ -13,6 +13,7 @@ import (
 	"github.com/caisson-containers/caisson/internal/rootfs"
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/internal/fakevm"
+	"github.com/caisson-containers/caisson/shim/podid"
 )
 
 // fakeConfig is a pod configuration a fake VMM runs without root: no shared directory
@@ -60,7 +61,7 @@ func TestStartOnFakeVMM(t *testing.T) {
 	ctx := context.Background()
 	f := files(t, t.TempDir(), "layer.erofs", "rw1.ext4", "rw2.ext4")
 	layer, rw1, rw2 := f[0], f[1], f[2]
-	stateDir := StateDir(cfg.StateDir, "test", "fake")
+	stateDir := podid.StateDir(cfg.StateDir, "test", "fake")
 
 	p, first, err := Start(ctx, cfg, Options{ID: "fake", StateDir: stateDir, Hostname: "fake",
 		Rootfs: overlayPlan(layer, rw1), Hypervisor: hv, NewCgroup: NoCgroup})
@@ -164,7 +165,7 @@ func TestStartFailsCleanly(t *testing.T) {
 			cfg := fakeConfig(t)
 			hv := fakevm.New()
 			f := files(t, t.TempDir(), "layer.erofs", "rw.ext4")
-			o := Options{ID: "fail", StateDir: StateDir(cfg.StateDir, "test", "fail"), Hostname: "fail",
+			o := Options{ID: "fail", StateDir: podid.StateDir(cfg.StateDir, "test", "fail"), Hostname: "fail",
 				Rootfs: overlayPlan(f[0], f[1]), Hypervisor: hv, NewCgroup: NoCgroup}
 			tc.setup(hv, &o)
 			p, _, err := Start(context.Background(), cfg, o)

@@ -52,7 +52,7 @@ func Of(ns, id string, annotations map[string]string, configPath string) (Pod, e
 // run with cfg.
 func WithConfig(ns, id string, annotations map[string]string, cfg config.Config) Pod {
 	pid := ID(id, annotations)
-	return Pod{ID: pid, Config: cfg, StateDir: stateDir(cfg.StateDir, ns, pid)}
+	return Pod{ID: pid, Config: cfg, StateDir: StateDir(cfg.StateDir, ns, pid)}
 }
 
 // ID is the id of the pod container id, whose spec has annotations, belongs to.
@@ -65,11 +65,11 @@ func ID(id string, annotations map[string]string) string {
 	return id
 }
 
-// stateDir is where the pod id of namespace ns keeps its VM's state under root. Unix
+// StateDir is where the pod id of namespace ns keeps its VM's state under root. Unix
 // socket paths are limited to 107 bytes and CRI ids are 64 characters, so a long id
 // is shortened, keeping a hash of all of it (config.MaxStateDirLen counts on at most
 // 38 bytes here).
-func stateDir(root, ns, id string) string {
+func StateDir(root, ns, id string) string {
 	name := ns + "-" + id
 	if len(name) > 32 {
 		h := sha256.Sum256([]byte(ns + "/" + id))

@@ -53,7 +53,7 @@ func TestWithConfig(t *testing.T) {
 		},
 		{
 			name: "long id", ns: "k8s.io", id: long,
-			// The name shim/pod.StateDir gave it before: pods started by an older shim are found.
+			// The name pod directories have always had: pods started by an older shim are found.
 			wantID: long, wantDir: "/run/caisson/k8s.io-0123456789ab-e4a140e2c0f0",
 		},
 	} {
@@ -77,11 +77,11 @@ func TestWithConfig(t *testing.T) {
 func TestStateDirLongIDs(t *testing.T) {
 	a := strings.Repeat("a", 63) + "1"
 	b := strings.Repeat("a", 63) + "2"
-	da, db := stateDir("/run/caisson", "k8s.io", a), stateDir("/run/caisson", "k8s.io", b)
+	da, db := StateDir("/run/caisson", "k8s.io", a), StateDir("/run/caisson", "k8s.io", b)
 	if da == db {
 		t.Fatalf("ids that differ only at the end share %s", da)
 	}
-	if stateDir("/run/caisson", "k8s.io", a) != da {
+	if StateDir("/run/caisson", "k8s.io", a) != da {
 		t.Fatal("not stable")
 	}
 	if !strings.HasPrefix(filepath.Base(da), "k8s.io-aaaaaaaaaaaa-") {
@@ -90,7 +90,7 @@ func TestStateDirLongIDs(t *testing.T) {
 	// The longest name, below the longest state_dir, leaves room for the VM's sockets:
 	// config.MaxStateDirLen counts on it.
 	root := "/" + strings.Repeat("r", config.MaxStateDirLen-1)
-	d := stateDir(root, strings.Repeat("n", 76), strings.Repeat("0123456789abcdef", 4))
+	d := StateDir(root, strings.Repeat("n", 76), strings.Repeat("0123456789abcdef", 4))
 	if sock := filepath.Join(d, "vm", "agent.sock"); len(sock) > 107 {
 		t.Fatalf("socket path %s is %d bytes, over 107", sock, len(sock))
 	}

@@ -32,6 +32,7 @@ import (
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/internal/fakevm"
 	"github.com/caisson-containers/caisson/shim/pod"
+	"github.com/caisson-containers/caisson/shim/podid"
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
 
@@ -165,7 +166,7 @@ func containerAnnotations(pod string) map[string]string {
 
 // podStateDir is where a pod of the harness's configuration keeps its state.
 func (h *harness) podStateDir(podID string) string {
-	return pod.StateDir(h.stateRoot, testNS, podID)
+	return podid.StateDir(h.stateRoot, testNS, podID)
 }
 
 // vm is the harness's one VM.

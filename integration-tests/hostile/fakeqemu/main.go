@@ -4,7 +4,7 @@
 // (../hostileagent) on the agent channel's socket, where a guest's agent would answer.
 //
 // The behaviour is the pod's: the state directory of a pod ends with its id (see
-// shim/pod.StateDir), and a test names its container after the behaviour. The ids
+// shim/podid.StateDir), and a test names its container after the behaviour. The ids
 // WrongIDs names come from the kernel command line (guest.kernel_params), as
 // hostile.others=ID,ID. Nothing else is read from the host: the shim may run this
 // binary in its jail, which holds only the binary and the VM's files.
