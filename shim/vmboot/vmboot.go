@@ -12,11 +12,9 @@
 package vmboot
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"time"
@@ -27,6 +25,7 @@ import (
 	"github.com/containerd/ttrpc"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/internal/logtail"
 	"github.com/caisson-containers/caisson/internal/transport"
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
@@ -209,27 +208,11 @@ func consoleEnd(path string) string {
 	if path == "" {
 		return ""
 	}
-	f, err := os.Open(path)
-	if err != nil {
+	if _, err := os.Stat(path); err != nil {
 		return ""
 	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return ""
-	}
-	off := max(st.Size()-consoleTail, 0)
-	b, err := io.ReadAll(io.NewSectionReader(f, off, st.Size()-off))
-	if err != nil {
-		return ""
-	}
-	if off > 0 {
-		if i := bytes.IndexByte(b, '\n'); i >= 0 {
-			b = b[i+1:] // whole lines only
-		}
-	}
-	b = bytes.TrimSpace(b)
-	if len(b) == 0 {
+	b := logtail.Read(path, consoleTail)
+	if b == "" {
 		return fmt.Sprintf(" (console %s: empty)", path)
 	}
 	return fmt.Sprintf(" (console %s ends with:\n%s)", path, b)

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caisson-containers/caisson/internal/logtail"
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
@@ -173,7 +174,7 @@ func TestQEMULogFlood(t *testing.T) {
 	if !bytes.Contains(got, []byte("bytes of qemu output dropped]")) {
 		t.Fatal("qemu.log does not say what it dropped")
 	}
-	if tl := tail(path); !strings.HasSuffix(tl, strings.TrimSpace(last)) {
+	if tl := logtail.Read(path, stderrTail); !strings.HasSuffix(tl, strings.TrimSpace(last)) {
 		t.Fatalf("tail quotes %q, want QEMU's last words", tl)
 	}
 }

@@ -25,7 +25,6 @@
 package qemu
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -42,6 +41,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
+	"github.com/caisson-containers/caisson/internal/logtail"
 	"github.com/caisson-containers/caisson/shim/vmm"
 	"github.com/caisson-containers/caisson/shim/vmm/qemu/accel"
 	"github.com/caisson-containers/caisson/shim/vmm/qemu/jail"
@@ -360,7 +360,7 @@ func (v *VM) run(cmd *exec.Cmd, started chan<- error) {
 
 	v.mu.Lock()
 	if !v.ending {
-		v.exitErr = &vmm.ExitError{Reason: v.exitReason(err), Log: tail(v.stderrLog)}
+		v.exitErr = &vmm.ExitError{Reason: v.exitReason(err), Log: logtail.Read(v.stderrLog, stderrTail)}
 	}
 	v.mu.Unlock()
 	close(v.done)
@@ -522,21 +522,4 @@ func (v *VM) removeFiles() {
 	for _, p := range []string{v.qmpSocket, v.agentSocket, v.stderrLog, v.jailRoot()} {
 		os.Remove(p) // the jail root is an empty directory on the host
 	}
-}
-
-// tail returns the end of file path, trimmed, or "".
-func tail(path string) string {
-	f, err := os.Open(path)
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return ""
-	}
-	off := max(st.Size()-stderrTail, 0)
-	b := make([]byte, st.Size()-off)
-	n, _ := f.ReadAt(b, off)
-	return string(bytes.TrimSpace(b[:n]))
 }
