@@ -498,7 +498,11 @@ func (x *SetTimeRequest) GetTime() *timestamppb.Timestamp {
 type CheckRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// devices_ready answers only once the agent's background start (device drivers,
-	// cgroup controllers) is over: a template VM is saved when nothing is left to load.
+	// cgroup controllers) is over and the agent has prepared what every pod of a
+	// template needs: it runs one throwaway container (so the VMs restored from the
+	// template do not pay for first-use setup) and makes the pod's namespaces ahead
+	// of Sandbox.Create. Only the shim making a template asks it, right before the
+	// template is saved.
 	DevicesReady  bool `protobuf:"varint,1,opt,name=devices_ready,json=devicesReady,proto3" json:"devices_ready,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
