@@ -3,10 +3,12 @@ package vmboot
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/containerd/errdefs"
@@ -29,7 +31,13 @@ func TestBoot(t *testing.T) {
 	hv := fakevm.New()
 	ctx := context.Background()
 	var started []fakevm.Call
-	var intercepted []string
+	var (
+		mu          sync.Mutex
+		intercepted []string
+	)
+	// Check's answer is held until Version has gone out too: a boot that waited for
+	// Check before sending Version would wait here for ever (until the boot's timeout).
+	versionSent := make(chan struct{})
 	g, err := Boot(ctx, hv, testConfig(t), Options{
 		Started: func(vm vmm.VM) error {
 			if vm.Pid() == 0 {
@@ -40,8 +48,20 @@ func TestBoot(t *testing.T) {
 		},
 		ClientOpts: []ttrpc.ClientOpts{ttrpc.WithUnaryClientInterceptor(
 			func(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, info *ttrpc.UnaryClientInfo, inv ttrpc.Invoker) error {
+				mu.Lock()
 				intercepted = append(intercepted, info.FullMethod)
-				return inv(ctx, req, resp)
+				mu.Unlock()
+				if strings.HasSuffix(info.FullMethod, "/Version") {
+					close(versionSent)
+					return inv(ctx, req, resp)
+				}
+				err := inv(ctx, req, resp)
+				select {
+				case <-versionSent:
+					return err
+				case <-ctx.Done(): // the boot's timeout
+					return fmt.Errorf("%s answered, Version never sent: %w", info.FullMethod, ctx.Err())
+				}
 			})},
 	})
 	if err != nil {
@@ -51,6 +71,7 @@ func TestBoot(t *testing.T) {
 	if len(started) != 0 {
 		t.Errorf("the agent was called before Started: %v", started)
 	}
+	slices.Sort(intercepted)
 	if want := []string{"/caisson.agent.v1.Sandbox/Check", "/caisson.agent.v1.Sandbox/Version"}; !slices.Equal(intercepted, want) {
 		t.Errorf("intercepted %v, want %v", intercepted, want)
 	}
