@@ -208,17 +208,20 @@ func runDensity(b *testing.B, c *harness.CRI, handler, image string, n int) dens
 				i, n, mib(avail), mib(last))
 			break
 		}
-		r.pods = append(r.pods, startDensityPod(b, c, handler, image, fmt.Sprintf("density-%s-%03d", r.name, i)))
-		last = max(avail-memAvailable(b), 0)
+		p := startDensityPod(b, c, handler, image, fmt.Sprintf("density-%s-%03d", r.name, i))
+		findPodProcesses(b, c, &p)
+		r.pods = append(r.pods, p)
+		// Other work on the machine moves MemAvailable both ways: the pod's own PSS is
+		// the floor of what it cost.
+		last = max(avail-memAvailable(b), podMemoryOf(b, c, p).total())
 	}
 	if len(r.pods) == 0 {
 		b.Fatalf("%s: no pod started: %s", r.name, r.stopped)
 	}
 	time.Sleep(densitySettle)
 	running := memAvailable(b)
-	for i := range r.pods {
-		findPodProcesses(b, c, &r.pods[i])
-		r.mem = append(r.mem, podMemoryOf(b, c, r.pods[i]))
+	for _, p := range r.pods {
+		r.mem = append(r.mem, podMemoryOf(b, c, p))
 	}
 	r.cpu = idleCPU(b, r.pods)
 	r.load = loadAverage(b)
