@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"sync"
 
+	v2stats "github.com/containerd/cgroups/v3/cgroup2/stats"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/opencontainers/cgroups"
@@ -25,6 +27,7 @@ type Container struct {
 	mu      sync.Mutex
 	started bool
 	execs   map[string]*Process
+	metrics *metricsReader // the cgroup's files, open from the first Metrics on
 }
 
 // ID is the container's id.
@@ -243,6 +246,22 @@ func (c *Container) Stats() (*cgroups.Stats, error) {
 	return s.CgroupStats, nil
 }
 
+// Metrics are the container's cgroup v2 metrics, as cgroups' cgroup2.Manager.Stat reads
+// them (what containerd's task metrics carry), from files kept open across calls.
+func (c *Container) Metrics() (*v2stats.Metrics, error) {
+	c.mu.Lock()
+	if c.metrics == nil {
+		c.metrics = newMetricsReader(filepath.Join(cgroupRoot, c.CgroupPath()))
+	}
+	r := c.metrics
+	c.mu.Unlock()
+	m, err := r.metrics()
+	if err != nil {
+		return nil, fmt.Errorf("stats of container %s: %w", c.id, err)
+	}
+	return m, nil
+}
+
 // Update replaces the container's cgroup resources.
 func (c *Container) Update(ctx context.Context, res *specs.LinuxResources) error {
 	if res == nil {
@@ -298,6 +317,12 @@ func (c *Container) destroy(ctx context.Context, force bool) (Exit, error) {
 			return Exit{}, err
 		}
 	}
+	c.mu.Lock()
+	if c.metrics != nil {
+		c.metrics.close() // before the cgroup goes
+		c.metrics = nil
+	}
+	c.mu.Unlock()
 	if err := c.runtime.reaper.Guard(c.lc.Destroy); err != nil {
 		return Exit{}, fmt.Errorf("destroy container %s: %w", c.id, err)
 	}
