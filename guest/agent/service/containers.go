@@ -9,7 +9,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/containerd/cgroups/v3/cgroup2"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -226,13 +225,9 @@ func (s containersService) Stats(ctx context.Context, req *agent.StatsRequest) (
 	if err != nil {
 		return nil, err
 	}
-	m, err := cgroup2.Load(c.CgroupPath())
+	metrics, err := c.Metrics()
 	if err != nil {
-		return nil, fmt.Errorf("cgroup of container %s: %w", c.ID(), err)
-	}
-	metrics, err := m.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("stats of container %s: %w", c.ID(), err)
+		return nil, err
 	}
 	any, err := anypb.New(metrics)
 	if err != nil {
