@@ -284,9 +284,9 @@ type SharedFS struct {
 // unchanged pages shared through the host's page cache) and load its device state.
 //
 // A template and the VMs started from it must have the same kernel, initramfs, kernel
-// parameters, CPUs, memory (and their maxima), hot-plug slots and agent channel, and no disks or NICs of
-// their own in the template: a VM started from one gets Config.Disks and Config.NICs
-// hot-plugged (into its hot-plug slots) before Start returns.
+// parameters, CPUs, memory (and their maxima), hot-plug slots, agent channel and
+// Template.Disks, and no other disks or NICs in the template: a VM started from one gets
+// Config.Disks and Config.NICs hot-plugged (into its hot-plug slots) before Start returns.
 type Template struct {
 	// Dir holds the template: the guest memory file and the saved device state. It
 	// should be on a memory filesystem (tmpfs): the memory file is the guest's RAM.
@@ -294,6 +294,11 @@ type Template struct {
 	// Restore starts the VM from the template in Dir. Without it the VM boots with its
 	// RAM in Dir's memory file (shared) and SaveTemplate saves it.
 	Restore bool
+	// Disks are the template's own (read-only) disks: the template VM boots with them
+	// and so does every VM started from it, the same files at the same places (the
+	// saved device state refers to them), so that what the template's guest set up on
+	// them (a mount) is there at once. Block disks only.
+	Disks []Disk
 }
 
 // Names of a template's files in Template.Dir.

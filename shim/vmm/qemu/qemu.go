@@ -261,10 +261,19 @@ func checkTemplate(cfg vmm.Config) error {
 	case t.Dir == "":
 		return fmt.Errorf("template dir not set: %w", errdefs.ErrInvalidArgument)
 	case !t.Restore && (len(cfg.Disks) > 0 || len(cfg.NICs) > 0):
-		return fmt.Errorf("a template VM has no disks or NICs (the VMs made from it get theirs): %w", errdefs.ErrInvalidArgument)
+		return fmt.Errorf("a template VM has no disks (but the template's own) or NICs (the VMs made from it get theirs): %w", errdefs.ErrInvalidArgument)
+	case len(t.Disks) > MaxColdDisks:
+		return fmt.Errorf("%d disks in a template, at most %d: %w", len(t.Disks), MaxColdDisks, errdefs.ErrInvalidArgument)
 	case t.Restore && len(cfg.Disks)+len(cfg.NICs) > cfg.HotplugSlots:
 		return fmt.Errorf("%d disks and %d NICs for a VM started from a template, which hot-plugs them, but %d hot-plug slots: %w",
 			len(cfg.Disks), len(cfg.NICs), cfg.HotplugSlots, errdefs.ErrInvalidArgument)
+	}
+	// Shared by the template's VMs, unchanged: read-only. A virtio-pmem disk would be
+	// guest memory of its own, which the template's state does not carry.
+	for _, d := range t.Disks {
+		if d.Kind != vmm.Block || !d.ReadOnly {
+			return fmt.Errorf("template disk %q: only read-only block disks: %w", d.ID, errdefs.ErrInvalidArgument)
+		}
 	}
 	return nil
 }

@@ -66,12 +66,18 @@ func ignoreShared(ctx context.Context, c *qmp.Client) error {
 func (v *VM) restoring() bool { return v.cfg.Template != nil && v.cfg.Template.Restore }
 
 // coldDisks are the disks on QEMU's command line, each behind a root port of its own: a
-// VM started from a template has none (restore hot-plugs Config.Disks).
+// template's own disks (vmm.Template.Disks) in a template VM and in the VMs started from
+// it alike, the same disk on the same root port in both as the saved device state
+// expects; then, but in a VM started from a template (restore hot-plugs them),
+// Config.Disks.
 func (v *VM) coldDisks() []vmm.Disk {
-	if v.restoring() {
-		return nil
+	if v.cfg.Template == nil {
+		return v.cfg.Disks
 	}
-	return v.cfg.Disks
+	if v.restoring() {
+		return v.cfg.Template.Disks
+	}
+	return append(slices.Clip(v.cfg.Template.Disks), v.cfg.Disks...)
 }
 
 // openTemplateState opens the saved state of the template a VM starts from.

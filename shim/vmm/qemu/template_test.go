@@ -80,6 +80,8 @@ func TestTemplateErrors(t *testing.T) {
 		{"no dir", vmm.Config{Template: &vmm.Template{}}, errdefs.ErrInvalidArgument},
 		{"template with a disk", vmm.Config{Template: &vmm.Template{Dir: t.TempDir()}, Disks: []vmm.Disk{{ID: "d", Path: disk, Kind: vmm.Block}}}, errdefs.ErrInvalidArgument},
 		{"more disks than slots", vmm.Config{Template: &vmm.Template{Dir: t.TempDir(), Restore: true}, Disks: []vmm.Disk{{ID: "d", Path: disk, Kind: vmm.Block}}}, errdefs.ErrInvalidArgument},
+		{"writable template disk", vmm.Config{Template: &vmm.Template{Dir: t.TempDir(), Disks: []vmm.Disk{{ID: "d", Path: disk, Kind: vmm.Block}}}}, errdefs.ErrInvalidArgument},
+		{"pmem template disk", vmm.Config{Template: &vmm.Template{Dir: t.TempDir(), Restore: true, Disks: []vmm.Disk{{ID: "d", Path: disk, Kind: vmm.PMEM, ReadOnly: true}}}}, errdefs.ErrInvalidArgument},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tc.cfg.Kernel, tc.cfg.Initramfs, tc.cfg.StateDir = g.kernel, g.initramfs, testutil.ShortTempDir(t)
