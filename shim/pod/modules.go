@@ -9,6 +9,7 @@ import (
 	"github.com/caisson-containers/caisson/guest/modimage"
 	"github.com/caisson-containers/caisson/internal/rootfs"
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/template"
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
 
@@ -17,6 +18,10 @@ import (
 // /lib/modules/$(uname -r), so that the guest kernel loads a module the initramfs does not
 // carry when something in the pod needs it (a bridge, a tun device, a VLAN, netfilter).
 // Without the image the VM boots all the same and has the initramfs's modules only.
+//
+// A pod VM made from a template has it from its template (templateStorages): the
+// template's VM booted with it and mounted it before it was saved, and the VMs restored
+// from it get the same disk, so that nothing is attached nor mounted at their start.
 
 // modulesDiskID is the image's disk in the VM and its storage id in the guest, which the
 // agent knows the image by (its boot.ModulesStorageID).
@@ -27,31 +32,44 @@ const modulesDiskID = "kernel-modules"
 // VM boots with it (its pages in the host's page cache, shared by every VM), else
 // virtio-blk. It is false, with a warning, when there is no image or no room for it
 // (maxBoot: how many disks the VMM boots a VM with, vmm.Hypervisor's MaxBootDisks).
+// A VM made from a template has the image from its template (templateStorages): false.
 func modulesDisk(ctx context.Context, cfg config.Config, maxBoot, disks, nics int) (vmm.Disk, bool) {
+	if cfg.Hypervisor.Template {
+		return vmm.Disk{}, false
+	}
 	path := modimage.Beside(cfg.Guest.Kernel)
 	st, err := os.Stat(path)
 	if err != nil {
 		log.G(ctx).WithError(err).Warn("no kernel modules image beside the guest kernel: the pod's VM loads only its initramfs's modules (build it with `make guest`)")
 		return vmm.Disk{}, false
 	}
-	// A VM made from a template gets its disks hot-plugged (the template has none), into
-	// its hot-plug slots; others have them on the command line.
-	room := maxBoot - disks
-	if cfg.Hypervisor.Template {
-		room = cfg.Hypervisor.HotplugSlots - disks - nics
-	}
-	if room < 1 {
+	if maxBoot-disks < 1 {
 		log.G(ctx).WithField("disks", disks).Warn("no slot left for the kernel modules image: the pod's VM loads only its initramfs's modules")
 		return vmm.Disk{}, false
 	}
-	// Hot-plugged after the VM resumes, a virtio-pmem device adds a memory region the guest
-	// maps while it creates the sandbox: measured under TCG, it delayed the other boot disks'
-	// mounts by a second or more (BenchmarkPodStartModules); a virtio-blk disk does not.
 	kind := vmm.Block
-	if cfg.Storage.DAX && !cfg.Hypervisor.Template && st.Size() > 0 && st.Size()%vmm.PMEMAlignment == 0 {
+	if cfg.Storage.DAX && st.Size() > 0 && st.Size()%vmm.PMEMAlignment == 0 {
 		kind = vmm.PMEM
 	}
 	return vmm.Disk{ID: modulesDiskID, Path: path, ReadOnly: true, Kind: kind}, true
+}
+
+// templateStorages are the storages of cfg's VM templates: the modules image, if there
+// is one, as a read-only virtio-blk disk (a template carries no virtio-pmem device: its
+// saved state holds no memory but the guest's RAM).
+func templateStorages(ctx context.Context, cfg config.Config) []template.Storage {
+	path := modimage.Beside(cfg.Guest.Kernel)
+	if _, err := os.Stat(path); err != nil {
+		log.G(ctx).WithError(err).Warn("no kernel modules image beside the guest kernel: the pod's VM loads only its initramfs's modules (build it with `make guest`)")
+		return nil
+	}
+	return []template.Storage{{
+		Disk:   vmm.Disk{ID: modulesDiskID, Path: path, ReadOnly: true, Kind: vmm.Block},
+		FSType: "erofs",
+		// The image of another kernel: the pods run without modules on demand, as booted
+		// ones do (mountModules).
+		Optional: true,
+	}}
 }
 
 // mountModules has the agent mount the modules image attached as disk. A failure is

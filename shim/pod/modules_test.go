@@ -44,8 +44,8 @@ func TestModulesDisk(t *testing.T) {
 		{name: "pmem", size: 4 * vmm.PMEMAlignment, dax: true, want: true, kind: vmm.PMEM},
 		{name: "dax off", size: 4 * vmm.PMEMAlignment, want: true, kind: vmm.Block},
 		{name: "not aligned", size: vmm.PMEMAlignment + 4096, dax: true, want: true, kind: vmm.Block},
-		{name: "template with a slot left", size: vmm.PMEMAlignment, dax: true, template: true, disks: 10, nics: 5, want: true, kind: vmm.Block},
-		{name: "template without", size: vmm.PMEMAlignment, dax: true, template: true, disks: 11, nics: 5},
+		// From its template: nothing to attach.
+		{name: "template", size: vmm.PMEMAlignment, dax: true, template: true},
 		{name: "command line full", size: vmm.PMEMAlignment, dax: true, disks: testMaxBoot},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -91,9 +91,10 @@ func TestModulesImage(t *testing.T) {
 		}
 	}
 	stateRoot := testutil.ShortTempDir(t)
-	start := func(t *testing.T, dir string) (*Pod, string) {
+	start := func(t *testing.T, dir string, fromTemplate bool) (*Pod, string) {
 		cfg := config.Default(dir)
 		cfg.StateDir = stateRoot
+		cfg.Hypervisor.Template = fromTemplate
 		var logs bytes.Buffer
 		l := logrus.New()
 		l.SetOutput(&logs)
@@ -115,7 +116,21 @@ func TestModulesImage(t *testing.T) {
 	}
 
 	t.Run("present", func(t *testing.T) {
-		p, logs := start(t, filepath.Dir(guest.Kernel))
+		p, logs := start(t, filepath.Dir(guest.Kernel), false)
+		if _, err := p.vm.Address(modulesDiskID); err != nil {
+			t.Fatalf("the modules image is not attached: %v", err)
+		}
+		if err := mountedAgain(t, p); !errdefs.IsAlreadyExists(err) {
+			t.Errorf("the modules image is not mounted when Start returns (a second mount: %v)", err)
+		}
+		if strings.Contains(logs, "modules image") && strings.Contains(logs, "level=warning") {
+			t.Errorf("a warning about the modules image:\n%s", logs)
+		}
+	})
+	// From a template: the VM has the image from its template, attached and mounted
+	// there; the pod's start neither attaches nor mounts it.
+	t.Run("template", func(t *testing.T) {
+		p, logs := start(t, filepath.Dir(guest.Kernel), true)
 		if _, err := p.vm.Address(modulesDiskID); err != nil {
 			t.Fatalf("the modules image is not attached: %v", err)
 		}
@@ -127,7 +142,7 @@ func TestModulesImage(t *testing.T) {
 		}
 	})
 	t.Run("missing", func(t *testing.T) {
-		p, logs := start(t, other)
+		p, logs := start(t, other, false)
 		if _, err := p.vm.Address(modulesDiskID); !errdefs.IsNotFound(err) {
 			t.Errorf("a modules disk without an image: %v", err)
 		}
@@ -143,7 +158,7 @@ func TestModulesImage(t *testing.T) {
 		if err := modimage.Build(context.Background(), modimage.Image{Dir: tree, Release: "0.0.0-other"}, modimage.Beside(filepath.Join(other, "vmlinuz"))); err != nil {
 			t.Fatal(err)
 		}
-		p, logs := start(t, other)
+		p, logs := start(t, other, false)
 		if _, err := p.vm.Address(modulesDiskID); err != nil {
 			t.Errorf("the modules image is not attached: %v", err)
 		}
@@ -154,12 +169,26 @@ func TestModulesImage(t *testing.T) {
 			t.Error("the image of another kernel stays mounted")
 		}
 	})
+	// The template is made all the same, with a warning; its VMs have the image attached,
+	// not mounted.
+	t.Run("another kernel's, from a template", func(t *testing.T) {
+		p, logs := start(t, other, true)
+		if _, err := p.vm.Address(modulesDiskID); err != nil {
+			t.Errorf("the modules image is not attached: %v", err)
+		}
+		if !strings.Contains(logs, "0.0.0-other") || !strings.Contains(logs, "VM template made without the storage mounted") {
+			t.Errorf("no warning naming the image's kernel:\n%s", logs)
+		}
+		if err := mountedAgain(t, p); errdefs.IsAlreadyExists(err) {
+			t.Error("the image of another kernel is mounted")
+		}
+	})
 }
 
 // BenchmarkPodStartModules: Start to the agent's sandbox and boot disks ready, for a pod
 // whose first container has one layer, with the modules image attached and mounted and
 // without one (the kernel and initramfs alone in another directory), alternated in one run;
-// booted, and made from a template (whose VMs get the image hot-plugged). Reports the
+// booted, and made from a template (whose VMs have the image from it). Reports the
 // medians and their ratio.
 func BenchmarkPodStartModules(b *testing.B) {
 	testutil.RequireRoot(b)

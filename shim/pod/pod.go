@@ -129,9 +129,29 @@ func vmConfig(cfg config.Config, stateDir string) vmm.Config {
 // Template returns the VM template of cfg's pod VMs on hv (hypervisor.template), making
 // it if there is none yet.
 func Template(ctx context.Context, cfg config.Config, hv vmm.Hypervisor) (string, error) {
+	t, err := templateOf(ctx, cfg, hv)
+	if err != nil {
+		return "", err
+	}
+	return t.Dir, nil
+}
+
+// templateOf is the VM template of cfg's pod VMs on hv, made if there is none yet, as a
+// VM restored from it starts with it: with the template's storages' disks (the kernel
+// modules image, mounted in the template).
+func templateOf(ctx context.Context, cfg config.Config, hv vmm.Hypervisor) (*vmm.Template, error) {
 	vcfg := vmConfig(cfg, "")
 	vcfg.StateDir, vcfg.ConsoleLog = "", ""
-	return template.Get(ctx, TemplatesRoot(cfg), hv, vcfg)
+	storages := templateStorages(ctx, cfg)
+	dir, err := template.Get(ctx, TemplatesRoot(cfg), hv, vcfg, storages...)
+	if err != nil {
+		return nil, err
+	}
+	t := &vmm.Template{Dir: dir, Restore: true}
+	for _, st := range storages {
+		t.Disks = append(t.Disks, st.Disk)
+	}
+	return t, nil
 }
 
 // TemplatesRoot is where cfg's VM templates are kept.

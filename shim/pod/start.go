@@ -204,11 +204,11 @@ func bootVM(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, vcfg vmm.
 		if cfg.Hypervisor.Template {
 			tcfg := cfg // the template's size: the VM's at its start
 			tcfg.Hypervisor.MemoryMiB, tcfg.Hypervisor.VCPUs = vcfg.MemoryMiB, vcfg.VCPUs
-			dir, err := Template(ctx, tcfg, hv)
+			t, err := templateOf(ctx, tcfg, hv)
 			if err != nil {
 				return nil, err
 			}
-			vcfg.Template = &vmm.Template{Dir: dir, Restore: true}
+			vcfg.Template = t
 		}
 		started := false
 		opts := o

@@ -5,8 +5,9 @@
 // A template is a directory under the root holding the guest's memory file and the saved
 // device state (vmm.TemplateMemory, vmm.TemplateState), and shape.json, what it was made
 // from. Its name is a hash of the shape and of the identity (inode, size, mtime) of the
-// kernel, initramfs and VMM binary (vmm.Hypervisor's Identity), so that a rebuilt guest
-// image gets a new template.
+// kernel, initramfs and VMM binary (vmm.Hypervisor's Identity) and of the template's own
+// storages (Storage: the kernel modules image), so that a rebuilt guest image gets a new
+// template.
 // A template whose files changed is removed by the next Get that sees it (and all of them
 // by RemoveAll: `caisson template remove`); VMs still running from one keep their mapping
 // of the removed memory file.
@@ -25,9 +26,11 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 
+	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/shim/vmboot"
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
@@ -60,6 +63,28 @@ type shape struct {
 	MaxMemoryMiB int    `json:"max_memory_mib"`
 	HotplugSlots int    `json:"hotplug_slots"`
 	Accelerator  string `json:"accelerator"`
+	// Storages are the template's own disks, mounted in its guest.
+	Storages []storageShape `json:"storages,omitempty"`
+}
+
+// storageShape is a Storage as the template's shape has it.
+type storageShape struct {
+	ID     string `json:"id"`
+	FSType string `json:"fstype"`
+	File   file   `json:"file"`
+}
+
+// Storage is a read-only file system image that the template VM boots with (a
+// virtio-blk disk) and has its agent mount, as storage Disk.ID, before it is saved:
+// every VM started from the template has it mounted from the start (the caller gives
+// those VMs the same disks: vmm.Template's Disks), nothing to attach or mount.
+type Storage struct {
+	Disk   vmm.Disk // ReadOnly, vmm.Block
+	FSType string
+	// Optional: if the agent refuses the mount (say, the kernel modules image of another
+	// kernel), the template is made all the same, with the disk attached and not
+	// mounted, and a warning; else the make fails.
+	Optional bool
 }
 
 // file is a file's path and identity.
@@ -79,18 +104,25 @@ func identify(path string) (file, error) {
 }
 
 // Get returns the directory of the template for VMs like cfg on hv (no disks, no NICs,
-// serial agent channel), making it first if there is none: a VM is booted with cfg,
-// saved once its agent answers with its drivers loaded, and stopped. Concurrent Gets of
-// one shape, in any process, make it once. The caller starts its VM on hv with
-// vmm.Template{Dir: dir, Restore: true} and otherwise the same cfg.
-func Get(ctx context.Context, root string, hv vmm.Hypervisor, cfg vmm.Config) (string, error) {
+// serial agent channel) with storages mounted, making it first if there is none: a VM is
+// booted with cfg and the storages' disks, saved once its agent answers with its drivers
+// loaded and has mounted the storages, and stopped. Concurrent Gets of one shape, in any
+// process, make it once. The caller starts its VM on hv with vmm.Template{Dir: dir,
+// Restore: true, Disks: the storages' disks, in order} and otherwise the same cfg.
+func Get(ctx context.Context, root string, hv vmm.Hypervisor, cfg vmm.Config, storages ...Storage) (string, error) {
 	if len(cfg.Disks) > 0 || len(cfg.NICs) > 0 || cfg.Template != nil {
 		return "", fmt.Errorf("template of a VM with disks, NICs or a template: %w", errdefs.ErrInvalidArgument)
 	}
 	if cfg.Agent.Transport != "" && cfg.Agent.Transport != vmm.TransportSerial {
 		return "", fmt.Errorf("templates need the serial agent channel: %w", errdefs.ErrNotImplemented)
 	}
-	sh, err := shapeOf(hv, cfg)
+	for _, st := range storages {
+		if st.Disk.ID == "" || st.FSType == "" || !st.Disk.ReadOnly || st.Disk.Kind != vmm.Block {
+			return "", fmt.Errorf("template storage %q (%s): a read-only block disk with an id and a file system type: %w",
+				st.Disk.ID, st.Disk.Path, errdefs.ErrInvalidArgument)
+		}
+	}
+	sh, err := shapeOf(hv, cfg, storages)
 	if err != nil {
 		return "", err
 	}
@@ -120,7 +152,7 @@ func Get(ctx context.Context, root string, hv vmm.Hypervisor, cfg vmm.Config) (s
 	}
 	removeStale(ctx, root, name, sh)
 	start := time.Now()
-	if err := build(ctx, hv, dir, b, cfg); err != nil {
+	if err := build(ctx, hv, dir, b, cfg, storages); err != nil {
 		return "", fmt.Errorf("make VM template: %w", err)
 	}
 	log.G(ctx).WithField("template", dir).WithField("took", time.Since(start)).Info("VM template made")
@@ -133,7 +165,7 @@ func Ready(dir string) bool {
 	return err == nil
 }
 
-func shapeOf(hv vmm.Hypervisor, cfg vmm.Config) (shape, error) {
+func shapeOf(hv vmm.Hypervisor, cfg vmm.Config, storages []Storage) (shape, error) {
 	sh := shape{Format: format, KernelParams: cfg.KernelParams, VCPUs: cfg.VCPUs, MaxVCPUs: cfg.MaxVCPUs, MemoryMiB: cfg.MemoryMiB,
 		MaxMemoryMiB: cfg.MaxMemoryMiB, HotplugSlots: cfg.HotplugSlots, Accelerator: cfg.Accelerator}
 	id, err := hv.Identity()
@@ -151,6 +183,13 @@ func shapeOf(hv vmm.Hypervisor, cfg vmm.Config) (shape, error) {
 		if sh.Initramfs, err = identify(cfg.Initramfs); err != nil {
 			return shape{}, err
 		}
+	}
+	for _, st := range storages {
+		f, err := identify(st.Disk.Path)
+		if err != nil {
+			return shape{}, err
+		}
+		sh.Storages = append(sh.Storages, storageShape{ID: st.Disk.ID, FSType: st.FSType, File: f})
 	}
 	return sh, nil
 }
@@ -200,7 +239,8 @@ func removeStale(ctx context.Context, root, keep string, sh shape) {
 		if json.Unmarshal(b, &old) != nil {
 			continue
 		}
-		if changed(old.Kernel, sh.Kernel) || changed(old.Initramfs, sh.Initramfs) || changed(old.VMMBinary, sh.VMMBinary) || old.Format != sh.Format {
+		if changed(old.Kernel, sh.Kernel) || changed(old.Initramfs, sh.Initramfs) || changed(old.VMMBinary, sh.VMMBinary) ||
+			storageChanged(old.Storages, sh.Storages) || old.Format != sh.Format {
 			log.G(ctx).WithField("template", filepath.Join(root, name)).Info("removing a VM template whose guest image or VMM changed")
 			os.RemoveAll(filepath.Join(root, name)) // not its lock file: see RemoveAll
 		}
@@ -209,8 +249,20 @@ func removeStale(ctx context.Context, root, keep string, sh shape) {
 
 func changed(old, cur file) bool { return old.Path == cur.Path && old != cur }
 
+// storageChanged says whether a file of old's storages is one of cur's, changed since.
+func storageChanged(old, cur []storageShape) bool {
+	for _, o := range old {
+		for _, c := range cur {
+			if changed(o.File, c.File) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // build boots the template VM in dir.tmp, saves it, and renames dir.tmp to dir.
-func build(ctx context.Context, hv vmm.Hypervisor, dir string, shapeJSON []byte, cfg vmm.Config) (retErr error) {
+func build(ctx context.Context, hv vmm.Hypervisor, dir string, shapeJSON []byte, cfg vmm.Config, storages []Storage) (retErr error) {
 	tmp := dir + ".tmp"
 	os.RemoveAll(tmp)
 	if err := os.MkdirAll(tmp, 0o700); err != nil {
@@ -222,6 +274,9 @@ func build(ctx context.Context, hv vmm.Hypervisor, dir string, shapeJSON []byte,
 		}
 	}()
 	cfg.Template = &vmm.Template{Dir: tmp}
+	for _, st := range storages {
+		cfg.Template.Disks = append(cfg.Template.Disks, st.Disk)
+	}
 	cfg.StateDir = filepath.Join(tmp, "vm")
 	cfg.ConsoleLog = filepath.Join(tmp, "console.log")
 	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
@@ -233,6 +288,10 @@ func build(ctx context.Context, hv vmm.Hypervisor, dir string, shapeJSON []byte,
 		return fmt.Errorf("template VM: %w", err)
 	}
 	defer g.VM.Stop(context.WithoutCancel(ctx))
+	if err := mountStorages(ctx, g, storages); err != nil {
+		g.Close()
+		return err
+	}
 	// VMs made from the template connect afresh.
 	if err := g.Close(); err != nil {
 		log.G(ctx).WithError(err).Debug("hanging up on the template VM's agent")
@@ -250,4 +309,30 @@ func build(ctx context.Context, hv vmm.Hypervisor, dir string, shapeJSON []byte,
 		return err
 	}
 	return os.Rename(tmp, dir)
+}
+
+// mountStorages has the template VM's agent mount storages, attached to g's VM.
+func mountStorages(ctx context.Context, g *vmboot.Guest, storages []Storage) error {
+	sc := agent.NewStorageClient(g.Client)
+	for _, st := range storages {
+		addr, err := g.VM.Address(st.Disk.ID)
+		if err != nil {
+			return fmt.Errorf("template storage %q: %w", st.Disk.ID, err)
+		}
+		dev := &agent.Device{Kind: agent.DeviceKind_DEVICE_KIND_BLOCK, PciPath: string(addr.PCIPath)}
+		if dev.PciPath == "" {
+			dev.Serial = addr.Serial
+		}
+		_, err = sc.Mount(ctx, &agent.MountStorageRequest{
+			StorageId: st.Disk.ID, Device: dev, Fstype: st.FSType, Options: []string{"ro"},
+		})
+		if err != nil {
+			err = fmt.Errorf("mount template storage %q (%s) in the template VM: %w", st.Disk.ID, st.Disk.Path, errgrpc.ToNative(err))
+			if !st.Optional || ctx.Err() != nil {
+				return err
+			}
+			log.G(ctx).WithError(err).Warn("VM template made without the storage mounted")
+		}
+	}
+	return nil
 }

@@ -12,6 +12,8 @@ import (
 
 	"github.com/containerd/errdefs"
 
+	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/guest/modimage"
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/internal/transport"
 	"github.com/caisson-containers/caisson/shim/config"
@@ -137,6 +139,7 @@ func TestGetErrors(t *testing.T) {
 	}{
 		{"disks", func(c *vmm.Config) { c.Disks = []vmm.Disk{{ID: "d", Path: c.Initramfs}} }, errdefs.ErrInvalidArgument},
 		{"vsock", func(c *vmm.Config) { c.Agent.Transport = vmm.TransportVsock }, errdefs.ErrNotImplemented},
+		{"template", func(c *vmm.Config) { c.Template = &vmm.Template{Dir: root} }, errdefs.ErrInvalidArgument},
 		{"no kernel", func(c *vmm.Config) { c.Kernel = filepath.Join(root, "missing") }, os.ErrNotExist},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -147,6 +150,23 @@ func TestGetErrors(t *testing.T) {
 			}
 		})
 	}
+	for _, st := range []Storage{
+		{Disk: vmm.Disk{ID: "rw", Path: cfg.Initramfs}, FSType: "erofs"},
+		{Disk: vmm.Disk{ID: "pmem", Path: cfg.Initramfs, ReadOnly: true, Kind: vmm.PMEM}, FSType: "erofs"},
+		{Disk: vmm.Disk{ID: "nofs", Path: cfg.Initramfs, ReadOnly: true}},
+	} {
+		t.Run("storage "+st.Disk.ID, func(t *testing.T) {
+			if _, err := Get(ctx, root, hv, cfg, st); !errors.Is(err, errdefs.ErrInvalidArgument) {
+				t.Fatalf("got %v, want %v", err, errdefs.ErrInvalidArgument)
+			}
+		})
+	}
+	t.Run("missing storage", func(t *testing.T) {
+		st := Storage{Disk: vmm.Disk{ID: "gone", Path: filepath.Join(root, "missing"), ReadOnly: true}, FSType: "erofs"}
+		if _, err := Get(ctx, root, hv, cfg, st); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("got %v, want %v", err, os.ErrNotExist)
+		}
+	})
 	t.Run("guest that never answers", func(t *testing.T) {
 		c := cfg
 		c.KernelParams = append(c.KernelParams, "rdinit=/nonexistent") // no init: the kernel panics, QEMU exits
@@ -217,5 +237,66 @@ func copyFile(t *testing.T, src, dst string) {
 	defer out.Close()
 	if _, err := io.Copy(out, in); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestGetStorage: a template with a storage (the guest's kernel modules image) boots with
+// it and has it mounted; a VM started from the template with the same disk has it
+// mounted from the start (its agent unmounts it); the image is part of the shape: a
+// rebuilt image makes a new template and removes the stale one.
+func TestGetStorage(t *testing.T) {
+	cfg := testConfig(t)
+	hv := testHypervisor(t)
+	root := testutil.ShortTempDir(t)
+	ctx := context.Background()
+	g := testutil.RequireGuest(t)
+	image := filepath.Join(t.TempDir(), "modules.erofs")
+	copyFile(t, modimage.Beside(g.Kernel), image)
+	storage := Storage{Disk: vmm.Disk{ID: "kernel-modules", Path: image, ReadOnly: true}, FSType: "erofs"}
+
+	bare, err := Get(ctx, root, hv, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, err := Get(ctx, root, hv, cfg, storage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dir == bare {
+		t.Fatal("the template with a storage is the one without")
+	}
+
+	vmCfg := cfg
+	vmCfg.StateDir = testutil.ShortTempDir(t)
+	vmCfg.Template = &vmm.Template{Dir: dir, Restore: true, Disks: []vmm.Disk{storage.Disk}}
+	rctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	vm, err := vmboot.Boot(rctx, hv, vmCfg, vmboot.Options{})
+	if err != nil {
+		t.Fatalf("VM made from the template: %v", err)
+	}
+	defer vm.VM.Stop(ctx)
+	sc := agent.NewStorageClient(vm.Client)
+	if _, err := sc.Unmount(rctx, &agent.UnmountStorageRequest{StorageId: storage.Disk.ID}); err != nil {
+		t.Fatalf("the template's storage is not mounted in a VM made from it: %v", err)
+	}
+	vm.Close()
+	if err := vm.VM.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	later := time.Now().Add(time.Second)
+	if err := os.Chtimes(image, later, later); err != nil {
+		t.Fatal(err)
+	}
+	d, err := Get(ctx, root, hv, cfg, storage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d == dir {
+		t.Fatal("same template after the storage's image changed")
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("stale template still there: %v", err)
 	}
 }
