@@ -115,32 +115,25 @@ func TestModulesImage(t *testing.T) {
 		return errgrpc.ToNative(err)
 	}
 
-	t.Run("present", func(t *testing.T) {
-		p, logs := start(t, filepath.Dir(guest.Kernel), false)
-		if _, err := p.vm.Address(modulesDiskID); err != nil {
-			t.Fatalf("the modules image is not attached: %v", err)
-		}
-		if err := mountedAgain(t, p); !errdefs.IsAlreadyExists(err) {
-			t.Errorf("the modules image is not mounted when Start returns (a second mount: %v)", err)
-		}
-		if strings.Contains(logs, "modules image") && strings.Contains(logs, "level=warning") {
-			t.Errorf("a warning about the modules image:\n%s", logs)
-		}
-	})
-	// From a template: the VM has the image from its template, attached and mounted
-	// there; the pod's start neither attaches nor mounts it.
-	t.Run("template", func(t *testing.T) {
-		p, logs := start(t, filepath.Dir(guest.Kernel), true)
-		if _, err := p.vm.Address(modulesDiskID); err != nil {
-			t.Fatalf("the modules image is not attached: %v", err)
-		}
-		if err := mountedAgain(t, p); !errdefs.IsAlreadyExists(err) {
-			t.Errorf("the modules image is not mounted when Start returns (a second mount: %v)", err)
-		}
-		if strings.Contains(logs, "modules image") && strings.Contains(logs, "level=warning") {
-			t.Errorf("a warning about the modules image:\n%s", logs)
-		}
-	})
+	// Booted, and from a template: there the VM has the image from its template,
+	// attached and mounted; the pod's start neither attaches nor mounts it.
+	for _, tc := range []struct {
+		name     string
+		template bool
+	}{{"present", false}, {"template", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			p, logs := start(t, filepath.Dir(guest.Kernel), tc.template)
+			if _, err := p.vm.Address(modulesDiskID); err != nil {
+				t.Fatalf("the modules image is not attached: %v", err)
+			}
+			if err := mountedAgain(t, p); !errdefs.IsAlreadyExists(err) {
+				t.Errorf("the modules image is not mounted when Start returns (a second mount: %v)", err)
+			}
+			if strings.Contains(logs, "modules image") && strings.Contains(logs, "level=warning") {
+				t.Errorf("a warning about the modules image:\n%s", logs)
+			}
+		})
+	}
 	t.Run("missing", func(t *testing.T) {
 		p, logs := start(t, other, false)
 		if _, err := p.vm.Address(modulesDiskID); !errdefs.IsNotFound(err) {
