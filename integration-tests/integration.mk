@@ -34,7 +34,8 @@ bench-volumes: ## Shared volumes (virtio-fs) against the rootfs disk in one pod:
 
 # Density: how many idle pods this machine holds and what each costs (issue 15).
 DENSITY_PODS ?= 100
+DENSITY_CONFIGS ?= booted,template
 
 .PHONY: bench-density
-bench-density: ## DENSITY_PODS idle CRI pods (default 100), booted then from a template: host memory and PSS per pod (TCG cache apart), idle CPU per pod over 30 s, first/last pod start, exec latency, removal; against a bare guest
-	DENSITY_PODS=$(DENSITY_PODS) $(GO) test -count=1 -run '^$$' -bench '^BenchmarkCRIDensity$$' -benchtime 1x -timeout 240m ./integration-tests/
+bench-density: ## DENSITY_PODS idle CRI pods (default 100), booted then from a template (DENSITY_CONFIGS=template for one): host memory and PSS per pod (TCG cache apart), idle CPU per pod over 30 s, first/last pod start, exec latency, removal; against a bare guest
+	DENSITY_PODS=$(DENSITY_PODS) DENSITY_CONFIGS=$(DENSITY_CONFIGS) $(GO) test -count=1 -run '^$$' -bench '^BenchmarkCRIDensity$$' -benchtime 1x -timeout 240m ./integration-tests/
