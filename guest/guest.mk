@@ -1,6 +1,7 @@
 # The guest image: kernel, initramfs, and the static caisson-agent that is its /init.
-# Outputs: $(GUEST_DIR)/vmlinuz, $(GUEST_DIR)/initramfs.cpio.lz4 (and debug/ for guest-debug;
-# LZ4-compressed despite the name, which the shim's configuration uses), and
+# Outputs: $(GUEST_DIR)/vmlinux, the kernel as the uncompressed ELF that QEMU boots directly
+# (PVH), extracted from the package's bzImage; $(GUEST_DIR)/initramfs.cpio.lz4 (and debug/
+# for guest-debug; LZ4-compressed despite the name, which the shim's configuration uses); and
 # $(GUEST_DIR)/modules.erofs, every module of the kernel, which the shim attaches to each
 # pod VM beside the kernel for the guest to load on demand (see docs/guest.md).
 # Everything is rebuilt only when an input changes, and the same inputs give the same bytes.
@@ -32,10 +33,10 @@ AGENT_LDFLAGS := -s -w -buildid= -linkmode external -extldflags '-static' \
 	-X $(PKG)/guest/agent/service.Version=$(AGENT_VERSION)
 
 .PHONY: guest
-guest: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initramfs.cpio.lz4 $(GUEST_DIR)/modules.erofs ## Build the guest kernel, initramfs (agent as /init, no shell) and modules image
+guest: $(GUEST_DIR)/vmlinux $(GUEST_DIR)/initramfs.cpio.lz4 $(GUEST_DIR)/modules.erofs ## Build the guest kernel, initramfs (agent as /init, no shell) and modules image
 
 .PHONY: guest-debug
-guest-debug: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/debug/initramfs.cpio.lz4 ## Build the debug initramfs (adds busybox) into _output/guest/debug
+guest-debug: $(GUEST_DIR)/vmlinux $(GUEST_DIR)/debug/initramfs.cpio.lz4 ## Build the debug initramfs (adds busybox) into _output/guest/debug
 
 # Go decides whether the agent is out of date; the file is replaced only if its bytes
 # change, so that the initramfs is not rebuilt for nothing.
@@ -49,8 +50,12 @@ $(GUEST_KERNEL_DIR)/.stamp: guest/kernel/versions.mk guest/kernel/fetch.sh
 	bash guest/kernel/fetch.sh $(GUEST_KERNEL_PACKAGE) $(GUEST_KERNEL_VERSION) $(GUEST_KERNEL_RELEASE) $(GUEST_KERNEL_DIR)
 	@touch $@
 
-$(GUEST_DIR)/vmlinuz: $(GUEST_KERNEL_DIR)/.stamp
-	cp $(GUEST_KERNEL_DIR)/vmlinuz $@.tmp && mv $@.tmp $@
+# The pod VMs boot the vmlinux ELF, not the package's bzImage: no decompression in the
+# guest at each boot, and QEMU maps the file instead of holding a copy per VM (docs/guest.md).
+# The bzImage stays in $(GUEST_KERNEL_DIR) only as the source.
+GUEST_VMLINUX_SRCS := $(filter-out %_test.go,$(wildcard guest/vmlinux/*.go guest/mkvmlinux/*.go))
+$(GUEST_DIR)/vmlinux: $(GUEST_KERNEL_DIR)/.stamp $(GUEST_VMLINUX_SRCS)
+	$(GO) run ./guest/mkvmlinux -kernel $(GUEST_KERNEL_DIR)/vmlinuz -o $@
 
 # The package ships no modules.dep (its postinst runs depmod); compute it beside the tree.
 $(GUEST_MODULES_DEP): $(GUEST_KERNEL_DIR)/.stamp

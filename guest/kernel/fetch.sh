@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetches the pinned Debian cloud kernel package and unpacks it into OUT:
-#   OUT/vmlinuz                       the kernel image
+#   OUT/vmlinuz                       the kernel image (a bzImage; guest.mk extracts the vmlinux the VMs boot)
 #   OUT/root/lib/modules/RELEASE/...  its modules, for the initramfs builder
 # Re-running with the same pin is a no-op (the .deb is cached and the stamp matches).
 set -euo pipefail
