@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs Caisson from a built checkout (`make binaries guest`) onto this host:
 #   $PREFIX/bin (default /usr/local/bin): containerd-shim-caisson-v2, caisson-snapshotter, caisson
-#   /usr/share/caisson: the guest kernel, initramfs and modules image
+#   /usr/share/caisson: the guest kernel (vmlinux, booted directly), initramfs and modules image
 #   /etc/caisson/config.toml (runtime, from `caisson config default`), /etc/caisson/snapshotter.toml
 #   /etc/systemd/system: caisson-snapshotter.service and a containerd.service drop-in
 #   the system user caisson-qemu, whom QEMU's jail runs as (not with DESTDIR)
@@ -19,7 +19,7 @@ enable=false
 [[ ${1:-} == --enable ]] && enable=true
 
 step() { printf '\033[1m>> %s\033[0m\n' "$*"; }
-for f in bin/containerd-shim-caisson-v2 bin/caisson-snapshotter bin/caisson _output/guest/vmlinuz _output/guest/initramfs.cpio.lz4 _output/guest/modules.erofs; do
+for f in bin/containerd-shim-caisson-v2 bin/caisson-snapshotter bin/caisson _output/guest/vmlinux _output/guest/initramfs.cpio.lz4 _output/guest/modules.erofs; do
 	[[ -e $f ]] || { echo "missing $f: run \`make binaries guest\` first" >&2; exit 1; }
 done
 
@@ -38,7 +38,7 @@ install -d "$DESTDIR$PREFIX/bin"
 install -m 0755 bin/containerd-shim-caisson-v2 bin/caisson-snapshotter bin/caisson "$DESTDIR$PREFIX/bin/"
 
 step "guest kernel, initramfs and modules image into /usr/share/caisson"
-install -D -m 0644 _output/guest/vmlinuz "$DESTDIR/usr/share/caisson/vmlinuz"
+install -D -m 0644 _output/guest/vmlinux "$DESTDIR/usr/share/caisson/vmlinux"
 install -D -m 0644 _output/guest/initramfs.cpio.lz4 "$DESTDIR/usr/share/caisson/initramfs.cpio.lz4"
 # Beside the kernel: the shim attaches it to every pod VM (docs/guest.md).
 install -D -m 0644 _output/guest/modules.erofs "$DESTDIR/usr/share/caisson/modules.erofs"
@@ -49,6 +49,10 @@ trap 'rm -rf "$tmp"' EXIT
 # Run the installed binary: outside a checkout it defaults to /usr/share/caisson's guest.
 "$DESTDIR$PREFIX/bin/caisson" config default >"$tmp/config.toml"
 config /etc/caisson/config.toml "$tmp/config.toml"
+# Installs before the kernel was a vmlinux shipped the bzImage, and their config.toml names it.
+if grep -q '^kernel = "/usr/share/caisson/vmlinuz"' "$DESTDIR/etc/caisson/config.toml"; then
+	echo "   /etc/caisson/config.toml boots the previous install's kernel, /usr/share/caisson/vmlinuz: set its guest.kernel to /usr/share/caisson/vmlinux (then remove vmlinuz)"
+fi
 config /etc/caisson/snapshotter.toml contrib/snapshotter/config.toml
 if [[ -e $DESTDIR/etc/containerd/config.toml ]]; then
 	install -D -m 0644 contrib/containerd/config.toml "$DESTDIR/etc/containerd/caisson.toml"

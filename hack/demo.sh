@@ -15,7 +15,7 @@ if [[ $(id -u) != 0 ]]; then
 	echo "the demo needs root: it starts containerd, QEMU, network namespaces and a bridge" >&2
 	exit 1
 fi
-for f in bin/containerd-shim-caisson-v2 bin/caisson-snapshotter bin/caisson _output/guest/vmlinuz _output/tools/bin/containerd _output/tools/cni/bridge; do
+for f in bin/containerd-shim-caisson-v2 bin/caisson-snapshotter bin/caisson _output/guest/vmlinux _output/tools/bin/containerd _output/tools/cni/bridge; do
 	[[ -e $f ]] || { echo "missing $f: run \`make quickstart\` (or \`make deps binaries guest\`)" >&2; exit 1; }
 done
 

@@ -25,6 +25,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	"sigs.k8s.io/yaml"
 
+	"github.com/caisson-containers/caisson/guest/vmlinux"
 	"github.com/caisson-containers/caisson/integration-tests/harness"
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
@@ -262,7 +263,7 @@ func TestContribInstall(t *testing.T) {
 	t.Logf("install.sh:\n%s", out)
 	for _, f := range []string{
 		"usr/local/bin/containerd-shim-caisson-v2", "usr/local/bin/caisson-snapshotter", "usr/local/bin/caisson",
-		"usr/share/caisson/vmlinuz", "usr/share/caisson/initramfs.cpio.lz4", "usr/share/caisson/modules.erofs",
+		"usr/share/caisson/vmlinux", "usr/share/caisson/initramfs.cpio.lz4", "usr/share/caisson/modules.erofs",
 		"etc/caisson/config.toml", "etc/caisson/snapshotter.toml", "etc/containerd/config.toml",
 		"etc/systemd/system/caisson-snapshotter.service", "etc/systemd/system/containerd.service.d/caisson.conf",
 	} {
@@ -270,12 +271,22 @@ func TestContribInstall(t *testing.T) {
 			t.Errorf("not installed: /%s", f)
 		}
 	}
+	// One kernel, one format: the vmlinux QEMU boots directly (PVH), not the bzImage.
+	if _, err := os.Stat(filepath.Join(dest, "usr/share/caisson/vmlinuz")); err == nil {
+		t.Error("installed the bzImage, /usr/share/caisson/vmlinuz, beside the vmlinux")
+	}
+	if k, err := os.Open(filepath.Join(dest, "usr/share/caisson/vmlinux")); err == nil {
+		if _, err := vmlinux.PVHEntry(k); err != nil {
+			t.Errorf("installed kernel /usr/share/caisson/vmlinux: %v", err)
+		}
+		k.Close()
+	}
 	// The runtime configuration names the installed guest.
 	cfg, _, err := config.Load(filepath.Join(dest, "etc/caisson/config.toml"))
 	if err != nil {
 		t.Fatalf("installed config.toml: %v", err)
 	}
-	if cfg.Guest.Kernel != "/usr/share/caisson/vmlinuz" || cfg.Guest.Initramfs != "/usr/share/caisson/initramfs.cpio.lz4" {
+	if cfg.Guest.Kernel != "/usr/share/caisson/vmlinux" || cfg.Guest.Initramfs != "/usr/share/caisson/initramfs.cpio.lz4" {
 		t.Errorf("installed config names kernel %q and initramfs %q, not the installed ones", cfg.Guest.Kernel, cfg.Guest.Initramfs)
 	}
 	// Every command a unit starts is installed.

@@ -65,7 +65,7 @@ func RequireGuest(t testing.TB) GuestImage {
 	if dir == "" {
 		dir = filepath.Join(RepoRoot(t), "_output", "guest")
 	}
-	g := GuestImage{Kernel: filepath.Join(dir, "vmlinuz"), Initramfs: filepath.Join(dir, "initramfs.cpio.lz4")}
+	g := GuestImage{Kernel: filepath.Join(dir, "vmlinux"), Initramfs: filepath.Join(dir, "initramfs.cpio.lz4")}
 	for _, p := range []string{g.Kernel, g.Initramfs} {
 		if _, err := os.Stat(p); err != nil {
 			t.Skipf("needs the guest image (run `make guest`): %v", err)

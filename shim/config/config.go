@@ -107,7 +107,9 @@ const DefaultJailUser = "caisson-qemu"
 
 // Guest configures what runs inside the VM.
 type Guest struct {
-	// Kernel is the guest kernel image. Default: the one `make guest` built next to the binaries.
+	// Kernel is the guest kernel image: an uncompressed vmlinux ELF with the PVH entry note,
+	// which QEMU starts directly (what `make guest` builds), or a bzImage, which decompresses
+	// itself at each boot. Default: the vmlinux `make guest` built next to the binaries.
 	Kernel string `toml:"kernel"`
 	// Initramfs is the guest initramfs, whose /init is caisson-agent. Default: as Kernel.
 	Initramfs string `toml:"initramfs"`
@@ -204,7 +206,7 @@ func Default(artifactsDir string) Config {
 			Jailer:                 Jailer{Enabled: true, User: DefaultJailUser},
 		},
 		Guest: Guest{
-			Kernel:                     filepath.Join(artifactsDir, "vmlinuz"),
+			Kernel:                     filepath.Join(artifactsDir, "vmlinux"),
 			Initramfs:                  filepath.Join(artifactsDir, "initramfs.cpio.lz4"),
 			Transport:                  "auto",
 			CopiedMountLimitBytes:      1 << 20,

@@ -65,6 +65,19 @@ func TestLoad(t *testing.T) {
 		{name: "too little memory", path: write("d.toml", "[hypervisor]\nmemory_mib = 64\n"), wantErr: "hypervisor.memory_mib = 64"},
 		{name: "bad accelerator", path: write("e.toml", "[hypervisor]\naccelerator = \"xen\"\n"), wantErr: "hypervisor.accelerator"},
 		{name: "relative kernel", path: write("f.toml", "[guest]\nkernel = \"vmlinuz\"\n"), wantErr: "guest.kernel"},
+		// QEMU boots both formats: a vmlinux directly (PVH), a bzImage through its setup code.
+		{name: "vmlinux kernel", path: write("f2.toml", "[guest]\nkernel = \"/opt/k/vmlinux\"\n"),
+			check: func(t *testing.T, c Config) {
+				if c.Guest.Kernel != "/opt/k/vmlinux" {
+					t.Fatalf("kernel %q", c.Guest.Kernel)
+				}
+			}},
+		{name: "bzImage kernel", path: write("f3.toml", "[guest]\nkernel = \"/boot/vmlinuz-6.1.0-56-cloud-amd64\"\n"),
+			check: func(t *testing.T, c Config) {
+				if c.Guest.Kernel != "/boot/vmlinuz-6.1.0-56-cloud-amd64" {
+					t.Fatalf("kernel %q", c.Guest.Kernel)
+				}
+			}},
 		{name: "bad transport", path: write("g.toml", "[guest]\ntransport = \"tcp\"\n"), wantErr: "guest.transport = tcp: want auto or serial"},
 		{name: "serial transport", path: write("g2.toml", "[guest]\ntransport = \"serial\"\n"),
 			check: func(t *testing.T, c Config) {

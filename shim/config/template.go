@@ -62,6 +62,8 @@ enabled = {{.Hypervisor.Jailer.Enabled}}
 user = {{q .Hypervisor.Jailer.User}}
 
 [guest]
+# The uncompressed vmlinux (booted directly, through its PVH entry) or a bzImage; the kernel's
+# modules image, modules.erofs, is beside it.
 kernel = {{q .Guest.Kernel}}
 # Its /init is caisson-agent.
 initramfs = {{q .Guest.Initramfs}}

@@ -88,7 +88,9 @@ var guestModules = []string{"virtio_pci", "virtio_console", "virtio_blk", "virti
 
 // testGuest is a kernel and the test initramfs.
 type testGuest struct {
-	kernel, initramfs string
+	// kernel is the vmlinux pods boot (QEMU starts it through its PVH entry); bzImage is
+	// the same kernel as the package ships it, which QEMU boots through its setup code.
+	kernel, bzImage, initramfs string
 }
 
 // newTestGuest skips t unless it runs as root with QEMU and the guest kernel, and returns
@@ -97,11 +99,14 @@ func newTestGuest(t testing.TB) testGuest {
 	t.Helper()
 	testutil.RequireRoot(t)
 	testutil.RequireBinary(t, defaultBinary)
-	root := filepath.Join(testutil.RepoRoot(t), "_output", "guest", "kernel")
-	kernel := filepath.Join(root, "vmlinuz")
+	out := filepath.Join(testutil.RepoRoot(t), "_output", "guest")
+	root := filepath.Join(out, "kernel")
+	kernel, bzImage := filepath.Join(out, "vmlinux"), filepath.Join(root, "vmlinuz")
 	mods, _ := filepath.Glob(filepath.Join(root, "root", "lib", "modules", "*"))
-	if _, err := os.Stat(kernel); err != nil || len(mods) != 1 {
-		t.Skipf("needs the guest kernel and its modules in %s (run `make guest`)", root)
+	for _, k := range []string{kernel, bzImage} {
+		if _, err := os.Stat(k); err != nil || len(mods) != 1 {
+			t.Skipf("needs the guest kernel (%s) and its modules in %s (run `make guest`)", k, root)
+		}
 	}
 	busybox := "/bin/busybox"
 	if _, err := os.Stat(busybox); err != nil {
@@ -120,7 +125,7 @@ func newTestGuest(t testing.TB) testGuest {
 	if testInitramfs.err != nil {
 		t.Fatal(testInitramfs.err)
 	}
-	return testGuest{kernel: kernel, initramfs: testInitramfs.path}
+	return testGuest{kernel: kernel, bzImage: bzImage, initramfs: testInitramfs.path}
 }
 
 // testInitramfs is the test guest's initramfs, shared by the tests of one binary.

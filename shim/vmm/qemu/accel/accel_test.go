@@ -17,13 +17,24 @@ func options(t *testing.T) Options {
 	return Options{QEMU: testutil.RequireBinary(t, "qemu-system-x86_64")}
 }
 
+// guestKernel is the vmlinux pods boot.
 func guestKernel(t *testing.T) string {
 	t.Helper()
-	k := filepath.Join(testutil.RepoRoot(t), "_output", "guest", "kernel", "vmlinuz")
-	if _, err := os.Stat(k); err != nil {
+	return requireFile(t, filepath.Join(testutil.RepoRoot(t), "_output", "guest", "vmlinux"))
+}
+
+// guestBzImage is the same kernel as its package ships it, which a configuration may name.
+func guestBzImage(t *testing.T) string {
+	t.Helper()
+	return requireFile(t, filepath.Join(testutil.RepoRoot(t), "_output", "guest", "kernel", "vmlinuz"))
+}
+
+func requireFile(t *testing.T, path string) string {
+	t.Helper()
+	if _, err := os.Stat(path); err != nil {
 		t.Skipf("needs the guest kernel (run `make guest`): %v", err)
 	}
-	return k
+	return path
 }
 
 func TestFirmwareRunsUnderTCG(t *testing.T) {
@@ -32,12 +43,23 @@ func TestFirmwareRunsUnderTCG(t *testing.T) {
 	}
 }
 
+// The kernel probe boots either format guest.kernel may name.
 func TestKernelBootsUnderTCG(t *testing.T) {
-	o := options(t)
-	o.Kernel = guestKernel(t)
-	o.Timeout = 60 * time.Second // TCG on a loaded 2-core machine
-	if err := ProbeKernel(context.Background(), TCG, o); err != nil {
-		t.Fatal(err)
+	for _, tc := range []struct {
+		name   string
+		kernel func(*testing.T) string
+	}{
+		{"vmlinux", guestKernel},
+		{"bzImage", guestBzImage},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := options(t)
+			o.Kernel = tc.kernel(t)
+			o.Timeout = 60 * time.Second // TCG on a loaded 2-core machine
+			if err := ProbeKernel(context.Background(), TCG, o); err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
 }
 
