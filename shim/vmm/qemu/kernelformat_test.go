@@ -1,0 +1,48 @@
+package qemu
+
+import (
+	"context"
+	"testing"
+
+	"github.com/caisson-containers/caisson/shim/vmm"
+)
+
+// TestTemplateKernelFormat: a template made by booting the vmlinux (PVH) restores and runs
+// with the vmlinux, and with the bzImage of the same kernel alike. The kernel a restored VM
+// runs is the one in the template's memory: QEMU 7.2's q35 gives the option ROM that started
+// it (pvh.bin or linuxboot_dma.bin) no RAM block, it reaches the firmware through fw_cfg,
+// which a migration does not carry, and QEMU does not copy the ELF's segments into the
+// guest's memory while a migration comes in (which would overwrite the running kernel).
+// shim/template keys a template on the kernel file all the same (its shape).
+func TestTemplateKernelFormat(t *testing.T) {
+	g := newTestGuest(t)
+	dir := t.TempDir()
+	tmpl := startVM(t, g, vmm.Config{Template: &vmm.Template{Dir: dir}})
+	sh := dialGuest(t, tmpl.Endpoint(), bootTimeout)
+	sh.must(t, "echo pvh > /tmp/marker")
+	sh.conn.Close()
+	ctx := context.Background()
+	if err := tmpl.SaveTemplate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := tmpl.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ name, kernel string }{
+		{"vmlinux", g.kernel},
+		{"bzImage", g.bzImage},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g := g
+			g.kernel = tc.kernel
+			vm := startVM(t, g, vmm.Config{Template: &vmm.Template{Dir: dir, Restore: true}})
+			sh := dialGuest(t, vm.Endpoint(), bootTimeout)
+			defer sh.conn.Close()
+			if got := sh.must(t, "cat /tmp/marker"); got != "pvh\n" {
+				t.Fatalf("VM restored with the %s reads %q from its RAM", tc.name, got)
+			}
+			// Work that runs much of the kernel's code and data.
+			sh.must(t, "ls -R /sys >/dev/null && cat /proc/meminfo /proc/interrupts >/dev/null && dd if=/dev/urandom of=/tmp/x bs=1M count=8 2>/dev/null && sha256sum /tmp/x")
+		})
+	}
+}
