@@ -35,11 +35,9 @@ func Build(img Image) (*Archive, error) {
 	if err := a.CopyFile("init", 0o755, img.Agent); err != nil {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
-	// The kernel's modprobe (/proc/sys/kernel/modprobe): the agent, which answers as
-	// modprobe under that name.
-	if err := a.Symlink("sbin/modprobe", "/init"); err != nil {
-		return nil, err
-	}
+	// No /sbin/modprobe: the agent makes that link to itself when it starts (see
+	// guest/agent/boot.SetModprobe), so that the kernel does not run it as modprobe
+	// during its own initcalls.
 	for _, d := range []string{"dev", "proc", "sys", "run", "tmp", "etc", "mnt"} {
 		if err := a.Dir(d, 0o755); err != nil {
 			return nil, err

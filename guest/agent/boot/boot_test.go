@@ -195,3 +195,24 @@ func TestStaticNodes(t *testing.T) {
 		t.Errorf("no modules.devname: %d, %v", n, err)
 	}
 }
+
+func TestLinkModprobe(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "sbin", "modprobe")
+	for i := 0; i < 2; i++ { // made, then found in place
+		if err := linkModprobe(path, "/init"); err != nil {
+			t.Fatalf("link %d: %v", i, err)
+		}
+		if to, err := os.Readlink(path); err != nil || to != "/init" {
+			t.Fatalf("link %d: %q, %v; want /init", i, to, err)
+		}
+	}
+	// Something else in its place is an error, not taken for the link.
+	other := filepath.Join(dir, "other")
+	if err := os.WriteFile(other, nil, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := linkModprobe(other, "/init"); err == nil {
+		t.Error("a file in the link's place: no error")
+	}
+}

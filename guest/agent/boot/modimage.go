@@ -23,9 +23,37 @@ const ModulesStorageID = "kernel-modules"
 // SetModprobe makes the kernel run the guest's modprobe (the agent, see package modprobe)
 // when it needs a module: request_module runs the path in /proc/sys/kernel/modprobe, in
 // the guest's own root, where no container can replace it.
+//
+// The link to the agent is made here, not carried by the initramfs: before the agent
+// runs, the kernel's own requests then fail at once, as in a guest without modprobe.
+// With the link in the image, the kernel ran the agent as modprobe twice during its
+// initcalls (the crypto KDF self-test asks for "crypto-hmac(sha256)" and its "-all",
+// both built in), each a start of the Go runtime under TCG, and waited for the
+// initramfs to be unpacked first: 0.15-0.4 s of every boot before /init.
 func SetModprobe() error {
+	if err := linkModprobe(modprobe.Path, "/init"); err != nil {
+		return err
+	}
 	if err := os.WriteFile("/proc/sys/kernel/modprobe", []byte(modprobe.Path), 0); err != nil {
 		return fmt.Errorf("set the kernel's modprobe: %w", err)
+	}
+	return nil
+}
+
+// linkModprobe makes path a symbolic link to the agent at init, unless it is one
+// already.
+func linkModprobe(path, init string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("modprobe link: %w", err)
+	}
+	err := os.Symlink(init, path)
+	if errors.Is(err, os.ErrExist) {
+		if to, rerr := os.Readlink(path); rerr == nil && to == init {
+			return nil
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("modprobe link: %w", err)
 	}
 	return nil
 }
