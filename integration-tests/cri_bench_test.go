@@ -3,6 +3,7 @@ package integration
 import (
 	"bufio"
 	"context"
+	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -136,10 +137,20 @@ func bareBoot(b *testing.B, c *harness.CRI, initrd string) time.Duration {
 //     handler and with runc (CNI networking in both), and their ratio;
 //   - bare-boot-s: a bare boot of the same kernel (QEMU start → a trivial /init powered
 //     the VM off), and caisson-vs-bare, the pod start over it (target ≤ 1.5).
+//
+// With -cri.compare-initramfs NAME=PATH,..., each round also starts a pod of a handler
+// like caisson's that boots the initramfs at PATH (e.g. the image before a change,
+// built from a clean export), reported as NAME-s, NAME-vs-bare and NAME's phases: a
+// before and after in the same run, on the same containerd.
 func BenchmarkCRIPodStart(b *testing.B) {
-	c := harness.StartCRI(b, harness.Options{Handlers: map[string]func(*config.Config){
+	handlers := map[string]func(*config.Config){
 		templateHandler: func(c *config.Config) { c.Hypervisor.Template = true },
-	}})
+	}
+	variants := compareInitramfs(b)
+	for _, v := range variants {
+		handlers[v.handler] = func(c *config.Config) { c.Guest.Initramfs = v.initramfs }
+	}
+	c := harness.StartCRI(b, harness.Options{Handlers: handlers})
 	imgCaisson := c.Pull(b, c.BusyboxRef, harness.Handler)
 	imgRunc := c.Pull(b, c.BusyboxRef, harness.RuncHandler)
 	// The template is made by the first pod of its shape on the node, once: a pod
@@ -163,6 +174,13 @@ func BenchmarkCRIPodStart(b *testing.B) {
 		fromTemplate = append(fromTemplate, t)
 		for j, d := range ph {
 			templatePhases[j] = append(templatePhases[j], d)
+		}
+		for _, v := range variants {
+			t, ph := podStart(b, c, v.handler, imgCaisson, i)
+			v.starts = append(v.starts, t)
+			for j, d := range ph {
+				v.phases[j] = append(v.phases[j], d)
+			}
 		}
 		bare = append(bare, bareBoot(b, c, initrd))
 	}
@@ -192,6 +210,41 @@ func BenchmarkCRIPodStart(b *testing.B) {
 		mt.Seconds(), float64(mt)/float64(mb), float64(mt)/float64(mr), made.Seconds())
 	fmt.Printf("caisson pod start, median of each phase: %s\n", breakdown(phases, ""))
 	fmt.Printf("with hypervisor.template, median of each phase (boot-to-agent is restore-to-agent): %s\n", breakdown(templatePhases, "template-"))
+	for _, v := range variants {
+		m := medianOf(v.starts)
+		b.ReportMetric(m.Seconds(), v.name+"-s")
+		b.ReportMetric(float64(m)/float64(mb), v.name+"-vs-bare")
+		fmt.Printf("with initramfs %s (%s): %.2f s, %.2f× the bare boot; median of each phase: %s\n",
+			v.name, v.initramfs, m.Seconds(), float64(m)/float64(mb), breakdown(v.phases, v.name+"-"))
+	}
+}
+
+var compareInitramfsFlag = flag.String("cri.compare-initramfs", "", "comma-separated NAME=PATH: other guest initramfs images whose pod starts BenchmarkCRIPodStart times beside the built one's")
+
+// initramfsVariant is a pod start with another guest initramfs, under a handler of its own.
+type initramfsVariant struct {
+	name, handler, initramfs string
+	starts                   []time.Duration
+	phases                   [][]time.Duration
+}
+
+func compareInitramfs(b *testing.B) []*initramfsVariant {
+	var vs []*initramfsVariant
+	for _, f := range strings.Split(*compareInitramfsFlag, ",") {
+		if f == "" {
+			continue
+		}
+		name, path, ok := strings.Cut(f, "=")
+		if !ok || name == "" {
+			b.Fatalf("-cri.compare-initramfs %q: want NAME=PATH", f)
+		}
+		if _, err := os.Stat(path); err != nil {
+			b.Fatalf("-cri.compare-initramfs %s: %v", name, err)
+		}
+		vs = append(vs, &initramfsVariant{name: name, handler: "caisson-" + name, initramfs: path,
+			phases: make([][]time.Duration, len(phaseNames))})
+	}
+	return vs
 }
 
 // templateHandler is a CRI runtime handler like caisson's whose pods start from a VM
