@@ -11,6 +11,7 @@ import (
 
 	"github.com/opencontainers/runc/libcontainer"
 	_ "github.com/opencontainers/runc/libcontainer/nsenter"
+	"golang.org/x/sys/unix"
 
 	"github.com/caisson-containers/caisson/guest/agent"
 	"github.com/caisson-containers/caisson/guest/agent/modprobe"
@@ -26,6 +27,10 @@ func init() {
 	// constructor has set up the namespaces before the Go runtime started; this finishes
 	// the container's setup and execs its process. It does not return.
 	if len(os.Args) > 1 && os.Args[1] == "init" {
+		// A thread inherits its creator's timer slack, and the agent's sysmon has a long
+		// one (guest/agent/sysmon.go), which the threads it starts, and the processes
+		// they fork, inherit: the container's process gets the kernel's default again.
+		_ = unix.Prctl(unix.PR_SET_TIMERSLACK, agent.DefaultTimerSlack, 0, 0, 0)
 		libcontainer.Init()
 	}
 	// The agent moves threads into the pod's namespaces (locked, and discarded after).

@@ -73,6 +73,9 @@ func run(ctx context.Context) error {
 		return fmt.Errorf("base mounts: %w", err)
 	}
 	tl.Mark("mounts")
+	if err := slowSysmon(); err != nil {
+		log.G(ctx).WithError(err).Warn("sysmon keeps the default timer slack")
+	}
 	if err := boot.SetModprobe(); err != nil {
 		return err
 	}
