@@ -216,3 +216,45 @@ func TestLinkModprobe(t *testing.T) {
 		t.Error("a file in the link's place: no error")
 	}
 }
+
+func TestAbsentDeviceModules(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		devices map[string]string // virtio device -> its "device" file
+		want    []string
+	}{
+		{name: "no virtio bus", devices: nil, want: []string{"virtio_balloon", "virtio_rng", "virtiofs"}},
+		{name: "console and disks", devices: map[string]string{"virtio0": "0x0003\n", "virtio1": "0x001b\n", "virtio2": "0x0002\n"},
+			want: []string{"virtio_balloon", "virtio_rng", "virtiofs"}},
+		{name: "balloon and shared fs", devices: map[string]string{"virtio0": "0x0003\n", "virtio1": "0x0005\n", "virtio2": "0x001a\n"},
+			want: []string{"virtio_rng"}},
+		{name: "all", devices: map[string]string{"virtio0": "0x0004\n", "virtio1": "0x0005\n", "virtio2": "0x001a\n"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "devices")
+			for dev, id := range tc.devices {
+				if err := os.MkdirAll(filepath.Join(dir, dev), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(filepath.Join(dir, dev, "device"), []byte(id), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			got, err := absentDeviceModules(dir)
+			if err != nil || !slices.Equal(got, tc.want) {
+				t.Errorf("got %v, %v; want %v", got, err, tc.want)
+			}
+		})
+	}
+	// A device whose id cannot be read is an error, not an absent device.
+	dir := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(dir, "virtio0"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "virtio0", "device"), []byte("net\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := absentDeviceModules(dir); err == nil {
+		t.Error("unreadable device id: no error")
+	}
+}
