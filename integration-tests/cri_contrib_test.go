@@ -336,6 +336,33 @@ func TestContribInstall(t *testing.T) {
 	if err != nil || !strings.Contains(string(dump), "io.containerd.caisson.v2") {
 		t.Fatalf("containerd config dump of the installed config: %v\n%s", err, dump)
 	}
+
+	// Installed over an install whose config.toml boots the bzImage it shipped, vmlinuz:
+	// the file is kept, and install.sh says what to change in it.
+	cfgPath := filepath.Join(dest, "etc/caisson/config.toml")
+	b, err := os.ReadFile(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := bytes.Replace(b, []byte(`kernel = "/usr/share/caisson/vmlinux"`), []byte(`kernel = "/usr/share/caisson/vmlinuz"`), 1)
+	if bytes.Equal(old, b) {
+		t.Fatalf("installed config.toml has no kernel = \"/usr/share/caisson/vmlinux\" line:\n%s", b)
+	}
+	if err := os.WriteFile(cfgPath, old, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	again := exec.Command(filepath.Join(root, "contrib", "install.sh"))
+	again.Env = append(os.Environ(), "DESTDIR="+dest)
+	upgrade, err := again.CombinedOutput()
+	if err != nil {
+		t.Fatalf("install.sh over an install: %v\n%s", err, upgrade)
+	}
+	if !strings.Contains(string(upgrade), "set its guest.kernel to /usr/share/caisson/vmlinux") {
+		t.Errorf("install.sh over a config.toml naming vmlinuz says nothing of it:\n%s", upgrade)
+	}
+	if b, _ := os.ReadFile(cfgPath); !bytes.Equal(b, old) {
+		t.Error("install.sh changed the existing config.toml")
+	}
 }
 
 // runUnitSnapshotter runs the ExecStart command line of the caisson-snapshotter.service
