@@ -2,8 +2,10 @@ package qemu
 
 import (
 	"context"
+	"strings"
 	"testing"
 
+	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
 
@@ -45,4 +47,23 @@ func TestTemplateKernelFormat(t *testing.T) {
 			sh.must(t, "ls -R /sys >/dev/null && cat /proc/meminfo /proc/interrupts >/dev/null && dd if=/dev/urandom of=/tmp/x bs=1M count=8 2>/dev/null && sha256sum /tmp/x")
 		})
 	}
+}
+
+// An ELF kernel QEMU cannot boot directly (no PVH entry note: a kernel built without
+// CONFIG_PVH, or any other ELF) fails the start with QEMU's reason.
+func TestStartELFWithoutPVHNote(t *testing.T) {
+	g := newTestGuest(t)
+	notPVH := testutil.RequireBinary(t, "true") // an x86-64 ELF, no kernel
+	vm, err := New(vmm.Config{Kernel: notPVH, Initramfs: g.initramfs, Accelerator: "tcg", StateDir: testutil.ShortTempDir(t)}, Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
+	defer cancel()
+	err = vm.Start(ctx)
+	if err == nil || !strings.Contains(err.Error(), "PVH ELF Note") {
+		vm.Stop(context.Background())
+		t.Fatalf("start with %s as the kernel: %v, want QEMU's error about the PVH note", notPVH, err)
+	}
+	<-vm.Done()
 }
