@@ -44,10 +44,12 @@ func Start(ctx context.Context, cfg config.Config, o Options) (_ *Pod, _ Rootfs,
 			}
 		}
 	}()
+	prepared := time.Now()
 	devs, err := p.prepareDevices(ctx, o)
 	if err != nil {
 		return nil, Rootfs{}, err
 	}
+	log.G(ctx).WithField("took", time.Since(prepared)).Debug("pod devices prepared")
 	vcfg := vmConfig(cfg, o.StateDir)
 	vcfg.Disks, vcfg.NICs = devs.bootDisks(), devs.nics
 	// A pod from a template starts at the template's size, and grows to its own before

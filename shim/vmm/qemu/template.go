@@ -125,7 +125,15 @@ func waitMigration(ctx context.Context, c *qmp.Client) error {
 // restore finishes the start of a VM from a template: QEMU has loaded (or is loading) the
 // saved state and waits, paused. The VM's own NICs and disks are hot-plugged before the
 // guest resumes, so that it finds them at once.
+//
+// Its steps' times are logged (debug): under TCG the restore took 20 ms on its own
+// (35-60 ms in pods on a loaded machine), the hot-plugs most of it; QEMU's own start
+// before it 60-120 ms (docs/cri.md, Starting pods from a VM template). The plugs go one
+// after the other: QEMU runs QMP commands in turn, and sending them all at once saved
+// about 1 ms of the 13 ms that three disks took (measured): the time is QEMU's work,
+// not the round trips.
 func (v *VM) restore(ctx context.Context, c *qmp.Client, restoreFD int) error {
+	start := time.Now()
 	if err := ignoreShared(ctx, c); err != nil {
 		return fmt.Errorf("load template %s: %w", v.cfg.Template.Dir, err)
 	}
@@ -135,6 +143,7 @@ func (v *VM) restore(ctx context.Context, c *qmp.Client, restoreFD int) error {
 	if err := waitMigration(ctx, c); err != nil {
 		return fmt.Errorf("load template %s: %w", v.cfg.Template.Dir, err)
 	}
+	loaded := time.Now()
 	for i, n := range v.cfg.NICs {
 		v.mu.Lock()
 		s := slices.Index(v.used, false)
@@ -154,10 +163,13 @@ func (v *VM) restore(ctx context.Context, c *qmp.Client, restoreFD int) error {
 			return err
 		}
 	}
+	plugged := time.Now()
 	if err := c.Execute(ctx, "cont", nil, nil); err != nil {
 		return fmt.Errorf("resume the VM: %w", err)
 	}
-	log.G(ctx).WithField("template", v.cfg.Template.Dir).Debug("vm restored from template")
+	log.G(ctx).WithFields(log.Fields{
+		"template": v.cfg.Template.Dir, "load": loaded.Sub(start), "hotplug": plugged.Sub(loaded), "took": time.Since(start),
+	}).Debug("vm restored from template")
 	return nil
 }
 
