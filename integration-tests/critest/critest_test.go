@@ -93,6 +93,7 @@ func TestCritest(t *testing.T) {
 		plugins := cfg["plugins"].(map[string]any)
 		images := plugins["io.containerd.cri.v1.images"].(map[string]any)
 		images["registry"] = map[string]any{"config_path": hosts}
+		images["pinned_images"].(map[string]any)["sandbox"] = reg.Host + "/" + sandboxImage
 	}})
 	imagesFile := filepath.Join(t.TempDir(), "images.yaml")
 	if err := os.WriteFile(imagesFile, []byte(fmt.Sprintf("defaultTestContainerImage: %s/%s\nwebServerTestImage: %s/%s\n",

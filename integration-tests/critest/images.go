@@ -46,6 +46,11 @@ const (
 	pauseImage = "pause:3.9"
 	// tagImage is the image of the Image Volume tests.
 	tagImage = "k8s-staging-cri-tools/test-image-tag:test"
+	// sandboxImage is containerd's sandbox (pause) image in critest's runs: ./pause, so
+	// that the pods' PID 1 is named pause as in Kubernetes, not sleep as the harness's
+	// is. A name and an image of its own, apart from pauseImage, which critest pulls
+	// and removes.
+	sandboxImage = "caisson-test/critest-pause:1"
 )
 
 // pushImages builds the look-alikes and pushes them into reg.
@@ -86,6 +91,15 @@ func pushImages(t *testing.T, reg *harness.Registry) {
 		writeFile(tw, "bin/nonewprivs", 0o4755, nnp, mtime)
 	})
 	reg.Push(t, noNewPrivsImage, harness.Image(t, []v1.Layer{base, nnpLayer}, "/bin/nonewprivs"))
+
+	pause := buildStatic(t, "./integration-tests/critest/pause")
+	pauseLayer := tarLayer(t, func(tw *tar.Writer) {
+		for _, d := range []string{"dev/", "proc/", "sys/", "etc/"} {
+			tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d, Mode: 0o755, ModTime: mtime})
+		}
+		writeFile(tw, "pause", 0o755, pause, mtime)
+	})
+	reg.Push(t, sandboxImage, harness.Image(t, []v1.Layer{pauseLayer}, "/pause"))
 
 	groupLayer := tarLayer(t, func(tw *tar.Writer) {
 		writeFile(tw, "etc/passwd", 0o644, []byte("root:x:0:0:root:/root:/bin/sh\ndefault-user:x:1000:1000::/tmp:/bin/sh\n"), mtime)
