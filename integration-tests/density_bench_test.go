@@ -35,6 +35,11 @@ const (
 	// "booted" and "template" (the default, both). 100 booted pods need more memory
 	// than some machines have; the template run alone still answers for 100 pods.
 	densityConfigsEnv = "DENSITY_CONFIGS"
+	// densityStatsPeriodEnv, if set, is the test containerd's stats_collect_period (the
+	// CRI runtime plugin's; containerd 2.4 polls every container's CPU every 1 s by
+	// default, most of an idle pod's CPU under TCG), e.g. "10s": what a node that polls
+	// less often pays for its idle pods.
+	densityStatsPeriodEnv = "DENSITY_STATS_PERIOD"
 	// densitySettle is how long the pods (and the bare guest) idle after the last start
 	// before their memory is read and their CPU counted: long enough for the guest's
 	// boot-time work (deferred initcalls, the agent's first timers) to be over.
@@ -149,7 +154,8 @@ type bareResult struct {
 // one after another through the CRI of the harness's containerd, each a pause sandbox and
 // one `sleep` container of the test busybox image, first booted and then from a VM
 // template (hypervisor.template), removing all between (DENSITY_CONFIGS picks one or
-// both). While they all run it reports, for each configuration:
+// both; DENSITY_STATS_PERIOD sets containerd's CRI stats_collect_period). While they all
+// run it reports, for each configuration:
 //   - host memory per pod: MemAvailable's drop over the number of pods, once they settled,
 //     from the mean of its readings before the first pod and after the last removal;
 //   - PSS per pod (median), split: TCG's translation cache, the guest's RAM, the rest of
@@ -171,9 +177,20 @@ type bareResult struct {
 func BenchmarkCRIDensity(b *testing.B) {
 	n := densityPodCount(b)
 	handlers := densityHandlers(b)
-	c := harness.StartCRI(b, harness.Options{Handlers: map[string]func(*config.Config){
+	o := harness.Options{Handlers: map[string]func(*config.Config){
 		templateHandler: func(c *config.Config) { c.Hypervisor.Template = true },
-	}})
+	}}
+	statsPeriod := os.Getenv(densityStatsPeriodEnv)
+	if statsPeriod != "" {
+		if d, err := time.ParseDuration(statsPeriod); err != nil || d <= 0 {
+			b.Fatalf("%s=%q: want a duration such as 10s", densityStatsPeriodEnv, statsPeriod)
+		}
+		o.ContainerdConfig = func(cfg map[string]any) {
+			plugins := cfg["plugins"].(map[string]any)
+			plugins["io.containerd.cri.v1.runtime"].(map[string]any)["stats_collect_period"] = statsPeriod
+		}
+	}
+	c := harness.StartCRI(b, o)
 	image := c.Pull(b, c.BusyboxRef, harness.Handler)
 	// The sandbox image too: the first RunPodSandbox would pull it, and the first pod's
 	// start would count the pull.
@@ -192,7 +209,7 @@ func BenchmarkCRIDensity(b *testing.B) {
 	for _, r := range results {
 		reportDensity(b, r, bare)
 	}
-	fmt.Print(densityTable(c, n, bare, results))
+	fmt.Print(densityTable(c, n, statsPeriod, bare, results))
 	for _, r := range results {
 		for _, failure := range []string{r.stopped, r.unresponsive} {
 			if failure != "" {
@@ -590,11 +607,14 @@ func cpuTotals(cpu []podCPU) []float64 {
 
 // densityTable is the readable report: one column per configuration, the bare guest's
 // baseline beside.
-func densityTable(c *harness.CRI, n int, bare bareResult, rs []densityResult) string {
+func densityTable(c *harness.CRI, n int, statsPeriod string, bare bareResult, rs []densityResult) string {
 	var sb strings.Builder
 	h := c.Config.Hypervisor
-	fmt.Fprintf(&sb, "\ndensity: %d idle pods wanted per configuration (%s), one sleeping busybox container each; VM %d vCPU, %d MiB, accelerator %s, TCG cache bound %d MiB; medians over the pods unless said\n",
-		n, densityPodsEnv, h.VCPUs, h.MemoryMiB, h.Accelerator, h.TCGTranslationCacheMiB)
+	if statsPeriod == "" {
+		statsPeriod = "containerd's default"
+	}
+	fmt.Fprintf(&sb, "\ndensity: %d idle pods wanted per configuration (%s), one sleeping busybox container each; VM %d vCPU, %d MiB, accelerator %s, TCG cache bound %d MiB; CRI stats_collect_period %s; medians over the pods unless said\n",
+		n, densityPodsEnv, h.VCPUs, h.MemoryMiB, h.Accelerator, h.TCGTranslationCacheMiB, statsPeriod)
 	w := tabwriter.NewWriter(&sb, 0, 0, 2, ' ', tabwriter.AlignRight)
 	row := func(label string, f func(r densityResult) string, baseline string) {
 		fmt.Fprintf(w, "%s\t", label)
