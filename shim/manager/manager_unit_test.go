@@ -14,6 +14,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
 	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
@@ -162,6 +163,13 @@ func fakeVM(t *testing.T, stateDir string, shimBinary string) *exec.Cmd {
 	line, err := bufio.NewReader(out).ReadString('\n')
 	if err != nil || line != "up\n" {
 		t.Fatalf("the fake VM did not start: %q, %v", line, err)
+	}
+	// The fake VM forks its sleep after saying it is up, and until the child execs it has
+	// the fake VM's command line too: wait for that, or it counts as a second VM.
+	for deadline := time.Now().Add(10 * time.Second); len(vmProcesses(stateDir)) != 1; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("fake VM processes: %v, want one", vmProcesses(stateDir))
+		}
 	}
 	return cmd
 }
