@@ -19,17 +19,7 @@ import (
 func TestTemplateKernelFormat(t *testing.T) {
 	g := newTestGuest(t)
 	dir := t.TempDir()
-	tmpl := startVM(t, g, vmm.Config{Template: &vmm.Template{Dir: dir}})
-	sh := dialGuest(t, tmpl.Endpoint(), bootTimeout)
-	sh.must(t, "echo pvh > /tmp/marker")
-	sh.conn.Close()
-	ctx := context.Background()
-	if err := tmpl.SaveTemplate(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := tmpl.Stop(ctx); err != nil {
-		t.Fatal(err)
-	}
+	saveTemplate(t, g, vmm.Config{Template: &vmm.Template{Dir: dir}}, "pvh")
 	for _, tc := range []struct{ name, kernel string }{
 		{"vmlinux", g.kernel},
 		{"bzImage", g.bzImage},

@@ -22,17 +22,7 @@ import (
 func TestTemplate(t *testing.T) {
 	g := newTestGuest(t)
 	dir := t.TempDir()
-	tmpl := startVM(t, g, vmm.Config{HotplugSlots: 2, Template: &vmm.Template{Dir: dir}})
-	sh := dialGuest(t, tmpl.Endpoint(), bootTimeout)
-	sh.must(t, "echo from-template > /tmp/marker")
-	sh.conn.Close()
-	ctx := context.Background()
-	if err := tmpl.SaveTemplate(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := tmpl.Stop(ctx); err != nil {
-		t.Fatal(err)
-	}
+	saveTemplate(t, g, vmm.Config{HotplugSlots: 2, Template: &vmm.Template{Dir: dir}}, "from-template")
 	memSum := fileSum(t, filepath.Join(dir, vmm.TemplateMemory))
 	if st, err := os.Stat(filepath.Join(dir, vmm.TemplateState)); err != nil || st.Size() == 0 || st.Size() > 16<<20 {
 		t.Fatalf("template state: %v %v (want the devices only, not the RAM)", st, err)
@@ -66,6 +56,23 @@ func TestTemplate(t *testing.T) {
 	}
 	if !bytes.Equal(fileSum(t, filepath.Join(dir, vmm.TemplateMemory)), memSum) {
 		t.Fatal("the template's memory file changed under the VMs made from it")
+	}
+}
+
+// saveTemplate boots a VM of cfg (its Template names the directory), has its guest write
+// marker into /tmp/marker, a file in its RAM, and saves it as a template.
+func saveTemplate(t *testing.T, g testGuest, cfg vmm.Config, marker string) {
+	t.Helper()
+	tmpl := startVM(t, g, cfg)
+	sh := dialGuest(t, tmpl.Endpoint(), bootTimeout)
+	sh.must(t, "echo "+marker+" > /tmp/marker")
+	sh.conn.Close()
+	ctx := context.Background()
+	if err := tmpl.SaveTemplate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := tmpl.Stop(ctx); err != nil {
+		t.Fatal(err)
 	}
 }
 
