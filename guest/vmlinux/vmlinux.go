@@ -49,11 +49,20 @@ var compressions = []struct {
 	{[]byte{0x28, 0xb5, 0x2f, 0xfd}, "zstd"},
 }
 
+// SniffSize is how many of a kernel file's first bytes IsBzImage needs.
+const SniffSize = offHeaderMagic + 4
+
+// IsBzImage reports whether b, a kernel file's first bytes, is a bzImage: its x86 boot
+// protocol header's magic ("HdrS") is in place.
+func IsBzImage(b []byte) bool {
+	return len(b) >= SniffSize && string(b[offHeaderMagic:SniffSize]) == "HdrS"
+}
+
 // Extract returns the vmlinux ELF a bzImage carries. The payload must be LZ4 (legacy
 // frames followed by the uncompressed size, as the kernel's build writes it), and what it
 // holds an ELF.
 func Extract(bzImage []byte) ([]byte, error) {
-	if len(bzImage) < headerEnd || string(bzImage[offHeaderMagic:offHeaderMagic+4]) != "HdrS" {
+	if len(bzImage) < headerEnd || !IsBzImage(bzImage) {
 		return nil, errors.New("not a bzImage: no x86 boot protocol header (HdrS)")
 	}
 	if v := binary.LittleEndian.Uint16(bzImage[offVersion:]); v < payloadVersion {

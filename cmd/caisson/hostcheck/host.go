@@ -50,7 +50,7 @@ func kernelFormat(path string) (string, error) {
 		return "", err
 	}
 	defer f.Close()
-	head := make([]byte, 0x206)
+	head := make([]byte, max(len(elf.ELFMAG), vmlinux.SniffSize))
 	if _, err := io.ReadFull(f, head); err != nil {
 		return "", fmt.Errorf("too short for a kernel: %w", err)
 	}
@@ -61,7 +61,7 @@ func kernelFormat(path string) (string, error) {
 			return "", err
 		}
 		return fmt.Sprintf("ELF, PVH direct boot at %#x", entry), nil
-	case string(head[0x202:0x206]) == "HdrS": // the x86 boot protocol's header magic
+	case vmlinux.IsBzImage(head):
 		return "bzImage: boots through the firmware and decompresses itself, ~0.4 s slower under TCG and a copy of it in every QEMU; `make guest` builds the vmlinux", nil
 	}
 	return "", errors.New("neither an ELF kernel nor a bzImage")
