@@ -132,9 +132,11 @@ func BenchmarkPodIdleMemory(b *testing.B) {
 	qpid, _ := strconv.Atoi(qemu[0])
 	qemuPSS := pss(b, qpid)
 	shimPSS := pss(b, shimPid(b, "idle"))
-	tcg := mappingPSS(b, qpid, func(_ uint64, perms string) bool { return perms == "rwxp" })
-	ram := mappingPSS(b, qpid, func(size uint64, perms string) bool {
-		return perms == "rw-p" && size == uint64(e.Config.Hypervisor.MemoryMiB)<<20
+	// TCG's translation buffer is QEMU's one anonymous executable (rwx) mapping; guest RAM
+	// the anonymous read-write one of exactly the VM's memory size.
+	tcg := mappingPSS(b, qpid, func(m harness.Mapping) bool { return m.Path == "" && m.Perms == "rwxp" })
+	ram := mappingPSS(b, qpid, func(m harness.Mapping) bool {
+		return m.Path == "" && m.Perms == "rw-p" && m.Size == uint64(e.Config.Hypervisor.MemoryMiB)<<20
 	})
 	total := qemuPSS + shimPSS
 	b.ReportMetric(float64(total)/(1<<20), "pod-PSS-MiB")
@@ -166,10 +168,8 @@ func pss(b testing.TB, pid int) int64 {
 	return 0
 }
 
-// mappingPSS sums the PSS of QEMU's anonymous mappings that match: TCG's
-// translation buffer is the one executable (rwx) one; guest RAM is the
-// read-write one of exactly the VM's memory size.
-func mappingPSS(b testing.TB, pid int, match func(size uint64, perms string) bool) int64 {
+// mappingPSS sums the PSS of process pid's mappings that match.
+func mappingPSS(b testing.TB, pid int, match func(harness.Mapping) bool) int64 {
 	b.Helper()
 	maps, err := harness.Smaps(pid)
 	if err != nil {
@@ -177,7 +177,7 @@ func mappingPSS(b testing.TB, pid int, match func(size uint64, perms string) boo
 	}
 	var total int64
 	for _, m := range maps {
-		if m.Path == "" && match(m.Size, m.Perms) {
+		if match(m) {
 			total += m.PSS
 		}
 	}

@@ -227,10 +227,9 @@ func TestContribRuntimeClass(t *testing.T) {
 	// The guest's kernel and initramfs are files QEMU maps (PVH loads the vmlinux's
 	// segments from its page cache): paid once per node, shared by every pod's QEMU, yet
 	// counted whole in the PSS of a pod alone on the node. They are not the pod's.
-	guestFiles, err := filesPSS(qemu, c.Config.Guest.Kernel, c.Config.Guest.Initramfs)
-	if err != nil {
-		t.Fatal(err)
-	}
+	guestFiles := mappingPSS(t, qemu, func(m harness.Mapping) bool {
+		return m.Path == c.Config.Guest.Kernel || m.Path == c.Config.Guest.Initramfs
+	})
 	qemuPSS -= guestFiles
 	// virtiofsd (guest.shared_fs) maps the guest's RAM too: its share of it, and its own.
 	var fsPSS int64
@@ -246,21 +245,6 @@ func TestContribRuntimeClass(t *testing.T) {
 			resource.NewQuantity(used, resource.BinarySI), mem)
 	}
 	c.RemovePod(t, pod)
-}
-
-// filesPSS is the PSS of process pid's mappings of the files paths.
-func filesPSS(pid int, paths ...string) (int64, error) {
-	maps, err := harness.Smaps(pid)
-	if err != nil {
-		return 0, err
-	}
-	var total int64
-	for _, m := range maps {
-		if slices.Contains(paths, m.Path) {
-			total += m.PSS
-		}
-	}
-	return total, nil
 }
 
 // TestContribInstall runs contrib/install.sh into a scratch root and checks that what it
