@@ -133,10 +133,11 @@ func BenchmarkPodIdleMemory(b *testing.B) {
 	qemuPSS := pss(b, qpid)
 	shimPSS := pss(b, shimPid(b, "idle"))
 	// TCG's translation buffer is QEMU's one anonymous executable (rwx) mapping; guest RAM
-	// the anonymous read-write one of exactly the VM's memory size.
+	// the read-write one of exactly the VM's memory size: anonymous, or a shared memfd
+	// when virtiofsd maps it too (guest.shared_fs, the default).
 	tcg := mappingPSS(b, qpid, func(m harness.Mapping) bool { return m.Path == "" && m.Perms == "rwxp" })
 	ram := mappingPSS(b, qpid, func(m harness.Mapping) bool {
-		return m.Path == "" && m.Perms == "rw-p" && m.Size == uint64(e.Config.Hypervisor.MemoryMiB)<<20
+		return strings.HasPrefix(m.Perms, "rw") && m.Size == uint64(e.Config.Hypervisor.MemoryMiB)<<20
 	})
 	total := qemuPSS + shimPSS
 	b.ReportMetric(float64(total)/(1<<20), "pod-PSS-MiB")
