@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"fmt"
 	"os"
@@ -25,8 +26,9 @@ import (
 // benchRounds is how many create+start pairs each benchmark times (median reported).
 const benchRounds = 10
 
-func median(d []time.Duration) time.Duration {
-	s := slices.Clone(d)
+// median is the middle of v once sorted (the upper one of an even count).
+func median[T cmp.Ordered](v []T) T {
+	s := slices.Clone(v)
 	slices.Sort(s)
 	return s[len(s)/2]
 }

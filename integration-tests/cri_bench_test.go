@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -17,12 +16,6 @@ import (
 	"github.com/caisson-containers/caisson/integration-tests/harness"
 	"github.com/caisson-containers/caisson/shim/config"
 )
-
-func medianOf(ds []time.Duration) time.Duration {
-	s := append([]time.Duration(nil), ds...)
-	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-	return s[len(s)/2]
-}
 
 // phases of a Caisson pod start, from the shim's debug log (containerd's log): CRI to
 // QEMU started, QEMU started to the agent answering (the guest's boot), the sandbox and
@@ -184,21 +177,21 @@ func BenchmarkCRIPodStart(b *testing.B) {
 		}
 		bare = append(bare, bareBoot(b, c, initrd))
 	}
-	mo, mr, mb := medianOf(ours), medianOf(runc), medianOf(bare)
+	mo, mr, mb := median(ours), median(runc), median(bare)
 	b.ReportMetric(mo.Seconds(), "caisson-s")
 	b.ReportMetric(mr.Seconds(), "runc-s")
 	b.ReportMetric(float64(mo)/float64(mr), "caisson-vs-runc")
 	b.ReportMetric(mb.Seconds(), "bare-boot-s")
 	b.ReportMetric(float64(mo)/float64(mb), "caisson-vs-bare")
 	b.ReportMetric(0, "ns/op")
-	mt := medianOf(fromTemplate)
+	mt := median(fromTemplate)
 	b.ReportMetric(mt.Seconds(), "template-s")
 	b.ReportMetric(float64(mt)/float64(mb), "template-vs-bare")
 	b.ReportMetric(made.Seconds(), "template-made-s")
 	breakdown := func(phases [][]time.Duration, prefix string) string {
 		var out []string
 		for j, name := range phaseNames {
-			m := medianOf(phases[j])
+			m := median(phases[j])
 			b.ReportMetric(m.Seconds(), prefix+name+"-s")
 			out = append(out, fmt.Sprintf("%s %.2f s", name, m.Seconds()))
 		}
@@ -211,7 +204,7 @@ func BenchmarkCRIPodStart(b *testing.B) {
 	fmt.Printf("caisson pod start, median of each phase: %s\n", breakdown(phases, ""))
 	fmt.Printf("with hypervisor.template, median of each phase (boot-to-agent is restore-to-agent): %s\n", breakdown(templatePhases, "template-"))
 	for _, v := range variants {
-		m := medianOf(v.starts)
+		m := median(v.starts)
 		b.ReportMetric(m.Seconds(), v.name+"-s")
 		b.ReportMetric(float64(m)/float64(mb), v.name+"-vs-bare")
 		fmt.Printf("with initramfs %s (%s): %.2f s, %.2f× the bare boot; median of each phase: %s\n",

@@ -498,7 +498,7 @@ func measureBare(b *testing.B, c *harness.CRI) bareResult {
 	for range 3 {
 		boots = append(boots, bareBoot(b, c, off))
 	}
-	r.boot = medianOf(boots)
+	r.boot = median(boots)
 
 	// The idle guest says it is up on its console, then sleeps.
 	const ready = "caisson-bare-guest-idle"
@@ -548,19 +548,13 @@ func loadAverage(b *testing.B) float64 {
 
 func mib(n int64) float64 { return float64(n) / (1 << 20) }
 
-func medianFloat(v []float64) float64 {
-	s := slices.Clone(v)
-	slices.Sort(s)
-	return s[len(s)/2]
-}
-
 // medianBy is the median of f over xs.
 func medianBy[T any](xs []T, f func(T) float64) float64 {
 	v := make([]float64, len(xs))
 	for i, x := range xs {
 		v[i] = f(x)
 	}
-	return medianFloat(v)
+	return median(v)
 }
 
 func reportDensity(b *testing.B, r densityResult, bare bareResult) {
