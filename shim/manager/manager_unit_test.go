@@ -138,14 +138,14 @@ func TestStartJoinsThePodsShim(t *testing.T) {
 // runs. It is killed, with its group, at the end of the test.
 func fakeVM(t *testing.T, stateDir string, shimBinary string) *exec.Cmd {
 	t.Helper()
-	// The "VM" says it is up once its command line is in place; the trailing ":" keeps
-	// sh from exec'ing sleep in its place.
+	// The "VM" is a shell with QEMU's command line that waits on a sleep it started
+	// before saying it is up: so that, once it is up, it forks no more.
 	var cmd *exec.Cmd
 	if shimBinary == "" {
-		cmd = exec.Command("sh", "-c", "echo up; sleep 1000; :", "qemu-system-x86_64", stateDir+"/vm/qmp.sock")
+		cmd = exec.Command("sh", "-c", "sleep 1000 & echo up; wait", "qemu-system-x86_64", stateDir+"/vm/qmp.sock")
 	} else {
 		// The shim runs the VM as its child; its own command line names neither.
-		cmd = exec.Command(shimBinary, "-c", `sh -c 'echo up; sleep 1000; :' "$VMM" "$SOCK" & wait`)
+		cmd = exec.Command(shimBinary, "-c", `sh -c 'sleep 1000 & echo up; wait' "$VMM" "$SOCK" & wait`)
 		cmd.Env = append(os.Environ(), "VMM=qemu-system-x86_64", "SOCK="+stateDir+"/vm/qmp.sock")
 	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -164,8 +164,8 @@ func fakeVM(t *testing.T, stateDir string, shimBinary string) *exec.Cmd {
 	if err != nil || line != "up\n" {
 		t.Fatalf("the fake VM did not start: %q, %v", line, err)
 	}
-	// The fake VM forks its sleep after saying it is up, and until the child execs it has
-	// the fake VM's command line too: wait for that, or it counts as a second VM.
+	// Until the sleep execs, the forked child has the fake VM's command line too: wait for
+	// that, or it counts as a second VM.
 	for deadline := time.Now().Add(10 * time.Second); len(vmProcesses(stateDir)) != 1; time.Sleep(time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("fake VM processes: %v, want one", vmProcesses(stateDir))
