@@ -129,4 +129,25 @@ if [[ ! -f $stamp ]]; then
 else
 	step "CNI plugins $cni_version: built"
 fi
+# --- busybox, dynamically linked, for critest's look-alike images -----------------------------
+# busybox-static's sh runs applets such as ls in its own process (Debian builds it with
+# FEATURE_SH_STANDALONE), so masking /bin/ls (critest's MaskedPaths) would change nothing in
+# an image made of it; Debian's dynamically linked busybox execs them, as the sh of the real
+# busybox image does. The two packages conflict: this one is unpacked here, not installed
+# (integration-tests/critest adds the host's libc it links to its images).
+if [[ -x $tools/busybox/bin/busybox ]]; then
+	step "busybox (dynamically linked, for critest's images): unpacked"
+else
+	step "unpacking Debian's dynamically linked busybox (for critest's images) into $tools/busybox"
+	tmp=$(mktemp -d)
+	# Without package lists (a machine that lacked no package never ran apt-get update).
+	if ! (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root busybox); then
+		[[ $(id -u) == 0 ]] || { rm -rf "$tmp"; echo "apt-get download busybox failed (run as root to update the package lists)" >&2; exit 1; }
+		apt-get update -qq
+		(cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root busybox)
+	fi
+	dpkg-deb -x "$tmp"/busybox_*.deb "$tmp/root"
+	install -D -m 0755 "$tmp/root/bin/busybox" "$tools/busybox/bin/busybox"
+	rm -rf "$tmp"
+fi
 step "dependencies ready (tools in $tools)"

@@ -3,6 +3,8 @@ package critest
 import (
 	"archive/tar"
 	"bytes"
+	"debug/elf"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,8 +25,8 @@ import (
 // so every tag becomes latest) but not the name CreateContainer is given, which then
 // names no image. Instead containerd mirrors those registries to a registry on
 // 127.0.0.1 (mirrorRegistries) that serves, under critest's paths and tags, look-alikes
-// built from Debian's busybox-static: each does what cri-tools' pkg/validate expects
-// of the real image, and nothing else.
+// built from Debian's dynamically linked busybox: each does what cri-tools' pkg/validate
+// expects of the real image, and nothing else.
 const (
 	// defaultImage is the test images file's defaultTestContainerImage (busybox).
 	defaultImage = "e2e-test-images/busybox:1.29-2"
@@ -110,28 +112,39 @@ func pushImages(t *testing.T, reg *harness.Registry) {
 	reg.Push(t, preDefinedGroupImage, img)
 }
 
-// busyboxLayer is busybox-static with every applet it has linked into /bin (critest's
-// commands use top, pidof, httpd and more than the harness's image links), the
-// usual top-level directories, and users root, nobody and www-data.
+// busyboxLayer is Debian's dynamically linked busybox with the host's libraries it
+// links to and every applet it has linked into /bin (critest's commands use top,
+// pidof, httpd and more than the harness's image links), the usual top-level
+// directories, and users root, nobody and www-data.
+//
+// Not busybox-static, which the harness's images use: Debian builds it with
+// FEATURE_SH_STANDALONE, so its sh runs applets such as ls in its own process
+// whatever is at /bin/ls, and critest's MaskedPaths spec, which masks /bin/ls and
+// expects `sh -c ls` to fail with "/bin/sh: ls: Permission denied", failed on runc
+// too. The real busybox image's sh execs ls from the PATH, as this one does.
 func busyboxLayer(t *testing.T) v1.Layer {
 	t.Helper()
-	bbPath := testutil.RequireBinary(t, "busybox")
+	bbPath := filepath.Join(testutil.RepoRoot(t), "_output", "tools", "busybox", "bin", "busybox")
 	bb, err := os.ReadFile(bbPath)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("needs Debian's dynamically linked busybox at %s: run `make deps`, which unpacks it (%v)", bbPath, err)
 	}
+	libs := sharedLibraries(t, bbPath)
 	out, err := exec.Command(bbPath, "--list").Output()
 	if err != nil {
-		t.Fatalf("busybox --list: %v", err)
+		t.Fatalf("%s --list: %v", bbPath, err)
 	}
 	mtime := time.Unix(1700000000, 0)
 	return tarLayer(t, func(tw *tar.Writer) {
-		for _, d := range []string{"bin/", "etc/", "tmp/", "proc/", "sys/", "dev/", "root/", "run/", "var/", "home/"} {
+		for _, d := range []string{"bin/", "etc/", "tmp/", "proc/", "sys/", "dev/", "root/", "run/", "var/", "home/", "lib/", "lib/x86_64-linux-gnu/", "lib64/"} {
 			mode := int64(0o755)
 			if d == "tmp/" {
 				mode = 0o1777
 			}
 			tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d, Mode: mode, ModTime: mtime})
+		}
+		for _, l := range libs {
+			writeFile(tw, l.name, 0o755, l.data, mtime)
 		}
 		writeFile(tw, "bin/busybox", 0o755, bb, mtime)
 		for _, a := range strings.Fields(string(out)) {
@@ -152,6 +165,62 @@ func busyboxLayer(t *testing.T) v1.Layer {
 		writeFile(tw, "etc/passwd", 0o644, []byte("root:x:0:0:root:/root:/bin/sh\nwww-data:x:33:33:www-data:/var/www:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"), mtime)
 		writeFile(tw, "etc/group", 0o644, []byte("root:x:0:\nwww-data:x:33:\nnogroup:x:65534:\n"), mtime)
 	})
+}
+
+// libDirs are where Debian (amd64) keeps the libraries a program links to, and where
+// the image's dynamic loader looks for them without an ld.so.cache.
+var libDirs = []string{"/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu"}
+
+type imageFile struct {
+	name string // in the image, without the leading slash
+	data []byte
+}
+
+// sharedLibraries returns what the dynamically linked program at path needs to run
+// in an image: its dynamic loader (at the path the program names) and the host's
+// copies of the libraries it links to (DT_NEEDED), in lib/x86_64-linux-gnu.
+func sharedLibraries(t *testing.T, path string) []imageFile {
+	t.Helper()
+	f, err := elf.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var interp string
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			b, err := io.ReadAll(p.Open())
+			if err != nil {
+				t.Fatalf("%s: read its interpreter: %v", path, err)
+			}
+			interp = strings.TrimRight(string(b), "\x00")
+		}
+	}
+	if interp == "" {
+		t.Fatalf("%s names no dynamic loader (PT_INTERP): not a dynamically linked program", path)
+	}
+	needed, err := f.ImportedLibraries()
+	if err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	ld, err := os.ReadFile(interp)
+	if err != nil {
+		t.Fatalf("%s's dynamic loader: %v", path, err)
+	}
+	files := []imageFile{{name: strings.TrimPrefix(interp, "/"), data: ld}}
+	for _, lib := range needed {
+		var data []byte
+		for _, dir := range libDirs {
+			if data, err = os.ReadFile(filepath.Join(dir, lib)); err == nil {
+				break
+			}
+		}
+		if data == nil {
+			t.Fatalf("%s links to %s, found in none of %v", path, lib, libDirs)
+		}
+		files = append(files, imageFile{name: "lib/x86_64-linux-gnu/" + lib, data: data})
+	}
+	return files
 }
 
 func withUser(t *testing.T, img v1.Image, user string) v1.Image {
