@@ -110,9 +110,12 @@ func benchContainer(b *testing.B, e *harness.Env, image containerd.Image, id, sn
 	return c
 }
 
-// BenchmarkPodIdleMemory: host memory (PSS) of an idle busybox pod: QEMU plus the
-// shim. Target ≤ 48 MiB. Under TCG, QEMU's translation buffer is bounded by
-// hypervisor.tcg_translation_cache_mib; its share is reported on its own.
+// BenchmarkPodIdleMemory: host memory (PSS) of one idle busybox pod, booted: QEMU
+// plus the shim. Under TCG, QEMU's translation buffer is bounded by
+// hypervisor.tcg_translation_cache_mib; its share is reported on its own. It prints no
+// target, as BenchmarkCRIDensity prints none: issue 15's (host memory per idle pod
+// ≤ 160 MiB booted, ≤ 64 MiB from a template) are for what that benchmark measures,
+// many pods at once with virtiofsd counted, and docs/cri.md holds them against it.
 func BenchmarkPodIdleMemory(b *testing.B) {
 	e := harness.Start(b, harness.Options{})
 	image := e.ImportBusybox(b)
@@ -147,7 +150,7 @@ func BenchmarkPodIdleMemory(b *testing.B) {
 	b.ReportMetric(float64(shimPSS)/(1<<20), "shim-PSS-MiB")
 	b.ReportMetric(float64(tcg)/(1<<20), "tcg-buffer-PSS-MiB")
 	b.ReportMetric(float64(ram)/(1<<20), "guest-RAM-PSS-MiB")
-	fmt.Printf("idle busybox pod: QEMU %.1f MiB + shim %.1f MiB = %.1f MiB PSS (target <= 48 MiB); of QEMU's: guest RAM touched %.1f MiB, TCG translation buffer (bounded at %d MiB) %.1f MiB, QEMU itself %.1f MiB\n",
+	fmt.Printf("idle busybox pod: QEMU %.1f MiB + shim %.1f MiB = %.1f MiB PSS; of QEMU's: guest RAM touched %.1f MiB, TCG translation buffer (bounded at %d MiB) %.1f MiB, QEMU itself %.1f MiB\n",
 		float64(qemuPSS)/(1<<20), float64(shimPSS)/(1<<20), float64(total)/(1<<20), float64(ram)/(1<<20),
 		e.Config.Hypervisor.TCGTranslationCacheMiB, float64(tcg)/(1<<20), float64(qemuPSS-ram-tcg)/(1<<20))
 }
