@@ -140,14 +140,15 @@ if [[ -x $tools/busybox/bin/busybox ]]; then
 else
 	step "unpacking Debian's dynamically linked busybox (for critest's images) into $tools/busybox"
 	tmp=$(mktemp -d)
-	# Without package lists (a machine that lacked no package never ran apt-get update).
+	trap 'rm -rf "$tmp"' EXIT
+	# No package lists on a machine that lacked no package (apt-get update never ran above):
+	# update them and retry.
 	if ! (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root busybox); then
-		[[ $(id -u) == 0 ]] || { rm -rf "$tmp"; echo "apt-get download busybox failed (run as root to update the package lists)" >&2; exit 1; }
+		[[ $(id -u) == 0 ]] || { echo "apt-get download busybox failed (run as root to update the package lists)" >&2; exit 1; }
 		apt-get update -qq
 		(cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root busybox)
 	fi
 	dpkg-deb -x "$tmp"/busybox_*.deb "$tmp/root"
 	install -D -m 0755 "$tmp/root/bin/busybox" "$tools/busybox/bin/busybox"
-	rm -rf "$tmp"
 fi
 step "dependencies ready (tools in $tools)"
