@@ -1,0 +1,264 @@
+package test
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/shim/vmm"
+)
+
+// containerSteps are the calls BenchmarkContainerStart times, in order, in a freshly
+// booted guest: the pod, its pause container (the guest's first container) and an app
+// container (its second), each created then started, and an exec in the app container
+// (created, started, waited for and deleted; the median of -guest.start-execs).
+var containerSteps = []string{"sandbox", "pause-create", "pause-start", "app-create", "app-start", "exec"}
+
+// agentSplitLines are the agent's debug lines (caisson.debug) whose durations split a
+// container's create in the guest, with the name each duration is reported under.
+var agentSplitLines = []struct{ msg, field, name string }{
+	{"rootfs assembled", "took", "rootfs"},
+	{"container init process waits for start", "libcontainer_create", "lc-create"},
+	{"container init process waits for start", "init_process", "init"},
+	{"container created", "took", "total"},
+}
+
+var (
+	logConsole  = flag.Bool("guest.log-console", false, "BenchmarkContainerStart: log each guest's console (with caisson.debug, the agent's and libcontainer's debug lines)")
+	startParams = flag.String("guest.start-params", "", "BenchmarkContainerStart: kernel parameters added to every guest's, the comparisons' too (e.g. caisson.debug)")
+	startExecs  = flag.Int("guest.start-execs", 5, "BenchmarkContainerStart: execs per guest; the exec step is their median")
+)
+
+// BenchmarkContainerStart splits what a container's create and start cost a booted
+// guest under TCG, for the first container after boot (a pod's pause container) and a
+// second one, as the shim asks for them. Per step (containerSteps), medians over the
+// iterations, each a fresh boot:
+//   - STEP-cpu-ms: QEMU's CPU time (the run time of all its threads, in ns from
+//     /proc/PID/task/*/schedstat): the guest's work, whatever else the machine runs;
+//   - STEP-ms: the call's wall time;
+//   - boot-ms, boot-cpu-ms: the same from QEMU's start to the agent's first answer (what
+//     a change to the agent's start costs);
+//   - with caisson.debug on the guest's command line (-guest.start-params caisson.debug,
+//     or a comparison -guest.compare-params 'debug=caisson.debug'), the agent's own
+//     split of each create, read from its console: pause-rootfs-ms, pause-lc-create-ms,
+//     pause-init-ms, pause-total-ms and the app's (wall times in the guest; the debug
+//     console's output costs the guest too, about 0.2 s of CPU per create).
+//
+// Comparisons (-guest.compare-initramfs, -guest.compare-params; see BenchmarkGuestBoot)
+// are booted in turn in every iteration and reported with their name as a prefix:
+//
+//	go test -tags seccomp ./guest/test -run '^$' -bench ContainerStart -benchtime 10x -v \
+//		-args -guest.compare-initramfs before=/tmp/before/_output/guest/initramfs.cpio.lz4
+//
+// (-v logs each step's CPU samples.)
+func BenchmarkContainerStart(b *testing.B) {
+	runs := append([]*variant{{name: ""}}, parseVariants(b)...)
+	disks := layerDisks(b)
+	samples := make([]map[string][]time.Duration, len(runs))
+	for i := range samples {
+		samples[i] = map[string][]time.Duration{}
+	}
+	for range b.N {
+		for i, v := range runs {
+			for k, d := range measureContainerStart(b, disks, v) {
+				samples[i][k] = append(samples[i][k], d)
+			}
+		}
+	}
+	for i, v := range runs {
+		prefix := v.name
+		if prefix != "" {
+			prefix += "-"
+		}
+		keys := make([]string, 0, len(samples[i]))
+		for k := range samples[i] {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		for _, k := range keys {
+			b.ReportMetric(float64(median(samples[i][k]).Microseconds())/1e3, prefix+k+"-ms")
+			if strings.HasSuffix(k, "-cpu") {
+				b.Logf("%s%s (ms): %v", prefix, k, msList(samples[i][k]))
+			}
+		}
+	}
+	b.ReportMetric(0, "ns/op")
+}
+
+// measureContainerStart boots the guest of v and times its steps: for each, the QEMU CPU
+// time (KEY-cpu) and the wall time (KEY), and the agent's split when it logs debug lines.
+func measureContainerStart(b *testing.B, disks []vmm.Disk, v *variant) map[string]time.Duration {
+	params := append(slices.Clip(benchKernelParams), v.params...)
+	params = append(params, strings.Fields(*startParams)...)
+	start := time.Now()
+	g := bootGuestWith(b, bootOptions{disks: disks, params: params, initramfs: v.initramfs})
+	defer g.stop(b)
+	out := map[string]time.Duration{"boot": time.Since(start)}
+	cpu, err := runTime(g.vm.Pid())
+	must(b, err)
+	out["boot-cpu"] = cpu
+	g.mountLayers(b)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	// The boot's background work (modules, cgroup controllers) is over before the first
+	// step: the storages were mounted, and the guest is left alone a moment.
+	time.Sleep(time.Second)
+
+	podSpec := func(args ...string) []byte {
+		s := testSpec(args...)
+		s.Hostname = "pod"
+		for i := range s.Linux.Namespaces {
+			if s.Linux.Namespaces[i].Type == specs.NetworkNamespace {
+				s.Linux.Namespaces[i].Path = "/var/run/netns/cni-bench"
+			}
+		}
+		return specJSON(b, s)
+	}
+	proc, err := json.Marshal(&specs.Process{Args: []string{"true"}, Cwd: "/", Env: []string{"PATH=/bin"}})
+	must(b, err)
+	calls := map[string]func() error{
+		"sandbox": func() error {
+			_, err := g.sandbox.Create(ctx, &agent.CreateSandboxRequest{SandboxId: "pod", Hostname: "pod"})
+			return err
+		},
+		"pause-create": func() error {
+			_, err := g.containers.Create(ctx, &agent.CreateContainerRequest{ContainerId: "pause", Spec: podSpec("sleep", "1000000"),
+				Rootfs: rootfsFor("pause"), Stdio: &agent.Stdio{}})
+			return err
+		},
+		"pause-start": func() error {
+			_, err := g.containers.Start(ctx, &agent.StartContainerRequest{ContainerId: "pause"})
+			return err
+		},
+		"app-create": func() error {
+			_, err := g.containers.Create(ctx, &agent.CreateContainerRequest{ContainerId: "app", Spec: podSpec("sleep", "1000000"),
+				Rootfs: rootfsFor("app"), Stdio: &agent.Stdio{}})
+			return err
+		},
+		"app-start": func() error {
+			_, err := g.containers.Start(ctx, &agent.StartContainerRequest{ContainerId: "app"})
+			return err
+		},
+		"exec": func() error {
+			if _, err := g.exec.Create(ctx, &agent.CreateExecRequest{ContainerId: "app", ExecId: "true", Process: proc, Stdio: &agent.Stdio{}}); err != nil {
+				return err
+			}
+			if _, err := g.exec.Start(ctx, &agent.StartExecRequest{ContainerId: "app", ExecId: "true"}); err != nil {
+				return err
+			}
+			w, err := g.containers.Wait(ctx, &agent.WaitRequest{ContainerId: "app", ExecId: "true"})
+			if err == nil && w.Exit.ExitStatus != 0 {
+				err = fmt.Errorf("exit status %d", w.Exit.ExitStatus)
+			}
+			if err != nil {
+				return err
+			}
+			_, err = g.exec.Delete(ctx, &agent.DeleteExecRequest{ContainerId: "app", ExecId: "true"})
+			return err
+		},
+	}
+	for _, step := range containerSteps {
+		n := 1
+		if step == "exec" {
+			n = max(*startExecs, 1)
+		}
+		var walls, cpus []time.Duration
+		for range n {
+			cpu0, err := runTime(g.vm.Pid())
+			must(b, err)
+			start = time.Now()
+			if err := calls[step](); err != nil {
+				b.Fatalf("%s %s: %v", v.name, step, err)
+			}
+			walls = append(walls, time.Since(start))
+			cpu1, err := runTime(g.vm.Pid())
+			must(b, err)
+			cpus = append(cpus, cpu1-cpu0)
+		}
+		out[step], out[step+"-cpu"] = median(walls), median(cpus)
+	}
+	console, err := os.ReadFile(g.console)
+	must(b, err)
+	if *logConsole {
+		b.Logf("%s console:\n%s", v.name, console)
+	}
+	for k, d := range agentSplit(string(console)) {
+		out[k] = d
+	}
+	return out
+}
+
+// runTime is the time QEMU's process pid has run on a CPU, all threads, in nanoseconds
+// (/proc/PID/stat's utime and stime count 10 ms ticks, too coarse for one call).
+func runTime(pid int) (time.Duration, error) {
+	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
+	if err != nil || len(tasks) == 0 {
+		return 0, fmt.Errorf("threads of process %d: %v", pid, err)
+	}
+	var sum time.Duration
+	for _, t := range tasks {
+		b, err := os.ReadFile(t)
+		if err != nil {
+			continue // a thread that ended
+		}
+		f := strings.Fields(string(b))
+		if len(f) != 3 {
+			return 0, fmt.Errorf("%s: %q", t, b)
+		}
+		ns, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("%s: %w", t, err)
+		}
+		sum += time.Duration(ns)
+	}
+	return sum, nil
+}
+
+var logField = regexp.MustCompile(`(\w+)=("(?:[^"\\]|\\.)*"|\S+)`)
+
+// agentSplit reads the agent's debug lines of the pause and app containers' creates from
+// the console: ID-NAME for each of agentSplitLines.
+func agentSplit(console string) map[string]time.Duration {
+	out := map[string]time.Duration{}
+	for _, line := range strings.Split(console, "\n") {
+		fields := map[string]string{}
+		for _, m := range logField.FindAllStringSubmatch(line, -1) {
+			fields[m[1]] = strings.Trim(m[2], `"`)
+		}
+		id := fields["id"]
+		if id != "pause" && id != "app" {
+			continue
+		}
+		for _, s := range agentSplitLines {
+			if fields["msg"] != s.msg {
+				continue
+			}
+			if d, err := time.ParseDuration(fields[s.field]); err == nil {
+				out[id+"-"+s.name] = d
+			}
+		}
+	}
+	return out
+}
+
+// msList is ds in milliseconds, sorted, for the log.
+func msList(ds []time.Duration) []int64 {
+	var out []int64
+	for _, d := range ds {
+		out = append(out, d.Milliseconds())
+	}
+	slices.Sort(out)
+	return out
+}
