@@ -3,8 +3,10 @@ package container
 import (
 	"fmt"
 	"path"
+	"strconv"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 	"github.com/opencontainers/runc/libcontainer"
 	"github.com/opencontainers/runc/libcontainer/capabilities"
 	"github.com/opencontainers/runc/libcontainer/configs"
@@ -104,6 +106,11 @@ func libcontainerProcess(p *specs.Process, init bool) (*libcontainer.Process, er
 		Scheduler:       p.Scheduler,
 		IOPriority:      p.IOPriority,
 		Init:            init,
+		// The agent's level, as runc passes its own: without it, runc init's C part
+		// (nsexec) writes every debug message to its log pipe, some 30 per container
+		// or exec, and the agent parses each as JSON only to drop it. Under TCG that is
+		// guest CPU on every create and exec.
+		LogLevel: strconv.Itoa(int(log.GetLevel())),
 	}
 	if p.ConsoleSize != nil {
 		lp.ConsoleWidth = uint16(p.ConsoleSize.Width)
