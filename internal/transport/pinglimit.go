@@ -11,6 +11,7 @@ import (
 // stream id, length); only a data frame has a body, of length bytes.
 const (
 	yamuxHeaderSize = 12
+	yamuxVersion    = 0
 	yamuxTypeData   = 0
 	yamuxTypePing   = 2
 	yamuxFlagSYN    = 1

@@ -89,8 +89,9 @@ func (s *serialSession) start() {
 		s.err = err
 		return
 	}
-	// The guest's frames reach yamux through the ping limiter (pinglimit.go).
-	conn := &limitedConn{Reader: newPingLimiter(bc), Writer: bc, Closer: bc}
+	// The guest's frames reach yamux through the ping limiter (pinglimit.go); the host's
+	// go out a frame a write (join.go).
+	conn := &limitedConn{Reader: newPingLimiter(bc), Writer: newFrameJoiner(bc), Closer: bc}
 	if s.ys, s.err = yamux.Client(conn, hostYamuxConfig()); s.err != nil {
 		s.err = fmt.Errorf("start yamux client: %w", s.err)
 	}
@@ -177,6 +178,8 @@ func (l *serialListener) start() {
 		l.err = err
 		return
 	}
+	// The handshake's writes are done: yamux's go out a frame a write (join.go).
+	bc.Writer = newFrameJoiner(bc.Writer)
 	ys, err := yamux.Server(bc, yamuxConfig())
 	if err != nil {
 		l.err = fmt.Errorf("start yamux server: %w", err)
