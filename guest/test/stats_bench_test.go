@@ -19,9 +19,11 @@ import (
 )
 
 var (
-	statsCalls  = flag.Int("guest.stats-calls", 100, "BenchmarkGuestStats: calls of each kind per guest, in 4 rounds")
-	statsProbe  = flag.String("guest.stats-probe", "", "BenchmarkGuestStats: a shell script run in the container before the rounds, its output logged (e.g. to time reads of the container's cgroup files)")
-	statsPeriod = flag.Duration("guest.stats-period", 200*time.Millisecond, "BenchmarkGuestStats: the pause between two calls (an idle guest sleeps in between, as between containerd's collections)")
+	statsCalls = flag.Int("guest.stats-calls", 60, "BenchmarkGuestStats: calls of each kind per guest, in 4 rounds")
+	statsProbe = flag.String("guest.stats-probe", "", "BenchmarkGuestStats: a shell script run in the container before the rounds, its output logged (e.g. to time reads of the container's cgroup files)")
+	// containerd's CRI collects every second (stats_collect_period); a guest that sleeps
+	// longer between calls may pay more to wake than one called more often.
+	statsPeriod = flag.Duration("guest.stats-period", time.Second, "BenchmarkGuestStats: the pause between two calls (an idle guest sleeps in between, as between containerd's collections)")
 )
 
 // BenchmarkGuestStats splits what containerd's stats collection costs an idle pod under
@@ -42,7 +44,8 @@ var (
 //   - exec-ms: the median wall time of those processes (create, start, wait and delete of
 //     an exec with its stdout): the agent's exec latency.
 //
-// Per-interrupt deltas of the Stats rounds over the no-call ones are logged.
+// Per-interrupt deltas of the Stats rounds over the no-call ones are logged. At the
+// defaults (60 calls of each kind, one a second) a guest takes about 4 minutes.
 // Comparisons (-guest.compare-initramfs, -guest.compare-params; see BenchmarkGuestBoot)
 // are measured in the same run, reported with their name as a prefix:
 //
