@@ -21,8 +21,8 @@ var podNamespaces = []struct {
 	{"uts", "uts", unix.CLONE_NEWUTS},
 }
 
-// pinNamespaces creates new network, IPC and UTS namespaces, sets the UTS one's hostname,
-// and bind-mounts each onto dir/NAME.
+// pinNamespaces creates new network, IPC and UTS namespaces, brings the network one's
+// loopback up, sets the UTS one's hostname, and bind-mounts each onto dir/NAME.
 func pinNamespaces(dir, hostname string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
@@ -45,6 +45,13 @@ func pinNamespaces(dir, hostname string) error {
 					return fmt.Errorf("set hostname: %w", err)
 				}
 			}
+			// The loopback is up from the namespace's start: a template's agent,
+			// which prepares the namespaces, saves it up, and a pod's sandbox then
+			// does not bring it up again (under TCG, the kernel's and netlink's code
+			// for it is tens of ms of a pod's start).
+			if err := loopbackUp(); err != nil {
+				return err
+			}
 			tid := unix.Gettid()
 			for _, ns := range podNamespaces {
 				target := filepath.Join(dir, ns.name)
@@ -62,6 +69,27 @@ func pinNamespaces(dir, hostname string) error {
 	if err := <-errc; err != nil {
 		unpinNamespaces(dir)
 		return err
+	}
+	return nil
+}
+
+// loopbackUp brings lo up in the calling thread's network namespace.
+func loopbackUp() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("bring lo up: %w", err)
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("bring lo up: flags: %w", err)
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("bring lo up: %w", err)
 	}
 	return nil
 }

@@ -47,13 +47,6 @@ func setNetwork(ctx context.Context, podNetns string, ifaces []Interface, routes
 		return err
 	}
 	defer h.Close()
-	lo, err := h.LinkByName("lo")
-	if err != nil {
-		return err
-	}
-	if err := h.LinkSetUp(lo); err != nil {
-		return fmt.Errorf("bring lo up: %w", err)
-	}
 	for _, iface := range ifaces {
 		if err := setInterface(ctx, h, ns, iface); err != nil {
 			return fmt.Errorf("interface %s (%s): %w", iface.Name, iface.MAC, err)

@@ -2,10 +2,13 @@ package sandbox
 
 import (
 	"context"
+	"net"
 	"path/filepath"
 	"runtime"
 	"testing"
 
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/caisson-containers/caisson/internal/testutil"
@@ -37,6 +40,26 @@ func hostnameIn(t *testing.T, utsPath string) string {
 	return unix.ByteSliceToString(u.Nodename[:])
 }
 
+// loopbackIsUp reports whether lo is up in the network namespace pinned at path.
+func loopbackIsUp(t *testing.T, path string) bool {
+	t.Helper()
+	ns, err := netns.GetFromPath(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return lo.Attrs().Flags&net.FlagUp != 0
+}
+
 // pinned reports whether a namespace is pinned at path.
 func pinned(path string) bool {
 	var st unix.Statfs_t
@@ -62,6 +85,9 @@ func TestPrepare(t *testing.T) {
 		if prepared[ns.name] == agent[ns.name] {
 			t.Errorf("the prepared %s namespace is the agent's", ns.name)
 		}
+	}
+	if !loopbackIsUp(t, s.nsPath("net")) {
+		t.Error("lo is down in the prepared network namespace")
 	}
 	if err := s.Prepare(ctx); err != nil { // again: nothing changes
 		t.Fatal(err)

@@ -56,6 +56,9 @@ func TestCreateNetwork(t *testing.T) {
 	if _, err := netlink.LinkByName(name); err == nil {
 		t.Error("the NIC is still in the agent's namespace")
 	}
+	if !loopbackIsUp(t, s.nsPath("net")) {
+		t.Error("lo is down in the pod's network namespace")
+	}
 	ns, err := netns.GetFromPath(s.nsPath("net"))
 	if err != nil {
 		t.Fatal(err)
