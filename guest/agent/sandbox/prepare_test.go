@@ -43,17 +43,7 @@ func hostnameIn(t *testing.T, utsPath string) string {
 // loopbackIsUp reports whether lo is up in the network namespace pinned at path.
 func loopbackIsUp(t *testing.T, path string) bool {
 	t.Helper()
-	ns, err := netns.GetFromPath(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	lo, err := h.LinkByName("lo")
+	lo, err := netlinkIn(t, path).LinkByName("lo")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,4 +123,21 @@ func TestPrepare(t *testing.T) {
 	if err := s.Create(ctx, Config{ID: "pod"}); err != nil {
 		t.Fatalf("Create after a failed one: %v", err)
 	}
+}
+
+// netlinkIn returns a netlink handle in the network namespace pinned at path, closed
+// when the test ends.
+func netlinkIn(t *testing.T, path string) *netlink.Handle {
+	t.Helper()
+	ns, err := netns.GetFromPath(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.Close)
+	return h
 }

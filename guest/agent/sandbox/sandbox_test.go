@@ -13,7 +13,6 @@ import (
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 
 	"github.com/caisson-containers/caisson/internal/testutil"
 )
@@ -59,16 +58,7 @@ func TestCreateNetwork(t *testing.T) {
 	if !loopbackIsUp(t, s.nsPath("net")) {
 		t.Error("lo is down in the pod's network namespace")
 	}
-	ns, err := netns.GetFromPath(s.nsPath("net"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	h := netlinkIn(t, s.nsPath("net"))
 	l, err := h.LinkByName("eth0")
 	if err != nil {
 		t.Fatal(err)
