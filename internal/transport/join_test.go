@@ -162,16 +162,7 @@ func TestEachFrameIsOneWrite(t *testing.T) {
 		n, err := io.Copy(h, c)
 		got <- fmt.Sprintf("%d %x %v", n, h.Sum(nil), err)
 	})
-	s, err := NewSerialSession(hostEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	c, err := OpenTTRPC(ctx, s)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	s, c := hostTTRPC(t, ctx, hostEnd)
 	for range 20 {
 		resp, err := agent.NewSandboxClient(c).Check(ctx, &agent.CheckRequest{})
 		if err != nil || resp.GetUptimeNs() != 42 {

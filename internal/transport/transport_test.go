@@ -145,6 +145,23 @@ func startGuest(t *testing.T, ctx context.Context, port io.ReadWriteCloser, stdi
 	t.Cleanup(func() { srv.Close(); dl.Close() })
 }
 
+// hostTTRPC opens the host's session on port and a ttrpc client over it, the way the
+// shim does, both closed when the test ends.
+func hostTTRPC(t *testing.T, ctx context.Context, port io.ReadWriteCloser) (Session, *ttrpc.Client) {
+	t.Helper()
+	s, err := NewSerialSession(port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	c, err := OpenTTRPC(ctx, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return s, c
+}
+
 func TestSerialTTRPCWaitsForLateGuest(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -187,18 +204,9 @@ func TestErrorsCrossTheBoundary(t *testing.T) {
 	defer cancel()
 	hostEnd, guestEnd := socketPair(t)
 	startGuest(t, ctx, guestEnd, func(_ *agent.StdioStream, c net.Conn) { c.Close() })
-	s, err := NewSerialSession(hostEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	c, err := OpenTTRPC(ctx, s)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	_, c := hostTTRPC(t, ctx, hostEnd)
 	st := agent.NewStorageClient(c)
-	_, err = st.Mount(ctx, &agent.MountStorageRequest{Device: &agent.Device{PciPath: "05.0/00.0"}})
+	_, err := st.Mount(ctx, &agent.MountStorageRequest{Device: &agent.Device{PciPath: "05.0/00.0"}})
 	if err = errgrpc.ToNative(err); !errdefs.IsNotFound(err) {
 		t.Fatalf("Mount error = %v, want NotFound", err)
 	}
