@@ -407,7 +407,19 @@ func TestEventFloodIsBounded(t *testing.T) {
 	for i := range distinct {
 		fmt.Fprintf(&b, `{"event": "DEVICE_DELETED", "data": {"device": "d%d"}}`+"\n", i)
 	}
-	go f.conn.Write(b.Bytes())
+	// The burst goes out whole before the reply (written on the same connection from
+	// another goroutine, the reply could overtake it); the client reads it as it comes,
+	// or the write never ends.
+	wrote := make(chan error, 1)
+	go func() { _, err := f.conn.Write(b.Bytes()); wrote <- err }()
+	select {
+	case err := <-wrote:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the client stopped reading: the event burst was not read in 30 s")
+	}
 	// Once the reply comes, everything before it has been read.
 	executeDespiteEvents(t, c, f, 30*time.Second)
 	c.mu.Lock()
