@@ -3,18 +3,19 @@ package test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
-	"path/filepath"
 	"regexp"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/prometheus/procfs"
+	"golang.org/x/sys/unix"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/shim/vmm"
@@ -206,27 +207,27 @@ func measureContainerStart(b *testing.B, disks []vmm.Disk, v *variant) map[strin
 }
 
 // runTime is the time QEMU's process pid has run on a CPU, all threads, in nanoseconds
-// (/proc/PID/stat's utime and stime count 10 ms ticks, too coarse for one call).
+// (/proc/PID/task/*/schedstat; /proc/PID/stat's utime and stime count 10 ms ticks, too
+// coarse for one call).
 func runTime(pid int) (time.Duration, error) {
-	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
-	if err != nil || len(tasks) == 0 {
+	fs, err := procfs.NewDefaultFS()
+	if err != nil {
+		return 0, err
+	}
+	threads, err := fs.AllThreads(pid)
+	if err != nil || len(threads) == 0 {
 		return 0, fmt.Errorf("threads of process %d: %v", pid, err)
 	}
 	var sum time.Duration
-	for _, t := range tasks {
-		b, err := os.ReadFile(t)
-		if err != nil {
+	for _, t := range threads {
+		st, err := t.Schedstat()
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH) {
 			continue // a thread that ended
 		}
-		f := strings.Fields(string(b))
-		if len(f) != 3 {
-			return 0, fmt.Errorf("%s: %q", t, b)
-		}
-		ns, err := strconv.ParseInt(f[0], 10, 64)
 		if err != nil {
-			return 0, fmt.Errorf("%s: %w", t, err)
+			return 0, fmt.Errorf("thread %d of process %d: %w", t.PID, pid, err)
 		}
-		sum += time.Duration(ns)
+		sum += time.Duration(st.RunningNanoseconds)
 	}
 	return sum, nil
 }
