@@ -134,29 +134,28 @@ func measureContainerStart(b *testing.B, disks []vmm.Disk, v *variant) map[strin
 	}
 	proc, err := json.Marshal(&specs.Process{Args: []string{"true"}, Cwd: "/", Env: []string{"PATH=/bin"}})
 	must(b, err)
+	createContainer := func(id string) func() error {
+		return func() error {
+			_, err := g.containers.Create(ctx, &agent.CreateContainerRequest{ContainerId: id, Spec: podSpec("sleep", "1000000"),
+				Rootfs: rootfsFor(id), Stdio: &agent.Stdio{}})
+			return err
+		}
+	}
+	startContainer := func(id string) func() error {
+		return func() error {
+			_, err := g.containers.Start(ctx, &agent.StartContainerRequest{ContainerId: id})
+			return err
+		}
+	}
 	calls := map[string]func() error{
 		"sandbox": func() error {
 			_, err := g.sandbox.Create(ctx, &agent.CreateSandboxRequest{SandboxId: "pod", Hostname: "pod"})
 			return err
 		},
-		"pause-create": func() error {
-			_, err := g.containers.Create(ctx, &agent.CreateContainerRequest{ContainerId: "pause", Spec: podSpec("sleep", "1000000"),
-				Rootfs: rootfsFor("pause"), Stdio: &agent.Stdio{}})
-			return err
-		},
-		"pause-start": func() error {
-			_, err := g.containers.Start(ctx, &agent.StartContainerRequest{ContainerId: "pause"})
-			return err
-		},
-		"app-create": func() error {
-			_, err := g.containers.Create(ctx, &agent.CreateContainerRequest{ContainerId: "app", Spec: podSpec("sleep", "1000000"),
-				Rootfs: rootfsFor("app"), Stdio: &agent.Stdio{}})
-			return err
-		},
-		"app-start": func() error {
-			_, err := g.containers.Start(ctx, &agent.StartContainerRequest{ContainerId: "app"})
-			return err
-		},
+		"pause-create": createContainer("pause"),
+		"pause-start":  startContainer("pause"),
+		"app-create":   createContainer("app"),
+		"app-start":    startContainer("app"),
 		"exec": func() error {
 			if _, err := g.exec.Create(ctx, &agent.CreateExecRequest{ContainerId: "app", ExecId: "true", Process: proc, Stdio: &agent.Stdio{}}); err != nil {
 				return err
