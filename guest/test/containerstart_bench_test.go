@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/internal/tcgprof"
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
 
@@ -40,6 +41,7 @@ var (
 	logConsole  = flag.Bool("guest.log-console", false, "BenchmarkContainerStart: log each guest's console (with caisson.debug, the agent's and libcontainer's debug lines)")
 	startParams = flag.String("guest.start-params", "", "BenchmarkContainerStart: kernel parameters added to every guest's, the comparisons' too (e.g. caisson.debug)")
 	startExecs  = flag.Int("guest.start-execs", 5, "BenchmarkContainerStart: execs per guest; the exec step is their median")
+	startInsns  = flag.Bool("guest.start-insns", false, "BenchmarkContainerStart: count the guest's instructions per step with the tcgprof plugin (STEP-insns, STEP-kernel-insns; with -v the functions that executed most, named with -guest.agent-symbols): the guest runs slower under the plugin")
 	startWarmUp = flag.Bool("guest.start-warm-up", false, "BenchmarkContainerStart: the agent's warm-up first (Check with devices_ready, as before a VM template is saved: a throwaway container, the pod's namespaces prepared); the sandbox step is then a template pod's, the containers' are warmer than a template pod's (TCG's translations are not saved)")
 )
 
@@ -90,6 +92,10 @@ func BenchmarkContainerStart(b *testing.B) {
 		}
 		slices.Sort(keys)
 		for _, k := range keys {
+			if strings.HasSuffix(k, "-insns") {
+				b.ReportMetric(float64(median(samples[i][k])), prefix+k)
+				continue
+			}
 			b.ReportMetric(float64(median(samples[i][k]).Microseconds())/1e3, prefix+k+"-ms")
 			if strings.HasSuffix(k, "-cpu") {
 				b.Logf("%s%s (ms): %v", prefix, k, msList(samples[i][k]))
@@ -104,8 +110,14 @@ func BenchmarkContainerStart(b *testing.B) {
 func measureContainerStart(b *testing.B, disks []vmm.Disk, v *variant) map[string]time.Duration {
 	params := append(slices.Clip(benchKernelParams), v.params...)
 	params = append(params, strings.Fields(*startParams)...)
+	var counter *insnCounter
+	var plugins []string
+	if *startInsns {
+		counter = newInsnCounter(b, buildTCGProf(b))
+		plugins = counter.plugins
+	}
 	start := time.Now()
-	g := bootGuestWith(b, bootOptions{disks: disks, params: params, initramfs: v.initramfs})
+	g := bootGuestWith(b, bootOptions{disks: disks, params: params, initramfs: v.initramfs, tcgPlugins: plugins})
 	defer g.stop(b)
 	out := map[string]time.Duration{"boot": time.Since(start)}
 	cpu, err := runTime(g.vm.Pid())
@@ -174,10 +186,18 @@ func measureContainerStart(b *testing.B, disks []vmm.Disk, v *variant) map[strin
 			return err
 		},
 	}
+	var kallsyms, user *tcgprof.Symbols
+	if counter != nil {
+		kallsyms, user = g.kallsyms(b), agentSymbols(b)
+	}
 	for _, step := range containerSteps {
 		n := 1
 		if step == "exec" {
 			n = max(*startExecs, 1)
+		}
+		var before tcgprof.Counts
+		if counter != nil {
+			before = counter.dump()
 		}
 		var walls, cpus []time.Duration
 		for range n {
@@ -193,6 +213,16 @@ func measureContainerStart(b *testing.B, disks []vmm.Disk, v *variant) map[strin
 			cpus = append(cpus, cpu1-cpu0)
 		}
 		out[step], out[step+"-cpu"] = median(walls), median(cpus)
+		if counter != nil {
+			// Counts, not durations: reported as they are (-insns).
+			d := counter.dump().Since(before)
+			all, kernel := d.Totals()
+			out[step+"-insns"] = time.Duration(all / uint64(n))
+			out[step+"-kernel-insns"] = time.Duration(kernel / uint64(n))
+			if testing.Verbose() {
+				b.Logf("%s %s, instructions (per call), by function:\n%s", v.name, step, topFunctions(d, kallsyms, user, float64(n)))
+			}
+		}
 	}
 	console, err := os.ReadFile(g.console)
 	must(b, err)

@@ -52,10 +52,11 @@ func bootGuest(t testing.TB, disks []vmm.Disk, hotplug int) *guestVM {
 
 // bootOptions are what a test may choose of the VM it boots.
 type bootOptions struct {
-	disks     []vmm.Disk
-	hotplug   int
-	params    []string
-	initramfs string // instead of the built image's (the benchmark's comparisons)
+	disks      []vmm.Disk
+	hotplug    int
+	params     []string
+	initramfs  string // instead of the built image's (the benchmark's comparisons)
+	tcgPlugins []string
 }
 
 func bootGuestWith(t testing.TB, o bootOptions) *guestVM {
@@ -72,7 +73,7 @@ func bootGuestWith(t testing.TB, o bootOptions) *guestVM {
 	state := testutil.ShortTempDir(t)
 	cfg := vmm.Config{
 		Kernel: g.Kernel, Initramfs: g.Initramfs, Accelerator: "tcg", StateDir: state,
-		Disks: o.disks, HotplugSlots: o.hotplug, MemoryMiB: 512,
+		Disks: o.disks, HotplugSlots: o.hotplug, MemoryMiB: 512, TCGPlugins: o.tcgPlugins,
 		KernelParams: o.params,
 	}
 	vm, err := qemu.New(cfg, qemu.Config{})

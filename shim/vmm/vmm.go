@@ -264,6 +264,10 @@ type Config struct {
 	NICs []NIC
 	// Template, if set, makes this VM a template or starts it from one (see Template).
 	Template *Template
+	// TCGPlugins are QEMU plugins (-plugin FILE[,ARG=VALUE...]) loaded into a TCG
+	// guest: instruments for measuring what the guest executes (hack/tcgprof). A KVM
+	// guest has none; a jailed QEMU sees only its jail's files.
+	TCGPlugins []string
 	// SharedFS, if set, is a virtio-fs device backed by a vhost-user file system daemon
 	// (virtiofsd) the caller started. vhost-user needs the guest's RAM shared with the
 	// daemon, so the VM's memory is a shared memory file; it cannot be combined with

@@ -332,6 +332,9 @@ func (c cmdline) machineArgs() ([]string, error) {
 	a = append(a, ram...)
 	switch c.accel {
 	case "kvm":
+		if len(c.vm.TCGPlugins) > 0 {
+			return nil, fmt.Errorf("TCG plugins %q with KVM: %w", c.vm.TCGPlugins, errdefs.ErrInvalidArgument)
+		}
 		a = append(a, "-accel", "kvm", "-cpu", "host")
 	case "tcg":
 		tcg := "tcg"
@@ -339,6 +342,9 @@ func (c cmdline) machineArgs() ([]string, error) {
 			tcg += ",tb-size=" + strconv.Itoa(c.qemu.TCGTranslationCacheMiB)
 		}
 		a = append(a, "-accel", tcg)
+		for _, p := range c.vm.TCGPlugins {
+			a = append(a, "-plugin", p)
+		}
 	default:
 		return nil, fmt.Errorf("accelerator %q: want kvm or tcg: %w", c.accel, errdefs.ErrInvalidArgument)
 	}

@@ -103,6 +103,19 @@ func TestCmdline(t *testing.T) {
 			notWant: map[string]string{"-device": "virtio-balloon-pci"},
 		},
 		{
+			name:   "tcg plugin",
+			change: func(c *cmdline) { c.vm.TCGPlugins = []string{"/p/tcgprof.so,ctl=/s/ctl"} },
+			want:   map[string][]string{"-accel": {"tcg"}, "-plugin": {"/p/tcgprof.so,ctl=/s/ctl"}},
+		},
+		{
+			name: "no tcg plugin with kvm",
+			change: func(c *cmdline) {
+				c.accel = "kvm"
+				c.vm.TCGPlugins = []string{"/p/tcgprof.so"}
+			},
+			err: errdefs.IsInvalidArgument,
+		},
+		{
 			name:   "unknown accelerator",
 			change: func(c *cmdline) { c.accel = "hvf" },
 			err:    errdefs.IsInvalidArgument,
