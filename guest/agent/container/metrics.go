@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/containerd/cgroups/v3/cgroup2/stats"
 	"golang.org/x/sys/unix"
@@ -22,44 +24,102 @@ import (
 // the file with its poller and removes it again) costs more than the read itself. The
 // reader opens each file once and re-reads it with pread at offset 0, which makes kernfs
 // regenerate the content; files the kernel does not offer stay absent, as they read for
-// Stat.
+// Stat. It parses the content in place, without a string or a map per line: under TCG
+// every instruction of the agent's is emulated, and Stat's way of splitting lines was
+// most of a call's user-space work (docs/guest.md, "Stats calls").
 type metricsReader struct {
-	dir string
+	dir   string
+	names []string // metricsFile → the file's name in dir
 
 	mu     sync.Mutex
-	fds    map[string]int // file name → its open fd
+	fds    []int // metricsFile → its open fd, or -1
 	buf    []byte
 	closed bool
 }
 
-func newMetricsReader(dir string) *metricsReader {
-	return &metricsReader{dir: dir, fds: map[string]int{}, buf: make([]byte, 8192)}
+// metricsFile indexes a reader's files.
+type metricsFile int
+
+const (
+	pidsCurrent metricsFile = iota
+	pidsMax
+	cpuStat
+	cpuPressure
+	memoryStat
+	memoryCurrent
+	memoryMax
+	memoryPeak
+	memorySwapCurrent
+	memorySwapMax
+	memorySwapPeak
+	memoryPressure
+	memoryEvents
+	ioStat
+	ioPressure
+	rdmaCurrent
+	rdmaMax
+	// hugetlbFiles is the first of three files per huge page size (hugePageSizes):
+	// hugetlb.SIZE.max, .current and .events.
+	hugetlbFiles
+)
+
+var metricsFileNames = [hugetlbFiles]string{
+	pidsCurrent:       "pids.current",
+	pidsMax:           "pids.max",
+	cpuStat:           "cpu.stat",
+	cpuPressure:       "cpu.pressure",
+	memoryStat:        "memory.stat",
+	memoryCurrent:     "memory.current",
+	memoryMax:         "memory.max",
+	memoryPeak:        "memory.peak",
+	memorySwapCurrent: "memory.swap.current",
+	memorySwapMax:     "memory.swap.max",
+	memorySwapPeak:    "memory.swap.peak",
+	memoryPressure:    "memory.pressure",
+	memoryEvents:      "memory.events",
+	ioStat:            "io.stat",
+	ioPressure:        "io.pressure",
+	rdmaCurrent:       "rdma.current",
+	rdmaMax:           "rdma.max",
 }
 
-// read returns the content of the group's file name, valid until the next read. A file
+func newMetricsReader(dir string) *metricsReader {
+	names := append([]string(nil), metricsFileNames[:]...)
+	for _, size := range hugePageSizes() {
+		names = append(names, "hugetlb."+size+".max", "hugetlb."+size+".current", "hugetlb."+size+".events")
+	}
+	fds := make([]int, len(names))
+	for i := range fds {
+		fds[i] = -1
+	}
+	return &metricsReader{dir: dir, names: names, fds: fds, buf: make([]byte, 8192)}
+}
+
+func (r *metricsReader) path(f metricsFile) string { return filepath.Join(r.dir, r.names[f]) }
+
+// read returns the content of the group's file f, valid until the next read. A file
 // that does not exist is looked up again next time (a failed lookup is cheap, and a
 // controller enabled later adds files); one whose controller went away (ENODEV from
 // kernfs) is closed and looked up again.
-func (r *metricsReader) read(name string) ([]byte, error) {
-	path := filepath.Join(r.dir, name)
+func (r *metricsReader) read(f metricsFile) ([]byte, error) {
 	for retry := true; ; retry = false {
-		fd, ok := r.fds[name]
-		if !ok {
+		fd := r.fds[f]
+		if fd < 0 {
 			var err error
-			fd, err = unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			fd, err = unix.Open(r.path(f), unix.O_RDONLY|unix.O_CLOEXEC, 0)
 			if err != nil {
-				return nil, &os.PathError{Op: "open", Path: path, Err: err}
+				return nil, &os.PathError{Op: "open", Path: r.path(f), Err: err}
 			}
-			r.fds[name] = fd
+			r.fds[f] = fd
 		}
 		n, err := unix.Pread(fd, r.buf, 0)
 		switch {
 		case errors.Is(err, unix.ENODEV) && retry:
 			unix.Close(fd)
-			delete(r.fds, name)
+			r.fds[f] = -1
 			continue
 		case err != nil:
-			return nil, &os.PathError{Op: "read", Path: path, Err: err}
+			return nil, &os.PathError{Op: "read", Path: r.path(f), Err: err}
 		case n == len(r.buf):
 			// The content may go on: read it again, whole, into a larger buffer.
 			r.buf = make([]byte, 2*len(r.buf))
@@ -74,7 +134,9 @@ func (r *metricsReader) close() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for _, fd := range r.fds {
-		unix.Close(fd)
+		if fd >= 0 {
+			unix.Close(fd)
+		}
 	}
 	r.fds = nil
 	r.closed = true
@@ -88,111 +150,166 @@ func (r *metricsReader) metrics() (*stats.Metrics, error) {
 		return nil, fmt.Errorf("cgroup %s: metrics reader closed", r.dir)
 	}
 	var m stats.Metrics
-	m.Pids = &stats.PidsStat{Current: r.uint("pids.current"), Limit: r.uint("pids.max")}
+	m.Pids = &stats.PidsStat{Current: r.uint(pidsCurrent), Limit: r.uint(pidsMax)}
 
-	kv := map[string]uint64{}
-	ok, err := r.kv("cpu.stat", kv)
+	cpu := &stats.CPUStat{}
+	ok, _, err := r.eachKV(cpuStat, func(k []byte, v uint64) {
+		switch string(k) {
+		case "usage_usec":
+			cpu.UsageUsec = v
+		case "user_usec":
+			cpu.UserUsec = v
+		case "system_usec":
+			cpu.SystemUsec = v
+		case "nr_periods":
+			cpu.NrPeriods = v
+		case "nr_throttled":
+			cpu.NrThrottled = v
+		case "throttled_usec":
+			cpu.ThrottledUsec = v
+		case "nr_bursts":
+			cpu.NrBursts = v
+		case "burst_usec":
+			cpu.BurstUsec = v
+		}
+	})
 	if err != nil {
 		return nil, err
 	}
-	m.CPU = &stats.CPUStat{}
 	if ok {
-		m.CPU = &stats.CPUStat{
-			UsageUsec:     kv["usage_usec"],
-			UserUsec:      kv["user_usec"],
-			SystemUsec:    kv["system_usec"],
-			NrPeriods:     kv["nr_periods"],
-			NrThrottled:   kv["nr_throttled"],
-			ThrottledUsec: kv["throttled_usec"],
-			NrBursts:      kv["nr_bursts"],
-			BurstUsec:     kv["burst_usec"],
-			PSI:           r.psi("cpu.pressure"),
-		}
+		cpu.PSI = r.psi(cpuPressure)
 	}
+	m.CPU = cpu
 
-	clear(kv)
-	ok, err = r.kv("memory.stat", kv)
+	mem := &stats.MemoryStat{}
+	ok, _, err = r.eachKV(memoryStat, func(k []byte, v uint64) { setMemoryStat(mem, k, v) })
 	if err != nil {
 		return nil, err
 	}
-	m.Memory = &stats.MemoryStat{}
 	if ok {
-		m.Memory = &stats.MemoryStat{
-			Anon:                  kv["anon"],
-			File:                  kv["file"],
-			KernelStack:           kv["kernel_stack"],
-			Slab:                  kv["slab"],
-			Sock:                  kv["sock"],
-			Shmem:                 kv["shmem"],
-			FileMapped:            kv["file_mapped"],
-			FileDirty:             kv["file_dirty"],
-			FileWriteback:         kv["file_writeback"],
-			AnonThp:               kv["anon_thp"],
-			InactiveAnon:          kv["inactive_anon"],
-			ActiveAnon:            kv["active_anon"],
-			InactiveFile:          kv["inactive_file"],
-			ActiveFile:            kv["active_file"],
-			Unevictable:           kv["unevictable"],
-			SlabReclaimable:       kv["slab_reclaimable"],
-			SlabUnreclaimable:     kv["slab_unreclaimable"],
-			Pgfault:               kv["pgfault"],
-			Pgmajfault:            kv["pgmajfault"],
-			WorkingsetRefault:     kv["workingset_refault"],
-			WorkingsetActivate:    kv["workingset_activate"],
-			WorkingsetNodereclaim: kv["workingset_nodereclaim"],
-			Pgrefill:              kv["pgrefill"],
-			Pgscan:                kv["pgscan"],
-			Pgsteal:               kv["pgsteal"],
-			Pgactivate:            kv["pgactivate"],
-			Pgdeactivate:          kv["pgdeactivate"],
-			Pglazyfree:            kv["pglazyfree"],
-			Pglazyfreed:           kv["pglazyfreed"],
-			ThpFaultAlloc:         kv["thp_fault_alloc"],
-			ThpCollapseAlloc:      kv["thp_collapse_alloc"],
-			Usage:                 r.uint("memory.current"),
-			UsageLimit:            r.uint("memory.max"),
-			MaxUsage:              r.uint("memory.peak"),
-			SwapUsage:             r.uint("memory.swap.current"),
-			SwapLimit:             r.uint("memory.swap.max"),
-			SwapMaxUsage:          r.uint("memory.swap.peak"),
-			PSI:                   r.psi("memory.pressure"),
-		}
+		mem.Usage = r.uint(memoryCurrent)
+		mem.UsageLimit = r.uint(memoryMax)
+		mem.MaxUsage = r.uint(memoryPeak)
+		mem.SwapUsage = r.uint(memorySwapCurrent)
+		mem.SwapLimit = r.uint(memorySwapMax)
+		mem.SwapMaxUsage = r.uint(memorySwapPeak)
+		mem.PSI = r.psi(memoryPressure)
 	}
+	m.Memory = mem
 
-	clear(kv)
-	if _, err := r.kv("memory.events", kv); err != nil {
+	events := &stats.MemoryEvents{}
+	_, n, err := r.eachKV(memoryEvents, func(k []byte, v uint64) {
+		switch string(k) {
+		case "low":
+			events.Low = v
+		case "high":
+			events.High = v
+		case "max":
+			events.Max = v
+		case "oom":
+			events.Oom = v
+		case "oom_kill":
+			events.OomKill = v
+		case "oom_group_kill":
+			events.OomGroupKill = v
+		}
+	})
+	if err != nil {
 		return nil, err
 	}
-	if len(kv) > 0 {
-		m.MemoryEvents = &stats.MemoryEvents{
-			Low:          kv["low"],
-			High:         kv["high"],
-			Max:          kv["max"],
-			Oom:          kv["oom"],
-			OomKill:      kv["oom_kill"],
-			OomGroupKill: kv["oom_group_kill"],
-		}
+	if n > 0 {
+		m.MemoryEvents = events
 	}
 
-	m.Io = &stats.IOStat{Usage: r.io(), PSI: r.psi("io.pressure")}
-	m.Rdma = &stats.RdmaStat{Current: r.rdma("rdma.current"), Limit: r.rdma("rdma.max")}
+	m.Io = &stats.IOStat{Usage: r.io(), PSI: r.psi(ioPressure)}
+	m.Rdma = &stats.RdmaStat{Current: r.rdma(rdmaCurrent), Limit: r.rdma(rdmaMax)}
 
 	sizes := hugePageSizes()
 	m.Hugetlb = make([]*stats.HugeTlbStat, len(sizes))
 	for i, size := range sizes {
+		f := hugetlbFiles + metricsFile(3*i)
 		m.Hugetlb[i] = &stats.HugeTlbStat{
-			Max:      r.uint("hugetlb." + size + ".max"),
-			Current:  r.uint("hugetlb." + size + ".current"),
+			Max:      r.uint(f),
+			Current:  r.uint(f + 1),
 			Pagesize: size,
-			Failcnt:  r.kvValue("hugetlb."+size+".events", "max"),
+			Failcnt:  r.kvValue(f+2, "max"),
 		}
 	}
 	return &m, nil
 }
 
+// setMemoryStat sets the field of memory.stat's key k; keys Stat does not report are
+// left out.
+func setMemoryStat(m *stats.MemoryStat, k []byte, v uint64) {
+	switch string(k) {
+	case "anon":
+		m.Anon = v
+	case "file":
+		m.File = v
+	case "kernel_stack":
+		m.KernelStack = v
+	case "slab":
+		m.Slab = v
+	case "sock":
+		m.Sock = v
+	case "shmem":
+		m.Shmem = v
+	case "file_mapped":
+		m.FileMapped = v
+	case "file_dirty":
+		m.FileDirty = v
+	case "file_writeback":
+		m.FileWriteback = v
+	case "anon_thp":
+		m.AnonThp = v
+	case "inactive_anon":
+		m.InactiveAnon = v
+	case "active_anon":
+		m.ActiveAnon = v
+	case "inactive_file":
+		m.InactiveFile = v
+	case "active_file":
+		m.ActiveFile = v
+	case "unevictable":
+		m.Unevictable = v
+	case "slab_reclaimable":
+		m.SlabReclaimable = v
+	case "slab_unreclaimable":
+		m.SlabUnreclaimable = v
+	case "pgfault":
+		m.Pgfault = v
+	case "pgmajfault":
+		m.Pgmajfault = v
+	case "workingset_refault":
+		m.WorkingsetRefault = v
+	case "workingset_activate":
+		m.WorkingsetActivate = v
+	case "workingset_nodereclaim":
+		m.WorkingsetNodereclaim = v
+	case "pgrefill":
+		m.Pgrefill = v
+	case "pgscan":
+		m.Pgscan = v
+	case "pgsteal":
+		m.Pgsteal = v
+	case "pgactivate":
+		m.Pgactivate = v
+	case "pgdeactivate":
+		m.Pgdeactivate = v
+	case "pglazyfree":
+		m.Pglazyfree = v
+	case "pglazyfreed":
+		m.Pglazyfreed = v
+	case "thp_fault_alloc":
+		m.ThpFaultAlloc = v
+	case "thp_collapse_alloc":
+		m.ThpCollapseAlloc = v
+	}
+}
+
 // uint reads a one-value file: 0 when it is absent or unreadable, MaxUint64 for "max".
-func (r *metricsReader) uint(name string) uint64 {
-	b, err := r.read(name)
+func (r *metricsReader) uint(f metricsFile) uint64 {
+	b, err := r.read(f)
 	if err != nil {
 		return 0
 	}
@@ -200,42 +317,45 @@ func (r *metricsReader) uint(name string) uint64 {
 	if len(b) > 32 {
 		b = b[:32]
 	}
-	s := strings.TrimSpace(string(b))
-	if s == "max" {
+	b = bytes.TrimSpace(b)
+	if string(b) == "max" {
 		return math.MaxUint64
 	}
-	v, _ := parseUint(s)
+	v, _ := parseUint(b)
 	return v
 }
 
-// kv reads a file of "key value" lines into out; false if the file is absent.
-func (r *metricsReader) kv(name string, out map[string]uint64) (bool, error) {
-	b, err := r.read(name)
+// eachKV calls fn with each line of a file of "key value" lines, and says whether the
+// file exists and how many lines it had; a malformed line is an error, as for Stat.
+func (r *metricsReader) eachKV(f metricsFile, fn func(k []byte, v uint64)) (bool, int, error) {
+	b, err := r.read(f)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return false, nil
+			return false, 0, nil
 		}
-		return false, err
+		return false, 0, err
 	}
+	n := 0
 	for line := range lines(b) {
 		k, v, err := parseKV(line)
 		if err != nil {
-			return false, fmt.Errorf("error while parsing %s (line=%q): %w", filepath.Join(r.dir, name), line, err)
+			return false, 0, fmt.Errorf("error while parsing %s (line=%q): %w", r.path(f), line, err)
 		}
-		out[k] = v
+		fn(k, v)
+		n++
 	}
-	return true, nil
+	return true, n, nil
 }
 
 // kvValue is one key's value in a file of "key value" lines, 0 if absent.
-func (r *metricsReader) kvValue(name, key string) uint64 {
-	b, err := r.read(name)
+func (r *metricsReader) kvValue(f metricsFile, key string) uint64 {
+	b, err := r.read(f)
 	if err != nil {
 		return 0
 	}
 	for line := range lines(b) {
 		k, v, err := parseKV(line)
-		if k == key {
+		if string(k) == key {
 			if err != nil {
 				return 0
 			}
@@ -246,19 +366,16 @@ func (r *metricsReader) kvValue(name, key string) uint64 {
 }
 
 // psi reads a pressure file; nil if absent or malformed, as Stat reports it.
-func (r *metricsReader) psi(name string) *stats.PSIStats {
-	b, err := r.read(name)
+func (r *metricsReader) psi(f metricsFile) *stats.PSIStats {
+	b, err := r.read(f)
 	if err != nil {
 		return nil
 	}
 	p := &stats.PSIStats{}
 	for line := range lines(b) {
-		f := strings.Fields(line)
-		if len(f) == 0 {
-			continue
-		}
+		kind, rest := nextField(line)
 		var d *stats.PSIData
-		switch f[0] {
+		switch string(kind) {
 		case "some":
 			p.Some = &stats.PSIData{}
 			d = p.Some
@@ -269,21 +386,25 @@ func (r *metricsReader) psi(name string) *stats.PSIStats {
 		if d == nil {
 			continue
 		}
-		for _, kv := range f[1:] {
-			k, v, ok := strings.Cut(kv, "=")
+		for {
+			var kv []byte
+			if kv, rest = nextField(rest); len(kv) == 0 {
+				break
+			}
+			k, v, ok := bytes.Cut(kv, []byte{'='})
 			if !ok {
 				return nil
 			}
 			var err error
-			switch k {
+			switch string(k) {
 			case "avg10":
-				d.Avg10, err = strconv.ParseFloat(v, 64)
+				d.Avg10, err = parseAverage(v)
 			case "avg60":
-				d.Avg60, err = strconv.ParseFloat(v, 64)
+				d.Avg60, err = parseAverage(v)
 			case "avg300":
-				d.Avg300, err = strconv.ParseFloat(v, 64)
+				d.Avg300, err = parseAverage(v)
 			case "total":
-				d.Total, err = strconv.ParseUint(v, 10, 64)
+				d.Total, err = parseDecimal(v, 64)
 			}
 			if err != nil {
 				return nil
@@ -293,41 +414,46 @@ func (r *metricsReader) psi(name string) *stats.PSIStats {
 	return p
 }
 
-// io reads io.stat: one entry per device, as Stat does.
+// io reads io.stat: one entry per device, as Stat does (which splits lines at single
+// spaces, not at runs of white space).
 func (r *metricsReader) io() []*stats.IOEntry {
 	var usage []*stats.IOEntry
-	b, err := r.read("io.stat")
+	b, err := r.read(ioStat)
 	if err != nil {
 		return usage
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		parts := strings.Split(line, " ")
-		if len(parts) < 2 {
+	for len(b) > 0 {
+		var line []byte
+		line, b, _ = bytes.Cut(b, []byte{'\n'})
+		dev, kvs, ok := bytes.Cut(line, []byte{' '})
+		if !ok {
 			continue
 		}
-		maj, min, ok := strings.Cut(parts[0], ":")
-		if !ok || strings.Contains(min, ":") {
+		maj, min, ok := bytes.Cut(dev, []byte{':'})
+		if !ok || bytes.IndexByte(min, ':') >= 0 {
 			continue
 		}
-		major, err := strconv.ParseUint(maj, 10, 0)
+		major, err := parseDecimal(maj, 64)
 		if err != nil {
 			return usage
 		}
-		minor, err := strconv.ParseUint(min, 10, 0)
+		minor, err := parseDecimal(min, 64)
 		if err != nil {
 			return usage
 		}
 		e := &stats.IOEntry{Major: major, Minor: minor}
-		for _, kv := range parts[1:] {
-			k, v, ok := strings.Cut(kv, "=")
-			if !ok || strings.Contains(v, "=") {
+		for more := true; more; {
+			var kv []byte
+			kv, kvs, more = bytes.Cut(kvs, []byte{' '})
+			k, v, ok := bytes.Cut(kv, []byte{'='})
+			if !ok || bytes.IndexByte(v, '=') >= 0 {
 				continue
 			}
-			n, err := strconv.ParseUint(v, 10, 0)
+			n, err := parseDecimal(v, 64)
 			if err != nil {
 				continue
 			}
-			switch k {
+			switch string(k) {
 			case "rbytes":
 				e.Rbytes = n
 			case "wbytes":
@@ -344,8 +470,8 @@ func (r *metricsReader) io() []*stats.IOEntry {
 }
 
 // rdma reads rdma.current or rdma.max: "device hca_handle=N hca_object=N" lines.
-func (r *metricsReader) rdma(name string) []*stats.RdmaEntry {
-	b, err := r.read(name)
+func (r *metricsReader) rdma(f metricsFile) []*stats.RdmaEntry {
+	b, err := r.read(f)
 	if err != nil {
 		return []*stats.RdmaEntry{}
 	}
@@ -364,7 +490,7 @@ func (r *metricsReader) rdma(name string) []*stats.RdmaEntry {
 			var n uint64 = math.MaxUint32
 			if v != "max" {
 				var err error
-				if n, err = parseUint32(v); err != nil {
+				if n, err = parseUintBits([]byte(v), 32); err != nil {
 					continue
 				}
 			}
@@ -381,16 +507,68 @@ func (r *metricsReader) rdma(name string) []*stats.RdmaEntry {
 }
 
 // lines yields b's lines, without their newline, as a bufio.Scanner does.
-func lines(b []byte) func(func(string) bool) {
-	return func(yield func(string) bool) {
+func lines(b []byte) func(func([]byte) bool) {
+	return func(yield func([]byte) bool) {
 		for len(b) > 0 {
 			line, rest, _ := bytes.Cut(b, []byte{'\n'})
 			b = rest
-			if !yield(string(bytes.TrimSuffix(line, []byte{'\r'}))) {
+			if !yield(bytes.TrimSuffix(line, []byte{'\r'})) {
 				return
 			}
 		}
 	}
+}
+
+// nextField returns s's first field and what follows it, splitting at white space as
+// strings.Fields does; an empty field when s has none.
+func nextField(s []byte) (field, rest []byte) {
+	i := 0
+	for ; i < len(s); i++ {
+		if s[i] >= utf8.RuneSelf {
+			return nextFieldUnicode(s)
+		}
+		if !asciiSpace[s[i]] {
+			break
+		}
+	}
+	j := i
+	for ; j < len(s); j++ {
+		if s[j] >= utf8.RuneSelf {
+			return nextFieldUnicode(s)
+		}
+		if asciiSpace[s[j]] {
+			break
+		}
+	}
+	return s[i:j], s[j:]
+}
+
+// asciiSpace are the ASCII bytes unicode.IsSpace is true for, as in strings.Fields.
+var asciiSpace = [utf8.RuneSelf]bool{'\t': true, '\n': true, '\v': true, '\f': true, '\r': true, ' ': true}
+
+// nextFieldUnicode is nextField for text that is not all ASCII.
+func nextFieldUnicode(s []byte) (field, rest []byte) {
+	isSpace := func(i int) (bool, int) {
+		r, n := utf8.DecodeRune(s[i:])
+		return unicode.IsSpace(r), n
+	}
+	i := 0
+	for i < len(s) {
+		space, n := isSpace(i)
+		if !space {
+			break
+		}
+		i += n
+	}
+	j := i
+	for j < len(s) {
+		space, n := isSpace(j)
+		if space {
+			break
+		}
+		j += n
+	}
+	return s[i:j], s[j:]
 }
 
 // cgroupRoot is where the guest mounts cgroup v2, as cgroup2.Load assumes.
@@ -398,35 +576,71 @@ const cgroupRoot = "/sys/fs/cgroup"
 
 var errInvalidFormat = errors.New("cgroups: parsing file with invalid format failed")
 
-func parseKV(line string) (string, uint64, error) {
-	f := strings.Fields(line)
-	if len(f) != 2 {
-		return "", 0, errInvalidFormat
+// parseKV splits a "key value" line: exactly two fields, the value a counter.
+func parseKV(line []byte) ([]byte, uint64, error) {
+	k, rest := nextField(line)
+	v, rest := nextField(rest)
+	if extra, _ := nextField(rest); len(k) == 0 || len(v) == 0 || len(extra) > 0 {
+		return nil, 0, errInvalidFormat
 	}
-	v, err := parseUint(f[1])
-	return f[0], v, err
+	n, err := parseUint(v)
+	return k, n, err
 }
 
 // parseUint parses a cgroup counter; a negative one (the kernel prints -1 for some
 // unset values) is 0.
-func parseUint(s string) (uint64, error) {
+func parseUint(s []byte) (uint64, error) {
 	return parseUintBits(s, 64)
 }
 
-func parseUint32(s string) (uint64, error) {
-	return parseUintBits(s, 32)
-}
-
-func parseUintBits(s string, bits int) (uint64, error) {
-	v, err := strconv.ParseUint(s, 10, bits)
+func parseUintBits(s []byte, bits int) (uint64, error) {
+	v, err := parseDecimal(s, bits)
 	if err == nil {
 		return v, nil
 	}
-	i, ierr := strconv.ParseInt(s, 10, bits)
+	i, ierr := strconv.ParseInt(string(s), 10, bits)
 	if ierr == nil && i < 0 || ierr != nil && errors.Is(ierr, strconv.ErrRange) && i < 0 {
 		return 0, nil
 	}
 	return 0, err
+}
+
+// parseDecimal is strconv.ParseUint(s, 10, bits) without converting s to a string
+// when s is what the kernel writes: up to 19 digits.
+func parseDecimal(s []byte, bits int) (uint64, error) {
+	if len(s) == 0 || len(s) > 19 {
+		return strconv.ParseUint(string(s), 10, bits)
+	}
+	var v uint64
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return strconv.ParseUint(string(s), 10, bits)
+		}
+		v = v*10 + uint64(c-'0')
+	}
+	if bits < 64 && v >= 1<<bits {
+		return strconv.ParseUint(string(s), 10, bits)
+	}
+	return v, nil
+}
+
+// parseAverage is strconv.ParseFloat(s, 64) for a pressure average, which the kernel
+// writes with two decimals: N/100, correctly rounded, is the same float64 as
+// ParseFloat's for N below 2^53.
+func parseAverage(s []byte) (float64, error) {
+	dot := len(s) - 3
+	if dot < 1 || dot > 13 || s[dot] != '.' {
+		return strconv.ParseFloat(string(s), 64)
+	}
+	n, err := parseDecimal(s[:dot], 64)
+	if err != nil {
+		return strconv.ParseFloat(string(s), 64)
+	}
+	frac, err := parseDecimal(s[dot+1:], 64)
+	if err != nil {
+		return strconv.ParseFloat(string(s), 64)
+	}
+	return float64(n*100+frac) / 100, nil
 }
 
 var hugePageSizes = sync.OnceValue(func() []string {

@@ -3,6 +3,7 @@ package container
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/containerd/cgroups/v3/cgroup2"
@@ -78,7 +79,21 @@ func TestMetricsMatchStat(t *testing.T) {
 			return m
 		}())},
 		{name: "malformed cpu.stat", files: with(map[string]string{"cpu.stat": "usage_usec 1 2\n"}), wantErr: true},
+		{name: "memory.stat value with a sign", files: with(map[string]string{"memory.stat": "file +5\n"}), wantErr: true},
+		{name: "memory.stat value with an underscore", files: with(map[string]string{"memory.stat": "sock 1_000\n"}), wantErr: true},
+		{name: "memory.stat value out of range", files: with(map[string]string{"memory.stat": "shmem 99999999999999999999\n"}), wantErr: true},
+		{name: "empty line in cpu.stat", files: with(map[string]string{"cpu.stat": "usage_usec 1\n\nuser_usec 2\n"}), wantErr: true},
 		{name: "malformed memory.events", files: with(map[string]string{"memory.events": "oom x\n"}), wantErr: true},
+		{name: "white space and number oddities", files: with(map[string]string{
+			"cpu.stat":        "  usage_usec\t123 \r\nuser_usec  18446744073709551615\n\u00a0system_usec\u00a07\nnr_periods 00042\nnr_bursts -1\n",
+			"memory.stat":     "anon 12345678901234567890\nfile 5\nsock -3\n",
+			"memory.events":   "max 3\nmax 4\n",
+			"memory.current":  "  42 \n",
+			"cpu.pressure":    "some avg10=1.5 avg60=12.345 avg300=99999999999999.99 total=7\nfull\tavg10=0.10  avg60=-0.50 avg300=1e2 total=0\n",
+			"memory.pressure": "some avg10=0.01 avg60=0.00 avg300=0.00 total=-1\n",
+			"io.stat":         "254:0  rbytes=1 wbytes=2\n254:1 rbytes=18446744073709551616 wios=\u0661\n",
+			"rdma.max":        "mlx4_0 hca_handle=4294967296 hca_object=4294967295\n",
+		})},
 		{name: "long memory.stat", files: with(map[string]string{"memory.stat": full["memory.stat"] + repeatKV(1000)})},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -156,7 +171,7 @@ func TestMetricsMatchStatCgroup2(t *testing.T) {
 	if _, err := r.metrics(); err != nil {
 		t.Fatal(err)
 	}
-	if len(r.fds) == 0 {
+	if !slices.ContainsFunc(r.fds, func(fd int) bool { return fd >= 0 }) {
 		t.Fatal("the reader kept no file open")
 	}
 	r.close()
@@ -166,4 +181,38 @@ func TestMetricsMatchStatCgroup2(t *testing.T) {
 	if err := os.Remove(filepath.Join(mountpoint, group)); err != nil {
 		t.Errorf("remove the group after its reader closed: %v", err)
 	}
+}
+
+// Whatever the kernel (or a file in its place) holds, the reader returns what Stat does:
+// the same metrics, or an error when Stat has one.
+func FuzzMetricsMatchStat(f *testing.F) {
+	for _, s := range []string{
+		"usage_usec 1\nuser_usec 2\n",
+		"some avg10=0.12 avg60=1.50 avg300=0.00 total=123456\n",
+		"254:0 rbytes=4096 wbytes=0 rios=1 wios=0\n",
+		"anon\t12345678901234567890\r\nfile -1\n",
+		"max\n",
+		" 42 ",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, content string) {
+		root := t.TempDir()
+		dir := filepath.Join(root, "pod", "ctr")
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		// One content in every kind of file: key-value, pressure, io, one value.
+		for _, name := range []string{"cpu.stat", "memory.stat", "memory.events", "cpu.pressure", "io.stat", "memory.current", "rdma.current"} {
+			if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		m, err := cgroup2.Load("/pod/ctr", cgroup2.WithMountpoint(root))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, statErr := m.Stat()
+		compareWithStat(t, root, "/pod/ctr", statErr != nil)
+	})
 }
