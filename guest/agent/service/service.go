@@ -100,9 +100,14 @@ func New(cfg Config, r *reaper.Reaper) (*Agent, error) {
 
 // NewServer returns a ttrpc server with every service registered.
 func (a *Agent) NewServer() (*ttrpc.Server, error) {
+	workers := newWorkers(4)
 	srv, err := ttrpc.NewServer(
 		ttrpc.WithUnaryServerInterceptor(func(ctx context.Context, u ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, m ttrpc.Method) (any, error) {
-			resp, err := m(ctx, u)
+			var (
+				resp any
+				err  error
+			)
+			workers.run(func() { resp, err = m(ctx, u) })
 			if err != nil {
 				log.G(ctx).WithError(err).WithField("method", info.FullMethod).Debug("request failed")
 			}
