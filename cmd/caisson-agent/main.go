@@ -33,6 +33,10 @@ func init() {
 		_ = unix.Prctl(unix.PR_SET_TIMERSLACK, agent.DefaultTimerSlack, 0, 0, 0)
 		libcontainer.Init()
 	}
+	// No one reads the agent's heap profile, and each sampled allocation (one per 512 KiB
+	// allocated, by default: every hundred or so Stats calls) walks its goroutine's stack,
+	// tens of thousands of instructions emulated under TCG.
+	runtime.MemProfileRate = 0
 	// The agent moves threads into the pod's namespaces (locked, and discarded after).
 	// A thread the runtime cannot discard is the main one, and /proc/self/ns/* names
 	// its namespaces: were the main thread to enter the pod's network namespace,
