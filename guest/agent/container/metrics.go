@@ -578,6 +578,13 @@ var errInvalidFormat = errors.New("cgroups: parsing file with invalid format fai
 
 // parseKV splits a "key value" line: exactly two fields, the value a counter.
 func parseKV(line []byte) ([]byte, uint64, error) {
+	// What the kernel writes, a key, one space and up to 19 digits, in one pass.
+	if sp := bytes.IndexByte(line, ' '); sp > 0 && len(line)-sp-1 <= 19 {
+		k, v := line[:sp], line[sp+1:]
+		if n, ok := plainDecimal(v); ok && plainKey(k) {
+			return k, n, nil
+		}
+	}
 	k, rest := nextField(line)
 	v, rest := nextField(rest)
 	if extra, _ := nextField(rest); len(k) == 0 || len(v) == 0 || len(extra) > 0 {
@@ -605,20 +612,36 @@ func parseUintBits(s []byte, bits int) (uint64, error) {
 	return 0, err
 }
 
-// parseDecimal is strconv.ParseUint(s, 10, bits) without converting s to a string
-// when s is what the kernel writes: up to 19 digits.
-func parseDecimal(s []byte, bits int) (uint64, error) {
+// plainKey says whether k is printable ASCII without white space.
+func plainKey(k []byte) bool {
+	for _, c := range k {
+		if c <= ' ' || c >= utf8.RuneSelf {
+			return false
+		}
+	}
+	return true
+}
+
+// plainDecimal parses 1 to 19 digits, nothing else.
+func plainDecimal(s []byte) (uint64, bool) {
 	if len(s) == 0 || len(s) > 19 {
-		return strconv.ParseUint(string(s), 10, bits)
+		return 0, false
 	}
 	var v uint64
 	for _, c := range s {
 		if c < '0' || c > '9' {
-			return strconv.ParseUint(string(s), 10, bits)
+			return 0, false
 		}
 		v = v*10 + uint64(c-'0')
 	}
-	if bits < 64 && v >= 1<<bits {
+	return v, true
+}
+
+// parseDecimal is strconv.ParseUint(s, 10, bits) without converting s to a string
+// when s is what the kernel writes: up to 19 digits.
+func parseDecimal(s []byte, bits int) (uint64, error) {
+	v, ok := plainDecimal(s)
+	if !ok || bits < 64 && v >= 1<<bits {
 		return strconv.ParseUint(string(s), 10, bits)
 	}
 	return v, nil
