@@ -12,6 +12,10 @@ import "sync"
 // A call never waits for a worker: without an idle one it starts another, so calls that
 // block (Wait) take no others' turn. Up to maxIdle workers stay for the next calls, and
 // the one idle the shortest takes the next call: its stack is the likeliest to fit.
+//
+// A worker outlives the call, and so does its thread's state: a method must leave the
+// goroutine it runs on unlocked from its thread. The agent enters namespaces on
+// goroutines of their own, which lock their thread and end with it (package sandbox).
 type workers struct {
 	mu      sync.Mutex
 	idle    []chan func() // a stack: the last one went idle last
