@@ -93,6 +93,10 @@ GUEST_BENCH_ARGS ?=
 bench-guest: guest ## Guest boot benchmark: agent-ready vs a trivial init (wall and CPU ratios), agent RSS, initramfs size
 	$(GO) test -count=1 -run '^$$' -bench GuestBoot -benchtime 7x ./guest/test -args $(GUEST_BENCH_ARGS)
 
+.PHONY: bench-guest-calls
+bench-guest-calls: guest ## Guest instructions per Stats and per Check call, less the idle guest's (a TCG plugin built with gcc), and their ratio
+	$(GO) test -count=1 -tags seccomp -run '^$$' -bench GuestCallInstructions -benchtime 1x ./guest/test -args $(GUEST_BENCH_ARGS)
+
 .PHONY: test-guest
 test-guest: guest ## Guest tests: the agent's packages on the host, then the image booted under QEMU (root)
 	$(GO) test -count=1 -tags seccomp ./guest/... ./cmd/caisson-agent/...

@@ -32,7 +32,8 @@ var (
 // Under TCG the guest's instructions are its cost to the host, and unlike CPU times
 // their count hardly moves with the machine's load, so two images compare in one run or
 // across runs. Reported per call: stats-insns, stats-kernel-insns, stats-user-insns and
-// the same for check; idle-insns-per-s. With -v, the functions that executed the most
+// the same for check; stats-vs-check, the one over the other; idle-insns-per-s
+// (make bench-guest-calls). With -v, the functions that executed the most
 // in each kind of window (the guest's kallsyms; the agent's with -guest.agent-symbols):
 //
 //	go test -tags seccomp ./guest/test -run '^$' -bench CallInstructions -benchtime 1x -v \
@@ -118,12 +119,16 @@ func measureInstructions(b *testing.B, disks []vmm.Disk, v *variant, plugin stri
 	idleAll, idleKernel := windows["idle"].Totals()
 	seconds := n * statsPeriod.Seconds() * float64(*insnCalls+1) / float64(*insnCalls)
 	b.ReportMetric(float64(idleAll)/seconds, prefix+"idle-insns-per-s")
+	perCall := map[string]float64{}
 	for _, kind := range []string{"stats", "check"} {
 		all, kernel := windows[kind].Totals()
-		b.ReportMetric((float64(all)-float64(idleAll))/n, prefix+kind+"-insns")
+		perCall[kind] = (float64(all) - float64(idleAll)) / n
+		b.ReportMetric(perCall[kind], prefix+kind+"-insns")
 		b.ReportMetric((float64(kernel)-float64(idleKernel))/n, prefix+kind+"-kernel-insns")
 		b.ReportMetric((float64(all-kernel)-float64(idleAll-idleKernel))/n, prefix+kind+"-user-insns")
 	}
+	// What reading the cgroup files adds to a call that does nothing.
+	b.ReportMetric(perCall["stats"]/perCall["check"], prefix+"stats-vs-check")
 	if testing.Verbose() {
 		for _, kind := range []string{"idle", "check", "stats"} {
 			b.Logf("%s%s window, instructions per call (the idle rate not subtracted), by function:\n%s",
