@@ -40,9 +40,17 @@ for t in "${found[@]}"; do
 	status=ok
 	if ! go test -run '^$' -fuzz "^$name\$" -fuzztime "$fuzztime" -fuzzminimizetime "$minimize" \
 		-parallel "$parallel" -timeout "${FUZZTIMEOUT:-60m}" "./$dir" >"$log" 2>&1; then
-		status=FAILED
-		failed=1
-		grep -v '^fuzz: elapsed' "$log" | sed 's/^/    /'
+		# Go's coordinator can fail a target with a bare "context deadline exceeded" as
+		# -fuzztime runs out, having found nothing (go.dev/issue/75804). That failure writes
+		# no input; it passes if the seeds and the saved inputs still pass.
+		if grep -q '^    context deadline exceeded$' "$log" && ! grep -q 'Failing input written' "$log" &&
+			go test -run "^$name\$" "./$dir" >>"$log" 2>&1; then
+			status="ok (Go's end-of-fuzztime race, go.dev/issue/75804; seeds and saved inputs pass)"
+		else
+			status=FAILED
+			failed=1
+			grep -v '^fuzz: elapsed' "$log" | sed 's/^/    /'
+		fi
 	fi
 	execs=$(grep -o 'execs: [0-9]*' "$log" | tail -1 | awk '{print $2}' || true)
 	summary+=("$(printf '%-22s %-28s %12s execs  %s' "$name" "./$dir" "${execs:--}" "$status")")
