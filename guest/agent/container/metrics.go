@@ -105,10 +105,11 @@ func (r *metricsReader) read(f metricsFile) ([]byte, error) {
 	for retry := true; ; retry = false {
 		fd := r.fds[f]
 		if fd < 0 {
+			path := r.path(f)
 			var err error
-			fd, err = unix.Open(r.path(f), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			fd, err = unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 			if err != nil {
-				return nil, &os.PathError{Op: "open", Path: r.path(f), Err: err}
+				return nil, &os.PathError{Op: "open", Path: path, Err: err}
 			}
 			r.fds[f] = fd
 		}
