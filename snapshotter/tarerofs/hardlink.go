@@ -60,11 +60,14 @@ func relink(img image, links []link) error {
 	}
 	blockSize := int64(1) << sb[sbBlkSizeBits]
 	metaStart := int64(binary.LittleEndian.Uint32(sb[sbMetaBlkAddr:])) * blockSize
+	// nid is the inode of p itself: a hardlink to a symlink shares the symlink's
+	// inode, not that of whatever it points to (fs.Stat would follow it).
 	nid := func(p string) (uint64, error) {
-		fi, err := fs.Stat(fsys, strings.TrimPrefix(p, "/"))
-		if p == "/" {
-			fi, err = fs.Stat(fsys, ".")
+		name := strings.TrimPrefix(p, "/")
+		if name == "" {
+			name = "."
 		}
+		fi, err := fs.Lstat(fsys, name)
 		if err != nil {
 			return 0, err
 		}

@@ -135,6 +135,43 @@ func TestWrite(t *testing.T) {
 	}
 }
 
+// A hardlink to a symlink shares the symlink's own inode, whatever the symlink
+// points to: a file of the layer, nothing, or itself (FuzzWrite found the first
+// linked to the file and the others refused).
+func TestWriteHardlinkToSymlink(t *testing.T) {
+	for _, target := range []string{"/x", "x", "nowhere", "s"} {
+		t.Run(target, func(t *testing.T) {
+			img, err := write(t, tarOf(t,
+				&tar.Header{Typeflag: tar.TypeReg, Name: "x", Mode: 0o644, Size: 5},
+				&tar.Header{Typeflag: tar.TypeSymlink, Name: "s", Linkname: target},
+				&tar.Header{Typeflag: tar.TypeLink, Name: "l", Linkname: "s"},
+			))
+			if err != nil {
+				t.Fatal(err)
+			}
+			fsys := img.(fs.ReadLinkFS)
+			var ino [2]int64
+			for i, p := range []string{"s", "l"} {
+				fi, err := fsys.Lstat(p)
+				if err != nil {
+					t.Fatal(err)
+				}
+				st := fi.Sys().(*erofs.Stat)
+				if fi.Mode().Type() != fs.ModeSymlink || st.Nlink != 2 {
+					t.Errorf("%s: mode %v, %d links; want a symlink with 2", p, fi.Mode(), st.Nlink)
+				}
+				if got, err := fsys.ReadLink(p); err != nil || got != target {
+					t.Errorf("%s: points to %q (%v), want %q", p, got, err, target)
+				}
+				ino[i] = int64(st.Ino)
+			}
+			if ino[0] != ino[1] {
+				t.Errorf("inodes %d (s) and %d (l), want one", ino[0], ino[1])
+			}
+		})
+	}
+}
+
 func TestWriteRefuses(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
