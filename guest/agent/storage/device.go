@@ -4,13 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/caisson-containers/caisson/guest/agent/uevent"
 )
 
 // Device names a disk the shim attached, by where it sits on the PCI bus or by its
@@ -42,12 +44,22 @@ func (d Device) String() string {
 type Finder struct {
 	// Sys is where sysfs is mounted; Dev where devtmpfs is.
 	Sys, Dev string
-	// Poll is how often to look again for a device that is not there yet.
+	// Poll is how often to look again for a device that is not there yet, or (with
+	// Uevents) that is there but not live yet.
 	Poll time.Duration
+	// Uevents makes Find wait for the kernel's block device events between looks instead
+	// of polling: a hot-plugged disk is found as soon as the kernel announces it, and the
+	// guest's vCPU is not spent walking sysfs while it probes the disk. Find still looks
+	// every UeventFallback (default 1 s) without an event, in case one was missed.
+	Uevents        bool
+	UeventFallback time.Duration
 }
 
-// DefaultFinder looks in /sys and /dev.
-var DefaultFinder = Finder{Sys: "/sys", Dev: "/dev", Poll: 20 * time.Millisecond}
+// DefaultFinder looks in /sys and /dev, waking on the kernel's events.
+var DefaultFinder = Finder{Sys: "/sys", Dev: "/dev", Poll: 20 * time.Millisecond, Uevents: true}
+
+// defaultUeventFallback is how often a Finder with Uevents looks without an event.
+const defaultUeventFallback = time.Second
 
 // Find waits, until ctx is done, for the block device of d to appear (hot-plugged disks
 // take a moment) and returns its node, such as /dev/vda or /dev/pmem0.
@@ -60,9 +72,23 @@ func (f Finder) Find(ctx context.Context, d Device) (string, error) {
 			return "", err
 		}
 	}
+	var events *uevent.Listener
+	if f.Uevents {
+		// Listening before the first look: a disk added in between is not missed.
+		var err error
+		if events, err = uevent.Listen(); err != nil {
+			log.G(ctx).WithError(err).Warn("waiting for disks by polling sysfs")
+		}
+		defer func() {
+			if events != nil {
+				events.Close()
+			}
+		}()
+	}
 	for {
 		name, err := f.lookup(d)
-		if err == nil {
+		found := err == nil
+		if found {
 			node := filepath.Join(f.Dev, name)
 			if f.ready(name, node) {
 				return node, nil
@@ -70,10 +96,57 @@ func (f Finder) Find(ctx context.Context, d Device) (string, error) {
 		} else if !errors.Is(err, errdefs.ErrNotFound) {
 			return "", err
 		}
-		select {
-		case <-ctx.Done():
+		if events != nil && !found {
+			err = f.waitBlockEvent(ctx, events)
+			if err != nil && ctx.Err() == nil {
+				log.G(ctx).WithError(err).Warn("waiting for disks by polling sysfs")
+				events.Close()
+				events = nil
+				err = f.wait(ctx)
+			}
+		} else {
+			err = f.wait(ctx)
+		}
+		if err != nil {
 			return "", fmt.Errorf("device %s did not appear: %w", d, errdefs.ErrNotFound)
-		case <-time.After(f.Poll):
+		}
+	}
+}
+
+// wait waits for Poll; it fails when ctx is done.
+func (f Finder) wait(ctx context.Context) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(f.Poll):
+		return nil
+	}
+}
+
+// waitBlockEvent waits for the kernel to add or change a block device, or for
+// UeventFallback; it fails when ctx is done. Events that were lost count as one.
+func (f Finder) waitBlockEvent(ctx context.Context, events *uevent.Listener) error {
+	fallback := f.UeventFallback
+	if fallback <= 0 {
+		fallback = defaultUeventFallback
+	}
+	wctx, cancel := context.WithTimeout(ctx, fallback)
+	defer cancel()
+	for {
+		ev, err := events.Next(wctx)
+		switch {
+		case err == nil:
+			if ev.Subsystem == "block" && (ev.Action == "add" || ev.Action == "change") {
+				return nil
+			}
+		case errors.Is(err, uevent.ErrLost):
+			return nil
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case errors.Is(err, context.DeadlineExceeded):
+			return nil // UeventFallback: look anyway
+		default:
+			return err
 		}
 	}
 }
@@ -156,14 +229,14 @@ func (f Finder) byPCIPath(p string) (string, error) {
 		return "", errdefs.ErrNotFound
 	}
 	for _, slot := range parts[1:] {
-		entries, err := os.ReadDir(dir)
+		entries, err := readDirUnsorted(dir)
 		if err != nil {
 			return "", errdefs.ErrNotFound
 		}
 		next := ""
 		for _, e := range entries {
 			if e.IsDir() && isPCIAddr(e.Name()) && strings.HasSuffix(e.Name(), ":"+slot) {
-				next = filepath.Join(dir, e.Name())
+				next = dir + "/" + e.Name()
 				break
 			}
 		}
@@ -172,21 +245,56 @@ func (f Finder) byPCIPath(p string) (string, error) {
 		}
 		dir = next
 	}
-	var found string
-	_ = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil || found != "" {
-			return fs.SkipDir
-		}
-		if d.IsDir() && d.Name() == "block" && path != dir {
-			if entries, err := os.ReadDir(path); err == nil && len(entries) > 0 {
-				found = entries[0].Name()
-			}
-			return fs.SkipDir
-		}
-		return nil
-	})
-	if found == "" {
-		return "", errdefs.ErrNotFound
+	if found := blockUnder(dir, 0); found != "" {
+		return found, nil
 	}
-	return found, nil
+	return "", errdefs.ErrNotFound
+}
+
+// blockUnder returns the first block device below a PCI device's sysfs directory: vdX
+// for virtio-blk (virtioN/block/vdX), pmemN for virtio-pmem, a few buses deeper
+// (virtioN/ndbusN/regionN/namespaceN.0/block/pmemN). It reads only subdirectories
+// (symlinks such as driver and subsystem are not followed), none of the attribute
+// directories every device has, and stops at the depth of the deepest of those paths.
+func blockUnder(dir string, depth int) string {
+	entries, err := readDirUnsorted(dir)
+	if err != nil {
+		return ""
+	}
+	for _, e := range entries {
+		if !e.IsDir() || notDeviceDir[e.Name()] {
+			continue
+		}
+		sub := dir + "/" + e.Name()
+		if e.Name() == "block" {
+			if names, err := readDirUnsorted(sub); err == nil && len(names) > 0 {
+				return names[0].Name()
+			}
+			continue
+		}
+		if depth < maxDeviceDepth {
+			if found := blockUnder(sub, depth+1); found != "" {
+				return found
+			}
+		}
+	}
+	return ""
+}
+
+// maxDeviceDepth is how many directories blockUnder goes down before a block directory:
+// four for virtio-pmem's virtioN/ndbusN/regionN/namespaceN.N.
+const maxDeviceDepth = 4
+
+// notDeviceDir are a device's attribute directories, which hold no devices.
+var notDeviceDir = map[string]bool{"power": true, "msi_irqs": true, "firmware_node": true, "wakeup": true, "dax": true}
+
+// readDirUnsorted is os.ReadDir without its sort: a sysfs directory's order is stable,
+// and which of a device's block devices comes first does not matter (it has one).
+func readDirUnsorted(dir string) ([]os.DirEntry, error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return f.ReadDir(-1)
 }

@@ -2,6 +2,7 @@ package storage
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -114,6 +115,55 @@ func TestFindWaitsForALiveDisk(t *testing.T) {
 	os.WriteFile(size, []byte("2048\n"), 0o444)
 	if err := <-found; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// With Uevents, a disk that is not there yet is looked for again when the kernel
+// announces a block device: the fallback is an hour here, so only the event (the
+// "change" the test makes the kernel send for the loop device) can wake Find in time.
+func TestFindWakesOnBlockEvent(t *testing.T) {
+	testutil.RequireRoot(t)
+	img := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dev := loopDevice(t, img, true)
+	sys := fakeSys(t, dev, dev, "other")
+	serial := filepath.Join(sys, "block", filepath.Base(dev), "serial")
+	f := Finder{Sys: sys, Dev: "/dev", Poll: time.Hour, Uevents: true, UeventFallback: time.Hour}
+	found := make(chan error, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	go func() {
+		node, err := f.Find(ctx, Device{Serial: "late"})
+		if err == nil && node != dev {
+			err = fmt.Errorf("found %s, want %s", node, dev)
+		}
+		found <- err
+	}()
+	select {
+	case err := <-found:
+		t.Fatalf("Find returned for a disk that is not there: %v", err)
+	case <-time.After(200 * time.Millisecond): // Find has looked once, and waits
+	}
+	// The disk "appears" (its serial), and the kernel announces a block device until
+	// Find returns.
+	if err := os.WriteFile(serial, []byte("late\n"), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	event := filepath.Join("/sys/class/block", filepath.Base(dev), "uevent")
+	for {
+		if err := os.WriteFile(event, []byte("change"), 0); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case err := <-found:
+			if err != nil {
+				t.Fatal(err)
+			}
+			return
+		case <-time.After(100 * time.Millisecond):
+		}
 	}
 }
 
