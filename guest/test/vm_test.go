@@ -208,13 +208,19 @@ func busyboxLayers(t testing.TB, dir string) (base, top, rw string) {
 		}
 		padTo(t, img, vmm.PMEMAlignment)
 	}
-	rw = filepath.Join(dir, "rw.ext4")
+	return base, top, emptyExt4(t, dir)
+}
+
+// emptyExt4 makes dir/rw.ext4, an empty 128 MiB ext4 image: a container's writable layer.
+func emptyExt4(t testing.TB, dir string) string {
+	t.Helper()
+	rw := filepath.Join(dir, "rw.ext4")
 	must(t, os.WriteFile(rw, nil, 0o600))
 	must(t, os.Truncate(rw, 128<<20))
 	if out, err := exec.Command("mkfs.ext4", "-q", rw).CombinedOutput(); err != nil {
 		t.Fatalf("mkfs.ext4: %v: %s", err, out)
 	}
-	return base, top, rw
+	return rw
 }
 
 func padTo(t testing.TB, path string, align int64) {
