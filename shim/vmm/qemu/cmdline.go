@@ -9,6 +9,7 @@ import (
 	"github.com/containerd/errdefs"
 
 	"github.com/caisson-containers/caisson/shim/vmm"
+	"github.com/caisson-containers/caisson/shim/vmm/qemu/accel"
 )
 
 // Guest PCI layout on the q35 root bus (pcie.0). 00.0 is the host bridge and 1f.x the
@@ -335,13 +336,13 @@ func (c cmdline) machineArgs() ([]string, error) {
 		if len(c.vm.TCGPlugins) > 0 {
 			return nil, fmt.Errorf("TCG plugins %q with KVM: %w", c.vm.TCGPlugins, errdefs.ErrInvalidArgument)
 		}
-		a = append(a, "-accel", "kvm", "-cpu", "host")
+		a = append(a, "-accel", "kvm", "-cpu", accel.CPUModel(accel.KVM))
 	case "tcg":
 		tcg := "tcg"
 		if c.qemu.TCGTranslationCacheMiB > 0 {
 			tcg += ",tb-size=" + strconv.Itoa(c.qemu.TCGTranslationCacheMiB)
 		}
-		a = append(a, "-accel", tcg)
+		a = append(a, "-accel", tcg, "-cpu", accel.CPUModel(accel.TCG))
 		for _, p := range c.vm.TCGPlugins {
 			a = append(a, "-plugin", p)
 		}

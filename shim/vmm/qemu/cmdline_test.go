@@ -42,6 +42,7 @@ func TestCmdline(t *testing.T) {
 			want: map[string][]string{
 				"-M":      {"q35"},
 				"-accel":  {"tcg"},
+				"-cpu":    {"qemu64,+rdrand"},
 				"-smp":    {"2,maxcpus=4"},
 				"-m":      {"size=512M,slots=4,maxmem=4096M"},
 				"-kernel": {"/k"},
@@ -58,7 +59,7 @@ func TestCmdline(t *testing.T) {
 					"virtserialport,bus=agent-serial.0,chardev=agent,name=org.caisson.agent.0",
 				},
 			},
-			absent: []string{"-initrd", "-cpu"},
+			absent: []string{"-initrd"},
 		},
 		{
 			name: "vsock agent, kvm, initramfs",

@@ -6,6 +6,7 @@ import (
 
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/vmm"
+	"github.com/caisson-containers/caisson/shim/vmm/qemu/accel"
 )
 
 // Hypervisor makes QEMU VMs with the settings of one shim configuration.
@@ -54,6 +55,7 @@ func (h *Hypervisor) Identity() (vmm.Identity, error) {
 	return vmm.Identity{VMM: "qemu", Binary: bin, Settings: map[string]string{
 		"tcg_translation_cache_mib": strconv.Itoa(h.qcfg.TCGTranslationCacheMiB),
 		"free_page_reporting":       strconv.FormatBool(h.qcfg.FreePageReporting),
+		"tcg_cpu":                   accel.CPUModel(accel.TCG),
 	}}, nil
 }
 

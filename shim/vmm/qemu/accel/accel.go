@@ -169,11 +169,20 @@ func ProbeKernel(ctx context.Context, a Accelerator, o Options) error {
 
 // CPUModel is the -cpu model to run guests with under a; the VMM and the probes
 // use the same one, so that a probe tests what the VMM will run.
+//
+// Under TCG it is QEMU's default model plus RDRAND, which TCG emulates from the host's
+// random source. The guest kernel trusts it at boot (random.trust_cpu, Debian's
+// default), so its CRNG is ready at once. Without it the kernel had no entropy of its
+// own until the shim sent some at sandbox creation, and until then drew every random
+// number (address-space layout, stack canaries, the slab allocator's free-list order)
+// through a full extraction from its input pool: a twentieth of a boot's guest
+// instructions went to BLAKE2s (docs/guest.md). RDSEED, the kernel's other source, is
+// not emulated by TCG. Under KVM the guest gets the host's CPU, with its own RDRAND.
 func CPUModel(a Accelerator) string {
 	if a == KVM {
 		return "host"
 	}
-	return "max"
+	return "qemu64,+rdrand"
 }
 
 func baseArgs(a Accelerator) []string {
