@@ -133,15 +133,19 @@ func bareBoot(b *testing.B, c *harness.CRI, initrd string) time.Duration {
 //
 // With -cri.compare-initramfs NAME=PATH,..., each round also starts a pod of a handler
 // like caisson's that boots the initramfs at PATH (e.g. the image before a change,
-// built from a clean export), reported as NAME-s, NAME-vs-bare and NAME's phases: a
-// before and after in the same run, on the same containerd.
+// built from a clean export), and one from a template of it, reported as NAME-s,
+// NAME-vs-bare and NAME's phases, and NAME-template-s and the rest: a before and after
+// in the same run, on the same containerd.
 func BenchmarkCRIPodStart(b *testing.B) {
 	handlers := map[string]func(*config.Config){
 		templateHandler: func(c *config.Config) { c.Hypervisor.Template = true },
 	}
 	variants := compareInitramfs(b)
 	for _, v := range variants {
-		handlers[v.handler] = func(c *config.Config) { c.Guest.Initramfs = v.initramfs }
+		handlers[v.handler] = func(c *config.Config) {
+			c.Guest.Initramfs = v.initramfs
+			c.Hypervisor.Template = v.template
+		}
 	}
 	c := harness.StartCRI(b, harness.Options{Handlers: handlers})
 	imgCaisson := c.Pull(b, c.BusyboxRef, harness.Handler)
@@ -149,6 +153,11 @@ func BenchmarkCRIPodStart(b *testing.B) {
 	// The template is made by the first pod of its shape on the node, once: a pod
 	// before the timed ones makes it.
 	made, _ := podStart(b, c, templateHandler, imgCaisson, -1)
+	for _, v := range variants {
+		if v.template {
+			podStart(b, c, v.handler, imgCaisson, -1)
+		}
+	}
 
 	initrd := bareInitramfs(b, "/bin/busybox poweroff -f")
 
@@ -214,9 +223,11 @@ func BenchmarkCRIPodStart(b *testing.B) {
 
 var compareInitramfsFlag = flag.String("cri.compare-initramfs", "", "comma-separated NAME=PATH: other guest initramfs images whose pod starts BenchmarkCRIPodStart times beside the built one's")
 
-// initramfsVariant is a pod start with another guest initramfs, under a handler of its own.
+// initramfsVariant is a pod start with another guest initramfs, booted or from a template
+// of it, under a handler of its own.
 type initramfsVariant struct {
 	name, handler, initramfs string
+	template                 bool
 	starts                   []time.Duration
 	phases                   [][]time.Duration
 }
@@ -234,8 +245,15 @@ func compareInitramfs(b *testing.B) []*initramfsVariant {
 		if _, err := os.Stat(path); err != nil {
 			b.Fatalf("-cri.compare-initramfs %s: %v", name, err)
 		}
-		vs = append(vs, &initramfsVariant{name: name, handler: "caisson-" + name, initramfs: path,
-			phases: make([][]time.Duration, len(phaseNames))})
+		for _, template := range []bool{false, true} {
+			v := &initramfsVariant{name: name, handler: "caisson-" + name, initramfs: path, template: template,
+				phases: make([][]time.Duration, len(phaseNames))}
+			if template {
+				v.name += "-template"
+				v.handler += "-template"
+			}
+			vs = append(vs, v)
+		}
 	}
 	return vs
 }
