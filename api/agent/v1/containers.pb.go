@@ -36,7 +36,11 @@ type Rootfs struct {
 	Upper *StoragePath `protobuf:"bytes,2,opt,name=upper,proto3" json:"upper,omitempty"`
 	Work  *StoragePath `protobuf:"bytes,3,opt,name=work,proto3" json:"work,omitempty"`
 	// options are extra overlay options (the shim allow-lists them), e.g. "index=off".
-	Options       []string `protobuf:"bytes,4,rep,name=options,proto3" json:"options,omitempty"`
+	Options []string `protobuf:"bytes,4,rep,name=options,proto3" json:"options,omitempty"`
+	// tmpfs_upper, with lower and without upper and work: the writable layer is a tmpfs
+	// of the container's own, made by the agent and gone with the rootfs (the shim asks
+	// it for a pod's pause container, whose writes no one reads).
+	TmpfsUpper    bool `protobuf:"varint,5,opt,name=tmpfs_upper,json=tmpfsUpper,proto3" json:"tmpfs_upper,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -97,6 +101,13 @@ func (x *Rootfs) GetOptions() []string {
 		return x.Options
 	}
 	return nil
+}
+
+func (x *Rootfs) GetTmpfsUpper() bool {
+	if x != nil {
+		return x.TmpfsUpper
+	}
+	return false
 }
 
 // StoragePath is a directory inside a mounted storage.
@@ -1457,12 +1468,14 @@ var File_github_com_caisson_containers_caisson_api_agent_v1_containers_proto pro
 
 const file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDesc = "" +
 	"\n" +
-	"Cgithub.com/caisson-containers/caisson/api/agent/v1/containers.proto\x12\x10caisson.agent.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a@github.com/caisson-containers/caisson/api/agent/v1/storage.proto\x1a>github.com/caisson-containers/caisson/api/agent/v1/types.proto\"\xbf\x01\n" +
+	"Cgithub.com/caisson-containers/caisson/api/agent/v1/containers.proto\x12\x10caisson.agent.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a@github.com/caisson-containers/caisson/api/agent/v1/storage.proto\x1a>github.com/caisson-containers/caisson/api/agent/v1/types.proto\"\xe0\x01\n" +
 	"\x06Rootfs\x123\n" +
 	"\x05lower\x18\x01 \x03(\v2\x1d.caisson.agent.v1.StoragePathR\x05lower\x123\n" +
 	"\x05upper\x18\x02 \x01(\v2\x1d.caisson.agent.v1.StoragePathR\x05upper\x121\n" +
 	"\x04work\x18\x03 \x01(\v2\x1d.caisson.agent.v1.StoragePathR\x04work\x12\x18\n" +
-	"\aoptions\x18\x04 \x03(\tR\aoptions\"@\n" +
+	"\aoptions\x18\x04 \x03(\tR\aoptions\x12\x1f\n" +
+	"\vtmpfs_upper\x18\x05 \x01(\bR\n" +
+	"tmpfsUpper\"@\n" +
 	"\vStoragePath\x12\x1d\n" +
 	"\n" +
 	"storage_id\x18\x01 \x01(\tR\tstorageId\x12\x12\n" +

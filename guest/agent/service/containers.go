@@ -33,9 +33,10 @@ func rootfsOf(r *agent.Rootfs) storage.Rootfs {
 		}
 		return &storage.Dir{Storage: p.GetStorageId(), Path: p.GetPath()}
 	}
-	out := storage.Rootfs{Upper: dir(r.GetUpper()), Work: dir(r.GetWork()), Options: r.GetOptions()}
+	out := storage.Rootfs{Upper: dir(r.GetUpper()), Work: dir(r.GetWork()), TmpfsUpper: r.GetTmpfsUpper(), Options: r.GetOptions()}
 	for _, l := range r.GetLower() {
-		out.Lower = append(out.Lower, *dir(l))
+		// A lower without a storage id is refused by MountRootfs, as an unknown storage.
+		out.Lower = append(out.Lower, storage.Dir{Storage: l.GetStorageId(), Path: l.GetPath()})
 	}
 	return out
 }

@@ -20,10 +20,13 @@ type Dir struct {
 // Rootfs says how to assemble a container's root filesystem from storages:
 //   - Lower only: read-only (an overlay of the layers, or a bind of the single one);
 //   - Lower with Upper and Work: a writable overlay (Upper and Work are created, 0755);
-//   - Upper alone: a read-write bind of Upper (a snapshot with no parent).
+//   - Upper alone: a read-write bind of Upper (a snapshot with no parent);
+//   - Lower with TmpfsUpper: a writable overlay whose upper and work directories are on
+//     a tmpfs of the rootfs's own (beside Target), unmounted with it.
 type Rootfs struct {
 	Lower       []Dir // top-most first, in overlayfs lowerdir order
 	Upper, Work *Dir
+	TmpfsUpper  bool
 	Options     []string // further overlay options (index=off, ...)
 }
 
@@ -49,6 +52,7 @@ func (r Rootfs) storages() []string {
 type MountedRootfs struct {
 	Target   string
 	storages []string
+	tmpfs    string // the TmpfsUpper's mount point; "" if none
 }
 
 // MountRootfs assembles r at target, which it creates.
@@ -58,6 +62,9 @@ func (m *Manager) MountRootfs(ctx context.Context, target string, r Rootfs) (_ *
 	}
 	if (r.Upper == nil) != (r.Work == nil) && len(r.Lower) > 0 {
 		return nil, fmt.Errorf("rootfs needs both upper and work, or neither: %w", errdefs.ErrInvalidArgument)
+	}
+	if r.TmpfsUpper && (r.Upper != nil || r.Work != nil || len(r.Lower) == 0) {
+		return nil, fmt.Errorf("a rootfs with a tmpfs upper layer needs lower layers, and no upper or work of its own: %w", errdefs.ErrInvalidArgument)
 	}
 	ids := r.storages()
 	roots, err := m.acquire(ids)
@@ -84,6 +91,18 @@ func (m *Manager) MountRootfs(ctx context.Context, target string, r Rootfs) (_ *
 		}
 	}()
 	mounted := &MountedRootfs{Target: target, storages: ids}
+	if r.TmpfsUpper {
+		dir, err := mountTmpfsUpper(target + ".upper")
+		if err != nil {
+			return nil, err
+		}
+		defer func() {
+			if retErr != nil {
+				unmountTmpfs(dir)
+			}
+		}()
+		mounted.tmpfs = dir
+	}
 
 	var upper, work string
 	for _, d := range []struct {
@@ -116,7 +135,7 @@ func (m *Manager) MountRootfs(ctx context.Context, target string, r Rootfs) (_ *
 	switch {
 	case len(r.Lower) == 0:
 		return mounted, bind(upper, false)
-	case len(r.Lower) == 1 && r.Upper == nil:
+	case len(r.Lower) == 1 && r.Upper == nil && !r.TmpfsUpper:
 		src, err := resolve(r.Lower[0])
 		if err != nil {
 			return nil, err
@@ -133,9 +152,12 @@ func (m *Manager) MountRootfs(ctx context.Context, target string, r Rootfs) (_ *
 	}
 	opts := []string{"lowerdir=" + strings.Join(lowers, ":")}
 	var flags uintptr
-	if r.Upper != nil {
+	switch {
+	case r.Upper != nil:
 		opts = append(opts, "upperdir="+upper, "workdir="+work)
-	} else {
+	case r.TmpfsUpper:
+		opts = append(opts, "upperdir="+mounted.tmpfs+"/upper", "workdir="+mounted.tmpfs+"/work")
+	default:
 		flags |= unix.MS_RDONLY
 	}
 	opts = append(opts, r.Options...)
@@ -159,6 +181,46 @@ func (m *Manager) UnmountRootfs(ctx context.Context, r *MountedRootfs) error {
 	m.release(r.storages)
 	r.storages = nil
 	if err := os.Remove(r.Target); err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	if r.tmpfs != "" {
+		if err := unmountTmpfs(r.tmpfs); err != nil {
+			return err
+		}
+		r.tmpfs = ""
+	}
+	return nil
+}
+
+// mountTmpfsUpper mounts a tmpfs at dir, which it creates, with the upper and work
+// directories of an overlay in it.
+func mountTmpfsUpper(dir string) (_ string, retErr error) {
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return "", fmt.Errorf("tmpfs upper layer: %w", err)
+	}
+	if err := unix.Mount("tmpfs", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0700"); err != nil {
+		os.Remove(dir)
+		return "", fmt.Errorf("tmpfs upper layer: mount %s: %w", dir, err)
+	}
+	defer func() {
+		if retErr != nil {
+			unmountTmpfs(dir)
+		}
+	}()
+	for _, d := range []string{"upper", "work"} {
+		if err := os.Mkdir(dir+"/"+d, 0o755); err != nil {
+			return "", fmt.Errorf("tmpfs upper layer: %w", err)
+		}
+	}
+	return dir, nil
+}
+
+// unmountTmpfs unmounts the tmpfs at dir, dropping what was written to it, and removes dir.
+func unmountTmpfs(dir string) error {
+	if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil && err != unix.EINVAL {
+		return fmt.Errorf("unmount tmpfs upper layer %s: %w", dir, err)
+	}
+	if err := os.Remove(dir); err != nil && !os.IsNotExist(err) {
 		return err
 	}
 	return nil

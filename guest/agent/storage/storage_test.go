@@ -226,6 +226,43 @@ func TestMountAndRootfs(t *testing.T) {
 	if err := m.UnmountRootfs(ctx, mr); err != nil {
 		t.Fatal(err)
 	}
+
+	// A tmpfs upper layer: writes land in it, not in any storage, and go with the rootfs.
+	tmpfsTarget := filepath.Join(dir, "pause")
+	for _, bad := range []Rootfs{
+		{TmpfsUpper: true},
+		{Lower: []Dir{{Storage: "layer1"}}, Upper: &Dir{Storage: "rw", Path: "u"}, Work: &Dir{Storage: "rw", Path: "w"}, TmpfsUpper: true},
+	} {
+		if _, err := m.MountRootfs(ctx, tmpfsTarget, bad); !errdefs.IsInvalidArgument(err) {
+			t.Errorf("MountRootfs(%+v): %v, want InvalidArgument", bad, err)
+		}
+	}
+	mr, err = m.MountRootfs(ctx, tmpfsTarget, Rootfs{Lower: []Dir{{Storage: "layer1"}}, TmpfsUpper: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(tmpfsTarget, unix.MNT_DETACH); _ = unix.Unmount(tmpfsTarget+".upper", unix.MNT_DETACH) })
+	if b, err := os.ReadFile(filepath.Join(tmpfsTarget, "etc/layer")); err != nil || string(b) != "lower\n" {
+		t.Fatalf("lower file through the tmpfs-upper overlay: %q, %v", b, err)
+	}
+	if err := os.WriteFile(filepath.Join(tmpfsTarget, "etc/pause"), []byte("tmpfs\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(filepath.Join(tmpfsTarget+".upper", "upper/etc/pause")); err != nil || string(b) != "tmpfs\n" {
+		t.Fatalf("write did not land in the tmpfs upper layer: %q, %v", b, err)
+	}
+	if _, err := os.Stat(filepath.Join(rw, "upper/etc/pause")); !os.IsNotExist(err) {
+		t.Errorf("the tmpfs-upper rootfs wrote to the writable storage: %v", err)
+	}
+	if err := m.UnmountRootfs(ctx, mr); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{tmpfsTarget, tmpfsTarget + ".upper"} {
+		if _, err := os.Stat(p); !os.IsNotExist(err) {
+			t.Errorf("%s left after UnmountRootfs: %v", p, err)
+		}
+	}
+
 	for _, id := range []string{"layer1", "rw"} {
 		if err := m.Unmount(ctx, id); err != nil {
 			t.Fatal(err)
