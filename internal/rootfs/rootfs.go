@@ -49,14 +49,40 @@ type Ref struct {
 // Plan is a container's rootfs: devices, and how the agent assembles them.
 //   - Lower only: read-only (an overlay of Lower, or the single lower itself);
 //   - Upper and Work with Lower: a writable overlay;
-//   - Upper alone: a read-write bind of Upper.
+//   - Upper alone: a read-write bind of Upper;
+//   - TmpfsUpper with Lower: a writable overlay whose upper layer is a tmpfs in the
+//     guest, gone with the container (WithTmpfsUpper).
 type Plan struct {
 	Devices []Device
 	// Lower are the read-only layers, top-most first (overlayfs lowerdir order).
 	Lower       []Ref
 	Upper, Work *Ref
+	TmpfsUpper  bool
 	// Options are the overlay options to pass on, from OverlayOptions.
 	Options []string
+}
+
+// WithTmpfsUpper returns the plan with its writable layer in guest memory instead of on
+// its snapshot's writable image, which is then neither formatted nor attached: for a
+// container whose writes no one reads, a CRI pod's pause container (its sandbox
+// snapshot is never committed or diffed, and goes with the pod). A plan with no
+// lower layers or no writable layer is returned as it is.
+func (p *Plan) WithTmpfsUpper() *Plan {
+	if p == nil || p.Upper == nil || len(p.Lower) == 0 {
+		return p
+	}
+	out := &Plan{Options: p.Options, TmpfsUpper: true}
+	index := map[int]int{} // p's device index to out's
+	for _, r := range p.Lower {
+		i, ok := index[r.Device]
+		if !ok {
+			i = len(out.Devices)
+			index[r.Device] = i
+			out.Devices = append(out.Devices, p.Devices[r.Device])
+		}
+		out.Lower = append(out.Lower, Ref{Device: i, Path: r.Path})
+	}
+	return out
 }
 
 // OverlayOptions are the overlay options a rootfs may carry into the guest.

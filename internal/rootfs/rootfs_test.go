@@ -92,6 +92,38 @@ func TestParseContractShapes(t *testing.T) {
 	}
 }
 
+// WithTmpfsUpper drops the writable image and renumbers the layers; plans it does not
+// apply to come back as they are.
+func TestWithTmpfsUpper(t *testing.T) {
+	active := Plan{Devices: []Device{rwDev, l1, l2}, Lower: []Ref{{Device: 1}, {Device: 2, Path: "p"}},
+		Upper: &Ref{0, "upper"}, Work: &Ref{0, "work"}, Options: []string{"index=off"}}
+	// A writable image that is listed after the layers it sits on.
+	rwLast := Plan{Devices: []Device{l1, rwDev}, Lower: []Ref{{Device: 0}}, Upper: &Ref{1, "upper"}, Work: &Ref{1, "work"}}
+	noParent := Plan{Devices: []Device{rwDev}, Upper: &Ref{0, "upper"}}
+	view := Plan{Devices: []Device{l1, l2}, Lower: []Ref{{Device: 0}, {Device: 1}}, Options: []string{"ro"}}
+	for _, tc := range []struct {
+		name string
+		in   *Plan
+		want *Plan
+	}{
+		{"active with two parents", &active, &Plan{Devices: []Device{l1, l2}, Lower: []Ref{{Device: 0}, {Device: 1, Path: "p"}},
+			TmpfsUpper: true, Options: []string{"index=off"}}},
+		{"writable image last", &rwLast, &Plan{Devices: []Device{l1}, Lower: []Ref{{Device: 0}}, TmpfsUpper: true}},
+		{"no parent: kept", &noParent, &noParent},
+		{"a view: kept", &view, &view},
+		{"none", nil, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := tc.in.WithTmpfsUpper(); !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("got  %+v\nwant %+v", got, tc.want)
+			}
+		})
+	}
+	if active.Upper == nil || len(active.Devices) != 3 {
+		t.Errorf("the plan it was given changed: %+v", active)
+	}
+}
+
 func TestParseRejects(t *testing.T) {
 	overlay := func(opts ...string) mount.Mount {
 		return mount.Mount{Type: "format/mkdir/overlay", Source: "overlay", Options: opts}

@@ -76,7 +76,7 @@ func (p *Pod) rootfsOf(plan *rootfs.Plan, ids, sources []string) Rootfs {
 		}
 		return &agent.StoragePath{StorageId: ids[r.Device], Path: r.Path}
 	}
-	rfs := &agent.Rootfs{Upper: ref(plan.Upper), Work: ref(plan.Work), Options: plan.Options}
+	rfs := &agent.Rootfs{Upper: ref(plan.Upper), Work: ref(plan.Work), TmpfsUpper: plan.TmpfsUpper, Options: plan.Options}
 	for i := range plan.Lower {
 		rfs.Lower = append(rfs.Lower, ref(&plan.Lower[i]))
 	}

@@ -416,9 +416,11 @@ func (h *harness) stop() {
 
 // A pod's later containers join its VM: the layer they share stays attached once, only
 // their own images are hot-plugged, and deleting one releases only what it alone used.
+// The pause container writes to a tmpfs in the guest: its writable image is not
+// attached.
 func TestLaterContainersJoinThePod(t *testing.T) {
 	h := newHarness(t)
-	sbReq, sbRW := h.createRequest("sb", sandboxAnnotations("pod1"))
+	sbReq, _ := h.createRequest("sb", sandboxAnnotations("pod1"))
 	h.mustCreate(sbReq)
 	h.mustStart("sb", "")
 	vm := h.vm()
@@ -433,8 +435,14 @@ func TestLaterContainersJoinThePod(t *testing.T) {
 	if sb := h.hv.Agent.Sandbox(); sb.GetSandboxId() != "pod1" {
 		t.Errorf("sandbox %v, want pod1", sb)
 	}
-	if got, want := attached(vm), sorted(h.layer, sbRW, c1RW, c2RW); !slices.Equal(got, want) {
+	if got, want := attached(vm), sorted(h.layer, c1RW, c2RW); !slices.Equal(got, want) {
 		t.Errorf("attached %v, want %v", got, want)
+	}
+	if r := h.hv.Agent.Container("sb").GetRootfs(); !r.GetTmpfsUpper() || r.GetUpper() != nil || r.GetWork() != nil || len(r.GetLower()) != 1 {
+		t.Errorf("the pause container's rootfs %v: want its layer under a tmpfs upper", r)
+	}
+	if r := h.hv.Agent.Container("c1").GetRootfs(); r.GetTmpfsUpper() || r.GetUpper() == nil {
+		t.Errorf("c1's rootfs %v: want its writable image as upper", r)
 	}
 	var hotplugged int
 	for _, e := range vm.Events() {
@@ -461,7 +469,7 @@ func TestLaterContainersJoinThePod(t *testing.T) {
 	if got := h.hv.Agent.Methods("c1"); !slices.Equal(got, []string{"Containers.Create c1", "Containers.Signal c1", "Containers.Delete c1"}) {
 		t.Errorf("the agent's calls about c1: %q", got)
 	}
-	if got, want := attached(vm), sorted(h.layer, sbRW, c2RW); !slices.Equal(got, want) {
+	if got, want := attached(vm), sorted(h.layer, c2RW); !slices.Equal(got, want) {
 		t.Errorf("after c1's delete attached %v, want %v", got, want)
 	}
 	if got := h.status("sb", ""); got != task.Status_RUNNING {
