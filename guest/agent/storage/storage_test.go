@@ -88,15 +88,21 @@ func fakeSys(t *testing.T, pciDev, serialDev, serial string) string {
 	return sys
 }
 
-// A disk whose node exists but which is not live yet (size 0) is waited for, not mounted.
-func TestFindWaitsForALiveDisk(t *testing.T) {
+// loopDisk is a 1 MiB loop device, read-only, and a fake sysfs naming it with serial.
+func loopDisk(t *testing.T, serial string) (dev, sys string) {
+	t.Helper()
 	testutil.RequireRoot(t)
 	img := filepath.Join(t.TempDir(), "disk.img")
 	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	dev := loopDevice(t, img, true)
-	sys := fakeSys(t, dev, dev, "late")
+	dev = loopDevice(t, img, true)
+	return dev, fakeSys(t, dev, dev, serial)
+}
+
+// A disk whose node exists but which is not live yet (size 0) is waited for, not mounted.
+func TestFindWaitsForALiveDisk(t *testing.T) {
+	dev, sys := loopDisk(t, "late")
 	size := filepath.Join(sys, "block", filepath.Base(dev), "size")
 	os.WriteFile(size, []byte("0\n"), 0o444)
 	f := Finder{Sys: sys, Dev: "/dev", Poll: 10 * time.Millisecond}
@@ -122,13 +128,7 @@ func TestFindWaitsForALiveDisk(t *testing.T) {
 // announces a block device: the fallback is an hour here, so only the event (the
 // "change" the test makes the kernel send for the loop device) can wake Find in time.
 func TestFindWakesOnBlockEvent(t *testing.T) {
-	testutil.RequireRoot(t)
-	img := filepath.Join(t.TempDir(), "disk.img")
-	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	dev := loopDevice(t, img, true)
-	sys := fakeSys(t, dev, dev, "other")
+	dev, sys := loopDisk(t, "other")
 	serial := filepath.Join(sys, "block", filepath.Base(dev), "serial")
 	f := Finder{Sys: sys, Dev: "/dev", Poll: time.Hour, Uevents: true, UeventFallback: time.Hour}
 	found := make(chan error, 1)
@@ -241,7 +241,10 @@ func TestMountAndRootfs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = unix.Unmount(tmpfsTarget, unix.MNT_DETACH); _ = unix.Unmount(tmpfsTarget+".upper", unix.MNT_DETACH) })
+	t.Cleanup(func() {
+		_ = unix.Unmount(tmpfsTarget, unix.MNT_DETACH)
+		_ = unix.Unmount(tmpfsTarget+".upper", unix.MNT_DETACH)
+	})
 	if b, err := os.ReadFile(filepath.Join(tmpfsTarget, "etc/layer")); err != nil || string(b) != "lower\n" {
 		t.Fatalf("lower file through the tmpfs-upper overlay: %q, %v", b, err)
 	}
