@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/caisson-containers/caisson/integration-tests/harness"
@@ -52,6 +53,27 @@ func TestCRIPodLifecycle(t *testing.T) {
 	}
 	if out, _, _ := c.Exec(t, worker, "hostname"); strings.TrimSpace(out) != "lifecycle" {
 		t.Fatalf("hostname = %q, want the pod's", out)
+	}
+	// The pause container writes to a tmpfs in the guest (docs/mounts.md): its sandbox
+	// snapshot's writable image is never made, an app container's is.
+	sn := c.Client.SnapshotService("caisson")
+	for key, made := range map[string]bool{pod: false, worker: true} {
+		mounts, err := sn.Mounts(namespaces.WithNamespace(ctx, "k8s.io"), key)
+		if err != nil {
+			t.Fatalf("mounts of snapshot %s: %v", key, err)
+		}
+		var image string
+		for _, m := range mounts {
+			if m.Type == "mkfs/ext4" {
+				image = m.Source
+			}
+		}
+		if image == "" {
+			t.Fatalf("snapshot %s has no writable image among its mounts %+v", key, mounts)
+		}
+		if _, err := os.Stat(image); (err == nil) != made {
+			t.Errorf("snapshot %s's writable image %s: %v; want made %v", key, image, err, made)
+		}
 	}
 	// The pod's DNS configuration reaches the guest's resolv.conf.
 	if out, _, _ := c.Exec(t, worker, "cat", "/etc/resolv.conf"); !strings.Contains(out, "nameserver 10.96.0.10") ||
