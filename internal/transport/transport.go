@@ -17,12 +17,14 @@ package transport
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"strconv"
 	"strings"
 
 	"github.com/containerd/errdefs"
+	"github.com/hashicorp/yamux"
 )
 
 // Session is the host's handle on the agent: it opens connections to it.
@@ -97,4 +99,13 @@ func EndpointFromCmdline(cmdline string) (Endpoint, error) {
 		}
 	}
 	return Endpoint{Kind: Serial}, nil
+}
+
+// Closed reports whether err is a session's own end rather than an answer from the other
+// side: the session is shut down (the peer closed it, or broke it with bytes that are not
+// the protocol) or the connection was closed or reset under the call. ttrpc passes these
+// through as they are (it turns only EOF and closed pipes into ttrpc.ErrClosed).
+func Closed(err error) bool {
+	return errors.Is(err, yamux.ErrSessionShutdown) || errors.Is(err, yamux.ErrStreamClosed) ||
+		errors.Is(err, yamux.ErrConnectionReset) || errors.Is(err, yamux.ErrStreamsExhausted)
 }

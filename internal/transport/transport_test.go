@@ -18,6 +18,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/ttrpc"
+	"github.com/hashicorp/yamux"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
@@ -289,4 +290,26 @@ func mustPreamble(t *testing.T, p *agent.Preamble) []byte {
 		t.Fatal(err)
 	}
 	return b.Bytes()
+}
+
+// Closed tells the session's own ends, however ttrpc or a caller wrapped them, from
+// errors that are answers.
+func TestClosed(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want bool
+	}{
+		{yamux.ErrSessionShutdown, true},
+		{fmt.Errorf("signal: %w", yamux.ErrSessionShutdown), true},
+		{yamux.ErrStreamClosed, true},
+		{yamux.ErrConnectionReset, true},
+		{yamux.ErrStreamsExhausted, true},
+		{errors.New("session shutdown"), false}, // the same words from elsewhere
+		{errdefs.ErrNotFound, false},
+		{nil, false},
+	} {
+		if got := Closed(tc.err); got != tc.want {
+			t.Errorf("Closed(%v) = %v, want %v", tc.err, got, tc.want)
+		}
+	}
 }

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/containerd/ttrpc"
+
+	"github.com/caisson-containers/caisson/internal/transport"
 )
 
 // Every unary call the shim makes to the agent has a deadline, so that a guest that stops
@@ -97,5 +99,6 @@ func (d *deadlines) silent() bool {
 // isTransportError reports whether err is the client's own (no answer came: a deadline,
 // a cancellation, a closed connection) rather than an error the agent answered with.
 func isTransportError(err error) bool {
-	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || errors.Is(err, ttrpc.ErrClosed)
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || errors.Is(err, ttrpc.ErrClosed) ||
+		transport.Closed(err)
 }

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/internal/transport"
 	"github.com/caisson-containers/caisson/shim/pod"
 	"github.com/caisson-containers/caisson/shim/stdio"
 )
@@ -211,7 +212,7 @@ func (s *service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*ptypes.Emp
 // guest closed it, or broke it with bytes that are not the protocol) rather than being
 // an answer of the agent. Nothing more can be asked of such a guest: a SIGKILL is then
 // delivered as to a silent one, by ending the VM.
-func lostGuest(err error) bool { return errors.Is(err, ttrpc.ErrClosed) }
+func lostGuest(err error) bool { return errors.Is(err, ttrpc.ErrClosed) || transport.Closed(err) }
 
 // killSilentPod delivers a SIGKILL the guest cannot be asked to deliver: it kills the VM,
 // and with it every process of the pod (not only the one the SIGKILL was for: a guest that
