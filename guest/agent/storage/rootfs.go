@@ -91,6 +91,7 @@ func (m *Manager) MountRootfs(ctx context.Context, target string, r Rootfs) (_ *
 		}
 	}()
 	mounted := &MountedRootfs{Target: target, storages: ids}
+	var upper, work string
 	if r.TmpfsUpper {
 		dir, err := mountTmpfsUpper(target + ".upper")
 		if err != nil {
@@ -102,9 +103,9 @@ func (m *Manager) MountRootfs(ctx context.Context, target string, r Rootfs) (_ *
 			}
 		}()
 		mounted.tmpfs = dir
+		upper, work = dir+"/upper", dir+"/work"
 	}
 
-	var upper, work string
 	for _, d := range []struct {
 		dir *Dir
 		p   *string
@@ -152,12 +153,9 @@ func (m *Manager) MountRootfs(ctx context.Context, target string, r Rootfs) (_ *
 	}
 	opts := []string{"lowerdir=" + strings.Join(lowers, ":")}
 	var flags uintptr
-	switch {
-	case r.Upper != nil:
+	if upper != "" {
 		opts = append(opts, "upperdir="+upper, "workdir="+work)
-	case r.TmpfsUpper:
-		opts = append(opts, "upperdir="+mounted.tmpfs+"/upper", "workdir="+mounted.tmpfs+"/work")
-	default:
+	} else {
 		flags |= unix.MS_RDONLY
 	}
 	opts = append(opts, r.Options...)

@@ -47,14 +47,21 @@ func trigger(t *testing.T) {
 	}
 }
 
-// The kernel's events arrive; one sent by a process to the kernel's group does not.
-func TestListen(t *testing.T) {
+// listen opens a Listener for the test (root only), closed when the test ends.
+func listen(t *testing.T) *Listener {
+	t.Helper()
 	testutil.RequireRoot(t)
 	l, err := Listen()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
+	t.Cleanup(func() { l.Close() })
+	return l
+}
+
+// The kernel's events arrive; one sent by a process to the kernel's group does not.
+func TestListen(t *testing.T) {
+	l := listen(t)
 
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_KOBJECT_UEVENT)
 	if err != nil {
@@ -88,12 +95,7 @@ func TestListen(t *testing.T) {
 
 // Next returns when its context ends, and the listener still works after that.
 func TestNextContext(t *testing.T) {
-	testutil.RequireRoot(t)
-	l, err := Listen()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := listen(t)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
