@@ -111,6 +111,9 @@ func TestBootFails(t *testing.T) {
 		{name: "version", setup: func(h *fakevm.Hypervisor, _ *Options) {
 			h.Agent.Fail("Sandbox.Version", errdefs.ErrNotImplemented)
 		}, want: errdefs.ErrNotImplemented, message: "agent version"},
+		{name: "another API version", setup: func(h *fakevm.Hypervisor, _ *Options) {
+			h.Agent.APIVersion = "v1"
+		}, want: errdefs.ErrFailedPrecondition, message: "rebuild the guest image"},
 		{name: "VM dies while booting", setup: func(_ *fakevm.Hypervisor, o *Options) {
 			o.Started = func(vm vmm.VM) error { return vm.(*fakevm.VM).Crash() }
 		}, message: "VM ended while booting"},

@@ -21,5 +21,11 @@
 // `make protos` and checked by `make check-protos`.
 package agent
 
-// APIVersion is the version of this package's API, reported by Sandbox.Version.
-const APIVersion = "v1"
+// APIVersion is the version of this package's API, reported by Sandbox.Version. A shim
+// refuses an agent that reports another one: the shim and the guest image ship together,
+// and a field added for one of them is dropped without a word by the other if it predates
+// it (protobuf skips unknown fields). The number after the dot counts such additions that
+// change what the guest does:
+//   - v1.1: Rootfs.tmpfs_upper (an agent without it would mount a CRI pause container's
+//     rootfs read-only).
+const APIVersion = "v1.1"

@@ -57,6 +57,10 @@ func (c Call) String() string {
 
 // Agent is the in-memory guest agent. Its zero value is not usable: see NewAgent.
 type Agent struct {
+	// APIVersion is what Sandbox.Version reports; agent.APIVersion if empty (a guest
+	// image older or newer than the shim reports another).
+	APIVersion string
+
 	mu         sync.Mutex
 	calls      []Call
 	fail       map[string]error
@@ -338,7 +342,11 @@ func (s sandboxService) Version(ctx context.Context, r *agent.VersionRequest) (*
 	if err := s.a.call("Sandbox.Version", "", ""); err != nil {
 		return nil, err
 	}
-	return &agent.VersionResponse{AgentVersion: Version, ApiVersion: agent.APIVersion, KernelRelease: "fake"}, nil
+	v := s.a.APIVersion
+	if v == "" {
+		v = agent.APIVersion
+	}
+	return &agent.VersionResponse{AgentVersion: Version, ApiVersion: v, KernelRelease: "fake"}, nil
 }
 
 // Destroy ends every process and forgets the containers and storages, as the real agent
