@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 	"unicode"
 	"unicode/utf8"
 
@@ -32,10 +33,21 @@ type metricsReader struct {
 	names []string // metricsFile → the file's name in dir
 
 	mu     sync.Mutex
-	fds    []int // metricsFile → its open fd, or -1
+	fds    []int       // metricsFile → its open fd, or -1
+	absent []time.Time // metricsFile → when it was last looked up and not found
 	buf    []byte
 	closed bool
+	now    func() time.Time
 }
+
+// absentRetry is how long a file that was not found reads as absent before it is looked
+// up again. Most absent files stay so (a file this kernel does not have, such as 6.1's
+// memory.swap.peak, or a controller no one enables), and under TCG a failed lookup
+// through the group's path costs every call a few thousand emulated instructions; a file
+// that appears (a controller enabled later, pressure files shown again through
+// cgroup.pressure) is read within this much time, as containerd's collector or the
+// kubelet, every 1 to 10 s, would see it a sample later.
+const absentRetry = 10 * time.Second
 
 // metricsFile indexes a reader's files.
 type metricsFile int
@@ -92,26 +104,32 @@ func newMetricsReader(dir string) *metricsReader {
 	for i := range fds {
 		fds[i] = -1
 	}
-	return &metricsReader{dir: dir, names: names, fds: fds, buf: make([]byte, 8192)}
+	return &metricsReader{dir: dir, names: names, fds: fds, absent: make([]time.Time, len(names)), buf: make([]byte, 8192), now: time.Now}
 }
 
 func (r *metricsReader) path(f metricsFile) string { return filepath.Join(r.dir, r.names[f]) }
 
 // read returns the content of the group's file f, valid until the next read. A file
-// that does not exist is looked up again next time (a failed lookup is cheap, and a
-// controller enabled later adds files); one whose controller went away (ENODEV from
-// kernfs) is closed and looked up again.
+// that does not exist reads as absent, without a lookup, for absentRetry; one whose
+// controller went away (ENODEV from kernfs) is closed and looked up again.
 func (r *metricsReader) read(f metricsFile) ([]byte, error) {
 	for retry := true; ; retry = false {
 		fd := r.fds[f]
 		if fd < 0 {
 			path := r.path(f)
+			if t := r.absent[f]; !t.IsZero() && r.now().Sub(t) < absentRetry {
+				return nil, &os.PathError{Op: "open", Path: path, Err: unix.ENOENT}
+			}
 			var err error
 			fd, err = unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 			if err != nil {
+				if err == unix.ENOENT {
+					r.absent[f] = r.now()
+				}
 				return nil, &os.PathError{Op: "open", Path: path, Err: err}
 			}
 			r.fds[f] = fd
+			r.absent[f] = time.Time{}
 		}
 		n, err := unix.Pread(fd, r.buf, 0)
 		switch {

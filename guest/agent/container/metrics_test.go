@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/containerd/cgroups/v3/cgroup2"
 	"github.com/sirupsen/logrus"
@@ -111,6 +112,50 @@ func TestMetricsMatchStat(t *testing.T) {
 			}
 			compareWithStat(t, root, "/pod/ctr", tc.wantErr)
 		})
+	}
+}
+
+// A file that was not there reads as absent, without a lookup, until absentRetry has
+// passed; then it is found. One that was there and goes is absent at once.
+func TestMetricsAbsentFileLookedUpAgain(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("memory.stat", "anon 1\n")
+	r := newMetricsReader(dir)
+	defer r.close()
+	now := time.Unix(1000, 0)
+	r.now = func() time.Time { return now }
+	swapPeak := func() uint64 {
+		t.Helper()
+		m, err := r.metrics()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m.GetMemory().GetSwapMaxUsage()
+	}
+
+	if got := swapPeak(); got != 0 {
+		t.Fatalf("swap peak %d before the file exists", got)
+	}
+	write("memory.swap.peak", "42\n")
+	for _, tc := range []struct {
+		after time.Duration
+		want  uint64
+	}{
+		{0, 0},
+		{absentRetry - time.Millisecond, 0},
+		{absentRetry, 42},
+		{absentRetry + time.Second, 42},
+	} {
+		now = time.Unix(1000, 0).Add(tc.after)
+		if got := swapPeak(); got != tc.want {
+			t.Errorf("%v after the lookup that failed: swap peak %d, want %d", tc.after, got, tc.want)
+		}
 	}
 }
 
