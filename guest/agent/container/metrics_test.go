@@ -116,7 +116,7 @@ func TestMetricsMatchStat(t *testing.T) {
 }
 
 // A file that was not there reads as absent, without a lookup, until absentRetry has
-// passed; then it is found. One that was there and goes is absent at once.
+// passed; then it is found.
 func TestMetricsAbsentFileLookedUpAgain(t *testing.T) {
 	dir := t.TempDir()
 	write := func(name, content string) {
