@@ -250,12 +250,13 @@ func (c *closeOnce) closed() bool { return c.isDone.Load() }
 
 // OpenSerialPort opens the guest's virtio-serial port called name. Without udev
 // there is no /dev/virtio-ports/NAME link, so the port is found by the name
-// sysfs gives it (/sys/class/virtio-ports/vportNpM/name).
-func OpenSerialPort(name string) (*os.File, error) {
+// sysfs gives it (/sys/class/virtio-ports/vportNpM/name). The port is read and
+// written raw (rawport.go).
+func OpenSerialPort(name string) (io.ReadWriteCloser, error) {
 	return openSerialPort("/sys/class/virtio-ports", "/dev", name)
 }
 
-func openSerialPort(sysDir, devDir, name string) (*os.File, error) {
+func openSerialPort(sysDir, devDir, name string) (io.ReadWriteCloser, error) {
 	entries, err := os.ReadDir(sysDir)
 	if err != nil {
 		return nil, fmt.Errorf("list virtio ports: %w", err)
@@ -269,7 +270,12 @@ func openSerialPort(sysDir, devDir, name string) (*os.File, error) {
 		if err != nil {
 			return nil, fmt.Errorf("open virtio port %s: %w", name, err)
 		}
-		return f, nil
+		port, err := newRawPort(f)
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("open virtio port %s: %w", name, err)
+		}
+		return port, nil
 	}
 	return nil, fmt.Errorf("virtio port %q: %w", name, errdefs.ErrNotFound)
 }
