@@ -13,6 +13,7 @@ import (
 	"time"
 	"unicode"
 	"unicode/utf8"
+	"unsafe"
 
 	"github.com/containerd/cgroups/v3/cgroup2/stats"
 	"golang.org/x/sys/unix"
@@ -131,7 +132,7 @@ func (r *metricsReader) read(f metricsFile) ([]byte, error) {
 			r.fds[f] = fd
 			r.absent[f] = time.Time{}
 		}
-		n, err := unix.Pread(fd, r.buf, 0)
+		n, err := rawPread(fd, r.buf)
 		switch {
 		case errors.Is(err, unix.ENODEV) && retry:
 			unix.Close(fd)
@@ -145,6 +146,24 @@ func (r *metricsReader) read(f metricsFile) ([]byte, error) {
 			continue
 		}
 		return r.buf[:n], nil
+	}
+}
+
+// rawPread reads fd from offset 0 into buf without the Go runtime's syscall bookkeeping:
+// entering a syscall wakes the runtime's sysmon thread while every P is idle, and each of
+// its polls then costs an idle guest a timer interrupt and two context switches under TCG
+// (internal/transport's rawPort says more). A cgroup file's read does not block: the
+// kernel generates its content and returns.
+func rawPread(fd int, buf []byte) (int, error) {
+	for {
+		n, _, errno := unix.RawSyscall6(unix.SYS_PREAD64, uintptr(fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)), 0, 0, 0)
+		switch errno {
+		case 0:
+			return int(n), nil
+		case unix.EINTR:
+			continue
+		}
+		return 0, errno
 	}
 }
 
