@@ -10,14 +10,16 @@ import (
 
 // sysmonTimerSlack is the timer slack the agent gives the Go runtime's sysmon thread.
 //
-// Whenever the agent wakes (each call of the shim: containerd asks every container for
-// its metrics every second), its first syscall wakes sysmon, which then polls every
-// 20 µs (doubling after 1 ms, up to 10 ms) until every P is idle again. Under TCG each
-// of those polls is a timer interrupt and two context switches of the guest's vCPU, a
-// good part of what an idle pod's stats collection costs the host. A thread's timer
-// slack lets the kernel fire its sleeps that much late, together with the next interrupt
-// that comes anyway (the 4 ms tick of a busy CPU, the channel's): sysmon then polls a few
-// times per call instead of a dozen.
+// Whenever the agent wakes from idle, its first syscall made the usual way (entersyscall)
+// wakes sysmon, which then polls every 20 µs (doubling after 1 ms, up to 10 ms) until
+// every P is idle again. Under TCG each of those polls is a timer interrupt and two
+// context switches of the guest's vCPU. The path of a call that only reads (containerd
+// asks every container for its metrics every second) makes its syscalls raw and leaves
+// sysmon asleep (internal/transport's rawPort); everything else the agent does (creates,
+// execs, stdio, mounts) still wakes it. A thread's timer slack lets the kernel fire its
+// sleeps that much late, together with the next interrupt that comes anyway (the 4 ms
+// tick of a busy CPU, the channel's): sysmon then polls a few times per wake-up instead
+// of a dozen.
 //
 // What sysmon does comes at most this much later: taking the P from a goroutine in a
 // long syscall (20 µs at the earliest without slack), preempting a goroutine that runs
