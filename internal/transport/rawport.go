@@ -86,25 +86,36 @@ func (p *rawPort) Read(b []byte) (int, error) {
 	return n, nil
 }
 
-// Write writes all of b, as os.File's Write does.
+// Write writes all of b, as os.File's Write does, and as one write with respect to other
+// Writes: the RawConn holds its write lock across the waits for the poller.
 func (p *rawPort) Write(b []byte) (int, error) {
 	written := 0
-	for written < len(b) {
-		var n int
-		var errno syscall.Errno
-		err := p.rc.Write(func(fd uintptr) bool {
-			n, errno = rawIO(unix.SYS_WRITE, fd, b[written:])
-			return errno != unix.EAGAIN
-		})
-		switch {
-		case err != nil:
-			return written, p.wrap("write", err)
-		case errno != 0:
-			return written, &os.PathError{Op: "write", Path: p.f.Name(), Err: errno}
-		case n == 0:
-			return written, io.ErrUnexpectedEOF
+	var errno syscall.Errno
+	short := false
+	err := p.rc.Write(func(fd uintptr) bool {
+		for written < len(b) {
+			n, e := rawIO(unix.SYS_WRITE, fd, b[written:])
+			switch {
+			case e == unix.EAGAIN:
+				return false
+			case e != 0:
+				errno = e
+				return true
+			case n == 0:
+				short = true
+				return true
+			}
+			written += n
 		}
-		written += n
+		return true
+	})
+	switch {
+	case err != nil:
+		return written, p.wrap("write", err)
+	case errno != 0:
+		return written, &os.PathError{Op: "write", Path: p.f.Name(), Err: errno}
+	case short:
+		return written, io.ErrUnexpectedEOF
 	}
 	return written, nil
 }
