@@ -90,10 +90,7 @@ func (s *service) validateCreate(r *taskAPI.CreateTaskRequest) (createRequest, e
 	if cr.rootfs, err = rootfs.Parse(mounts); err != nil {
 		return createRequest{}, fmt.Errorf("rootfs of container %s: %w", r.ID, err)
 	}
-	if cr.spec.Annotations[annotationContainerType] == containerTypeSandbox {
-		// A CRI pod's pause container writes nothing anyone reads: its writable layer
-		// is a tmpfs in the guest, and its snapshot's writable image is neither
-		// formatted nor attached (one disk, one mkfs and one ext4 mount less per pod).
+	if writesUnread(cr.spec, cr.rootfs) {
 		cr.rootfs = cr.rootfs.WithTmpfsUpper()
 	}
 	if r.Options != nil {

@@ -124,14 +124,14 @@ func (h *harness) createRequest(id string, annotations map[string]string) (*task
 	return h.createRequestOn(id, annotations, h.layer)
 }
 
-// createRequestOn is createRequest with the rootfs on layer.
-func (h *harness) createRequestOn(id string, annotations map[string]string, layer string) (*taskAPI.CreateTaskRequest, string) {
+// createRequestOn is createRequest with the rootfs on layer, and opts applied to the spec.
+func (h *harness) createRequestOn(id string, annotations map[string]string, layer string, opts ...oci.SpecOpts) (*taskAPI.CreateTaskRequest, string) {
 	h.t.Helper()
 	bundle := filepath.Join(h.dir, id)
 	if err := os.MkdirAll(bundle, 0o700); err != nil {
 		h.t.Fatal(err)
 	}
-	spec, err := oci.GenerateSpec(h.ctx, nil, &containers.Container{ID: id}, oci.WithAnnotations(annotations))
+	spec, err := oci.GenerateSpec(h.ctx, nil, &containers.Container{ID: id}, append([]oci.SpecOpts{oci.WithAnnotations(annotations)}, opts...)...)
 	if err != nil {
 		h.t.Fatal(err)
 	}
@@ -481,6 +481,57 @@ func TestLaterContainersJoinThePod(t *testing.T) {
 	}
 	if !vm.Running() {
 		t.Fatal("Shutdown with containers left stopped the VM")
+	}
+}
+
+// A container whose rootfs is read-only and stays so writes to a tmpfs in the guest, as
+// the pause container does, if its writable image has not been made yet: the image is
+// neither created nor attached. Every other container keeps its image.
+func TestReadOnlyRootfsOnTmpfs(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		opts  []oci.SpecOpts
+		made  bool // the writable image exists before the create
+		tmpfs bool
+	}{
+		{name: "read-only", opts: []oci.SpecOpts{oci.WithRootFSReadonly()}, tmpfs: true},
+		{name: "read-only on an image made before", opts: []oci.SpecOpts{oci.WithRootFSReadonly()}, made: true},
+		{name: "read-only with CAP_SYS_ADMIN", opts: []oci.SpecOpts{oci.WithRootFSReadonly(), oci.WithAddedCapabilities([]string{"CAP_SYS_ADMIN"})}},
+		{name: "privileged read-only", opts: []oci.SpecOpts{oci.WithRootFSReadonly(), oci.WithPrivileged}},
+		{name: "writable", made: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t)
+			sbReq, _ := h.createRequest("sb", sandboxAnnotations("pod1"))
+			h.mustCreate(sbReq)
+			vm := h.vm()
+			req, rw := h.createRequestOn("c1", containerAnnotations("pod1"), h.layer, tc.opts...)
+			if !tc.made {
+				if err := os.Remove(rw); err != nil {
+					t.Fatal(err)
+				}
+			}
+			h.mustCreate(req)
+			r := h.hv.Agent.Container("c1").GetRootfs()
+			if tc.tmpfs {
+				if !r.GetTmpfsUpper() || r.GetUpper() != nil || r.GetWork() != nil || len(r.GetLower()) != 1 {
+					t.Errorf("rootfs %v: want the layer under a tmpfs upper", r)
+				}
+				if got, want := attached(vm), []string{h.layer}; !slices.Equal(got, want) {
+					t.Errorf("attached %v, want only the layer %v", got, want)
+				}
+				if _, err := os.Lstat(rw); !errors.Is(err, os.ErrNotExist) {
+					t.Errorf("the writable image %s was made: %v", rw, err)
+				}
+				return
+			}
+			if r.GetTmpfsUpper() || r.GetUpper() == nil {
+				t.Errorf("rootfs %v: want the writable image as upper", r)
+			}
+			if got, want := attached(vm), sorted(h.layer, rw); !slices.Equal(got, want) {
+				t.Errorf("attached %v, want %v", got, want)
+			}
+		})
 	}
 }
 
