@@ -64,9 +64,10 @@ type Plan struct {
 
 // WithTmpfsUpper returns the plan with its writable layer in guest memory instead of on
 // its snapshot's writable image, which is then neither formatted nor attached: for a
-// container whose writes no one reads, a CRI pod's pause container (its sandbox
-// snapshot is never committed or diffed, and goes with the pod). A plan with no
-// lower layers or no writable layer is returned as it is.
+// container whose writes no one reads: a CRI pod's pause container (its sandbox
+// snapshot is never committed or diffed, and goes with the pod), or one whose rootfs
+// stays read-only (shim/task's writesUnread). A plan with no lower layers or no
+// writable layer is returned as it is.
 func (p *Plan) WithTmpfsUpper() *Plan {
 	if p == nil || p.Upper == nil || len(p.Lower) == 0 {
 		return p
