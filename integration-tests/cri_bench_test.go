@@ -71,9 +71,14 @@ func shimPhases(b *testing.B, c *harness.CRI, pod string, start, sandboxDone, en
 // RunPodSandbox until the app container is Running (as the kubelet sees it), and for
 // Caisson the phases of it (see phaseNames). The pod is removed afterwards, untimed.
 func podStart(b *testing.B, c *harness.CRI, handler, image string, i int) (time.Duration, []time.Duration) {
+	return podStartWith(b, c, handler, image, fmt.Sprint(i), nil)
+}
+
+// podStartWith is podStart with the app container's configuration adjusted.
+func podStartWith(b *testing.B, c *harness.CRI, handler, image, name string, adjust func(*runtime.ContainerConfig)) (time.Duration, []time.Duration) {
 	b.Helper()
 	ctx := c.Ctx(b)
-	cfg := c.PodConfig(fmt.Sprintf("bench-%s-%d", handler, i), nil)
+	cfg := c.PodConfig(fmt.Sprintf("bench-%s-%s", handler, name), nil)
 	if err := os.MkdirAll(cfg.LogDirectory, 0o755); err != nil {
 		b.Fatal(err)
 	}
@@ -83,7 +88,11 @@ func podStart(b *testing.B, c *harness.CRI, handler, image string, i int) (time.
 		b.Fatalf("RunPodSandbox (%s): %v", handler, err)
 	}
 	sandboxDone := time.Now()
-	id, err := c.CreateContainer(ctx, resp.PodSandboxId, cfg, harness.ContainerConfig("app", image, "sleep", "100000"))
+	app := harness.ContainerConfig("app", image, "sleep", "100000")
+	if adjust != nil {
+		adjust(app)
+	}
+	id, err := c.CreateContainer(ctx, resp.PodSandboxId, cfg, app)
 	if err != nil {
 		b.Fatalf("CreateContainer (%s): %v", handler, err)
 	}
@@ -129,7 +138,11 @@ func bareBoot(b *testing.B, c *harness.CRI, initrd string) time.Duration {
 //   - caisson-s, runc-s: RunPodSandbox → the first app container Running, with the caisson
 //     handler and with runc (CNI networking in both), and their ratio;
 //   - bare-boot-s: a bare boot of the same kernel (QEMU start → a trivial /init powered
-//     the VM off), and caisson-vs-bare, the pod start over it (target ≤ 1.5).
+//     the VM off), and caisson-vs-bare, the pod start over it (target ≤ 1.5);
+//   - template-s, and its phases: a pod from a VM template; template-readonly-s and
+//     its phases: the same with the app container's rootfs read-only
+//     (readOnlyRootFilesystem), which writes to a tmpfs in the guest instead of a disk of
+//     its own (docs/mounts.md).
 //
 // With -cri.compare-initramfs NAME=PATH,..., each round also starts a pod of a handler
 // like caisson's that boots the initramfs at PATH (e.g. the image before a change,
@@ -161,9 +174,13 @@ func BenchmarkCRIPodStart(b *testing.B) {
 
 	initrd := bareInitramfs(b, "/bin/busybox poweroff -f")
 
-	var ours, fromTemplate, runc, bare []time.Duration
+	var ours, fromTemplate, readOnly, runc, bare []time.Duration
 	phases := make([][]time.Duration, len(phaseNames))
 	templatePhases := make([][]time.Duration, len(phaseNames))
+	readOnlyPhases := make([][]time.Duration, len(phaseNames))
+	readOnlyApp := func(cc *runtime.ContainerConfig) {
+		cc.Linux.SecurityContext = &runtime.LinuxContainerSecurityContext{ReadonlyRootfs: true}
+	}
 	for i := 0; i < b.N; i++ {
 		r, _ := podStart(b, c, harness.RuncHandler, imgRunc, i)
 		runc = append(runc, r)
@@ -176,6 +193,11 @@ func BenchmarkCRIPodStart(b *testing.B) {
 		fromTemplate = append(fromTemplate, t)
 		for j, d := range ph {
 			templatePhases[j] = append(templatePhases[j], d)
+		}
+		t, ph = podStartWith(b, c, templateHandler, imgCaisson, fmt.Sprintf("ro-%d", i), readOnlyApp)
+		readOnly = append(readOnly, t)
+		for j, d := range ph {
+			readOnlyPhases[j] = append(readOnlyPhases[j], d)
 		}
 		for _, v := range variants {
 			t, ph := podStart(b, c, v.handler, imgCaisson, i)
@@ -212,6 +234,11 @@ func BenchmarkCRIPodStart(b *testing.B) {
 		mt.Seconds(), float64(mt)/float64(mb), float64(mt)/float64(mr), made.Seconds())
 	fmt.Printf("caisson pod start, median of each phase: %s\n", breakdown(phases, ""))
 	fmt.Printf("with hypervisor.template, median of each phase (boot-to-agent is restore-to-agent): %s\n", breakdown(templatePhases, "template-"))
+	mro := median(readOnly)
+	b.ReportMetric(mro.Seconds(), "template-readonly-s")
+	b.ReportMetric(float64(mro)/float64(mt), "template-readonly-vs-template")
+	fmt.Printf("with hypervisor.template and the app container's rootfs read-only: %.2f s (%.2f× the template's); median of each phase: %s\n",
+		mro.Seconds(), float64(mro)/float64(mt), breakdown(readOnlyPhases, "template-readonly-"))
 	for _, v := range variants {
 		m := median(v.starts)
 		b.ReportMetric(m.Seconds(), v.name+"-s")
