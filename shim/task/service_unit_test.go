@@ -498,6 +498,10 @@ func TestReadOnlyRootfsOnTmpfs(t *testing.T) {
 		{name: "read-only on an image made before", opts: []oci.SpecOpts{oci.WithRootFSReadonly()}, made: true},
 		{name: "read-only with CAP_SYS_ADMIN", opts: []oci.SpecOpts{oci.WithRootFSReadonly(), oci.WithAddedCapabilities([]string{"CAP_SYS_ADMIN"})}},
 		{name: "privileged read-only", opts: []oci.SpecOpts{oci.WithRootFSReadonly(), oci.WithPrivileged}},
+		{name: "read-only without capabilities in the spec", opts: []oci.SpecOpts{oci.WithRootFSReadonly(), func(_ context.Context, _ oci.Client, _ *containers.Container, s *specs.Spec) error {
+			s.Process.Capabilities = nil
+			return nil
+		}}},
 		{name: "writable", made: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -32,10 +32,11 @@ func writesUnread(spec *specs.Spec, plan *rootfs.Plan) bool {
 }
 
 // mayRemountRoot reports whether a process of the container may hold CAP_SYS_ADMIN, and
-// so remount its read-only rootfs read-write.
+// so remount its read-only rootfs read-write. A spec without capabilities is taken as
+// one that may: what a runtime grants then is its own default, not the spec's.
 func mayRemountRoot(spec *specs.Spec) bool {
 	if spec.Process == nil || spec.Process.Capabilities == nil {
-		return false
+		return true
 	}
 	return slices.Contains(spec.Process.Capabilities.Bounding, "CAP_SYS_ADMIN")
 }
