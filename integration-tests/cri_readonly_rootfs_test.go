@@ -57,7 +57,7 @@ func TestCRIReadOnlyRootfs(t *testing.T) {
 			var made bool
 			for _, m := range mounts {
 				if m.Type == "mkfs/ext4" {
-					if _, err := os.Stat(m.Source); err == nil || !os.IsNotExist(err) {
+					if _, err := os.Stat(m.Source); !os.IsNotExist(err) {
 						made = true
 					}
 				}

@@ -14,13 +14,8 @@ import (
 // sparse file of the requested size, then mkfs -q), so that whichever side
 // activates the snapshot first formats it and the other finds it ready.
 func Format(ctx context.Context, d Device) error {
-	if d.Mkfs == nil {
-		return nil
-	}
-	if _, err := os.Stat(d.Source); err == nil {
-		return nil
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("writable image %s: %w", d.Source, err)
+	if unmade, err := Unformatted(d); err != nil || !unmade {
+		return err
 	}
 	// Build it aside and rename, so that a crash never leaves a half-formatted image
 	// that a later activation would take for a good one.
@@ -48,4 +43,18 @@ func Format(ctx context.Context, d Device) error {
 		return fmt.Errorf("install writable image: %w", err)
 	}
 	return nil
+}
+
+// Unformatted reports whether Format has an image to make for d: a mkfs request for a
+// file that does not exist yet.
+func Unformatted(d Device) (bool, error) {
+	if d.Mkfs == nil {
+		return false, nil
+	}
+	if _, err := os.Stat(d.Source); err == nil {
+		return false, nil
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return false, fmt.Errorf("writable image %s: %w", d.Source, err)
+	}
+	return true, nil
 }

@@ -1,7 +1,6 @@
 package task
 
 import (
-	"os"
 	"slices"
 
 	"github.com/opencontainers/runtime-spec/specs-go"
@@ -42,15 +41,11 @@ func mayRemountRoot(spec *specs.Spec) bool {
 }
 
 // writableImageUnmade reports whether plan's writable layer is an image still to be
-// formatted (a mkfs request for a file that does not exist yet).
+// formatted (rootfs.Unformatted); one it cannot tell about keeps its disk.
 func writableImageUnmade(plan *rootfs.Plan) bool {
-	if plan == nil || plan.Upper == nil || plan.Upper.Device >= len(plan.Devices) {
+	if plan == nil || plan.Upper == nil {
 		return false
 	}
-	d := plan.Devices[plan.Upper.Device]
-	if d.Mkfs == nil {
-		return false
-	}
-	_, err := os.Lstat(d.Source)
-	return os.IsNotExist(err)
+	unmade, err := rootfs.Unformatted(plan.Devices[plan.Upper.Device])
+	return err == nil && unmade
 }
