@@ -14,6 +14,7 @@ import (
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/caisson-containers/caisson/integration-tests/harness"
+	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
 )
 
@@ -147,20 +148,33 @@ func bareBoot(b *testing.B, c *harness.CRI, initrd string) time.Duration {
 // With -cri.compare-initramfs NAME=PATH,..., each round also starts a pod of a handler
 // like caisson's that boots the initramfs at PATH (e.g. the image before a change,
 // built from a clean export), and one from a template of it, reported as NAME-s,
-// NAME-vs-bare and NAME's phases, and NAME-template-s and the rest: a before and after
-// in the same run, on the same containerd.
+// NAME-vs-bare, NAME-vs-caisson and NAME's phases, and NAME-template-s and the rest
+// (NAME-template-vs-template): a before and after in the same run, on the same
+// containerd. -cri.compare-shim NAME=PATH does the same with another build of the shim
+// (containerd's runtime_path), whose pods keep their state and templates apart.
 func BenchmarkCRIPodStart(b *testing.B) {
 	handlers := map[string]func(*config.Config){
 		templateHandler: func(c *config.Config) { c.Hypervisor.Template = true },
 	}
-	variants := compareInitramfs(b)
+	variants := append(compareVariants(b, *compareInitramfsFlag, "-cri.compare-initramfs"), compareVariants(b, *compareShimFlag, "-cri.compare-shim")...)
 	for _, v := range variants {
 		handlers[v.handler] = func(c *config.Config) {
-			c.Guest.Initramfs = v.initramfs
+			if v.initramfs != "" {
+				c.Guest.Initramfs = v.initramfs
+			}
+			if v.stateDir != "" {
+				c.StateDir = v.stateDir
+			}
 			c.Hypervisor.Template = v.template
 		}
 	}
-	c := harness.StartCRI(b, harness.Options{Handlers: handlers})
+	c := harness.StartCRI(b, harness.Options{Handlers: handlers, ContainerdConfig: func(cfg map[string]any) {
+		for _, v := range variants {
+			if v.shim != "" {
+				harness.CRIRuntimes(cfg)[v.handler].(map[string]any)["runtime_path"] = v.shim
+			}
+		}
+	}})
 	imgCaisson := c.Pull(b, c.BusyboxRef, harness.Handler)
 	imgRunc := c.Pull(b, c.BusyboxRef, harness.RuncHandler)
 	// The template is made by the first pod of its shape on the node, once: a pod
@@ -241,40 +255,69 @@ func BenchmarkCRIPodStart(b *testing.B) {
 		mro.Seconds(), float64(mro)/float64(mt), breakdown(readOnlyPhases, "template-readonly-"))
 	for _, v := range variants {
 		m := median(v.starts)
+		ours, kind := mo, "caisson"
+		if v.template {
+			ours, kind = mt, "template"
+		}
 		b.ReportMetric(m.Seconds(), v.name+"-s")
 		b.ReportMetric(float64(m)/float64(mb), v.name+"-vs-bare")
-		fmt.Printf("with initramfs %s (%s): %.2f s, %.2f× the bare boot; median of each phase: %s\n",
-			v.name, v.initramfs, m.Seconds(), float64(m)/float64(mb), breakdown(v.phases, v.name+"-"))
+		b.ReportMetric(float64(m)/float64(ours), v.name+"-vs-"+kind)
+		what := "initramfs " + v.name + " (" + v.initramfs + ")"
+		if v.shim != "" {
+			what = "shim " + v.name + " (" + v.shim + ")"
+		}
+		fmt.Printf("with %s: %.2f s, %.2f× the bare boot, %.2f× this tree's %s pod; median of each phase: %s\n",
+			what, m.Seconds(), float64(m)/float64(mb), float64(m)/float64(ours), kind, breakdown(v.phases, v.name+"-"))
 	}
 }
 
-var compareInitramfsFlag = flag.String("cri.compare-initramfs", "", "comma-separated NAME=PATH: other guest initramfs images whose pod starts BenchmarkCRIPodStart times beside the built one's")
+var (
+	compareInitramfsFlag = flag.String("cri.compare-initramfs", "", "comma-separated NAME=PATH: other guest initramfs images whose pod starts BenchmarkCRIPodStart times beside the built one's")
+	compareShimFlag      = flag.String("cri.compare-shim", "", "comma-separated NAME=PATH: other builds of containerd-shim-caisson-v2 whose pod starts BenchmarkCRIPodStart times beside the built one's")
+)
 
-// initramfsVariant is a pod start with another guest initramfs, booted or from a template
-// of it, under a handler of its own.
-type initramfsVariant struct {
-	name, handler, initramfs string
-	template                 bool
-	starts                   []time.Duration
-	phases                   [][]time.Duration
+// podStartVariant is a pod start with another guest initramfs or another shim, booted or
+// from a template, under a handler of its own.
+type podStartVariant struct {
+	name, handler string
+	initramfs     string // the guest initramfs ("": the built one)
+	shim          string // the shim binary ("": the built one)
+	stateDir      string // the runtime's state_dir ("": the harness's)
+	template      bool
+	starts        []time.Duration
+	phases        [][]time.Duration
 }
 
-func compareInitramfs(b *testing.B) []*initramfsVariant {
-	var vs []*initramfsVariant
-	for _, f := range strings.Split(*compareInitramfsFlag, ",") {
+// compareVariants are the variants the flag named flagName asks for (value: NAME=PATH,...):
+// initramfs images, or shim binaries for "-cri.compare-shim". Each gives a booted and a
+// template variant.
+func compareVariants(b *testing.B, value, flagName string) []*podStartVariant {
+	var vs []*podStartVariant
+	for _, f := range strings.Split(value, ",") {
 		if f == "" {
 			continue
 		}
 		name, path, ok := strings.Cut(f, "=")
 		if !ok || name == "" {
-			b.Fatalf("-cri.compare-initramfs %q: want NAME=PATH", f)
+			b.Fatalf("%s %q: want NAME=PATH", flagName, f)
 		}
 		if _, err := os.Stat(path); err != nil {
-			b.Fatalf("-cri.compare-initramfs %s: %v", name, err)
+			b.Fatalf("%s %s: %v", flagName, name, err)
+		}
+		var stateDir string
+		if flagName == "-cri.compare-shim" {
+			// Its own state and templates: another build may make templates this one
+			// cannot use, and the other way round.
+			stateDir = testutil.ShortTempDir(b)
 		}
 		for _, template := range []bool{false, true} {
-			v := &initramfsVariant{name: name, handler: "caisson-" + name, initramfs: path, template: template,
+			v := &podStartVariant{name: name, handler: "caisson-" + name, template: template, stateDir: stateDir,
 				phases: make([][]time.Duration, len(phaseNames))}
+			if flagName == "-cri.compare-shim" {
+				v.shim = path
+			} else {
+				v.initramfs = path
+			}
 			if template {
 				v.name += "-template"
 				v.handler += "-template"

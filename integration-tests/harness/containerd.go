@@ -208,11 +208,8 @@ func Start(t testing.TB, o Options) *Env {
 	cfg["proxy_plugins"].(map[string]any)["caisson"].(map[string]any)["address"] = snapSock
 	cfg["proxy_plugins"].(map[string]any)["caisson-diff"].(map[string]any)["address"] = snapSock
 	// The CRI handler's runtime options name the runtime configuration file.
-	criRuntime := "io.containerd.cri.v1.runtime"
-	if cfg["version"] == int64(2) {
-		criRuntime = "io.containerd.grpc.v1.cri"
-	}
-	caissonHandler := cfg["plugins"].(map[string]any)[criRuntime].(map[string]any)["containerd"].(map[string]any)["runtimes"].(map[string]any)["caisson"].(map[string]any)
+	runtimes := CRIRuntimes(cfg)
+	caissonHandler := runtimes["caisson"].(map[string]any)
 	caissonHandler["options"].(map[string]any)["ConfigPath"] = e.ConfigPath
 	for name, adjust := range o.Handlers {
 		c := e.Config
@@ -229,7 +226,7 @@ func Start(t testing.TB, o Options) *Env {
 		opts := maps.Clone(caissonHandler["options"].(map[string]any))
 		opts["ConfigPath"] = path
 		h["options"] = opts
-		cfg["plugins"].(map[string]any)[criRuntime].(map[string]any)["containerd"].(map[string]any)["runtimes"].(map[string]any)[name] = h
+		runtimes[name] = h
 	}
 	if !o.CRI {
 		cfg["disabled_plugins"] = []string{"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime", "io.containerd.cri.v1.images",
@@ -436,4 +433,14 @@ func tail(b []byte, n int) string {
 		b = b[len(b)-n:]
 	}
 	return string(b)
+}
+
+// CRIRuntimes is the CRI's table of runtime handlers in containerd's configuration cfg
+// (version 2 or 3), by name.
+func CRIRuntimes(cfg map[string]any) map[string]any {
+	criRuntime := "io.containerd.cri.v1.runtime"
+	if cfg["version"] == int64(2) {
+		criRuntime = "io.containerd.grpc.v1.cri"
+	}
+	return cfg["plugins"].(map[string]any)[criRuntime].(map[string]any)["containerd"].(map[string]any)["runtimes"].(map[string]any)
 }
