@@ -158,6 +158,9 @@ func BenchmarkCRIPodStart(b *testing.B) {
 	}
 	variants := append(compareVariants(b, *compareInitramfsFlag, "-cri.compare-initramfs"), compareVariants(b, *compareShimFlag, "-cri.compare-shim")...)
 	for _, v := range variants {
+		if _, dup := handlers[v.handler]; dup {
+			b.Fatalf("two comparisons named %s", strings.TrimPrefix(v.handler, "caisson-"))
+		}
 		handlers[v.handler] = func(c *config.Config) {
 			if v.initramfs != "" {
 				c.Guest.Initramfs = v.initramfs
