@@ -156,7 +156,8 @@ func BenchmarkCRIPodStart(b *testing.B) {
 	handlers := map[string]func(*config.Config){
 		templateHandler: func(c *config.Config) { c.Hypervisor.Template = true },
 	}
-	variants := append(compareVariants(b, *compareInitramfsFlag, "-cri.compare-initramfs"), compareVariants(b, *compareShimFlag, "-cri.compare-shim")...)
+	variants := append(compareVariants(b, *compareInitramfsFlag, "-cri.compare-initramfs", false),
+		compareVariants(b, *compareShimFlag, "-cri.compare-shim", true)...)
 	for _, v := range variants {
 		if _, dup := handlers[v.handler]; dup {
 			b.Fatalf("two comparisons named %s", strings.TrimPrefix(v.handler, "caisson-"))
@@ -292,9 +293,8 @@ type podStartVariant struct {
 }
 
 // compareVariants are the variants the flag named flagName asks for (value: NAME=PATH,...):
-// initramfs images, or shim binaries for "-cri.compare-shim". Each gives a booted and a
-// template variant.
-func compareVariants(b *testing.B, value, flagName string) []*podStartVariant {
+// initramfs images, or shim binaries if shims. Each gives a booted and a template variant.
+func compareVariants(b *testing.B, value, flagName string, shims bool) []*podStartVariant {
 	var vs []*podStartVariant
 	for _, f := range strings.Split(value, ",") {
 		if f == "" {
@@ -307,25 +307,22 @@ func compareVariants(b *testing.B, value, flagName string) []*podStartVariant {
 		if _, err := os.Stat(path); err != nil {
 			b.Fatalf("%s %s: %v", flagName, name, err)
 		}
-		var stateDir string
-		if flagName == "-cri.compare-shim" {
+		base := podStartVariant{name: name, handler: "caisson-" + name}
+		if shims {
 			// Its own state and templates: another build may make templates this one
 			// cannot use, and the other way round.
-			stateDir = testutil.ShortTempDir(b)
+			base.shim, base.stateDir = path, testutil.ShortTempDir(b)
+		} else {
+			base.initramfs = path
 		}
 		for _, template := range []bool{false, true} {
-			v := &podStartVariant{name: name, handler: "caisson-" + name, template: template, stateDir: stateDir,
-				phases: make([][]time.Duration, len(phaseNames))}
-			if flagName == "-cri.compare-shim" {
-				v.shim = path
-			} else {
-				v.initramfs = path
-			}
+			v := base
+			v.template, v.phases = template, make([][]time.Duration, len(phaseNames))
 			if template {
 				v.name += "-template"
 				v.handler += "-template"
 			}
-			vs = append(vs, v)
+			vs = append(vs, &v)
 		}
 	}
 	return vs
