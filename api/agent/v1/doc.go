@@ -28,4 +28,5 @@ package agent
 // change what the guest does:
 //   - v1.1: Rootfs.tmpfs_upper (an agent without it would mount a CRI pause container's
 //     rootfs read-only).
-const APIVersion = "v1.1"
+//   - v1.2: Sandbox.WarmUp (an agent without it answers Unimplemented).
+const APIVersion = "v1.2"

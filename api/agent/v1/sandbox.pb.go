@@ -687,6 +687,87 @@ func (x *VersionResponse) GetKernelRelease() string {
 	return ""
 }
 
+type WarmUpRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WarmUpRequest) Reset() {
+	*x = WarmUpRequest{}
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WarmUpRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WarmUpRequest) ProtoMessage() {}
+
+func (x *WarmUpRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WarmUpRequest.ProtoReflect.Descriptor instead.
+func (*WarmUpRequest) Descriptor() ([]byte, []int) {
+	return file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_rawDescGZIP(), []int{11}
+}
+
+type WarmUpResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// took_ns is how long the warm-up took in the guest.
+	TookNs        uint64 `protobuf:"varint,1,opt,name=took_ns,json=tookNs,proto3" json:"took_ns,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WarmUpResponse) Reset() {
+	*x = WarmUpResponse{}
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WarmUpResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WarmUpResponse) ProtoMessage() {}
+
+func (x *WarmUpResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WarmUpResponse.ProtoReflect.Descriptor instead.
+func (*WarmUpResponse) Descriptor() ([]byte, []int) {
+	return file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *WarmUpResponse) GetTookNs() uint64 {
+	if x != nil {
+		return x.TookNs
+	}
+	return 0
+}
+
 type DestroySandboxRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -695,7 +776,7 @@ type DestroySandboxRequest struct {
 
 func (x *DestroySandboxRequest) Reset() {
 	*x = DestroySandboxRequest{}
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_msgTypes[11]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -707,7 +788,7 @@ func (x *DestroySandboxRequest) String() string {
 func (*DestroySandboxRequest) ProtoMessage() {}
 
 func (x *DestroySandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_msgTypes[11]
+	mi := &file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -720,7 +801,7 @@ func (x *DestroySandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroySandboxRequest.ProtoReflect.Descriptor instead.
 func (*DestroySandboxRequest) Descriptor() ([]byte, []int) {
-	return file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_rawDescGZIP(), []int{11}
+	return file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_rawDescGZIP(), []int{13}
 }
 
 var File_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto protoreflect.FileDescriptor
@@ -779,15 +860,19 @@ const file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_rawD
 	"\ragent_version\x18\x01 \x01(\tR\fagentVersion\x12\x1f\n" +
 	"\vapi_version\x18\x02 \x01(\tR\n" +
 	"apiVersion\x12%\n" +
-	"\x0ekernel_release\x18\x03 \x01(\tR\rkernelRelease\"\x17\n" +
-	"\x15DestroySandboxRequest2\xc9\x03\n" +
+	"\x0ekernel_release\x18\x03 \x01(\tR\rkernelRelease\"\x0f\n" +
+	"\rWarmUpRequest\")\n" +
+	"\x0eWarmUpResponse\x12\x17\n" +
+	"\atook_ns\x18\x01 \x01(\x04R\x06tookNs\"\x17\n" +
+	"\x15DestroySandboxRequest2\x96\x04\n" +
 	"\aSandbox\x12H\n" +
 	"\x06Create\x12&.caisson.agent.v1.CreateSandboxRequest\x1a\x16.google.protobuf.Empty\x12I\n" +
 	"\n" +
 	"SetNetwork\x12#.caisson.agent.v1.SetNetworkRequest\x1a\x16.google.protobuf.Empty\x12C\n" +
 	"\aSetTime\x12 .caisson.agent.v1.SetTimeRequest\x1a\x16.google.protobuf.Empty\x12H\n" +
 	"\x05Check\x12\x1e.caisson.agent.v1.CheckRequest\x1a\x1f.caisson.agent.v1.CheckResponse\x12N\n" +
-	"\aVersion\x12 .caisson.agent.v1.VersionRequest\x1a!.caisson.agent.v1.VersionResponse\x12J\n" +
+	"\aVersion\x12 .caisson.agent.v1.VersionRequest\x1a!.caisson.agent.v1.VersionResponse\x12K\n" +
+	"\x06WarmUp\x12\x1f.caisson.agent.v1.WarmUpRequest\x1a .caisson.agent.v1.WarmUpResponse\x12J\n" +
 	"\aDestroy\x12'.caisson.agent.v1.DestroySandboxRequest\x1a\x16.google.protobuf.EmptyB:Z8github.com/caisson-containers/caisson/api/agent/v1;agentb\x06proto3"
 
 var (
@@ -802,7 +887,7 @@ func file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_rawDe
 	return file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_rawDescData
 }
 
-var file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_goTypes = []any{
 	(*CreateSandboxRequest)(nil),  // 0: caisson.agent.v1.CreateSandboxRequest
 	(*DNS)(nil),                   // 1: caisson.agent.v1.DNS
@@ -815,35 +900,39 @@ var file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_goType
 	(*CheckResponse)(nil),         // 8: caisson.agent.v1.CheckResponse
 	(*VersionRequest)(nil),        // 9: caisson.agent.v1.VersionRequest
 	(*VersionResponse)(nil),       // 10: caisson.agent.v1.VersionResponse
-	(*DestroySandboxRequest)(nil), // 11: caisson.agent.v1.DestroySandboxRequest
-	nil,                           // 12: caisson.agent.v1.CreateSandboxRequest.SysctlsEntry
-	(*timestamppb.Timestamp)(nil), // 13: google.protobuf.Timestamp
-	(*emptypb.Empty)(nil),         // 14: google.protobuf.Empty
+	(*WarmUpRequest)(nil),         // 11: caisson.agent.v1.WarmUpRequest
+	(*WarmUpResponse)(nil),        // 12: caisson.agent.v1.WarmUpResponse
+	(*DestroySandboxRequest)(nil), // 13: caisson.agent.v1.DestroySandboxRequest
+	nil,                           // 14: caisson.agent.v1.CreateSandboxRequest.SysctlsEntry
+	(*timestamppb.Timestamp)(nil), // 15: google.protobuf.Timestamp
+	(*emptypb.Empty)(nil),         // 16: google.protobuf.Empty
 }
 var file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_depIdxs = []int32{
 	1,  // 0: caisson.agent.v1.CreateSandboxRequest.dns:type_name -> caisson.agent.v1.DNS
 	2,  // 1: caisson.agent.v1.CreateSandboxRequest.hosts:type_name -> caisson.agent.v1.HostEntry
 	3,  // 2: caisson.agent.v1.CreateSandboxRequest.interfaces:type_name -> caisson.agent.v1.Interface
 	4,  // 3: caisson.agent.v1.CreateSandboxRequest.routes:type_name -> caisson.agent.v1.Route
-	12, // 4: caisson.agent.v1.CreateSandboxRequest.sysctls:type_name -> caisson.agent.v1.CreateSandboxRequest.SysctlsEntry
-	13, // 5: caisson.agent.v1.CreateSandboxRequest.time:type_name -> google.protobuf.Timestamp
+	14, // 4: caisson.agent.v1.CreateSandboxRequest.sysctls:type_name -> caisson.agent.v1.CreateSandboxRequest.SysctlsEntry
+	15, // 5: caisson.agent.v1.CreateSandboxRequest.time:type_name -> google.protobuf.Timestamp
 	3,  // 6: caisson.agent.v1.SetNetworkRequest.interfaces:type_name -> caisson.agent.v1.Interface
 	4,  // 7: caisson.agent.v1.SetNetworkRequest.routes:type_name -> caisson.agent.v1.Route
-	13, // 8: caisson.agent.v1.SetTimeRequest.time:type_name -> google.protobuf.Timestamp
+	15, // 8: caisson.agent.v1.SetTimeRequest.time:type_name -> google.protobuf.Timestamp
 	0,  // 9: caisson.agent.v1.Sandbox.Create:input_type -> caisson.agent.v1.CreateSandboxRequest
 	5,  // 10: caisson.agent.v1.Sandbox.SetNetwork:input_type -> caisson.agent.v1.SetNetworkRequest
 	6,  // 11: caisson.agent.v1.Sandbox.SetTime:input_type -> caisson.agent.v1.SetTimeRequest
 	7,  // 12: caisson.agent.v1.Sandbox.Check:input_type -> caisson.agent.v1.CheckRequest
 	9,  // 13: caisson.agent.v1.Sandbox.Version:input_type -> caisson.agent.v1.VersionRequest
-	11, // 14: caisson.agent.v1.Sandbox.Destroy:input_type -> caisson.agent.v1.DestroySandboxRequest
-	14, // 15: caisson.agent.v1.Sandbox.Create:output_type -> google.protobuf.Empty
-	14, // 16: caisson.agent.v1.Sandbox.SetNetwork:output_type -> google.protobuf.Empty
-	14, // 17: caisson.agent.v1.Sandbox.SetTime:output_type -> google.protobuf.Empty
-	8,  // 18: caisson.agent.v1.Sandbox.Check:output_type -> caisson.agent.v1.CheckResponse
-	10, // 19: caisson.agent.v1.Sandbox.Version:output_type -> caisson.agent.v1.VersionResponse
-	14, // 20: caisson.agent.v1.Sandbox.Destroy:output_type -> google.protobuf.Empty
-	15, // [15:21] is the sub-list for method output_type
-	9,  // [9:15] is the sub-list for method input_type
+	11, // 14: caisson.agent.v1.Sandbox.WarmUp:input_type -> caisson.agent.v1.WarmUpRequest
+	13, // 15: caisson.agent.v1.Sandbox.Destroy:input_type -> caisson.agent.v1.DestroySandboxRequest
+	16, // 16: caisson.agent.v1.Sandbox.Create:output_type -> google.protobuf.Empty
+	16, // 17: caisson.agent.v1.Sandbox.SetNetwork:output_type -> google.protobuf.Empty
+	16, // 18: caisson.agent.v1.Sandbox.SetTime:output_type -> google.protobuf.Empty
+	8,  // 19: caisson.agent.v1.Sandbox.Check:output_type -> caisson.agent.v1.CheckResponse
+	10, // 20: caisson.agent.v1.Sandbox.Version:output_type -> caisson.agent.v1.VersionResponse
+	12, // 21: caisson.agent.v1.Sandbox.WarmUp:output_type -> caisson.agent.v1.WarmUpResponse
+	16, // 22: caisson.agent.v1.Sandbox.Destroy:output_type -> google.protobuf.Empty
+	16, // [16:23] is the sub-list for method output_type
+	9,  // [9:16] is the sub-list for method input_type
 	9,  // [9:9] is the sub-list for extension type_name
 	9,  // [9:9] is the sub-list for extension extendee
 	0,  // [0:9] is the sub-list for field type_name
@@ -860,7 +949,7 @@ func file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_init(
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_rawDesc), len(file_github_com_caisson_containers_caisson_api_agent_v1_sandbox_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   13,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

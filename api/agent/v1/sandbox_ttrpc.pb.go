@@ -14,6 +14,7 @@ type SandboxService interface {
 	SetTime(context.Context, *SetTimeRequest) (*emptypb.Empty, error)
 	Check(context.Context, *CheckRequest) (*CheckResponse, error)
 	Version(context.Context, *VersionRequest) (*VersionResponse, error)
+	WarmUp(context.Context, *WarmUpRequest) (*WarmUpResponse, error)
 	Destroy(context.Context, *DestroySandboxRequest) (*emptypb.Empty, error)
 }
 
@@ -54,6 +55,13 @@ func RegisterSandboxService(srv *ttrpc.Server, svc SandboxService) {
 					return nil, err
 				}
 				return svc.Version(ctx, &req)
+			},
+			"WarmUp": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req WarmUpRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.WarmUp(ctx, &req)
 			},
 			"Destroy": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
 				var req DestroySandboxRequest
@@ -111,6 +119,14 @@ func (c *sandboxClient) Check(ctx context.Context, req *CheckRequest) (*CheckRes
 func (c *sandboxClient) Version(ctx context.Context, req *VersionRequest) (*VersionResponse, error) {
 	var resp VersionResponse
 	if err := c.client.Call(ctx, "caisson.agent.v1.Sandbox", "Version", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *sandboxClient) WarmUp(ctx context.Context, req *WarmUpRequest) (*WarmUpResponse, error) {
+	var resp WarmUpResponse
+	if err := c.client.Call(ctx, "caisson.agent.v1.Sandbox", "WarmUp", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil

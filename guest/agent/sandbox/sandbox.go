@@ -61,6 +61,13 @@ func New(dir string) *Sandbox {
 	return &Sandbox{dir: dir}
 }
 
+// Created reports whether Create has set the pod up.
+func (s *Sandbox) Created() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.created
+}
+
 func (s *Sandbox) nsPath(name string) string   { return filepath.Join(s.dir, "ns", name) }
 func (s *Sandbox) filePath(name string) string { return filepath.Join(s.dir, name) }
 

@@ -6,6 +6,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/types/known/emptypb"
@@ -109,6 +110,18 @@ func bootTime() (unix.Timespec, error) {
 		return ts, fmt.Errorf("read the boot clock: %w", errno)
 	}
 	return ts, nil
+}
+
+func (s sandboxService) WarmUp(ctx context.Context, req *agent.WarmUpRequest) (*agent.WarmUpResponse, error) {
+	if s.a.sandbox.Created() {
+		return nil, fmt.Errorf("warm-up after the sandbox's creation: %w", errdefs.ErrFailedPrecondition)
+	}
+	if err := s.a.devicesReady(ctx); err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	s.a.warmUp(ctx)
+	return &agent.WarmUpResponse{TookNs: uint64(time.Since(start))}, nil
 }
 
 func (s sandboxService) Version(ctx context.Context, req *agent.VersionRequest) (*agent.VersionResponse, error) {

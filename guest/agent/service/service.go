@@ -56,7 +56,8 @@ type Agent struct {
 	copies   *copies.Store // of host bind mount sources
 	events   *broker
 
-	warmOnce sync.Once
+	// warmMu runs one warm-up at a time: its container takes a fixed id.
+	warmMu sync.Mutex
 
 	mu     sync.Mutex
 	rootfs map[string]*storage.MountedRootfs // by container id
@@ -148,27 +149,29 @@ func (a *Agent) devicesReady(ctx context.Context) error {
 	return nil
 }
 
-// warmUp, once, builds what the agent otherwise builds for a pod's first requests and
-// its first container: the pod's namespaces (sandbox.Prepare), protobuf's coders, and
-// what container.Runtime.WarmUp builds. The shim asks for it (Check with devices_ready)
-// before it saves a VM template. A warm-up that fails costs only speed.
+// warmUp builds what the agent otherwise builds for a pod's first requests and its
+// first container: the pod's namespaces (sandbox.Prepare), protobuf's coders, and what
+// container.Runtime.WarmUp builds. The shim asks for it before it saves a VM template
+// (Check with devices_ready), and again in a restored VM that waits for its pod
+// (Sandbox.WarmUp): what a template saves is the guest's memory, not the translated code
+// of an emulating accelerator. A warm-up that fails costs only speed.
 func (a *Agent) warmUp(ctx context.Context) {
-	a.warmOnce.Do(func() {
-		if err := a.sandbox.Prepare(ctx); err != nil {
-			log.G(ctx).WithError(err).Warn("pod namespaces ahead of the pod")
-		}
-		warmMessages()
-		// The container's process is the agent's binary called as modprobe without
-		// arguments: it prints its usage and exits (by its own name, it would take
-		// itself for the VM's init).
-		exe, err := os.Executable()
-		if err == nil {
-			_, err = a.runtime.WarmUp(ctx, exe, "/sbin/"+modprobe.Name)
-		}
-		if err != nil {
-			log.G(ctx).WithError(err).Warn("container runtime warm-up")
-		}
-	})
+	a.warmMu.Lock()
+	defer a.warmMu.Unlock()
+	if err := a.sandbox.Prepare(ctx); err != nil {
+		log.G(ctx).WithError(err).Warn("pod namespaces ahead of the pod")
+	}
+	warmMessages()
+	// The container's process is the agent's binary called as modprobe without
+	// arguments: it prints its usage and exits (by its own name, it would take
+	// itself for the VM's init).
+	exe, err := os.Executable()
+	if err == nil {
+		_, err = a.runtime.WarmUp(ctx, exe, "/sbin/"+modprobe.Name)
+	}
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("container runtime warm-up")
+	}
 }
 
 // warmMessages encodes and decodes every message of the agent's API once: protobuf

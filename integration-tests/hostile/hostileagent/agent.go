@@ -388,6 +388,11 @@ func (v *sandboxSvc) Check(ctx context.Context, _ *agent.CheckRequest) (*agent.C
 	return &agent.CheckResponse{UptimeNs: 1}, nil
 }
 
+func (v *sandboxSvc) WarmUp(ctx context.Context, _ *agent.WarmUpRequest) (*agent.WarmUpResponse, error) {
+	v.s.misbehave(ctx)
+	return &agent.WarmUpResponse{}, nil
+}
+
 func (v *sandboxSvc) Version(ctx context.Context, _ *agent.VersionRequest) (*agent.VersionResponse, error) {
 	v.s.misbehave(ctx)
 	return &agent.VersionResponse{AgentVersion: "hostile-" + string(v.s.behaviour), ApiVersion: agent.APIVersion, KernelRelease: "hostile"}, nil

@@ -336,6 +336,18 @@ func (s sandboxService) Check(ctx context.Context, r *agent.CheckRequest) (*agen
 	return &agent.CheckResponse{UptimeNs: uint64(time.Second)}, nil
 }
 
+func (s sandboxService) WarmUp(ctx context.Context, r *agent.WarmUpRequest) (*agent.WarmUpResponse, error) {
+	s.a.mu.Lock()
+	defer s.a.mu.Unlock()
+	if err := s.a.call("Sandbox.WarmUp", "", ""); err != nil {
+		return nil, err
+	}
+	if s.a.sandbox != nil {
+		return nil, fmt.Errorf("warm-up after the sandbox's creation: %w", errdefs.ErrFailedPrecondition)
+	}
+	return &agent.WarmUpResponse{}, nil
+}
+
 func (s sandboxService) Version(ctx context.Context, r *agent.VersionRequest) (*agent.VersionResponse, error) {
 	s.a.mu.Lock()
 	defer s.a.mu.Unlock()
