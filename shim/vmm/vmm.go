@@ -86,6 +86,10 @@ type VM interface {
 	Endpoint() Endpoint
 	// AttachDisk hot-plugs d into the running VM.
 	AttachDisk(ctx context.Context, d Disk) (DiskAddress, error)
+	// AttachNIC hot-plugs n into the running VM, after the NICs it started with (a VM
+	// restored from a template ahead of its pod gets the pod's network this way). The
+	// VMM has its own copy of n.Tap when it returns: the caller closes its own.
+	AttachNIC(ctx context.Context, n NIC) error
 	// Address returns the guest address of an attached disk, cold-plugged (Config.Disks)
 	// or hot-plugged. An unknown id is ErrNotFound.
 	Address(id string) (DiskAddress, error)

@@ -126,6 +126,7 @@ type VM struct {
 	disks    map[string]vmm.Disk // attached now, by id
 	hotplug  int                 // how many of them were hot-plugged
 	history  []vmm.Disk          // every disk booted with or hot-plugged, in order
+	nics     []string            // ids of the hot-plugged NICs
 	events   []Event
 	err      error // Wait's, once done
 	done     chan struct{}
@@ -324,6 +325,26 @@ func (vm *VM) AttachDisk(ctx context.Context, d vmm.Disk) (vmm.DiskAddress, erro
 	vm.hotplug++
 	vm.events = append(vm.events, Event("attach "+d.ID))
 	return address(d), nil
+}
+
+// AttachNIC hot-plugs n: its tap must be open, its id new.
+func (vm *VM) AttachNIC(ctx context.Context, n vmm.NIC) error {
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	if err := vm.running(); err != nil {
+		return err
+	}
+	if n.Tap == nil {
+		return fmt.Errorf("fakevm: NIC %q has no tap: %w", n.ID, errdefs.ErrInvalidArgument)
+	}
+	for _, have := range vm.nics {
+		if have == n.ID {
+			return fmt.Errorf("fakevm: NIC %q: %w", n.ID, errdefs.ErrAlreadyExists)
+		}
+	}
+	vm.nics = append(vm.nics, n.ID)
+	vm.events = append(vm.events, Event("attach NIC "+n.ID))
+	return nil
 }
 
 func address(d vmm.Disk) vmm.DiskAddress {

@@ -1,9 +1,11 @@
 package qemu
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"os"
+	"slices"
 
 	"github.com/containerd/errdefs"
 
@@ -68,4 +70,53 @@ func nicFiles(nics []vmm.NIC) []*os.File {
 		f = append(f, n.Tap)
 	}
 	return f
+}
+
+// AttachNIC hot-plugs n after the VM's NICs: QEMU gets the tap over QMP (getfd), then
+// the NIC's backend and device are added in a free hot-plug slot. A failed step undoes
+// the ones before it.
+func (v *VM) AttachNIC(ctx context.Context, n vmm.NIC) error {
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	c, err := v.running()
+	if err != nil {
+		return err
+	}
+	if n.Tap == nil {
+		return fmt.Errorf("NIC %q has no tap: %w", n.ID, errdefs.ErrInvalidArgument)
+	}
+	if _, err := net.ParseMAC(n.MAC); err != nil {
+		return fmt.Errorf("NIC %q: mac %q: %v: %w", n.ID, n.MAC, err, errdefs.ErrInvalidArgument)
+	}
+	v.mu.Lock()
+	i := len(v.cfg.NICs) + v.hotNICs
+	s := slices.Index(v.used, false)
+	v.mu.Unlock()
+	if i >= MaxNICs {
+		return fmt.Errorf("NIC %q: the VM has %d NICs already, at most %d: %w", n.ID, i, MaxNICs, errdefs.ErrResourceExhausted)
+	}
+	if s < 0 {
+		return fmt.Errorf("NIC %q: no hot-plug slot left: %w", n.ID, errdefs.ErrResourceExhausted)
+	}
+	// Not ctx: as in attach, a command QEMU ran after the caller gave up would leave a
+	// backend nobody knows about.
+	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), qmpTimeout)
+	defer cancel()
+	id := fmt.Sprintf("net%d", i)
+	if err := c.ExecuteWithFile(qctx, "getfd", map[string]any{"fdname": id}, nil, n.Tap); err != nil {
+		return fmt.Errorf("NIC %q: pass its tap to qemu: %w", n.ID, err)
+	}
+	if err := c.Execute(qctx, "netdev_add", map[string]any{"type": "tap", "id": id, "fd": id}, nil); err != nil {
+		c.Execute(qctx, "closefd", map[string]any{"fdname": id}, nil)
+		return fmt.Errorf("NIC %q: %w", n.ID, err)
+	}
+	if err := c.Execute(qctx, "device_add", nicDevice(i, n, v.slots[s]), nil); err != nil {
+		c.Execute(qctx, "netdev_del", map[string]any{"id": id}, nil)
+		return fmt.Errorf("NIC %q: %w", n.ID, err)
+	}
+	v.mu.Lock()
+	v.used[s] = true
+	v.hotNICs++
+	v.mu.Unlock()
+	return nil
 }

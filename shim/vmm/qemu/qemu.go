@@ -93,6 +93,7 @@ type VM struct {
 	slots       []slot  // root ports of the cold-plugged disks, then hot-plug slots
 	used        []bool  // per slot
 	nextDev     int
+	hotNICs     int                      // NICs attached after the start (AttachNIC)
 	unplug      map[string]chan struct{} // device id -> closed on DEVICE_DELETED
 	ejected     map[string]bool          // devices the guest removed without DetachDisk
 	diskErrs    diskErrors
