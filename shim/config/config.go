@@ -25,6 +25,12 @@ import (
 	"github.com/caisson-containers/caisson/internal/tomlconfig"
 )
 
+// MaxWarmVMs bounds hypervisor.warm_vms: each warm VM costs an idle pod's memory and CPU.
+const MaxWarmVMs = 16
+
+// MinWarmVMIdleTimeout bounds hypervisor.warm_vm_idle_timeout from below.
+const MinWarmVMIdleTimeout = time.Second
+
 // DefaultPath is where the runtime's configuration lives by default.
 const DefaultPath = "/etc/caisson/config.toml"
 
@@ -87,6 +93,16 @@ type Hypervisor struct {
 	// template's unchanged memory through the host's page cache, and with it the guest
 	// kernel's address layout. Default false, as in Kata Containers (enable_template).
 	Template bool `toml:"template"`
+	// WarmVMs keeps this many VMs restored from the template and warmed up, each held by
+	// a shim waiting for a pod (shim/warm): a pod's first container takes one, the VM
+	// gets the pod's NICs and disks hot-plugged, and another warm VM is started for the
+	// next pod. Under TCG a warm VM has translated what a pod's start runs, which a
+	// restored one has not. Each costs an idle pod's memory and CPU while it waits.
+	// Needs template. At most MaxWarmVMs. Default 0 (none).
+	WarmVMs int `toml:"warm_vms"`
+	// WarmVMIdleTimeout ends a warm VM that no pod took for this long (the next pod
+	// starts a new one). Default 30m; at least MinWarmVMIdleTimeout.
+	WarmVMIdleTimeout Duration `toml:"warm_vm_idle_timeout"`
 	// Jailer confines each VM's QEMU beyond its seccomp filter (-sandbox on).
 	Jailer Jailer `toml:"jailer"`
 }
@@ -203,6 +219,7 @@ func Default(artifactsDir string) Config {
 			HotplugSlots:           16,
 			TCGTranslationCacheMiB: 128,
 			FreePageReporting:      true,
+			WarmVMIdleTimeout:      Duration(30 * time.Minute),
 			Jailer:                 Jailer{Enabled: true, User: DefaultJailUser},
 		},
 		Guest: Guest{
@@ -301,6 +318,12 @@ func (c Config) Validate() error {
 		}
 	case c.Hypervisor.TCGTranslationCacheMiB < 1:
 		return bad("hypervisor.tcg_translation_cache_mib", c.Hypervisor.TCGTranslationCacheMiB, "want at least 1")
+	case c.Hypervisor.WarmVMs < 0 || c.Hypervisor.WarmVMs > MaxWarmVMs:
+		return bad("hypervisor.warm_vms", c.Hypervisor.WarmVMs, fmt.Sprintf("want 0 to %d", MaxWarmVMs))
+	case c.Hypervisor.WarmVMs > 0 && !c.Hypervisor.Template:
+		return bad("hypervisor.warm_vms", c.Hypervisor.WarmVMs, "warm VMs are restored from a VM template: set hypervisor.template = true")
+	case time.Duration(c.Hypervisor.WarmVMIdleTimeout) < MinWarmVMIdleTimeout:
+		return bad("hypervisor.warm_vm_idle_timeout", c.Hypervisor.WarmVMIdleTimeout, fmt.Sprintf("want at least %s", MinWarmVMIdleTimeout))
 	case !filepath.IsAbs(c.Guest.Kernel):
 		return bad("guest.kernel", c.Guest.Kernel, "must be an absolute path")
 	case !filepath.IsAbs(c.Guest.Initramfs):

@@ -253,3 +253,39 @@ func TestVMSizeLimits(t *testing.T) {
 		}
 	}
 }
+
+// Warm VMs: off by default, and refused without a template, above MaxWarmVMs or with an
+// idle timeout too short to be one, naming the key.
+func TestWarmVMs(t *testing.T) {
+	d := Default("/g")
+	if d.Hypervisor.WarmVMs != 0 || d.Hypervisor.WarmVMIdleTimeout <= 0 {
+		t.Fatalf("defaults: %d warm VMs, idle timeout %s", d.Hypervisor.WarmVMs, d.Hypervisor.WarmVMIdleTimeout)
+	}
+	for _, tc := range []struct {
+		name    string
+		change  func(h *Hypervisor)
+		mention string // "": valid
+	}{
+		{"with a template", func(h *Hypervisor) { h.Template, h.WarmVMs = true, 2 }, ""},
+		{"the most", func(h *Hypervisor) { h.Template, h.WarmVMs = true, MaxWarmVMs }, ""},
+		{"without a template", func(h *Hypervisor) { h.WarmVMs = 1 }, "hypervisor.warm_vms = 1: warm VMs are restored from a VM template"},
+		{"too many", func(h *Hypervisor) { h.Template, h.WarmVMs = true, MaxWarmVMs + 1 }, "hypervisor.warm_vms = 17"},
+		{"negative", func(h *Hypervisor) { h.Template, h.WarmVMs = true, -1 }, "hypervisor.warm_vms = -1"},
+		{"idle timeout zero", func(h *Hypervisor) { h.WarmVMIdleTimeout = 0 }, "hypervisor.warm_vm_idle_timeout = 0s"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := Default("/g")
+			tc.change(&c.Hypervisor)
+			err := c.Validate()
+			if tc.mention == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), tc.mention) {
+				t.Fatalf("Validate: %v, want InvalidArgument mentioning %q", err, tc.mention)
+			}
+		})
+	}
+}
