@@ -15,7 +15,7 @@ func main() {
 		Name:     "caisson",
 		Usage:    "operate Caisson, VM-isolated containers for containerd",
 		Version:  version.Version + " " + version.Revision,
-		Commands: []*cli.Command{checkCommand, configCommand, templateCommand},
+		Commands: []*cli.Command{checkCommand, configCommand, templateCommand, warmCommand},
 	}
 	if err := app.Run(os.Args); err != nil {
 		fmt.Fprintln(os.Stderr, "caisson:", err)

@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"os"
 
 	"github.com/containerd/containerd/v2/pkg/shim"
 
@@ -14,6 +15,10 @@ import (
 )
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == manager.WarmAction {
+		// A warm shim: it returns once a pod claimed it, as that pod's shim.
+		manager.RunWarm(context.Background(), os.Args[2:])
+	}
 	launch.Run(context.Background(), manager.New("io.containerd.caisson.v2"), func(c *shim.Config) {
 		// The shim waits for each child it starts (QEMU, mkfs, logging binaries) through
 		// os/exec. containerd's implicit reaper would wait4(-1) on SIGCHLD and steal

@@ -26,6 +26,7 @@ import (
 
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/warm"
 )
 
 // Namespace is the containerd namespace the tests use.
@@ -255,6 +256,13 @@ func Start(t testing.TB, o Options) *Env {
 	e.Client = client
 	t.Cleanup(func() { client.Close() })
 	t.Cleanup(func() { checkLeftovers(t, e.hostMounts, dir, stateDir) })
+	// Warm VMs (hypervisor.warm_vms) wait for pods past containerd's life, as the pods'
+	// shims run past it: end them, as `caisson warm remove` does.
+	t.Cleanup(func() {
+		if _, err := warm.Drain(stateDir, 10*time.Second); err != nil {
+			t.Errorf("warm VMs: %v", err)
+		}
+	})
 	return e
 }
 

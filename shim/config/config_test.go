@@ -269,7 +269,7 @@ func TestWarmVMs(t *testing.T) {
 		{"with a template", func(h *Hypervisor) { h.Template, h.WarmVMs = true, 2 }, ""},
 		{"the most", func(h *Hypervisor) { h.Template, h.WarmVMs = true, MaxWarmVMs }, ""},
 		{"without a template", func(h *Hypervisor) { h.WarmVMs = 1 }, "hypervisor.warm_vms = 1: warm VMs are restored from a VM template"},
-		{"too many", func(h *Hypervisor) { h.Template, h.WarmVMs = true, MaxWarmVMs + 1 }, "hypervisor.warm_vms = 17"},
+		{"too many", func(h *Hypervisor) { h.Template, h.WarmVMs = true, MaxWarmVMs+1 }, "hypervisor.warm_vms = 17"},
 		{"negative", func(h *Hypervisor) { h.Template, h.WarmVMs = true, -1 }, "hypervisor.warm_vms = -1"},
 		{"idle timeout zero", func(h *Hypervisor) { h.WarmVMIdleTimeout = 0 }, "hypervisor.warm_vm_idle_timeout = 0s"},
 	} {

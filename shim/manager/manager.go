@@ -31,6 +31,7 @@ import (
 	"github.com/caisson-containers/caisson/shim/pod"
 	"github.com/caisson-containers/caisson/shim/podid"
 	"github.com/caisson-containers/caisson/shim/virtiofs"
+	"github.com/caisson-containers/caisson/shim/warm"
 	"github.com/caisson-containers/caisson/version"
 )
 
@@ -188,9 +189,21 @@ func (m *manager) Start(ctx context.Context, opts *bootapi.BootstrapParams) (_ *
 	if err != nil {
 		return nil, err
 	}
+	debug := opts.GetLogLevel() <= bootapi.LogLevel_LOG_LEVEL_DEBUG
 	args := []string{"-namespace", ns, "-id", id, "-address", opts.GetContainerdGrpcAddress()}
-	if opts.GetLogLevel() <= bootapi.LogLevel_LOG_LEVEL_DEBUG {
+	if debug {
 		args = append(args, "-debug")
+	}
+	// With warm VMs (hypervisor.warm_vms), a warm shim becomes the pod's shim, and the
+	// pool is filled again for the next pod. Nothing here may log: start's output is its
+	// answer to containerd.
+	if wp := warmPoolOf(self, recordedConfigPath("."), ns, opts.GetContainerdGrpcAddress(), debug); wp != nil {
+		claimed := wp.claim(args, cwd, f)
+		wp.fill()
+		if claimed {
+			result.Address = address
+			return result, nil
+		}
 	}
 	cmd := exec.Command(self, args...)
 	cmd.Dir = cwd
@@ -249,7 +262,16 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	// A live shim still owns its pod (this is cleanup after a failed create): leave it.
 	// Whether it lives is read from the processes, not from the shim's socket, which a
 	// dead shim's children may still hold open.
+	// A pod that started in a warm VM has the VM's state apart from its own.
+	warmDir := ""
+	if b, err := os.ReadFile(filepath.Join(stateDir, pod.WarmFile)); err == nil &&
+		strings.HasPrefix(string(b), filepath.Join(p.Config.StateDir, warm.Dir)+"/") {
+		warmDir = string(b)
+	}
 	vms := vmProcesses(stateDir)
+	if warmDir != "" {
+		vms = append(vms, vmProcesses(warmDir)...)
+	}
 	for _, pid := range vms {
 		if parentIsShim(pid) {
 			return status, nil
@@ -274,6 +296,11 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	// directory: removing through it would delete the volume's data.
 	if err := virtiofs.Unmount(filepath.Join(stateDir, pod.SharedDirName)); err != nil {
 		return status, fmt.Errorf("pod state %s left in place: %w", stateDir, err)
+	}
+	if warmDir != "" {
+		if err := warm.RemoveSlot(warmDir); err != nil {
+			log.G(ctx).WithError(err).Warn("removing the warm VM state of a dead shim")
+		}
 	}
 	if err := os.RemoveAll(stateDir); err != nil {
 		return status, fmt.Errorf("remove pod state %s: %w", stateDir, err)

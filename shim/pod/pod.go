@@ -161,8 +161,11 @@ func TemplatesRoot(cfg config.Config) string { return filepath.Join(cfg.StateDir
 type Pod struct {
 	cfg      config.Config
 	stateDir string
-	vm       vmm.VM
-	net      *network.Network
+	// warmDir is the state directory of the warm VM the pod started in (Warm), if it
+	// did: the VM's own, apart from the pod's; removed by Stop with the pod's.
+	warmDir string
+	vm      vmm.VM
+	net     *network.Network
 	// cgroup holds QEMU and virtiofsd; removed by Stop once they have exited.
 	cgroup  Cgroup
 	session transport.Session
@@ -269,8 +272,13 @@ func (p *Pod) Stop(ctx context.Context) error {
 	if uerr := virtiofs.Unmount(filepath.Join(p.stateDir, SharedDirName)); uerr != nil {
 		return errors.Join(err, uerr)
 	}
-	if rerr := os.RemoveAll(p.stateDir); rerr != nil {
-		err = errors.Join(err, rerr)
+	for _, dir := range []string{p.warmDir, p.stateDir} {
+		if dir == "" {
+			continue
+		}
+		if rerr := os.RemoveAll(dir); rerr != nil {
+			err = errors.Join(err, rerr)
+		}
 	}
 	return err
 }

@@ -170,21 +170,37 @@ func (p *Pod) startHelpers(ctx context.Context, o Options) (*vmm.SharedFS, error
 // boot starts the pod's VM (p.vm) and connects to its agent (p.session, p.client and the
 // API clients).
 func (p *Pod) boot(ctx context.Context, hv vmm.Hypervisor, vcfg vmm.Config) error {
-	p.calls = &deadlines{}
-	g, err := bootVM(ctx, p.cfg, hv, vcfg, vmboot.Options{
-		Timeout:    BootTimeout,
-		ClientOpts: []ttrpc.ClientOpts{ttrpc.WithUnaryClientInterceptor(p.calls.intercept)},
-		Started: func(vm vmm.VM) error {
-			if p.net != nil {
-				p.net.CloseTaps() // the VMM holds them now: the taps go when it exits
+	started := func(vm vmm.VM) error {
+		if p.net != nil {
+			p.net.CloseTaps() // the VMM holds them now: the taps go when it exits
+		}
+		// The VMM's allocations before this (its start, the guest's first pages)
+		// stay charged where the shim is.
+		return p.cgroup.Add(vm.Pid())
+	}
+	var g *vmboot.Guest
+	if w := takeHeld(); w != nil {
+		g = p.adopt(ctx, w, hv, vcfg)
+	}
+	if g != nil {
+		if err := started(g.VM); err != nil {
+			g.Close()
+			if serr := g.VM.Stop(context.WithoutCancel(ctx)); serr != nil {
+				log.G(ctx).WithError(serr).Warn("stopping the warm VM")
 			}
-			// The VMM's allocations before this (its start, the guest's first pages)
-			// stay charged where the shim is.
-			return p.cgroup.Add(vm.Pid())
-		},
-	})
-	if err != nil {
-		return err
+			return err
+		}
+	} else {
+		p.calls = &deadlines{}
+		var err error
+		g, err = bootVM(ctx, p.cfg, hv, vcfg, vmboot.Options{
+			Timeout:    BootTimeout,
+			ClientOpts: []ttrpc.ClientOpts{ttrpc.WithUnaryClientInterceptor(p.calls.intercept)},
+			Started:    started,
+		})
+		if err != nil {
+			return err
+		}
 	}
 	p.vm, p.session, p.client = g.VM, g.Session, g.Client
 	p.Sandbox = agent.NewSandboxClient(g.Client)

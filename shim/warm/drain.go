@@ -74,6 +74,7 @@ func Drain(stateDir string, timeout time.Duration) (int, error) {
 			err = errors.Join(err, serr)
 		}
 	}
+	os.Remove(filepath.Join(stateDir, Dir)) // once no pool is left
 	if err != nil {
 		return len(ended), fmt.Errorf("warm VM pools: %w", err)
 	}

@@ -1,0 +1,220 @@
+package integration
+
+import (
+	"bytes"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/caisson-containers/caisson/integration-tests/harness"
+	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/pod"
+	"github.com/caisson-containers/caisson/shim/warm"
+)
+
+// warmSlots lists the warm VM slots of the environment's pools.
+func warmSlots(t *testing.T, stateDir string) []warm.Slot {
+	t.Helper()
+	pools, err := warm.Pools(stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var slots []warm.Slot
+	for _, p := range pools {
+		s, err := p.Slots()
+		if err != nil {
+			t.Fatal(err)
+		}
+		slots = append(slots, s...)
+	}
+	return slots
+}
+
+// waitWarm waits until n warm VMs wait for pods, and returns them.
+func waitWarm(t *testing.T, stateDir string, n int) []warm.Slot {
+	t.Helper()
+	for end := time.Now().Add(2 * time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		var ready []warm.Slot
+		for _, s := range warmSlots(t, stateDir) {
+			if s.Ready {
+				ready = append(ready, s)
+			}
+		}
+		if len(ready) == n {
+			return ready
+		}
+		if time.Now().After(end) {
+			t.Fatalf("%d warm VMs waiting, want %d: %+v", len(ready), n, warmSlots(t, stateDir))
+		}
+	}
+}
+
+// podLog is what the shim logged for pod (containerd's debug log carries it).
+func podLog(t *testing.T, c *harness.CRI, pod string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(c.Dir, "containerd.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lines []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, pod) {
+			lines = append(lines, l)
+		}
+	}
+	return strings.Join(lines, "\n")
+}
+
+// TestCRIWarmVMs: with hypervisor.warm_vms, the first pod boots from the template and
+// fills the pool; the next pod starts in the waiting warm VM (its NIC and disks
+// hot-plugged: network, exec and its size as asked), and the pool is filled again. A
+// warm shim killed while it waits leaves a slot the next start sweeps; a pod whose
+// configuration makes another template does not take the warm VM (it is ended, the pod
+// boots); a claimed shim killed under its pod leaves nothing once the pod is removed;
+// `caisson warm remove` ends the waiting ones, and nothing is left.
+func TestCRIWarmVMs(t *testing.T) {
+	c := harness.StartCRI(t, harness.Options{Runtime: func(cfg *config.Config) {
+		cfg.Hypervisor.Template = true
+		cfg.Hypervisor.WarmVMs = 1
+		cfg.PodAnnotations = append(cfg.PodAnnotations, "guest.debug_console")
+	}})
+	image := c.Pull(t, c.BusyboxRef, harness.Handler)
+
+	cfgA := c.PodConfig("warm-a", nil)
+	podA := c.RunPod(t, cfgA, harness.Handler)
+	if strings.Contains(podLog(t, c, podA), `msg="warm VM taken"`) {
+		t.Fatal("the first pod took a warm VM from an empty pool")
+	}
+	first := waitWarm(t, c.StateDir, 1)[0]
+
+	cfgB := c.PodConfig("warm-b", func(p *runtime.PodSandboxConfig) {
+		p.Annotations = map[string]string{"io.caisson.config.hypervisor.memory_mib": "640"}
+	})
+	podB := c.RunPod(t, cfgB, harness.Handler)
+	if !strings.Contains(podLog(t, c, podB), `msg="warm VM taken"`) {
+		t.Fatalf("the second pod did not take the warm VM:\n%s", podLog(t, c, podB))
+	}
+	if !warm.Claimed(first.Dir) {
+		t.Fatalf("slot %s is not marked claimed", first.Dir)
+	}
+	if pids := shimPids(podB); len(pids) != 0 {
+		t.Fatalf("a shim was started for the claimed pod: %v", pids)
+	}
+	if !qemuOf(first.Dir) {
+		t.Fatalf("no QEMU runs in the claimed slot %s", first.Dir)
+	}
+	srv := c.StartContainer(t, podB, cfgB, harness.ContainerConfig("server", image, tcpServer(8080, "pong-from-warm")...))
+	ip := c.PodIP(t, podB)
+	if got, err := dialLine(net.JoinHostPort(ip, "8080")); err != nil || got != "pong-from-warm" {
+		t.Fatalf("host to the warm pod at %s: %q, %v", ip, got, err)
+	}
+	out, errOut, code := c.Exec(t, srv, "sh", "-c", "grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2")
+	if kib, err := strconv.Atoi(strings.TrimSpace(out)); code != 0 || err != nil || kib <= 512<<10 {
+		t.Fatalf("the warm pod's memory: %q %s (exit %d), want more than the 512 MiB of the warm VM (640 asked)", out, errOut, code)
+	}
+	refilled := waitWarm(t, c.StateDir, 1)[0]
+
+	// A warm shim killed while it waits: its VM goes with it, and the next start sweeps
+	// its slot and boots the pod.
+	syscall.Kill(refilled.Pid, syscall.SIGKILL)
+	waitQEMUGone(t, refilled.Dir)
+	cfgC := c.PodConfig("warm-c", nil)
+	podC := c.RunPod(t, cfgC, harness.Handler)
+	if strings.Contains(podLog(t, c, podC), `msg="warm VM taken"`) {
+		t.Fatal("a pod took the warm VM of a killed shim")
+	}
+	if _, err := os.Stat(refilled.Dir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the killed warm shim's slot: %v", err)
+	}
+
+	// A pod whose configuration makes another template ends the warm VM and boots.
+	third := waitWarm(t, c.StateDir, 1)[0]
+	cfgD := c.PodConfig("warm-d", func(p *runtime.PodSandboxConfig) {
+		p.Annotations = map[string]string{"io.caisson.config.guest.debug_console": "true"}
+	})
+	podD := c.RunPod(t, cfgD, harness.Handler)
+	logD := podLog(t, c, podD)
+	if strings.Contains(logD, `msg="warm VM taken"`) || !strings.Contains(logD, "does not fit the pod") {
+		t.Fatalf("a pod of another template and the warm VM:\n%s", logD)
+	}
+	if _, err := os.Stat(third.Dir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the warm VM that did not fit left its slot: %v", err)
+	}
+	d := c.StartContainer(t, podD, cfgD, harness.ContainerConfig("app", image, "sleep", "100000"))
+	if out, _, code := c.Exec(t, d, "cat", "/proc/cmdline"); code != 0 || !strings.Contains(out, "loglevel=7") {
+		t.Fatalf("the pod of another template: cmdline %q (exit %d)", out, code)
+	}
+
+	// The claimed shim killed under its pod: removing the pod cleans up after it,
+	// the warm VM's state included.
+	var podBState string
+	for _, s := range warmSlots(t, c.StateDir) {
+		if s.Dir == first.Dir {
+			podBState = s.Claimed
+		}
+	}
+	if podBState == "" {
+		t.Fatalf("the claimed slot %s is not listed", first.Dir)
+	}
+	syscall.Kill(first.Pid, syscall.SIGKILL)
+	waitQEMUGone(t, first.Dir)
+	for end := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		st, err := c.Runtime.ContainerStatus(c.Ctx(t), &runtime.ContainerStatusRequest{ContainerId: srv})
+		if err == nil && st.GetStatus().GetState() == runtime.ContainerState_CONTAINER_EXITED {
+			break
+		}
+		if time.Now().After(end) {
+			t.Fatalf("the container of the killed shim: %v, %v", st.GetStatus().GetState(), err)
+		}
+	}
+	for _, p := range []string{podA, podB, podC, podD} {
+		c.RemovePod(t, p)
+	}
+	if _, err := os.Stat(first.Dir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the killed claimed shim's warm VM state: %v", err)
+	}
+	waitWarm(t, c.StateDir, 1)
+	n, err := warm.Drain(c.StateDir, 10*time.Second)
+	if err != nil || n != 1 {
+		t.Fatalf("caisson warm remove: %d ended, %v", n, err)
+	}
+	if left := c.Leftovers(); len(left) > 0 {
+		t.Fatalf("after removing the pods and the warm VMs:\n  %s", strings.Join(left, "\n  "))
+	}
+	if _, err := os.Stat(filepath.Join(c.StateDir, pod.TemplatesDir)); err != nil {
+		t.Fatalf("the templates went: %v", err)
+	}
+}
+
+// qemuOf reports whether a QEMU runs whose command line names dir.
+func qemuOf(dir string) bool {
+	entries, _ := os.ReadDir("/proc")
+	for _, en := range entries {
+		b, err := os.ReadFile(filepath.Join("/proc", en.Name(), "cmdline"))
+		if err == nil && bytes.Contains(b, []byte("qemu-system")) && bytes.Contains(b, []byte(dir+"/")) {
+			return true
+		}
+	}
+	return false
+}
+
+// waitQEMUGone waits for the QEMU whose command line names dir to exit.
+func waitQEMUGone(t *testing.T, dir string) {
+	t.Helper()
+	for end := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if !qemuOf(dir) {
+			return
+		}
+		if time.Now().After(end) {
+			t.Fatalf("the QEMU of %s outlived its shim", dir)
+		}
+	}
+}
