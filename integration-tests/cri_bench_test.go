@@ -16,6 +16,7 @@ import (
 	"github.com/caisson-containers/caisson/integration-tests/harness"
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/warm"
 )
 
 // phases of a Caisson pod start, from the shim's debug log (containerd's log): CRI to
@@ -42,7 +43,7 @@ func shimPhases(b *testing.B, c *harness.CRI, pod string, start, sandboxDone, en
 		if !strings.Contains(line, "container="+pod) {
 			continue
 		}
-		for _, msg := range []string{"qemu started", "agent ready", "pod VM ready"} {
+		for _, msg := range []string{"qemu started", "agent ready", "pod VM ready", "warm VM taken"} {
 			if _, seen := at[msg]; seen || !strings.Contains(line, `msg="`+msg+`"`) {
 				continue
 			}
@@ -55,6 +56,12 @@ func shimPhases(b *testing.B, c *harness.CRI, pod string, start, sandboxDone, en
 				at[msg] = t
 			}
 		}
+	}
+	// A pod that started in a warm VM (hypervisor.warm_vms) took a VM whose agent
+	// answers: its devices' hot-plugs end cri-to-qemu, and boot-to-agent is nil.
+	if taken, ok := at["warm VM taken"]; ok {
+		at["qemu started"], at["agent ready"] = taken, taken
+		delete(at, "warm VM taken")
 	}
 	if len(at) != 3 {
 		b.Fatalf("pod %s: the shim's debug log has only %v of qemu started, agent ready, pod VM ready", pod, at)
@@ -143,7 +150,10 @@ func bareBoot(b *testing.B, c *harness.CRI, initrd string) time.Duration {
 //   - template-s, and its phases: a pod from a VM template; template-readonly-s and
 //     its phases: the same with the app container's rootfs read-only
 //     (readOnlyRootFilesystem), which writes to a tmpfs in the guest instead of a disk of
-//     its own (docs/mounts.md).
+//     its own (docs/mounts.md);
+//   - warm-s, and its phases: a pod that started in a warm VM (hypervisor.warm_vms = 1),
+//     with warm-vs-template; each round waits, untimed, for the pool to be full again
+//     before the warm pod and after it, so that no warm-up runs beside a timed start.
 //
 // With -cri.compare-initramfs NAME=PATH,..., each round also starts a pod of a handler
 // like caisson's that boots the initramfs at PATH (e.g. the image before a change,
@@ -155,6 +165,7 @@ func bareBoot(b *testing.B, c *harness.CRI, initrd string) time.Duration {
 func BenchmarkCRIPodStart(b *testing.B) {
 	handlers := map[string]func(*config.Config){
 		templateHandler: func(c *config.Config) { c.Hypervisor.Template = true },
+		warmHandler:     func(c *config.Config) { c.Hypervisor.Template, c.Hypervisor.WarmVMs = true, 1 },
 	}
 	variants := append(compareVariants(b, *compareInitramfsFlag, "-cri.compare-initramfs", false),
 		compareVariants(b, *compareShimFlag, "-cri.compare-shim", true)...)
@@ -184,6 +195,8 @@ func BenchmarkCRIPodStart(b *testing.B) {
 	// The template is made by the first pod of its shape on the node, once: a pod
 	// before the timed ones makes it.
 	made, _ := podStart(b, c, templateHandler, imgCaisson, -1)
+	// The warm handler's first pod boots and fills its pool.
+	podStart(b, c, warmHandler, imgCaisson, -1)
 	for _, v := range variants {
 		if v.template {
 			podStart(b, c, v.handler, imgCaisson, -1)
@@ -192,8 +205,9 @@ func BenchmarkCRIPodStart(b *testing.B) {
 
 	initrd := bareInitramfs(b, "/bin/busybox poweroff -f")
 
-	var ours, fromTemplate, readOnly, runc, bare []time.Duration
+	var ours, fromTemplate, readOnly, warmed, runc, bare []time.Duration
 	phases := make([][]time.Duration, len(phaseNames))
+	warmPhases := make([][]time.Duration, len(phaseNames))
 	templatePhases := make([][]time.Duration, len(phaseNames))
 	readOnlyPhases := make([][]time.Duration, len(phaseNames))
 	readOnlyApp := func(cc *runtime.ContainerConfig) {
@@ -224,6 +238,13 @@ func BenchmarkCRIPodStart(b *testing.B) {
 				v.phases[j] = append(v.phases[j], d)
 			}
 		}
+		waitWarmPool(b, c.StateDir)
+		t, ph = podStart(b, c, warmHandler, imgCaisson, i)
+		warmed = append(warmed, t)
+		for j, d := range ph {
+			warmPhases[j] = append(warmPhases[j], d)
+		}
+		waitWarmPool(b, c.StateDir)
 		bare = append(bare, bareBoot(b, c, initrd))
 	}
 	mo, mr, mb := median(ours), median(runc), median(bare)
@@ -257,6 +278,12 @@ func BenchmarkCRIPodStart(b *testing.B) {
 	b.ReportMetric(float64(mro)/float64(mt), "template-readonly-vs-template")
 	fmt.Printf("with hypervisor.template and the app container's rootfs read-only: %.2f s (%.2f× the template's); median of each phase: %s\n",
 		mro.Seconds(), float64(mro)/float64(mt), breakdown(readOnlyPhases, "template-readonly-"))
+	mw := median(warmed)
+	b.ReportMetric(mw.Seconds(), "warm-s")
+	b.ReportMetric(float64(mw)/float64(mb), "warm-vs-bare")
+	b.ReportMetric(float64(mw)/float64(mt), "warm-vs-template")
+	fmt.Printf("with hypervisor.warm_vms = 1 (a warm VM waiting): %.2f s, %.2f× the template's (target ≤ 0.8× a bare boot: %.2f×); median of each phase (cri-to-qemu ends when the warm VM has the pod's devices): %s\n",
+		mw.Seconds(), float64(mw)/float64(mt), float64(mw)/float64(mb), breakdown(warmPhases, "warm-"))
 	for _, v := range variants {
 		m := median(v.starts)
 		ours, kind := mo, "caisson"
@@ -331,3 +358,38 @@ func compareVariants(b *testing.B, value, flagName string, shims bool) []*podSta
 // templateHandler is a CRI runtime handler like caisson's whose pods start from a VM
 // template (hypervisor.template).
 const templateHandler = "caisson-template"
+
+// warmHandler is the handler whose pods start in warm VMs (hypervisor.warm_vms = 1).
+const warmHandler = "caisson-warm"
+
+// waitWarmPool waits until every warm VM pool under stateDir has a warm VM waiting and
+// none warming up.
+func waitWarmPool(b *testing.B, stateDir string) {
+	b.Helper()
+	for end := time.Now().Add(2 * time.Minute); ; time.Sleep(50 * time.Millisecond) {
+		pools, err := warm.Pools(stateDir)
+		if err != nil {
+			b.Fatal(err)
+		}
+		full := len(pools) > 0
+		for _, p := range pools {
+			slots, _ := p.Slots()
+			waiting := 0
+			for _, s := range slots {
+				switch {
+				case s.Ready:
+					waiting++
+				case s.Live && s.Claimed == "":
+					full = false // warming up
+				}
+			}
+			full = full && waiting > 0
+		}
+		if full {
+			return
+		}
+		if time.Now().After(end) {
+			b.Fatalf("the warm VM pools under %s did not fill", stateDir)
+		}
+	}
+}
