@@ -41,3 +41,7 @@ DENSITY_STATS_PERIOD ?=
 .PHONY: bench-density
 bench-density: ## DENSITY_PODS idle CRI pods (default 100), booted then from a template (DENSITY_CONFIGS=template for one): host memory and PSS per pod (TCG cache apart), idle CPU per pod over 30 s, first/last pod start, exec latency, removal; against a bare guest
 	DENSITY_PODS=$(DENSITY_PODS) DENSITY_CONFIGS=$(DENSITY_CONFIGS) DENSITY_STATS_PERIOD=$(DENSITY_STATS_PERIOD) $(GO) test -count=1 -run '^$$' -bench '^BenchmarkCRIDensity$$' -benchtime 1x -timeout 240m ./integration-tests/
+
+.PHONY: bench-warm
+bench-warm: ## Warm VMs (hypervisor.warm_vms) idle: a waiting warm VM and a pod that started in one, PSS and idle CPU against an idle pod from the template
+	$(GO) test -count=1 -run '^$$' -bench '^BenchmarkWarmVMCost$$' -benchtime 1x -timeout 20m ./integration-tests/
