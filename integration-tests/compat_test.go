@@ -3,6 +3,7 @@ package integration
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -15,6 +16,8 @@ import (
 
 	"github.com/caisson-containers/caisson/integration-tests/harness"
 	"github.com/caisson-containers/caisson/internal/testutil"
+	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/warm"
 )
 
 // matrixVersions are the containerd versions of containerd-versions.txt.
@@ -85,7 +88,9 @@ func smokeTest(t *testing.T, cd *harness.Containerd) {
 			time.Sleep(100 * time.Millisecond)
 		}
 	})
-	o := harness.Options{Containerd: cd}
+	o := harness.Options{Containerd: cd, Handlers: map[string]func(*config.Config){
+		warmHandler: func(c *config.Config) { c.Hypervisor.Template, c.Hypervisor.WarmVMs = true, 1 },
+	}}
 	if cd != nil && cd.Older(2, 0) {
 		o.ContribConfig = "config-v2.toml"
 	}
@@ -147,5 +152,36 @@ func smokeTest(t *testing.T, cd *harness.Containerd) {
 	c.RemovePod(t, pod)
 	if left := c.Leftovers(); len(left) > 0 {
 		t.Errorf("left after the pod: %v", left)
+	}
+
+	// Warm VMs (hypervisor.warm_vms): the first pod fills the pool, the second starts
+	// in the warm VM, whose shim this containerd's start protocol handed the pod.
+	var warmPods []string
+	for i := range 2 {
+		if i == 1 {
+			waitWarm(t, c.StateDir, 1)
+		}
+		cfg := c.PodConfig(fmt.Sprintf("smoke-warm-%d", i), nil)
+		p := c.RunPod(t, cfg, warmHandler)
+		warmPods = append(warmPods, p)
+		if legacy {
+			sockets = append(sockets, socket("k8s.io", p))
+		}
+		if taken := strings.Contains(podLog(t, c, p), `msg="warm VM taken"`); taken != (i == 1) {
+			t.Fatalf("warm pod %d: took a warm VM: %v", i, taken)
+		}
+		ctr := c.StartContainer(t, p, cfg, harness.ContainerConfig("app", image, "sleep", "100000"))
+		if out, _, code := c.Exec(t, ctr, "uname", "-r"); code != 0 || strings.TrimSpace(out) != guestRelease {
+			t.Fatalf("exec in warm pod %d: %q (exit %d)", i, out, code)
+		}
+	}
+	for _, p := range warmPods {
+		c.RemovePod(t, p)
+	}
+	if n, err := warm.Drain(c.StateDir, 10*time.Second); err != nil || n != 1 {
+		t.Errorf("caisson warm remove: %d ended, %v", n, err)
+	}
+	if left := c.Leftovers(); len(left) > 0 {
+		t.Errorf("left after the warm pods: %v", left)
 	}
 }
