@@ -3,6 +3,7 @@ package integration
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -78,8 +79,9 @@ func podLog(t *testing.T, c *harness.CRI, pod string) string {
 // hot-plugged: network, exec and its size as asked), and the pool is filled again. A
 // warm shim killed while it waits leaves a slot the next start sweeps; a pod whose
 // configuration makes another template does not take the warm VM (it is ended, the pod
-// boots); a claimed shim killed under its pod leaves nothing once the pod is removed;
-// `caisson warm remove` ends the waiting ones, and nothing is left.
+// boots); a claimed shim killed under its pod leaves nothing once the pod is removed; a
+// lone container (ctr run) runs in a warm VM of its namespace's pool; `caisson warm
+// remove` ends the waiting ones, and nothing is left.
 func TestCRIWarmVMs(t *testing.T) {
 	c := harness.StartCRI(t, harness.Options{Runtime: func(cfg *config.Config) {
 		cfg.Hypervisor.Template = true
@@ -182,8 +184,29 @@ func TestCRIWarmVMs(t *testing.T) {
 		t.Fatalf("the killed claimed shim's warm VM state: %v", err)
 	}
 	waitWarm(t, c.StateDir, 1)
+
+	// A lone container (ctr run, its own namespace's pool): the first fills the pool,
+	// the second runs in the warm VM.
+	if out, errOut, code := c.Ctr(t, "images", "pull", "--plain-http", "--snapshotter", "caisson", c.BusyboxRef); code != 0 {
+		t.Fatalf("ctr images pull (exit %d):\n%s%s", code, out, errOut)
+	}
+	for i := range 2 {
+		if i == 1 {
+			waitWarm(t, c.StateDir, 2)
+		}
+		id := fmt.Sprintf("warm-ctr-%d", i)
+		out, errOut, code := c.Ctr(t, "run", "--rm", "--runtime", "io.containerd.caisson.v2", "--snapshotter", "caisson",
+			c.BusyboxRef, id, "sh", "-c", "cat /proc/sys/kernel/random/boot_id; exit 3")
+		if code != 3 || len(strings.TrimSpace(out)) != 36 {
+			t.Fatalf("ctr run %s: exit %d, %q %s", id, code, out, errOut)
+		}
+		if taken := strings.Contains(podLog(t, c, id), `msg="warm VM taken"`); taken != (i == 1) {
+			t.Fatalf("ctr run %s took a warm VM: %v", id, taken)
+		}
+	}
+	waitWarm(t, c.StateDir, 2)
 	n, err := warm.Drain(c.StateDir, 10*time.Second)
-	if err != nil || n != 1 {
+	if err != nil || n != 2 {
 		t.Fatalf("caisson warm remove: %d ended, %v", n, err)
 	}
 	if left := c.Leftovers(); len(left) > 0 {
