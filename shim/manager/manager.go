@@ -259,15 +259,15 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	if _, err := os.Stat(stateDir); err != nil {
 		return status, nil
 	}
-	// A live shim still owns its pod (this is cleanup after a failed create): leave it.
-	// Whether it lives is read from the processes, not from the shim's socket, which a
-	// dead shim's children may still hold open.
 	// A pod that started in a warm VM has the VM's state apart from its own.
 	warmDir := ""
 	if b, err := os.ReadFile(filepath.Join(stateDir, pod.WarmFile)); err == nil &&
 		strings.HasPrefix(string(b), filepath.Join(p.Config.StateDir, warm.Dir)+"/") {
 		warmDir = string(b)
 	}
+	// A live shim still owns its pod (this is cleanup after a failed create): leave it.
+	// Whether it lives is read from the processes, not from the shim's socket, which a
+	// dead shim's children may still hold open.
 	vms := vmProcesses(stateDir)
 	if warmDir != "" {
 		vms = append(vms, vmProcesses(warmDir)...)
