@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -16,6 +17,7 @@ import (
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/caisson-containers/caisson/integration-tests/harness"
+	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/pod"
 	"github.com/caisson-containers/caisson/shim/warm"
@@ -204,10 +206,15 @@ func TestCRIWarmVMs(t *testing.T) {
 			t.Fatalf("ctr run %s took a warm VM: %v", id, taken)
 		}
 	}
-	waitWarm(t, c.StateDir, 2)
-	n, err := warm.Drain(c.StateDir, 10*time.Second)
-	if err != nil || n != 2 {
-		t.Fatalf("caisson warm remove: %d ended, %v", n, err)
+	waiting := waitWarm(t, c.StateDir, 2)
+	cli := filepath.Join(testutil.RepoRoot(t), "bin", "caisson")
+	list, err := exec.Command(cli, "warm", "list", "--config", c.ConfigPath).CombinedOutput()
+	if err != nil || strings.Count(string(list), " waiting ") != 2 || !strings.Contains(string(list), waiting[0].Dir) {
+		t.Fatalf("caisson warm list: %v\n%s", err, list)
+	}
+	removed, err := exec.Command(cli, "warm", "remove", "--config", c.ConfigPath).CombinedOutput()
+	if err != nil || strings.TrimSpace(string(removed)) != "ended 2 waiting warm VMs" {
+		t.Fatalf("caisson warm remove: %v\n%s", err, removed)
 	}
 	if left := c.Leftovers(); len(left) > 0 {
 		t.Fatalf("after removing the pods and the warm VMs:\n  %s", strings.Join(left, "\n  "))

@@ -52,7 +52,7 @@ var warmCommand = &cli.Command{
 					return err
 				}
 				n, err := warm.Drain(cfg.StateDir, 10*time.Second)
-				fmt.Printf("%d warm VMs ended\n", n)
+				fmt.Printf("ended %d waiting warm VMs\n", n)
 				return err
 			},
 		},

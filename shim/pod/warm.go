@@ -31,6 +31,10 @@ type Warm struct {
 	template string
 	// dir is the VM's state directory (a warm pool's slot).
 	dir string
+	// ready is when it was warm; warmUp what the agent's warm-up took (both for the
+	// pod's log: the warm shim's own log goes with its slot).
+	ready  time.Time
+	warmUp time.Duration
 }
 
 // WarmFile, in a pod's state directory, names the state directory of the warm VM the
@@ -64,7 +68,8 @@ func PrepareWarm(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, dir 
 		w.Stop(context.WithoutCancel(ctx))
 		return nil, fmt.Errorf("warm-up: %w", errgrpc.ToNative(err))
 	}
-	log.G(ctx).WithFields(log.Fields{"template": t.Dir, "warm_up": time.Duration(resp.GetTookNs()), "qemu_pid": g.VM.Pid()}).Info("warm VM ready")
+	w.ready, w.warmUp = time.Now(), time.Duration(resp.GetTookNs())
+	log.G(ctx).WithFields(log.Fields{"template": t.Dir, "warm_up": w.warmUp, "qemu_pid": g.VM.Pid()}).Info("warm VM ready")
 	return w, nil
 }
 
@@ -158,6 +163,8 @@ func (p *Pod) adopt(ctx context.Context, w *Warm, hv vmm.Hypervisor, vcfg vmm.Co
 	}
 	p.warmDir = w.dir
 	p.calls = w.calls
-	log.G(ctx).WithFields(log.Fields{"warm_vm": w.dir, "qemu_pid": vm.Pid(), "took": time.Since(start)}).Debug("warm VM taken")
+	log.G(ctx).WithFields(log.Fields{
+		"warm_vm": w.dir, "qemu_pid": vm.Pid(), "warm_up": w.warmUp, "waited": start.Sub(w.ready), "took": time.Since(start),
+	}).Debug("warm VM taken")
 	return w.g
 }
