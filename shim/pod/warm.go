@@ -14,6 +14,7 @@ import (
 	"github.com/containerd/ttrpc"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
+	"github.com/caisson-containers/caisson/internal/rootfs"
 	"github.com/caisson-containers/caisson/shim/config"
 	"github.com/caisson-containers/caisson/shim/vmboot"
 	"github.com/caisson-containers/caisson/shim/vmm"
@@ -64,6 +65,9 @@ func PrepareWarm(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, dir 
 	}
 	w := &Warm{g: g, calls: calls, template: t.Dir, dir: dir}
 	resp, err := agent.NewSandboxClient(g.Client).WarmUp(ctx, &agent.WarmUpRequest{})
+	if err == nil {
+		err = warmDisk(ctx, g, dir)
+	}
 	if err != nil {
 		w.Stop(context.WithoutCancel(ctx))
 		return nil, fmt.Errorf("warm-up: %w", errgrpc.ToNative(err))
@@ -167,4 +171,35 @@ func (p *Pod) adopt(ctx context.Context, w *Warm, hv vmm.Hypervisor, vcfg vmm.Co
 		"warm_vm": w.dir, "qemu_pid": vm.Pid(), "warm_up": w.warmUp, "waited": start.Sub(w.ready), "took": time.Since(start),
 	}).Debug("warm VM taken")
 	return w.g
+}
+
+// warmDiskSize is the warm-up disk's: enough for an ext4 journal.
+const warmDiskSize = 16 << 20
+
+// warmDisk hot-plugs a writable ext4 disk into the warm VM, has the agent mount and
+// unmount it, and unplugs it: the guest's hot-plug, virtio-blk and ext4 paths, which a
+// pod's first container takes (its writable image), then run in this QEMU before the pod
+// does. Under TCG it took a warm pod's sandbox and storages phase from 0.38 to 0.27 s
+// and its start from 1.32 to 1.11 s (docs/cri.md, Warm VMs). A virtio-pmem device, which
+// QEMU cannot unplug, is not warmed so.
+func warmDisk(ctx context.Context, g *vmboot.Guest, dir string) error {
+	d := rootfs.Device{Source: filepath.Join(dir, "warm-up.ext4"), FSType: "ext4", Mkfs: &rootfs.Mkfs{FS: "ext4", Size: warmDiskSize}}
+	if err := rootfs.Format(ctx, d); err != nil {
+		return err
+	}
+	defer os.Remove(d.Source)
+	disk := vmm.Disk{ID: "warm-up", Path: d.Source, Kind: vmm.Block}
+	addr, err := g.VM.AttachDisk(ctx, disk)
+	if err != nil {
+		return err
+	}
+	st := agent.NewStorageClient(g.Client)
+	_, err = st.Mount(ctx, &agent.MountStorageRequest{StorageId: disk.ID, Device: agentDevice(addr, disk.Kind), Fstype: d.FSType})
+	if err == nil {
+		_, err = st.Unmount(ctx, &agent.UnmountStorageRequest{StorageId: disk.ID})
+	}
+	if derr := g.VM.DetachDisk(ctx, disk.ID); derr != nil {
+		return errors.Join(err, fmt.Errorf("unplug the warm-up disk: %w", derr))
+	}
+	return err
 }
