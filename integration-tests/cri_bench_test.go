@@ -16,7 +16,6 @@ import (
 	"github.com/caisson-containers/caisson/integration-tests/harness"
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
-	"github.com/caisson-containers/caisson/shim/warm"
 )
 
 // phases of a Caisson pod start, from the shim's debug log (containerd's log): CRI to
@@ -238,13 +237,13 @@ func BenchmarkCRIPodStart(b *testing.B) {
 				v.phases[j] = append(v.phases[j], d)
 			}
 		}
-		waitWarmPool(b, c.StateDir)
+		waitWarm(b, c.StateDir, 1)
 		t, ph = podStart(b, c, warmHandler, imgCaisson, i)
 		warmed = append(warmed, t)
 		for j, d := range ph {
 			warmPhases[j] = append(warmPhases[j], d)
 		}
-		waitWarmPool(b, c.StateDir)
+		waitWarm(b, c.StateDir, 1)
 		bare = append(bare, bareBoot(b, c, initrd))
 	}
 	mo, mr, mb := median(ours), median(runc), median(bare)
@@ -361,35 +360,3 @@ const templateHandler = "caisson-template"
 
 // warmHandler is the handler whose pods start in warm VMs (hypervisor.warm_vms = 1).
 const warmHandler = "caisson-warm"
-
-// waitWarmPool waits until every warm VM pool under stateDir has a warm VM waiting and
-// none warming up.
-func waitWarmPool(b *testing.B, stateDir string) {
-	b.Helper()
-	for end := time.Now().Add(2 * time.Minute); ; time.Sleep(50 * time.Millisecond) {
-		pools, err := warm.Pools(stateDir)
-		if err != nil {
-			b.Fatal(err)
-		}
-		full := len(pools) > 0
-		for _, p := range pools {
-			slots, _ := p.Slots()
-			waiting := 0
-			for _, s := range slots {
-				switch {
-				case s.Ready:
-					waiting++
-				case s.Live && s.Claimed == "":
-					full = false // warming up
-				}
-			}
-			full = full && waiting > 0
-		}
-		if full {
-			return
-		}
-		if time.Now().After(end) {
-			b.Fatalf("the warm VM pools under %s did not fill", stateDir)
-		}
-	}
-}

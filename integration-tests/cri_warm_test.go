@@ -24,7 +24,7 @@ import (
 )
 
 // warmSlots lists the warm VM slots of the environment's pools.
-func warmSlots(t *testing.T, stateDir string) []warm.Slot {
+func warmSlots(t testing.TB, stateDir string) []warm.Slot {
 	t.Helper()
 	pools, err := warm.Pools(stateDir)
 	if err != nil {
@@ -42,7 +42,7 @@ func warmSlots(t *testing.T, stateDir string) []warm.Slot {
 }
 
 // waitWarm waits until n warm VMs wait for pods, and returns them.
-func waitWarm(t *testing.T, stateDir string, n int) []warm.Slot {
+func waitWarm(t testing.TB, stateDir string, n int) []warm.Slot {
 	t.Helper()
 	for end := time.Now().Add(2 * time.Minute); ; time.Sleep(100 * time.Millisecond) {
 		var ready []warm.Slot
@@ -225,15 +225,19 @@ func TestCRIWarmVMs(t *testing.T) {
 }
 
 // qemuOf reports whether a QEMU runs whose command line names dir.
-func qemuOf(dir string) bool {
+func qemuOf(dir string) bool { return qemuIn(dir) != 0 }
+
+// qemuIn is the pid of the QEMU whose command line names dir (its state), or 0.
+func qemuIn(dir string) int {
 	entries, _ := os.ReadDir("/proc")
 	for _, en := range entries {
 		b, err := os.ReadFile(filepath.Join("/proc", en.Name(), "cmdline"))
 		if err == nil && bytes.Contains(b, []byte("qemu-system")) && bytes.Contains(b, []byte(dir+"/")) {
-			return true
+			pid, _ := strconv.Atoi(en.Name())
+			return pid
 		}
 	}
-	return false
+	return 0
 }
 
 // waitQEMUGone waits for the QEMU whose command line names dir to exit.

@@ -1,17 +1,12 @@
 package integration
 
 import (
-	"bytes"
 	"fmt"
-	"os"
-	"path/filepath"
-	"strconv"
 	"testing"
 	"time"
 
 	"github.com/caisson-containers/caisson/integration-tests/harness"
 	"github.com/caisson-containers/caisson/shim/config"
-	"github.com/caisson-containers/caisson/shim/warm"
 )
 
 // BenchmarkWarmVMCost (make bench-warm) reports what warm VMs (hypervisor.warm_vms = 1)
@@ -35,15 +30,16 @@ func BenchmarkWarmVMCost(b *testing.B) {
 	filler := startDensityPod(b, c, warmHandler, image, "warm-cost-filler")
 	c.RemovePod(b, filler.id)
 
-	waitWarmPool(b, c.StateDir)
-	claimed := readySlot(b, c.StateDir)
+	claimed := waitWarm(b, c.StateDir, 1)[0]
 	warmPod := startDensityPod(b, c, warmHandler, image, "warm-cost-pod")
-	warmPod.shim, warmPod.qemu = claimed.Pid, qemuIn(b, claimed.Dir)
+	warmPod.shim, warmPod.qemu = claimed.Pid, qemuIn(claimed.Dir)
 	tmplPod := startDensityPod(b, c, templateHandler, image, "warm-cost-template")
 	findPodProcesses(b, c, &tmplPod)
-	waitWarmPool(b, c.StateDir)
-	waiting := readySlot(b, c.StateDir)
-	warmVM := densityPod{shim: waiting.Pid, qemu: qemuIn(b, waiting.Dir)}
+	waiting := waitWarm(b, c.StateDir, 1)[0]
+	warmVM := densityPod{shim: waiting.Pid, qemu: qemuIn(waiting.Dir)}
+	if warmPod.qemu == 0 || warmVM.qemu == 0 {
+		b.Fatalf("the QEMUs of the warm pod (%d) and the waiting warm VM (%d)", warmPod.qemu, warmVM.qemu)
+	}
 
 	time.Sleep(densitySettle)
 	measured := []densityPod{tmplPod, warmPod, warmVM}
@@ -71,38 +67,4 @@ func BenchmarkWarmVMCost(b *testing.B) {
 	for _, p := range []densityPod{warmPod, tmplPod} {
 		c.RemovePod(b, p.id)
 	}
-}
-
-// readySlot is a warm VM waiting in a pool under stateDir.
-func readySlot(b *testing.B, stateDir string) warm.Slot {
-	b.Helper()
-	pools, err := warm.Pools(stateDir)
-	if err != nil {
-		b.Fatal(err)
-	}
-	for _, p := range pools {
-		slots, _ := p.Slots()
-		for _, s := range slots {
-			if s.Ready {
-				return s
-			}
-		}
-	}
-	b.Fatalf("no warm VM waits under %s", stateDir)
-	return warm.Slot{}
-}
-
-// qemuIn is the QEMU whose state is in dir.
-func qemuIn(b *testing.B, dir string) int {
-	b.Helper()
-	entries, _ := os.ReadDir("/proc")
-	for _, en := range entries {
-		cmdline, err := os.ReadFile(filepath.Join("/proc", en.Name(), "cmdline"))
-		if err == nil && bytes.Contains(cmdline, []byte("qemu-system")) && bytes.Contains(cmdline, []byte(dir+"/")) {
-			pid, _ := strconv.Atoi(en.Name())
-			return pid
-		}
-	}
-	b.Fatalf("no QEMU runs in %s", dir)
-	return 0
 }
