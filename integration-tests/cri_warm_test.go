@@ -252,3 +252,36 @@ func waitQEMUGone(t *testing.T, dir string) {
 		}
 	}
 }
+
+// TestCRIWarmVMIdle: a warm VM no pod takes within hypervisor.warm_vm_idle_timeout ends,
+// its QEMU with it, and its slot goes; the next pod starts from the template and
+// fills the pool again.
+func TestCRIWarmVMIdle(t *testing.T) {
+	c := harness.StartCRI(t, harness.Options{Runtime: func(cfg *config.Config) {
+		cfg.Hypervisor.Template = true
+		cfg.Hypervisor.WarmVMs = 1
+		cfg.Hypervisor.WarmVMIdleTimeout = config.Duration(3 * time.Second)
+	}})
+	first := c.RunPod(t, c.PodConfig("idle-a", nil), harness.Handler)
+	slot := waitWarm(t, c.StateDir, 1)[0]
+	for end := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if _, err := os.Stat(slot.Dir); errors.Is(err, os.ErrNotExist) {
+			break
+		}
+		if time.Now().After(end) {
+			t.Fatalf("the idle warm VM's slot %s is still there", slot.Dir)
+		}
+	}
+	waitQEMUGone(t, slot.Dir)
+	if left := warmSlots(t, c.StateDir); len(left) != 0 {
+		t.Fatalf("slots after the idle timeout: %+v", left)
+	}
+	second := c.RunPod(t, c.PodConfig("idle-b", nil), harness.Handler)
+	if strings.Contains(podLog(t, c, second), `msg="warm VM taken"`) {
+		t.Fatal("a pod took a warm VM that had timed out")
+	}
+	waitWarm(t, c.StateDir, 1)
+	for _, p := range []string{first, second} {
+		c.RemovePod(t, p)
+	}
+}
