@@ -28,9 +28,9 @@ func Pools(stateDir string) ([]*Pool, error) {
 }
 
 // Drain ends every waiting (unclaimed) warm shim of the pools under stateDir, and their
-// VMs with them: SIGTERM, then SIGKILL for one still alive after timeout. Slots of dead
-// shims are removed, and pools left empty. Claimed slots serve pods and stay. It
-// returns how many shims it ended.
+// VMs with them: SIGTERM, then SIGKILL for one still alive after timeout (an error names
+// it). Slots of dead shims are removed, and pools left empty. Claimed slots serve pods
+// and stay. It returns how many shims it ended.
 func Drain(stateDir string, timeout time.Duration) (int, error) {
 	pools, err := Pools(stateDir)
 	if err != nil {
@@ -47,8 +47,8 @@ func Drain(stateDir string, timeout time.Duration) (int, error) {
 				continue
 			}
 			if s.Pid <= 0 {
-				// A slot whose shim has not recorded itself yet: it starts, and would
-				// refill after this. Wait for it, as for the others.
+				// A shim that has just started and not recorded its pid yet: wait for
+				// it, then end it as the others.
 				s.Pid = waitPid(s.Dir, timeout)
 			}
 			if s.Pid > 0 {
@@ -63,6 +63,8 @@ func Drain(stateDir string, timeout time.Duration) (int, error) {
 			time.Sleep(20 * time.Millisecond)
 		}
 		if held(s.Dir) {
+			// A warm shim ends on SIGTERM: one that does not is a bug to report.
+			err = errors.Join(err, fmt.Errorf("warm shim %d did not end within %s of SIGTERM: killed", s.Pid, timeout))
 			syscall.Kill(s.Pid, syscall.SIGKILL)
 			for end := time.Now().Add(5 * time.Second); held(s.Dir) && time.Now().Before(end); {
 				time.Sleep(20 * time.Millisecond)
