@@ -89,7 +89,7 @@ func (s sandboxService) Check(ctx context.Context, req *agent.CheckRequest) (*ag
 		}
 		// Only the shim's template maker asks for devices_ready: the template is saved
 		// after this, so its VMs start with the warm-up's state.
-		s.a.warmUp(ctx)
+		s.a.checkWarmed.Do(func() { s.a.warmUp(ctx) })
 	}
 	ts, err := bootTime()
 	if err != nil {

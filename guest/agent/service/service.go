@@ -58,6 +58,8 @@ type Agent struct {
 
 	// warmMu runs one warm-up at a time: its container takes a fixed id.
 	warmMu sync.Mutex
+	// checkWarmed: a Check with devices_ready warms up once (Sandbox.WarmUp each time).
+	checkWarmed sync.Once
 
 	mu     sync.Mutex
 	rootfs map[string]*storage.MountedRootfs // by container id
