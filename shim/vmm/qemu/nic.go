@@ -10,6 +10,7 @@ import (
 	"github.com/containerd/errdefs"
 
 	"github.com/caisson-containers/caisson/shim/vmm"
+	"github.com/caisson-containers/caisson/shim/vmm/qemu/qmp"
 )
 
 // NICs sit on the root bus from firstNICSlot, before the disks' root ports.
@@ -30,12 +31,9 @@ func nicArgs(nics []vmm.NIC, hot bool) ([]string, error) {
 	}
 	var a []string
 	for i, n := range nics {
-		if n.Tap == nil {
-			return nil, fmt.Errorf("NIC %q has no tap: %w", n.ID, errdefs.ErrInvalidArgument)
-		}
-		mac, err := net.ParseMAC(n.MAC)
+		mac, err := checkNIC(n)
 		if err != nil {
-			return nil, fmt.Errorf("NIC %q: mac %q: %v: %w", n.ID, n.MAC, err, errdefs.ErrInvalidArgument)
+			return nil, err
 		}
 		id := fmt.Sprintf("net%d", i)
 		a = append(a, "-netdev", fmt.Sprintf("tap,id=%s,fd=%d", id, firstNICFD+i))
@@ -47,6 +45,18 @@ func nicArgs(nics []vmm.NIC, hot bool) ([]string, error) {
 		a = append(a, "-device", fmt.Sprintf("virtio-net-pci,id=%s-dev,netdev=%s,mac=%s,bus=pcie.0,addr=%02x.0,romfile=", id, id, mac, firstNICSlot+i))
 	}
 	return a, nil
+}
+
+// checkNIC refuses a NIC without a tap or with a bad MAC, and returns its MAC.
+func checkNIC(n vmm.NIC) (net.HardwareAddr, error) {
+	if n.Tap == nil {
+		return nil, fmt.Errorf("NIC %q has no tap: %w", n.ID, errdefs.ErrInvalidArgument)
+	}
+	mac, err := net.ParseMAC(n.MAC)
+	if err != nil {
+		return nil, fmt.Errorf("NIC %q: mac %q: %v: %w", n.ID, n.MAC, err, errdefs.ErrInvalidArgument)
+	}
+	return mac, nil
 }
 
 // nicDevice is the device_add arguments of NIC i (its backend from nicArgs) in slot s.
@@ -72,6 +82,24 @@ func nicFiles(nics []vmm.NIC) []*os.File {
 	return f
 }
 
+// plugNIC adds the device of NIC i, whose backend QEMU has, in a free hot-plug slot; the
+// caller holds opMu.
+func (v *VM) plugNIC(ctx context.Context, c *qmp.Client, i int, n vmm.NIC) error {
+	v.mu.Lock()
+	s := slices.Index(v.used, false)
+	v.mu.Unlock()
+	if s < 0 {
+		return fmt.Errorf("NIC %q: no hot-plug slot left: %w", n.ID, errdefs.ErrResourceExhausted)
+	}
+	if err := c.Execute(ctx, "device_add", nicDevice(i, n, v.slots[s]), nil); err != nil {
+		return fmt.Errorf("NIC %q: %w", n.ID, err)
+	}
+	v.mu.Lock()
+	v.used[s] = true
+	v.mu.Unlock()
+	return nil
+}
+
 // AttachNIC hot-plugs n after the VM's NICs: QEMU gets the tap over QMP (getfd), then
 // the NIC's backend and device are added in a free hot-plug slot. A failed step undoes
 // the ones before it.
@@ -82,20 +110,17 @@ func (v *VM) AttachNIC(ctx context.Context, n vmm.NIC) error {
 	if err != nil {
 		return err
 	}
-	if n.Tap == nil {
-		return fmt.Errorf("NIC %q has no tap: %w", n.ID, errdefs.ErrInvalidArgument)
-	}
-	if _, err := net.ParseMAC(n.MAC); err != nil {
-		return fmt.Errorf("NIC %q: mac %q: %v: %w", n.ID, n.MAC, err, errdefs.ErrInvalidArgument)
+	if _, err := checkNIC(n); err != nil {
+		return err
 	}
 	v.mu.Lock()
 	i := len(v.cfg.NICs) + v.hotNICs
-	s := slices.Index(v.used, false)
+	free := slices.Contains(v.used, false)
 	v.mu.Unlock()
 	if i >= MaxNICs {
 		return fmt.Errorf("NIC %q: the VM has %d NICs already, at most %d: %w", n.ID, i, MaxNICs, errdefs.ErrResourceExhausted)
 	}
-	if s < 0 {
+	if !free {
 		return fmt.Errorf("NIC %q: no hot-plug slot left: %w", n.ID, errdefs.ErrResourceExhausted)
 	}
 	// Not ctx: as in attach, a command QEMU ran after the caller gave up would leave a
@@ -110,12 +135,11 @@ func (v *VM) AttachNIC(ctx context.Context, n vmm.NIC) error {
 		c.Execute(qctx, "closefd", map[string]any{"fdname": id}, nil)
 		return fmt.Errorf("NIC %q: %w", n.ID, err)
 	}
-	if err := c.Execute(qctx, "device_add", nicDevice(i, n, v.slots[s]), nil); err != nil {
+	if err := v.plugNIC(qctx, c, i, n); err != nil {
 		c.Execute(qctx, "netdev_del", map[string]any{"id": id}, nil)
-		return fmt.Errorf("NIC %q: %w", n.ID, err)
+		return err
 	}
 	v.mu.Lock()
-	v.used[s] = true
 	v.hotNICs++
 	v.mu.Unlock()
 	return nil

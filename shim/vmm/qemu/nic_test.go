@@ -55,9 +55,9 @@ func openTap(t *testing.T) *os.File {
 	return tap
 }
 
-// TestAttachNIC hot-plugs NICs into a running VM: the guest sees each with its MAC, a
-// bad one is refused with nothing plugged, and the tap stays usable by QEMU once the
-// caller closed its own descriptor.
+// TestAttachNIC hot-plugs NICs into a running VM, each tap closed by the caller once
+// attached: the guest sees each NIC with its MAC; a bad MAC, a missing tap and a NIC
+// without a free slot are refused.
 func TestAttachNIC(t *testing.T) {
 	g := newTestGuest(t)
 	vm := startVM(t, g, vmm.Config{HotplugSlots: 2})

@@ -145,18 +145,9 @@ func (v *VM) restore(ctx context.Context, c *qmp.Client, restoreFD int) error {
 	}
 	loaded := time.Now()
 	for i, n := range v.cfg.NICs {
-		v.mu.Lock()
-		s := slices.Index(v.used, false)
-		v.mu.Unlock()
-		if s < 0 {
-			return fmt.Errorf("NIC %q: no hot-plug slot left: %w", n.ID, errdefs.ErrResourceExhausted)
+		if err := v.plugNIC(ctx, c, i, n); err != nil {
+			return err
 		}
-		if err := c.Execute(ctx, "device_add", nicDevice(i, n, v.slots[s]), nil); err != nil {
-			return fmt.Errorf("NIC %q: %w", n.ID, err)
-		}
-		v.mu.Lock()
-		v.used[s] = true
-		v.mu.Unlock()
 	}
 	for _, d := range v.cfg.Disks {
 		if _, err := v.attach(ctx, c, d); err != nil {
