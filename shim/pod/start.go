@@ -220,9 +220,7 @@ func (p *Pod) boot(ctx context.Context, hv vmm.Hypervisor, vcfg vmm.Config) erro
 func bootVM(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, vcfg vmm.Config, o vmboot.Options) (*vmboot.Guest, error) {
 	for attempt := 0; ; attempt++ {
 		if cfg.Hypervisor.Template {
-			tcfg := cfg // the template's size: the VM's at its start
-			tcfg.Hypervisor.MemoryMiB, tcfg.Hypervisor.VCPUs = vcfg.MemoryMiB, vcfg.VCPUs
-			t, err := templateOf(ctx, tcfg, hv)
+			t, err := vmTemplate(ctx, cfg, hv, vcfg)
 			if err != nil {
 				return nil, err
 			}
@@ -244,6 +242,13 @@ func bootVM(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, vcfg vmm.
 		}
 		return nil, err
 	}
+}
+
+// vmTemplate is the template a pod VM of vcfg (and cfg) starts from: the template's size
+// is the VM's at its start.
+func vmTemplate(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, vcfg vmm.Config) (*vmm.Template, error) {
+	cfg.Hypervisor.MemoryMiB, cfg.Hypervisor.VCPUs = vcfg.MemoryMiB, vcfg.VCPUs
+	return templateOf(ctx, cfg, hv)
 }
 
 // createSandbox has the agent create the sandbox and mount the boot disks, the shared

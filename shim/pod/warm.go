@@ -142,9 +142,7 @@ func (p *Pod) adopt(ctx context.Context, w *Warm, hv vmm.Hypervisor, vcfg vmm.Co
 	if vcfg.SharedFS != nil {
 		return misfit("the pod shares host paths", nil)
 	}
-	tcfg := p.cfg
-	tcfg.Hypervisor.MemoryMiB, tcfg.Hypervisor.VCPUs = vcfg.MemoryMiB, vcfg.VCPUs
-	t, err := templateOf(ctx, tcfg, hv)
+	t, err := vmTemplate(ctx, p.cfg, hv, vcfg)
 	if err != nil {
 		return misfit("the pod's template", err)
 	}
