@@ -41,6 +41,18 @@ func warmSlots(t testing.TB, stateDir string) []warm.Slot {
 	return slots
 }
 
+// slotAt is the warm VM slot in dir, which must be listed.
+func slotAt(t testing.TB, stateDir, dir string) warm.Slot {
+	t.Helper()
+	for _, s := range warmSlots(t, stateDir) {
+		if s.Dir == dir {
+			return s
+		}
+	}
+	t.Fatalf("the warm VM slot %s is not listed", dir)
+	return warm.Slot{}
+}
+
 // waitWarm waits until n warm VMs wait for pods, and returns them.
 func waitWarm(t testing.TB, stateDir string, n int) []warm.Slot {
 	t.Helper()
@@ -106,7 +118,7 @@ func TestCRIWarmVMs(t *testing.T) {
 	if !strings.Contains(podLog(t, c, podB), `msg="warm VM taken"`) {
 		t.Fatalf("the second pod did not take the warm VM:\n%s", podLog(t, c, podB))
 	}
-	if !warm.Claimed(first.Dir) {
+	if slotAt(t, c.StateDir, first.Dir).Claimed == "" {
 		t.Fatalf("slot %s is not marked claimed", first.Dir)
 	}
 	if pids := shimPids(podB); len(pids) != 0 {
@@ -159,14 +171,8 @@ func TestCRIWarmVMs(t *testing.T) {
 
 	// The claimed shim killed under its pod: removing the pod cleans up after it,
 	// the warm VM's state included.
-	var podBState string
-	for _, s := range warmSlots(t, c.StateDir) {
-		if s.Dir == first.Dir {
-			podBState = s.Claimed
-		}
-	}
-	if podBState == "" {
-		t.Fatalf("the claimed slot %s is not listed", first.Dir)
+	if slotAt(t, c.StateDir, first.Dir).Claimed == "" {
+		t.Fatalf("the claimed slot %s is not listed as claimed", first.Dir)
 	}
 	syscall.Kill(first.Pid, syscall.SIGKILL)
 	waitQEMUGone(t, first.Dir)

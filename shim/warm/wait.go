@@ -135,12 +135,6 @@ func readClaim(conn *net.UnixConn) (Claim, *os.File, error) {
 	return c, os.NewFile(uintptr(fds[0]), "shim socket"), nil
 }
 
-// Claimed reports whether the slot in dir was claimed.
-func Claimed(dir string) bool {
-	_, err := os.Stat(filepath.Join(dir, claimedFile))
-	return err == nil
-}
-
 // RemoveSlot removes the slot in dir unless a shim holds it: after its shim died.
 func RemoveSlot(dir string) error {
 	if held(dir) {

@@ -161,7 +161,7 @@ func TestPoolLifecycle(t *testing.T) {
 	if got, want := dialRead(t, path), "served "+bundle+" -id pod1"; got != want {
 		t.Fatalf("the pod's socket: %q, want %q", got, want)
 	}
-	if !Claimed(slot) {
+	if slotOf(slot).Claimed == "" {
 		t.Fatal("the claimed slot is not marked")
 	}
 	if _, err := os.Stat(filepath.Join(slot, claimSocket)); !errors.Is(err, os.ErrNotExist) {
