@@ -126,12 +126,10 @@ func Get(ctx context.Context, root string, hv vmm.Hypervisor, cfg vmm.Config, st
 	if err != nil {
 		return "", err
 	}
-	b, err := json.Marshal(sh)
+	b, name, err := sh.key()
 	if err != nil {
 		return "", err
 	}
-	sum := sha256.Sum256(b)
-	name := hex.EncodeToString(sum[:8])
 	dir := filepath.Join(root, name)
 	if Ready(dir) {
 		return dir, nil
@@ -157,6 +155,31 @@ func Get(ctx context.Context, root string, hv vmm.Hypervisor, cfg vmm.Config, st
 	}
 	log.G(ctx).WithField("template", dir).WithField("took", time.Since(start)).Info("VM template made")
 	return dir, nil
+}
+
+// Key names the shape of VMs like cfg on hv with storages (the VMM and its settings,
+// the guest's files, its kernel parameters and sizes): the name of their template's
+// directory under a root, made or not. VMs of one key run the same guest the same way,
+// whatever their state directories, disks and NICs, which Key ignores: warm VMs that
+// boot are matched to the pods that may take them by it (shim/pod).
+func Key(hv vmm.Hypervisor, cfg vmm.Config, storages ...Storage) (string, error) {
+	sh, err := shapeOf(hv, cfg, storages)
+	if err != nil {
+		return "", err
+	}
+	_, name, err := sh.key()
+	return name, err
+}
+
+// key is the shape as it is saved, and the name of its template's directory: the start
+// of the hash of that.
+func (sh shape) key() ([]byte, string, error) {
+	b, err := json.Marshal(sh)
+	if err != nil {
+		return nil, "", err
+	}
+	sum := sha256.Sum256(b)
+	return b, hex.EncodeToString(sum[:8]), nil
 }
 
 // Ready says whether dir holds a template that is made (and not removed since).

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -298,5 +299,70 @@ func TestGetStorage(t *testing.T) {
 	}
 	if _, err := os.Stat(dir); !os.IsNotExist(err) {
 		t.Fatalf("stale template still there: %v", err)
+	}
+}
+
+// TestKey: Key names a VM's shape, not its instance: state directories, console logs,
+// disks and NICs leave it alone; the kernel parameters, the sizes and a rebuilt guest
+// image change it; a guest file that is missing is an error.
+func TestKey(t *testing.T) {
+	hv := testHypervisor(t)
+	dir := t.TempDir()
+	base := vmm.Config{
+		Kernel: filepath.Join(dir, "vmlinux"), Initramfs: filepath.Join(dir, "initramfs"),
+		KernelParams: []string{"quiet"}, VCPUs: 1, MemoryMiB: 512, HotplugSlots: 2,
+	}
+	for _, f := range []string{base.Kernel, base.Initramfs} {
+		if err := os.WriteFile(f, []byte("guest"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	key := func(t *testing.T, cfg vmm.Config) string {
+		t.Helper()
+		k, err := Key(hv, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	want := key(t, base)
+	for _, tc := range []struct {
+		name   string
+		change func(c *vmm.Config)
+		same   bool
+	}{
+		{"another instance", func(c *vmm.Config) {
+			c.StateDir, c.ConsoleLog = "/run/a", "/run/a/console.log"
+			c.Disks = []vmm.Disk{{ID: "d", Path: "/x", Kind: vmm.Block}}
+			c.NICs = []vmm.NIC{{ID: "n", MAC: "02:00:00:00:00:01"}}
+		}, true},
+		{"kernel parameters", func(c *vmm.Config) { c.KernelParams = []string{"loglevel=7"} }, false},
+		{"memory", func(c *vmm.Config) { c.MemoryMiB = 640 }, false},
+		{"vCPUs", func(c *vmm.Config) { c.VCPUs = 2 }, false},
+		{"hot-plug slots", func(c *vmm.Config) { c.HotplugSlots = 3 }, false},
+		{"another initramfs", func(c *vmm.Config) {
+			c.Initramfs = filepath.Join(dir, "initramfs2")
+			copyFile(t, base.Initramfs, c.Initramfs)
+		}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := base
+			tc.change(&cfg)
+			if got := key(t, cfg); (got == want) != tc.same {
+				t.Fatalf("key %s against %s: same = %v, want %v", got, want, got == want, tc.same)
+			}
+		})
+	}
+	later := time.Now().Add(time.Second)
+	if err := os.Chtimes(base.Kernel, later, later); err != nil {
+		t.Fatal(err)
+	}
+	if key(t, base) == want {
+		t.Fatal("the same key after the kernel changed")
+	}
+	missing := base
+	missing.Initramfs = filepath.Join(dir, "none")
+	if _, err := Key(hv, missing); err == nil || !strings.Contains(err.Error(), missing.Initramfs) {
+		t.Fatalf("Key with a missing initramfs: %v", err)
 	}
 }
