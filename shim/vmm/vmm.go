@@ -90,6 +90,11 @@ type VM interface {
 	// restored from a template ahead of its pod gets the pod's network this way). The
 	// VMM has its own copy of n.Tap when it returns: the caller closes its own.
 	AttachNIC(ctx context.Context, n NIC) error
+	// AttachSharedFS hot-plugs the virtio-fs device fs into a running VM that started
+	// with its memory shared (Config.SharedMemory) and no shared file system (a VM
+	// booted ahead of its pod gets the pod's virtiofsd this way). The daemon must be
+	// listening on fs.Socket.
+	AttachSharedFS(ctx context.Context, fs SharedFS) error
 	// Address returns the guest address of an attached disk, cold-plugged (Config.Disks)
 	// or hot-plugged. An unknown id is ErrNotFound.
 	Address(id string) (DiskAddress, error)
@@ -277,7 +282,14 @@ type Config struct {
 	// daemon, so the VM's memory is a shared memory file; it cannot be combined with
 	// Template, whose VMs map their memory privately.
 	SharedFS *SharedFS
+	// SharedMemory makes the guest's memory a shared memory file, as SharedFS does, for
+	// a VM whose virtio-fs device is attached later (AttachSharedFS). Not with Template.
+	SharedMemory bool
 }
+
+// SharesMemory says whether the VM's memory is shared with other processes: for a
+// virtio-fs daemon, now or later.
+func (c Config) SharesMemory() bool { return c.SharedFS != nil || c.SharedMemory }
 
 // SharedFS is a virtio-fs device.
 type SharedFS struct {

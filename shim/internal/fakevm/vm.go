@@ -127,6 +127,7 @@ type VM struct {
 	hotplug  int                 // how many of them were hot-plugged
 	history  []vmm.Disk          // every disk booted with or hot-plugged, in order
 	nics     []string            // ids of the hot-plugged NICs
+	sharedFS string              // tag of the hot-plugged shared file system
 	events   []Event
 	err      error // Wait's, once done
 	done     chan struct{}
@@ -344,6 +345,26 @@ func (vm *VM) AttachNIC(ctx context.Context, n vmm.NIC) error {
 	}
 	vm.nics = append(vm.nics, n.ID)
 	vm.events = append(vm.events, Event("attach NIC "+n.ID))
+	return nil
+}
+
+// AttachSharedFS hot-plugs fs into a VM that started with shared memory and has no
+// shared file system (as the fake ignores a cold-plugged one's daemon, it does not
+// connect to this one's).
+func (vm *VM) AttachSharedFS(ctx context.Context, fs vmm.SharedFS) error {
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	if err := vm.running(); err != nil {
+		return err
+	}
+	switch {
+	case vm.cfg.SharedFS != nil || vm.sharedFS != "":
+		return fmt.Errorf("fakevm: shared file system %q: the VM has one: %w", fs.Tag, errdefs.ErrAlreadyExists)
+	case !vm.cfg.SharedMemory:
+		return fmt.Errorf("fakevm: shared file system %q: the VM's memory is private: %w", fs.Tag, errdefs.ErrFailedPrecondition)
+	}
+	vm.sharedFS = fs.Tag
+	vm.events = append(vm.events, Event("attach shared file system "+fs.Tag))
 	return nil
 }
 

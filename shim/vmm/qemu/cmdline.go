@@ -312,11 +312,11 @@ func (c cmdline) machineArgs() ([]string, error) {
 	machine := "q35"
 	var ram []string
 	switch {
-	case c.vm.Template != nil && c.vm.SharedFS != nil:
+	case c.vm.Template != nil && c.vm.SharesMemory():
 		return nil, fmt.Errorf("a shared file system needs the guest's memory shared with virtiofsd, and a VM template's is private: %w", errdefs.ErrInvalidArgument)
 	case c.vm.Template != nil:
 		machine += ",memory-backend=" + templateRAM
-	case c.vm.SharedFS != nil:
+	case c.vm.SharesMemory():
 		machine += ",memory-backend=" + sharedRAM
 		ram = []string{"-object", fmt.Sprintf("memory-backend-memfd,id=%s,size=%dM,share=on", sharedRAM, cfg.MemoryMiB)}
 	}
@@ -399,25 +399,6 @@ func (c cmdline) agentArgs() []string {
 		return []string{"-device", fmt.Sprintf("vhost-vsock-pci,id=agent-vsock,bus=pcie.0,addr=%s,guest-cid=%d", agentAddr, c.vm.Agent.CID)}
 	}
 	return nil
-}
-
-// sharedFSArgs are the virtio-fs device of vmm.Config.SharedFS, if any.
-func (c cmdline) sharedFSArgs() ([]string, error) {
-	fs := c.vm.SharedFS
-	if fs == nil {
-		return nil, nil
-	}
-	if fs.Tag == "" || len(fs.Tag) > 36 || strings.ContainsAny(fs.Tag, ",=") {
-		return nil, fmt.Errorf("shared file system tag %q: want 1 to 36 bytes without ',' or '=': %w", fs.Tag, errdefs.ErrInvalidArgument)
-	}
-	chardev := "socket,id=sharedfs,path=" + optValue(fs.Socket)
-	if c.sharedFSFD != 0 {
-		chardev = "socket,id=sharedfs,fd=" + strconv.Itoa(c.sharedFSFD)
-	}
-	return []string{
-		"-chardev", chardev,
-		"-device", fmt.Sprintf("vhost-user-fs-pci,id=sharedfs-dev,bus=pcie.0,addr=%02x.0,chardev=sharedfs,tag=%s", sharedFSSlot, fs.Tag),
-	}, nil
 }
 
 // deviceArgs are the balloon, the NICs, the template's restore, and the root ports and

@@ -84,7 +84,7 @@ done
 `
 
 // guestModules are the modules the test guest loads, with their dependencies.
-var guestModules = []string{"virtio_pci", "virtio_console", "virtio_blk", "virtio_pmem", "nd_pmem", "erofs", "virtio_balloon", "virtio_net"}
+var guestModules = []string{"virtio_pci", "virtio_console", "virtio_blk", "virtio_pmem", "nd_pmem", "erofs", "virtio_balloon", "virtio_net", "virtiofs"}
 
 // testGuest is a kernel and the test initramfs.
 type testGuest struct {

@@ -183,8 +183,8 @@ func removeFD(ctx context.Context, c *qmp.Client, fdset int) error {
 	return c.Execute(ctx, "remove-fd", map[string]any{"fdset-id": fdset}, nil)
 }
 
-// dialSharedFS connects to the virtio-fs daemon's socket for a jailed QEMU, which
-// cannot reach the socket's path.
+// dialSharedFS connects to the virtio-fs daemon's socket for QEMU: for a jailed QEMU,
+// which cannot reach the socket's path, and for a hot-plugged device (AttachSharedFS).
 func dialSharedFS(path string) (*os.File, error) {
 	fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {

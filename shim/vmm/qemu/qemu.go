@@ -94,6 +94,7 @@ type VM struct {
 	used        []bool  // per slot
 	nextDev     int
 	hotNICs     int                      // NICs attached after the start (AttachNIC)
+	hotFS       bool                     // a shared file system was attached (AttachSharedFS)
 	unplug      map[string]chan struct{} // device id -> closed on DEVICE_DELETED
 	ejected     map[string]bool          // devices the guest removed without DetachDisk
 	diskErrs    diskErrors

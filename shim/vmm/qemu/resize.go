@@ -86,7 +86,7 @@ func (v *VM) addMemory(ctx context.Context, c *qmp.Client, devs memoryDevices, m
 	}
 	id := fmt.Sprintf("dimm%d", n)
 	backend := map[string]any{"qom-type": "memory-backend-ram", "id": id + "-mem", "size": int64(mib) << 20}
-	if v.cfg.SharedFS != nil {
+	if v.cfg.SharesMemory() {
 		// virtiofsd maps all of the guest's memory: it must be shared, as the boot
 		// memory is (cmdline.go).
 		backend["qom-type"], backend["share"] = "memory-backend-memfd", true
