@@ -291,3 +291,96 @@ func TestCRIWarmVMIdle(t *testing.T) {
 		c.RemovePod(t, p)
 	}
 }
+
+// TestCRIWarmVMsBooted: with hypervisor.warm_vms and no template, the warm VMs boot
+// (Kata's VM cache, whose VMs share no memory): the first pod boots and fills the pool,
+// and no template is made; the next pod starts in the warm VM, which gets the pod's
+// NIC, its disks, the kernel modules image among them (a privileged container makes a
+// bridge, whose module only that image has), and its virtiofsd (a volume's write is on
+// the host at once), and grows to the pod's size; a pod whose
+// VM differs (its kernel parameters) ends the warm VM and boots; nothing is left.
+func TestCRIWarmVMsBooted(t *testing.T) {
+	c := harness.StartCRI(t, harness.Options{Runtime: func(cfg *config.Config) {
+		cfg.Hypervisor.WarmVMs = 1
+		cfg.PodAnnotations = append(cfg.PodAnnotations, "guest.debug_console")
+	}})
+	image := c.Pull(t, c.BusyboxRef, harness.Handler)
+
+	podA := c.RunPod(t, c.PodConfig("booted-warm-a", nil), harness.Handler)
+	if strings.Contains(podLog(t, c, podA), `msg="warm VM taken"`) {
+		t.Fatal("the first pod took a warm VM from an empty pool")
+	}
+	first := waitWarm(t, c.StateDir, 1)[0]
+
+	cfgB := c.PodConfig("booted-warm-b", func(p *runtime.PodSandboxConfig) {
+		p.Annotations = map[string]string{"io.caisson.config.hypervisor.memory_mib": "640"}
+		p.Linux.SecurityContext = &runtime.LinuxSandboxSecurityContext{Privileged: true}
+	})
+	podB := c.RunPod(t, cfgB, harness.Handler)
+	if !strings.Contains(podLog(t, c, podB), `msg="warm VM taken"`) {
+		t.Fatalf("the second pod did not take the warm VM:\n%s", podLog(t, c, podB))
+	}
+	if pids := shimPids(podB); len(pids) != 0 {
+		t.Fatalf("a shim was started for the claimed pod: %v", pids)
+	}
+	if !qemuOf(first.Dir) {
+		t.Fatalf("no QEMU runs in the claimed slot %s", first.Dir)
+	}
+	cc := harness.ContainerConfig("server", image, tcpServer(8080, "pong-from-booted-warm")...)
+	cc.Linux.SecurityContext = &runtime.LinuxContainerSecurityContext{Privileged: true}
+	volume := t.TempDir()
+	cc.Mounts = []*runtime.Mount{{ContainerPath: "/data", HostPath: volume}}
+	srv := c.StartContainer(t, podB, cfgB, cc)
+	ip := c.PodIP(t, podB)
+	if got, err := dialLine(net.JoinHostPort(ip, "8080")); err != nil || got != "pong-from-booted-warm" {
+		t.Fatalf("host to the warm pod at %s: %q, %v", ip, got, err)
+	}
+	out, errOut, code := c.Exec(t, srv, "sh", "-c", "grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2")
+	if kib, err := strconv.Atoi(strings.TrimSpace(out)); code != 0 || err != nil || kib <= 512<<10 {
+		t.Fatalf("the warm pod's memory: %q %s (exit %d), want more than the 512 MiB of the warm VM (640 asked)", out, errOut, code)
+	}
+	if out, errOut, code := c.Exec(t, srv, "sh", "-c", "ip link add br-warm type bridge"); code != 0 {
+		t.Fatalf("a bridge in the warm pod (its module from the modules image): exit %d %s%s", code, out, errOut)
+	}
+	// The volume is shared (virtio-fs, the pod's virtiofsd hot-plugged): the write is
+	// on the host at once.
+	if out, errOut, code := c.Exec(t, srv, "sh", "-c", "echo from-the-warm-pod > /data/f"); code != 0 {
+		t.Fatalf("a write to the warm pod's volume: exit %d %s%s", code, out, errOut)
+	}
+	if b, err := os.ReadFile(filepath.Join(volume, "f")); err != nil || string(b) != "from-the-warm-pod\n" {
+		t.Fatalf("the warm pod's volume write on the host: %q, %v", b, err)
+	}
+	if _, err := os.Stat(filepath.Join(c.StateDir, pod.TemplatesDir)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("booted warm VMs made a template: %v", err)
+	}
+
+	// A pod whose VM differs ends the warm VM and boots.
+	second := waitWarm(t, c.StateDir, 1)[0]
+	cfgC := c.PodConfig("booted-warm-c", func(p *runtime.PodSandboxConfig) {
+		p.Annotations = map[string]string{"io.caisson.config.guest.debug_console": "true"}
+	})
+	podC := c.RunPod(t, cfgC, harness.Handler)
+	logC := podLog(t, c, podC)
+	if strings.Contains(logC, `msg="warm VM taken"`) || !strings.Contains(logC, "does not fit the pod") {
+		t.Fatalf("a pod of another VM shape and the warm VM:\n%s", logC)
+	}
+	if _, err := os.Stat(second.Dir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the warm VM that did not fit left its slot: %v", err)
+	}
+	app := c.StartContainer(t, podC, cfgC, harness.ContainerConfig("app", image, "sleep", "100000"))
+	if out, _, code := c.Exec(t, app, "cat", "/proc/cmdline"); code != 0 || !strings.Contains(out, "loglevel=7") {
+		t.Fatalf("the pod of another VM shape: cmdline %q (exit %d)", out, code)
+	}
+
+	for _, p := range []string{podA, podB, podC} {
+		c.RemovePod(t, p)
+	}
+	waitWarm(t, c.StateDir, 1)
+	cli := filepath.Join(testutil.RepoRoot(t), "bin", "caisson")
+	if out, err := exec.Command(cli, "warm", "remove", "--config", c.ConfigPath).CombinedOutput(); err != nil {
+		t.Fatalf("caisson warm remove: %v\n%s", err, out)
+	}
+	if left := c.Leftovers(); len(left) > 0 {
+		t.Fatalf("after removing the pods and the warm VMs:\n  %s", strings.Join(left, "\n  "))
+	}
+}

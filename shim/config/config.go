@@ -93,12 +93,14 @@ type Hypervisor struct {
 	// template's unchanged memory through the host's page cache, and with it the guest
 	// kernel's address layout. Default false, as in Kata Containers (enable_template).
 	Template bool `toml:"template"`
-	// WarmVMs keeps this many VMs restored from the template and warmed up, each held by
-	// a shim waiting for a pod (shim/warm): a pod's first container takes one, the VM
-	// gets the pod's NICs and disks hot-plugged, and another warm VM is started for the
-	// next pod. Under TCG a warm VM has translated what a pod's start runs, which a
-	// restored one has not. Each costs an idle pod's memory and CPU while it waits.
-	// Needs template. At most MaxWarmVMs. Default 0 (none).
+	// WarmVMs keeps this many VMs started and warmed up ahead of their pods, each held by
+	// a shim waiting for a pod (shim/warm): restored from the template with template, else
+	// booted (as Kata Containers' VM cache, whose VMs share no memory). A pod's first
+	// container takes one, the VM gets the pod's NICs and disks hot-plugged and grows to
+	// the pod's size, and another warm VM is started for the next pod. Under TCG a warm
+	// VM has translated what a pod's start runs, which a restored or new one has not. Each
+	// costs an idle pod's memory and CPU while it waits. At most MaxWarmVMs. Default 0
+	// (none).
 	WarmVMs int `toml:"warm_vms"`
 	// WarmVMIdleTimeout ends a warm VM that no pod took for this long (the next pod
 	// starts a new one). Default 30m; at least MinWarmVMIdleTimeout.
@@ -320,8 +322,6 @@ func (c Config) Validate() error {
 		return bad("hypervisor.tcg_translation_cache_mib", c.Hypervisor.TCGTranslationCacheMiB, "want at least 1")
 	case c.Hypervisor.WarmVMs < 0 || c.Hypervisor.WarmVMs > MaxWarmVMs:
 		return bad("hypervisor.warm_vms", c.Hypervisor.WarmVMs, fmt.Sprintf("want 0 to %d", MaxWarmVMs))
-	case c.Hypervisor.WarmVMs > 0 && !c.Hypervisor.Template:
-		return bad("hypervisor.warm_vms", c.Hypervisor.WarmVMs, "warm VMs are restored from a VM template: set hypervisor.template = true")
 	case time.Duration(c.Hypervisor.WarmVMIdleTimeout) < MinWarmVMIdleTimeout:
 		return bad("hypervisor.warm_vm_idle_timeout", c.Hypervisor.WarmVMIdleTimeout, fmt.Sprintf("want at least %s", MinWarmVMIdleTimeout))
 	case !filepath.IsAbs(c.Guest.Kernel):

@@ -254,8 +254,8 @@ func TestVMSizeLimits(t *testing.T) {
 	}
 }
 
-// Warm VMs: off by default, and refused without a template, above MaxWarmVMs or with an
-// idle timeout too short to be one, naming the key.
+// Warm VMs: off by default, from a template or booted, and refused above MaxWarmVMs or
+// with an idle timeout too short to be one, naming the key.
 func TestWarmVMs(t *testing.T) {
 	d := Default("/g")
 	if d.Hypervisor.WarmVMs != 0 || d.Hypervisor.WarmVMIdleTimeout <= 0 {
@@ -268,7 +268,7 @@ func TestWarmVMs(t *testing.T) {
 	}{
 		{"with a template", func(h *Hypervisor) { h.Template, h.WarmVMs = true, 2 }, ""},
 		{"the most", func(h *Hypervisor) { h.Template, h.WarmVMs = true, MaxWarmVMs }, ""},
-		{"without a template", func(h *Hypervisor) { h.WarmVMs = 1 }, "hypervisor.warm_vms = 1: warm VMs are restored from a VM template"},
+		{"booted", func(h *Hypervisor) { h.WarmVMs = 1 }, ""},
 		{"too many", func(h *Hypervisor) { h.Template, h.WarmVMs = true, MaxWarmVMs+1 }, "hypervisor.warm_vms = 17"},
 		{"negative", func(h *Hypervisor) { h.Template, h.WarmVMs = true, -1 }, "hypervisor.warm_vms = -1"},
 		{"idle timeout zero", func(h *Hypervisor) { h.WarmVMIdleTimeout = 0 }, "hypervisor.warm_vm_idle_timeout = 0s"},

@@ -53,9 +53,9 @@ free_page_reporting = {{.Hypervisor.FreePageReporting}}
 # instead of booting them: faster starts, memory shared copy-on-write; every VM of a shape
 # has the same guest kernel address layout.
 template = {{.Hypervisor.Template}}
-# Keep this many VMs restored from the template and warmed up, each waiting for a pod (needs
-# template; at most 16). A pod takes one and the next is started; each costs an idle pod's memory
-# and CPU while it waits. A warm VM no pod took ends after warm_vm_idle_timeout.
+# Keep this many VMs started and warmed up, each waiting for a pod (at most 16): restored from the
+# template with template = true, else booted. A pod takes one and the next is started; each costs
+# an idle pod's memory and CPU while it waits. A warm VM no pod took ends after warm_vm_idle_timeout.
 warm_vms = {{.Hypervisor.WarmVMs}}
 warm_vm_idle_timeout = {{q .Hypervisor.WarmVMIdleTimeout.String}}
 

@@ -155,13 +155,19 @@ func (p *Pod) startHelpers(ctx context.Context, o Options) (*vmm.SharedFS, error
 	if !SharesHostPaths(p.cfg) {
 		return nil, nil
 	}
-	fs, dev, err := startShared(ctx, p.cfg, o.StateDir)
+	return p.startShared(ctx)
+}
+
+// startShared starts the pod's virtiofsd (p.fs) in its cgroup and returns the VM's
+// virtio-fs device.
+func (p *Pod) startShared(ctx context.Context) (*vmm.SharedFS, error) {
+	fs, dev, err := startShared(ctx, p.cfg, p.stateDir)
 	if err != nil {
 		return nil, fmt.Errorf("shared directory: %w", err)
 	}
 	p.fs = fs
 	// Before QEMU connects: virtiofsd forks its sandboxed child then.
-	if err := cg.Add(fs.Pid()); err != nil {
+	if err := p.cgroup.Add(fs.Pid()); err != nil {
 		return nil, err
 	}
 	return dev, nil

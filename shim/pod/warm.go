@@ -16,20 +16,23 @@ import (
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/internal/rootfs"
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/template"
 	"github.com/caisson-containers/caisson/shim/vmboot"
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
 
-// Warm is a VM restored from the template of a configuration ahead of its pod, with no
-// pod device, whose agent has run its warm-up again (Sandbox.WarmUp): the translated
-// code of an emulating accelerator (TCG) is not in a template, so a restored VM is cold
-// where a warm one is not. The pod that the process holding it serves next starts in it
-// (Hold, then Start), with its NICs and disks hot-plugged (hypervisor.warm_vms, shim/warm).
+// Warm is a VM started ahead of its pod for a configuration, at the configuration's
+// size and with no pod device: restored from its template (hypervisor.template) or
+// booted. Its agent has run its warm-up (Sandbox.WarmUp) again: the translated code of
+// an emulating accelerator (TCG) is not in a template, and a booted VM has not run the
+// guest code of a pod's start yet. The pod that the process holding it serves next
+// starts in it (Hold, then Start), with its NICs and disks hot-plugged and its size
+// grown (hypervisor.warm_vms, shim/warm).
 type Warm struct {
 	g     *vmboot.Guest
 	calls *deadlines
-	// template is the template's directory: a pod whose template differs boots instead.
-	template string
+	// shape is what a pod must share with the VM to take it (warmShape).
+	shape string
 	// dir is the VM's state directory (a warm pool's slot).
 	dir string
 	// ready is when it was warm; warmUp what the agent's warm-up took (both for the
@@ -42,19 +45,19 @@ type Warm struct {
 // pod started in, for the cleanup after its shim died (shim delete).
 const WarmFile = "warm-vm"
 
-// PrepareWarm restores the template of cfg's pods (at cfg's size, the runtime
-// configuration's before any pod's additions) into a VM whose state is in dir, and has
-// its agent warm up. On error nothing of the VM is left.
+// PrepareWarm starts a VM of cfg's pods (at cfg's size, the runtime configuration's
+// before any pod's additions) whose state is in dir, from their template or booted as
+// cfg says, and has its agent warm up. On error nothing of the VM is left.
 func PrepareWarm(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, dir string) (*Warm, error) {
-	if !cfg.Hypervisor.Template {
-		return nil, fmt.Errorf("warm VMs are restored from a template: hypervisor.template is false")
-	}
 	vcfg := vmConfig(cfg, dir)
-	t, err := templateOf(ctx, cfg, hv)
+	shape, t, err := warmShape(ctx, cfg, hv, vcfg)
 	if err != nil {
 		return nil, err
 	}
 	vcfg.Template = t
+	// A pod that shares host paths brings its virtiofsd, whose device the VM gets
+	// with the pod's others: its memory is shared from the start.
+	vcfg.SharedMemory = SharesHostPaths(cfg)
 	calls := &deadlines{}
 	g, err := vmboot.Boot(ctx, hv, vcfg, vmboot.Options{
 		Timeout:    BootTimeout,
@@ -63,7 +66,7 @@ func PrepareWarm(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, dir 
 	if err != nil {
 		return nil, err
 	}
-	w := &Warm{g: g, calls: calls, template: t.Dir, dir: dir}
+	w := &Warm{g: g, calls: calls, shape: shape, dir: dir}
 	resp, err := agent.NewSandboxClient(g.Client).WarmUp(ctx, &agent.WarmUpRequest{})
 	if err == nil {
 		err = warmDisk(ctx, g, dir)
@@ -73,8 +76,31 @@ func PrepareWarm(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, dir 
 		return nil, fmt.Errorf("warm-up: %w", errgrpc.ToNative(err))
 	}
 	w.ready, w.warmUp = time.Now(), time.Duration(resp.GetTookNs())
-	log.G(ctx).WithFields(log.Fields{"template": t.Dir, "warm_up": w.warmUp, "qemu_pid": g.VM.Pid()}).Info("warm VM ready")
+	log.G(ctx).WithFields(log.Fields{"shape": shape, "warm_up": w.warmUp, "qemu_pid": g.VM.Pid()}).Info("warm VM ready")
 	return w, nil
+}
+
+// warmShape is what a warm VM started as vcfg (at its start size) shares with the pods
+// that may take it: the directory of its template (returned too), or for a VM that
+// boots, the key of its shape (template.Key: the VMM, the guest's files, its kernel
+// parameters and sizes).
+func warmShape(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, vcfg vmm.Config) (string, *vmm.Template, error) {
+	if cfg.Hypervisor.Template {
+		t, err := vmTemplate(ctx, cfg, hv, vcfg)
+		if err != nil {
+			return "", nil, err
+		}
+		return t.Dir, t, nil
+	}
+	k, err := template.Key(hv, vcfg)
+	if err != nil {
+		return "", nil, err
+	}
+	shape := "booted " + k
+	if SharesHostPaths(cfg) {
+		shape += " with shared memory"
+	}
+	return shape, nil, nil
 }
 
 // Done is closed when the warm VM has ended.
@@ -118,36 +144,43 @@ func takeHeld() *Warm {
 	return w
 }
 
-// adopt starts the pod in w, a warm VM, if it fits the pod (vcfg, with cfg's template):
-// the pod's NICs and disks are hot-plugged and QEMU joins the pod's cgroup. A warm VM
+// adopt starts the pod in w, a warm VM, if it fits the pod (vcfg, with p.cfg's template
+// or none): the pod's NICs, disks and virtio-fs device are hot-plugged, and a VM that
+// booted at the runtime configuration's size is grown by Start as one from a template
+// is. A warm VM
 // that does not fit, or that fails to take the pod's devices, is stopped and nil is
-// returned: the pod then boots as without it.
+// returned: the pod then starts as without it.
 func (p *Pod) adopt(ctx context.Context, w *Warm, hv vmm.Hypervisor, vcfg vmm.Config) *vmboot.Guest {
 	start := time.Now()
+	sharedTaken := false
 	misfit := func(why string, err error) *vmboot.Guest {
 		log.G(ctx).WithError(err).WithField("warm_vm", w.dir).Info("the warm VM does not fit the pod (" + why + "): booting one")
 		if err := w.Discard(context.WithoutCancel(ctx)); err != nil {
 			log.G(ctx).WithError(err).Warn("stopping the warm VM")
 		}
+		// virtiofsd serves one connection, which the warm VM may have taken with
+		// it: the pod's VM gets a new daemon, at the same socket.
+		if sharedTaken {
+			if err := p.restartShared(ctx); err != nil {
+				log.G(ctx).WithError(err).Warn("restarting the pod's virtiofsd")
+			}
+		}
 		return nil
-	}
-	if !p.cfg.Hypervisor.Template {
-		return misfit("the pod's VMs boot", nil)
 	}
 	select {
 	case <-w.Done():
 		return misfit("it ended", w.g.VM.Wait())
 	default:
 	}
-	if vcfg.SharedFS != nil {
-		return misfit("the pod shares host paths", nil)
-	}
-	t, err := vmTemplate(ctx, p.cfg, hv, vcfg)
+	// Warm VMs start at the runtime configuration's size, the pod's base.
+	at := vcfg
+	at.MemoryMiB, at.VCPUs = p.base.MemoryMiB, p.base.VCPUs
+	shape, _, err := warmShape(ctx, p.cfg, hv, at)
 	if err != nil {
-		return misfit("the pod's template", err)
+		return misfit("the pod's VM shape", err)
 	}
-	if t.Dir != w.template {
-		return misfit("another template: "+t.Dir, nil)
+	if shape != w.shape {
+		return misfit("another shape: "+shape, nil)
 	}
 	vm := w.g.VM
 	for _, n := range vcfg.NICs {
@@ -160,15 +193,33 @@ func (p *Pod) adopt(ctx context.Context, w *Warm, hv vmm.Hypervisor, vcfg vmm.Co
 			return misfit("its disks", err)
 		}
 	}
+	if fs := vcfg.SharedFS; fs != nil {
+		sharedTaken = true
+		if err := vm.AttachSharedFS(ctx, *fs); err != nil {
+			return misfit("its shared file system", err)
+		}
+	}
 	if err := os.WriteFile(filepath.Join(p.stateDir, WarmFile), []byte(w.dir), 0o600); err != nil {
 		return misfit("its state", err)
 	}
 	p.warmDir = w.dir
 	p.calls = w.calls
+	p.size = p.base
 	log.G(ctx).WithFields(log.Fields{
 		"warm_vm": w.dir, "qemu_pid": vm.Pid(), "warm_up": w.warmUp, "waited": start.Sub(w.ready), "took": time.Since(start),
 	}).Debug("warm VM taken")
 	return w.g
+}
+
+// restartShared replaces the pod's virtiofsd with a new one, at the same socket.
+func (p *Pod) restartShared(ctx context.Context) error {
+	err := p.fs.Close(ctx)
+	p.fs = nil
+	if err != nil {
+		return err
+	}
+	_, err = p.startShared(ctx)
+	return err
 }
 
 // warmDiskSize is the warm-up disk's: enough for an ext4 journal.
