@@ -151,8 +151,10 @@ func bareBoot(b *testing.B, c *harness.CRI, initrd string) time.Duration {
 //     (readOnlyRootFilesystem), which writes to a tmpfs in the guest instead of a disk of
 //     its own (docs/mounts.md);
 //   - warm-s, and its phases: a pod that started in a warm VM (hypervisor.warm_vms = 1),
-//     with warm-vs-template; each round waits, untimed, for the pool to be full again
-//     before the warm pod and after it, so that no warm-up runs beside a timed start.
+//     with warm-vs-template; warm-booted-s, and its phases: the same without a template
+//     (the warm VMs boot), with warm-booted-vs-caisson. Each round waits, untimed, for
+//     the pools to be full again before each warm pod and after it, so that no warm-up
+//     runs beside a timed start.
 //
 // With -cri.compare-initramfs NAME=PATH,..., each round also starts a pod of a handler
 // like caisson's that boots the initramfs at PATH (e.g. the image before a change,
@@ -163,8 +165,9 @@ func bareBoot(b *testing.B, c *harness.CRI, initrd string) time.Duration {
 // (containerd's runtime_path), whose pods keep their state and templates apart.
 func BenchmarkCRIPodStart(b *testing.B) {
 	handlers := map[string]func(*config.Config){
-		templateHandler: func(c *config.Config) { c.Hypervisor.Template = true },
-		warmHandler:     func(c *config.Config) { c.Hypervisor.Template, c.Hypervisor.WarmVMs = true, 1 },
+		templateHandler:   func(c *config.Config) { c.Hypervisor.Template = true },
+		warmHandler:       func(c *config.Config) { c.Hypervisor.Template, c.Hypervisor.WarmVMs = true, 1 },
+		warmBootedHandler: func(c *config.Config) { c.Hypervisor.WarmVMs = 1 },
 	}
 	variants := append(compareVariants(b, *compareInitramfsFlag, "-cri.compare-initramfs", false),
 		compareVariants(b, *compareShimFlag, "-cri.compare-shim", true)...)
@@ -194,8 +197,10 @@ func BenchmarkCRIPodStart(b *testing.B) {
 	// The template is made by the first pod of its shape on the node, once: a pod
 	// before the timed ones makes it.
 	made, _ := podStart(b, c, templateHandler, imgCaisson, -1)
-	// The warm handler's first pod boots and fills its pool.
+	// The warm handlers' first pods start without a warm VM and fill their pools.
 	podStart(b, c, warmHandler, imgCaisson, -1)
+	podStart(b, c, warmBootedHandler, imgCaisson, -1)
+	const pools = 2
 	for _, v := range variants {
 		if v.template {
 			podStart(b, c, v.handler, imgCaisson, -1)
@@ -204,9 +209,10 @@ func BenchmarkCRIPodStart(b *testing.B) {
 
 	initrd := bareInitramfs(b, "/bin/busybox poweroff -f")
 
-	var ours, fromTemplate, readOnly, warmed, runc, bare []time.Duration
+	var ours, fromTemplate, readOnly, warmed, warmBooted, runc, bare []time.Duration
 	phases := make([][]time.Duration, len(phaseNames))
 	warmPhases := make([][]time.Duration, len(phaseNames))
+	warmBootedPhases := make([][]time.Duration, len(phaseNames))
 	templatePhases := make([][]time.Duration, len(phaseNames))
 	readOnlyPhases := make([][]time.Duration, len(phaseNames))
 	readOnlyApp := func(cc *runtime.ContainerConfig) {
@@ -237,13 +243,19 @@ func BenchmarkCRIPodStart(b *testing.B) {
 				v.phases[j] = append(v.phases[j], d)
 			}
 		}
-		waitWarm(b, c.StateDir, 1)
+		waitWarm(b, c.StateDir, pools)
 		t, ph = podStart(b, c, warmHandler, imgCaisson, i)
 		warmed = append(warmed, t)
 		for j, d := range ph {
 			warmPhases[j] = append(warmPhases[j], d)
 		}
-		waitWarm(b, c.StateDir, 1)
+		waitWarm(b, c.StateDir, pools)
+		t, ph = podStart(b, c, warmBootedHandler, imgCaisson, i)
+		warmBooted = append(warmBooted, t)
+		for j, d := range ph {
+			warmBootedPhases[j] = append(warmBootedPhases[j], d)
+		}
+		waitWarm(b, c.StateDir, pools)
 		bare = append(bare, bareBoot(b, c, initrd))
 	}
 	mo, mr, mb := median(ours), median(runc), median(bare)
@@ -283,6 +295,12 @@ func BenchmarkCRIPodStart(b *testing.B) {
 	b.ReportMetric(float64(mw)/float64(mt), "warm-vs-template")
 	fmt.Printf("with hypervisor.warm_vms = 1 (a warm VM waiting): %.2f s, %.2f× the template's (target ≤ 0.8× a bare boot: %.2f×); median of each phase (cri-to-qemu ends when the warm VM has the pod's devices): %s\n",
 		mw.Seconds(), float64(mw)/float64(mt), float64(mw)/float64(mb), breakdown(warmPhases, "warm-"))
+	mwb := median(warmBooted)
+	b.ReportMetric(mwb.Seconds(), "warm-booted-s")
+	b.ReportMetric(float64(mwb)/float64(mb), "warm-booted-vs-bare")
+	b.ReportMetric(float64(mwb)/float64(mo), "warm-booted-vs-caisson")
+	fmt.Printf("with hypervisor.warm_vms = 1 and no template (a booted warm VM waiting): %.2f s, %.2f× a booted pod's (target ≤ 1.5× a bare boot: %.2f×); median of each phase: %s\n",
+		mwb.Seconds(), float64(mwb)/float64(mo), float64(mwb)/float64(mb), breakdown(warmBootedPhases, "warm-booted-"))
 	for _, v := range variants {
 		m := median(v.starts)
 		ours, kind := mo, "caisson"
@@ -360,3 +378,7 @@ const templateHandler = "caisson-template"
 
 // warmHandler is the handler whose pods start in warm VMs (hypervisor.warm_vms = 1).
 const warmHandler = "caisson-warm"
+
+// warmBootedHandler is the handler whose pods start in warm VMs that boot (warm_vms = 1,
+// no template).
+const warmBootedHandler = "caisson-warm-booted"

@@ -316,11 +316,13 @@ func startDensityPod(b *testing.B, c *harness.CRI, handler, image, name string) 
 	return densityPod{id: resp.PodSandboxId, ctr: ctr, start: took}
 }
 
-// findPodProcesses finds the pod's shim (started with the sandbox's id) and, below it,
-// its QEMU and virtiofsd.
+// findPodProcesses finds the pod's shim (started with the sandbox's id, unless p.shim
+// is set: the warm shim that took the pod) and, below it, its QEMU and virtiofsd.
 func findPodProcesses(b *testing.B, c *harness.CRI, p *densityPod) {
 	b.Helper()
-	p.shim = shimPid(b, p.id)
+	if p.shim == 0 {
+		p.shim = shimPid(b, p.id)
+	}
 	for _, s := range c.QEMUs() {
 		if pid, _ := strconv.Atoi(s); harness.DescendsFrom(pid, p.shim) {
 			p.qemu = pid

@@ -43,5 +43,5 @@ bench-density: ## DENSITY_PODS idle CRI pods (default 100), booted then from a t
 	DENSITY_PODS=$(DENSITY_PODS) DENSITY_CONFIGS=$(DENSITY_CONFIGS) DENSITY_STATS_PERIOD=$(DENSITY_STATS_PERIOD) $(GO) test -count=1 -run '^$$' -bench '^BenchmarkCRIDensity$$' -benchtime 1x -timeout 240m ./integration-tests/
 
 .PHONY: bench-warm
-bench-warm: ## Warm VMs (hypervisor.warm_vms) idle: a waiting warm VM and a pod that started in one, PSS and idle CPU against an idle pod from the template
+bench-warm: ## Warm VMs (hypervisor.warm_vms) idle, from a template and booted: a waiting warm VM and a pod that started in one, PSS and idle CPU against an idle pod of its kind
 	$(GO) test -count=1 -run '^$$' -bench '^BenchmarkWarmVMCost$$' -benchtime 1x -timeout 20m ./integration-tests/
