@@ -295,9 +295,10 @@ func TestCRIWarmVMIdle(t *testing.T) {
 // TestCRIWarmVMsBooted: with hypervisor.warm_vms and no template, the warm VMs boot
 // (Kata's VM cache, whose VMs share no memory): the first pod boots and fills the pool,
 // and no template is made; the next pod starts in the warm VM, which gets the pod's
-// NIC, its disks, the kernel modules image among them (a privileged container makes a
-// bridge, whose module only that image has), and its virtiofsd (a volume's write is on
-// the host at once), and grows to the pod's size; a pod whose
+// NIC, its disks and its virtiofsd (a volume's write is on the host at once), and
+// grows to the pod's size; the warm VM booted with the kernel modules image mounted,
+// which the pod then does not mount (a privileged container makes a bridge, whose
+// module only that image has); a pod whose
 // VM differs (its kernel parameters) ends the warm VM and boots; nothing is left.
 func TestCRIWarmVMsBooted(t *testing.T) {
 	c := harness.StartCRI(t, harness.Options{Runtime: func(cfg *config.Config) {
@@ -317,14 +318,28 @@ func TestCRIWarmVMsBooted(t *testing.T) {
 		p.Linux.SecurityContext = &runtime.LinuxSandboxSecurityContext{Privileged: true}
 	})
 	podB := c.RunPod(t, cfgB, harness.Handler)
-	if !strings.Contains(podLog(t, c, podB), `msg="warm VM taken"`) {
-		t.Fatalf("the second pod did not take the warm VM:\n%s", podLog(t, c, podB))
+	logB := podLog(t, c, podB)
+	if !strings.Contains(logB, `msg="warm VM taken"`) {
+		t.Fatalf("the second pod did not take the warm VM:\n%s", logB)
 	}
 	if pids := shimPids(podB); len(pids) != 0 {
 		t.Fatalf("a shim was started for the claimed pod: %v", pids)
 	}
 	if !qemuOf(first.Dir) {
 		t.Fatalf("no QEMU runs in the claimed slot %s", first.Dir)
+	}
+	// The warm VM booted with the modules image and mounted it: a booted pod mounts
+	// its own, the warm pod none.
+	const modulesMounted = `msg="storage mounted"`
+	if mounted := func(log string) bool {
+		for _, l := range strings.Split(log, "\n") {
+			if strings.Contains(l, modulesMounted) && strings.Contains(l, "storage=kernel-modules") {
+				return true
+			}
+		}
+		return false
+	}; !mounted(podLog(t, c, podA)) || mounted(logB) {
+		t.Fatalf("the modules image: mounted by the booted pod %v (want true), by the warm pod %v (want false)", mounted(podLog(t, c, podA)), mounted(logB))
 	}
 	cc := harness.ContainerConfig("server", image, tcpServer(8080, "pong-from-booted-warm")...)
 	cc.Linux.SecurityContext = &runtime.LinuxContainerSecurityContext{Privileged: true}

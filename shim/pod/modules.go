@@ -6,6 +6,7 @@ import (
 
 	"github.com/containerd/log"
 
+	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/guest/modimage"
 	"github.com/caisson-containers/caisson/internal/rootfs"
 	"github.com/caisson-containers/caisson/shim/config"
@@ -21,7 +22,8 @@ import (
 //
 // A pod VM made from a template has it from its template (templateStorages): the
 // template's VM booted with it and mounted it before it was saved, and the VMs restored
-// from it get the same disk, so that nothing is attached nor mounted at their start.
+// from it get the same disk, so that nothing is attached nor mounted at their start. A
+// booted warm VM (Warm) boots with it and mounts it before its pod comes.
 
 // modulesDiskID is the image's disk in the VM and its storage id in the guest, which the
 // agent knows the image by (its boot.ModulesStorageID).
@@ -75,9 +77,15 @@ func templateStorages(ctx context.Context, cfg config.Config) []template.Storage
 // mountModules has the agent mount the modules image attached as disk. A failure is
 // logged, not returned: the pod runs without modules on demand.
 func (p *Pod) mountModules(ctx context.Context, disk vmm.Disk) {
-	addr, err := p.vm.Address(disk.ID)
+	mountModules(ctx, p.vm, p.storage, disk)
+}
+
+// mountModules has the agent behind st mount the modules image attached to vm as disk;
+// a failure is logged.
+func mountModules(ctx context.Context, vm vmm.VM, st agent.StorageService, disk vmm.Disk) {
+	addr, err := vm.Address(disk.ID)
 	if err == nil {
-		err = p.mount(ctx, rootfs.Device{Source: disk.Path, FSType: "erofs", ReadOnly: true}, disk, addr)
+		err = mountStorage(ctx, st, rootfs.Device{Source: disk.Path, FSType: "erofs", ReadOnly: true}, disk, addr)
 	}
 	if err != nil {
 		log.G(ctx).WithError(err).WithField("image", disk.Path).Warn("kernel modules image: the pod's VM loads only its initramfs's modules")

@@ -164,8 +164,10 @@ type Pod struct {
 	// warmDir is the state directory of the warm VM the pod started in (Warm), if it
 	// did: the VM's own, apart from the pod's; removed by Stop with the pod's.
 	warmDir string
-	vm      vmm.VM
-	net     *network.Network
+	// modulesIn: the VM came with the kernel modules image mounted (a booted warm VM).
+	modulesIn bool
+	vm        vmm.VM
+	net       *network.Network
 	// cgroup holds QEMU and virtiofsd; removed by Stop once they have exited.
 	cgroup  Cgroup
 	session transport.Session

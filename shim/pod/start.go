@@ -273,7 +273,7 @@ func (p *Pod) createSandbox(ctx context.Context, o Options, d *devices) error {
 	modulesMounted := make(chan struct{})
 	go func() {
 		defer close(modulesMounted)
-		if d.modules != nil {
+		if d.modules != nil && !p.modulesIn {
 			p.mountModules(ctx, *d.modules)
 		}
 	}()

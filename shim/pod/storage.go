@@ -123,13 +123,19 @@ func (p *Pod) acquire(ctx context.Context, d rootfs.Device) (string, error) {
 
 // mount has the agent mount an attached disk as storage disk.ID.
 func (p *Pod) mount(ctx context.Context, d rootfs.Device, disk vmm.Disk, addr vmm.DiskAddress) error {
+	return mountStorage(ctx, p.storage, d, disk, addr)
+}
+
+// mountStorage has the agent behind st mount device d, attached as disk at addr, as
+// storage disk.ID.
+func mountStorage(ctx context.Context, st agent.StorageService, d rootfs.Device, disk vmm.Disk, addr vmm.DiskAddress) error {
 	start := time.Now()
 	dev := agentDevice(addr, disk.Kind)
 	var opts []string
 	if d.ReadOnly {
 		opts = append(opts, "ro")
 	}
-	_, err := p.storage.Mount(ctx, &agent.MountStorageRequest{
+	_, err := st.Mount(ctx, &agent.MountStorageRequest{
 		StorageId: disk.ID, Device: dev, Fstype: d.FSType, Options: opts, Dax: disk.Kind == vmm.PMEM,
 	})
 	if err != nil {

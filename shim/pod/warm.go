@@ -33,6 +33,9 @@ type Warm struct {
 	calls *deadlines
 	// shape is what a pod must share with the VM to take it (warmShape).
 	shape string
+	// modules is the kernel modules image a booted warm VM boots with and mounts (as
+	// a template's VMs have it), nil if none: the pod's own is then not attached.
+	modules *vmm.Disk
 	// dir is the VM's state directory (a warm pool's slot).
 	dir string
 	// ready is when it was warm; warmUp what the agent's warm-up took (both for the
@@ -50,11 +53,14 @@ const WarmFile = "warm-vm"
 // cfg says, and has its agent warm up. On error nothing of the VM is left.
 func PrepareWarm(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, dir string) (*Warm, error) {
 	vcfg := vmConfig(cfg, dir)
-	shape, t, err := warmShape(ctx, cfg, hv, vcfg)
+	shape, t, modules, err := warmShape(ctx, cfg, hv, vcfg)
 	if err != nil {
 		return nil, err
 	}
 	vcfg.Template = t
+	if modules != nil {
+		vcfg.Disks = []vmm.Disk{*modules}
+	}
 	// A pod that shares host paths brings its virtiofsd, whose device the VM gets
 	// with the pod's others: its memory is shared from the start.
 	vcfg.SharedMemory = SharesHostPaths(cfg)
@@ -66,8 +72,11 @@ func PrepareWarm(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, dir 
 	if err != nil {
 		return nil, err
 	}
-	w := &Warm{g: g, calls: calls, shape: shape, dir: dir}
+	w := &Warm{g: g, calls: calls, shape: shape, dir: dir, modules: modules}
 	resp, err := agent.NewSandboxClient(g.Client).WarmUp(ctx, &agent.WarmUpRequest{})
+	if err == nil && modules != nil {
+		mountModules(ctx, g.VM, agent.NewStorageClient(g.Client), *modules)
+	}
 	if err == nil {
 		err = warmDisk(ctx, g, dir)
 	}
@@ -83,24 +92,33 @@ func PrepareWarm(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, dir 
 // warmShape is what a warm VM started as vcfg (at its start size) shares with the pods
 // that may take it: the directory of its template (returned too), or for a VM that
 // boots, the key of its shape (template.Key: the VMM, the guest's files, its kernel
-// parameters and sizes).
-func warmShape(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, vcfg vmm.Config) (string, *vmm.Template, error) {
+// parameters and sizes, the modules image, returned too if there is one), whether its
+// memory is shared and how the modules image is attached.
+func warmShape(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, vcfg vmm.Config) (string, *vmm.Template, *vmm.Disk, error) {
 	if cfg.Hypervisor.Template {
 		t, err := vmTemplate(ctx, cfg, hv, vcfg)
 		if err != nil {
-			return "", nil, err
+			return "", nil, nil, err
 		}
-		return t.Dir, t, nil
+		return t.Dir, t, nil, nil
 	}
-	k, err := template.Key(hv, vcfg)
+	var storages []template.Storage
+	modules, ok := modulesDisk(ctx, cfg, hv.MaxBootDisks(), 0, 0)
+	if ok {
+		storages = append(storages, template.Storage{Disk: modules, FSType: "erofs"})
+	}
+	k, err := template.Key(hv, vcfg, storages...)
 	if err != nil {
-		return "", nil, err
+		return "", nil, nil, err
 	}
 	shape := "booted " + k
 	if SharesHostPaths(cfg) {
 		shape += " with shared memory"
 	}
-	return shape, nil, nil
+	if !ok {
+		return shape, nil, nil, nil
+	}
+	return shape + " modules on " + modules.Kind.String(), nil, &modules, nil
 }
 
 // Done is closed when the warm VM has ended.
@@ -175,7 +193,7 @@ func (p *Pod) adopt(ctx context.Context, w *Warm, hv vmm.Hypervisor, vcfg vmm.Co
 	// Warm VMs start at the runtime configuration's size, the pod's base.
 	at := vcfg
 	at.MemoryMiB, at.VCPUs = p.base.MemoryMiB, p.base.VCPUs
-	shape, _, err := warmShape(ctx, p.cfg, hv, at)
+	shape, _, _, err := warmShape(ctx, p.cfg, hv, at)
 	if err != nil {
 		return misfit("the pod's VM shape", err)
 	}
@@ -189,6 +207,9 @@ func (p *Pod) adopt(ctx context.Context, w *Warm, hv vmm.Hypervisor, vcfg vmm.Co
 		}
 	}
 	for _, d := range vcfg.Disks {
+		if d.ID == modulesDiskID && w.modules != nil {
+			continue // the warm VM has it: the same image, the shapes say
+		}
 		if _, err := vm.AttachDisk(ctx, d); err != nil {
 			return misfit("its disks", err)
 		}
@@ -203,6 +224,7 @@ func (p *Pod) adopt(ctx context.Context, w *Warm, hv vmm.Hypervisor, vcfg vmm.Co
 		return misfit("its state", err)
 	}
 	p.warmDir = w.dir
+	p.modulesIn = w.modules != nil
 	p.calls = w.calls
 	p.size = p.base
 	log.G(ctx).WithFields(log.Fields{
