@@ -20,11 +20,12 @@ import (
 
 // Operations of the hypervisor and its VMs that Fail can make fail.
 const (
-	OpNew        = "New"
-	OpStart      = "Start"
-	OpAttachDisk = "AttachDisk"
-	OpDetachDisk = "DetachDisk"
-	OpStop       = "Stop"
+	OpNew            = "New"
+	OpStart          = "Start"
+	OpAttachDisk     = "AttachDisk"
+	OpAttachSharedFS = "AttachSharedFS"
+	OpDetachDisk     = "DetachDisk"
+	OpStop           = "Stop"
 )
 
 // AgentSocket is the name of a VM's agent socket in its Config.StateDir.
@@ -355,6 +356,9 @@ func (vm *VM) AttachSharedFS(ctx context.Context, fs vmm.SharedFS) error {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	if err := vm.running(); err != nil {
+		return err
+	}
+	if err := vm.h.failure(OpAttachSharedFS); err != nil {
 		return err
 	}
 	switch {
