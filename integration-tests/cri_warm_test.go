@@ -88,6 +88,44 @@ func podLog(t *testing.T, c *harness.CRI, pod string) string {
 	return strings.Join(lines, "\n")
 }
 
+// runMisfitPod runs pod name, whose VM differs from the waiting warm VM's (its kernel
+// command line: the guest.debug_console annotation, which the runtime must allow), with
+// a container: the pod must end the warm VM, its slot gone, and boot its own VM.
+func runMisfitPod(t *testing.T, c *harness.CRI, image, name string) string {
+	t.Helper()
+	waiting := waitWarm(t, c.StateDir, 1)[0]
+	cfg := c.PodConfig(name, func(p *runtime.PodSandboxConfig) {
+		p.Annotations = map[string]string{"io.caisson.config.guest.debug_console": "true"}
+	})
+	id := c.RunPod(t, cfg, harness.Handler)
+	if l := podLog(t, c, id); strings.Contains(l, `msg="warm VM taken"`) || !strings.Contains(l, "does not fit the pod") {
+		t.Fatalf("a pod of another VM and the warm VM:\n%s", l)
+	}
+	if _, err := os.Stat(waiting.Dir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the warm VM that did not fit left its slot: %v", err)
+	}
+	app := c.StartContainer(t, id, cfg, harness.ContainerConfig("app", image, "sleep", "100000"))
+	if out, _, code := c.Exec(t, app, "cat", "/proc/cmdline"); code != 0 || !strings.Contains(out, "loglevel=7") {
+		t.Fatalf("the pod of another VM: cmdline %q (exit %d)", out, code)
+	}
+	return id
+}
+
+// requireTaken fails unless pod took the warm VM of slot: the shim's log says so, no
+// shim was started for the pod, and the slot's QEMU runs.
+func requireTaken(t *testing.T, c *harness.CRI, pod string, slot warm.Slot) {
+	t.Helper()
+	if l := podLog(t, c, pod); !strings.Contains(l, `msg="warm VM taken"`) {
+		t.Fatalf("pod %s did not take the warm VM:\n%s", pod, l)
+	}
+	if pids := shimPids(pod); len(pids) != 0 {
+		t.Fatalf("a shim was started for the claimed pod: %v", pids)
+	}
+	if !qemuOf(slot.Dir) {
+		t.Fatalf("no QEMU runs in the claimed slot %s", slot.Dir)
+	}
+}
+
 // TestCRIWarmVMs: with hypervisor.warm_vms, the first pod boots from the template and
 // fills the pool; the next pod starts in the waiting warm VM (its NIC and disks
 // hot-plugged: network, exec and its size as asked), and the pool is filled again. A
@@ -115,17 +153,9 @@ func TestCRIWarmVMs(t *testing.T) {
 		p.Annotations = map[string]string{"io.caisson.config.hypervisor.memory_mib": "640"}
 	})
 	podB := c.RunPod(t, cfgB, harness.Handler)
-	if !strings.Contains(podLog(t, c, podB), `msg="warm VM taken"`) {
-		t.Fatalf("the second pod did not take the warm VM:\n%s", podLog(t, c, podB))
-	}
+	requireTaken(t, c, podB, first)
 	if slotAt(t, c.StateDir, first.Dir).Claimed == "" {
 		t.Fatalf("slot %s is not marked claimed", first.Dir)
-	}
-	if pids := shimPids(podB); len(pids) != 0 {
-		t.Fatalf("a shim was started for the claimed pod: %v", pids)
-	}
-	if !qemuOf(first.Dir) {
-		t.Fatalf("no QEMU runs in the claimed slot %s", first.Dir)
 	}
 	srv := c.StartContainer(t, podB, cfgB, harness.ContainerConfig("server", image, tcpServer(8080, "pong-from-warm")...))
 	ip := c.PodIP(t, podB)
@@ -152,22 +182,7 @@ func TestCRIWarmVMs(t *testing.T) {
 	}
 
 	// A pod whose configuration makes another template ends the warm VM and boots.
-	third := waitWarm(t, c.StateDir, 1)[0]
-	cfgD := c.PodConfig("warm-d", func(p *runtime.PodSandboxConfig) {
-		p.Annotations = map[string]string{"io.caisson.config.guest.debug_console": "true"}
-	})
-	podD := c.RunPod(t, cfgD, harness.Handler)
-	logD := podLog(t, c, podD)
-	if strings.Contains(logD, `msg="warm VM taken"`) || !strings.Contains(logD, "does not fit the pod") {
-		t.Fatalf("a pod of another template and the warm VM:\n%s", logD)
-	}
-	if _, err := os.Stat(third.Dir); !errors.Is(err, os.ErrNotExist) {
-		t.Fatalf("the warm VM that did not fit left its slot: %v", err)
-	}
-	d := c.StartContainer(t, podD, cfgD, harness.ContainerConfig("app", image, "sleep", "100000"))
-	if out, _, code := c.Exec(t, d, "cat", "/proc/cmdline"); code != 0 || !strings.Contains(out, "loglevel=7") {
-		t.Fatalf("the pod of another template: cmdline %q (exit %d)", out, code)
-	}
+	podD := runMisfitPod(t, c, image, "warm-d")
 
 	// The claimed shim killed under its pod: removing the pod cleans up after it,
 	// the warm VM's state included.
@@ -318,16 +333,8 @@ func TestCRIWarmVMsBooted(t *testing.T) {
 		p.Linux.SecurityContext = &runtime.LinuxSandboxSecurityContext{Privileged: true}
 	})
 	podB := c.RunPod(t, cfgB, harness.Handler)
+	requireTaken(t, c, podB, first)
 	logB := podLog(t, c, podB)
-	if !strings.Contains(logB, `msg="warm VM taken"`) {
-		t.Fatalf("the second pod did not take the warm VM:\n%s", logB)
-	}
-	if pids := shimPids(podB); len(pids) != 0 {
-		t.Fatalf("a shim was started for the claimed pod: %v", pids)
-	}
-	if !qemuOf(first.Dir) {
-		t.Fatalf("no QEMU runs in the claimed slot %s", first.Dir)
-	}
 	// The warm VM booted with the modules image and mounted it: a booted pod mounts
 	// its own, the warm pod none.
 	const modulesMounted = `msg="storage mounted"`
@@ -370,22 +377,7 @@ func TestCRIWarmVMsBooted(t *testing.T) {
 	}
 
 	// A pod whose VM differs ends the warm VM and boots.
-	second := waitWarm(t, c.StateDir, 1)[0]
-	cfgC := c.PodConfig("booted-warm-c", func(p *runtime.PodSandboxConfig) {
-		p.Annotations = map[string]string{"io.caisson.config.guest.debug_console": "true"}
-	})
-	podC := c.RunPod(t, cfgC, harness.Handler)
-	logC := podLog(t, c, podC)
-	if strings.Contains(logC, `msg="warm VM taken"`) || !strings.Contains(logC, "does not fit the pod") {
-		t.Fatalf("a pod of another VM shape and the warm VM:\n%s", logC)
-	}
-	if _, err := os.Stat(second.Dir); !errors.Is(err, os.ErrNotExist) {
-		t.Fatalf("the warm VM that did not fit left its slot: %v", err)
-	}
-	app := c.StartContainer(t, podC, cfgC, harness.ContainerConfig("app", image, "sleep", "100000"))
-	if out, _, code := c.Exec(t, app, "cat", "/proc/cmdline"); code != 0 || !strings.Contains(out, "loglevel=7") {
-		t.Fatalf("the pod of another VM shape: cmdline %q (exit %d)", out, code)
-	}
+	podC := runMisfitPod(t, c, image, "booted-warm-c")
 
 	for _, p := range []string{podA, podB, podC} {
 		c.RemovePod(t, p)

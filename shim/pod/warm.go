@@ -163,11 +163,10 @@ func takeHeld() *Warm {
 }
 
 // adopt starts the pod in w, a warm VM, if it fits the pod (vcfg, with p.cfg's template
-// or none): the pod's NICs, disks and virtio-fs device are hot-plugged, and a VM that
-// booted at the runtime configuration's size is grown by Start as one from a template
-// is. A warm VM
-// that does not fit, or that fails to take the pod's devices, is stopped and nil is
-// returned: the pod then starts as without it.
+// or none): the pod's NICs, disks and virtio-fs device are hot-plugged, and Start grows
+// the VM from the runtime configuration's size to the pod's. A warm VM that does not
+// fit, or that fails to take the pod's devices, is stopped and nil is returned: the pod
+// then starts as without it.
 func (p *Pod) adopt(ctx context.Context, w *Warm, hv vmm.Hypervisor, vcfg vmm.Config) *vmboot.Guest {
 	start := time.Now()
 	sharedTaken := false
