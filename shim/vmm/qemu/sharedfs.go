@@ -46,7 +46,7 @@ func (c cmdline) sharedFSArgs() ([]string, error) {
 // AttachSharedFS hot-plugs the virtio-fs device fs in a free hot-plug slot: the shim
 // connects to the daemon and passes QEMU the connection (getfd), as it does for a
 // jailed QEMU at the start, then QEMU adds the chardev and the device. A failed step
-// undoes the ones before it; the daemon, whose one connection then closed, has ended.
+// undoes the ones before it; the daemon, whose one connection then closed, ends.
 func (v *VM) AttachSharedFS(ctx context.Context, fs vmm.SharedFS) error {
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
