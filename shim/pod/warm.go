@@ -52,7 +52,7 @@ const WarmFile = "warm-vm"
 // before any pod's additions) whose state is in dir, from their template or booted as
 // cfg says, and has its agent warm up. On error nothing of the VM is left.
 func PrepareWarm(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, dir string) (*Warm, error) {
-	vcfg := vmConfig(cfg, dir)
+	vcfg := asWarm(cfg, vmConfig(cfg, dir), sizeOf(cfg))
 	shape, t, modules, err := warmShape(ctx, cfg, hv, vcfg)
 	if err != nil {
 		return nil, err
@@ -87,6 +87,21 @@ func PrepareWarm(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, dir 
 	w.ready, w.warmUp = time.Now(), time.Duration(resp.GetTookNs())
 	log.G(ctx).WithFields(log.Fields{"shape": shape, "warm_up": w.warmUp, "qemu_pid": g.VM.Pid()}).Info("warm VM ready")
 	return w, nil
+}
+
+// warmSlots are the hot-plug slots a booted warm VM has beyond the configuration's: the
+// pod's NIC and virtio-fs device, which a booted pod has cold-plugged, take two, and the
+// pod keeps hypervisor.hotplug_slots for its containers' disks.
+const warmSlots = 2
+
+// asWarm is vcfg, a VM of cfg's pods, as a warm VM starts: at size, and with warmSlots
+// more hot-plug slots if it boots.
+func asWarm(cfg config.Config, vcfg vmm.Config, size vmm.Size) vmm.Config {
+	vcfg.MemoryMiB, vcfg.VCPUs = size.MemoryMiB, size.VCPUs
+	if !cfg.Hypervisor.Template {
+		vcfg.HotplugSlots += warmSlots
+	}
+	return vcfg
 }
 
 // warmShape is what a warm VM started as vcfg (at its start size) shares with the pods
@@ -190,9 +205,7 @@ func (p *Pod) adopt(ctx context.Context, w *Warm, hv vmm.Hypervisor, vcfg vmm.Co
 	default:
 	}
 	// Warm VMs start at the runtime configuration's size, the pod's base.
-	at := vcfg
-	at.MemoryMiB, at.VCPUs = p.base.MemoryMiB, p.base.VCPUs
-	shape, _, _, err := warmShape(ctx, p.cfg, hv, at)
+	shape, _, _, err := warmShape(ctx, p.cfg, hv, asWarm(p.cfg, vcfg, p.base))
 	if err != nil {
 		return misfit("the pod's VM shape", err)
 	}

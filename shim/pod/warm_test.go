@@ -36,7 +36,9 @@ func (c *recordingCgroup) Remove(context.Context) error { return nil }
 
 // TestWarmOnFakeVMM: a pod started while a booted warm VM is held (PrepareWarm, Hold)
 // starts in it if its VM would have the warm VM's shape: no VM is made, the pod's disks
-// are hot-plugged, the pod's state names the warm VM's, and Stop removes both. A pod whose
+// are hot-plugged (the warm VM has two hot-plug slots more than the configuration's, for
+// the NIC and virtio-fs device a booted pod has cold-plugged), the pod's state names the
+// warm VM's, and Stop removes both. A pod whose
 // VM would differ (its kernel parameters) ends the warm VM and boots one of its own. A
 // warm VM that refuses the pod's virtio-fs device is ended too, and the pod boots with a
 // new virtiofsd, the first one gone (it may have lost its one connection with the VM).
@@ -80,6 +82,9 @@ func TestWarmOnFakeVMM(t *testing.T) {
 		vm := hv.VMs()[0]
 		if p.vm != vmm.VM(vm) {
 			t.Fatal("the pod is not in the warm VM")
+		}
+		if got, want := vm.Config().HotplugSlots, base.Hypervisor.HotplugSlots+warmSlots; got != want {
+			t.Errorf("the booted warm VM has %d hot-plug slots, want %d (the NIC's and virtio-fs device's on top)", got, want)
 		}
 		// The warm-up's disk plugged and unplugged, then the pod's layer and image.
 		want := []fakevm.Event{"start", "attach warm-up", "detach warm-up", fakevm.Event("attach " + storageID(rootfsFiles[0])), fakevm.Event("attach " + storageID(rootfsFiles[1]))}
