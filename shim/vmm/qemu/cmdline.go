@@ -124,12 +124,18 @@ type slot struct {
 
 func (p port) place() slot { return slot{bus: p.id(), pciPath: p.pciPath()} }
 
+// modernOnly are the virtio devices with no legacy (I/O port) interface, which have no
+// disable-legacy property either.
+var modernOnly = map[string]bool{"vhost-user-fs-pci": true}
+
 // plug puts dev (device_add or -device arguments) into the slot.
 func (s slot) plug(dev map[string]any) {
 	dev["bus"] = s.bus
 	if s.addr != "" {
 		dev["addr"] = s.addr
-		dev["disable-legacy"] = "on" // a bridge slot has no I/O window
+		if driver, _ := dev["driver"].(string); !modernOnly[driver] {
+			dev["disable-legacy"] = "on" // a bridge slot has no I/O window
+		}
 	}
 }
 

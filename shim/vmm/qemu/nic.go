@@ -59,18 +59,17 @@ func checkNIC(n vmm.NIC) (net.HardwareAddr, error) {
 	return mac, nil
 }
 
-// nicDevice is the device_add arguments of NIC i (its backend from nicArgs) in slot s.
-func nicDevice(i int, n vmm.NIC, s slot) map[string]any {
+// nicDevice is the device_add arguments of NIC i (its backend from nicArgs), not yet
+// placed on a bus.
+func nicDevice(i int, n vmm.NIC) map[string]any {
 	id := fmt.Sprintf("net%d", i)
-	d := map[string]any{
+	return map[string]any{
 		"driver":  "virtio-net-pci",
 		"id":      id + "-dev",
 		"netdev":  id,
 		"mac":     n.MAC,
 		"romfile": "",
 	}
-	s.plug(d)
-	return d
 }
 
 // nicFiles are the descriptors QEMU inherits, in nicArgs' order.
@@ -85,14 +84,21 @@ func nicFiles(nics []vmm.NIC) []*os.File {
 // plugNIC adds the device of NIC i, whose backend QEMU has, in a free hot-plug slot; the
 // caller holds opMu.
 func (v *VM) plugNIC(ctx context.Context, c *qmp.Client, i int, n vmm.NIC) error {
+	return v.plugInFreeSlot(ctx, c, fmt.Sprintf("NIC %q", n.ID), nicDevice(i, n))
+}
+
+// plugInFreeSlot adds dev (device_add arguments, not yet on a bus), named what in errors,
+// in the first free hot-plug slot and marks the slot used; the caller holds opMu.
+func (v *VM) plugInFreeSlot(ctx context.Context, c *qmp.Client, what string, dev map[string]any) error {
 	v.mu.Lock()
 	s := slices.Index(v.used, false)
 	v.mu.Unlock()
 	if s < 0 {
-		return fmt.Errorf("NIC %q: no hot-plug slot left: %w", n.ID, errdefs.ErrResourceExhausted)
+		return fmt.Errorf("%s: no hot-plug slot left: %w", what, errdefs.ErrResourceExhausted)
 	}
-	if err := c.Execute(ctx, "device_add", nicDevice(i, n, v.slots[s]), nil); err != nil {
-		return fmt.Errorf("NIC %q: %w", n.ID, err)
+	v.slots[s].plug(dev)
+	if err := c.Execute(ctx, "device_add", dev, nil); err != nil {
+		return fmt.Errorf("%s: %w", what, err)
 	}
 	v.mu.Lock()
 	v.used[s] = true

@@ -60,15 +60,16 @@ func (v *VM) AttachSharedFS(ctx context.Context, fs vmm.SharedFS) error {
 	if err != nil {
 		return err
 	}
+	what := fmt.Sprintf("shared file system %q", fs.Tag)
 	v.mu.Lock()
-	s := slices.Index(v.used, false)
+	free := slices.Contains(v.used, false)
 	has := v.cfg.SharedFS != nil || v.hotFS
 	v.mu.Unlock()
 	switch {
 	case has:
-		return fmt.Errorf("shared file system %q: the VM has one: %w", fs.Tag, errdefs.ErrAlreadyExists)
-	case s < 0:
-		return fmt.Errorf("shared file system %q: no hot-plug slot left: %w", fs.Tag, errdefs.ErrResourceExhausted)
+		return fmt.Errorf("%s: the VM has one: %w", what, errdefs.ErrAlreadyExists)
+	case !free: // before the daemon's one connection is spent
+		return fmt.Errorf("%s: no hot-plug slot left: %w", what, errdefs.ErrResourceExhausted)
 	}
 	conn, err := dialSharedFS(fs.Socket)
 	if err != nil {
@@ -80,7 +81,7 @@ func (v *VM) AttachSharedFS(ctx context.Context, fs vmm.SharedFS) error {
 	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), qmpTimeout)
 	defer cancel()
 	if err := c.ExecuteWithFile(qctx, "getfd", map[string]any{"fdname": sharedFSID}, nil, conn); err != nil {
-		return fmt.Errorf("shared file system %q: pass its connection to qemu: %w", fs.Tag, err)
+		return fmt.Errorf("%s: pass its connection to qemu: %w", what, err)
 	}
 	backend := map[string]any{"type": "socket", "data": map[string]any{
 		"addr":   map[string]any{"type": "fd", "data": map[string]any{"str": sharedFSID}},
@@ -88,17 +89,15 @@ func (v *VM) AttachSharedFS(ctx context.Context, fs vmm.SharedFS) error {
 	}}
 	if err := c.Execute(qctx, "chardev-add", map[string]any{"id": sharedFSID, "backend": backend}, nil); err != nil {
 		c.Execute(qctx, "closefd", map[string]any{"fdname": sharedFSID}, nil)
-		return fmt.Errorf("shared file system %q: %w", fs.Tag, err)
+		return fmt.Errorf("%s: %w", what, err)
 	}
 	dev := map[string]any{"driver": "vhost-user-fs-pci", "id": sharedFSID + "-dev", "chardev": sharedFSID, "tag": fs.Tag}
-	v.slots[s].plug(dev)
-	delete(dev, "disable-legacy") // a modern-only device: it has no legacy interface to turn off
-	if err := c.Execute(qctx, "device_add", dev, nil); err != nil {
+	if err := v.plugInFreeSlot(qctx, c, what, dev); err != nil {
 		c.Execute(qctx, "chardev-remove", map[string]any{"id": sharedFSID}, nil)
-		return fmt.Errorf("shared file system %q: %w", fs.Tag, err)
+		return err
 	}
 	v.mu.Lock()
-	v.used[s], v.hotFS = true, true
+	v.hotFS = true
 	v.mu.Unlock()
 	return nil
 }
