@@ -61,9 +61,6 @@ func PrepareWarm(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, dir 
 	if modules != nil {
 		vcfg.Disks = []vmm.Disk{*modules}
 	}
-	// A pod that shares host paths brings its virtiofsd, whose device the VM gets
-	// with the pod's others: its memory is shared from the start.
-	vcfg.SharedMemory = SharesHostPaths(cfg)
 	calls := &deadlines{}
 	g, err := vmboot.Boot(ctx, hv, vcfg, vmboot.Options{
 		Timeout:    BootTimeout,
@@ -94,12 +91,15 @@ func PrepareWarm(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, dir 
 // pod keeps hypervisor.hotplug_slots for its containers' disks.
 const warmSlots = 2
 
-// asWarm is vcfg, a VM of cfg's pods, as a warm VM starts: at size, and with warmSlots
-// more hot-plug slots if it boots.
+// asWarm is vcfg, a VM of cfg's pods, as a warm VM starts: at size, and if it boots,
+// with warmSlots more hot-plug slots and, when the pods share host paths, its memory
+// shared from the start (a pod brings its virtiofsd, whose device the VM gets with the
+// pod's others).
 func asWarm(cfg config.Config, vcfg vmm.Config, size vmm.Size) vmm.Config {
 	vcfg.MemoryMiB, vcfg.VCPUs = size.MemoryMiB, size.VCPUs
 	if !cfg.Hypervisor.Template {
 		vcfg.HotplugSlots += warmSlots
+		vcfg.SharedMemory = SharesHostPaths(cfg)
 	}
 	return vcfg
 }
@@ -108,7 +108,7 @@ func asWarm(cfg config.Config, vcfg vmm.Config, size vmm.Size) vmm.Config {
 // that may take it: the directory of its template (returned too), or for a VM that
 // boots, the key of its shape (template.Key: the VMM, the guest's files, its kernel
 // parameters and sizes, the modules image, returned too if there is one), whether its
-// memory is shared and how the modules image is attached.
+// memory is shared (asWarm) and how the modules image is attached.
 func warmShape(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, vcfg vmm.Config) (string, *vmm.Template, *vmm.Disk, error) {
 	if cfg.Hypervisor.Template {
 		t, err := vmTemplate(ctx, cfg, hv, vcfg)
@@ -127,7 +127,7 @@ func warmShape(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, vcfg v
 		return "", nil, nil, err
 	}
 	shape := "booted " + k
-	if SharesHostPaths(cfg) {
+	if vcfg.SharedMemory {
 		shape += " with shared memory"
 	}
 	if !ok {
