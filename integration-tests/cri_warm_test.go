@@ -313,8 +313,8 @@ func TestCRIWarmVMIdle(t *testing.T) {
 // NIC, its disks and its virtiofsd (a volume's write is on the host at once), and
 // grows to the pod's size; the warm VM booted with the kernel modules image mounted,
 // which the pod then does not mount (a privileged container makes a bridge, whose
-// module only that image has); a pod whose
-// VM differs (its kernel parameters) ends the warm VM and boots; nothing is left.
+// module only that image has); a pod whose VM differs (its kernel parameters) ends the
+// warm VM and boots; nothing is left.
 func TestCRIWarmVMsBooted(t *testing.T) {
 	c := harness.StartCRI(t, harness.Options{Runtime: func(cfg *config.Config) {
 		cfg.Hypervisor.WarmVMs = 1
@@ -337,16 +337,16 @@ func TestCRIWarmVMsBooted(t *testing.T) {
 	logB := podLog(t, c, podB)
 	// The warm VM booted with the modules image and mounted it: a booted pod mounts
 	// its own, the warm pod none.
-	const modulesMounted = `msg="storage mounted"`
-	if mounted := func(log string) bool {
+	mountsModules := func(log string) bool {
 		for _, l := range strings.Split(log, "\n") {
-			if strings.Contains(l, modulesMounted) && strings.Contains(l, "storage=kernel-modules") {
+			if strings.Contains(l, `msg="storage mounted"`) && strings.Contains(l, "storage=kernel-modules") {
 				return true
 			}
 		}
 		return false
-	}; !mounted(podLog(t, c, podA)) || mounted(logB) {
-		t.Fatalf("the modules image: mounted by the booted pod %v (want true), by the warm pod %v (want false)", mounted(podLog(t, c, podA)), mounted(logB))
+	}
+	if byBooted, byWarm := mountsModules(podLog(t, c, podA)), mountsModules(logB); !byBooted || byWarm {
+		t.Fatalf("the modules image: mounted by the booted pod %v (want true), by the warm pod %v (want false)", byBooted, byWarm)
 	}
 	cc := harness.ContainerConfig("server", image, tcpServer(8080, "pong-from-booted-warm")...)
 	cc.Linux.SecurityContext = &runtime.LinuxContainerSecurityContext{Privileged: true}
