@@ -223,38 +223,26 @@ func BenchmarkCRIPodStart(b *testing.B) {
 		runc = append(runc, r)
 		o, ph := podStart(b, c, harness.Handler, imgCaisson, i)
 		ours = append(ours, o)
-		for j, d := range ph {
-			phases[j] = append(phases[j], d)
-		}
+		addPhases(phases, ph)
 		t, ph := podStart(b, c, templateHandler, imgCaisson, i)
 		fromTemplate = append(fromTemplate, t)
-		for j, d := range ph {
-			templatePhases[j] = append(templatePhases[j], d)
-		}
+		addPhases(templatePhases, ph)
 		t, ph = podStartWith(b, c, templateHandler, imgCaisson, fmt.Sprintf("ro-%d", i), readOnlyApp)
 		readOnly = append(readOnly, t)
-		for j, d := range ph {
-			readOnlyPhases[j] = append(readOnlyPhases[j], d)
-		}
+		addPhases(readOnlyPhases, ph)
 		for _, v := range variants {
 			t, ph := podStart(b, c, v.handler, imgCaisson, i)
 			v.starts = append(v.starts, t)
-			for j, d := range ph {
-				v.phases[j] = append(v.phases[j], d)
-			}
+			addPhases(v.phases, ph)
 		}
 		waitWarm(b, c.StateDir, pools)
 		t, ph = podStart(b, c, warmHandler, imgCaisson, i)
 		warmed = append(warmed, t)
-		for j, d := range ph {
-			warmPhases[j] = append(warmPhases[j], d)
-		}
+		addPhases(warmPhases, ph)
 		waitWarm(b, c.StateDir, pools)
 		t, ph = podStart(b, c, warmBootedHandler, imgCaisson, i)
 		warmBooted = append(warmBooted, t)
-		for j, d := range ph {
-			warmBootedPhases[j] = append(warmBootedPhases[j], d)
-		}
+		addPhases(warmBootedPhases, ph)
 		waitWarm(b, c.StateDir, pools)
 		bare = append(bare, bareBoot(b, c, initrd))
 	}
@@ -375,6 +363,13 @@ func compareVariants(b *testing.B, value, flagName string, shims bool) []*podSta
 // templateHandler is a CRI runtime handler like caisson's whose pods start from a VM
 // template (hypervisor.template).
 const templateHandler = "caisson-template"
+
+// addPhases appends the phases ph of one pod start to phases, one list per phase name.
+func addPhases(phases [][]time.Duration, ph []time.Duration) {
+	for j, d := range ph {
+		phases[j] = append(phases[j], d)
+	}
+}
 
 // warmHandler is the handler whose pods start in warm VMs (hypervisor.warm_vms = 1).
 const warmHandler = "caisson-warm"
