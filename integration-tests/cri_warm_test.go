@@ -126,6 +126,20 @@ func requireTaken(t *testing.T, c *harness.CRI, pod string, slot warm.Slot) {
 	}
 }
 
+// requireServedAndGrown fails unless srv, a tcpServer on port 8080 in pod, answers pong
+// to the host, and the pod, which asked 640 MiB, has more memory than the warm VM's 512.
+func requireServedAndGrown(t *testing.T, c *harness.CRI, pod, srv, pong string) {
+	t.Helper()
+	ip := c.PodIP(t, pod)
+	if got, err := dialLine(net.JoinHostPort(ip, "8080")); err != nil || got != pong {
+		t.Fatalf("host to the warm pod at %s: %q, %v", ip, got, err)
+	}
+	out, errOut, code := c.Exec(t, srv, "sh", "-c", "grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2")
+	if kib, err := strconv.Atoi(strings.TrimSpace(out)); code != 0 || err != nil || kib <= 512<<10 {
+		t.Fatalf("the warm pod's memory: %q %s (exit %d), want more than the 512 MiB of the warm VM (640 asked)", out, errOut, code)
+	}
+}
+
 // TestCRIWarmVMs: with hypervisor.warm_vms, the first pod boots from the template and
 // fills the pool; the next pod starts in the waiting warm VM (its NIC and disks
 // hot-plugged: network, exec and its size as asked), and the pool is filled again. A
@@ -158,14 +172,7 @@ func TestCRIWarmVMs(t *testing.T) {
 		t.Fatalf("slot %s is not marked claimed", first.Dir)
 	}
 	srv := c.StartContainer(t, podB, cfgB, harness.ContainerConfig("server", image, tcpServer(8080, "pong-from-warm")...))
-	ip := c.PodIP(t, podB)
-	if got, err := dialLine(net.JoinHostPort(ip, "8080")); err != nil || got != "pong-from-warm" {
-		t.Fatalf("host to the warm pod at %s: %q, %v", ip, got, err)
-	}
-	out, errOut, code := c.Exec(t, srv, "sh", "-c", "grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2")
-	if kib, err := strconv.Atoi(strings.TrimSpace(out)); code != 0 || err != nil || kib <= 512<<10 {
-		t.Fatalf("the warm pod's memory: %q %s (exit %d), want more than the 512 MiB of the warm VM (640 asked)", out, errOut, code)
-	}
+	requireServedAndGrown(t, c, podB, srv, "pong-from-warm")
 	refilled := waitWarm(t, c.StateDir, 1)[0]
 
 	// A warm shim killed while it waits: its VM goes with it, and the next start sweeps
@@ -353,14 +360,7 @@ func TestCRIWarmVMsBooted(t *testing.T) {
 	volume := t.TempDir()
 	cc.Mounts = []*runtime.Mount{{ContainerPath: "/data", HostPath: volume}}
 	srv := c.StartContainer(t, podB, cfgB, cc)
-	ip := c.PodIP(t, podB)
-	if got, err := dialLine(net.JoinHostPort(ip, "8080")); err != nil || got != "pong-from-booted-warm" {
-		t.Fatalf("host to the warm pod at %s: %q, %v", ip, got, err)
-	}
-	out, errOut, code := c.Exec(t, srv, "sh", "-c", "grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2")
-	if kib, err := strconv.Atoi(strings.TrimSpace(out)); code != 0 || err != nil || kib <= 512<<10 {
-		t.Fatalf("the warm pod's memory: %q %s (exit %d), want more than the 512 MiB of the warm VM (640 asked)", out, errOut, code)
-	}
+	requireServedAndGrown(t, c, podB, srv, "pong-from-booted-warm")
 	if out, errOut, code := c.Exec(t, srv, "sh", "-c", "ip link add br-warm type bridge"); code != 0 {
 		t.Fatalf("a bridge in the warm pod (its module from the modules image): exit %d %s%s", code, out, errOut)
 	}
