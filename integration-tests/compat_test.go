@@ -89,7 +89,8 @@ func smokeTest(t *testing.T, cd *harness.Containerd) {
 		}
 	})
 	o := harness.Options{Containerd: cd, Handlers: map[string]func(*config.Config){
-		warmHandler: func(c *config.Config) { c.Hypervisor.Template, c.Hypervisor.WarmVMs = true, 1 },
+		warmHandler:       func(c *config.Config) { c.Hypervisor.Template, c.Hypervisor.WarmVMs = true, 1 },
+		warmBootedHandler: func(c *config.Config) { c.Hypervisor.WarmVMs = 1 },
 	}}
 	if cd != nil && cd.Older(2, 0) {
 		o.ContribConfig = "config-v2.toml"
@@ -154,34 +155,37 @@ func smokeTest(t *testing.T, cd *harness.Containerd) {
 		t.Errorf("left after the pod: %v", left)
 	}
 
-	// Warm VMs (hypervisor.warm_vms): the first pod fills the pool, the second starts
-	// in the warm VM, whose shim this containerd's start protocol handed the pod.
-	var warmPods []string
-	for i := range 2 {
-		if i == 1 {
-			waitWarm(t, c.StateDir, 1)
+	// Warm VMs (hypervisor.warm_vms), from a template and booted: the first pod fills
+	// the pool, the second starts in the warm VM, whose shim this containerd's start
+	// protocol handed the pod.
+	for _, handler := range []string{warmHandler, warmBootedHandler} {
+		var warmPods []string
+		for i := range 2 {
+			if i == 1 {
+				waitWarm(t, c.StateDir, 1)
+			}
+			cfg := c.PodConfig(fmt.Sprintf("smoke-%s-%d", handler, i), nil)
+			p := c.RunPod(t, cfg, handler)
+			warmPods = append(warmPods, p)
+			if legacy {
+				sockets = append(sockets, socket("k8s.io", p))
+			}
+			if taken := strings.Contains(podLog(t, c, p), `msg="warm VM taken"`); taken != (i == 1) {
+				t.Fatalf("%s pod %d: took a warm VM: %v", handler, i, taken)
+			}
+			ctr := c.StartContainer(t, p, cfg, harness.ContainerConfig("app", image, "sleep", "100000"))
+			if out, _, code := c.Exec(t, ctr, "uname", "-r"); code != 0 || strings.TrimSpace(out) != guestRelease {
+				t.Fatalf("exec in %s pod %d: %q (exit %d)", handler, i, out, code)
+			}
 		}
-		cfg := c.PodConfig(fmt.Sprintf("smoke-warm-%d", i), nil)
-		p := c.RunPod(t, cfg, warmHandler)
-		warmPods = append(warmPods, p)
-		if legacy {
-			sockets = append(sockets, socket("k8s.io", p))
+		for _, p := range warmPods {
+			c.RemovePod(t, p)
 		}
-		if taken := strings.Contains(podLog(t, c, p), `msg="warm VM taken"`); taken != (i == 1) {
-			t.Fatalf("warm pod %d: took a warm VM: %v", i, taken)
+		if n, err := warm.Drain(c.StateDir, 10*time.Second); err != nil || n != 1 {
+			t.Errorf("caisson warm remove (%s): %d ended, %v", handler, n, err)
 		}
-		ctr := c.StartContainer(t, p, cfg, harness.ContainerConfig("app", image, "sleep", "100000"))
-		if out, _, code := c.Exec(t, ctr, "uname", "-r"); code != 0 || strings.TrimSpace(out) != guestRelease {
-			t.Fatalf("exec in warm pod %d: %q (exit %d)", i, out, code)
+		if left := c.Leftovers(); len(left) > 0 {
+			t.Errorf("left after the %s pods: %v", handler, left)
 		}
-	}
-	for _, p := range warmPods {
-		c.RemovePod(t, p)
-	}
-	if n, err := warm.Drain(c.StateDir, 10*time.Second); err != nil || n != 1 {
-		t.Errorf("caisson warm remove: %d ended, %v", n, err)
-	}
-	if left := c.Leftovers(); len(left) > 0 {
-		t.Errorf("left after the warm pods: %v", left)
 	}
 }
