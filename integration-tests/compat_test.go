@@ -181,7 +181,7 @@ func smokeTest(t *testing.T, cd *harness.Containerd) {
 		for _, p := range warmPods {
 			c.RemovePod(t, p)
 		}
-		if n, err := warm.Drain(c.StateDir, 10*time.Second); err != nil || n != 1 {
+		if n, err := warm.Drain(c.StateDir, 10*time.Second, nil); err != nil || n != 1 {
 			t.Errorf("caisson warm remove (%s): %d ended, %v", handler, n, err)
 		}
 		if left := c.Leftovers(); len(left) > 0 {

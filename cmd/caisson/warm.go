@@ -51,7 +51,7 @@ var warmCommand = &cli.Command{
 				if err != nil {
 					return err
 				}
-				n, err := warm.Drain(cfg.StateDir, 10*time.Second)
+				n, err := warm.Drain(cfg.StateDir, 10*time.Second, nil)
 				fmt.Printf("ended %d waiting warm VMs\n", n)
 				return err
 			},

@@ -259,7 +259,7 @@ func Start(t testing.TB, o Options) *Env {
 	// Warm VMs (hypervisor.warm_vms) wait for pods past containerd's life, as the pods'
 	// shims run past it: end them, as `caisson warm remove` does.
 	t.Cleanup(func() {
-		if _, err := warm.Drain(stateDir, 10*time.Second); err != nil {
+		if _, err := warm.Drain(stateDir, 10*time.Second, nil); err != nil {
 			t.Errorf("warm VMs: %v", err)
 		}
 	})

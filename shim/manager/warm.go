@@ -191,7 +191,7 @@ func warmPoolOf(self, configPath, ns, address string, debug bool) *warmPool {
 	if err != nil {
 		return nil
 	}
-	p, err := warm.Open(dir)
+	p, err := warm.Open(dir, nil)
 	if err != nil {
 		return nil
 	}

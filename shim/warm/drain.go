@@ -9,7 +9,7 @@ import (
 	"time"
 )
 
-// Pools lists the pools under stateDir.
+// Pools lists the pools under stateDir, for listing: their sweeps release nothing.
 func Pools(stateDir string) ([]*Pool, error) {
 	entries, err := os.ReadDir(filepath.Join(stateDir, Dir))
 	if errors.Is(err, os.ErrNotExist) {
@@ -29,12 +29,15 @@ func Pools(stateDir string) ([]*Pool, error) {
 
 // Drain ends every waiting (unclaimed) warm shim of the pools under stateDir, and their
 // VMs with them: SIGTERM, then SIGKILL for one still alive after timeout (an error names
-// it). Slots of dead shims are removed, and pools left empty. Claimed slots serve pods
-// and stay. It returns how many shims it ended.
-func Drain(stateDir string, timeout time.Duration) (int, error) {
+// it). Slots of dead shims are released (release, if not nil) and removed, and pools
+// left empty. Claimed slots serve pods and stay. It returns how many shims it ended.
+func Drain(stateDir string, timeout time.Duration, release Release) (int, error) {
 	pools, err := Pools(stateDir)
 	if err != nil {
 		return 0, err
+	}
+	for _, p := range pools {
+		p.release = release
 	}
 	var ended []Slot
 	for _, p := range pools {

@@ -15,8 +15,9 @@
 //
 // The lock is taken by whoever makes the slot (Fill) and inherited by the shim it starts,
 // so a slot is never unowned while it is being set up: a slot whose lock is free belongs
-// to a shim that died, and is removed (Sweep). Nothing of a warm VM outlives its shim:
-// QEMU dies with it (Pdeathsig) and the slot is swept.
+// to a shim that died, and is released (the pool's Release: the VM's cgroup) and removed
+// (Sweep). Nothing of a warm VM outlives its shim: QEMU dies with it (Pdeathsig) and the
+// slot is swept.
 //
 // Claiming: `shim start` connects to a slot's claim.sock and sends one Claim (JSON) with
 // the listening socket of the pod's shim attached (SCM_RIGHTS). The warm shim removes
@@ -113,15 +114,22 @@ type Claim struct {
 
 // Pool is one pool's directory.
 type Pool struct {
-	dir string
+	dir     string
+	release Release
 }
 
-// Open returns the pool in dir, made if missing (root's only).
-func Open(dir string) (*Pool, error) {
+// Release frees what the slot in dir, whose shim died, holds outside the directory (its
+// VM's cgroup), before the sweep removes the slot. It must not wait: the sweep runs in a
+// container's start. An error keeps the slot for the next sweep.
+type Release func(dir string) error
+
+// Open returns the pool in dir, made if missing (root's only), whose sweeps call release
+// (nil: none) for each slot of a dead shim.
+func Open(dir string, release Release) (*Pool, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("warm VM pool: %w", err)
 	}
-	return &Pool{dir: dir}, nil
+	return &Pool{dir: dir, release: release}, nil
 }
 
 // Dir is the pool's directory.
@@ -183,8 +191,9 @@ func held(dir string) bool {
 	return false
 }
 
-// Sweep removes the slots no shim holds: those of shims that died. It returns how many
-// slots are held and not claimed (waiting, or warming up).
+// Sweep removes the slots no shim holds: those of shims that died, released first (the
+// pool's Release). It returns how many slots are held and not claimed (waiting, or
+// warming up), and what it could not release or remove, counted all the same.
 func (p *Pool) Sweep() (waiting int, err error) {
 	slots, err := p.Slots()
 	if err != nil {
@@ -193,6 +202,12 @@ func (p *Pool) Sweep() (waiting int, err error) {
 	for _, s := range slots {
 		switch {
 		case !s.Live:
+			if p.release != nil {
+				if rerr := p.release(s.Dir); rerr != nil {
+					err = errors.Join(err, fmt.Errorf("warm VM slot %s of a dead shim kept: %w", s.Dir, rerr))
+					continue
+				}
+			}
 			if rerr := os.RemoveAll(s.Dir); rerr != nil {
 				err = errors.Join(err, rerr)
 			}
@@ -219,24 +234,23 @@ func (p *Pool) lock() (*os.File, error) {
 // Fill sweeps the pool and starts shims until want wait (or warm up) in it. start is
 // given each new slot's directory and its lock, taken: the shim it starts must inherit
 // the lock (as an extra file) and hold it for its life; Fill closes its own copy. It
-// returns how many shims it started.
+// returns how many shims it started, and the sweep's errors: a dead shim's slot that
+// could not go does not keep the pool from filling.
 func (p *Pool) Fill(want int, start func(slot string, lock *os.File) error) (int, error) {
 	l, err := p.lock()
 	if err != nil {
 		return 0, fmt.Errorf("warm VM pool %s: %w", p.dir, err)
 	}
 	defer l.Close()
-	have, err := p.Sweep()
-	if err != nil {
-		return 0, fmt.Errorf("warm VM pool %s: %w", p.dir, err)
-	}
+	// A pool that cannot be listed cannot take a slot either: add says why.
+	have, sweepErr := p.Sweep()
 	started := 0
 	for ; have+started < want; started++ {
 		if err := p.add(start); err != nil {
-			return started, err
+			return started, errors.Join(sweepErr, err)
 		}
 	}
-	return started, nil
+	return started, sweepErr
 }
 
 // add makes a slot and starts its shim.

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -133,11 +134,17 @@ func dialRead(t *testing.T, path string) string {
 }
 
 // TestPoolLifecycle fills a pool, claims a shim from it (which then serves the socket
-// it was handed), refills, sweeps the slot of a killed shim and drains the rest, leaving
-// nothing but the claimed shim's slot.
+// it was handed), refills, sweeps the slot of a killed shim (kept while the pool's
+// Release fails for it, removed once it succeeds) and drains the rest, leaving nothing
+// but the claimed shim's slot.
 func TestPoolLifecycle(t *testing.T) {
 	root := t.TempDir()
-	p, err := Open(filepath.Join(root, Dir, "pool"))
+	var released []string
+	var releaseErr error
+	p, err := Open(filepath.Join(root, Dir, "pool"), func(dir string) error {
+		released = append(released, dir)
+		return releaseErr
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -179,15 +186,31 @@ func TestPoolLifecycle(t *testing.T) {
 			t.Fatal("the killed shim's lock is still held")
 		}
 	}
-	if waiting, err := p.Sweep(); err != nil || waiting != 1 {
+	releaseErr = errors.New("its cgroup still holds a process")
+	if waiting, err := p.Sweep(); !errors.Is(err, releaseErr) || waiting != 1 {
+		t.Fatalf("Sweep with the dead slot's release failing: %d waiting, %v", waiting, err)
+	}
+	if _, err := os.Stat(ready[0].Dir); err != nil {
+		t.Fatalf("the killed shim's slot, not released: %v", err)
+	}
+	// The slot kept does not keep the pool from filling.
+	if n, err := p.Fill(2, start); !errors.Is(err, releaseErr) || n != 1 {
+		t.Fatalf("Fill beside a slot not released: %d started, %v; want 1 and the release's error", n, err)
+	}
+	waitReady(t, p, 2)
+	releaseErr = nil
+	if waiting, err := p.Sweep(); err != nil || waiting != 2 {
 		t.Fatalf("Sweep: %d waiting, %v", waiting, err)
 	}
 	if _, err := os.Stat(ready[0].Dir); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("the killed shim's slot: %v", err)
 	}
+	if want := []string{ready[0].Dir, ready[0].Dir, ready[0].Dir}; !slices.Equal(released, want) {
+		t.Fatalf("released %v, want the dead slot three times (two sweeps kept it)", released)
+	}
 
-	n, err := Drain(root, 10*time.Second)
-	if err != nil || n != 1 {
+	n, err := Drain(root, 10*time.Second, nil)
+	if err != nil || n != 2 {
 		t.Fatalf("Drain: %d, %v", n, err)
 	}
 	slots, _ := p.Slots()
@@ -205,7 +228,7 @@ func TestPoolLifecycle(t *testing.T) {
 // TestClaimRefused: claims that are not sound are answered with an error, the shim
 // keeps waiting, and a sound claim after them is taken.
 func TestClaimRefused(t *testing.T) {
-	p, err := Open(filepath.Join(t.TempDir(), Dir, "pool"))
+	p, err := Open(filepath.Join(t.TempDir(), Dir, "pool"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -249,7 +272,7 @@ func TestClaimRefused(t *testing.T) {
 // TestIdleShimGoes: a shim no pod claimed within its idle timeout ends, and its slot is
 // swept; a pool without ready shims claims nothing.
 func TestIdleShimGoes(t *testing.T) {
-	p, err := Open(filepath.Join(t.TempDir(), Dir, "pool"))
+	p, err := Open(filepath.Join(t.TempDir(), Dir, "pool"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
