@@ -17,6 +17,7 @@ import (
 	"github.com/caisson-containers/caisson/integration-tests/harness"
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/pod"
 	"github.com/caisson-containers/caisson/shim/warm"
 )
 
@@ -130,17 +131,17 @@ func smokeTest(t *testing.T, cd *harness.Containerd) {
 	// CRI: one pod, two containers in its VM, an exec, removal.
 	image := c.Pull(t, c.BusyboxRef, harness.Handler)
 	podCfg := c.PodConfig("smoke", nil)
-	pod := c.RunPod(t, podCfg, harness.Handler)
+	smokePod := c.RunPod(t, podCfg, harness.Handler)
 	if legacy {
 		// The pod's shim is where the legacy protocol puts it (so the check at the end
 		// looks at the right name).
-		sockets = append(sockets, socket("k8s.io", pod))
+		sockets = append(sockets, socket("k8s.io", smokePod))
 		if _, err := os.Stat(sockets[len(sockets)-1]); err != nil {
 			t.Errorf("the pod's shim socket: %v", err)
 		}
 	}
-	web := c.StartContainer(t, pod, podCfg, harness.ContainerConfig("web", image, "sleep", "100000"))
-	shell := c.StartContainer(t, pod, podCfg, harness.ContainerConfig("shell", image, "sh", "-c", "echo hello >/tmp/x; sleep 100000"))
+	web := c.StartContainer(t, smokePod, podCfg, harness.ContainerConfig("web", image, "sleep", "100000"))
+	shell := c.StartContainer(t, smokePod, podCfg, harness.ContainerConfig("shell", image, "sh", "-c", "echo hello >/tmp/x; sleep 100000"))
 	if out, _, code := c.Exec(t, web, "uname", "-r"); code != 0 || strings.TrimSpace(out) != guestRelease {
 		t.Fatalf("exec uname -r = %q (exit %d), want the guest's %s", out, code, guestRelease)
 	}
@@ -150,7 +151,7 @@ func smokeTest(t *testing.T, cd *harness.Containerd) {
 	if n := len(c.QEMUs()); n != 1 {
 		t.Errorf("%d QEMU processes for one pod of two containers", n)
 	}
-	c.RemovePod(t, pod)
+	c.RemovePod(t, smokePod)
 	if left := c.Leftovers(); len(left) > 0 {
 		t.Errorf("left after the pod: %v", left)
 	}
@@ -181,7 +182,7 @@ func smokeTest(t *testing.T, cd *harness.Containerd) {
 		for _, p := range warmPods {
 			c.RemovePod(t, p)
 		}
-		if n, err := warm.Drain(c.StateDir, 10*time.Second, nil); err != nil || n != 1 {
+		if n, err := warm.Drain(c.StateDir, 10*time.Second, pod.ReleaseWarmSlot); err != nil || n != 1 {
 			t.Errorf("caisson warm remove (%s): %d ended, %v", handler, n, err)
 		}
 		if left := c.Leftovers(); len(left) > 0 {

@@ -162,21 +162,28 @@ func TestCRIWarmVMs(t *testing.T) {
 		t.Fatal("the first pod took a warm VM from an empty pool")
 	}
 	first := waitWarm(t, c.StateDir, 1)[0]
+	firstCgroup := requireWarmCgroup(t, c, first.Dir)
 
 	cfgB := c.PodConfig("warm-b", func(p *runtime.PodSandboxConfig) {
 		p.Annotations = map[string]string{"io.caisson.config.hypervisor.memory_mib": "640"}
 	})
 	podB := c.RunPod(t, cfgB, harness.Handler)
 	requireTaken(t, c, podB, first)
+	// The pod moved the VM into its own cgroup and removed the warm one.
+	if qemu := qemuIn(first.Dir); qemu == 0 || cgroupOf(t, strconv.Itoa(qemu)) == firstCgroup {
+		t.Fatalf("the claimed warm VM's QEMU (%d) is not in its pod's cgroup", qemu)
+	}
+	requireCgroupGone(t, firstCgroup, "the claimed warm VM's own cgroup")
 	if slotAt(t, c.StateDir, first.Dir).Claimed == "" {
 		t.Fatalf("slot %s is not marked claimed", first.Dir)
 	}
 	srv := c.StartContainer(t, podB, cfgB, harness.ContainerConfig("server", image, tcpServer(8080, "pong-from-warm")...))
 	requireServedAndGrown(t, c, podB, srv, "pong-from-warm")
 	refilled := waitWarm(t, c.StateDir, 1)[0]
+	refilledCgroup := requireWarmCgroup(t, c, refilled.Dir)
 
 	// A warm shim killed while it waits: its VM goes with it, and the next start sweeps
-	// its slot and boots the pod.
+	// its slot, and the VM's cgroup, and boots the pod.
 	syscall.Kill(refilled.Pid, syscall.SIGKILL)
 	waitQEMUGone(t, refilled.Dir)
 	cfgC := c.PodConfig("warm-c", nil)
@@ -187,6 +194,7 @@ func TestCRIWarmVMs(t *testing.T) {
 	if _, err := os.Stat(refilled.Dir); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("the killed warm shim's slot: %v", err)
 	}
+	requireCgroupGone(t, refilledCgroup, "the killed warm shim's VM cgroup")
 
 	// A pod whose configuration makes another template ends the warm VM and boots.
 	podD := runMisfitPod(t, c, image, "warm-d")
@@ -268,6 +276,31 @@ func qemuIn(dir string) int {
 	return 0
 }
 
+// requireWarmCgroup checks that the QEMU of the warm VM in slot runs in the warm VM's
+// own cgroup (/caisson/warm-SLOT), limited as a VM of c's runtime configuration, and
+// returns the cgroup's path.
+func requireWarmCgroup(t *testing.T, c *harness.CRI, slot string) string {
+	t.Helper()
+	qemu := qemuIn(slot)
+	if qemu == 0 {
+		t.Fatalf("no QEMU for the warm VM in %s", slot)
+	}
+	path := pod.DefaultCgroupParent + "/warm-" + filepath.Base(slot)
+	memory, quota := vmLimits(c.Config, 0, 0)
+	checkVMCgroup(t, []string{strconv.Itoa(qemu)}, path, memory, quota)
+	return path
+}
+
+// requireCgroupGone fails unless the cgroup at path is gone from every hierarchy now.
+func requireCgroupGone(t *testing.T, path, what string) {
+	t.Helper()
+	for _, dir := range cgroupDirs(path) {
+		if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("%s %s: %v", what, dir, err)
+		}
+	}
+}
+
 // waitQEMUGone waits for the QEMU whose command line names dir to exit.
 func waitQEMUGone(t *testing.T, dir string) {
 	t.Helper()
@@ -334,6 +367,7 @@ func TestCRIWarmVMsBooted(t *testing.T) {
 		t.Fatal("the first pod took a warm VM from an empty pool")
 	}
 	first := waitWarm(t, c.StateDir, 1)[0]
+	firstCgroup := requireWarmCgroup(t, c, first.Dir)
 
 	cfgB := c.PodConfig("booted-warm-b", func(p *runtime.PodSandboxConfig) {
 		p.Annotations = map[string]string{"io.caisson.config.hypervisor.memory_mib": "640"}
@@ -341,6 +375,7 @@ func TestCRIWarmVMsBooted(t *testing.T) {
 	})
 	podB := c.RunPod(t, cfgB, harness.Handler)
 	requireTaken(t, c, podB, first)
+	requireCgroupGone(t, firstCgroup, "the claimed warm VM's own cgroup")
 	logB := podLog(t, c, podB)
 	// The warm VM booted with the modules image and mounted it: a booted pod mounts
 	// its own, the warm pod none.

@@ -8,6 +8,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/caisson-containers/caisson/shim/pod"
 	"github.com/caisson-containers/caisson/shim/warm"
 )
 
@@ -51,7 +52,7 @@ var warmCommand = &cli.Command{
 				if err != nil {
 					return err
 				}
-				n, err := warm.Drain(cfg.StateDir, 10*time.Second, nil)
+				n, err := warm.Drain(cfg.StateDir, 10*time.Second, pod.ReleaseWarmSlot)
 				fmt.Printf("ended %d waiting warm VMs\n", n)
 				return err
 			},

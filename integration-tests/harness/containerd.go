@@ -26,6 +26,7 @@ import (
 
 	"github.com/caisson-containers/caisson/internal/testutil"
 	"github.com/caisson-containers/caisson/shim/config"
+	"github.com/caisson-containers/caisson/shim/pod"
 	"github.com/caisson-containers/caisson/shim/warm"
 )
 
@@ -259,7 +260,7 @@ func Start(t testing.TB, o Options) *Env {
 	// Warm VMs (hypervisor.warm_vms) wait for pods past containerd's life, as the pods'
 	// shims run past it: end them, as `caisson warm remove` does.
 	t.Cleanup(func() {
-		if _, err := warm.Drain(stateDir, 10*time.Second, nil); err != nil {
+		if _, err := warm.Drain(stateDir, 10*time.Second, pod.ReleaseWarmSlot); err != nil {
 			t.Errorf("warm VMs: %v", err)
 		}
 	})

@@ -286,6 +286,13 @@ func (c *CRI) leftovers() []string {
 	for _, v := range c.CNI.Veths() {
 		left = append(left, "veth on the bridge "+v)
 	}
+	// Warm VMs' own cgroups (cgroup v2's tree, or any v1 hierarchy).
+	for _, pattern := range []string{"/sys/fs/cgroup", "/sys/fs/cgroup/*"} {
+		cgs, _ := filepath.Glob(filepath.Join(pattern, pod.DefaultCgroupParent, "warm-*"))
+		for _, cg := range cgs {
+			left = append(left, "warm VM cgroup "+cg)
+		}
+	}
 	return left
 }
 

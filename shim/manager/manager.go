@@ -287,6 +287,12 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	if err := pod.RemoveCgroup(ctx, stateDir); err != nil {
 		log.G(ctx).WithError(err).Warn("removing the pod cgroup of a dead shim")
 	}
+	// A warm VM's own, if its shim died before it moved the VM into the pod's.
+	if warmDir != "" {
+		if err := pod.RemoveCgroup(ctx, warmDir); err != nil {
+			log.G(ctx).WithError(err).Warn("removing the warm VM cgroup of a dead shim")
+		}
+	}
 	// The dead shim's poststop hooks did not run (nerdctl's network teardown, say): run
 	// them, as runc's delete does for a container whose runtime died.
 	if spec != nil {

@@ -138,7 +138,7 @@ func waitForPod(ctx context.Context, configPath, slot string) (warm.Claim, *os.F
 	if err != nil {
 		return warm.Claim{}, nil, nil, err
 	}
-	w, err := pod.PrepareWarm(ctx, cfg, hv, slot)
+	w, err := pod.PrepareWarm(ctx, cfg, hv, slot, nil)
 	if err != nil {
 		return warm.Claim{}, nil, nil, err
 	}
@@ -191,7 +191,7 @@ func warmPoolOf(self, configPath, ns, address string, debug bool) *warmPool {
 	if err != nil {
 		return nil
 	}
-	p, err := warm.Open(dir, nil)
+	p, err := warm.Open(dir, pod.ReleaseWarmSlot)
 	if err != nil {
 		return nil
 	}

@@ -94,7 +94,17 @@ func cgroupLimits(cfg config.Config) *cgroups.Resources {
 // defaultCgroupPath is the cgroup of a pod whose task names none: one of Caisson's own,
 // named for the pod's state directory (unique per namespace and pod).
 func defaultCgroupPath(stateDir string) string {
-	name := filepath.Base(stateDir)
+	return ownCgroupPath(filepath.Base(stateDir))
+}
+
+// warmCgroupPath is the cgroup of the warm VM whose state directory is the pool slot
+// dir: one of Caisson's own, named warm-SLOT (slots have random names, unique per host).
+func warmCgroupPath(dir string) string {
+	return ownCgroupPath("warm-" + filepath.Base(dir))
+}
+
+// ownCgroupPath is the cgroup called name below Caisson's parent.
+func ownCgroupPath(name string) string {
 	if systemd.IsRunningSystemd() {
 		return defaultSlice + ":caisson:" + name
 	}
@@ -248,17 +258,23 @@ func (c *vmCgroup) Add(pid int) error {
 
 // Remove removes the cgroup once the pod's processes, ended by the caller, have left it.
 func (c *vmCgroup) Remove(ctx context.Context) error {
-	return removeCgroup(ctx, c.m, c.path)
+	if err := removeCgroup(c.m, c.path, cgroupDrainTimeout); err != nil {
+		return err
+	}
+	log.G(ctx).WithField("cgroup", c.path).Debug("pod cgroup removed")
+	return nil
 }
 
 // cgroupDrainTimeout bounds the wait for the pod's ended processes to leave its cgroup.
 const cgroupDrainTimeout = 10 * time.Second
 
-func removeCgroup(ctx context.Context, m cgroups.Manager, path string) error {
+// removeCgroup removes m's cgroup once no process is in it, waiting at most wait for
+// the ones in it to leave.
+func removeCgroup(m cgroups.Manager, path string, wait time.Duration) error {
 	// The processes were killed and reaped (QEMU) or are exiting (virtiofsd's
 	// sandboxed child, which dies with its parent): the kernel removes them
 	// from the cgroup a moment later.
-	deadline := time.Now().Add(cgroupDrainTimeout)
+	deadline := time.Now().Add(wait)
 	for dir := cgroupDir(m); cgroups.PathExists(dir); {
 		pids, err := cgroups.GetAllPids(dir)
 		if err != nil || len(pids) == 0 {
@@ -272,7 +288,6 @@ func removeCgroup(ctx context.Context, m cgroups.Manager, path string) error {
 	if err := m.Destroy(); err != nil {
 		return fmt.Errorf("remove cgroup %q: %w", path, err)
 	}
-	log.G(ctx).WithField("cgroup", path).Debug("pod cgroup removed")
 	return nil
 }
 
@@ -280,17 +295,36 @@ func removeCgroup(ctx context.Context, m cgroups.Manager, path string) error {
 // by a VM whose shim died (`shim delete`), once the VM's processes are gone. Nothing
 // recorded: the pod made none.
 func RemoveCgroup(ctx context.Context, stateDir string) error {
+	path, err := removeRecordedCgroup(stateDir, cgroupDrainTimeout)
+	if err == nil && path != "" {
+		log.G(ctx).WithField("cgroup", path).Debug("pod cgroup removed")
+	}
+	return err
+}
+
+// ReleaseWarmSlot removes the cgroup of the warm VM whose pool slot is dir, left by a
+// warm shim that died, if no process is in it; it does not wait (the pool's sweep runs
+// in a container's start, where the dead shim's QEMU has long gone): an error leaves
+// the slot, and its cgroup's record, for the next sweep (warm.Release).
+func ReleaseWarmSlot(dir string) error {
+	_, err := removeRecordedCgroup(dir, 0)
+	return err
+}
+
+// removeRecordedCgroup removes the cgroup recorded in stateDir ("" if none), waiting at
+// most wait for its processes to leave.
+func removeRecordedCgroup(stateDir string, wait time.Duration) (string, error) {
 	b, err := os.ReadFile(filepath.Join(stateDir, cgroupRecord))
 	if errors.Is(err, os.ErrNotExist) {
-		return nil
+		return "", nil
 	}
 	if err != nil {
-		return err
+		return "", err
 	}
 	path := string(b)
 	m, err := newCgroupManager(path, nil)
 	if err != nil {
-		return err
+		return path, err
 	}
-	return removeCgroup(ctx, m, path)
+	return path, removeCgroup(m, path, wait)
 }

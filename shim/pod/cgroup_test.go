@@ -260,6 +260,53 @@ func TestCgroupLifecycle(t *testing.T) {
 	}
 }
 
+// TestReleaseWarmSlot: the cgroup of a dead warm shim's VM (warm-SLOT, recorded in the
+// slot) is kept, with an error, while a process is in it, and removed once none is; a
+// slot without a record has nothing to release.
+func TestReleaseWarmSlot(t *testing.T) {
+	testutil.RequireRoot(t)
+	if systemd.IsRunningSystemd() {
+		t.Skip("the shim's own cgroups are systemd scopes here: this test drives cgroupfs")
+	}
+	slot := filepath.Join(t.TempDir(), "0123456789ab")
+	if err := os.Mkdir(slot, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	want := DefaultCgroupParent + "/warm-0123456789ab"
+	if got := warmCgroupPath(slot); got != want {
+		t.Fatalf("warm cgroup %s, want %s", got, want)
+	}
+	cg, err := newCgroup(config.Default("/nonexistent"), Options{StateDir: slot, Cgroup: warmCgroupPath(slot)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("sleep", "1000")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait(); RemoveCgroup(context.Background(), slot) })
+	if err := cg.Add(cmd.Process.Pid); err != nil {
+		t.Fatal(err)
+	}
+	if err := ReleaseWarmSlot(slot); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("release with a process in the cgroup: %v, want FailedPrecondition", err)
+	}
+	if _, err := os.Stat(memoryLimitFile(want)); err != nil {
+		t.Fatalf("cgroup %s after a release that failed: %v", want, err)
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	if err := ReleaseWarmSlot(slot); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(memoryLimitFile(want)); !os.IsNotExist(err) {
+		t.Errorf("cgroup %s after the release: %v", want, err)
+	}
+	if err := ReleaseWarmSlot(t.TempDir()); err != nil {
+		t.Errorf("release of a slot without a record: %v", err)
+	}
+}
+
 // descendants are pid's children, theirs, and so on.
 func descendants(pid int) []int {
 	var out []int

@@ -185,17 +185,18 @@ func (p *Pod) boot(ctx context.Context, hv vmm.Hypervisor, vcfg vmm.Config) erro
 		return p.cgroup.Add(vm.Pid())
 	}
 	var g *vmboot.Guest
-	if w := takeHeld(); w != nil {
+	w := takeHeld()
+	if w != nil {
 		g = p.adopt(ctx, w, hv, vcfg)
 	}
 	if g != nil {
 		if err := started(g.VM); err != nil {
-			g.Close()
-			if serr := g.VM.Stop(context.WithoutCancel(ctx)); serr != nil {
+			if serr := w.Stop(context.WithoutCancel(ctx)); serr != nil {
 				log.G(ctx).WithError(serr).Warn("stopping the warm VM")
 			}
 			return err
 		}
+		w.releaseCgroup(ctx)
 	} else {
 		p.calls = &deadlines{}
 		var err error

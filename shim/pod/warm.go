@@ -38,6 +38,9 @@ type Warm struct {
 	modules *vmm.Disk
 	// dir is the VM's state directory (a warm pool's slot).
 	dir string
+	// cgroup holds the VM's QEMU until a pod takes it (nil then): one of Caisson's own
+	// (warmCgroupPath), with the limits of a pod of the runtime configuration's size.
+	cgroup Cgroup
 	// ready is when it was warm; warmUp what the agent's warm-up took (both for the
 	// pod's log: the warm shim's own log goes with its slot).
 	ready  time.Time
@@ -50,8 +53,15 @@ const WarmFile = "warm-vm"
 
 // PrepareWarm starts a VM of cfg's pods (at cfg's size, the runtime configuration's
 // before any pod's additions) whose state is in dir, from their template or booted as
-// cfg says, and has its agent warm up. On error nothing of the VM is left.
-func PrepareWarm(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, dir string) (*Warm, error) {
+// cfg says, in a cgroup of its own (newCgroup's, given warmCgroupPath; nil: HostCgroup),
+// and has its agent warm up. On error nothing of the VM is left.
+//
+// The cgroup is why a waiting VM is not charged to whoever started its shim
+// (containerd): the memory a VM touches stays charged to the cgroup it touched it in,
+// even after its process moves. A pod that takes the VM moves it into the pod's cgroup
+// and removes the warm one; what the VM touched before stays charged to Caisson's
+// parent cgroup (the kernel hands a removed cgroup's charges to its parent).
+func PrepareWarm(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, dir string, newCgroup CgroupFunc) (*Warm, error) {
 	vcfg := asWarm(cfg, vmConfig(cfg, dir), sizeOf(cfg))
 	shape, t, modules, err := warmShape(ctx, cfg, hv, vcfg)
 	if err != nil {
@@ -61,15 +71,26 @@ func PrepareWarm(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, dir 
 	if modules != nil {
 		vcfg.Disks = []vmm.Disk{*modules}
 	}
+	if newCgroup == nil {
+		newCgroup = HostCgroup
+	}
+	cg, err := newCgroup(cfg, Options{StateDir: dir, Cgroup: warmCgroupPath(dir)})
+	if err != nil {
+		return nil, fmt.Errorf("the warm VM's cgroup: %w", err)
+	}
 	calls := &deadlines{}
 	g, err := vmboot.Boot(ctx, hv, vcfg, vmboot.Options{
 		Timeout:    BootTimeout,
 		ClientOpts: []ttrpc.ClientOpts{ttrpc.WithUnaryClientInterceptor(calls.intercept)},
+		Started:    func(vm vmm.VM) error { return cg.Add(vm.Pid()) },
 	})
 	if err != nil {
+		if cerr := cg.Remove(context.WithoutCancel(ctx)); cerr != nil {
+			err = errors.Join(err, cerr)
+		}
 		return nil, err
 	}
-	w := &Warm{g: g, calls: calls, shape: shape, dir: dir, modules: modules}
+	w := &Warm{g: g, calls: calls, shape: shape, dir: dir, modules: modules, cgroup: cg}
 	resp, err := agent.NewSandboxClient(g.Client).WarmUp(ctx, &agent.WarmUpRequest{})
 	if err == nil && modules != nil {
 		mountModules(ctx, g.VM, agent.NewStorageClient(g.Client), *modules)
@@ -139,10 +160,27 @@ func warmShape(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, vcfg v
 // Done is closed when the warm VM has ended.
 func (w *Warm) Done() <-chan struct{} { return w.g.VM.Done() }
 
-// Stop ends the warm VM; its state directory stays (the pool's slot is its owner's).
+// Stop ends the warm VM and removes its cgroup; its state directory stays (the pool's
+// slot is its owner's).
 func (w *Warm) Stop(ctx context.Context) error {
 	w.g.Close()
-	return w.g.VM.Stop(ctx)
+	err := w.g.VM.Stop(ctx)
+	if w.cgroup != nil {
+		if cerr := w.cgroup.Remove(ctx); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("the warm VM's cgroup: %w", cerr))
+		}
+	}
+	return err
+}
+
+// releaseCgroup removes the warm VM's cgroup once its pod has moved the VM into its own.
+func (w *Warm) releaseCgroup(ctx context.Context) {
+	if err := w.cgroup.Remove(ctx); err != nil {
+		log.G(ctx).WithError(err).Warn("removing the warm VM's cgroup")
+		return
+	}
+	w.cgroup = nil
+	os.Remove(filepath.Join(w.dir, cgroupRecord))
 }
 
 // Discard ends the warm VM and removes its state directory.

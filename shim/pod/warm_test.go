@@ -19,10 +19,11 @@ import (
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
 
-// recordingCgroup records the pids added to it.
+// recordingCgroup records the pids added to it and its removals.
 type recordingCgroup struct {
-	mu   sync.Mutex
-	pids []int
+	mu      sync.Mutex
+	pids    []int
+	removed int
 }
 
 func (c *recordingCgroup) Add(pid int) error {
@@ -32,7 +33,12 @@ func (c *recordingCgroup) Add(pid int) error {
 	return nil
 }
 
-func (c *recordingCgroup) Remove(context.Context) error { return nil }
+func (c *recordingCgroup) Remove(context.Context) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.removed++
+	return nil
+}
 
 // TestWarmOnFakeVMM: a pod started while a booted warm VM is held (PrepareWarm, Hold)
 // starts in it if its VM would have the warm VM's shape: no VM is made, the pod's disks
@@ -47,12 +53,23 @@ func TestWarmOnFakeVMM(t *testing.T) {
 	base := fakeConfig(t)
 	files(t, filepath.Dir(base.Guest.Kernel), filepath.Base(base.Guest.Kernel), filepath.Base(base.Guest.Initramfs))
 	var rootfsFiles []string
+	// The warm VM's own cgroup, as the last start made it.
+	var warmCgroup *recordingCgroup
 	start := func(t *testing.T, hv *fakevm.Hypervisor, warmCfg, podCfg config.Config, cg Cgroup) (*Pod, string, error) {
 		t.Helper()
 		warmDir := t.TempDir()
-		w, err := PrepareWarm(ctx, warmCfg, hv, warmDir)
+		warmCgroup = &recordingCgroup{}
+		w, err := PrepareWarm(ctx, warmCfg, hv, warmDir, func(_ config.Config, o Options) (Cgroup, error) {
+			if want := warmCgroupPath(warmDir); o.Cgroup != want || o.StateDir != warmDir {
+				t.Errorf("the warm VM's cgroup %q in %s, want %q in its slot", o.Cgroup, o.StateDir, want)
+			}
+			return warmCgroup, nil
+		})
 		if err != nil {
 			t.Fatal(err)
+		}
+		if len(warmCgroup.pids) != 1 || warmCgroup.pids[0] != hv.VMs()[0].Pid() || warmCgroup.removed != 0 {
+			t.Fatalf("the warm VM's cgroup: pids %v, removed %d; want the warm VM's and in place", warmCgroup.pids, warmCgroup.removed)
 		}
 		Hold(w)
 		t.Cleanup(func() {
@@ -72,7 +89,8 @@ func TestWarmOnFakeVMM(t *testing.T) {
 
 	t.Run("fits", func(t *testing.T) {
 		hv := fakevm.New()
-		p, warmDir, err := start(t, hv, base, base, noCgroup{})
+		podCgroup := &recordingCgroup{}
+		p, warmDir, err := start(t, hv, base, base, podCgroup)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -82,6 +100,10 @@ func TestWarmOnFakeVMM(t *testing.T) {
 		vm := hv.VMs()[0]
 		if p.vm != vmm.VM(vm) {
 			t.Fatal("the pod is not in the warm VM")
+		}
+		// The VM moved into the pod's cgroup, and the warm one went.
+		if !slices.Equal(podCgroup.pids, []int{vm.Pid()}) || warmCgroup.removed != 1 {
+			t.Errorf("the pod's cgroup holds %v (want the VM's %d); the warm one removed %d times, want 1", podCgroup.pids, vm.Pid(), warmCgroup.removed)
 		}
 		if got, want := vm.Config().HotplugSlots, base.Hypervisor.HotplugSlots+warmSlots; got != want {
 			t.Errorf("the booted warm VM has %d hot-plug slots, want %d (the NIC's and virtio-fs device's on top)", got, want)
@@ -122,6 +144,9 @@ func TestWarmOnFakeVMM(t *testing.T) {
 		}
 		if _, err := os.Stat(warmDir); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("the ended warm VM's state: %v", err)
+		}
+		if warmCgroup.removed != 1 {
+			t.Errorf("the ended warm VM's cgroup removed %d times, want 1", warmCgroup.removed)
 		}
 	})
 
