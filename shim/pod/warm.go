@@ -59,8 +59,8 @@ const WarmFile = "warm-vm"
 // The cgroup is why a waiting VM is not charged to whoever started its shim
 // (containerd): the memory a VM touches stays charged to the cgroup it touched it in,
 // even after its process moves. A pod that takes the VM moves it into the pod's cgroup
-// and removes the warm one; what the VM touched before stays charged to Caisson's
-// parent cgroup (the kernel hands a removed cgroup's charges to its parent).
+// and removes the warm one; what the VM touched before stays charged below Caisson's
+// parent cgroup (a removed cgroup's memory counts in its parent until it is freed).
 func PrepareWarm(ctx context.Context, cfg config.Config, hv vmm.Hypervisor, dir string, newCgroup CgroupFunc) (*Warm, error) {
 	vcfg := asWarm(cfg, vmConfig(cfg, dir), sizeOf(cfg))
 	shape, t, modules, err := warmShape(ctx, cfg, hv, vcfg)
