@@ -37,10 +37,12 @@ DENSITY_PODS ?= 100
 DENSITY_CONFIGS ?= booted,template
 # Empty: containerd's default CRI stats_collect_period (1 s in 2.4).
 DENSITY_STATS_PERIOD ?=
+# Empty: the runtime configuration's hypervisor.tcg_translation_cache_mib (128).
+DENSITY_TCG_CACHE_MIB ?=
 
 .PHONY: bench-density
 bench-density: ## DENSITY_PODS idle CRI pods (default 100), booted then from a template (DENSITY_CONFIGS=template for one): host memory and PSS per pod (TCG cache apart), idle CPU per pod over 30 s, first/last pod start, exec latency, removal; against a bare guest
-	DENSITY_PODS=$(DENSITY_PODS) DENSITY_CONFIGS=$(DENSITY_CONFIGS) DENSITY_STATS_PERIOD=$(DENSITY_STATS_PERIOD) $(GO) test -count=1 -run '^$$' -bench '^BenchmarkCRIDensity$$' -benchtime 1x -timeout 240m ./integration-tests/
+	DENSITY_PODS=$(DENSITY_PODS) DENSITY_CONFIGS=$(DENSITY_CONFIGS) DENSITY_STATS_PERIOD=$(DENSITY_STATS_PERIOD) DENSITY_TCG_CACHE_MIB=$(DENSITY_TCG_CACHE_MIB) $(GO) test -count=1 -run '^$$' -bench '^BenchmarkCRIDensity$$' -benchtime 1x -timeout 240m ./integration-tests/
 
 .PHONY: bench-warm
 bench-warm: ## Warm VMs (hypervisor.warm_vms) idle, from a template and booted: a waiting warm VM and a pod that started in one, PSS and idle CPU against an idle pod of its kind
