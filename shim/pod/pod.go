@@ -169,9 +169,12 @@ type Pod struct {
 	vm        vmm.VM
 	net       *network.Network
 	// cgroup holds QEMU and virtiofsd; removed by Stop once they have exited.
-	cgroup  Cgroup
-	session transport.Session
-	client  *ttrpc.Client
+	cgroup Cgroup
+	// warmCgroup is the cgroup of the warm VM the pod started in, if it could not be
+	// removed when the pod moved the VM into its own: Stop tries again.
+	warmCgroup Cgroup
+	session    transport.Session
+	client     *ttrpc.Client
 	// calls puts deadlines on the agent's calls and tells whether the guest answers.
 	calls *deadlines
 	// killed is set by Kill: the VM was ended on purpose, its processes by SIGKILL.
@@ -267,6 +270,11 @@ func (p *Pod) Stop(ctx context.Context) error {
 	if p.cgroup != nil {
 		if cerr := p.cgroup.Remove(ctx); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("pod cgroup: %w", cerr))
+		}
+	}
+	if p.warmCgroup != nil {
+		if cerr := p.warmCgroup.Remove(ctx); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("the warm VM's cgroup: %w", cerr))
 		}
 	}
 	// Whatever happened above, nothing shared may be under the state directory when

@@ -196,7 +196,11 @@ func (p *Pod) boot(ctx context.Context, hv vmm.Hypervisor, vcfg vmm.Config) erro
 			}
 			return err
 		}
-		w.releaseCgroup(ctx)
+		// The warm VM's own cgroup, empty now; one that will not go yet goes at Stop.
+		if err := w.releaseCgroup(ctx); err != nil {
+			log.G(ctx).WithError(err).Warn("removing the warm VM's cgroup: left to the pod's stop")
+			p.warmCgroup = w.cgroup
+		}
 	} else {
 		p.calls = &deadlines{}
 		var err error

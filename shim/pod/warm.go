@@ -174,13 +174,14 @@ func (w *Warm) Stop(ctx context.Context) error {
 }
 
 // releaseCgroup removes the warm VM's cgroup once its pod has moved the VM into its own.
-func (w *Warm) releaseCgroup(ctx context.Context) {
+func (w *Warm) releaseCgroup(ctx context.Context) error {
 	if err := w.cgroup.Remove(ctx); err != nil {
-		log.G(ctx).WithError(err).Warn("removing the warm VM's cgroup")
-		return
+		return err
 	}
 	w.cgroup = nil
+	// The record is for a shim that dies before the move (shim delete): none is left.
 	os.Remove(filepath.Join(w.dir, cgroupRecord))
+	return nil
 }
 
 // Discard ends the warm VM and removes its state directory.

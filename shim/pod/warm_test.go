@@ -19,11 +19,13 @@ import (
 	"github.com/caisson-containers/caisson/shim/vmm"
 )
 
-// recordingCgroup records the pids added to it and its removals.
+// recordingCgroup records the pids added to it and its removals; the first failRemoves
+// removals fail.
 type recordingCgroup struct {
-	mu      sync.Mutex
-	pids    []int
-	removed int
+	mu          sync.Mutex
+	pids        []int
+	removed     int
+	failRemoves int
 }
 
 func (c *recordingCgroup) Add(pid int) error {
@@ -36,6 +38,10 @@ func (c *recordingCgroup) Add(pid int) error {
 func (c *recordingCgroup) Remove(context.Context) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.failRemoves > 0 {
+		c.failRemoves--
+		return errors.New("cgroup busy")
+	}
 	c.removed++
 	return nil
 }
@@ -55,10 +61,12 @@ func TestWarmOnFakeVMM(t *testing.T) {
 	var rootfsFiles []string
 	// The warm VM's own cgroup, as the last start made it.
 	var warmCgroup *recordingCgroup
+	// failWarmRemoves is how many removals of the next warm VM's cgroup fail.
+	failWarmRemoves := 0
 	start := func(t *testing.T, hv *fakevm.Hypervisor, warmCfg, podCfg config.Config, cg Cgroup) (*Pod, string, error) {
 		t.Helper()
 		warmDir := t.TempDir()
-		warmCgroup = &recordingCgroup{}
+		warmCgroup = &recordingCgroup{failRemoves: failWarmRemoves}
 		w, err := PrepareWarm(ctx, warmCfg, hv, warmDir, func(_ config.Config, o Options) (Cgroup, error) {
 			if want := warmCgroupPath(warmDir); o.Cgroup != want || o.StateDir != warmDir {
 				t.Errorf("the warm VM's cgroup %q in %s, want %q in its slot", o.Cgroup, o.StateDir, want)
@@ -124,6 +132,25 @@ func TestWarmOnFakeVMM(t *testing.T) {
 		}
 		if _, err := os.Stat(warmDir); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("the warm VM's state after Stop: %v", err)
+		}
+	})
+
+	// The warm VM's cgroup, busy when the pod moved the VM out of it, goes at Stop.
+	t.Run("warm cgroup removed at stop", func(t *testing.T) {
+		failWarmRemoves = 1
+		defer func() { failWarmRemoves = 0 }()
+		p, _, err := start(t, fakevm.New(), base, base, noCgroup{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if warmCgroup.removed != 0 {
+			t.Fatalf("the warm VM's cgroup removed %d times despite the failure", warmCgroup.removed)
+		}
+		if err := p.Stop(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if warmCgroup.removed != 1 {
+			t.Errorf("the warm VM's cgroup removed %d times by Stop, want 1", warmCgroup.removed)
 		}
 	})
 
