@@ -77,7 +77,8 @@ type Hypervisor struct {
 	// TCGTranslationCacheMiB bounds TCG's translation cache, most of a TCG VM's host memory. Default 128:
 	// a pod start translates about 78 MiB of guest code (boot 52, the first container 16), and a
 	// smaller cache is emptied mid-start and everything translated again (the pause container's
-	// create went from about 0.5 to 0.8 s at 64).
+	// create went from about 0.5 to 0.8 s at 64). A node packing idle pods can bound it lower: 100
+	// booted idle pods fit on a 24 GiB host at 48 (docs/cri.md, Density).
 	TCGTranslationCacheMiB int `toml:"tcg_translation_cache_mib"`
 	// FreePageReporting gives each VM a virtio-balloon device with free page reporting,
 	// through which the guest (which loads virtio_balloon at boot) hands the host back the
