@@ -74,10 +74,9 @@ func (p *process) setStatus(s task.Status) {
 }
 
 // exit records the exit once: output is drained first (bounded), so that the
-// exit is reported after every byte that preceded it. It reports whether this
-// call recorded it.
-func (p *process) exit(ctx context.Context, code uint32, at time.Time) bool {
-	recorded := false
+// exit is reported after every byte that preceded it; then announce runs, before the
+// exit's waiters wake.
+func (p *process) exit(ctx context.Context, code uint32, at time.Time, announce func()) {
 	p.exitOnce.Do(func() {
 		p.mu.Lock()
 		io := p.io
@@ -90,10 +89,9 @@ func (p *process) exit(ctx context.Context, code uint32, at time.Time) bool {
 		p.mu.Lock()
 		p.status, p.exitCode, p.exitedAt = task.Status_STOPPED, code, at
 		p.mu.Unlock()
+		announce()
 		close(p.exited)
-		recorded = true
 	})
-	return recorded
 }
 
 // drainTimeout bounds the wait for output after an exit: a daemon that

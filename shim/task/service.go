@@ -226,18 +226,19 @@ func (s *service) watchPod(p *pod.Pod) {
 	wg.Wait()
 }
 
-// exited records a process's exit and publishes it, once.
+// exited records a process's exit and publishes it, once. The event is queued before
+// the exit's waiters wake, so that a Delete they make next publishes its TaskDelete
+// after the TaskExit, as containerd orders them.
 func (s *service) exited(p *process, code uint32, at time.Time) {
-	if !p.exit(s.context, code, at) {
-		return
-	}
-	_, pid, _, _ := p.state()
-	s.send(&eventstypes.TaskExit{
-		ContainerID: p.containerID,
-		ID:          idOr(p.execID, p.containerID),
-		Pid:         pid,
-		ExitStatus:  code,
-		ExitedAt:    protobuf.ToTimestamp(at),
+	p.exit(s.context, code, at, func() {
+		_, pid, _, _ := p.state()
+		s.send(&eventstypes.TaskExit{
+			ContainerID: p.containerID,
+			ID:          idOr(p.execID, p.containerID),
+			Pid:         pid,
+			ExitStatus:  code,
+			ExitedAt:    protobuf.ToTimestamp(at),
+		})
 	})
 }
 
