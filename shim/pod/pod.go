@@ -213,6 +213,9 @@ func (p *Pod) Err() error { return p.vm.Wait() }
 // Pid is the VMM's process id.
 func (p *Pod) Pid() int { return p.vm.Pid() }
 
+// VCPUTime is how long the VM's vCPUs have run on the host so far (vmm.VM.VCPUTime).
+func (p *Pod) VCPUTime() (time.Duration, error) { return p.vm.VCPUTime() }
+
 // NetNS is the host network namespace the pod's NICs come from ("" if it has none).
 func (p *Pod) NetNS() string {
 	if p.net == nil {

@@ -42,6 +42,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"time"
 )
 
 // Hypervisor makes the VMs of one VMM, configured once.
@@ -116,6 +117,11 @@ type VM interface {
 	Wait() error
 	// Pid is the VMM process id (0 before Start).
 	Pid() int
+	// VCPUTime is how long the VM's vCPUs have run on the host so far: an upper bound of
+	// what the guest executed, so that the guest's own counters cannot have changed since
+	// an earlier reading unless this grew. It only grows; an error if the VM is not
+	// running or the host does not say.
+	VCPUTime() (time.Duration, error)
 	// SaveTemplate saves a running template VM (Config.Template without Restore) into
 	// its Template.Dir, leaving it paused: the caller stops it. The guest should be
 	// idle (its agent ready), since the VMs started from it resume where it was.

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -130,7 +131,8 @@ type VM struct {
 	nics     []string            // ids of the hot-plugged NICs
 	sharedFS string              // tag of the hot-plugged shared file system
 	events   []Event
-	err      error // Wait's, once done
+	vcpuTime time.Duration // VCPUTime's, set by the test
+	err      error         // Wait's, once done
 	done     chan struct{}
 }
 
@@ -478,6 +480,23 @@ func (vm *VM) Pid() int {
 		return 0
 	}
 	return vm.cmd.Process.Pid
+}
+
+// VCPUTime is what SetVCPUTime last set (0 at first), while the VM runs.
+func (vm *VM) VCPUTime() (time.Duration, error) {
+	if !vm.Running() {
+		return 0, fmt.Errorf("fakevm: vCPU time: %w: the VM is not running", errdefs.ErrFailedPrecondition)
+	}
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	return vm.vcpuTime, nil
+}
+
+// SetVCPUTime sets what VCPUTime returns, as a guest that ran for d in all.
+func (vm *VM) SetVCPUTime(d time.Duration) {
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	vm.vcpuTime = d
 }
 
 // SaveTemplate is not modelled: pods of these tests boot.

@@ -159,6 +159,26 @@ func TestVM(t *testing.T) {
 		}
 	})
 
+	t.Run("vCPU time", func(t *testing.T) {
+		before, err := vm.VCPUTime()
+		if err != nil || before <= 0 {
+			t.Fatalf("VCPUTime = %v, %v after the boot", before, err)
+		}
+		sh.must(t, "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done")
+		after, err := vm.VCPUTime()
+		if err != nil || after <= before {
+			t.Fatalf("VCPUTime = %v, %v after the guest worked, %v before", after, err, before)
+		}
+		// The vCPU threads, not QEMU's main loop and helpers.
+		all, err := allThreadsTime(pid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if after >= all {
+			t.Errorf("VCPUTime %v, QEMU's threads together %v: want the vCPUs' alone", after, all)
+		}
+	})
+
 	t.Run("cold block", func(t *testing.T) {
 		addr, err := vm.Address("cold")
 		if err != nil {
