@@ -154,6 +154,17 @@ type Guest struct {
 	// looks. A Go duration string ("2s", "500ms"), 0 or at least MinCopiedMountRefreshInterval.
 	// Default 2s, as Kata's watchable bind mounts.
 	CopiedMountRefreshInterval Duration `toml:"copied_mount_refresh_interval"`
+	// StatsReuseVCPUTime lets the shim answer a container's Stats (containerd 2.x's CPU
+	// collection, every second by default; the CRI's ContainerStats; `ctr task metrics`)
+	// with the guest's last reply for it, while the VM's vCPUs have run less than this on
+	// the host since that reply came and it is younger than StatsReuseMaxAge. Each call
+	// into the guest wakes it, which under TCG costs about 5 ms of host CPU, most of an
+	// idle pod's CPU. A reply's figures (CPU time, memory, I/O, pids, pressure) change
+	// only by what the guest runs, so a reused one is behind by at most this much of the
+	// container's CPU time (and what it ran while that reply left the guest), and what it
+	// did since shows in the next reply that is not reused. A Go duration; 0 asks the
+	// guest every time; at most MaxStatsReuseVCPUTime. Default 5ms.
+	StatsReuseVCPUTime Duration `toml:"stats_reuse_vcpu_time"`
 	// SharedFS is how host bind mounts (Kubernetes volumes, `-v` of ctr and nerdctl) reach
 	// containers: "virtio-fs" (default) shares them through one virtiofsd per pod, writes
 	// landing on the host; "copy" copies their content into the VM at create (up to
@@ -172,6 +183,14 @@ const (
 	SharedFSVirtio = "virtio-fs"
 	SharedFSCopy   = "copy"
 )
+
+// MaxStatsReuseVCPUTime bounds Guest.StatsReuseVCPUTime: beyond it, a reused reply
+// could hide a container's CPU use for a whole collection interval.
+const MaxStatsReuseVCPUTime = 100 * time.Millisecond
+
+// StatsReuseMaxAge is the oldest a reused Stats reply may be (Guest.StatsReuseVCPUTime):
+// a client that asks less often (the kubelet's 10 s housekeeping) always gets a new one.
+const StatsReuseMaxAge = 10 * time.Second
 
 // MinCopiedMountRefreshInterval bounds Guest.CopiedMountRefreshInterval from below.
 const MinCopiedMountRefreshInterval = 100 * time.Millisecond
@@ -231,6 +250,7 @@ func Default(artifactsDir string) Config {
 			Transport:                  "auto",
 			CopiedMountLimitBytes:      1 << 20,
 			CopiedMountRefreshInterval: Duration(2 * time.Second),
+			StatsReuseVCPUTime:         Duration(10 * time.Millisecond),
 			SharedFS:                   SharedFSVirtio,
 			Virtiofsd:                  "/usr/lib/qemu/virtiofsd",
 		},
@@ -341,6 +361,9 @@ func (c Config) Validate() error {
 		c.Guest.CopiedMountRefreshInterval > 0 && time.Duration(c.Guest.CopiedMountRefreshInterval) < MinCopiedMountRefreshInterval:
 		return bad("guest.copied_mount_refresh_interval", c.Guest.CopiedMountRefreshInterval,
 			fmt.Sprintf("want 0 (never) or at least %s", MinCopiedMountRefreshInterval))
+	case c.Guest.StatsReuseVCPUTime < 0 || time.Duration(c.Guest.StatsReuseVCPUTime) > MaxStatsReuseVCPUTime:
+		return bad("guest.stats_reuse_vcpu_time", c.Guest.StatsReuseVCPUTime,
+			fmt.Sprintf("want 0 (never reuse) to %s", MaxStatsReuseVCPUTime))
 	case c.Guest.SharedFS != SharedFSVirtio && c.Guest.SharedFS != SharedFSCopy:
 		return bad("guest.shared_fs", c.Guest.SharedFS, "want virtio-fs or copy")
 	case c.Guest.SharedFS == SharedFSVirtio && !filepath.IsAbs(c.Guest.Virtiofsd):

@@ -113,6 +113,22 @@ func TestLoad(t *testing.T) {
 			wantErr: "want a duration"},
 		{name: "copied mount refresh as a number", path: write("p.toml", "[guest]\ncopied_mount_refresh_interval = 2\n"),
 			wantErr: "guest.copied_mount_refresh_interval = 2ns"}, // an integer is nanoseconds
+		{name: "stats reuse", path: write("sr.toml", "[guest]\nstats_reuse_vcpu_time = \"20ms\"\n"),
+			check: func(t *testing.T, c Config) {
+				if c.Guest.StatsReuseVCPUTime != Duration(20*time.Millisecond) {
+					t.Fatalf("stats_reuse_vcpu_time %v", c.Guest.StatsReuseVCPUTime)
+				}
+			}},
+		{name: "stats reuse off", path: write("sr0.toml", "[guest]\nstats_reuse_vcpu_time = \"0\"\n"),
+			check: func(t *testing.T, c Config) {
+				if c.Guest.StatsReuseVCPUTime != 0 {
+					t.Fatalf("stats_reuse_vcpu_time %v", c.Guest.StatsReuseVCPUTime)
+				}
+			}},
+		{name: "stats reuse too long", path: write("sr1.toml", "[guest]\nstats_reuse_vcpu_time = \"1s\"\n"),
+			wantErr: "guest.stats_reuse_vcpu_time = 1s: want 0 (never reuse) to 100ms"},
+		{name: "stats reuse negative", path: write("sr2.toml", "[guest]\nstats_reuse_vcpu_time = \"-1ms\"\n"),
+			wantErr: "guest.stats_reuse_vcpu_time = -1ms"},
 		{name: "unknown pod annotation key", path: write("h.toml", "pod_annotations = [\"guest.kernel\"]\n"), wantErr: "not a key pods can override"},
 		{name: "jailer without a user", path: write("jailer-nouser.toml", "[hypervisor.jailer]\nuser = \"\"\n"), wantErr: "hypervisor.jailer.user"},
 		{name: "jailer off", path: write("jailer-off.toml", "[hypervisor.jailer]\nenabled = false\nuser = \"\"\n"),

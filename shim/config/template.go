@@ -93,6 +93,11 @@ copied_mount_limit_bytes = {{.Guest.CopiedMountLimitBytes}}
 # for host-side changes (an updated ConfigMap or Secret, a rotated token), which are then
 # copied into the VM: a Go duration ("2s", "500ms"), "0" never checks, else at least 100ms.
 copied_mount_refresh_interval = {{q .Guest.CopiedMountRefreshInterval.String}}
+# A container's stats are answered with the guest's last reply while the VM's vCPUs ran less
+# than this since it came (and for at most 10s), instead of waking the guest: the reply is then
+# behind by at most this much of the container's CPU time. A Go duration, "0" always asks the
+# guest, at most 100ms.
+stats_reuse_vcpu_time = {{q .Guest.StatsReuseVCPUTime.String}}
 
 [storage]
 # EROFS layers as virtio-pmem (DAX: the guest reads the host's page cache) instead of virtio-blk.

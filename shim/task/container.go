@@ -17,6 +17,8 @@ type container struct {
 	releaseRootfs func(context.Context) error
 	// hooks are the OCI hooks the shim runs on the host for it (hooks.go).
 	hooks *containerHooks
+	// stats is its last Stats reply from the guest (stats.go).
+	stats keptStats
 
 	mu    sync.Mutex
 	execs map[string]*process

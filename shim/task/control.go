@@ -287,17 +287,32 @@ func (s *service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.Wa
 	return &taskAPI.WaitResponse{ExitStatus: code, ExitedAt: protobuf.ToTimestamp(at)}, nil
 }
 
+// Stats gives the container's metrics from the guest, or its last reply while the guest
+// cannot have changed it (stats.go).
 func (s *service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.StatsResponse, error) {
-	if _, err := s.container(r.ID); err != nil {
+	c, err := s.container(r.ID)
+	if err != nil {
 		return nil, err
 	}
 	pd, err := s.runningPod()
 	if err != nil {
 		return nil, err
 	}
+	budget := s.statsReuseBudget()
+	if budget > 0 {
+		if vcpu, err := pd.VCPUTime(); err == nil {
+			if m := c.stats.reuse(budget, vcpu, time.Now()); m != nil {
+				return &taskAPI.StatsResponse{Stats: m}, nil
+			}
+		}
+	}
 	resp, err := pd.Containers.Stats(ctx, &agent.StatsRequest{ContainerId: r.ID})
 	if err != nil {
 		return nil, agentErr("stats", err)
+	}
+	if budget > 0 {
+		vcpu, err := pd.VCPUTime()
+		c.stats.keep(resp.GetMetrics(), vcpu, err == nil, time.Now())
 	}
 	return &taskAPI.StatsResponse{Stats: resp.GetMetrics()}, nil
 }

@@ -63,11 +63,18 @@ func newHarness(t *testing.T) *harness { return newHarnessWith(t, "") }
 // table.
 func newHarnessWith(t *testing.T, hypervisor string) *harness {
 	t.Helper()
+	return newHarnessWithTables(t, "", hypervisor)
+}
+
+// newHarnessWithTables is newHarness with more settings of the configuration's [guest]
+// and [hypervisor] tables.
+func newHarnessWithTables(t *testing.T, guest, hypervisor string) *harness {
+	t.Helper()
 	root := testutil.ShortTempDir(t) // state_dir is bounded (sockets)
 	h := &harness{t: t, hv: fakevm.New(), pub: &publisher{published: make(chan struct{}), closed: make(chan struct{})}, dir: t.TempDir(), stateRoot: filepath.Join(root, "state")}
 	// No virtiofsd (copied mounts), no template: what a fake VMM runs without root.
 	cfgPath := filepath.Join(h.dir, "caisson.toml")
-	cfgText := fmt.Sprintf("state_dir = %q\n[guest]\nshared_fs = \"copy\"\n[hypervisor]\ntemplate = false\n%s\n", h.stateRoot, hypervisor)
+	cfgText := fmt.Sprintf("state_dir = %q\n[guest]\nshared_fs = \"copy\"\n%s\n[hypervisor]\ntemplate = false\n%s\n", h.stateRoot, guest, hypervisor)
 	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"net"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -26,6 +27,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
 	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -557,8 +559,23 @@ func (s containersService) Update(ctx context.Context, r *agent.UpdateContainerR
 	return &emptypb.Empty{}, s.simple("Containers.Update", r.GetContainerId())
 }
 
+// StatsTypeURL is the type of the metrics Stats answers with: a stand-in whose value is
+// how many Stats calls about the container the agent has had, this one included ("3"),
+// so that a test tells a new reply from an earlier one.
+const StatsTypeURL = "fakevm/stats"
+
 func (s containersService) Stats(ctx context.Context, r *agent.StatsRequest) (*agent.StatsResponse, error) {
-	return &agent.StatsResponse{}, s.simple("Containers.Stats", r.GetContainerId())
+	id := r.GetContainerId()
+	if err := s.simple("Containers.Stats", id); err != nil {
+		return nil, err
+	}
+	n := 0
+	for _, c := range s.a.Calls() {
+		if c.Method == "Containers.Stats" && c.ID == id {
+			n++
+		}
+	}
+	return &agent.StatsResponse{Metrics: &anypb.Any{TypeUrl: StatsTypeURL, Value: []byte(strconv.Itoa(n))}}, nil
 }
 
 func (s containersService) Pids(ctx context.Context, r *agent.PidsRequest) (*agent.PidsResponse, error) {

@@ -1,0 +1,64 @@
+package task
+
+import (
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/caisson-containers/caisson/shim/config"
+)
+
+// A container's Stats reply from the guest is kept, and given again instead of asking the
+// guest, while the guest cannot have changed it by more than the runtime configuration's
+// guest.stats_reuse_vcpu_time: every figure in it (the container's cgroup's CPU time,
+// memory, I/O, pids, pressure) changes only by what the guest executes, and the VM's vCPU
+// threads' run time on the host (vmm.VM.VCPUTime) bounds that from above. An idle guest
+// then sleeps through containerd's stats collection (every second in containerd 2.x, each
+// call a few ms of emulation under TCG), as cAdvisor's dynamic housekeeping samples an
+// unchanging container less often. A reply is never older than config.StatsReuseMaxAge.
+//
+// The vCPU reading is taken once the reply is back, so what the container ran after the
+// guest read its cgroup and before the reply left (a reply is written right after the
+// reads) is the one thing a reused reply misses beyond the bound; it shows, like the rest,
+// in the next reply the guest gives.
+
+// keptStats is a container's last Stats reply from the guest.
+type keptStats struct {
+	mu      sync.Mutex
+	metrics *anypb.Any
+	vcpu    time.Duration // the VM's vCPU time once the reply was back
+	at      time.Time
+}
+
+// reuse returns the kept reply if it may stand for a new one now, the VM's vCPUs having
+// run for vcpu in all: less than budget since the reply, which is younger than
+// config.StatsReuseMaxAge. nil: ask the guest.
+func (k *keptStats) reuse(budget, vcpu time.Duration, now time.Time) *anypb.Any {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.metrics == nil || budget <= 0 || vcpu < k.vcpu || vcpu-k.vcpu >= budget ||
+		now.Before(k.at) || now.Sub(k.at) >= config.StatsReuseMaxAge {
+		return nil
+	}
+	return k.metrics
+}
+
+// keep records the guest's reply m, the VM's vCPUs having run for vcpu in all once it
+// came. ok false (the vCPU time is unknown) forgets the kept reply instead.
+func (k *keptStats) keep(m *anypb.Any, vcpu time.Duration, ok bool, now time.Time) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if !ok || m == nil {
+		k.metrics = nil
+		return
+	}
+	k.metrics, k.vcpu, k.at = m, vcpu, now
+}
+
+// statsReuseBudget is the pod's guest.stats_reuse_vcpu_time (0 before the pod runs).
+func (s *service) statsReuseBudget() time.Duration {
+	s.podMu.Lock()
+	defer s.podMu.Unlock()
+	return time.Duration(s.cfg.Guest.StatsReuseVCPUTime)
+}
