@@ -31,9 +31,10 @@ const (
 	// densityPodsEnv sets how many pods each runtime configuration starts (default 100).
 	densityPodsEnv     = "DENSITY_PODS"
 	densityDefaultPods = 100
-	// densityConfigsEnv picks the runtime configurations, comma-separated, in order:
-	// "booted" and "template" (the default, both). 100 booted pods need more memory
-	// than some machines have; the template run alone still answers for 100 pods.
+	// densityConfigsEnv picks the runtime configurations, comma-separated, in order, of
+	// densityConfigs: "booted" and "template" (the default, both), and either with
+	// "-askguest" (stats reuse off). 100 booted pods need more memory than some machines
+	// have; the template run alone still answers for 100 pods.
 	densityConfigsEnv = "DENSITY_CONFIGS"
 	// densityStatsPeriodEnv, if set, is the test containerd's stats_collect_period (the
 	// CRI runtime plugin's; containerd 2.4 polls every container's CPU every 1 s by
@@ -75,22 +76,47 @@ func densityPodCount(b *testing.B) int {
 	return n
 }
 
-// densityHandlers are the runtime handlers of DENSITY_CONFIGS, in its order.
-func densityHandlers(b *testing.B) []string {
-	byName := map[string]string{"booted": harness.Handler, "template": templateHandler}
+// densityConfig is one runtime configuration the benchmark measures.
+type densityConfig struct {
+	name, handler string
+	template      bool
+}
+
+// densityConfigs are the configurations DENSITY_CONFIGS names, in its order: booted
+// and template pods, and each with guest.stats_reuse_vcpu_time = 0 ("-askguest"), the
+// baseline of the stats reuse (every stats call asks the guest).
+var densityConfigs = []densityConfig{
+	{name: "booted", handler: harness.Handler},
+	{name: "template", handler: templateHandler, template: true},
+	{name: "booted-askguest", handler: askGuestHandler},
+	{name: "template-askguest", handler: templateAskGuestHandler, template: true},
+}
+
+// templateAskGuestHandler runs template pods with the stats reuse off (askGuestHandler
+// the booted ones).
+const templateAskGuestHandler = "caisson-template-askguest"
+
+// densityConfigsOf are the configurations of DENSITY_CONFIGS (default booted,template).
+func densityConfigsOf(b *testing.B) []densityConfig {
 	s := os.Getenv(densityConfigsEnv)
 	if s == "" {
-		return []string{harness.Handler, templateHandler}
+		s = "booted,template"
 	}
-	var handlers []string
+	var names []string
+	var out []densityConfig
 	for _, name := range strings.Split(s, ",") {
-		h, ok := byName[strings.TrimSpace(name)]
-		if !ok || slices.Contains(handlers, h) {
-			b.Fatalf("%s=%q: want booted and/or template, comma-separated, each once", densityConfigsEnv, s)
+		name = strings.TrimSpace(name)
+		i := slices.IndexFunc(densityConfigs, func(c densityConfig) bool { return c.name == name })
+		if i < 0 || slices.Contains(names, name) {
+			for _, c := range densityConfigs {
+				names = append(names, c.name)
+			}
+			b.Fatalf("%s=%q: want some of %s, comma-separated, each once", densityConfigsEnv, s, strings.Join(names, ", "))
 		}
-		handlers = append(handlers, h)
+		names = append(names, name)
+		out = append(out, densityConfigs[i])
 	}
-	return handlers
+	return out
 }
 
 // densityPod is one idle pod: a sandbox and one sleeping container, and its host
@@ -124,7 +150,8 @@ func (c podCPU) total() float64 { return c.qemu + c.shim + c.virtiofsd }
 
 // densityResult is what one runtime configuration's run measured.
 type densityResult struct {
-	name string
+	name     string
+	template bool // pods from a VM template
 	// wanted pods, and those started before the memory guard stopped (stopped says why).
 	wanted  int
 	pods    []densityPod
@@ -181,9 +208,12 @@ type bareResult struct {
 // pod's cost, it starts no more pods, measures those that run, and fails.
 func BenchmarkCRIDensity(b *testing.B) {
 	n := densityPodCount(b)
-	handlers := densityHandlers(b)
+	configs := densityConfigsOf(b)
+	noReuse := func(c *config.Config) { c.Guest.StatsReuseVCPUTime = 0 }
 	o := harness.Options{Handlers: map[string]func(*config.Config){
-		templateHandler: func(c *config.Config) { c.Hypervisor.Template = true },
+		templateHandler:         func(c *config.Config) { c.Hypervisor.Template = true },
+		askGuestHandler:         noReuse,
+		templateAskGuestHandler: func(c *config.Config) { c.Hypervisor.Template = true; noReuse(c) },
 	}}
 	statsPeriod := os.Getenv(densityStatsPeriodEnv)
 	if statsPeriod != "" {
@@ -210,8 +240,8 @@ func BenchmarkCRIDensity(b *testing.B) {
 
 	bare := measureBare(b, c)
 	var results []densityResult
-	for _, handler := range handlers {
-		results = append(results, runDensity(b, c, handler, image, n))
+	for _, cfg := range configs {
+		results = append(results, runDensity(b, c, cfg, image, n))
 	}
 
 	b.ReportMetric(0, "ns/op")
@@ -233,11 +263,11 @@ func BenchmarkCRIDensity(b *testing.B) {
 
 // runDensity starts n pods with the handler, measures them, removes them and checks
 // that nothing of them is left.
-func runDensity(b *testing.B, c *harness.CRI, handler, image string, n int) densityResult {
+func runDensity(b *testing.B, c *harness.CRI, cfg densityConfig, image string, n int) densityResult {
 	b.Helper()
-	r := densityResult{name: "booted", wanted: n}
-	if handler == templateHandler {
-		r.name = "template"
+	handler := cfg.handler
+	r := densityResult{name: cfg.name, template: cfg.template, wanted: n}
+	if cfg.template {
 		// The first pod of a VM shape on the node makes its template, once: a pod
 		// before the measured ones makes it, and its memory file is node overhead.
 		p := startDensityPod(b, c, handler, image, "density-template-maker")
@@ -599,7 +629,7 @@ func reportDensity(b *testing.B, r densityResult, bare bareResult) {
 	}
 	m("PSS-vs-bare", medianBy(r.mem, func(p podMemory) float64 { return float64(p.total()) })/float64(bare.mem.total()))
 	m("host-mem-vs-bare-PSS", r.hostPerPod/float64(bare.mem.total()))
-	if r.name == "template" {
+	if r.template {
 		m("made-template-start-s", r.templateMade.Seconds())
 		m("template-file-MiB", mib(r.templateFile))
 	}
@@ -674,7 +704,7 @@ func densityTable(c *harness.CRI, n int, statsPeriod string, bare bareResult, rs
 	row("host load average (1 min) after the idle window", func(r densityResult) string { return fmt.Sprintf("%.1f", r.load) }, "")
 	row("remove all pods, s", func(r densityResult) string { return fmt.Sprintf("%.1f", r.removeAll.Seconds()) }, "")
 	row("the template's start and memory file", func(r densityResult) string {
-		if r.name != "template" {
+		if !r.template {
 			return "-"
 		}
 		return fmt.Sprintf("%.2f s, %.0f MiB", r.templateMade.Seconds(), mib(r.templateFile))
