@@ -98,6 +98,7 @@ type VM struct {
 	unplug      map[string]chan struct{} // device id -> closed on DEVICE_DELETED
 	ejected     map[string]bool          // devices the guest removed without DetachDisk
 	diskErrs    diskErrors
+	vcpus       vcpuClock // VCPUTime's
 
 	done        chan struct{}
 	eventsDone  chan struct{}
@@ -374,6 +375,7 @@ func (v *VM) run(cmd *exec.Cmd, started chan<- error) {
 		v.exitErr = &vmm.ExitError{Reason: v.exitReason(err), Log: logtail.Read(v.stderrLog, stderrTail)}
 	}
 	v.mu.Unlock()
+	v.vcpus.close()
 	close(v.done)
 }
 

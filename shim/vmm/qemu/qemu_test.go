@@ -468,6 +468,9 @@ func TestKilled(t *testing.T) {
 	stateDir := testutil.ShortTempDir(t)
 	vm := startVM(t, g, vmm.Config{StateDir: stateDir})
 	pid := vm.Pid()
+	if _, err := vm.VCPUTime(); err != nil { // its files are kept open from now
+		t.Fatal(err)
+	}
 	start := time.Now()
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -486,6 +489,12 @@ func TestKilled(t *testing.T) {
 	t.Log(err)
 	if _, err := vm.AttachDisk(context.Background(), vmm.Disk{ID: "x", Path: g.kernel}); !errdefs.IsFailedPrecondition(err) {
 		t.Fatalf("attach after death: %v", err)
+	}
+	if _, err := vm.VCPUTime(); !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("VCPUTime after death: %v", err)
+	}
+	if vm.vcpus.files != nil {
+		t.Fatal("the vCPU threads' files are still open after the VM's end")
 	}
 	if err := vm.Stop(context.Background()); err != nil {
 		t.Fatal(err)

@@ -53,6 +53,9 @@ func (v *VM) Resize(ctx context.Context, want vmm.Size) (vmm.Size, error) {
 	if len(free) < want.VCPUs-cur.VCPUs {
 		return cur, fmt.Errorf("resize the VM to %d vCPUs: QEMU has room for %d more: %w", want.VCPUs, len(free), errdefs.ErrInvalidArgument)
 	}
+	if want.VCPUs > cur.VCPUs {
+		defer v.vcpus.forget() // VCPUTime finds the new vCPUs' threads
+	}
 	for _, cpu := range free[:want.VCPUs-cur.VCPUs] {
 		if err := c.Execute(ctx, "device_add", cpu.device(cur.VCPUs), nil); err != nil {
 			return cur, fmt.Errorf("hot-plug vCPU %d: %w", cur.VCPUs, err)

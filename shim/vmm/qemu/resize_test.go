@@ -279,3 +279,31 @@ func TestResizeFailedDIMMLeavesNoBackend(t *testing.T) {
 		t.Errorf("left backends %v and %d vCPUs, want none and 1", f.objects, f.cpus)
 	}
 }
+
+// A vCPU hot-plug makes VCPUTime find the vCPU threads again; a resize of memory alone
+// keeps the threads it found.
+func TestResizeForgetsTheVCPUThreads(t *testing.T) {
+	f := &resizeQEMU{maxCPUs: 2, cpus: 1, objects: map[string]int64{}}
+	v := resizeVM(t, vmm.Config{VCPUs: 1, MaxVCPUs: 2, MemoryMiB: 256, MaxMemoryMiB: 4096}, f)
+	keep := func() {
+		t.Helper()
+		file, err := os.Open(os.DevNull)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v.vcpus.files = []*os.File{file}
+	}
+	keep()
+	if _, err := v.Resize(context.Background(), vmm.Size{MemoryMiB: 512, VCPUs: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if v.vcpus.files == nil {
+		t.Error("a memory resize forgot the vCPU threads")
+	}
+	if _, err := v.Resize(context.Background(), vmm.Size{MemoryMiB: 512, VCPUs: 2}); err != nil {
+		t.Fatal(err)
+	}
+	if v.vcpus.files != nil {
+		t.Error("the vCPU threads are kept after a vCPU hot-plug")
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -27,39 +28,108 @@ func (v *VM) VCPUTime() (time.Duration, error) {
 	if pid == 0 {
 		return 0, fmt.Errorf("vCPU time: %w: the VM is not started", errdefs.ErrFailedPrecondition)
 	}
-	return vcpuTime(fmt.Sprintf("/proc/%d/task", pid))
+	select {
+	case <-v.done:
+		return 0, fmt.Errorf("vCPU time: %w: the VM has ended", errdefs.ErrFailedPrecondition)
+	default:
+	}
+	return v.vcpus.read(fmt.Sprintf("/proc/%d/task", pid))
 }
 
-// vcpuTime sums the run time of the vCPU threads below taskDir (/proc/PID/task).
-func vcpuTime(taskDir string) (time.Duration, error) {
-	tasks, err := os.ReadDir(taskDir)
+// vcpuClock reads the vCPU threads' run time from their schedstat files, which it
+// keeps open: a reading is then one pread per vCPU, where finding the threads reads
+// every thread's comm (the shim reads it at every stats call, and a syscall is dear
+// on a host that is itself a VM).
+type vcpuClock struct {
+	mu     sync.Mutex
+	files  []*os.File // the vCPU threads' schedstat; nil: find them at the next read
+	closed bool
+}
+
+// read sums the vCPU threads' run time, finding them below taskDir (/proc/PID/task)
+// first if need be, and again if one of the kept files fails (its thread is gone).
+func (c *vcpuClock) read(taskDir string) (time.Duration, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return 0, fmt.Errorf("vCPU time: %w: the VM has ended", errdefs.ErrFailedPrecondition)
+	}
+	if c.files != nil {
+		if d, err := sumRunTimes(c.files); err == nil {
+			return d, nil
+		}
+		c.closeFiles()
+	}
+	files, err := openVCPUStats(taskDir)
 	if err != nil {
 		return 0, fmt.Errorf("vCPU time: %w", err)
 	}
-	var sum time.Duration
-	vcpus := 0
+	d, err := sumRunTimes(files)
+	if err != nil {
+		closeAll(files)
+		return 0, fmt.Errorf("vCPU time: %w", err)
+	}
+	c.files = files
+	return d, nil
+}
+
+// forget closes the kept files: the next read finds the vCPU threads again (after a
+// vCPU hot-plug).
+func (c *vcpuClock) forget() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closeFiles()
+}
+
+// close closes the kept files for good, once the VM has ended.
+func (c *vcpuClock) close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closeFiles()
+	c.closed = true
+}
+
+func (c *vcpuClock) closeFiles() {
+	closeAll(c.files)
+	c.files = nil
+}
+
+func closeAll(files []*os.File) {
+	for _, f := range files {
+		f.Close()
+	}
+}
+
+// openVCPUStats opens the schedstat files of the vCPU threads below taskDir.
+func openVCPUStats(taskDir string) ([]*os.File, error) {
+	tasks, err := os.ReadDir(taskDir)
+	if err != nil {
+		return nil, err
+	}
+	var files []*os.File
 	for _, t := range tasks {
 		comm, err := os.ReadFile(filepath.Join(taskDir, t.Name(), "comm"))
 		if errors.Is(err, os.ErrNotExist) {
 			continue // a thread that ended since the listing
 		}
 		if err != nil {
-			return 0, fmt.Errorf("vCPU time: %w", err)
+			closeAll(files)
+			return nil, err
 		}
 		if !isVCPUThread(comm) {
 			continue
 		}
-		ns, err := threadRunTime(filepath.Join(taskDir, t.Name(), "schedstat"))
+		f, err := os.Open(filepath.Join(taskDir, t.Name(), "schedstat"))
 		if err != nil {
-			return 0, fmt.Errorf("vCPU time: %w", err)
+			closeAll(files)
+			return nil, err
 		}
-		sum += ns
-		vcpus++
+		files = append(files, f)
 	}
-	if vcpus == 0 {
-		return 0, fmt.Errorf("vCPU time: %w: no vCPU thread in %s", errdefs.ErrNotFound, taskDir)
+	if len(files) == 0 {
+		return nil, fmt.Errorf("%w: no vCPU thread in %s", errdefs.ErrNotFound, taskDir)
 	}
-	return sum, nil
+	return files, nil
 }
 
 // isVCPUThread says whether a thread's comm (with its newline) names a vCPU thread.
@@ -71,17 +141,22 @@ func isVCPUThread(comm []byte) bool {
 	return bytes.HasSuffix(comm, []byte("/TCG")) || bytes.HasSuffix(comm, []byte("/KVM"))
 }
 
-// threadRunTime reads a thread's schedstat: its run time in ns, its wait time, its
-// time slices.
-func threadRunTime(path string) (time.Duration, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return 0, err
+// sumRunTimes reads each thread's schedstat (its run time in ns, its wait time, its
+// time slices) from the start, and sums the run times.
+func sumRunTimes(files []*os.File) (time.Duration, error) {
+	var buf [64]byte
+	var sum time.Duration
+	for _, f := range files {
+		n, err := f.ReadAt(buf[:], 0)
+		if n == 0 && err != nil {
+			return 0, fmt.Errorf("%s: %w", f.Name(), err)
+		}
+		field, _, _ := bytes.Cut(bytes.TrimSpace(buf[:n]), []byte(" "))
+		ns, err := strconv.ParseInt(string(field), 10, 64)
+		if err != nil || ns < 0 {
+			return 0, fmt.Errorf("%s: %q is no run time", f.Name(), buf[:n])
+		}
+		sum += time.Duration(ns)
 	}
-	field, _, _ := bytes.Cut(bytes.TrimSpace(b), []byte(" "))
-	ns, err := strconv.ParseInt(string(field), 10, 64)
-	if err != nil || ns < 0 {
-		return 0, fmt.Errorf("%s: %q is no run time", path, b)
-	}
-	return time.Duration(ns), nil
+	return sum, nil
 }

@@ -58,7 +58,9 @@ func TestVCPUTimeFromProc(t *testing.T) {
 				os.WriteFile(filepath.Join(dir, tid, "comm"), []byte(th.comm), 0o644)
 				os.WriteFile(filepath.Join(dir, tid, "schedstat"), []byte(th.schedstat), 0o644)
 			}
-			got, err := vcpuTime(dir)
+			var c vcpuClock
+			defer c.close()
+			got, err := c.read(dir)
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("err = %v, want one saying %q", err, tc.wantErr)
@@ -70,7 +72,8 @@ func TestVCPUTimeFromProc(t *testing.T) {
 			}
 		})
 	}
-	if _, err := vcpuTime(filepath.Join(t.TempDir(), "gone")); err == nil {
+	var c vcpuClock
+	if _, err := c.read(filepath.Join(t.TempDir(), "gone")); err == nil {
 		t.Error("no error for a process that is gone")
 	}
 	if _, err := (&VM{}).VCPUTime(); !errdefs.IsFailedPrecondition(err) {
@@ -87,11 +90,57 @@ func allThreadsTime(pid int) (time.Duration, error) {
 	}
 	var sum time.Duration
 	for _, t := range tasks {
-		d, err := threadRunTime(filepath.Join(dir, t.Name(), "schedstat"))
+		f, err := os.Open(filepath.Join(dir, t.Name(), "schedstat"))
+		if err != nil {
+			return 0, err
+		}
+		d, err := sumRunTimes([]*os.File{f})
+		f.Close()
 		if err != nil {
 			return 0, err
 		}
 		sum += d
 	}
 	return sum, nil
+}
+
+// The clock keeps the vCPU threads' files: it reads them again without looking for the
+// threads, finds them again after forget (a vCPU hot-plug) or when a kept file fails,
+// and reads nothing once closed.
+func TestVCPUClockKeepsItsFiles(t *testing.T) {
+	dir := t.TempDir()
+	thread := func(tid, comm, ns string) {
+		t.Helper()
+		if err := os.MkdirAll(filepath.Join(dir, tid), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(filepath.Join(dir, tid, "comm"), []byte(comm+"\n"), 0o644)
+		os.WriteFile(filepath.Join(dir, tid, "schedstat"), []byte(ns+" 0 1\n"), 0o644)
+	}
+	want := func(c *vcpuClock, d time.Duration) {
+		t.Helper()
+		if got, err := c.read(dir); err != nil || got != d {
+			t.Fatalf("read = %v, %v; want %v", got, err, d)
+		}
+	}
+	thread("10", "qemu-system-x86", "1000")
+	thread("11", "CPU 0/TCG", "5")
+	var c vcpuClock
+	want(&c, 5)
+	thread("11", "CPU 0/TCG", "7") // the same file, written again
+	thread("12", "CPU 1/TCG", "100")
+	want(&c, 7) // the threads are not looked for again
+	c.forget()
+	want(&c, 107)
+	if err := os.RemoveAll(filepath.Join(dir, "11")); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, "12", "schedstat"), []byte("x\n"), 0o644) // a kept file fails
+	thread("13", "CPU 1/TCG", "200")
+	os.RemoveAll(filepath.Join(dir, "12"))
+	want(&c, 200)
+	c.close()
+	if _, err := c.read(dir); !errdefs.IsFailedPrecondition(err) {
+		t.Errorf("read after close: %v, want FailedPrecondition", err)
+	}
 }
