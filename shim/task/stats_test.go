@@ -81,7 +81,7 @@ func TestStatsReuseOnFakeVM(t *testing.T) {
 	h.wantStats("c1", "2") // the guest ran the budget since c1's reply
 	h.wantStats("sb", "1") // but not since sb's
 	h.wantStats("c1", "2")
-	if got := countCalls(h.hv.Agent, "Containers.Stats", "c1"); got != 2 {
+	if got := h.hv.Agent.Count("Containers.Stats", "c1"); got != 2 {
 		t.Errorf("the agent had %d Stats calls about c1, want 2", got)
 	}
 
@@ -126,14 +126,4 @@ func (h *harness) wantStats(id, nth string) {
 	if got := r.GetStats(); got.GetTypeUrl() != fakevm.StatsTypeURL || string(got.GetValue()) != nth {
 		h.t.Errorf("Stats of %s = %q %q, want the reply to the guest's call %s", id, got.GetTypeUrl(), got.GetValue(), nth)
 	}
-}
-
-func countCalls(a *fakevm.Agent, method, id string) int {
-	n := 0
-	for _, c := range a.Calls() {
-		if c.Method == method && c.ID == id {
-			n++
-		}
-	}
-	return n
 }

@@ -128,6 +128,17 @@ func (a *Agent) Methods(id string) []string {
 	return ms
 }
 
+// Count is how many calls of method about id the agent has received.
+func (a *Agent) Count(method, id string) int {
+	n := 0
+	for _, c := range a.Calls() {
+		if c.Method == method && c.ID == id {
+			n++
+		}
+	}
+	return n
+}
+
 // Sandbox returns the sandbox's creation request (nil: none, or destroyed).
 func (a *Agent) Sandbox() *agent.CreateSandboxRequest {
 	a.mu.Lock()
@@ -569,12 +580,7 @@ func (s containersService) Stats(ctx context.Context, r *agent.StatsRequest) (*a
 	if err := s.simple("Containers.Stats", id); err != nil {
 		return nil, err
 	}
-	n := 0
-	for _, c := range s.a.Calls() {
-		if c.Method == "Containers.Stats" && c.ID == id {
-			n++
-		}
-	}
+	n := s.a.Count("Containers.Stats", id)
 	return &agent.StatsResponse{Metrics: &anypb.Any{TypeUrl: StatsTypeURL, Value: []byte(strconv.Itoa(n))}}, nil
 }
 
