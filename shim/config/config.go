@@ -165,8 +165,8 @@ type Guest struct {
 	// did since shows in the next reply that is not reused. A Go duration; 0 asks the
 	// guest every time; at most MaxStatsReuseVCPUTime. Default 10ms, a tick of a 100 Hz
 	// kernel: an idle TCG guest's own timers run its vCPU about 1.5–2.5 ms a second, so it
-	// is asked about every 10 s, and a container that runs 10 ms in a second is asked
-	// every second (docs/guest.md, "Not waking an idle guest").
+	// is asked about every 10 s, and a guest that runs 10 ms between two calls is asked
+	// at each (docs/guest.md, "Not waking an idle guest").
 	StatsReuseVCPUTime Duration `toml:"stats_reuse_vcpu_time"`
 	// SharedFS is how host bind mounts (Kubernetes volumes, `-v` of ctr and nerdctl) reach
 	// containers: "virtio-fs" (default) shares them through one virtiofsd per pod, writes
