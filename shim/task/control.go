@@ -300,10 +300,15 @@ func (s *service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.
 	}
 	budget := s.statsReuseBudget()
 	if budget > 0 {
-		if vcpu, err := pd.VCPUTime(); err == nil {
+		vcpu, err := pd.VCPUTime()
+		if err == nil {
 			if m := c.stats.reuse(budget, vcpu, time.Now()); m != nil {
 				return &taskAPI.StatsResponse{Stats: m}, nil
 			}
+		} else if !isDone(pd.Done()) {
+			s.statsReuseOff.Do(func() {
+				log.G(ctx).WithError(err).Warn("the VM's vCPU time is unknown: every stats call asks the guest")
+			})
 		}
 	}
 	resp, err := pd.Containers.Stats(ctx, &agent.StatsRequest{ContainerId: r.ID})
@@ -332,4 +337,14 @@ func (s *service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*pt
 	}
 	s.shutdown.Shutdown()
 	return empty, nil
+}
+
+// isDone says whether ch is closed.
+func isDone(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
 }

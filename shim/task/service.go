@@ -91,6 +91,8 @@ type service struct {
 	containers map[string]*container
 	// limits are the containers' resource limits, which the pod's VM must hold (resize.go).
 	limits podLimits
+	// statsReuseOff says once that the stats reuse cannot work (stats.go).
+	statsReuseOff sync.Once
 
 	podMu  sync.Mutex
 	pod    *pod.Pod

@@ -93,6 +93,14 @@ func TestStatsReuseOnFakeVM(t *testing.T) {
 	}
 	h.hv.Agent.Fail("Containers.Stats", nil)
 	h.wantStats("c1", "4")
+
+	// Without the vCPU time, every call asks the guest, and none fails for it.
+	h.hv.Fail(fakevm.OpVCPUTime, errors.New("no schedstat"))
+	h.wantStats("c1", "5")
+	h.wantStats("c1", "6")
+	h.hv.Fail(fakevm.OpVCPUTime, nil)
+	h.wantStats("c1", "7")
+	h.wantStats("c1", "7")
 }
 
 func TestStatsReuseOff(t *testing.T) {

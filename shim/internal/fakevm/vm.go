@@ -27,6 +27,7 @@ const (
 	OpAttachSharedFS = "AttachSharedFS"
 	OpDetachDisk     = "DetachDisk"
 	OpStop           = "Stop"
+	OpVCPUTime       = "VCPUTime"
 )
 
 // AgentSocket is the name of a VM's agent socket in its Config.StateDir.
@@ -486,6 +487,9 @@ func (vm *VM) Pid() int {
 func (vm *VM) VCPUTime() (time.Duration, error) {
 	if !vm.Running() {
 		return 0, fmt.Errorf("fakevm: vCPU time: %w: the VM is not running", errdefs.ErrFailedPrecondition)
+	}
+	if err := vm.h.failure(OpVCPUTime); err != nil {
+		return 0, err
 	}
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
