@@ -114,6 +114,23 @@ func TestGuestLifecycle(t *testing.T) {
 		if m.GetPids().GetCurrent() == 0 || m.GetMemory().GetUsage() == 0 {
 			t.Errorf("stats: pids %d memory %d", m.GetPids().GetCurrent(), m.GetMemory().GetUsage())
 		}
+		// One call reads the other containers it is asked for too; an unknown one, and the
+		// container itself, are left out of Also.
+		g.start(t, "neighbour", testSpec("sleep", "1000"), &agent.Stdio{})
+		resp, err = g.containers.Stats(ctx, &agent.StatsRequest{ContainerId: "limited", Also: []string{"neighbour", "limited", "no-such"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(resp.Also) != 1 || resp.Also["neighbour"] == nil || resp.Metrics == nil {
+			t.Fatalf("stats with also: metrics %v, also %v; want limited's and neighbour's alone", resp.Metrics != nil, resp.Also)
+		}
+		var n stats.Metrics
+		if err := resp.Also["neighbour"].UnmarshalTo(&n); err != nil || n.GetPids().GetCurrent() == 0 {
+			t.Errorf("neighbour's stats: %v (%v), want its processes", n.GetPids(), err)
+		}
+		g.containers.Signal(ctx, &agent.SignalRequest{ContainerId: "neighbour", Signal: uint32(unix.SIGKILL), All: true})
+		g.containers.Wait(ctx, &agent.WaitRequest{ContainerId: "neighbour"})
+		g.delete(t, "neighbour")
 		limit := int64(24 << 20)
 		res, _ := json.Marshal(&specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: &limit}})
 		if _, err := g.containers.Update(ctx, &agent.UpdateContainerRequest{ContainerId: "limited", Resources: res}); err != nil {

@@ -991,8 +991,13 @@ func (x *UpdateContainerRequest) GetResources() []byte {
 }
 
 type StatsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	ContainerId   string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	ContainerId string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
+	// also are other containers whose metrics the same call reads, so that one wake-up of the
+	// guest answers for a pod's containers (the shim gives each reply again while the guest
+	// idles). One that is not known or whose metrics cannot be read is left out of the reply;
+	// only container_id's failure fails the call.
+	Also          []string `protobuf:"bytes,2,rep,name=also,proto3" json:"also,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1034,11 +1039,20 @@ func (x *StatsRequest) GetContainerId() string {
 	return ""
 }
 
+func (x *StatsRequest) GetAlso() []string {
+	if x != nil {
+		return x.Also
+	}
+	return nil
+}
+
 type StatsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// metrics is an io.containerd.cgroups.v2.Metrics (github.com/containerd/cgroups/v3/cgroup2/stats)
 	// read from the container's cgroup in the guest: what containerd and CRI expect.
-	Metrics       *anypb.Any `protobuf:"bytes,1,opt,name=metrics,proto3" json:"metrics,omitempty"`
+	Metrics *anypb.Any `protobuf:"bytes,1,opt,name=metrics,proto3" json:"metrics,omitempty"`
+	// also holds the metrics of StatsRequest.also's containers that could be read, by id.
+	Also          map[string]*anypb.Any `protobuf:"bytes,2,rep,name=also,proto3" json:"also,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1076,6 +1090,13 @@ func (*StatsResponse) Descriptor() ([]byte, []int) {
 func (x *StatsResponse) GetMetrics() *anypb.Any {
 	if x != nil {
 		return x.Metrics
+	}
+	return nil
+}
+
+func (x *StatsResponse) GetAlso() map[string]*anypb.Any {
+	if x != nil {
+		return x.Also
 	}
 	return nil
 }
@@ -1529,11 +1550,16 @@ const file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_r
 	"\x04exit\x18\x01 \x01(\v2\x1c.caisson.agent.v1.ExitStatusR\x04exit\"Y\n" +
 	"\x16UpdateContainerRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x1c\n" +
-	"\tresources\x18\x02 \x01(\fR\tresources\"1\n" +
+	"\tresources\x18\x02 \x01(\fR\tresources\"E\n" +
 	"\fStatsRequest\x12!\n" +
-	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\"?\n" +
+	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x12\n" +
+	"\x04also\x18\x02 \x03(\tR\x04also\"\xcd\x01\n" +
 	"\rStatsResponse\x12.\n" +
-	"\ametrics\x18\x01 \x01(\v2\x14.google.protobuf.AnyR\ametrics\"0\n" +
+	"\ametrics\x18\x01 \x01(\v2\x14.google.protobuf.AnyR\ametrics\x12=\n" +
+	"\x04also\x18\x02 \x03(\v2).caisson.agent.v1.StatsResponse.AlsoEntryR\x04also\x1aM\n" +
+	"\tAlsoEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12*\n" +
+	"\x05value\x18\x02 \x01(\v2\x14.google.protobuf.AnyR\x05value:\x028\x01\"0\n" +
 	"\vPidsRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\"8\n" +
 	"\vProcessInfo\x12\x10\n" +
@@ -1580,7 +1606,7 @@ func file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_ra
 	return file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDescData
 }
 
-var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_goTypes = []any{
 	(*Rootfs)(nil),                   // 0: caisson.agent.v1.Rootfs
 	(*StoragePath)(nil),              // 1: caisson.agent.v1.StoragePath
@@ -1608,59 +1634,62 @@ var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_goT
 	(*EventsRequest)(nil),            // 23: caisson.agent.v1.EventsRequest
 	(*Event)(nil),                    // 24: caisson.agent.v1.Event
 	(*OOMEvent)(nil),                 // 25: caisson.agent.v1.OOMEvent
-	(*Stdio)(nil),                    // 26: caisson.agent.v1.Stdio
-	(*Device)(nil),                   // 27: caisson.agent.v1.Device
-	(*ExitStatus)(nil),               // 28: caisson.agent.v1.ExitStatus
-	(*anypb.Any)(nil),                // 29: google.protobuf.Any
-	(*timestamppb.Timestamp)(nil),    // 30: google.protobuf.Timestamp
-	(*emptypb.Empty)(nil),            // 31: google.protobuf.Empty
+	nil,                              // 26: caisson.agent.v1.StatsResponse.AlsoEntry
+	(*Stdio)(nil),                    // 27: caisson.agent.v1.Stdio
+	(*Device)(nil),                   // 28: caisson.agent.v1.Device
+	(*ExitStatus)(nil),               // 29: caisson.agent.v1.ExitStatus
+	(*anypb.Any)(nil),                // 30: google.protobuf.Any
+	(*timestamppb.Timestamp)(nil),    // 31: google.protobuf.Timestamp
+	(*emptypb.Empty)(nil),            // 32: google.protobuf.Empty
 }
 var file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_depIdxs = []int32{
 	1,  // 0: caisson.agent.v1.Rootfs.lower:type_name -> caisson.agent.v1.StoragePath
 	1,  // 1: caisson.agent.v1.Rootfs.upper:type_name -> caisson.agent.v1.StoragePath
 	1,  // 2: caisson.agent.v1.Rootfs.work:type_name -> caisson.agent.v1.StoragePath
 	0,  // 3: caisson.agent.v1.CreateContainerRequest.rootfs:type_name -> caisson.agent.v1.Rootfs
-	26, // 4: caisson.agent.v1.CreateContainerRequest.stdio:type_name -> caisson.agent.v1.Stdio
+	27, // 4: caisson.agent.v1.CreateContainerRequest.stdio:type_name -> caisson.agent.v1.Stdio
 	4,  // 5: caisson.agent.v1.CreateContainerRequest.copied_mounts:type_name -> caisson.agent.v1.CopiedMount
 	3,  // 6: caisson.agent.v1.CreateContainerRequest.block_devices:type_name -> caisson.agent.v1.BlockDevice
-	27, // 7: caisson.agent.v1.BlockDevice.device:type_name -> caisson.agent.v1.Device
+	28, // 7: caisson.agent.v1.BlockDevice.device:type_name -> caisson.agent.v1.Device
 	5,  // 8: caisson.agent.v1.CopiedMount.files:type_name -> caisson.agent.v1.CopiedFile
 	5,  // 9: caisson.agent.v1.UpdateCopiedMountRequest.files:type_name -> caisson.agent.v1.CopiedFile
-	28, // 10: caisson.agent.v1.WaitResponse.exit:type_name -> caisson.agent.v1.ExitStatus
-	28, // 11: caisson.agent.v1.DeleteContainerResponse.exit:type_name -> caisson.agent.v1.ExitStatus
-	29, // 12: caisson.agent.v1.StatsResponse.metrics:type_name -> google.protobuf.Any
-	19, // 13: caisson.agent.v1.PidsResponse.processes:type_name -> caisson.agent.v1.ProcessInfo
-	30, // 14: caisson.agent.v1.Event.timestamp:type_name -> google.protobuf.Timestamp
-	25, // 15: caisson.agent.v1.Event.oom:type_name -> caisson.agent.v1.OOMEvent
-	2,  // 16: caisson.agent.v1.Containers.Create:input_type -> caisson.agent.v1.CreateContainerRequest
-	8,  // 17: caisson.agent.v1.Containers.Start:input_type -> caisson.agent.v1.StartContainerRequest
-	10, // 18: caisson.agent.v1.Containers.Signal:input_type -> caisson.agent.v1.SignalRequest
-	11, // 19: caisson.agent.v1.Containers.Wait:input_type -> caisson.agent.v1.WaitRequest
-	13, // 20: caisson.agent.v1.Containers.Delete:input_type -> caisson.agent.v1.DeleteContainerRequest
-	15, // 21: caisson.agent.v1.Containers.Update:input_type -> caisson.agent.v1.UpdateContainerRequest
-	16, // 22: caisson.agent.v1.Containers.Stats:input_type -> caisson.agent.v1.StatsRequest
-	18, // 23: caisson.agent.v1.Containers.Pids:input_type -> caisson.agent.v1.PidsRequest
-	21, // 24: caisson.agent.v1.Containers.Pause:input_type -> caisson.agent.v1.PauseRequest
-	22, // 25: caisson.agent.v1.Containers.Resume:input_type -> caisson.agent.v1.ResumeRequest
-	23, // 26: caisson.agent.v1.Containers.Events:input_type -> caisson.agent.v1.EventsRequest
-	6,  // 27: caisson.agent.v1.Containers.UpdateCopiedMount:input_type -> caisson.agent.v1.UpdateCopiedMountRequest
-	7,  // 28: caisson.agent.v1.Containers.Create:output_type -> caisson.agent.v1.CreateContainerResponse
-	9,  // 29: caisson.agent.v1.Containers.Start:output_type -> caisson.agent.v1.StartContainerResponse
-	31, // 30: caisson.agent.v1.Containers.Signal:output_type -> google.protobuf.Empty
-	12, // 31: caisson.agent.v1.Containers.Wait:output_type -> caisson.agent.v1.WaitResponse
-	14, // 32: caisson.agent.v1.Containers.Delete:output_type -> caisson.agent.v1.DeleteContainerResponse
-	31, // 33: caisson.agent.v1.Containers.Update:output_type -> google.protobuf.Empty
-	17, // 34: caisson.agent.v1.Containers.Stats:output_type -> caisson.agent.v1.StatsResponse
-	20, // 35: caisson.agent.v1.Containers.Pids:output_type -> caisson.agent.v1.PidsResponse
-	31, // 36: caisson.agent.v1.Containers.Pause:output_type -> google.protobuf.Empty
-	31, // 37: caisson.agent.v1.Containers.Resume:output_type -> google.protobuf.Empty
-	24, // 38: caisson.agent.v1.Containers.Events:output_type -> caisson.agent.v1.Event
-	31, // 39: caisson.agent.v1.Containers.UpdateCopiedMount:output_type -> google.protobuf.Empty
-	28, // [28:40] is the sub-list for method output_type
-	16, // [16:28] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	29, // 10: caisson.agent.v1.WaitResponse.exit:type_name -> caisson.agent.v1.ExitStatus
+	29, // 11: caisson.agent.v1.DeleteContainerResponse.exit:type_name -> caisson.agent.v1.ExitStatus
+	30, // 12: caisson.agent.v1.StatsResponse.metrics:type_name -> google.protobuf.Any
+	26, // 13: caisson.agent.v1.StatsResponse.also:type_name -> caisson.agent.v1.StatsResponse.AlsoEntry
+	19, // 14: caisson.agent.v1.PidsResponse.processes:type_name -> caisson.agent.v1.ProcessInfo
+	31, // 15: caisson.agent.v1.Event.timestamp:type_name -> google.protobuf.Timestamp
+	25, // 16: caisson.agent.v1.Event.oom:type_name -> caisson.agent.v1.OOMEvent
+	30, // 17: caisson.agent.v1.StatsResponse.AlsoEntry.value:type_name -> google.protobuf.Any
+	2,  // 18: caisson.agent.v1.Containers.Create:input_type -> caisson.agent.v1.CreateContainerRequest
+	8,  // 19: caisson.agent.v1.Containers.Start:input_type -> caisson.agent.v1.StartContainerRequest
+	10, // 20: caisson.agent.v1.Containers.Signal:input_type -> caisson.agent.v1.SignalRequest
+	11, // 21: caisson.agent.v1.Containers.Wait:input_type -> caisson.agent.v1.WaitRequest
+	13, // 22: caisson.agent.v1.Containers.Delete:input_type -> caisson.agent.v1.DeleteContainerRequest
+	15, // 23: caisson.agent.v1.Containers.Update:input_type -> caisson.agent.v1.UpdateContainerRequest
+	16, // 24: caisson.agent.v1.Containers.Stats:input_type -> caisson.agent.v1.StatsRequest
+	18, // 25: caisson.agent.v1.Containers.Pids:input_type -> caisson.agent.v1.PidsRequest
+	21, // 26: caisson.agent.v1.Containers.Pause:input_type -> caisson.agent.v1.PauseRequest
+	22, // 27: caisson.agent.v1.Containers.Resume:input_type -> caisson.agent.v1.ResumeRequest
+	23, // 28: caisson.agent.v1.Containers.Events:input_type -> caisson.agent.v1.EventsRequest
+	6,  // 29: caisson.agent.v1.Containers.UpdateCopiedMount:input_type -> caisson.agent.v1.UpdateCopiedMountRequest
+	7,  // 30: caisson.agent.v1.Containers.Create:output_type -> caisson.agent.v1.CreateContainerResponse
+	9,  // 31: caisson.agent.v1.Containers.Start:output_type -> caisson.agent.v1.StartContainerResponse
+	32, // 32: caisson.agent.v1.Containers.Signal:output_type -> google.protobuf.Empty
+	12, // 33: caisson.agent.v1.Containers.Wait:output_type -> caisson.agent.v1.WaitResponse
+	14, // 34: caisson.agent.v1.Containers.Delete:output_type -> caisson.agent.v1.DeleteContainerResponse
+	32, // 35: caisson.agent.v1.Containers.Update:output_type -> google.protobuf.Empty
+	17, // 36: caisson.agent.v1.Containers.Stats:output_type -> caisson.agent.v1.StatsResponse
+	20, // 37: caisson.agent.v1.Containers.Pids:output_type -> caisson.agent.v1.PidsResponse
+	32, // 38: caisson.agent.v1.Containers.Pause:output_type -> google.protobuf.Empty
+	32, // 39: caisson.agent.v1.Containers.Resume:output_type -> google.protobuf.Empty
+	24, // 40: caisson.agent.v1.Containers.Events:output_type -> caisson.agent.v1.Event
+	32, // 41: caisson.agent.v1.Containers.UpdateCopiedMount:output_type -> google.protobuf.Empty
+	30, // [30:42] is the sub-list for method output_type
+	18, // [18:30] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_init() }
@@ -1679,7 +1708,7 @@ func file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_in
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDesc), len(file_github_com_caisson_containers_caisson_api_agent_v1_containers_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   26,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
