@@ -298,26 +298,30 @@ func (s *service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.
 	if err != nil {
 		return nil, err
 	}
+	req := &agent.StatsRequest{ContainerId: r.ID}
 	budget := s.statsReuseBudget()
 	if budget > 0 {
+		now := time.Now()
+		c.stats.ask(now)
 		vcpu, err := pd.VCPUTime()
 		if err == nil {
-			if m := c.stats.reuse(budget, vcpu, time.Now()); m != nil {
+			if m := c.stats.reuse(budget, vcpu, now); m != nil {
 				return &taskAPI.StatsResponse{Stats: m}, nil
 			}
+			req.Also = s.statsAlso(r.ID, now)
 		} else if !isDone(pd.Done()) {
 			s.statsReuseOff.Do(func() {
 				log.G(ctx).WithError(err).Warn("the VM's vCPU time is unknown: every stats call asks the guest")
 			})
 		}
 	}
-	resp, err := pd.Containers.Stats(ctx, &agent.StatsRequest{ContainerId: r.ID})
+	resp, err := pd.Containers.Stats(ctx, req)
 	if err != nil {
 		return nil, agentErr("stats", err)
 	}
 	if budget > 0 {
 		vcpu, err := pd.VCPUTime()
-		c.stats.keep(resp.GetMetrics(), vcpu, err == nil, time.Now())
+		s.keepStats(c, resp, vcpu, err == nil, time.Now())
 	}
 	return &taskAPI.StatsResponse{Stats: resp.GetMetrics()}, nil
 }

@@ -1,11 +1,13 @@
 package task
 
 import (
+	"slices"
 	"sync"
 	"time"
 
 	"google.golang.org/protobuf/types/known/anypb"
 
+	agent "github.com/caisson-containers/caisson/api/agent/v1"
 	"github.com/caisson-containers/caisson/shim/config"
 )
 
@@ -18,6 +20,12 @@ import (
 // call a few ms of emulation under TCG), as cAdvisor's dynamic housekeeping samples an
 // unchanging container less often. A reply is never older than config.StatsReuseMaxAge.
 //
+// A call into the guest also reads the pod's other containers that someone asked about
+// within config.StatsReuseMaxAge (the collector asks for every app container each
+// second, the pause container never), and keeps their replies with the same vCPU
+// reading: one wake-up answers for the pod, where each container's own call would count
+// against the others' budget.
+//
 // The vCPU reading is taken once the reply is back, so what the container ran after the
 // guest read its cgroup and before the reply left (a reply is written right after the
 // reads) is the one thing a reused reply misses beyond the bound; it shows, like the rest,
@@ -29,6 +37,22 @@ type keptStats struct {
 	metrics *anypb.Any
 	vcpu    time.Duration // the VM's vCPU time once the reply was back
 	at      time.Time
+	asked   time.Time // when its stats were last asked for
+}
+
+// ask records that the container's stats are asked for now.
+func (k *keptStats) ask(now time.Time) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.asked = now
+}
+
+// wanted says whether the container's stats were asked for within
+// config.StatsReuseMaxAge before now: a call about another container reads them too.
+func (k *keptStats) wanted(now time.Time) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return !k.asked.IsZero() && !now.Before(k.asked) && now.Sub(k.asked) < config.StatsReuseMaxAge
 }
 
 // reuse returns the kept reply if it may stand for a new one now, the VM's vCPUs having
@@ -61,4 +85,30 @@ func (s *service) statsReuseBudget() time.Duration {
 	s.podMu.Lock()
 	defer s.podMu.Unlock()
 	return time.Duration(s.cfg.Guest.StatsReuseVCPUTime)
+}
+
+// statsAlso are the pod's containers other than id whose stats were asked for lately
+// (keptStats.wanted): a call into the guest about id reads them too.
+func (s *service) statsAlso(id string, now time.Time) []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var also []string
+	for other, c := range s.containers {
+		if other != id && c.stats.wanted(now) {
+			also = append(also, other)
+		}
+	}
+	slices.Sort(also)
+	return also
+}
+
+// keepStats keeps the replies of a call into the guest: c's, and those of the other
+// containers it read (StatsResponse.Also), with the VM's vCPU time read once they came.
+func (s *service) keepStats(c *container, resp *agent.StatsResponse, vcpu time.Duration, ok bool, now time.Time) {
+	c.stats.keep(resp.GetMetrics(), vcpu, ok, now)
+	for id, m := range resp.GetAlso() {
+		if other, err := s.container(id); err == nil && other != c {
+			other.stats.keep(m, vcpu, ok, now)
+		}
+	}
 }

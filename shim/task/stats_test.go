@@ -54,6 +54,16 @@ func TestKeptStatsReuse(t *testing.T) {
 			t.Errorf("reuse = %v after a reply whose vCPU time is unknown", got)
 		}
 	})
+	t.Run("asked lately", func(t *testing.T) {
+		var k keptStats
+		if k.wanted(t0) {
+			t.Error("wanted before anyone asked")
+		}
+		k.ask(t0)
+		if !k.wanted(t0.Add(config.StatsReuseMaxAge-1)) || k.wanted(t0.Add(config.StatsReuseMaxAge)) || k.wanted(t0.Add(-1)) {
+			t.Error("wanted: want it for StatsReuseMaxAge after the last ask, and only then")
+		}
+	})
 	t.Run("no reply forgets the kept one", func(t *testing.T) {
 		var k keptStats
 		k.keep(reply, time.Second, true, t0)
@@ -65,7 +75,7 @@ func TestKeptStatsReuse(t *testing.T) {
 }
 
 // The task service answers Stats from the guest, then with that reply while the VM's
-// vCPUs run less than guest.stats_reuse_vcpu_time, each container with its own.
+// vCPUs run less than guest.stats_reuse_vcpu_time.
 func TestStatsReuseOnFakeVM(t *testing.T) {
 	h := newHarnessWithTables(t, `stats_reuse_vcpu_time = "5ms"`, "")
 	h.startPod("pod1", "c1")
@@ -76,13 +86,11 @@ func TestStatsReuseOnFakeVM(t *testing.T) {
 	h.wantStats("c1", "1") // the guest did not run
 	vm.SetVCPUTime(time.Second + 4*time.Millisecond)
 	h.wantStats("c1", "1")
-	h.wantStats("sb", "1") // its own reply, from the guest
 	vm.SetVCPUTime(time.Second + 5*time.Millisecond)
 	h.wantStats("c1", "2") // the guest ran the budget since c1's reply
-	h.wantStats("sb", "1") // but not since sb's
 	h.wantStats("c1", "2")
-	if got := h.hv.Agent.Count("Containers.Stats", "c1"); got != 2 {
-		t.Errorf("the agent had %d Stats calls about c1, want 2", got)
+	if got := h.hv.Agent.Count("Containers.Stats", ""); got != 2 {
+		t.Errorf("the agent had %d Stats calls, want 2", got)
 	}
 
 	// A failed call keeps nothing; the next asks again.
@@ -101,6 +109,35 @@ func TestStatsReuseOnFakeVM(t *testing.T) {
 	h.hv.Fail(fakevm.OpVCPUTime, nil)
 	h.wantStats("c1", "7")
 	h.wantStats("c1", "7")
+}
+
+// A call into the guest reads the pod's other containers whose stats were asked for
+// lately, and their replies are given again like their own; the pause container, which
+// no one asks about, is not read.
+func TestStatsOfAPodInOneCall(t *testing.T) {
+	h := newHarnessWithTables(t, `stats_reuse_vcpu_time = "5ms"`, "")
+	h.startPod("pod1", "c1")
+	req, _ := h.createRequest("c2", containerAnnotations("pod1"))
+	h.mustCreate(req)
+	h.mustStart("c2", "")
+	vm := h.vm()
+	vm.SetVCPUTime(time.Second)
+
+	h.wantStats("c1", "1") // no one asked about c2 yet
+	h.wantStats("c2", "2") // and c1 with it
+	h.wantStats("c1", "2")
+	vm.SetVCPUTime(time.Second + 5*time.Millisecond)
+	h.wantStats("c2", "3") // and c1 with it
+	h.wantStats("c1", "3")
+	if got := h.hv.Agent.Count("Containers.Stats", ""); got != 3 {
+		t.Errorf("the agent had %d Stats calls, want 3", got)
+	}
+	if got := h.hv.Agent.Count(fakevm.StatsAlso, "c1"); got != 2 {
+		t.Errorf("c1 was read along %d times, want 2", got)
+	}
+	if got := h.hv.Agent.Count(fakevm.StatsAlso, "sb"); got != 0 {
+		t.Errorf("the pause container was read along %d times, want never", got)
+	}
 }
 
 func TestStatsReuseOff(t *testing.T) {

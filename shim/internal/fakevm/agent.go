@@ -128,11 +128,11 @@ func (a *Agent) Methods(id string) []string {
 	return ms
 }
 
-// Count is how many calls of method about id the agent has received.
+// Count is how many calls of method about id ("" for all) the agent has received.
 func (a *Agent) Count(method, id string) int {
 	n := 0
 	for _, c := range a.Calls() {
-		if c.Method == method && c.ID == id {
+		if c.Method == method && (id == "" || c.ID == id) {
 			n++
 		}
 	}
@@ -571,17 +571,36 @@ func (s containersService) Update(ctx context.Context, r *agent.UpdateContainerR
 }
 
 // StatsTypeURL is the type of the metrics Stats answers with: a stand-in whose value is
-// how many Stats calls about the container the agent has had, this one included ("3"),
-// so that a test tells a new reply from an earlier one.
+// how many Stats calls the agent has had, this one included ("3"), so that a test tells
+// a new reply from an earlier one and sees which replies one call gave.
 const StatsTypeURL = "fakevm/stats"
 
+// StatsAlso is the method a Stats call is recorded under once more for each container
+// it read besides its own (StatsRequest.Also).
+const StatsAlso = "Containers.Stats also"
+
+// Stats answers for the container, and for each of r.Also that exists, with the same
+// stand-in (StatsTypeURL).
 func (s containersService) Stats(ctx context.Context, r *agent.StatsRequest) (*agent.StatsResponse, error) {
 	id := r.GetContainerId()
 	if err := s.simple("Containers.Stats", id); err != nil {
 		return nil, err
 	}
-	n := s.a.Count("Containers.Stats", id)
-	return &agent.StatsResponse{Metrics: &anypb.Any{TypeUrl: StatsTypeURL, Value: []byte(strconv.Itoa(n))}}, nil
+	m := &anypb.Any{TypeUrl: StatsTypeURL, Value: []byte(strconv.Itoa(s.a.Count("Containers.Stats", "")))}
+	resp := &agent.StatsResponse{Metrics: m}
+	s.a.mu.Lock()
+	defer s.a.mu.Unlock()
+	for _, other := range r.GetAlso() {
+		if _, err := s.a.process(other, ""); err != nil || other == id {
+			continue
+		}
+		s.a.call(StatsAlso, other, "")
+		if resp.Also == nil {
+			resp.Also = map[string]*anypb.Any{}
+		}
+		resp.Also[other] = m
+	}
+	return resp, nil
 }
 
 func (s containersService) Pids(ctx context.Context, r *agent.PidsRequest) (*agent.PidsResponse, error) {
