@@ -15,12 +15,12 @@ import (
 // askGuestHandler runs pods with the stats reuse off (guest.stats_reuse_vcpu_time = 0).
 const askGuestHandler = "caisson-askguest"
 
-// ContainerStats counts the CPU a container used, right after it used it: on runc (the
-// control), and on Caisson with its stats reuse (the default) and without. And on
-// Caisson, while the guest idles, ContainerStats calls that follow each other do not
-// reach the guest: the agent channel's interrupts in the guest do not grow with them.
-// With the reuse off they grow by at least one a call, which shows that the count sees
-// the calls.
+// ContainerStats counts the CPU a container used, right after it used it, for each of a
+// pod's two containers: on runc (the control), and on Caisson with its stats reuse (the
+// default) and without. And on Caisson, while the guest idles, ContainerStats calls that
+// follow each other do not reach the guest: the agent channel's interrupts in the guest
+// do not grow with them. With the reuse off they grow by at least one a call, which
+// shows that the count sees the calls.
 func TestCRIStatsReuse(t *testing.T) {
 	c := harness.StartCRI(t, harness.Options{Handlers: map[string]func(*config.Config){
 		askGuestHandler: func(c *config.Config) { c.Guest.StatsReuseVCPUTime = 0 },
@@ -40,8 +40,11 @@ func TestCRIStatsReuse(t *testing.T) {
 			podCfg := c.PodConfig("stats-"+tc.handler, nil)
 			pod := c.RunPod(t, podCfg, tc.handler)
 			defer c.RemovePod(t, pod)
-			ctr := c.StartContainer(t, pod, podCfg, harness.ContainerConfig("idle", image, "sleep", "100000"))
-			usage := func() time.Duration {
+			ctrs := []string{
+				c.StartContainer(t, pod, podCfg, harness.ContainerConfig("idle", image, "sleep", "100000")),
+				c.StartContainer(t, pod, podCfg, harness.ContainerConfig("idle2", image, "sleep", "100000")),
+			}
+			usage := func(ctr string) time.Duration {
 				t.Helper()
 				st, err := c.Runtime.ContainerStats(ctx, &runtime.ContainerStatsRequest{ContainerId: ctr})
 				if err != nil {
@@ -54,18 +57,23 @@ func TestCRIStatsReuse(t *testing.T) {
 				return time.Duration(cpu.GetValue())
 			}
 
-			// Work shows at once, however recently the container's stats were given.
-			before := usage()
-			usage()
-			out, errOut, code := c.Exec(t, ctr, "sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; times")
-			if code != 0 {
-				t.Fatalf("busy loop: exit %d: %s", code, errOut)
-			}
-			worked := shellCPU(t, out)
-			after := usage()
-			// The shell's own times are in 10 ms steps.
-			if after-before < worked-10*time.Millisecond {
-				t.Errorf("ContainerStats' CPU usage grew by %v over an exec whose shell alone used %v", after-before, worked)
+			// Work shows at once, however recently the containers' stats were given (and
+			// a Caisson pod's were read in one call into the guest).
+			for _, ctr := range ctrs {
+				before := usage(ctr)
+				for _, other := range ctrs {
+					usage(other)
+				}
+				out, errOut, code := c.Exec(t, ctr, "sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; times")
+				if code != 0 {
+					t.Fatalf("busy loop: exit %d: %s", code, errOut)
+				}
+				worked := shellCPU(t, out)
+				after := usage(ctr)
+				// The shell's own times are in 10 ms steps.
+				if after-before < worked-10*time.Millisecond {
+					t.Errorf("%s: ContainerStats' CPU usage grew by %v over an exec whose shell alone used %v", ctr, after-before, worked)
+				}
 			}
 
 			if !tc.vm {
@@ -73,14 +81,16 @@ func TestCRIStatsReuse(t *testing.T) {
 			}
 			// Calls while the guest idles. An exec's own interrupts are measured between
 			// two execs with nothing between them.
-			a := agentInterrupts(t, c, ctr)
-			b := agentInterrupts(t, c, ctr)
-			const calls = 30
-			for range calls {
-				usage()
+			a := agentInterrupts(t, c, ctrs[0])
+			b := agentInterrupts(t, c, ctrs[0])
+			const calls = 60 // 30 of each container
+			for range calls / 2 {
+				for _, ctr := range ctrs {
+					usage(ctr)
+				}
 				time.Sleep(50 * time.Millisecond)
 			}
-			d := agentInterrupts(t, c, ctr)
+			d := agentInterrupts(t, c, ctrs[0])
 			extra := (d - b) - (b - a)
 			t.Logf("the agent channel's interrupts: %d for an exec, %d for an exec after %d ContainerStats calls", b-a, d-b, calls)
 			switch {
