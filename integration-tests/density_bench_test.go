@@ -102,18 +102,17 @@ func densityConfigsOf(b *testing.B) []densityConfig {
 	if s == "" {
 		s = "booted,template"
 	}
-	var names []string
 	var out []densityConfig
 	for _, name := range strings.Split(s, ",") {
 		name = strings.TrimSpace(name)
 		i := slices.IndexFunc(densityConfigs, func(c densityConfig) bool { return c.name == name })
-		if i < 0 || slices.Contains(names, name) {
+		if i < 0 || slices.ContainsFunc(out, func(c densityConfig) bool { return c.name == name }) {
+			var known []string
 			for _, c := range densityConfigs {
-				names = append(names, c.name)
+				known = append(known, c.name)
 			}
-			b.Fatalf("%s=%q: want some of %s, comma-separated, each once", densityConfigsEnv, s, strings.Join(names, ", "))
+			b.Fatalf("%s=%q: want some of %s, comma-separated, each once", densityConfigsEnv, s, strings.Join(known, ", "))
 		}
-		names = append(names, name)
 		out = append(out, densityConfigs[i])
 	}
 	return out
@@ -261,7 +260,7 @@ func BenchmarkCRIDensity(b *testing.B) {
 	}
 }
 
-// runDensity starts n pods with the handler, measures them, removes them and checks
+// runDensity starts n pods of the configuration, measures them, removes them and checks
 // that nothing of them is left.
 func runDensity(b *testing.B, c *harness.CRI, cfg densityConfig, image string, n int) densityResult {
 	b.Helper()
