@@ -29,4 +29,5 @@ package agent
 //   - v1.1: Rootfs.tmpfs_upper (an agent without it would mount a CRI pause container's
 //     rootfs read-only).
 //   - v1.2: Sandbox.WarmUp (an agent without it answers Unimplemented).
-const APIVersion = "v1.2"
+//   - v1.3: StatsRequest.also (an agent without it reads the one container).
+const APIVersion = "v1.3"

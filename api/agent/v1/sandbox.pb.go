@@ -629,7 +629,7 @@ func (*VersionRequest) Descriptor() ([]byte, []int) {
 type VersionResponse struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
 	AgentVersion string                 `protobuf:"bytes,1,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
-	// api_version is this package's version, APIVersion in doc.go ("v1.1").
+	// api_version is this package's version, APIVersion in doc.go.
 	ApiVersion    string `protobuf:"bytes,2,opt,name=api_version,json=apiVersion,proto3" json:"api_version,omitempty"`
 	KernelRelease string `protobuf:"bytes,3,opt,name=kernel_release,json=kernelRelease,proto3" json:"kernel_release,omitempty"`
 	unknownFields protoimpl.UnknownFields
