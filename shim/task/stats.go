@@ -52,7 +52,13 @@ func (k *keptStats) ask(now time.Time) {
 func (k *keptStats) wanted(now time.Time) bool {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	return !k.asked.IsZero() && !now.Before(k.asked) && now.Sub(k.asked) < config.StatsReuseMaxAge
+	return young(k.asked, now)
+}
+
+// young says whether t is at most config.StatsReuseMaxAge before now (and not after it:
+// a clock set back makes nothing young).
+func young(t, now time.Time) bool {
+	return !now.Before(t) && now.Sub(t) < config.StatsReuseMaxAge
 }
 
 // reuse returns the kept reply if it may stand for a new one now, the VM's vCPUs having
@@ -61,8 +67,7 @@ func (k *keptStats) wanted(now time.Time) bool {
 func (k *keptStats) reuse(budget, vcpu time.Duration, now time.Time) *anypb.Any {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if k.metrics == nil || budget <= 0 || vcpu < k.vcpu || vcpu-k.vcpu >= budget ||
-		now.Before(k.at) || now.Sub(k.at) >= config.StatsReuseMaxAge {
+	if k.metrics == nil || budget <= 0 || vcpu < k.vcpu || vcpu-k.vcpu >= budget || !young(k.at, now) {
 		return nil
 	}
 	return k.metrics
