@@ -39,5 +39,9 @@ make --no-print-directory critest
 # context (privileged containers included), read-only mounts and mount propagation.
 export CAISSON_CRITEST_FOCUS='PodSandbox runtime should support (basic operations|sysctls)|Container runtime should support basic operations on container runtime should support (creating|starting|stopping|execSync)|Networking runtime should support networking runtime should support (DNS config|set hostname)|Streaming runtime should support streaming interfaces runtime should support exec|Security Context (NamespaceOption|bucket|SeccompProfilePath|NoNewPrivs)|Container Mount (Readonly|Propagation)'
 step "root and integration tests (QEMU under $(bin/caisson check 2>/dev/null | awk '/^verdict/ {for (i=1;i<=NF;i++) if ($i=="accelerator") print $(i+1)}' | tr -d ,))"
+# A failed test prints the last 6 KiB of its containerd's and snapshotter's logs and keeps
+# them whole here (integration-tests/harness).
+export CAISSON_TEST_LOGS="$PWD/_output/test-logs"
+rm -rf "$CAISSON_TEST_LOGS"
 # -p 1: the packages' QEMU guests would otherwise compete for 2 cores and time out.
 go test -count=1 -p 1 -timeout 45m -tags seccomp ./...

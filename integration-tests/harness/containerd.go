@@ -353,6 +353,7 @@ func startDaemon(t testing.TB, name, logPath string, env []string, bin string, a
 		if t.Failed() {
 			b, _ := os.ReadFile(logPath)
 			t.Logf("%s log (last 6 KiB):\n%s", name, tail(b, 6<<10))
+			keepLog(t, name, b)
 		}
 	})
 	return d
@@ -452,4 +453,25 @@ func CRIRuntimes(cfg map[string]any) map[string]any {
 		criRuntime = "io.containerd.grpc.v1.cri"
 	}
 	return cfg["plugins"].(map[string]any)[criRuntime].(map[string]any)["containerd"].(map[string]any)["runtimes"].(map[string]any)
+}
+
+// keepLogsEnv names a directory where a failed test's daemon logs are kept whole: the
+// last 6 KiB in the test's output rarely reach back to a failure's cause on a busy shim.
+const keepLogsEnv = "CAISSON_TEST_LOGS"
+
+func keepLog(t testing.TB, name string, b []byte) {
+	dir := os.Getenv(keepLogsEnv)
+	if dir == "" {
+		return
+	}
+	path := filepath.Join(dir, strings.NewReplacer("/", "_", " ", "_").Replace(t.Name())+"."+name+".log")
+	err := os.MkdirAll(dir, 0o755)
+	if err == nil {
+		err = os.WriteFile(path, b, 0o644)
+	}
+	if err != nil {
+		t.Logf("keep %s's log: %v", name, err)
+		return
+	}
+	t.Logf("%s's whole log: %s", name, path)
 }
