@@ -145,7 +145,10 @@ func checkGuestSize(t *testing.T, c *harness.CRI, id, name string, memoryMiB, vc
 	n, _ := strconv.Atoi(f[0])
 	kb, _ := strconv.Atoi(f[2])
 	if n != vcpus {
-		t.Errorf("pod %s: the guest has %d vCPUs online, want %d", name, n, vcpus)
+		// What the guest has online, and what the exec's cgroup lets it use: a vCPU can
+		// be online before its cpuset has it.
+		more, _, _ := c.Exec(t, id, "sh", "-c", "cat /sys/devices/system/cpu/online /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/cpuset.cpus.effective; grep Cpus_allowed_list /proc/self/status")
+		t.Errorf("pod %s: the guest has %d vCPUs online, want %d (online, the cgroup's effective cpuset, the exec's: %q)", name, n, vcpus, more)
 	}
 	if want := memoryMiB << 10; kb > want || kb < want*9/10 {
 		t.Errorf("pod %s: guest MemTotal %d kB, want at most %d kB and at least 90 %% of it", name, kb, want)

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/containerd/log"
+	"k8s.io/utils/cpuset"
 
 	agent "github.com/caisson-containers/caisson/api/agent/v1"
 )
@@ -81,26 +82,38 @@ func (s Service) online(ctx context.Context) (state, error) {
 	return st, err
 }
 
-var cpuDir = regexp.MustCompile(`^cpu[0-9]+$`)
+var cpuDir = regexp.MustCompile(`^cpu([0-9]+)$`)
 
 // onlineCPUs writes 1 to the online file of every offline vCPU and counts the online
-// ones. A vCPU without an online file (the boot CPU) is always online.
+// ones. A vCPU without an online file is online only if the kernel's online list says
+// so: that is the boot CPU, which cannot go offline, and also a vCPU being added, whose
+// directory appears before its online file (device_add makes the directory, then the
+// attributes); counting that one would report a vCPU that no one ever onlines.
 func (s Service) onlineCPUs(ctx context.Context) (int, error) {
 	dir := filepath.Join(s.sys(), "devices/system/cpu")
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return 0, err
 	}
+	var listed cpuset.CPUSet // the kernel's online list, read once if needed
 	n := 0
 	for _, e := range entries {
-		if !cpuDir.MatchString(e.Name()) {
+		m := cpuDir.FindStringSubmatch(e.Name())
+		if m == nil {
 			continue
 		}
 		f := filepath.Join(dir, e.Name(), "online")
 		b, err := os.ReadFile(f)
 		switch {
 		case os.IsNotExist(err):
-			n++
+			if listed.IsEmpty() {
+				if listed, err = s.onlineList(dir); err != nil {
+					return 0, err
+				}
+			}
+			if cpu, _ := strconv.Atoi(m[1]); listed.Contains(cpu) {
+				n++
+			}
 			continue
 		case err != nil:
 			return 0, err
@@ -117,6 +130,19 @@ func (s Service) onlineCPUs(ctx context.Context) (int, error) {
 		n++
 	}
 	return n, nil
+}
+
+// onlineList is the kernel's list of online CPUs (dir/online, "0-2,4").
+func (s Service) onlineList(dir string) (cpuset.CPUSet, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "online"))
+	if err != nil {
+		return cpuset.CPUSet{}, err
+	}
+	set, err := cpuset.Parse(strings.TrimSpace(string(b)))
+	if err != nil {
+		return cpuset.CPUSet{}, fmt.Errorf("%s/online: %w", dir, err)
+	}
+	return set, nil
 }
 
 var memoryDir = regexp.MustCompile(`^memory[0-9]+$`)
@@ -144,7 +170,12 @@ func (s Service) onlineMemory(ctx context.Context) (uint64, error) {
 		}
 		f := filepath.Join(dir, e.Name(), "state")
 		b, err := os.ReadFile(f)
-		if err != nil {
+		switch {
+		case os.IsNotExist(err):
+			// A block being added: its directory comes before its state file. The
+			// next round onlines it.
+			continue
+		case err != nil:
 			return 0, err
 		}
 		if strings.TrimSpace(string(b)) != "online" {

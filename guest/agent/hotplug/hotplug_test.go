@@ -117,38 +117,63 @@ func TestResize(t *testing.T) {
 	}
 }
 
-// TestResizeWaitsForHotplug: a vCPU whose hot-plug event arrives during the call is
-// onlined by it.
+// TestResizeWaitsForHotplug: a vCPU and a memory block whose hot-plug arrives during
+// the call are onlined by it. As in sysfs, each one's directory appears before its
+// online or state file: until the file is there, the vCPU is not counted online (the
+// kernel's online list does not have it) and the block is not an error.
 func TestResizeWaitsForHotplug(t *testing.T) {
 	s := fakeSys(t, map[string]string{
 		"sys/devices/system/cpu/cpu0/topology/core_id": "0",
+		"sys/devices/system/cpu/online":                "0\n",
 		"sys/devices/system/memory/block_size_bytes":   "8000000",
 		"sys/devices/system/memory/memory0/state":      "online",
 		"proc/meminfo": "MemTotal: 100 kB\n",
 	})
+	cpu1 := filepath.Join(s.Sys, "devices/system/cpu/cpu1")
+	memory1 := filepath.Join(s.Sys, "devices/system/memory/memory1")
+	for _, d := range []string{cpu1, memory1} {
+		if err := os.MkdirAll(filepath.Join(d, "topology"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
 	arrived := make(chan error, 1)
 	go func() {
 		time.Sleep(30 * time.Millisecond)
-		// Whole, as sysfs shows a new vCPU: made aside and renamed into place.
-		tmp := filepath.Join(s.Sys, "devices/system/cpu1.new")
-		if err := os.MkdirAll(tmp, 0o755); err != nil {
-			arrived <- err
-			return
+		err := os.WriteFile(filepath.Join(cpu1, "online"), []byte("0\n"), 0o644)
+		if err == nil {
+			err = os.WriteFile(filepath.Join(memory1, "state"), []byte("offline\n"), 0o644)
 		}
-		if err := os.WriteFile(filepath.Join(tmp, "online"), []byte("0\n"), 0o644); err != nil {
-			arrived <- err
-			return
-		}
-		arrived <- os.Rename(tmp, filepath.Join(s.Sys, "devices/system/cpu/cpu1"))
+		arrived <- err
 	}()
-	got, err := s.Resize(context.Background(), &agent.ResizeRequest{Vcpus: 2, MemoryMib: 128})
+	got, err := s.Resize(context.Background(), &agent.ResizeRequest{Vcpus: 2, MemoryMib: 256})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := <-arrived; err != nil {
 		t.Fatal(err)
 	}
-	if got.OnlineVcpus != 2 || read(t, s, "devices/system/cpu/cpu1/online") != "1" {
-		t.Errorf("got %v, cpu1 online %q: want 2 vCPUs, cpu1 onlined", got, read(t, s, "devices/system/cpu/cpu1/online"))
+	if got.OnlineVcpus != 2 || got.MemoryMib != 256 {
+		t.Errorf("got %v, want 2 vCPUs and 256 MiB", got)
+	}
+	if v := read(t, s, "devices/system/cpu/cpu1/online"); v != "1" {
+		t.Errorf("cpu1 online = %q, want 1", v)
+	}
+	if v := read(t, s, "devices/system/memory/memory1/state"); v != "online" {
+		t.Errorf("memory1 state = %q, want online", v)
+	}
+}
+
+// TestResizeBadOnlineList: a vCPU without an online file needs the kernel's online list,
+// and a list that does not parse is an error, not a guess.
+func TestResizeBadOnlineList(t *testing.T) {
+	s := fakeSys(t, map[string]string{
+		"sys/devices/system/cpu/cpu0/topology/core_id": "0",
+		"sys/devices/system/cpu/online":                "zero\n",
+		"sys/devices/system/memory/block_size_bytes":   "8000000",
+		"sys/devices/system/memory/memory0/state":      "online",
+		"proc/meminfo": "MemTotal: 100 kB\n",
+	})
+	if _, err := s.Resize(context.Background(), &agent.ResizeRequest{Vcpus: 1, MemoryMib: 128}); err == nil || !strings.Contains(err.Error(), "online") {
+		t.Fatalf("Resize with an online list of %q: %v, want an error naming it", "zero", err)
 	}
 }
