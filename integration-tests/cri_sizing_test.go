@@ -76,6 +76,7 @@ func testSizing(t *testing.T, template bool) {
 	for i, s := range sizes {
 		ctrs[i] = c.StartContainer(t, pods[i], cfgs[i], harness.ContainerConfig("sleeper", image, "sleep", "3600"))
 		checkGuestSize(t, c, ctrs[i], s.name, base.MemoryMiB+s.memoryMiB, base.VCPUs+s.cpus)
+		checkGuestTSC(t, c, ctrs[i])
 	}
 
 	// The small pod's container raised beyond its VM: the VM grows to the base plus

@@ -38,8 +38,9 @@ import (
 // format changes when what a template holds or how it is made does (2: the VMM's
 // identity from vmm.Hypervisor; 3: room for hot-plugged vCPUs and memory, which the
 // guest onlines, so that pods of every size start from the runtime configuration's
-// base size and grow).
-const format = 3
+// base size and grow; 4: the guest's TSC frequency is given under TCG, not calibrated,
+// so a template saved with a clock that runs at a wrong rate is made again).
+const format = 4
 
 // readyTimeout bounds the template VM's boot to its agent answering with its drivers loaded.
 const readyTimeout = 2 * time.Minute

@@ -284,6 +284,8 @@ type cmdline struct {
 	consoleFD int
 	// jailed: QEMU runs in a jail (jailed.go) and opens no path of the shim's.
 	jailed bool
+	// tscKHz is the guest's TSC frequency under TCG (guestTSC), 0 to let it calibrate.
+	tscKHz uint64
 	// sharedFSFD is the descriptor of a connection to the virtio-fs daemon (a jailed
 	// QEMU cannot reach its socket's path); 0: QEMU connects to SharedFS.Socket.
 	sharedFSFD int
@@ -361,6 +363,9 @@ func (c cmdline) machineArgs() ([]string, error) {
 // kernelArgs are the guest kernel, its parameters and the initramfs.
 func (c cmdline) kernelArgs() []string {
 	params := baseKernelParams
+	if c.tscKHz > 0 {
+		params += " tsc_early_khz=" + strconv.FormatUint(c.tscKHz, 10)
+	}
 	if len(c.vm.KernelParams) > 0 {
 		params += " " + strings.Join(c.vm.KernelParams, " ")
 	}

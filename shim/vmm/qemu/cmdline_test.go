@@ -81,6 +81,12 @@ func TestCmdline(t *testing.T) {
 			want:   map[string][]string{"-accel": {"tcg,tb-size=64"}},
 		},
 		{
+			name:   "the host's TSC frequency for a guest under tcg",
+			change: func(c *cmdline) { c.tscKHz = 2095984 },
+			want: map[string][]string{"-append": {"console=ttyS0 panic=-1 swiotlb=noforce pcie_ports=compat cryptomgr.notests i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1" +
+				" tsc=reliable nowatchdog nmi_watchdog=0 sysctl.vm.compaction_proactiveness=0 sysctl.vm.stat_interval=10 memhp_default_state=online tsc_early_khz=2095984 quiet"}},
+		},
+		{
 			name:   "free page reporting",
 			change: func(c *cmdline) { c.qemu.FreePageReporting = true },
 			want:   map[string][]string{"-device": {"virtio-balloon-pci,id=balloon,bus=pcie.0,addr=03.0,free-page-reporting=on"}},

@@ -14,6 +14,7 @@ import (
 	"github.com/caisson-containers/caisson/shim/vmm"
 	"github.com/caisson-containers/caisson/shim/vmm/qemu/accel"
 	"github.com/caisson-containers/caisson/shim/vmm/qemu/qmp"
+	"github.com/caisson-containers/caisson/shim/vmm/qemu/tsc"
 )
 
 // Start launches QEMU with the cold-plugged disks and connects to its QMP socket.
@@ -52,7 +53,7 @@ func (v *VM) Start(ctx context.Context) (retErr error) {
 			v.forgetColdDisks()
 		}
 	}()
-	if err := v.prepareLaunch(l, acc); err != nil {
+	if err := v.prepareLaunch(ctx, l, acc); err != nil {
 		return err
 	}
 	if err := os.MkdirAll(v.cfg.StateDir, 0o700); err != nil {
@@ -113,6 +114,24 @@ func (v *VM) accelerator(ctx context.Context) (bin, acc string, _ error) {
 	return bin, string(a), nil
 }
 
+// guestTSC is the TSC frequency a guest under TCG is given (package tsc): the host's,
+// measured once per host boot. 0 if it cannot be measured: the guest then calibrates
+// its TSC itself, which is usually right.
+func (v *VM) guestTSC(ctx context.Context) uint64 {
+	var khz uint64
+	var err error
+	if v.qcfg.AccelCacheDir != "" {
+		khz, err = tsc.CachedKHz(v.qcfg.AccelCacheDir)
+	} else {
+		khz, err = tsc.MeasureKHz()
+	}
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("the host's TSC frequency is not known: the guest calibrates its own, which under TCG on a busy host can make its clock run many times too fast or slow")
+		return 0
+	}
+	return khz
+}
+
 // launch is one start of QEMU: its command line and the descriptors it inherits.
 type launch struct {
 	cl   cmdline
@@ -140,9 +159,12 @@ func (l *launch) closePassed() {
 // NICs' taps, a template's state, and for a jailed QEMU, which gets descriptors
 // instead of paths (jailed.go), the virtio-fs connection and the disks. The cold-plugged
 // disks are registered as attached (forgetColdDisks undoes it).
-func (v *VM) prepareLaunch(l *launch, acc string) error {
+func (v *VM) prepareLaunch(ctx context.Context, l *launch, acc string) error {
 	l.cl = cmdline{vm: v.cfg, accel: acc, qemu: v.qcfg, qmpSocket: v.qmpSocket, agentSock: v.agentSocket,
 		bridges: bridgesFor(v.cfg.HotplugSlots), jailed: v.jailed()}
+	if acc == "tcg" {
+		l.cl.tscKHz = v.guestTSC(ctx)
+	}
 	l.extra = nicFiles(v.cfg.NICs)
 	if v.restoring() {
 		state, err := v.openTemplateState()
