@@ -98,15 +98,26 @@ type cached struct {
 }
 
 // CachedKHz is MeasureKHz measured once per host boot: the first call keeps its result
-// in dir (every VM of a boot then gets the same value, and only the first pays the 50
-// ms), the next ones read it. A file of another boot, or one that does not parse, is
-// measured again.
+// in dir and the next ones read it, so that every VM of a boot gets the same value and
+// only the first pays the 50 ms. Shims that start at once take turns on a lock in dir.
+// A file of another boot, or one that does not parse, is measured again.
 func CachedKHz(dir string) (uint64, error) {
 	boot, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
 	if err != nil {
 		return 0, err
 	}
 	id := strings.TrimSpace(string(boot))
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return 0, err
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, "tsc-khz.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return 0, err
+	}
+	defer lock.Close() // and with it the lock
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
+		return 0, fmt.Errorf("lock %s: %w", lock.Name(), err)
+	}
 	path := filepath.Join(dir, "tsc-khz.json")
 	if b, err := os.ReadFile(path); err == nil {
 		var c cached
@@ -121,9 +132,6 @@ func CachedKHz(dir string) (uint64, error) {
 		return 0, err
 	}
 	b, _ := json.Marshal(cached{BootID: id, KHz: khz})
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return 0, err
-	}
 	tmp, err := os.CreateTemp(dir, ".tsc-khz-*")
 	if err != nil {
 		return 0, err

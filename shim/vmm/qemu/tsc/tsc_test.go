@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 )
 
@@ -73,7 +74,31 @@ func TestCachedKHz(t *testing.T) {
 		})
 	}
 	entries, _ := os.ReadDir(dir)
-	if len(entries) != 1 {
-		t.Errorf("cache dir holds %v, want only tsc-khz.json", entries)
+	if len(entries) != 2 {
+		t.Errorf("cache dir holds %v, want only tsc-khz.json and its lock", entries)
+	}
+}
+
+// TestCachedKHzAtOnce: VMs that start at once, the first of a boot, get one value.
+func TestCachedKHzAtOnce(t *testing.T) {
+	if !supported {
+		t.Skip(ErrUnsupported)
+	}
+	dir := t.TempDir()
+	got := make([]uint64, 8)
+	var wg sync.WaitGroup
+	for i := range got {
+		wg.Go(func() {
+			var err error
+			if got[i], err = CachedKHz(dir); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	for _, k := range got[1:] {
+		if k != got[0] {
+			t.Fatalf("CachedKHz called at once gave %v, want one value", got)
+		}
 	}
 }
