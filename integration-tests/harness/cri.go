@@ -241,6 +241,9 @@ func (c *CRI) RemovePod(t testing.TB, pod string) {
 }
 
 func (c *CRI) removeAllPods(t testing.TB) {
+	if t.Failed() {
+		c.keepConsoles(t)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	resp, err := c.Runtime.ListPodSandbox(ctx, &runtime.ListPodSandboxRequest{})
@@ -251,6 +254,18 @@ func (c *CRI) removeAllPods(t testing.TB) {
 	for _, p := range resp.Items {
 		c.Runtime.StopPodSandbox(ctx, &runtime.StopPodSandboxRequest{PodSandboxId: p.Id})
 		c.Runtime.RemovePodSandbox(ctx, &runtime.RemovePodSandboxRequest{PodSandboxId: p.Id})
+	}
+}
+
+// keepConsoles keeps the guest console of every pod VM still running in a failed test
+// (the agent's log, and the kernel's if the guest boots verbose) with the daemons' logs
+// (CAISSON_TEST_LOGS): removing the pods removes them.
+func (c *CRI) keepConsoles(t testing.TB) {
+	consoles, _ := filepath.Glob(filepath.Join(c.StateDir, "*", "console.log"))
+	for _, f := range consoles {
+		if b, err := os.ReadFile(f); err == nil {
+			keepLog(t, "console-"+filepath.Base(filepath.Dir(f)), b)
+		}
 	}
 }
 
