@@ -40,6 +40,8 @@ var _ agent.ResourcesService = Service{}
 type state struct {
 	vcpus     int
 	memoryMiB uint64
+	// onlined is how many vCPUs this look onlined.
+	onlined int
 }
 
 // Resize onlines hot-plugged vCPUs until r.Vcpus are online and waits until the online
@@ -50,12 +52,17 @@ func (s Service) Resize(ctx context.Context, r *agent.ResizeRequest) (*agent.Res
 		ctx, cancel = context.WithTimeout(ctx, defaultTimeout)
 		defer cancel()
 	}
+	onlined := 0
 	for {
 		st, err := s.online(ctx)
 		if err != nil {
 			return nil, err
 		}
+		onlined += st.onlined
 		if st.vcpus >= int(r.Vcpus) && st.memoryMiB >= r.MemoryMib {
+			if onlined > 0 {
+				s.settleCpusets(ctx)
+			}
 			total, err := s.memTotalKiB()
 			if err != nil {
 				return nil, err
@@ -75,7 +82,7 @@ func (s Service) Resize(ctx context.Context, r *agent.ResizeRequest) (*agent.Res
 func (s Service) online(ctx context.Context) (state, error) {
 	var st state
 	var err error
-	if st.vcpus, err = s.onlineCPUs(ctx); err != nil {
+	if st.vcpus, st.onlined, err = s.onlineCPUs(ctx); err != nil {
 		return st, err
 	}
 	st.memoryMiB, err = s.onlineMemory(ctx)
@@ -88,15 +95,15 @@ var cpuDir = regexp.MustCompile(`^cpu([0-9]+)$`)
 // ones. A vCPU without an online file is online only if the kernel's online list says
 // so: that is the boot CPU, which cannot go offline, and also a vCPU being added, whose
 // directory appears before its online file (device_add makes the directory, then the
-// attributes); counting that one would report a vCPU that no one ever onlines.
-func (s Service) onlineCPUs(ctx context.Context) (int, error) {
+// attributes); counting that one would report a vCPU that no one ever onlines. It also
+// says how many vCPUs it onlined.
+func (s Service) onlineCPUs(ctx context.Context) (online, onlined int, _ error) {
 	dir := filepath.Join(s.sys(), "devices/system/cpu")
 	entries, err := os.ReadDir(dir)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	var listed cpuset.CPUSet // the kernel's online list, read once if needed
-	n := 0
 	for _, e := range entries {
 		m := cpuDir.FindStringSubmatch(e.Name())
 		if m == nil {
@@ -108,17 +115,17 @@ func (s Service) onlineCPUs(ctx context.Context) (int, error) {
 		case os.IsNotExist(err):
 			if listed.IsEmpty() {
 				if listed, err = s.onlineList(dir); err != nil {
-					return 0, err
+					return 0, 0, err
 				}
 			}
 			if cpu, _ := strconv.Atoi(m[1]); listed.Contains(cpu) {
-				n++
+				online++
 			}
 			continue
 		case err != nil:
-			return 0, err
+			return 0, 0, err
 		case strings.TrimSpace(string(b)) == "1":
-			n++
+			online++
 			continue
 		}
 		if err := os.WriteFile(f, []byte("1"), 0); err != nil {
@@ -127,9 +134,35 @@ func (s Service) onlineCPUs(ctx context.Context) (int, error) {
 			continue
 		}
 		log.G(ctx).WithField("cpu", e.Name()).Info("hot-plugged vCPU online")
-		n++
+		online++
+		onlined++
 	}
-	return n, nil
+	return online, onlined, nil
+}
+
+// settleCgroup is a cgroup of the agent's own, empty, whose cpuset settleCpusets writes.
+const settleCgroup = "caisson-settle"
+
+// settleCpusets waits until the cgroups' cpusets have the vCPUs just onlined. Linux
+// before 6.10 gives them in a work item after the vCPU is up (cpuset_hotplug_workfn);
+// until it has run, a process that joins a container's cgroup gets the old CPUs (nproc
+// one short), and the cgroup operations of the pod's next calls run beside it. Writing a
+// cpuset's cpus file waits for that work first (cpuset_write_resmask flushes it); the
+// empty list written to a cgroup that has none changes nothing. Without a cpuset
+// controller there is nothing to wait for.
+func (s Service) settleCpusets(ctx context.Context) {
+	dir := filepath.Join(s.sys(), "fs/cgroup", settleCgroup)
+	if err := os.Mkdir(dir, 0o755); err != nil && !os.IsExist(err) {
+		log.G(ctx).WithError(err).Warn("cgroup to wait for the cpusets of hot-plugged vCPUs")
+		return
+	}
+	f := filepath.Join(dir, "cpuset.cpus")
+	if _, err := os.Stat(f); err != nil {
+		return // no cpuset controller
+	}
+	if err := os.WriteFile(f, []byte("\n"), 0); err != nil {
+		log.G(ctx).WithError(err).Warn("wait for the cpusets of hot-plugged vCPUs")
+	}
 }
 
 // onlineList is the kernel's list of online CPUs (dir/online, "0-2,4").

@@ -3,6 +3,7 @@ package hotplug
 import (
 	"context"
 	"errors"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -175,5 +176,55 @@ func TestResizeBadOnlineList(t *testing.T) {
 	})
 	if _, err := s.Resize(context.Background(), &agent.ResizeRequest{Vcpus: 1, MemoryMib: 128}); err == nil || !strings.Contains(err.Error(), "online") {
 		t.Fatalf("Resize with an online list of %q: %v, want an error naming it", "zero", err)
+	}
+}
+
+// TestResizeSettlesCpusets: a Resize that onlined a vCPU writes its cgroup's cpuset
+// (which waits for the kernel's cpuset update) before it answers; one that onlined none,
+// or a guest without a cpuset controller, writes nothing.
+func TestResizeSettlesCpusets(t *testing.T) {
+	files := map[string]string{
+		"sys/devices/system/cpu/cpu0/topology/core_id":   "0",
+		"sys/devices/system/cpu/online":                  "0\n",
+		"sys/devices/system/memory/block_size_bytes":     "8000000",
+		"sys/devices/system/memory/memory0/state":        "online",
+		"sys/fs/cgroup/" + settleCgroup + "/cpuset.cpus": "untouched",
+		"proc/meminfo": "MemTotal: 100 kB\n",
+	}
+	cpuset := "fs/cgroup/" + settleCgroup + "/cpuset.cpus"
+	for _, tc := range []struct {
+		name    string
+		offline bool // cpu1 hot-plugged, offline
+		cpuset  bool
+		want    string
+	}{
+		{"a vCPU onlined", true, true, ""},
+		{"none onlined", false, true, "untouched"},
+		{"no cpuset controller", true, false, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := maps.Clone(files)
+			if tc.offline {
+				f["sys/devices/system/cpu/cpu1/online"] = "0\n"
+			}
+			if !tc.cpuset {
+				delete(f, "sys/fs/cgroup/"+settleCgroup+"/cpuset.cpus")
+			}
+			s := fakeSys(t, f)
+			if _, err := s.Resize(context.Background(), &agent.ResizeRequest{Vcpus: 1, MemoryMib: 128}); err != nil {
+				t.Fatal(err)
+			}
+			_, err := os.Stat(filepath.Join(s.Sys, cpuset))
+			switch {
+			case !tc.cpuset:
+				if err == nil {
+					t.Errorf("%s made where the guest has no cpuset controller", cpuset)
+				}
+			default:
+				if got := read(t, s, cpuset); got != tc.want {
+					t.Errorf("%s = %q, want %q", cpuset, got, tc.want)
+				}
+			}
+		})
 	}
 }
