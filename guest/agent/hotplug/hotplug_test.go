@@ -29,6 +29,20 @@ func fakeSys(t *testing.T, files map[string]string) Service {
 	return Service{Sys: filepath.Join(root, "sys"), Proc: filepath.Join(root, "proc")}
 }
 
+// bootGuest is a guest's files as it boots: one vCPU and one 128 MiB memory block
+// online, with more files (or other contents) from more.
+func bootGuest(more map[string]string) map[string]string {
+	files := map[string]string{
+		"sys/devices/system/cpu/cpu0/topology/core_id": "0",
+		"sys/devices/system/cpu/online":                "0\n",
+		"sys/devices/system/memory/block_size_bytes":   "8000000",
+		"sys/devices/system/memory/memory0/state":      "online",
+		"proc/meminfo": "MemTotal: 100 kB\n",
+	}
+	maps.Copy(files, more)
+	return files
+}
+
 func read(t *testing.T, s Service, p string) string {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(s.Sys, p))
@@ -123,13 +137,7 @@ func TestResize(t *testing.T) {
 // online or state file: until the file is there, the vCPU is not counted online (the
 // kernel's online list does not have it) and the block is not an error.
 func TestResizeWaitsForHotplug(t *testing.T) {
-	s := fakeSys(t, map[string]string{
-		"sys/devices/system/cpu/cpu0/topology/core_id": "0",
-		"sys/devices/system/cpu/online":                "0\n",
-		"sys/devices/system/memory/block_size_bytes":   "8000000",
-		"sys/devices/system/memory/memory0/state":      "online",
-		"proc/meminfo": "MemTotal: 100 kB\n",
-	})
+	s := fakeSys(t, bootGuest(nil))
 	cpu1 := filepath.Join(s.Sys, "devices/system/cpu/cpu1")
 	memory1 := filepath.Join(s.Sys, "devices/system/memory/memory1")
 	for _, d := range []string{cpu1, memory1} {
@@ -167,13 +175,7 @@ func TestResizeWaitsForHotplug(t *testing.T) {
 // TestResizeBadOnlineList: a vCPU without an online file needs the kernel's online list,
 // and a list that does not parse is an error, not a guess.
 func TestResizeBadOnlineList(t *testing.T) {
-	s := fakeSys(t, map[string]string{
-		"sys/devices/system/cpu/cpu0/topology/core_id": "0",
-		"sys/devices/system/cpu/online":                "zero\n",
-		"sys/devices/system/memory/block_size_bytes":   "8000000",
-		"sys/devices/system/memory/memory0/state":      "online",
-		"proc/meminfo": "MemTotal: 100 kB\n",
-	})
+	s := fakeSys(t, bootGuest(map[string]string{"sys/devices/system/cpu/online": "zero\n"}))
 	if _, err := s.Resize(context.Background(), &agent.ResizeRequest{Vcpus: 1, MemoryMib: 128}); err == nil || !strings.Contains(err.Error(), "online") {
 		t.Fatalf("Resize with an online list of %q: %v, want an error naming it", "zero", err)
 	}
@@ -183,14 +185,7 @@ func TestResizeBadOnlineList(t *testing.T) {
 // (which waits for the kernel's cpuset update) before it answers; one that onlined none,
 // or a guest without a cpuset controller, writes nothing.
 func TestResizeSettlesCpusets(t *testing.T) {
-	files := map[string]string{
-		"sys/devices/system/cpu/cpu0/topology/core_id":   "0",
-		"sys/devices/system/cpu/online":                  "0\n",
-		"sys/devices/system/memory/block_size_bytes":     "8000000",
-		"sys/devices/system/memory/memory0/state":        "online",
-		"sys/fs/cgroup/" + settleCgroup + "/cpuset.cpus": "untouched",
-		"proc/meminfo": "MemTotal: 100 kB\n",
-	}
+	files := bootGuest(map[string]string{"sys/fs/cgroup/" + settleCgroup + "/cpuset.cpus": "untouched"})
 	cpuset := "fs/cgroup/" + settleCgroup + "/cpuset.cpus"
 	for _, tc := range []struct {
 		name    string
