@@ -132,18 +132,8 @@ func CachedKHz(dir string) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
+	// Written in place: every reader holds the lock, and a file a crash cut short does
+	// not parse, so it is measured again.
 	b, _ := json.Marshal(cached{BootID: id, KHz: khz})
-	tmp, err := os.CreateTemp(dir, ".tsc-khz-*")
-	if err != nil {
-		return 0, err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return 0, err
-	}
-	if err := tmp.Close(); err != nil {
-		return 0, err
-	}
-	return khz, os.Rename(tmp.Name(), path)
+	return khz, os.WriteFile(path, b, 0o600)
 }
