@@ -122,10 +122,13 @@ func densityConfigsOf(b *testing.B) []densityConfig {
 // processes.
 type densityPod struct {
 	id, ctr string
-	// start is RunPodSandbox → the app container Running.
-	start      time.Duration
-	shim, qemu int
-	virtiofsd  []int
+	// start is RunPodSandbox → the app container Running; began, sandboxDone and ended
+	// are when RunPodSandbox was called and returned and when the container ran (for the
+	// start's phases, see shimPhases).
+	start                     time.Duration
+	began, sandboxDone, ended time.Time
+	shim, qemu                int
+	virtiofsd                 []int
 }
 
 // podMemory is one pod's PSS, split by what holds it.
@@ -171,6 +174,25 @@ type densityResult struct {
 	// template's memory file holds (once per node and VM shape); template runs only.
 	templateMade time.Duration
 	templateFile int64
+	// firstPhases and lastPhases are the start phases (phaseNames) of the first and the
+	// last growthSample pods, one list per phase: which part of a start grows as the
+	// pods add up.
+	firstPhases, lastPhases [][]time.Duration
+}
+
+// growthSample is how many of the first and of the last pods the start's growth is
+// measured over (medians): the issue's ratio, the last pod over the first, rests on two
+// starts, each moved by whatever else the machine did at that moment.
+const growthSample = 10
+
+// sampleSize is how many of n pods are the first and the last growthSample: as many,
+// or half of n if fewer, at least one.
+func sampleSize(n int) int { return max(1, min(growthSample, n/2)) }
+
+// runcStarts are the control for the start's growth: the same number of pods of the same
+// image on the same containerd and CNI, run by containerd's runc.
+type runcStarts struct {
+	starts []time.Duration
 }
 
 // bareResult is the baseline guest: the pod VM's kernel, CPUs, memory and accelerator
@@ -194,14 +216,19 @@ type bareResult struct {
 //     does not have;
 //   - idle CPU per pod over 30 s, as % of one core (median and max, and the median of each
 //     process kind);
-//   - the first and the last pod's start (RunPodSandbox → container Running), their ratio;
+//   - the first and the last pod's start (RunPodSandbox → container Running), their ratio,
+//     and the same for the medians of the first and the last ten, with the phases of
+//     those starts (phaseNames): which part of a start grows as the pods add up;
 //   - the slowest of 10 execs (ExecSync `true`) in random pods: over 2 s fails the
 //     benchmark (once the figures are reported), since every pod must stay responsive;
 //   - the time to stop and remove them all; then nothing of them may be left.
 //
-// Against a baseline measured in the same run (the machine is shared, so only same-run
-// ratios mean much): a bare guest of the same kernel and VM shape whose init does nothing.
-// The pods' start, idle CPU and PSS are reported over its boot, idle CPU and PSS.
+// Against baselines measured in the same run (the machine is shared, so only same-run
+// ratios mean much): a bare guest of the same kernel and VM shape whose init does nothing
+// (the pods' start, idle CPU and PSS are reported over its boot, idle CPU and PSS); and,
+// for the start's growth, the same number of pods run by containerd's runc on the same
+// containerd, CNI and image, one after another, then removed (runc-*): what of the
+// growth is the node's (containerd, CNI, the host's own work) rather than Caisson's.
 //
 // Before each pod it checks the host's MemAvailable: under 3 GiB plus twice the last
 // pod's cost, it starts no more pods, measures those that run, and fails.
@@ -236,8 +263,11 @@ func BenchmarkCRIDensity(b *testing.B) {
 	// The sandbox image too: the first RunPodSandbox would pull it, and the first pod's
 	// start would count the pull.
 	c.Pull(b, c.PauseRef, harness.Handler)
+	runcImage := c.Pull(b, c.BusyboxRef, harness.RuncHandler)
+	c.Pull(b, c.PauseRef, harness.RuncHandler)
 
 	bare := measureBare(b, c)
+	runc := measureRunc(b, c, runcImage, n)
 	var results []densityResult
 	for _, cfg := range configs {
 		results = append(results, runDensity(b, c, cfg, image, n))
@@ -247,10 +277,14 @@ func BenchmarkCRIDensity(b *testing.B) {
 	b.ReportMetric(bare.boot.Seconds(), "bare-boot-s")
 	b.ReportMetric(bare.cpu, "bare-idle-cpu-%")
 	b.ReportMetric(mib(bare.mem.total()), "bare-PSS-MiB")
+	rg := growthOf(runc.starts)
+	b.ReportMetric(runc.starts[0].Seconds(), "runc-first-start-s")
+	b.ReportMetric(rg.lastRatio, "runc-last/first-start")
+	b.ReportMetric(rg.lastKRatio, "runc-last-ten/first-ten-start")
 	for _, r := range results {
 		reportDensity(b, r, bare)
 	}
-	fmt.Print(densityTable(c, n, statsPeriod, bare, results))
+	fmt.Print(densityTable(c, n, statsPeriod, bare, runc, results))
 	for _, r := range results {
 		for _, failure := range []string{r.stopped, r.unresponsive} {
 			if failure != "" {
@@ -312,6 +346,8 @@ func runDensity(b *testing.B, c *harness.CRI, cfg densityConfig, image string, n
 	r.cpu = idleCPU(b, r.pods)
 	r.load = loadAverage(b)
 	r.execMax, r.unresponsive = execRandom(b, c, r.pods)
+	k := sampleSize(len(r.pods))
+	r.firstPhases, r.lastPhases = startPhases(b, c, r.pods[:k]), startPhases(b, c, r.pods[len(r.pods)-k:])
 
 	start := time.Now()
 	for _, p := range r.pods {
@@ -342,6 +378,7 @@ func startDensityPod(b *testing.B, c *harness.CRI, handler, image, name string) 
 	if err != nil {
 		b.Fatalf("RunPodSandbox %s (%s): %v", name, handler, err)
 	}
+	sandboxDone := time.Now()
 	ctr, err := c.CreateContainer(ctx, resp.PodSandboxId, cfg, harness.ContainerConfig("app", image, "sleep", "100000"))
 	if err != nil {
 		b.Fatalf("CreateContainer in %s (%s): %v", name, handler, err)
@@ -350,11 +387,62 @@ func startDensityPod(b *testing.B, c *harness.CRI, handler, image, name string) 
 		b.Fatalf("StartContainer in %s (%s): %v", name, handler, err)
 	}
 	st, err := c.Runtime.ContainerStatus(ctx, &runtime.ContainerStatusRequest{ContainerId: ctr})
-	took := time.Since(start)
+	end := time.Now()
 	if err != nil || st.Status.State != runtime.ContainerState_CONTAINER_RUNNING {
 		b.Fatalf("app container of %s (%s) after StartContainer: %v %v", name, handler, st.GetStatus(), err)
 	}
-	return densityPod{id: resp.PodSandboxId, ctr: ctr, start: took}
+	return densityPod{id: resp.PodSandboxId, ctr: ctr, start: end.Sub(start), began: start, sandboxDone: sandboxDone, ended: end}
+}
+
+// startPhases are the start phases of pods, one list per phase name.
+func startPhases(b *testing.B, c *harness.CRI, pods []densityPod) [][]time.Duration {
+	b.Helper()
+	phases := make([][]time.Duration, len(phaseNames))
+	for _, p := range pods {
+		addPhases(phases, shimPhases(b, c, p.id, p.began, p.sandboxDone, p.ended))
+	}
+	return phases
+}
+
+// measureRunc starts n pods of image with containerd's runc, one after another as the
+// Caisson pods start, and removes them: the control of the start's growth.
+func measureRunc(b *testing.B, c *harness.CRI, image string, n int) runcStarts {
+	b.Helper()
+	var r runcStarts
+	var pods []densityPod
+	for i := range n {
+		p := startDensityPod(b, c, harness.RuncHandler, image, fmt.Sprintf("density-runc-%03d", i))
+		pods = append(pods, p)
+		r.starts = append(r.starts, p.start)
+	}
+	for _, p := range pods {
+		c.RemovePod(b, p.id)
+	}
+	return r
+}
+
+// startGrowth is how a run's starts grew: the median start of the first and of the last
+// sampleSize pods, and the last pod's over the first's and the median of the last ones
+// over that of the first ones.
+type startGrowth struct {
+	firstK, lastK         time.Duration
+	lastRatio, lastKRatio float64
+}
+
+func growthOf(starts []time.Duration) startGrowth {
+	k := sampleSize(len(starts))
+	g := startGrowth{firstK: median(starts[:k]), lastK: median(starts[len(starts)-k:])}
+	g.lastRatio = float64(starts[len(starts)-1]) / float64(starts[0])
+	g.lastKRatio = float64(g.lastK) / float64(g.firstK)
+	return g
+}
+
+func (r densityResult) starts() []time.Duration {
+	s := make([]time.Duration, len(r.pods))
+	for i, p := range r.pods {
+		s[i] = p.start
+	}
+	return s
 }
 
 // findPodProcesses finds the pod's shim (started with the sandbox's id, unless p.shim
@@ -617,9 +705,17 @@ func reportDensity(b *testing.B, r densityResult, bare bareResult) {
 	m("shim-cpu-%/pod", medianBy(r.cpu, func(c podCPU) float64 { return c.shim }))
 	m("virtiofsd-cpu-%/pod", medianBy(r.cpu, func(c podCPU) float64 { return c.virtiofsd }))
 	first, last := r.pods[0].start, r.pods[len(r.pods)-1].start
+	g := growthOf(r.starts())
 	m("first-start-s", first.Seconds())
 	m("last-start-s", last.Seconds())
-	m("last/first-start", float64(last)/float64(first))
+	m("last/first-start", g.lastRatio)
+	m("first-ten-start-s", g.firstK.Seconds())
+	m("last-ten-start-s", g.lastK.Seconds())
+	m("last-ten/first-ten-start", g.lastKRatio)
+	for j, name := range phaseNames {
+		m("first-ten-"+name+"-s", median(r.firstPhases[j]).Seconds())
+		m("last-ten-"+name+"-s", median(r.lastPhases[j]).Seconds())
+	}
 	m("exec-max-s", r.execMax.Seconds())
 	m("remove-all-s", r.removeAll.Seconds())
 	m("start-vs-bare-boot", float64(first)/float64(bare.boot))
@@ -644,7 +740,7 @@ func cpuTotals(cpu []podCPU) []float64 {
 
 // densityTable is the readable report: one column per configuration, the bare guest's
 // baseline beside.
-func densityTable(c *harness.CRI, n int, statsPeriod string, bare bareResult, rs []densityResult) string {
+func densityTable(c *harness.CRI, n int, statsPeriod string, bare bareResult, runc runcStarts, rs []densityResult) string {
 	var sb strings.Builder
 	h := c.Config.Hypervisor
 	if statsPeriod == "" {
@@ -699,6 +795,14 @@ func densityTable(c *harness.CRI, n int, statsPeriod string, bare bareResult, rs
 		return fmt.Sprintf("%.2f", float64(r.pods[len(r.pods)-1].start)/float64(r.pods[0].start))
 	}, "")
 	row("first pod start / bare boot", func(r densityResult) string { return fmt.Sprintf("%.2f", float64(r.pods[0].start)/float64(bare.boot)) }, "")
+	row(fmt.Sprintf("first %d pods' start, median, s", sampleSize(n)), func(r densityResult) string { return fmt.Sprintf("%.2f", growthOf(r.starts()).firstK.Seconds()) }, "")
+	row(fmt.Sprintf("last %d pods' start, median, s", sampleSize(n)), func(r densityResult) string { return fmt.Sprintf("%.2f", growthOf(r.starts()).lastK.Seconds()) }, "")
+	row("  last ones / first ones", func(r densityResult) string { return fmt.Sprintf("%.2f", growthOf(r.starts()).lastKRatio) }, "")
+	for j, name := range phaseNames {
+		row("  "+name+", first → last ones, s", func(r densityResult) string {
+			return fmt.Sprintf("%.2f → %.2f", median(r.firstPhases[j]).Seconds(), median(r.lastPhases[j]).Seconds())
+		}, "")
+	}
 	row("slowest of 10 execs, s (limit 2)", func(r densityResult) string { return fmt.Sprintf("%.2f", r.execMax.Seconds()) }, "")
 	row("host load average (1 min) after the idle window", func(r densityResult) string { return fmt.Sprintf("%.1f", r.load) }, "")
 	row("remove all pods, s", func(r densityResult) string { return fmt.Sprintf("%.1f", r.removeAll.Seconds()) }, "")
@@ -709,6 +813,10 @@ func densityTable(c *harness.CRI, n int, statsPeriod string, bare bareResult, rs
 		return fmt.Sprintf("%.2f s, %.0f MiB", r.templateMade.Seconds(), mib(r.templateFile))
 	}, "")
 	w.Flush()
+	rg := growthOf(runc.starts)
+	fmt.Fprintf(&sb, "control: %d pods of the same image with containerd's runc, on this containerd and CNI, one after another: first %.2f s, last %.2f s (%.2f×); the first %d's median %.2f s, the last %d's %.2f s (%.2f×)\n",
+		len(runc.starts), runc.starts[0].Seconds(), runc.starts[len(runc.starts)-1].Seconds(), rg.lastRatio,
+		sampleSize(len(runc.starts)), rg.firstK.Seconds(), sampleSize(len(runc.starts)), rg.lastK.Seconds(), rg.lastKRatio)
 	for _, r := range rs {
 		var starts []string
 		for _, p := range r.pods {

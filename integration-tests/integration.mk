@@ -41,7 +41,7 @@ DENSITY_STATS_PERIOD ?=
 DENSITY_TCG_CACHE_MIB ?=
 
 .PHONY: bench-density
-bench-density: ## DENSITY_PODS idle CRI pods (default 100), booted then from a template (DENSITY_CONFIGS=template for one; booted-askguest or template-askguest, the stats reuse off, as its baseline): host memory and PSS per pod (TCG cache apart), idle CPU per pod over 30 s, first/last pod start, exec latency, removal; against a bare guest
+bench-density: ## DENSITY_PODS idle CRI pods (default 100), booted then from a template (DENSITY_CONFIGS=template for one; booted-askguest or template-askguest, the stats reuse off, as its baseline): host memory and PSS per pod (TCG cache apart), idle CPU per pod over 30 s, first/last pod start (and the first/last ten's, with their phases), exec latency, removal; against a bare guest, and the start's growth against as many runc pods
 	DENSITY_PODS=$(DENSITY_PODS) DENSITY_CONFIGS=$(DENSITY_CONFIGS) DENSITY_STATS_PERIOD=$(DENSITY_STATS_PERIOD) DENSITY_TCG_CACHE_MIB=$(DENSITY_TCG_CACHE_MIB) $(GO) test -count=1 -run '^$$' -bench '^BenchmarkCRIDensity$$' -benchtime 1x -timeout 240m ./integration-tests/
 
 .PHONY: bench-warm
