@@ -5,8 +5,10 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -29,21 +31,36 @@ var phaseNames = []string{"cri-to-qemu", "boot-to-agent", "sandbox-and-storages"
 // from start to end, RunPodSandbox returning at sandboxDone.
 func shimPhases(b *testing.B, c *harness.CRI, pod string, start, sandboxDone, end time.Time) []time.Duration {
 	b.Helper()
+	return phasesOf(b, pod, shimMarks(b, c, pod)[pod], start, sandboxDone, end)
+}
+
+// shimMarkers are the shim's debug log messages a start's phases are read from.
+var shimMarkers = []string{"qemu started", "agent ready", "pod VM ready", "warm VM taken"}
+
+// shimMarks reads containerd's log once and returns, for each of pods, when its shim
+// first logged each of shimMarkers.
+func shimMarks(b *testing.B, c *harness.CRI, pods ...string) map[string]map[string]time.Time {
+	b.Helper()
 	f, err := os.Open(filepath.Join(c.Dir, "containerd.log"))
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer f.Close()
-	at := map[string]time.Time{}
+	marks := map[string]map[string]time.Time{}
+	for _, pod := range pods {
+		marks[pod] = map[string]time.Time{}
+	}
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
 		line := sc.Text()
-		if !strings.Contains(line, "container="+pod) {
+		i := slices.IndexFunc(shimMarkers, func(msg string) bool { return strings.Contains(line, `msg="`+msg+`"`) })
+		if i < 0 {
 			continue
 		}
-		for _, msg := range []string{"qemu started", "agent ready", "pod VM ready", "warm VM taken"} {
-			if _, seen := at[msg]; seen || !strings.Contains(line, `msg="`+msg+`"`) {
+		msg := shimMarkers[i]
+		for _, pod := range pods {
+			if _, seen := marks[pod][msg]; seen || !strings.Contains(line, "container="+pod) {
 				continue
 			}
 			ts, ok := strings.CutPrefix(line, `time="`)
@@ -52,10 +69,21 @@ func shimPhases(b *testing.B, c *harness.CRI, pod string, start, sandboxDone, en
 			}
 			ts, _, _ = strings.Cut(ts, `"`)
 			if t, err := time.Parse(time.RFC3339Nano, ts); err == nil {
-				at[msg] = t
+				marks[pod][msg] = t
 			}
 		}
 	}
+	if err := sc.Err(); err != nil {
+		b.Fatalf("reading containerd's log: %v", err)
+	}
+	return marks
+}
+
+// phasesOf turns a pod's marks (see shimMarks) into the phases of its start, which ran
+// from start to end, RunPodSandbox returning at sandboxDone.
+func phasesOf(b *testing.B, pod string, marks map[string]time.Time, start, sandboxDone, end time.Time) []time.Duration {
+	b.Helper()
+	at := maps.Clone(marks)
 	// A pod that started in a warm VM (hypervisor.warm_vms) took a VM whose agent
 	// answers: its devices' hot-plugs end cri-to-qemu, and boot-to-agent is nil.
 	if taken, ok := at["warm VM taken"]; ok {

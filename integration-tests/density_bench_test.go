@@ -189,12 +189,6 @@ const growthSample = 10
 // or half of n if fewer, at least one.
 func sampleSize(n int) int { return max(1, min(growthSample, n/2)) }
 
-// runcStarts are the control for the start's growth: the same number of pods of the same
-// image on the same containerd and CNI, run by containerd's runc.
-type runcStarts struct {
-	starts []time.Duration
-}
-
 // bareResult is the baseline guest: the pod VM's kernel, CPUs, memory and accelerator
 // with a trivial init instead of the agent.
 type bareResult struct {
@@ -277,8 +271,8 @@ func BenchmarkCRIDensity(b *testing.B) {
 	b.ReportMetric(bare.boot.Seconds(), "bare-boot-s")
 	b.ReportMetric(bare.cpu, "bare-idle-cpu-%")
 	b.ReportMetric(mib(bare.mem.total()), "bare-PSS-MiB")
-	rg := growthOf(runc.starts)
-	b.ReportMetric(runc.starts[0].Seconds(), "runc-first-start-s")
+	rg := growthOf(runc)
+	b.ReportMetric(runc[0].Seconds(), "runc-first-start-s")
 	b.ReportMetric(rg.lastRatio, "runc-last/first-start")
 	b.ReportMetric(rg.lastKRatio, "runc-last-ten/first-ten-start")
 	for _, r := range results {
@@ -394,31 +388,39 @@ func startDensityPod(b *testing.B, c *harness.CRI, handler, image, name string) 
 	return densityPod{id: resp.PodSandboxId, ctr: ctr, start: end.Sub(start), began: start, sandboxDone: sandboxDone, ended: end}
 }
 
-// startPhases are the start phases of pods, one list per phase name.
+// startPhases are the start phases of pods, one list per phase name, from one read of
+// containerd's log.
 func startPhases(b *testing.B, c *harness.CRI, pods []densityPod) [][]time.Duration {
 	b.Helper()
+	ids := make([]string, len(pods))
+	for i, p := range pods {
+		ids[i] = p.id
+	}
+	marks := shimMarks(b, c, ids...)
 	phases := make([][]time.Duration, len(phaseNames))
 	for _, p := range pods {
-		addPhases(phases, shimPhases(b, c, p.id, p.began, p.sandboxDone, p.ended))
+		addPhases(phases, phasesOf(b, p.id, marks[p.id], p.began, p.sandboxDone, p.ended))
 	}
 	return phases
 }
 
 // measureRunc starts n pods of image with containerd's runc, one after another as the
-// Caisson pods start, and removes them: the control of the start's growth.
-func measureRunc(b *testing.B, c *harness.CRI, image string, n int) runcStarts {
+// Caisson pods start, removes them, and returns their starts: the control of the
+// start's growth, the same number of pods of the same image on the same containerd and
+// CNI.
+func measureRunc(b *testing.B, c *harness.CRI, image string, n int) []time.Duration {
 	b.Helper()
-	var r runcStarts
+	var starts []time.Duration
 	var pods []densityPod
 	for i := range n {
 		p := startDensityPod(b, c, harness.RuncHandler, image, fmt.Sprintf("density-runc-%03d", i))
 		pods = append(pods, p)
-		r.starts = append(r.starts, p.start)
+		starts = append(starts, p.start)
 	}
 	for _, p := range pods {
 		c.RemovePod(b, p.id)
 	}
-	return r
+	return starts
 }
 
 // startGrowth is how a run's starts grew: the median start of the first and of the last
@@ -740,7 +742,7 @@ func cpuTotals(cpu []podCPU) []float64 {
 
 // densityTable is the readable report: one column per configuration, the bare guest's
 // baseline beside.
-func densityTable(c *harness.CRI, n int, statsPeriod string, bare bareResult, runc runcStarts, rs []densityResult) string {
+func densityTable(c *harness.CRI, n int, statsPeriod string, bare bareResult, runc []time.Duration, rs []densityResult) string {
 	var sb strings.Builder
 	h := c.Config.Hypervisor
 	if statsPeriod == "" {
@@ -792,7 +794,7 @@ func densityTable(c *harness.CRI, n int, statsPeriod string, bare bareResult, ru
 	row("first pod start, s (bare: boot)", func(r densityResult) string { return fmt.Sprintf("%.2f", r.pods[0].start.Seconds()) }, fmt.Sprintf("%.2f", bare.boot.Seconds()))
 	row("last pod start, s", func(r densityResult) string { return fmt.Sprintf("%.2f", r.pods[len(r.pods)-1].start.Seconds()) }, "")
 	row("last / first", func(r densityResult) string {
-		return fmt.Sprintf("%.2f", float64(r.pods[len(r.pods)-1].start)/float64(r.pods[0].start))
+		return fmt.Sprintf("%.2f", growthOf(r.starts()).lastRatio)
 	}, "")
 	row("first pod start / bare boot", func(r densityResult) string { return fmt.Sprintf("%.2f", float64(r.pods[0].start)/float64(bare.boot)) }, "")
 	row(fmt.Sprintf("first %d pods' start, median, s", sampleSize(n)), func(r densityResult) string { return fmt.Sprintf("%.2f", growthOf(r.starts()).firstK.Seconds()) }, "")
@@ -813,10 +815,10 @@ func densityTable(c *harness.CRI, n int, statsPeriod string, bare bareResult, ru
 		return fmt.Sprintf("%.2f s, %.0f MiB", r.templateMade.Seconds(), mib(r.templateFile))
 	}, "")
 	w.Flush()
-	rg := growthOf(runc.starts)
+	rg := growthOf(runc)
 	fmt.Fprintf(&sb, "control: %d pods of the same image with containerd's runc, on this containerd and CNI, one after another: first %.2f s, last %.2f s (%.2f×); the first %d's median %.2f s, the last %d's %.2f s (%.2f×)\n",
-		len(runc.starts), runc.starts[0].Seconds(), runc.starts[len(runc.starts)-1].Seconds(), rg.lastRatio,
-		sampleSize(len(runc.starts)), rg.firstK.Seconds(), sampleSize(len(runc.starts)), rg.lastK.Seconds(), rg.lastKRatio)
+		len(runc), runc[0].Seconds(), runc[len(runc)-1].Seconds(), rg.lastRatio,
+		sampleSize(len(runc)), rg.firstK.Seconds(), sampleSize(len(runc)), rg.lastK.Seconds(), rg.lastKRatio)
 	for _, r := range rs {
 		var starts []string
 		for _, p := range r.pods {
