@@ -19,7 +19,7 @@ const (
 
 const (
 	// guestPingRate and guestPingBurst bound the ping requests of the guest the host
-	// answers. The agent pings once per KeepAliveInterval (10 s).
+	// answers. The agent does not ping (liveness.go); a compromised one may.
 	guestPingRate  = rate.Limit(1)
 	guestPingBurst = 8
 )
@@ -30,8 +30,9 @@ const (
 // send (Session.handlePing): a guest that pings without end while it reads nothing
 // (so that the shim's writes wait) would make the shim start goroutines, each with
 // its stack, without end: hundreds of thousands a second over a virtio-serial port.
-// A ping dropped is one the guest's keepalive sees unanswered, which ends only its
-// own session. Other frames pass untouched, so yamux still rejects what is malformed.
+// A ping dropped is one the guest sees unanswered, which can end only its own session.
+// Other frames pass untouched, so yamux still rejects what is malformed; each one that
+// passes counts as news from the guest for the host's liveness check (liveness.go).
 type pingLimiter struct {
 	r       io.Reader
 	limit   *rate.Limiter
@@ -39,6 +40,7 @@ type pingLimiter struct {
 	pending []byte // of hdr, to hand out
 	body    uint32 // bytes of the current data frame's body still to pass
 	dropped uint64
+	live    *liveness // told of each frame passed, if not nil
 }
 
 func newPingLimiter(r io.Reader) *pingLimiter {
@@ -72,6 +74,9 @@ func (p *pingLimiter) Read(b []byte) (int, error) {
 			continue
 		}
 		p.pending = p.hdr[:]
+		if p.live != nil {
+			p.live.heard()
+		}
 	}
 }
 

@@ -30,8 +30,9 @@ func yamuxConfig() *yamux.Config {
 	c.LogOutput = io.Discard
 	// The guest may take seconds to boot (TCG); the first stream waits for it.
 	c.StreamOpenTimeout = 0
-	// A guest that stops answering is detected by keepalive.
-	c.KeepAliveInterval = 10 * time.Second
+	// Only the host checks that the other end answers, and only when the session is
+	// silent (liveness.go); yamux's own keep-alive pings whatever the session carries.
+	c.EnableKeepAlive = false
 	c.ConnectionWriteTimeout = 30 * time.Second
 	return c
 }
@@ -70,16 +71,25 @@ func DialSerial(ctx context.Context, socketPath string) (Session, error) {
 // NewSerialSession runs the host (yamux client) side over conn. It returns at once;
 // the handshake with the agent goes on in the background, and Open waits for it.
 func NewSerialSession(conn io.ReadWriteCloser) (Session, error) {
-	s := &serialSession{conn: conn, ready: make(chan struct{})}
+	return newSerialSession(conn, hostYamuxConfig(), livenessInterval), nil
+}
+
+// newSerialSession is NewSerialSession with yamux's configuration and the liveness
+// check's interval given.
+func newSerialSession(conn io.ReadWriteCloser, cfg *yamux.Config, interval time.Duration) *serialSession {
+	s := &serialSession{conn: conn, cfg: cfg, interval: interval, ready: make(chan struct{})}
 	go s.start()
-	return s, nil
+	return s
 }
 
 type serialSession struct {
-	conn  io.ReadWriteCloser
-	ready chan struct{} // closed once ys or err is set
-	ys    *yamux.Session
-	err   error
+	conn     io.ReadWriteCloser
+	cfg      *yamux.Config
+	interval time.Duration // of the liveness check
+	live     liveness
+	ready    chan struct{} // closed once ys or err is set
+	ys       *yamux.Session
+	err      error
 }
 
 func (s *serialSession) start() {
@@ -90,11 +100,15 @@ func (s *serialSession) start() {
 		return
 	}
 	// The guest's frames reach yamux through the ping limiter (pinglimit.go); the host's
-	// go out a frame a write (join.go).
-	conn := &limitedConn{Reader: newPingLimiter(bc), Writer: newFrameJoiner(bc), Closer: bc}
-	if s.ys, s.err = yamux.Client(conn, hostYamuxConfig()); s.err != nil {
+	// go out a frame a write (join.go). The liveness check hears of both (liveness.go).
+	pl := newPingLimiter(bc)
+	pl.live = &s.live
+	conn := &limitedConn{Reader: pl, Writer: newFrameJoiner(watchedWriter{w: bc, l: &s.live}), Closer: bc}
+	if s.ys, s.err = yamux.Client(conn, s.cfg); s.err != nil {
 		s.err = fmt.Errorf("start yamux client: %w", s.err)
+		return
 	}
+	go s.live.watch(s.ys, s.interval)
 }
 
 func (s *serialSession) Open(ctx context.Context) (net.Conn, error) {
