@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/binary"
 	"io"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -12,47 +11,30 @@ import (
 	"github.com/hashicorp/yamux"
 )
 
-// pingCounter passes a yamux byte stream on and counts the ping requests in it.
-type pingCounter struct {
-	r     io.Reader
-	hdr   [yamuxHeaderSize]byte
-	have  int    // bytes of hdr read
-	body  uint32 // bytes of a data frame's body still to pass
-	pings atomic.Int64
-}
-
-func (c *pingCounter) Read(b []byte) (int, error) {
-	n, err := c.r.Read(b)
-	for _, x := range b[:n] {
-		if c.body > 0 {
-			c.body--
-			continue
-		}
-		c.hdr[c.have] = x
-		if c.have++; c.have < yamuxHeaderSize {
-			continue
-		}
-		c.have = 0
-		switch c.hdr[1] {
-		case yamuxTypeData:
-			c.body = binary.BigEndian.Uint32(c.hdr[8:12])
-		case yamuxTypePing:
-			if binary.BigEndian.Uint16(c.hdr[2:4])&yamuxFlagSYN != 0 {
-				c.pings.Add(1)
-			}
+// pings counts the ping requests among the host's writes: each of its frames is one
+// write (join.go, TestEachFrameIsOneWrite), a ping a bare header.
+func (p *recordedPort) pings() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, w := range p.writes {
+		if len(w) == yamuxHeaderSize && w[1] == yamuxTypePing && binary.BigEndian.Uint16(w[2:4])&yamuxFlagSYN != 0 {
+			n++
 		}
 	}
-	return n, err
+	return n
 }
 
 // livenessPair is a host session checking liveness every interval, with a ping
-// unanswered after timeout ending it, and the guest's end of the port, handshake done.
-func livenessPair(t *testing.T, interval, timeout time.Duration) (*serialSession, io.Reader, io.WriteCloser) {
+// unanswered after timeout ending it, its end of the port recording its writes, and the
+// guest's end of the port, handshake done.
+func livenessPair(t *testing.T, interval, timeout time.Duration) (*serialSession, *recordedPort, io.Reader, io.WriteCloser) {
 	t.Helper()
 	hostEnd, guestEnd := socketPair(t)
 	cfg := hostYamuxConfig()
 	cfg.ConnectionWriteTimeout = timeout
-	host := newSerialSession(hostEnd, cfg, interval)
+	port := &recordedPort{File: hostEnd}
+	host := newSerialSession(port, cfg, interval)
 	t.Cleanup(func() { host.Close() })
 	gr, err := GuestHandshake(guestEnd)
 	if err != nil {
@@ -62,7 +44,7 @@ func livenessPair(t *testing.T, interval, timeout time.Duration) (*serialSession
 	if host.err != nil {
 		t.Fatal(host.err)
 	}
-	return host, gr, guestEnd
+	return host, port, gr, guestEnd
 }
 
 // The host pings a guest that is silent, and not one that answers calls.
@@ -71,16 +53,15 @@ func TestLivenessPingsOnlyASilentGuest(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
 		calls bool // the host writes on a stream every interval/5, the guest echoes
-		pings func(int64) bool
+		pings func(int) bool
 		want  string
 	}{
-		{name: "silent", pings: func(n int64) bool { return n >= 5 }, want: "a ping an interval"},
-		{name: "answering calls", calls: true, pings: func(n int64) bool { return n == 0 }, want: "none"},
+		{name: "silent", pings: func(n int) bool { return n >= 5 }, want: "a ping an interval"},
+		{name: "answering calls", calls: true, pings: func(n int) bool { return n == 0 }, want: "none"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			host, gr, gw := livenessPair(t, interval, time.Second)
-			counter := &pingCounter{r: gr}
-			guest, err := yamux.Server(&conn{Reader: counter, Writer: gw, Closer: gw}, yamuxConfig())
+			host, port, gr, gw := livenessPair(t, interval, time.Second)
+			guest, err := yamux.Server(&limitedConn{Reader: gr, Writer: gw, Closer: gw}, yamuxConfig())
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -113,7 +94,7 @@ func TestLivenessPingsOnlyASilentGuest(t *testing.T) {
 				}
 				time.Sleep(interval / 5)
 			}
-			if n := counter.pings.Load(); !tc.pings(n) {
+			if n := port.pings(); !tc.pings(n) {
 				t.Errorf("the host pinged the guest %d times in 10 intervals, want %s", n, tc.want)
 			}
 			if host.ys.IsClosed() {
@@ -121,13 +102,6 @@ func TestLivenessPingsOnlyASilentGuest(t *testing.T) {
 			}
 		})
 	}
-}
-
-// conn joins a reader, a writer and a closer into what yamux runs over.
-type conn struct {
-	io.Reader
-	io.Writer
-	io.Closer
 }
 
 // The host ends the session with a guest that does not answer its pings, or that does
@@ -164,7 +138,7 @@ func TestLivenessEndsTheSessionOfADeadGuest(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			host, gr, gw := livenessPair(t, interval, timeout)
+			host, _, gr, gw := livenessPair(t, interval, timeout)
 			// A small send buffer, so that the host's writes wait on what the guest
 			// has not read whatever the machine's default.
 			f := host.conn.(interface {

@@ -77,22 +77,21 @@ func NewSerialSession(conn io.ReadWriteCloser) (Session, error) {
 // newSerialSession is NewSerialSession with yamux's configuration and the liveness
 // check's interval given.
 func newSerialSession(conn io.ReadWriteCloser, cfg *yamux.Config, interval time.Duration) *serialSession {
-	s := &serialSession{conn: conn, cfg: cfg, interval: interval, ready: make(chan struct{})}
-	go s.start()
+	s := &serialSession{conn: conn, ready: make(chan struct{})}
+	go s.start(cfg, interval)
 	return s
 }
 
 type serialSession struct {
-	conn     io.ReadWriteCloser
-	cfg      *yamux.Config
-	interval time.Duration // of the liveness check
-	live     liveness
-	ready    chan struct{} // closed once ys or err is set
-	ys       *yamux.Session
-	err      error
+	conn  io.ReadWriteCloser
+	live  liveness
+	ready chan struct{} // closed once ys or err is set
+	ys    *yamux.Session
+	err   error
 }
 
-func (s *serialSession) start() {
+// start shakes hands, then runs yamux with cfg and the liveness check every interval.
+func (s *serialSession) start(cfg *yamux.Config, interval time.Duration) {
 	defer close(s.ready)
 	bc := newBufferedConn(s.conn)
 	if err := hostHandshake(bc, bc); err != nil {
@@ -104,11 +103,11 @@ func (s *serialSession) start() {
 	pl := newPingLimiter(bc)
 	pl.live = &s.live
 	conn := &limitedConn{Reader: pl, Writer: newFrameJoiner(watchedWriter{w: bc, l: &s.live}), Closer: bc}
-	if s.ys, s.err = yamux.Client(conn, s.cfg); s.err != nil {
+	if s.ys, s.err = yamux.Client(conn, cfg); s.err != nil {
 		s.err = fmt.Errorf("start yamux client: %w", s.err)
 		return
 	}
-	go s.live.watch(s.ys, s.interval)
+	go s.live.watch(s.ys, interval)
 }
 
 func (s *serialSession) Open(ctx context.Context) (net.Conn, error) {
