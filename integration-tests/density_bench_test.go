@@ -168,6 +168,7 @@ type densityResult struct {
 	hostPerPod float64
 	mem        []podMemory
 	cpu        []podCPU
+	node       nodeCPU // the whole machine over the idle window
 	execMax    time.Duration
 	removeAll  time.Duration
 	// templateMade is the start of the pod that made the template, templateFile what the
@@ -337,7 +338,7 @@ func runDensity(b *testing.B, c *harness.CRI, cfg densityConfig, image string, n
 	for _, p := range r.pods {
 		r.mem = append(r.mem, podMemoryOf(b, c, p))
 	}
-	r.cpu = idleCPU(b, r.pods)
+	r.cpu, r.node = idleCPU(b, r.pods)
 	r.load = loadAverage(b)
 	r.execMax, r.unresponsive = execRandom(b, c, r.pods)
 	k := sampleSize(len(r.pods))
@@ -527,8 +528,9 @@ func podMemoryOf(b *testing.B, c *harness.CRI, p densityPod) podMemory {
 }
 
 // idleCPU counts the CPU time each pod's processes use over densityWindow (a pod
-// without a shim, as the bare guest, counts QEMU's only).
-func idleCPU(b *testing.B, pods []densityPod) []podCPU {
+// without a shim, as the bare guest, counts QEMU's only), and the whole machine's over
+// the same window.
+func idleCPU(b *testing.B, pods []densityPod) ([]podCPU, nodeCPU) {
 	b.Helper()
 	read := func() [][3]float64 {
 		var out [][3]float64
@@ -546,16 +548,87 @@ func idleCPU(b *testing.B, pods []densityPod) []podCPU {
 		return out
 	}
 	start := time.Now()
+	m0 := machineCPU(b)
 	t0 := read()
 	time.Sleep(densityWindow)
 	t1 := read()
+	m1 := machineCPU(b)
 	window := time.Since(start).Seconds()
 	pct := func(d float64) float64 { return 100 * d / window }
 	cpu := make([]podCPU, len(pods))
 	for i := range pods {
 		cpu[i] = podCPU{qemu: pct(t1[i][0] - t0[i][0]), shim: pct(t1[i][1] - t0[i][1]), virtiofsd: pct(t1[i][2] - t0[i][2])}
 	}
-	return cpu
+	return cpu, nodeCPUOf(pods, cpu, m0, m1, pct)
+}
+
+// nodeCPU is the whole machine's CPU over the idle window, in % of one core, split by
+// who used it: what a pod started then would compete with. On this shared, 2-core
+// machine the later pods' starts slow with all of it, not only with the pods' own.
+type nodeCPU struct {
+	busy       float64 // all of it (/proc/stat)
+	pods       float64 // the pods' processes (podCPU)
+	containerd float64 // containerd and the snapshotter
+	kernel     float64 // kernel threads
+	// topKernel is the busiest kernel thread, and topKernelCPU its share.
+	topKernel    string
+	topKernelCPU float64
+}
+
+// rest is what processes outside the pods, containerd and the kernel's threads used,
+// and processes that ended within the window.
+func (n nodeCPU) rest() float64 { return n.busy - n.pods - n.containerd - n.kernel }
+
+// machineReading is harness.MachineCPU's answer.
+type machineReading struct {
+	busy  float64
+	procs map[int]harness.ProcessCPU
+}
+
+func machineCPU(b *testing.B) machineReading {
+	b.Helper()
+	busy, procs, err := harness.MachineCPU()
+	if err != nil {
+		b.Fatalf("the machine's CPU time: %v", err)
+	}
+	return machineReading{busy: busy, procs: procs}
+}
+
+// containerdComms are the command names (15 characters at most) of the test containerd
+// and its snapshotter plugin.
+var containerdComms = []string{"containerd", "caisson-snapsho"}
+
+func nodeCPUOf(pods []densityPod, cpu []podCPU, m0, m1 machineReading, pct func(float64) float64) nodeCPU {
+	n := nodeCPU{busy: pct(m1.busy - m0.busy)}
+	podPids := map[int]bool{}
+	for i, p := range pods {
+		n.pods += cpu[i].total()
+		podPids[p.qemu], podPids[p.shim] = true, true
+		for _, v := range p.virtiofsd {
+			podPids[v] = true
+		}
+	}
+	kernel := map[string]float64{}
+	for pid, p1 := range m1.procs {
+		p0, ok := m0.procs[pid]
+		if podPids[pid] || !ok || p0.Comm != p1.Comm {
+			continue // a pod's, or started within the window (its time is in the rest)
+		}
+		d := pct(p1.Seconds - p0.Seconds)
+		switch {
+		case p1.Kernel:
+			n.kernel += d
+			kernel[p1.Comm] += d
+		case slices.Contains(containerdComms, p1.Comm):
+			n.containerd += d
+		}
+	}
+	for name, d := range kernel {
+		if d > n.topKernelCPU {
+			n.topKernel, n.topKernelCPU = name, d
+		}
+	}
+	return n
 }
 
 func cpuSeconds(b *testing.B, pid int) float64 {
@@ -662,7 +735,8 @@ func measureBare(b *testing.B, c *harness.CRI) bareResult {
 	time.Sleep(densitySettle)
 	h := c.Config.Hypervisor
 	r.mem.tcg, r.mem.ram, r.mem.qemu = qemuMemory(b, vm.Pid(), h.MemoryMiB, h.TCGTranslationCacheMiB)
-	r.cpu = idleCPU(b, []densityPod{{qemu: vm.Pid()}})[0].qemu
+	cpu, _ := idleCPU(b, []densityPod{{qemu: vm.Pid()}})
+	r.cpu = cpu[0].qemu
 	return r
 }
 
@@ -706,6 +780,11 @@ func reportDensity(b *testing.B, r densityResult, bare bareResult) {
 	m("qemu-cpu-%/pod", medianBy(r.cpu, func(c podCPU) float64 { return c.qemu }))
 	m("shim-cpu-%/pod", medianBy(r.cpu, func(c podCPU) float64 { return c.shim }))
 	m("virtiofsd-cpu-%/pod", medianBy(r.cpu, func(c podCPU) float64 { return c.virtiofsd }))
+	m("node-idle-cpu-%", r.node.busy)
+	m("node-idle-cpu-pods-%", r.node.pods)
+	m("node-idle-cpu-containerd-%", r.node.containerd)
+	m("node-idle-cpu-kernel-%", r.node.kernel)
+	m("node-idle-cpu-rest-%", r.node.rest())
 	first, last := r.pods[0].start, r.pods[len(r.pods)-1].start
 	g := growthOf(r.starts())
 	m("first-start-s", first.Seconds())
@@ -785,6 +864,13 @@ func densityTable(c *harness.CRI, n int, statsPeriod string, bare bareResult, ru
 	row("  QEMU", cpu(func(c podCPU) float64 { return c.qemu }), "")
 	row("  shim", cpu(func(c podCPU) float64 { return c.shim }), "")
 	row("  virtiofsd", cpu(func(c podCPU) float64 { return c.virtiofsd }), "")
+	row("the machine's CPU over the idle window, % of a core", func(r densityResult) string { return fmt.Sprintf("%.1f", r.node.busy) }, "")
+	row("  all the pods", func(r densityResult) string { return fmt.Sprintf("%.1f", r.node.pods) }, "")
+	row("  containerd and the snapshotter", func(r densityResult) string { return fmt.Sprintf("%.1f", r.node.containerd) }, "")
+	row("  kernel threads (the busiest)", func(r densityResult) string {
+		return fmt.Sprintf("%.1f (%s %.1f)", r.node.kernel, r.node.topKernel, r.node.topKernelCPU)
+	}, "")
+	row("  the rest (other processes, ended ones)", func(r densityResult) string { return fmt.Sprintf("%.1f", r.node.rest()) }, "")
 	row("pod idle CPU / bare guest's", func(r densityResult) string {
 		if bare.cpu == 0 {
 			return "bare used none"

@@ -75,7 +75,7 @@ func BenchmarkWarmVMCost(b *testing.B) {
 	for _, p := range measured {
 		mem = append(mem, podMemoryOf(b, c, p))
 	}
-	cpu := idleCPU(b, measured)
+	cpu, _ := idleCPU(b, measured)
 
 	b.ReportMetric(0, "ns/op")
 	for ki, k := range kinds {

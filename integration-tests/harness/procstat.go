@@ -43,6 +43,47 @@ func CPUSeconds(pid int) (float64, error) {
 	return st.CPUTime(), nil
 }
 
+// ProcessCPU is one live process's CPU time so far.
+type ProcessCPU struct {
+	Comm    string
+	Kernel  bool    // a kernel thread
+	Seconds float64 // user and system, all threads
+}
+
+// pfKthread is PF_KTHREAD in /proc/PID/stat's flags (include/linux/sched.h).
+const pfKthread = 0x00200000
+
+// MachineCPU is the CPU time the machine has used so far, all CPUs together (user, nice,
+// system, IRQ and soft IRQ in /proc/stat, in seconds), and each live process's. A
+// process that ends between two readings takes its time with it: the difference of
+// busy and the processes' is what such processes used, with the kernel's work on
+// behalf of none.
+func MachineCPU() (busy float64, procs map[int]ProcessCPU, err error) {
+	fs, err := procfs.NewDefaultFS()
+	if err != nil {
+		return 0, nil, err
+	}
+	st, err := fs.Stat()
+	if err != nil {
+		return 0, nil, err
+	}
+	c := st.CPUTotal
+	busy = c.User + c.Nice + c.System + c.IRQ + c.SoftIRQ
+	all, err := fs.AllProcs()
+	if err != nil {
+		return 0, nil, err
+	}
+	procs = make(map[int]ProcessCPU, len(all))
+	for _, p := range all {
+		ps, err := p.Stat()
+		if err != nil {
+			continue // it ended since the directory was read
+		}
+		procs[p.PID] = ProcessCPU{Comm: ps.Comm, Kernel: ps.Flags&pfKthread != 0, Seconds: ps.CPUTime()}
+	}
+	return busy, procs, nil
+}
+
 // DescendsFrom reports whether process pid is ancestor or one of its descendants.
 func DescendsFrom(pid, ancestor int) bool {
 	for pid > 1 {
