@@ -563,8 +563,8 @@ func idleCPU(b *testing.B, pods []densityPod) ([]podCPU, nodeCPU) {
 }
 
 // nodeCPU is the whole machine's CPU over the idle window, in % of one core, split by
-// who used it: what a pod started then would compete with. On this shared, 2-core
-// machine the later pods' starts slow with all of it, not only with the pods' own.
+// who used it: what a pod started then would compete with. On a machine of few cores
+// the later pods' starts slow with all of it, not only with the pods' own.
 type nodeCPU struct {
 	busy       float64 // all of it (/proc/stat)
 	pods       float64 // the pods' processes (podCPU)
