@@ -529,37 +529,34 @@ func podMemoryOf(b *testing.B, c *harness.CRI, p densityPod) podMemory {
 
 // idleCPU counts the CPU time each pod's processes use over densityWindow (a pod
 // without a shim, as the bare guest, counts QEMU's only), and the whole machine's over
-// the same window.
+// the same window: both from the same two readings of /proc.
 func idleCPU(b *testing.B, pods []densityPod) ([]podCPU, nodeCPU) {
 	b.Helper()
-	read := func() [][3]float64 {
-		var out [][3]float64
-		for _, p := range pods {
-			var t [3]float64
-			t[0] = cpuSeconds(b, p.qemu)
-			if p.shim != 0 {
-				t[1] = cpuSeconds(b, p.shim)
-			}
-			for _, v := range p.virtiofsd {
-				t[2] += cpuSeconds(b, v)
-			}
-			out = append(out, t)
-		}
-		return out
-	}
 	start := time.Now()
 	m0 := machineCPU(b)
-	t0 := read()
 	time.Sleep(densityWindow)
-	t1 := read()
 	m1 := machineCPU(b)
 	window := time.Since(start).Seconds()
 	pct := func(d float64) float64 { return 100 * d / window }
-	cpu := make([]podCPU, len(pods))
-	for i := range pods {
-		cpu[i] = podCPU{qemu: pct(t1[i][0] - t0[i][0]), shim: pct(t1[i][1] - t0[i][1]), virtiofsd: pct(t1[i][2] - t0[i][2])}
+	used := func(pid int) float64 {
+		p0, ok0 := m0.procs[pid]
+		p1, ok1 := m1.procs[pid]
+		if !ok0 || !ok1 {
+			b.Fatalf("CPU time of %d: it did not run through the idle window", pid)
+		}
+		return pct(p1.Seconds - p0.Seconds)
 	}
-	return cpu, nodeCPUOf(pods, cpu, m0, m1, pct)
+	cpu := make([]podCPU, len(pods))
+	for i, p := range pods {
+		cpu[i].qemu = used(p.qemu)
+		if p.shim != 0 {
+			cpu[i].shim = used(p.shim)
+		}
+		for _, v := range p.virtiofsd {
+			cpu[i].virtiofsd += used(v)
+		}
+	}
+	return cpu, nodeCPUOf(cpu, m0, m1, pct)
 }
 
 // nodeCPU is the whole machine's CPU over the idle window, in % of one core, split by
@@ -598,21 +595,18 @@ func machineCPU(b *testing.B) machineReading {
 // and its snapshotter plugin.
 var containerdComms = []string{"containerd", "caisson-snapsho"}
 
-func nodeCPUOf(pods []densityPod, cpu []podCPU, m0, m1 machineReading, pct func(float64) float64) nodeCPU {
+func nodeCPUOf(cpu []podCPU, m0, m1 machineReading, pct func(float64) float64) nodeCPU {
 	n := nodeCPU{busy: pct(m1.busy - m0.busy)}
-	podPids := map[int]bool{}
-	for i, p := range pods {
-		n.pods += cpu[i].total()
-		podPids[p.qemu], podPids[p.shim] = true, true
-		for _, v := range p.virtiofsd {
-			podPids[v] = true
-		}
+	for _, c := range cpu {
+		n.pods += c.total()
 	}
+	// The pods' own processes (QEMU, the shim, virtiofsd) are neither kernel threads nor
+	// containerd's: they fall in no class below.
 	kernel := map[string]float64{}
 	for pid, p1 := range m1.procs {
 		p0, ok := m0.procs[pid]
-		if podPids[pid] || !ok || p0.Comm != p1.Comm {
-			continue // a pod's, or started within the window (its time is in the rest)
+		if !ok || p0.Comm != p1.Comm {
+			continue // it began within the window, or its pid is another command's: in the rest
 		}
 		d := pct(p1.Seconds - p0.Seconds)
 		switch {
@@ -629,15 +623,6 @@ func nodeCPUOf(pods []densityPod, cpu []podCPU, m0, m1 machineReading, pct func(
 		}
 	}
 	return n
-}
-
-func cpuSeconds(b *testing.B, pid int) float64 {
-	b.Helper()
-	s, err := harness.CPUSeconds(pid)
-	if err != nil {
-		b.Fatalf("CPU time of %d: %v", pid, err)
-	}
-	return s
 }
 
 func memAvailable(b *testing.B) int64 {

@@ -8,11 +8,10 @@ import (
 )
 
 // TestNodeCPUSplit checks how bench-density splits the machine's CPU over the idle
-// window: the pods' processes count once, as the pods'; kernel threads and containerd
-// by what they are; a process that began, or a pid taken by another command, within the
-// window falls in the rest.
+// window: the pods' processes (pids 10-22 here) count once, as the pods', from their
+// podCPU; kernel threads and containerd by what they are; a process that began, or a
+// pid taken by another command, within the window falls in the rest.
 func TestNodeCPUSplit(t *testing.T) {
-	pods := []densityPod{{qemu: 10, shim: 11}, {qemu: 20, shim: 21, virtiofsd: []int{22}}}
 	cpu := []podCPU{{qemu: 1, shim: 0.5}, {qemu: 2, shim: 0.5, virtiofsd: 1}}
 	proc := func(comm string, kernel bool, s float64) harness.ProcessCPU {
 		return harness.ProcessCPU{Comm: comm, Kernel: kernel, Seconds: s}
@@ -33,7 +32,7 @@ func TestNodeCPUSplit(t *testing.T) {
 		50: proc("go", false, 2), // began within the window
 	}}
 	pct := func(d float64) float64 { return d * 10 } // a 10 s window
-	n := nodeCPUOf(pods, cpu, m0, m1, pct)
+	n := nodeCPUOf(cpu, m0, m1, pct)
 	for _, c := range []struct {
 		name      string
 		got, want float64

@@ -29,25 +29,13 @@ func MemAvailable() (int64, error) {
 	return int64(*mi.MemAvailable) << 10, nil
 }
 
-// CPUSeconds is the CPU time (user and system, all threads) process pid has used.
-// /proc/PID/stat counts it in clock ticks (USER_HZ, 100 a second): 10 ms resolution.
-func CPUSeconds(pid int) (float64, error) {
-	p, err := procfs.NewProc(pid)
-	if err != nil {
-		return 0, err
-	}
-	st, err := p.Stat()
-	if err != nil {
-		return 0, err
-	}
-	return st.CPUTime(), nil
-}
-
 // ProcessCPU is one live process's CPU time so far.
 type ProcessCPU struct {
-	Comm    string
-	Kernel  bool    // a kernel thread
-	Seconds float64 // user and system, all threads
+	Comm   string
+	Kernel bool // a kernel thread
+	// Seconds is its user and system time, all threads: /proc/PID/stat counts it in clock
+	// ticks (USER_HZ, 100 a second), so to 10 ms.
+	Seconds float64
 }
 
 // pfKthread is PF_KTHREAD in /proc/PID/stat's flags (include/linux/sched.h).
