@@ -30,7 +30,10 @@ func (s *Sniffer) Frames(t testing.TB) [][]byte {
 	buf := make([]byte, 65536)
 	for {
 		n, _, err := unix.Recvfrom(s.fd, buf, unix.MSG_DONTWAIT)
-		if err == unix.EAGAIN || err == unix.EINTR {
+		if err == unix.EINTR {
+			continue // a signal, not the end of what is queued
+		}
+		if err == unix.EAGAIN {
 			return frames
 		}
 		if err != nil {

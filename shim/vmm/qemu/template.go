@@ -68,9 +68,9 @@ func ignoreShared(ctx context.Context, c *qmp.Client) error {
 // where the VM now is. A VM from a template is on the host that made its NIC, whose MAC
 // the pod's veth already announced (CNI's gratuitous ARP), so there is no one to tell.
 // And every broadcast reaches every pod VM on the bridge, each woken to drop it: under
-// TCG about 4 ms of host CPU per pod and frame, so the four RARPs that reached the
-// bridge per restore took some 1.6 s of CPU from the node at 100 pods, while the new
-// pod's guest resumed (docs/cri.md, "Density").
+// TCG about 4 ms of host CPU per pod and frame (measured with ARP requests), so at 100
+// pods the four RARPs that reached the bridge per restore come to some 1.6 s of the
+// node's CPU, while the new pod's guest resumes (docs/cri.md, "Density").
 func noAnnounce(ctx context.Context, c *qmp.Client) error {
 	return c.Execute(ctx, "migrate-set-parameters", map[string]any{"announce-rounds": 0}, nil)
 }
