@@ -145,12 +145,22 @@ func TestResizeWaitsForHotplug(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// A sysfs file appears with its content; os.WriteFile creates the file empty and then
+	// writes, and a Resize that read it in between would online it before "offline"
+	// overwrote that. So each file is written aside and renamed into place.
+	appear := func(path, content string) error {
+		tmp := path + ".new"
+		if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
+			return err
+		}
+		return os.Rename(tmp, path)
+	}
 	arrived := make(chan error, 1)
 	go func() {
 		time.Sleep(30 * time.Millisecond)
-		err := os.WriteFile(filepath.Join(cpu1, "online"), []byte("0\n"), 0o644)
+		err := appear(filepath.Join(cpu1, "online"), "0\n")
 		if err == nil {
-			err = os.WriteFile(filepath.Join(memory1, "state"), []byte("offline\n"), 0o644)
+			err = appear(filepath.Join(memory1, "state"), "offline\n")
 		}
 		arrived <- err
 	}()
